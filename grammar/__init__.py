@@ -1,0 +1,1 @@
+"""The ssmc DSL grammar, shipped as package data (ssm.lark)."""

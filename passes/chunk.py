@@ -1,0 +1,177 @@
+"""chunk: rewrite the step recurrence into the chunk-parallel form (the four SSD stages), or keep the sequential
+scan and record why.
+
+Per state S with S_t = a_t ⊙ S_{t-1} + Σ u_t: log-decay ℓ = log|a| (symbolic: log(exp(E)) = E) -> chunk.cumsum ->
+chunk.states (each chunk from zero) -> chunk.pass (across chunks) -> chunk.final; each readout q · S becomes
+chunk.output (in-chunk quadratic part + state part); nonlinear consumers of readouts (division, norm, gate) follow
+as the epilogue. Elementwise decay (a over the whole state) has no matmul form: its chunk ops walk the chunk's
+steps (form=scan) instead of the quadratic form.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ssmc.ir import Instr, Program, make
+
+from .chunk_ops import ChunkArgs
+from .linear import NotLinear
+from .plan import make_plan
+
+# Default chunk length per class (the smallest over a program's states is used).
+DEFAULT_CHUNK = {"identity": 64, "constant": 64, "scalar": 64, "key-wise": 16, "value-wise": 16, "elementwise": 32}
+CHUNK_DIM = "t#"
+
+
+def chunk_dim(scan: str) -> str:
+    return f"{scan}#"
+
+
+@dataclass(frozen=True)
+class Chunk:
+    size: int = 0  # 0: the default of the states' classes; 1: sequential scan
+    name = "chunk"
+
+    def run(self, p: Program) -> Program:
+        if self.size == 1:
+            return p.with_instrs(p.instrs, note="chunk: sequential scan (chunk size 1 requested)")
+        if self.size < 0:
+            raise ValueError(f"chunk size must be >= 1, got {self.size}")
+        plan = make_plan(p)
+        if not plan.chunkable:
+            return p.with_instrs(p.instrs, note=f"chunk: sequential scan, not chunkable: {plan.reason}")
+        Q = self.size or min(DEFAULT_CHUNK[sp.klass] for sp in plan.states.values())
+        return _Rewrite(p, plan, Q).run()
+
+
+class _Rewrite:
+    def __init__(self, p: Program, plan, Q: int):
+        self.p, self.plan, self.Q = p, plan, Q
+        self.an = plan.analysis
+        cd = chunk_dim(p.scan)
+        k = p.dims.index(p.scan)
+        self.dims = p.dims[:k] + (cd,) + p.dims[k:]
+        self.cd = cd
+        self.out: list[Instr] = []
+
+    def order(self, ds) -> tuple[str, ...]:
+        s = set(ds)
+        return tuple(d for d in self.dims if d in s)
+
+    def emit(self, name, op, args, dims, span=None, **attrs) -> str:
+        i = make(name or self.an.namer(), op, args, self.order(dims), span, **attrs)
+        self.out.append(i)
+        self.an.by[i.name] = i
+        return i.name
+
+    def run(self) -> Program:
+        p, an, Q, scan = self.p, self.an, self.Q, self.p.scan
+        # prologue: everything that does not depend on a state, including the helpers the analysis built
+        free = [i for i in p.instrs if not an.dep[i.name] and i.op not in ("update", "out")]
+        leaves = [i for i in p.instrs if i.op == "state"]
+        stage: dict[str, dict] = {}
+        logs = {}
+        for sp in self.plan.states.values():
+            logs[sp.name] = self.logdecay(sp)
+        self.out = free + leaves + an.new + self.out
+        for sp in self.plan.states.values():
+            ell, sgn = logs[sp.name]
+            S = sp.name
+            span = next((i.span for i in p.instrs if i.op == "update" and i.attr("state") == S), None)
+            ell_dims = an.by[ell].dims if ell in an.by else ()
+            L = self.emit(f"%{S}.L", "chunk.cumsum", (ell,), set(ell_dims) | {scan}, span, chunk=Q, state=S)
+            sigma = None
+            if sgn is not None:
+                sigma = self.emit(f"%{S}.sigma", "chunk.cumsign", (sgn,), set(an.by[sgn].dims) | {scan}, span,
+                                  chunk=Q, state=S)
+            form = "scan" if sp.klass == "elementwise" else "quadratic"
+            u = tuple(x.factors for x in sp.updates)
+            uc = tuple(x.coef for x in sp.updates)
+            args, attrs = ChunkArgs(ell=ell, L=L, sigma=sigma, u=u, ucoef=uc).encode()
+            chunks = self.emit(f"%{S}.chunks", "chunk.states", args, set(sp.dims) | {self.cd}, span, chunk=Q,
+                               state=S, form=form, klass=sp.klass, **attrs)
+            init = next(i.name for i in leaves if i.attr("state") == S)
+            args, attrs = ChunkArgs(L=L, sigma=sigma, chunks=chunks, init=init).encode()
+            enter = self.emit(f"%{S}.enter", "chunk.pass", args, set(sp.dims) | {self.cd}, span, chunk=Q, state=S,
+                              **attrs)
+            args, attrs = ChunkArgs(L=L, sigma=sigma, chunks=chunks, enter=enter).encode()
+            final = self.emit(f"%{S}.final", "chunk.final", args, sp.dims, span, chunk=Q, state=S, **attrs)
+            stage[S] = dict(ell=ell, L=L, sigma=sigma, enter=enter, u=u, uc=uc, form=form, final=final)
+        # readouts
+        for name, lin in self.plan.readouts.items():
+            r = an.by[name]
+            dims = set(r.dims) | {scan}
+            parts = []
+            for k, t in enumerate(lin.terms):
+                s = stage[t.state]
+                args, attrs = ChunkArgs(ell=s["ell"], L=s["L"], sigma=s["sigma"], enter=s["enter"], q=t.factors,
+                                        qcoef=t.coef, u=s["u"], ucoef=s["uc"]).encode()
+                single = len(lin.terms) == 1 and not lin.rest
+                parts.append(self.emit(name if single else f"{name}.{t.state}", "chunk.output", args, dims, r.span,
+                                       chunk=Q, state=t.state, when=t.when, form=s["form"], **attrs))
+            for x in lin.rest:
+                parts.append(self.product(x, r.span))
+            acc = parts[0]
+            for k, part in enumerate(parts[1:]):
+                acc = self.emit(name if k == len(parts) - 2 else None, "add", (acc, part), dims, r.span)
+        # epilogue: nonlinear state-dependent values, computed from readouts
+        for i in p.instrs:
+            if not an.dep[i.name] or i.op in ("update", "state") or i.name in self.plan.readouts:
+                continue
+            if i.op == "out":
+                self.out.append(i)
+                continue
+            try:
+                an.lin(i.name)
+                continue  # linear: part of an update or a readout
+            except NotLinear:
+                pass
+            self.emit(i.name, i.op, i.args, set(i.dims) | {scan}, i.span, **dict(i.attrs))
+        for S, s in stage.items():
+            self.emit(f"final.{S}", "final", (s["final"],), self.plan.states[S].dims, None, state=S)
+        # out sinks of state-free values come along with `free`'s order; keep all sinks last
+        outs = [i for i in p.instrs if i.op == "out"]
+        body = [i for i in self.out if i.op != "out"]
+        classes = ", ".join(f"{sp.name}: {sp.klass}" for sp in self.plan.states.values())
+        note = f"chunk: chunk-parallel form, chunk length {Q} ({classes})"
+        return p.with_instrs(body + outs, note=note, dims=self.dims)
+
+    def logdecay(self, sp) -> tuple[str, str | None]:
+        an = self.an
+        if not sp.decay:
+            return an.const(0.0), None
+        logs, signs = [], []
+        for f in sp.decay:
+            lg, sg = an.log_of(f)
+            logs.append(lg)
+            signs.extend(sg)
+        ell = logs[0]
+        for lg in logs[1:]:
+            ell = an.emit("add", (ell, lg), an.dims_of([ell, lg]))
+        sgn = None
+        for s in signs:
+            one = an.emit("sign", (s,), an.by[s].dims)
+            sgn = one if sgn is None else an.emit("mul", (sgn, one), an.dims_of([sgn, one]))
+        # name the log-decay after its state for readability
+        i = an.by[ell]
+        if i in an.new and i.op != "const":
+            renamed = make(an.namer(f"{sp.name}.ell"), i.op, i.args, i.dims, i.span, **dict(i.attrs))
+            an.new[an.new.index(i)] = renamed
+            an.by[renamed.name] = renamed
+            an.dep[renamed.name] = False
+            ell = renamed.name
+        return ell, sgn
+
+    def product(self, x, span) -> str:
+        an = self.an
+        if not x.factors:
+            return self.emit(None, "const", (), (), span, value=float(x.coef))
+        if an.dims_of(x.factors) == set(x.dims):  # nothing summed: a plain product
+            v = x.factors[0]
+            for f in x.factors[1:]:
+                v = self.emit(None, "mul", (v, f), an.dims_of([v, f]), span)
+        else:
+            v = self.emit(None, "contract", x.factors, x.dims, span)
+        if x.coef != 1.0:
+            c = self.emit(None, "const", (), (), span, value=float(x.coef))
+            v = self.emit(None, "mul", (c, v), x.dims, span)
+        return v

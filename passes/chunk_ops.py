@@ -1,0 +1,74 @@
+"""Operand layout of the chunk-stage ops, shared by the chunk pass (encode) and every emitter (decode).
+
+Stage ops (per state S, chunk length Q along the scan dim, `t#` = chunk index):
+  chunk.cumsum  ell            -> L[t, decay dims]   inclusive cumsum of log|a| within each chunk
+  chunk.cumsign sgn            -> sigma[t, ...]      cumulative sign of a within each chunk (only if a may be < 0)
+  chunk.states  ell L [sigma] u...            -> [t#, S]  each chunk's final state, starting from zero
+  chunk.pass    L [sigma] chunks init         -> [t#, S]  the state entering each chunk (sequential over chunks)
+  chunk.final   L [sigma] chunks enter        -> [S]      the state after the last step
+  chunk.output  ell L [sigma] enter q... u... -> [t, ...] q_t · S_t (when=new) or q_t · S_{t-1} (when=prev):
+                in-chunk part Σ_s (q_t · u_s) exp(L_t - L_s) + state part exp(L_t) q_t · S_enter
+Positions past the sequence end contribute nothing (log-decay 0, update 0); emitters mask them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ssmc.ir import OP_ARITY, Instr
+
+STAGE_OPS = ("chunk.cumsum", "chunk.cumsign", "chunk.states", "chunk.pass", "chunk.final", "chunk.output")
+OP_ARITY.update({"chunk.cumsum": 1, "chunk.cumsign": 1, "chunk.states": None, "chunk.pass": None,
+                 "chunk.final": None, "chunk.output": None, "final": 1})
+STAGE_OF = {"chunk.cumsum": "cumsum", "chunk.cumsign": "cumsum", "chunk.states": "chunk_state",
+            "chunk.pass": "state_passing", "chunk.final": "state_passing", "chunk.output": "chunk_output"}
+
+
+@dataclass(frozen=True)
+class ChunkArgs:
+    ell: str | None = None
+    L: str | None = None
+    sigma: str | None = None
+    chunks: str | None = None
+    enter: str | None = None
+    init: str | None = None
+    q: tuple[str, ...] = ()
+    u: tuple[tuple[str, ...], ...] = ()   # update products (factor names each)
+    qcoef: float = 1.0
+    ucoef: tuple[float, ...] = ()
+
+    def encode(self) -> tuple[tuple[str, ...], dict]:
+        args, layout = [], []
+        for role in ("ell", "L", "sigma", "chunks", "enter", "init"):
+            v = getattr(self, role)
+            if v is not None:
+                args.append(v)
+                layout.append(role)
+        if self.q:
+            args.extend(self.q)
+            layout.append(f"q:{len(self.q)}")
+        for k, prod in enumerate(self.u):
+            args.extend(prod)
+            layout.append(f"u:{len(prod)}")
+        attrs = {"layout": tuple(layout)}
+        if self.q:
+            attrs["qcoef"] = float(self.qcoef)
+        if self.u:
+            attrs["ucoef"] = tuple(float(c) for c in self.ucoef)
+        return tuple(args), attrs
+
+
+def decode(i: Instr) -> ChunkArgs:
+    it = iter(i.args)
+    kw: dict = {"u": []}
+    for slot in i.attr("layout"):
+        role, _, n = slot.partition(":")
+        if not n:
+            kw[role] = next(it)
+        elif role == "q":
+            kw["q"] = tuple(next(it) for _ in range(int(n)))
+        else:
+            kw["u"].append(tuple(next(it) for _ in range(int(n))))
+    kw["u"] = tuple(kw["u"])
+    kw["qcoef"] = i.attr("qcoef", 1.0)
+    kw["ucoef"] = tuple(i.attr("ucoef", ()))
+    return ChunkArgs(**kw)

@@ -1,0 +1,280 @@
+"""ssmc.compile and the Kernel it returns."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import threading
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import __version__
+from .cache import DiskCache, cache_key
+from .errors import ShapeError, SSMCError
+from .frontend import parse
+from .ir import Program, to_dot
+from .layout import from_ir, to_ir
+from .semantic import lower
+
+_MEMORY: dict[tuple, "Kernel"] = {}
+_LOCK = threading.Lock()
+
+
+def _read_spec(spec) -> tuple[str, str]:
+    """Spec text, or a path to a .ssm file -> (text, filename)."""
+    if isinstance(spec, pathlib.Path) or (isinstance(spec, str) and "{" not in spec and spec.strip().endswith(".ssm")):
+        path = pathlib.Path(spec)
+        try:
+            return path.read_text(encoding="utf-8"), str(path)
+        except OSError as e:
+            raise SSMCError(f"cannot read spec file '{path}': {e.strerror}") from None
+    if not isinstance(spec, str):
+        raise SSMCError(f"spec must be text or a path to a .ssm file, got {type(spec).__name__}")
+    return spec, "<spec>"
+
+
+def check(spec) -> Program:
+    """Parse and check a spec; returns its step IR or raises SpecError with line:column and a caret."""
+    text, filename = _read_spec(spec)
+    return lower(parse(text, filename))
+
+
+def compile(spec, target: str = "xla", chunk_size: int | None = None, dump: bool | str = False,
+            cache: bool = True) -> "Kernel":
+    """Compile a spec (text or .ssm path) for a target ("xla", "triton"/"gpu", "tpu"/"pallas_tpu", "auto")."""
+    from ssmc.passes import parse_pipeline, run_pipeline
+    from ssmc.targets import get_target
+
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise SSMCError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    text, filename = _read_spec(spec)
+    tgt = get_target(target)
+    dump_dir = _dump_dir(dump)
+    mkey = (text, tgt.name, chunk_size)
+    with _LOCK:
+        hit = _MEMORY.get(mkey)
+    if hit is not None and dump_dir is None:
+        return hit
+    t0 = time.perf_counter()
+    program = lower(parse(text, filename))
+    pipeline = tgt.pipeline(chunk_size)
+    key = cache_key(ir=program.text(), target=tgt.name, options=pipeline, version=__version__,
+                    jax=jax.__version__)
+    disk = DiskCache() if cache else None
+    entry = disk.get(key) if disk is not None and dump_dir is None else None
+    from_disk = entry is not None and _valid_entry(entry)
+    if not from_disk:
+        final, texts = run_pipeline(program, parse_pipeline(pipeline))
+        source = tgt.emit(final, pipeline)
+        entry = {"source": source, "ir": final.text(), "passes": [list(x) for x in texts],
+                 "dot": to_dot(final)}
+        if disk is not None:
+            disk.put(key, entry)
+    k = Kernel(program, tgt.name, pipeline, entry, filename, from_disk, time.perf_counter() - t0)
+    if dump_dir is not None:
+        k.dump(dump_dir)
+    with _LOCK:
+        _MEMORY[mkey] = k
+    return k
+
+
+def _valid_entry(e) -> bool:
+    return isinstance(e.get("source"), str) and isinstance(e.get("ir"), str) and isinstance(e.get("passes"), list) \
+        and isinstance(e.get("dot"), str)
+
+
+def _dump_dir(dump) -> pathlib.Path | None:
+    env = os.environ.get("SSMC_DUMP_DIR")
+    if isinstance(dump, (str, os.PathLike)) and dump:
+        return pathlib.Path(dump)
+    if dump is True:
+        return pathlib.Path(env or "ssmc_dump")
+    return pathlib.Path(env) if env else None
+
+
+class Kernel:
+    """A compiled spec: call it with the `in` arrays; read .source, .ir, .passes, .target."""
+
+    def __init__(self, program: Program, target: str, pipeline: str, entry: dict, filename: str,
+                 from_disk: bool, compile_seconds: float):
+        self.program = program
+        self.target = target
+        self.pipeline = pipeline
+        self.source: str = entry["source"]
+        self.ir: str = entry["ir"]
+        self.passes: list[tuple[str, str]] = [tuple(x) for x in entry["passes"]]
+        self.dot: str = entry["dot"]
+        self.name = program.name
+        self.filename = filename
+        self.from_disk_cache = from_disk
+        self.compile_seconds = compile_seconds
+        self.inputs = [(a.name, a.dims) for a in program.inputs]
+        self.states = [(a.name, a.dims) for a in program.states]
+        self.outs = [(a.name, a.dims) for a in program.outs]
+        mod = types.ModuleType(f"ssmc_generated_{program.name}")
+        mod.__file__ = f"<ssmc {target} {program.name}>"
+        try:
+            exec(compile_source(self.source, mod.__file__), mod.__dict__)
+        except Exception as e:  # a bad cache entry or an emitter bug: say which
+            raise SSMCError(f"generated {target} code for '{program.name}' failed to load: {e}") from e
+        self._module = mod
+        self._fn = getattr(mod, _fn_name(program.name))
+        self._params = mod.PARAMS       # (py name, array/state name, kind, IR dims)
+        self._returns = mod.RETURNS     # (kind, name, IR dims)
+        self._splits = {h: (g, f"{h}/g") for g, h in program.groups
+                        if any(f"{h}/g" in d.split(",") for *_, d in self._params)}
+        self._canon = _canon(program.dims, self._splits)
+        self._jitted = jax.jit(self._run, static_argnums=(0,))
+
+    def __repr__(self):
+        return f"<ssmc.Kernel {self.name} target={self.target} pipeline='{self.pipeline}'>"
+
+    def graph_dot(self) -> str:
+        return self.dot
+
+    def dump(self, directory) -> pathlib.Path:
+        d = pathlib.Path(directory) / self.name
+        d.mkdir(parents=True, exist_ok=True)
+        for k, (name, text) in enumerate(self.passes):
+            (d / f"{k:02d}-{name}.ir").write_text(text)
+        (d / f"{self.target}.py").write_text(self.source)
+        (d / "graph.dot").write_text(self.dot)
+        return d
+
+    # ---- calling ------------------------------------------------------------------------------------
+    def __call__(self, *args, initial_state=None, initial_states=None, **kwargs):
+        arrays, sizes, out_dtype = self._bind(args, kwargs, initial_state, initial_states)
+        meta = _Meta(tuple(sorted(sizes.items())), str(out_dtype))
+        return self._jitted(meta, arrays)
+
+    def _run(self, meta: "_Meta", arrays: dict):
+        sizes = dict(meta.sizes)
+        for h, (g, inner) in self._splits.items():
+            sizes[inner] = sizes[h] // sizes[g]
+        dtype = jnp.dtype(meta.dtype)
+        call = []
+        for py, name, kind, dims in self._params:
+            decl = dict(self.inputs + self.states)[name]
+            x = arrays.get(name) if kind == "input" else arrays.get("state:" + name)
+            if x is None:  # a state without an initial value starts at zero
+                x = jnp.zeros(tuple(sizes[d] for d in decl), jnp.float32)
+            call.append(to_ir(jnp.asarray(x, jnp.float32), decl, _split(dims), self._splits, sizes))
+        res = self._fn(*call)
+        out = []
+        for (kind, name, dims), v in zip(self._returns, res):
+            decl = dict(self.outs if kind == "out" else self.states)[name]
+            v = from_ir(v, _split(dims), decl, self._splits, sizes, self._canon)
+            out.append(v.astype(dtype) if kind == "out" else v.astype(jnp.float32))
+        return tuple(out)
+
+    def _bind(self, args, kwargs, initial_state, initial_states):
+        names = [n for n, _ in self.inputs]
+        if len(args) > len(names):
+            raise ShapeError(f"{self.name}: takes {len(names)} inputs ({', '.join(names)}), got {len(args)} "
+                             f"positional arguments")
+        given = dict(zip(names, args))
+        for k, v in kwargs.items():
+            if k not in names:
+                states = [s for s, _ in self.states]
+                hint = f"; to set a state use initial_state= / initial_states={{...}}" if k in states else ""
+                raise ShapeError(f"{self.name}: unknown input '{k}'; inputs are {', '.join(names)}{hint}")
+            if k in given:
+                raise ShapeError(f"{self.name}: input '{k}' given both positionally and by keyword")
+            given[k] = v
+        missing = [n for n in names if n not in given]
+        if missing:
+            raise ShapeError(f"{self.name}: missing input{'s' if len(missing) > 1 else ''} {', '.join(missing)}; "
+                             f"expected {_decls(self.inputs)}")
+        states = self._initial(initial_state, initial_states)
+        sizes: dict[str, int] = {}
+        where: dict[str, str] = {}
+        floats = []
+        arrays = {}
+        for (name, dims), kind in [(x, "input") for x in self.inputs] + [(x, "state") for x in self.states]:
+            x = given.get(name) if kind == "input" else states.get(name)
+            if x is None:
+                continue
+            label = f"input '{name}'" if kind == "input" else f"initial state '{name}'"
+            if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+                x = np.asarray(x)
+            dt = jnp.dtype(x.dtype)
+            if not jnp.issubdtype(dt, jnp.floating):
+                raise ShapeError(f"{self.name}: {label} has dtype {dt}; ssmc kernels take float32, bfloat16 or "
+                                 f"float16 arrays")
+            if len(x.shape) != len(dims):
+                raise ShapeError(f"{self.name}: {label} has rank {len(x.shape)} (shape {tuple(x.shape)}) but is "
+                                 f"declared {name}[{','.join(dims)}] (rank {len(dims)})")
+            for ax, (d, n) in enumerate(zip(dims, x.shape)):
+                if d in sizes and sizes[d] != n:
+                    raise ShapeError(f"{self.name}: dim '{d}' is {sizes[d]} in {where[d]} but {n} in {label} "
+                                     f"(axis {ax} of {name}[{','.join(dims)}])")
+                sizes.setdefault(d, int(n))
+                where.setdefault(d, f"{label} (axis {ax})")
+            if kind == "input":
+                floats.append(dt)
+            arrays[name if kind == "input" else "state:" + name] = x
+        for d in self.program.dims:
+            if d not in sizes:
+                raise ShapeError(f"{self.name}: dim '{d}' appears in no input; pass an initial state to set its size")
+        for g, h in self.program.groups:
+            if sizes[g] < 1 or sizes[h] % sizes[g]:
+                raise ShapeError(f"{self.name}: `group {g} -> {h}` needs dim '{h}' ({sizes[h]}) to be a multiple of "
+                                 f"dim '{g}' ({sizes[g]})")
+        for d, n in sizes.items():
+            if n < 1:
+                raise ShapeError(f"{self.name}: dim '{d}' has size {n} ({where[d]}); sizes must be >= 1")
+        out_dtype = jnp.result_type(*floats) if floats else jnp.float32
+        if out_dtype == jnp.float64:
+            out_dtype = jnp.dtype(jnp.float32)
+        return arrays, sizes, out_dtype
+
+    def _initial(self, initial_state, initial_states) -> dict:
+        snames = [s for s, _ in self.states]
+        if initial_state is not None and initial_states is not None:
+            raise ShapeError(f"{self.name}: pass initial_state or initial_states, not both")
+        if initial_state is not None:
+            if len(snames) != 1:
+                raise ShapeError(f"{self.name}: has {len(snames)} states ({', '.join(snames)}); pass "
+                                 f"initial_states={{name: array}} instead of initial_state")
+            return {snames[0]: initial_state}
+        if initial_states is None:
+            return {}
+        if not isinstance(initial_states, dict):
+            raise ShapeError(f"{self.name}: initial_states must be a dict {{state name: array}}")
+        for k in initial_states:
+            if k not in snames:
+                raise ShapeError(f"{self.name}: unknown state '{k}' in initial_states; states are {', '.join(snames)}")
+        return {k: v for k, v in initial_states.items() if v is not None}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Meta:
+    sizes: tuple
+    dtype: str
+
+
+def _decls(arrays) -> str:
+    return ", ".join(n + "[" + ",".join(d) + "]" for n, d in arrays)
+
+
+def _split(dims: str) -> list[str]:
+    return [d for d in dims.split(",") if d]
+
+
+def _canon(dims, splits) -> list[str]:
+    from ssmc.passes.expand_groups import split_order
+    return list(split_order(dims, {h: g for h, (g, _) in splits.items()}))
+
+
+def _fn_name(name: str) -> str:
+    from ssmc.targets.writer import py_name
+    return py_name("%" + name)
+
+
+def compile_source(source: str, filename: str):
+    import builtins
+    return builtins.compile(source, filename, "exec")

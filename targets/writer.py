@@ -1,0 +1,57 @@
+"""An indented source writer, and the naming helpers every emitter shares."""
+from __future__ import annotations
+
+import contextlib
+import keyword
+import string
+
+
+class Writer:
+    def __init__(self, indent: str = "    "):
+        self.lines: list[str] = []
+        self.level = 0
+        self.indent = indent
+
+    def __call__(self, text: str = "") -> None:
+        for ln in text.split("\n"):
+            self.lines.append(self.indent * self.level + ln if ln else "")
+
+    @contextlib.contextmanager
+    def block(self, header: str):
+        self(header)
+        self.level += 1
+        try:
+            yield
+        finally:
+            self.level -= 1
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+RESERVED = {"jax", "jnp", "lax", "np", "rt", "T", "Tp", "Q", "nc", "valid", "math", "tl", "triton", "pl", "pltpu"}
+
+
+def py_name(ssa: str) -> str:
+    """SSA value name -> a readable Python identifier: %dt -> dt, %h.new -> h_new, %3 -> v3."""
+    n = ssa.lstrip("%").replace(".", "_").replace("#", "c").replace("/", "_")
+    if not n or n[0].isdigit():
+        n = "v" + n
+    if keyword.iskeyword(n) or n in RESERVED:
+        n = n + "_"
+    return n
+
+
+def dim_letters(dims) -> dict[str, str]:
+    """One einsum letter per dim: its first letter when free, else the next free one; `s` stays free for the
+    source position of in-chunk sums."""
+    taken = {"s"}
+    out = {}
+    dims = [d for d in dims if "#" not in d] + [d for d in dims if "#" in d]  # the scan dim keeps its letter
+    for d in dims:
+        c = "c" if "#" in d else d[0]
+        if c in taken or c not in string.ascii_letters:
+            c = next(x for x in string.ascii_lowercase + string.ascii_uppercase if x not in taken)
+        taken.add(c)
+        out[d] = c
+    return out

@@ -1,0 +1,58 @@
+"""Small array helpers the generated XLA code calls (kept here so the generated code stays short)."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+
+def pad_time(x, axis: int, Tp: int):
+    """Pad the scan axis to Tp by repeating the last step (finite values; the padded steps are masked)."""
+    T = x.shape[axis]
+    if T == Tp:
+        return x
+    pads = [(0, 0)] * x.ndim
+    pads[axis] = (0, Tp - T)
+    return jnp.pad(x, pads, mode="edge")
+
+
+def chunk(x, axis: int, Q: int):
+    """[..., Tp, ...] -> [..., Tp // Q, Q, ...]."""
+    return x.reshape(x.shape[:axis] + (x.shape[axis] // Q, Q) + x.shape[axis + 1:])
+
+
+def unchunk(x, axis: int):
+    """[..., nc, Q, ...] -> [..., nc * Q, ...] (axis is the chunk-index axis)."""
+    return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
+
+
+def last(x, axis: int):
+    """The last position along `axis`, kept as a length-1 axis."""
+    n = x.shape[axis]
+    return lax.slice_in_dim(x, n - 1, n, axis=axis)
+
+
+def causal(Q: int, strict: bool, trailing: int):
+    """[Q, Q, 1...] mask of target t >= source s (t > s when strict)."""
+    t = jnp.arange(Q)[:, None]
+    s = jnp.arange(Q)[None, :]
+    m = (t > s) if strict else (t >= s)
+    return m.reshape((Q, Q) + (1,) * trailing)
+
+
+def steps(x, axis: int, Q: int):
+    """[..., Tp, ...] -> [Q, ..., nc, ...]: the position inside the chunk leads, for a scan over a chunk's steps."""
+    return jnp.moveaxis(chunk(x, axis, Q), axis + 1, 0)
+
+
+def unsteps(y, axis: int):
+    """Inverse of steps for a scan's stacked outputs: [Q, ..., nc, ...] -> [..., nc * Q, ...]."""
+    return unchunk(jnp.moveaxis(y, 0, axis + 1), axis)
+
+
+def with_chunks(x, axis: int, nc: int):
+    """Zeros shaped like x with a new chunk axis of length nc inserted at `axis`."""
+    return jnp.zeros(x.shape[:axis] + (nc,) + x.shape[axis:], x.dtype)
+
+
+def crop(x, axis: int, T: int):
+    return x if x.shape[axis] == T else lax.slice_in_dim(x, 0, T, axis=axis)
