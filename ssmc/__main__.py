@@ -1,0 +1,7 @@
+"""`python -m ssmc ...`: the ssmc command line (see ssmc.cli)."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
