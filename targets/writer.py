@@ -29,7 +29,9 @@ class Writer:
         return "\n".join(self.lines) + "\n"
 
 
-RESERVED = {"jax", "jnp", "lax", "np", "rt", "T", "Tp", "Q", "nc", "valid", "math", "tl", "triton", "pl", "pltpu"}
+# Names the generated code uses for itself; a spec value with one of these names gets a trailing underscore.
+RESERVED = {"jax", "jnp", "lax", "np", "rt", "T", "Tp", "Q", "nc", "valid", "math", "tl", "triton", "pl", "pltpu",
+            "HI", "PARAMS", "RETURNS", "S", "a", "s", "y", "inp", "xs", "carry", "step"}
 
 
 def py_name(ssa: str) -> str:

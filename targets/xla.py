@@ -414,12 +414,12 @@ class XlaEmitter:
         cax = sdims.index(self.cd)
         prev = i.attr("when") == "prev"
         with w.block(f"def {base}_step(S, xs):"):
-            w(f"{', '.join(self.n(s) for s in per_step)}, v = xs")
+            w(f"{', '.join(self.n(s) for s in per_step)}, valid = xs  # this step of every chunk")
             u_terms = []
             for coef, prod in zip(a.ucoef, a.u):
                 e = " * ".join(self.b(f, sdims) for f in prod) or "1.0"
                 u_terms.append(e if coef == 1.0 else f"{coef!r} * {e}")
-            vb = "v" + self.b_dims([self.cd], sdims)
+            vb = "valid" + self.b_dims([self.cd], sdims)
             # padded steps (v = 0) neither decay nor update the state
             upd = f"jnp.exp({vb} * {self.b(a.ell, sdims)}) * S + {vb} * ({' + '.join(u_terms) or '0.0'})"
             if zero_start:
@@ -438,7 +438,7 @@ class XlaEmitter:
         self.local_dims = saved
         xs = ", ".join([e for e in exprs if e is not None] + ["rt.steps(valid, 0, Q)"])
         if zero_start:
-            init = f"rt.with_chunks({self.n(self.state_leaf(i.attr('state')))}, {cax}, nc)"
+            init = f"rt.zeros_per_chunk({self.n(self.state_leaf(i.attr('state')))}, {cax}, nc)"
             w(f"{base}, _ = lax.scan({base}_step, {init}, ({xs}))")
             w(f"# {base}: each chunk's final state from zero, walking its steps")
         else:

@@ -49,7 +49,7 @@ def unsteps(y, axis: int):
     return unchunk(jnp.moveaxis(y, 0, axis + 1), axis)
 
 
-def with_chunks(x, axis: int, nc: int):
+def zeros_per_chunk(x, axis: int, nc: int):
     """Zeros shaped like x with a new chunk axis of length nc inserted at `axis`."""
     return jnp.zeros(x.shape[:axis] + (nc,) + x.shape[axis:], x.dtype)
 
