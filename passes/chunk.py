@@ -29,6 +29,7 @@ def chunk_dim(scan: str) -> str:
 @dataclass(frozen=True)
 class Chunk:
     size: int = 0  # 0: the default of the states' classes; 1: sequential scan
+    elementwise: str = "chunked"  # or "sequential": how a default-sized elementwise decay is scheduled
     name = "chunk"
 
     def run(self, p: Program) -> Program:
@@ -39,6 +40,11 @@ class Chunk:
         plan = make_plan(p)
         if not plan.chunkable:
             return p.with_instrs(p.instrs, note=f"chunk: sequential scan, not chunkable: {plan.reason}")
+        elem = [sp.name for sp in plan.states.values() if sp.klass == "elementwise"]
+        if elem and not self.size and self.elementwise == "sequential":
+            return p.with_instrs(p.instrs, note=f"chunk: sequential scan: elementwise decay of {', '.join(elem)} has no "
+                                 f"matmul form, and on this backend walking time once beats the two-pass chunked scan "
+                                 f"(pass chunk_size to force it)")
         Q = self.size or min(DEFAULT_CHUNK[sp.klass] for sp in plan.states.values())
         return _Rewrite(p, plan, Q).run()
 

@@ -20,11 +20,15 @@ _TERMINAL_NAMES = {
 
 # Known mistakes -> a clearer message (lark's match_examples picks the closest parser state).
 _EXAMPLES = {
-    "a dims list needs names separated by commas, e.g. `dims b, t, h`": ["ssm m { dims b t }", "ssm m { dims }"],
-    "an array declaration needs its dims in brackets, e.g. `in x[b,t,h]`": ["ssm m { in x[b,t }", "ssm m { in x[b t] }"],
-    "an expression is missing an operand": ["ssm m { y = x + }", "ssm m { y = * x }", "ssm m { y = }"],
-    "unbalanced parentheses": ["ssm m { y = (x + 1 }", "ssm m { y = exp(x }"],
-    "statements are separated by a newline or ';'": ["ssm m { y = x z = x }"],
+    "a dims list needs names separated by commas, e.g. `dims b, t, h`":
+        ["ssm m { dims b t }", "ssm m {\n dims b t\n}", "ssm m {\n dims\n}"],
+    "an array declaration needs its dims in brackets, e.g. `in x[b,t,h]`":
+        ["ssm m { in x[b,t }", "ssm m {\n in x[b,t\n}", "ssm m {\n in x[b t]\n}", "ssm m {\n in x[b,t,\n}"],
+    "an expression is missing an operand":
+        ["ssm m { y = x + }", "ssm m {\n y = x +\n}", "ssm m {\n y = * x\n}", "ssm m {\n y =\n}",
+         "ssm m {\n y = x *\n}", "ssm m {\n y = x ·\n}"],
+    "unbalanced parentheses": ["ssm m { y = (x + 1 }", "ssm m {\n y = (x + 1\n}", "ssm m {\n y = exp(x\n}"],
+    "statements are separated by a newline or ';'": ["ssm m { y = x z = x }", "ssm m {\n y = x z = x\n}"],
 }
 
 
@@ -189,12 +193,30 @@ def _syntax_error(e: lark.UnexpectedInput, p: lark.Lark, source: str, filename: 
         hint = e.match_examples(p.parse, _EXAMPLES, use_accepts=True)
     except Exception:  # match_examples re-parses the examples; never let it mask the real error
         hint = None
+    if not hint and isinstance(e, lark.UnexpectedToken):
+        hint = _hint(e)
     if hint:
         msg += f" ({hint})"
     if line < 1:  # end of input: point after the last character
         lines = source.splitlines() or [""]
         line, col = len(lines), len(lines[-1]) + 1
     return SpecError(msg, Span(line, col, line, col + width), source, filename)
+
+
+def _hint(e: lark.UnexpectedToken) -> str | None:
+    """A plain-words hint from what the parser expected at the bad token (match_examples only matches when the
+    parser stack has the example's depth)."""
+    exp, tok = set(e.expected), e.token.type
+    ends = {"_NL", "SEMICOLON", "RBRACE", "$END"}
+    if tok in ends and "RPAR" in exp and "NAME" not in exp:
+        return "unbalanced parentheses: a '(' is not closed"
+    if tok in ends and {"NAME", "NUMBER"} <= exp:
+        return "an expression is missing an operand"
+    if "RSQB" in exp and "NAME" not in exp:
+        return "dims in brackets are separated by commas, e.g. x[b,t,h]"
+    if tok == "NAME" and "_NL" in exp:
+        return "list items are separated by commas, statements by a newline or ';'"
+    return None
 
 
 def _is_str_terminal(p: lark.Lark, name: str) -> bool:

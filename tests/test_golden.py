@@ -12,7 +12,9 @@ import ssmc
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN = pathlib.Path(__file__).parent / "golden"
-CASES = ["mamba2", "mamba1", "rwkv6", "deltanet"]
+# (example, chunk_size): scalar SSD, elementwise chunked scan (forced) and its CPU default, key-wise with a
+# read-before-update readout, and a non-diagonal sequential scan
+CASES = [("mamba2", None), ("mamba1", 32), ("mamba1", None), ("rwkv6", None), ("deltanet", None)]
 
 
 def _check(path: pathlib.Path, text: str):
@@ -22,14 +24,18 @@ def _check(path: pathlib.Path, text: str):
     assert text == path.read_text(), f"{path.name} changed; review and regenerate with SSMC_UPDATE_GOLDEN=1"
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_passes_golden(name):
-    k = ssmc.compile(ROOT / "examples" / f"{name}.ssm", cache=False)
+def _stem(name, chunk):
+    return name if chunk is None else f"{name}.q{chunk}"
+
+
+@pytest.mark.parametrize("name,chunk", CASES)
+def test_passes_golden(name, chunk):
+    k = ssmc.compile(ROOT / "examples" / f"{name}.ssm", chunk_size=chunk, cache=False)
     text = "".join(f"==== {p}\n{t}" for p, t in k.passes)
-    _check(GOLDEN / f"{name}.passes.ir", text)
+    _check(GOLDEN / f"{_stem(name, chunk)}.passes.ir", text)
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_source_golden(name):
-    k = ssmc.compile(ROOT / "examples" / f"{name}.ssm", cache=False)
-    _check(GOLDEN / f"{name}.xla.py", k.source)
+@pytest.mark.parametrize("name,chunk", CASES)
+def test_source_golden(name, chunk):
+    k = ssmc.compile(ROOT / "examples" / f"{name}.ssm", chunk_size=chunk, cache=False)
+    _check(GOLDEN / f"{_stem(name, chunk)}.xla.py", k.source)
