@@ -19,10 +19,8 @@ from .plan import make_plan
 
 # Default chunk length per class (the smallest over a program's states is used).
 DEFAULT_CHUNK = {"identity": 64, "constant": 64, "scalar": 64, "key-wise": 16, "value-wise": 16, "elementwise": 32}
-CHUNK_DIM = "t#"
-
-
 def chunk_dim(scan: str) -> str:
+    """The chunk-index dim of the scan dim t: `t#` (no spec can name it)."""
     return f"{scan}#"
 
 

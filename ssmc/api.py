@@ -326,5 +326,6 @@ def _fn_name(name: str) -> str:
 
 
 def compile_source(source: str, filename: str):
+    """Python's built-in compile (this module's `compile` is ssmc's)."""
     import builtins
     return builtins.compile(source, filename, "exec")

@@ -60,17 +60,18 @@ class XlaEmitter:
         return self.local_dims.get(ssa, self.by[ssa].dims)
 
     def b(self, ssa: str, to) -> str:
-        """`ssa` indexed so it broadcasts against dims `to` (numpy aligns trailing axes; add None for gaps)."""
+        """`ssa` indexed so it broadcasts against dims `to`."""
         src = self.dims(ssa)
-        name = self.n(ssa)
-        if not src:
-            return name
+        return self.n(ssa) + (self.b_dims(src, to) if src else "")
+
+    @staticmethod
+    def b_dims(src, to) -> str:
+        """Index that makes an array with dims `src` broadcast against dims `to` (numpy aligns trailing axes, so
+        leading new axes are left out): [b,h] against [b,t,h,p] -> [:, None, :, None]."""
         idx = [":" if d in src else "None" for d in to]
         while idx and idx[0] == "None":
             idx.pop(0)
-        if all(x == ":" for x in idx):
-            return name
-        return f"{name}[{', '.join(idx)}]"
+        return "" if all(x == ":" for x in idx) else f"[{', '.join(idx)}]"
 
     def ax(self, dims, d) -> int:
         return list(dims).index(d)
@@ -262,12 +263,6 @@ class XlaEmitter:
     def masked(self, ssa: str, fill: str, dims) -> str:
         valid = f"valid{self.b_dims(('t',), dims)}"
         return f"jnp.where({valid} > 0, {self.b(ssa, dims)}, {fill})"
-
-    def b_dims(self, src, to) -> str:
-        idx = [":" if d in src else "None" for d in to]
-        while idx and idx[0] == "None":
-            idx.pop(0)
-        return "" if all(x == ":" for x in idx) else f"[{', '.join(idx)}]"
 
     def op_chunk_cumsum(self, i: Instr):
         dims = i.dims
