@@ -110,7 +110,8 @@ class _Rewrite:
                 args, attrs = ChunkArgs(ell=s["ell"], L=s["L"], sigma=s["sigma"], enter=s["enter"], q=t.factors,
                                         qcoef=t.coef, u=s["u"], ucoef=s["uc"]).encode()
                 single = len(lin.terms) == 1 and not lin.rest
-                parts.append(self.emit(name if single else f"{name}.{t.state}", "chunk.output", args, dims, r.span,
+                part_name = name if single else an.namer(f"{name[1:]}.{t.state}.{t.when}")
+                parts.append(self.emit(part_name, "chunk.output", args, dims, r.span,
                                        chunk=Q, state=t.state, when=t.when, form=s["form"], **attrs))
             for x in lin.rest:
                 parts.append(self.product(x, r.span))

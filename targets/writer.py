@@ -31,7 +31,7 @@ class Writer:
 
 # Names the generated code uses for itself; a spec value with one of these names gets a trailing underscore.
 RESERVED = {"jax", "jnp", "lax", "np", "rt", "T", "Tp", "Q", "nc", "valid", "math", "tl", "triton", "pl", "pltpu",
-            "HI", "PARAMS", "RETURNS", "S", "a", "s", "y", "inp", "xs", "carry", "step"}
+            "HI", "PARAMS", "RETURNS", "S", "a", "s", "y_t", "inp", "xs", "carry", "step"}
 
 
 def py_name(ssa: str) -> str:
@@ -42,6 +42,27 @@ def py_name(ssa: str) -> str:
     if keyword.iskeyword(n) or n in RESERVED:
         n = n + "_"
     return n
+
+
+class Names:
+    """A unique Python identifier per SSA value: the spec's own names first (inputs, states, named statements),
+    temporaries after, with a numeric suffix wherever two would collide (`%1` -> v1 vs an input named v1)."""
+
+    def __init__(self, instrs):
+        self.table: dict[str, str] = {}
+        taken: set[str] = set()
+        ordered = sorted(instrs, key=lambda i: (i.op not in ("input", "state"), i.name[1:].isdigit()))
+        for i in ordered:
+            base = py_name(i.name)
+            name, k = base, 1
+            while name in taken:
+                k += 1
+                name = f"{base}_{k}"
+            taken.add(name)
+            self.table[i.name] = name
+
+    def __call__(self, ssa: str) -> str:
+        return self.table.get(ssa) or py_name(ssa)
 
 
 def dim_letters(dims) -> dict[str, str]:

@@ -11,7 +11,7 @@ import jax
 from ssmc.ir import Instr, Program
 from ssmc.passes.chunk_ops import STAGE_OPS, decode
 
-from .writer import Writer, dim_letters, py_name
+from .writer import Names, Writer, dim_letters, py_name
 
 UNARY = {"neg": "-{}", "exp": "jnp.exp({})", "log": "jnp.log({})", "softplus": "jax.nn.softplus({})",
          "silu": "jax.nn.silu({})", "sigmoid": "jax.nn.sigmoid({})", "tanh": "jnp.tanh({})", "sqrt": "jnp.sqrt({})",
@@ -39,6 +39,7 @@ class XlaEmitter:
         self.p, self.pipeline = p, pipeline
         self.by = p.by_name()
         self.w = Writer()
+        self.pn = Names(p.instrs)
         self.letter = dim_letters(p.dims)
         self.scan = p.scan
         self.cd = f"{p.scan}#"
@@ -54,7 +55,7 @@ class XlaEmitter:
         if i is not None and i.op == "const":
             v = i.attr("value")
             return repr(v) if v >= 0 else f"({v!r})"
-        return py_name(ssa)
+        return self.pn(ssa)
 
     def dims(self, ssa: str) -> tuple:
         return self.local_dims.get(ssa, self.by[ssa].dims)
@@ -91,7 +92,7 @@ class XlaEmitter:
         w()
         w("HI = lax.Precision.HIGHEST  # fp32 contractions (no TF32 / bf16 passes)")
         leaves = [i for i in p.instrs if i.op in ("input", "state")]
-        params = [(py_name(i.name), i.attr("array") or i.attr("state"), i.op, ",".join(i.dims)) for i in leaves]
+        params = [(self.pn(i.name), i.attr("array") or i.attr("state"), i.op, ",".join(i.dims)) for i in leaves]
         w(f"PARAMS = {[(a, b, c, d) for a, b, c, d in params]!r}")
         rets = self.returns()
         w(f"RETURNS = {[(k, name, ','.join(d)) for k, name, _, d in rets]!r}")
@@ -117,7 +118,7 @@ class XlaEmitter:
         tsrc = next((i for i in p.instrs if i.op == "input" and self.scan in i.dims), None)
         if tsrc is None:
             raise ValueError(f"no input has the scan dim '{self.scan}'")
-        w(f"T = {py_name(tsrc.name)}.shape[{self.ax(tsrc.dims, self.scan)}]  # sequence length")
+        w(f"T = {self.pn(tsrc.name)}.shape[{self.ax(tsrc.dims, self.scan)}]  # sequence length")
         if self.chunked:
             self.chunked_body(rets)
         else:
@@ -146,30 +147,30 @@ class XlaEmitter:
             self.local_dims[a] = tuple(d for d in self.by[a].dims if d != self.scan)
         w()
         w("# stage step: one step of the recurrence per position of the scan dim")
-        carry = ", ".join(py_name(s.name) for s in states) + ","
+        carry = ", ".join(self.pn(s.name) for s in states) + ","
         with w.block("def step(carry, xs):"):
             w(f"{carry} = carry")
             if used:
-                w(f"{', '.join(py_name(a) for a in used)}, = xs")
+                w(f"{', '.join(self.pn(a) for a in used)}, = xs")
             for i in step:
                 self.instr(i)
             new = []
             for s in states:
                 v = updates[s.attr("state")]
-                new.append(f"jnp.broadcast_to({self.b(v, s.dims)}, {py_name(s.name)}.shape)")
-            ys = ", ".join(py_name(v) for _, _, v in outs)
+                new.append(f"jnp.broadcast_to({self.b(v, s.dims)}, {self.pn(s.name)}.shape)")
+            ys = ", ".join(self.pn(v) for _, _, v in outs)
             w(f"return ({', '.join(new)},), ({ys}{',' if outs else ''})")
-        xs = ", ".join(f"jnp.moveaxis({py_name(a)}, {self.ax(self.by[a].dims, self.scan)}, 0)" for a in used)
-        finals = ", ".join(f"{py_name(s.name)}_final" for s in states) + ","
-        ys_names = ", ".join(py_name(v) for _, _, v in outs)
+        xs = ", ".join(f"jnp.moveaxis({self.pn(a)}, {self.ax(self.by[a].dims, self.scan)}, 0)" for a in used)
+        finals = ", ".join(f"{self.pn(s.name)}_final" for s in states) + ","
+        ys_names = ", ".join(self.pn(v) for _, _, v in outs)
         w(f"({finals}), ({ys_names}{',' if outs else ''}) = lax.scan(step, ({carry}), ({xs}{',' if used else ''}))")
         for _, _, v in outs:
-            w(f"{py_name(v)} = jnp.moveaxis({py_name(v)}, 0, {self.ax(self.by[v].dims, self.scan)})")
+            w(f"{self.pn(v)} = jnp.moveaxis({self.pn(v)}, 0, {self.ax(self.by[v].dims, self.scan)})")
         self.local_dims.clear()
         res = []
         for k, name, v, _ in rets:
-            res.append(py_name(v) if k == "out" else
-                       f"{py_name(next(s.name for s in states if s.attr('state') == name))}_final")
+            res.append(self.pn(v) if k == "out" else
+                       f"{self.pn(next(s.name for s in states if s.attr('state') == name))}_final")
         w(f"return {', '.join(res)}")
 
     # ---- chunked: the four stages -----------------------------------------------------------------------
@@ -180,7 +181,7 @@ class XlaEmitter:
         w("nc = Tp // Q")
         for i in p.instrs:
             if i.op == "input" and self.scan in i.dims:
-                w(f"{py_name(i.name)} = rt.pad_time({py_name(i.name)}, {self.ax(i.dims, self.scan)}, Tp)")
+                w(f"{self.pn(i.name)} = rt.pad_time({self.pn(i.name)}, {self.ax(i.dims, self.scan)}, Tp)")
         w("valid = (jnp.arange(Tp) < T).astype(jnp.float32)")
         stage = None
         for i in p.instrs:
@@ -194,7 +195,7 @@ class XlaEmitter:
             self.instr(i)
         res = []
         for k, name, v, dims in rets:
-            res.append(f"rt.crop({py_name(v)}, {self.ax(dims, self.scan)}, T)" if self.scan in dims else py_name(v))
+            res.append(f"rt.crop({self.pn(v)}, {self.ax(dims, self.scan)}, T)" if self.scan in dims else self.pn(v))
         w()
         w(f"return {', '.join(res)}")
 
@@ -203,7 +204,7 @@ class XlaEmitter:
         getattr(self, "op_" + i.op.replace(".", "_"), self.op_elementwise)(i)
 
     def assign(self, i: Instr, expr: str, comment: str = ""):
-        self.w(f"{py_name(i.name)} = {expr}{'  # ' + comment if comment else ''}")
+        self.w(f"{self.pn(i.name)} = {expr}{'  # ' + comment if comment else ''}")
 
     def op_elementwise(self, i: Instr):
         d = self.dims(i.name)
@@ -294,7 +295,7 @@ class XlaEmitter:
         ax = self.ax(self.by[a.L].dims, self.scan) + 1
         sig = self.n(a.sigma) if a.sigma else None
         w_expr = self.decay_between(f"rt.last({L}, {ax})", L, sig and f"rt.last({sig}, {ax})", sig)
-        wname = f"{py_name(i.name)}_w"
+        wname = f"{self.pn(i.name)}_w"
         self.w(f"{wname} = {w_expr}  # decay from each step to the chunk's end")
         _, wl = self.view(a.L)
         out = "".join(self.letter[d] for d in i.dims)
@@ -315,7 +316,7 @@ class XlaEmitter:
             e = f"jnp.exp(rt.last({L}, {ax}))"
             if a.sigma:
                 e += f" * rt.last({self.n(a.sigma)}, {ax})"
-            name = f"{py_name(a.L)}_chunk"
+            name = f"{self.pn(a.L)}_chunk"
             self.w(f"{name} = jnp.squeeze({e}, {ax})  # decay across each whole chunk")
             self.chunk_decay[key] = name
         return self.chunk_decay[key]
@@ -329,12 +330,12 @@ class XlaEmitter:
         dax = ddims.index(self.cd)
         S0 = self.n(a.init)
         bdec = "a" + self.b_dims([d for d in ddims if d != self.cd], sdims)
-        with self.w.block(f"def {py_name(i.name)}_step(S, inp):"):
+        with self.w.block(f"def {self.pn(i.name)}_step(S, inp):"):
             self.w("a, s = inp")
             self.w(f"return {bdec} * S + s, S")
-        self.w(f"_, {py_name(i.name)} = lax.scan({py_name(i.name)}_step, {S0}, "
+        self.w(f"_, {self.pn(i.name)} = lax.scan({self.pn(i.name)}_step, {S0}, "
                f"(jnp.moveaxis({dec}, {dax}, 0), jnp.moveaxis({self.n(a.chunks)}, {cax}, 0)))")
-        self.assign(i, f"jnp.moveaxis({py_name(i.name)}, 0, {cax})", "state entering each chunk")
+        self.assign(i, f"jnp.moveaxis({self.pn(i.name)}, 0, {cax})", "state entering each chunk")
 
     def op_chunk_final(self, i: Instr):
         a = decode(i)
@@ -355,7 +356,7 @@ class XlaEmitter:
         ax = self.ax(Ldims, self.scan) + 1  # position axis in the chunked layout
         npost = len(Ldims) - self.ax(Ldims, self.scan) - 1
         L = self.n(a.L)
-        base = py_name(i.name)
+        base = self.pn(i.name)
         Lt = L
         if prev:  # readout before the update: decay up to t-1
             ell = self.masked(a.ell, "0.0", Ldims)
@@ -393,7 +394,7 @@ class XlaEmitter:
     def walk(self, i: Instr, a, zero_start: bool):
         """Elementwise decay: walk each chunk's steps with the state of every chunk at once (form=scan)."""
         w = self.w
-        base = py_name(i.name)
+        base = self.pn(i.name)
         sdims = [d for d in (i.dims if zero_start else self.by[a.enter].dims)]
         steps_in = [a.ell] + [f for prod in a.u for f in prod] + list(a.q)
         steps_in = list(dict.fromkeys(s for s in steps_in if self.by[s].op != "const"))
@@ -430,8 +431,8 @@ class XlaEmitter:
                                for f in a.q) + "," + "".join(self.letter[d] for d in sdims)
                 y = f'jnp.einsum("{ins}->{out}", {", ".join(self.n(f) for f in a.q)}, S, precision=HI)'
                 if prev:
-                    w(f"y = {y}")
-                    w(f"return {upd}, y")
+                    w(f"y_t = {y}")
+                    w(f"return {upd}, y_t")
                 else:
                     w(f"S = {upd}")
                     w(f"return S, {y}")

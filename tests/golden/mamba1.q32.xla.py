@@ -52,14 +52,14 @@ def mamba1(x, dt_raw, dt_bias, A_log, B, C, D, h_prev):
     h_final = jnp.take(h_L_chunk, -1, axis=1) * jnp.take(h_enter, -1, axis=1) + jnp.take(h_chunks, -1, axis=1)  # state after the last step
 
     # stage chunk_output
-    def y_h_step(S, xs):
+    def y_h_new_step(S, xs):
         v5, dt, x, B, C, valid = xs  # this step of every chunk
         S = jnp.exp(valid[:, None, None] * v5) * S + valid[:, None, None] * (dt[:, :, :, None] * x[:, :, :, None] * B[:, :, None, :])
         return S, jnp.einsum("bcn,bcdn->bcd", C, S, precision=HI)
-    _, y_h = lax.scan(y_h_step, h_enter, (rt.steps(v5, 1, Q), rt.steps(dt, 1, Q), rt.steps(x, 1, Q), rt.steps(B, 1, Q), rt.steps(C, 1, Q), rt.steps(valid, 0, Q)))
-    y_h = rt.unsteps(y_h, 1)  # readout at every step, each chunk from its entering state
+    _, y_h_new = lax.scan(y_h_new_step, h_enter, (rt.steps(v5, 1, Q), rt.steps(dt, 1, Q), rt.steps(x, 1, Q), rt.steps(B, 1, Q), rt.steps(C, 1, Q), rt.steps(valid, 0, Q)))
+    y_h_new = rt.unsteps(y_h_new, 1)  # readout at every step, each chunk from its entering state
 
     # stage epilogue
-    y_ = y_h + v2
+    y = y_h_new + v2
 
-    return rt.crop(y_, 1, T), h_final
+    return rt.crop(y, 1, T), h_final

@@ -33,8 +33,8 @@ def mamba1(x, dt_raw, dt_bias, A_log, B, C, D, h_prev):
         v7 = v6 * h_prev
         h_new = v7 + v9
         v11 = jnp.einsum("bn,bdn->bd", C, h_new, precision=HI)
-        y_ = v11 + v12
-        return (jnp.broadcast_to(h_new, h_prev.shape),), (y_,)
-    (h_prev_final,), (y_,) = lax.scan(step, (h_prev,), (jnp.moveaxis(v6, 1, 0), jnp.moveaxis(v9, 1, 0), jnp.moveaxis(C, 1, 0), jnp.moveaxis(v12, 1, 0),))
-    y_ = jnp.moveaxis(y_, 0, 1)
-    return y_, h_prev_final
+        y = v11 + v12
+        return (jnp.broadcast_to(h_new, h_prev.shape),), (y,)
+    (h_prev_final,), (y,) = lax.scan(step, (h_prev,), (jnp.moveaxis(v6, 1, 0), jnp.moveaxis(v9, 1, 0), jnp.moveaxis(C, 1, 0), jnp.moveaxis(v12, 1, 0),))
+    y = jnp.moveaxis(y, 0, 1)
+    return y, h_prev_final

@@ -46,12 +46,12 @@ def mamba2(x, dt, A, B, C, D, h_prev):
     h_final = jnp.take(h_L_chunk, -1, axis=1)[:, :, :, None, None] * jnp.take(h_enter, -1, axis=1) + jnp.take(h_chunks, -1, axis=1)  # state after the last step
 
     # stage chunk_output
-    y_h_D = jnp.exp(jnp.minimum(jnp.where(rt.causal(Q, False, 2), jnp.expand_dims(h_L, 3) - jnp.expand_dims(h_L, 2), -jnp.inf), 0.0))  # decay from source s to target t in the chunk, masked s <= t
-    y_h_in = jnp.einsum("bctgn,bctsgh,bcsgh,bcsgn,bcsghp,cs->bctghp", rt.chunk(C, 1, Q), y_h_D, rt.chunk(dt, 1, Q), rt.chunk(B, 1, Q), rt.chunk(x, 1, Q), valid.reshape(nc, Q), precision=HI)  # in-chunk (quadratic) part
-    y_h_st = jnp.einsum("bctgn,bctgh,bcghpn->bctghp", rt.chunk(C, 1, Q), jnp.exp(h_L), h_enter, precision=HI)  # state part
-    y_h = rt.unchunk(y_h_in + y_h_st, 1)
+    y_h_new_D = jnp.exp(jnp.minimum(jnp.where(rt.causal(Q, False, 2), jnp.expand_dims(h_L, 3) - jnp.expand_dims(h_L, 2), -jnp.inf), 0.0))  # decay from source s to target t in the chunk, masked s <= t
+    y_h_new_in = jnp.einsum("bctgn,bctsgh,bcsgh,bcsgn,bcsghp,cs->bctghp", rt.chunk(C, 1, Q), y_h_new_D, rt.chunk(dt, 1, Q), rt.chunk(B, 1, Q), rt.chunk(x, 1, Q), valid.reshape(nc, Q), precision=HI)  # in-chunk (quadratic) part
+    y_h_new_st = jnp.einsum("bctgn,bctgh,bcghpn->bctghp", rt.chunk(C, 1, Q), jnp.exp(h_L), h_enter, precision=HI)  # state part
+    y_h_new = rt.unchunk(y_h_new_in + y_h_new_st, 1)
 
     # stage epilogue
-    y_ = y_h + v4
+    y = y_h_new + v4
 
-    return rt.crop(y_, 1, T), h_final
+    return rt.crop(y, 1, T), h_final

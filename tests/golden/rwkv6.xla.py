@@ -46,13 +46,13 @@ def rwkv6(r, k, v, w, u, S_prev):
     S_final = jnp.take(S_L_chunk, -1, axis=1)[:, :, :, None] * jnp.take(S_enter, -1, axis=1) + jnp.take(S_chunks, -1, axis=1)  # state after the last step
 
     # stage chunk_output
-    o_S_Lx = S_L - rt.chunk(jnp.where(valid[:, None, None] > 0, v6, 0.0), 1, Q)  # log-decay through t-1
-    o_S_D = jnp.exp(jnp.minimum(jnp.where(rt.causal(Q, True, 2), jnp.expand_dims(o_S_Lx, 3) - jnp.expand_dims(S_L, 2), -jnp.inf), 0.0))  # decay from source s to target t in the chunk, masked s < t
-    o_S_in = jnp.einsum("bcthd,bctshd,bcshd,bcsha,cs->bctha", rt.chunk(r, 1, Q), o_S_D, rt.chunk(k, 1, Q), rt.chunk(v, 1, Q), valid.reshape(nc, Q), precision=HI)  # in-chunk (quadratic) part
-    o_S_st = jnp.einsum("bcthd,bcthd,bchda->bctha", rt.chunk(r, 1, Q), jnp.exp(o_S_Lx), S_enter, precision=HI)  # state part
-    o_S = rt.unchunk(o_S_in + o_S_st, 1)
+    o_S_prev_Lx = S_L - rt.chunk(jnp.where(valid[:, None, None] > 0, v6, 0.0), 1, Q)  # log-decay through t-1
+    o_S_prev_D = jnp.exp(jnp.minimum(jnp.where(rt.causal(Q, True, 2), jnp.expand_dims(o_S_prev_Lx, 3) - jnp.expand_dims(S_L, 2), -jnp.inf), 0.0))  # decay from source s to target t in the chunk, masked s < t
+    o_S_prev_in = jnp.einsum("bcthd,bctshd,bcshd,bcsha,cs->bctha", rt.chunk(r, 1, Q), o_S_prev_D, rt.chunk(k, 1, Q), rt.chunk(v, 1, Q), valid.reshape(nc, Q), precision=HI)  # in-chunk (quadratic) part
+    o_S_prev_st = jnp.einsum("bcthd,bcthd,bchda->bctha", rt.chunk(r, 1, Q), jnp.exp(o_S_prev_Lx), S_enter, precision=HI)  # state part
+    o_S_prev = rt.unchunk(o_S_prev_in + o_S_prev_st, 1)
 
     # stage epilogue
-    o = o_S + v4
+    o = o_S_prev + v4
 
     return rt.crop(o, 1, T), S_final
