@@ -23,13 +23,13 @@ def _sig(x):
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def _loop(step, T, init):
-    """Run `step(t, state) -> (new_state, outs tuple)` for t < T; stack outs along axis 1."""
+def _loop(step, T, init, axis=1):
+    """Run `step(t, state) -> (new_state, outs tuple)` for t < T; stack outs along `axis` (the scan dim's)."""
     s, outs = init, []
     for t in range(T):
         s, o = step(t, s)
         outs.append(o)
-    return tuple(np.stack(x, axis=1) for x in zip(*outs)), s
+    return tuple(np.stack(x, axis=axis) for x in zip(*outs)), s
 
 
 CASES = {}
@@ -170,6 +170,57 @@ def coupled_states(rng):
     return x, step, [(B, H, K, V), (B, H, K, V)]
 
 
+@case("""
+  dims t, b, h, k, v
+  scan t
+  in W[h,k], kk[t,b,h,k], vv[t,b,h,v], w[t,b,h], x[t,b,h,v]
+  state S[b,h,k,v]
+  out o[t,b,h,v], skip[t,b,h,v]
+  S = exp(-softplus(w))*S + kk⊗vv
+  o = W·S
+  skip = 2*x + 1
+""")
+def time_major_constant_query_free_out(rng):
+    """the scan dim first in every array, a readout vector without the scan dim, and an out that reads no state"""
+    x = dict(W=_rn(rng, H, K), kk=_rn(rng, T, B, H, K), vv=_rn(rng, T, B, H, V), w=_rn(rng, T, B, H),
+             x=_rn(rng, T, B, H, V))
+    f = {n: a.astype(np.float64) for n, a in x.items()}
+
+    def step(t, S):
+        a = np.exp(-np.log1p(np.exp(f["w"][t])))
+        S = a[..., None, None] * S + np.einsum("bhk,bhv->bhkv", f["kk"][t], f["vv"][t])
+        return S, (np.einsum("hk,bhkv->bhv", f["W"], S), 2 * f["x"][t] + 1)
+    return x, step, (B, H, K, V), 0
+
+
+@case(HEAD + """
+  in q[b,t,h,k], kk[b,t,h,k], vv[b,t,h,v], w[b,t,h], nw[v]
+  state S[b,h,k,v]
+  out o[b,t,h,v]
+  a = clamp(sigmoid(w), 0.05, 0.95) ** 2
+  S = a*S + sqrt(abs(kk) + 1)⊗tanh(vv)
+  r[b,t,h,v] = q·S
+  m = mean(r, over=[v])
+  o = rmsnorm(max(r, m) - min(r, 0.0) * rsqrt(1 + m*m), over=[v], eps=1e-3) * nw
+""")
+def builtins_pow_decay_rmsnorm(rng):
+    """a clamped power as the decay (not provably positive: sign tracked), builtins in the update and epilogue,
+    rmsnorm without groups"""
+    x = dict(q=_rn(rng, B, T, H, K), kk=_rn(rng, B, T, H, K), vv=_rn(rng, B, T, H, V), w=_rn(rng, B, T, H),
+             nw=_rn(rng, V))
+    f = {n: a.astype(np.float64) for n, a in x.items()}
+
+    def step(t, S):
+        a = np.clip(_sig(f["w"][:, t]), 0.05, 0.95) ** 2
+        S = a[..., None, None] * S + np.einsum("bhk,bhv->bhkv", np.sqrt(np.abs(f["kk"][:, t]) + 1),
+                                               np.tanh(f["vv"][:, t]))
+        r = np.einsum("bhk,bhkv->bhv", f["q"][:, t], S)
+        m = r.mean(-1, keepdims=True)
+        e = np.maximum(r, m) - np.minimum(r, 0.0) / np.sqrt(1 + m * m)
+        return S, (e / np.sqrt((e * e).mean(-1, keepdims=True) + 1e-3) * f["nw"],)
+    return x, step, (B, H, K, V)
+
+
 EXPECT_SCHEDULE = {"coupled_states": "sequential scan, not chunkable"}
 
 
@@ -177,19 +228,22 @@ EXPECT_SCHEDULE = {"coupled_states": "sequential scan, not chunkable"}
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_chunk_form_matches_loop(name, chunk, rng):
     spec, make = CASES[name]
-    x, step, shapes = make(rng)
+    x, step, shapes, *taxis = make(rng)
     k = ssmc.compile(f"ssm {name} {{{spec}}}", chunk_size=chunk)
     multi = isinstance(shapes, list)
     inits = [_rn(rng, *s, scale=0.5) for s in (shapes if multi else [shapes])]
-    (ref_o,), ref_s = _loop(step, T, tuple(i.astype(np.float64) for i in inits) if multi else inits[0].astype(
-        np.float64))
+    init = tuple(i.astype(np.float64) for i in inits) if multi else inits[0].astype(np.float64)
+    ref_o_all, ref_s = _loop(step, T, init, *taxis)
     ref_s = ref_s if multi else (ref_s,)
     if multi:
         res = k(**x, initial_states={n: a for (n, _), a in zip(k.states, inits)})
     else:
         res = k(**x, initial_state=inits[0])
-    assert rel_l2(np.asarray(res[0]), ref_o) < 1e-4
-    for got, want in zip(res[1:], ref_s):
+    n_out = len(k.outs)
+    ref_outs = ref_o_all
+    for got, want in zip(res[:n_out], ref_outs):
+        assert rel_l2(np.asarray(got), want) < 1e-4
+    for got, want in zip(res[n_out:], ref_s):
         assert rel_l2(np.asarray(got), want) < 1e-4
     if chunk != 1:
         want = EXPECT_SCHEDULE.get(name, "chunk-parallel form")
