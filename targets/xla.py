@@ -127,18 +127,23 @@ class XlaEmitter:
     # ---- sequential: lax.scan over the step function -----------------------------------------------------
     def sequential_body(self, rets):
         p, w = self.p, self.w
-        dep: dict[str, bool] = {}
+        # In the scan body: everything that depends on a state, and state-free values bigger than any input
+        # (an outer product like dt*B⊗x hoisted over time would be one state-sized array per step).
+        input_dims = [set(i.dims) for i in p.instrs if i.op in ("input", "state")]
+        inner: dict[str, bool] = {}
         for i in p.instrs:
-            dep[i.name] = i.op == "state" or any(dep[a] for a in i.args)
-        w("# stage prologue: state-free per-step values, vectorised over time")
+            inner[i.name] = i.op == "state" or any(inner[a] for a in i.args) or (
+                i.op not in ("input", "out", "update") and not any(set(i.dims) <= d for d in input_dims))
+        dep = inner
+        w("# stage prologue: state-free per-step values no larger than an input, vectorised over time")
         for i in p.instrs:
-            if not dep[i.name] and i.op not in ("input", "out", "update"):
+            if not inner[i.name] and i.op not in ("input", "out", "update"):
                 self.instr(i)
-        step = [i for i in p.instrs if dep[i.name] and i.op not in ("state", "update", "out")]
+        step = [i for i in p.instrs if inner[i.name] and i.op not in ("state", "update", "out")]
         used = []
         for i in step:
             for a in i.args:
-                if not dep[a] and self.scan in self.by[a].dims and a not in used and self.by[a].op != "const":
+                if not inner[a] and self.scan in self.by[a].dims and a not in used and self.by[a].op != "const":
                     used.append(a)
         states = [i for i in p.instrs if i.op == "state"]
         updates = {i.attr("state"): i.args[0] for i in p.instrs if i.op == "update"}
@@ -157,7 +162,8 @@ class XlaEmitter:
             new = []
             for s in states:
                 v = updates[s.attr("state")]
-                new.append(f"jnp.broadcast_to({self.b(v, s.dims)}, {self.pn(s.name)}.shape)")
+                same = set(self.dims(v)) == set(s.dims)
+                new.append(self.pn(v) if same else f"jnp.broadcast_to({self.b(v, s.dims)}, {self.pn(s.name)}.shape)")
             ys = ", ".join(self.pn(v) for _, _, v in outs)
             w(f"return ({', '.join(new)},), ({ys}{',' if outs else ''})")
         xs = ", ".join(f"jnp.moveaxis({self.pn(a)}, {self.ax(self.by[a].dims, self.scan)}, 0)" for a in used)

@@ -16,7 +16,7 @@ RETURNS = [('out', 'o', 'b,t,h,dv'), ('state', 'S', 'b,h,dk,dv')]
 
 def deltanet(q, k, v, beta, S_prev):
     T = q.shape[1]  # sequence length
-    # stage prologue: state-free per-step values, vectorised over time
+    # stage prologue: state-free per-step values no larger than an input, vectorised over time
     v2 = beta[:, :, :, None] * k
 
     # stage step: one step of the recurrence per position of the scan dim
@@ -28,7 +28,7 @@ def deltanet(q, k, v, beta, S_prev):
         v4 = v2[:, :, :, None] * v3[:, :, None, :]
         S_new = S_prev + v4
         o = jnp.einsum("bhd,bhda->bha", q, S_new, precision=HI)
-        return (jnp.broadcast_to(S_new, S_prev.shape),), (o,)
+        return (S_new,), (o,)
     (S_prev_final,), (o,) = lax.scan(step, (S_prev,), (jnp.moveaxis(k, 1, 0), jnp.moveaxis(v, 1, 0), jnp.moveaxis(v2, 1, 0), jnp.moveaxis(q, 1, 0),))
     o = jnp.moveaxis(o, 0, 1)
     return o, S_prev_final

@@ -15,26 +15,26 @@ RETURNS = [('out', 'y', 'b,t,d'), ('state', 'h', 'b,d,n')]
 
 def mamba1(x, dt_raw, dt_bias, A_log, B, C, D, h_prev):
     T = x.shape[1]  # sequence length
-    # stage prologue: state-free per-step values, vectorised over time
+    # stage prologue: state-free per-step values no larger than an input, vectorised over time
     v1 = dt_raw + dt_bias
     dt = jax.nn.softplus(v1)
     v3 = -dt
     v4 = jnp.exp(A_log)
-    v5 = v3[:, :, :, None] * v4
-    v6 = jnp.exp(v5)
     v8 = dt * x
-    v9 = v8[:, :, :, None] * B[:, :, None, :]
     v12 = D * x
 
     # stage step: one step of the recurrence per position of the scan dim
     def step(carry, xs):
         h_prev, = carry
-        v6, v9, C, v12, = xs
+        v3, v8, B, C, v12, = xs
+        v5 = v3[:, :, None] * v4
+        v6 = jnp.exp(v5)
+        v9 = v8[:, :, None] * B[:, None, :]
         v7 = v6 * h_prev
         h_new = v7 + v9
         v11 = jnp.einsum("bn,bdn->bd", C, h_new, precision=HI)
         y = v11 + v12
-        return (jnp.broadcast_to(h_new, h_prev.shape),), (y,)
-    (h_prev_final,), (y,) = lax.scan(step, (h_prev,), (jnp.moveaxis(v6, 1, 0), jnp.moveaxis(v9, 1, 0), jnp.moveaxis(C, 1, 0), jnp.moveaxis(v12, 1, 0),))
+        return (h_new,), (y,)
+    (h_prev_final,), (y,) = lax.scan(step, (h_prev,), (jnp.moveaxis(v3, 1, 0), jnp.moveaxis(v8, 1, 0), jnp.moveaxis(B, 1, 0), jnp.moveaxis(C, 1, 0), jnp.moveaxis(v12, 1, 0),))
     y = jnp.moveaxis(y, 0, 1)
     return y, h_prev_final
