@@ -70,6 +70,12 @@ def median_ms(fn, args, warmup: int, repeats: int):
     return statistics.median(times) * 1e3, out
 
 
+def temp_mib(fn, args) -> float:
+    """XLA's scratch memory for one call (beyond arguments and outputs), from the compiled executable."""
+    m = fn.lower(*args).compile().memory_analysis()
+    return m.temp_size_in_bytes / 2**20 if m is not None else float("nan")
+
+
 def rel_err(a, ref) -> float:
     a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
     return float(np.linalg.norm(a - ref) / max(np.linalg.norm(ref), 1e-30))
@@ -102,14 +108,16 @@ def main() -> None:
         arrays = [inp[k] for k in ("x", "dt", "A", "B", "C", "D")]
         c_ms, (yc, hc) = median_ms(chunked, arrays, args.warmup, args.repeats)
         s_ms, (ys, hs) = median_ms(sequential, arrays, args.warmup, args.repeats)
-        rows.append((t, c_ms, s_ms, s_ms / c_ms, rel_err(yc, ys), rel_err(hc, hs)))
+        mem = (temp_mib(chunked, arrays), temp_mib(sequential, arrays), B * t * H * P * N * 4 / 2**20)
+        rows.append((t, c_ms, s_ms, s_ms / c_ms, rel_err(yc, ys), rel_err(hc, hs)) + mem)
         print(f"t={t}: chunked {c_ms:.2f} ms, sequential {s_ms:.2f} ms", file=sys.stderr, flush=True)
 
     print(f"Mamba2, b={B} h={H} p={P} n={N} g={G}, float32, median of {args.repeats} calls after {args.warmup} warm-up\n")
-    print("| t | chunked ms | sequential ms | seq/chunked | rel err y | rel err h_final |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for t, c, s, r, ey, eh in rows:
-        print(f"| {t} | {c:.2f} | {s:.2f} | {r:.1f}x | {ey:.1e} | {eh:.1e} |")
+    print("| t | chunked ms | sequential ms | seq/chunked | rel err y | rel err h_final | chunked temp MiB | "
+          "sequential temp MiB | one state per step MiB |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for t, c, s, r, ey, eh, mc, ms, mstep in rows:
+        print(f"| {t} | {c:.2f} | {s:.2f} | {r:.1f}x | {ey:.1e} | {eh:.1e} | {mc:.1f} | {ms:.1f} | {mstep:.0f} |")
 
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     print()
