@@ -28,7 +28,9 @@ _LOCK = threading.Lock()
 
 def _read_spec(spec) -> tuple[str, str]:
     """Spec text, or a path to a .ssm file -> (text, filename)."""
-    if isinstance(spec, pathlib.Path) or (isinstance(spec, str) and "{" not in spec and spec.strip().endswith(".ssm")):
+    looks_like_path = isinstance(spec, str) and "{" not in spec and "\n" not in spec and (
+        spec.strip().endswith(".ssm") or os.path.exists(spec))
+    if isinstance(spec, (pathlib.Path, os.PathLike)) or looks_like_path:
         path = pathlib.Path(spec)
         try:
             return path.read_text(encoding="utf-8"), str(path)

@@ -71,6 +71,9 @@ class _Lower:
             self.arrays[a.name] = a
         if not s.decls("out"):
             raise self.err(f"ssm '{s.name}' declares no `out`", s.span)
+        if not any(self.scan in (d.name for d in a.dims) for a in s.decls("in")):
+            raise self.err(f"no `in` array has the scan dim '{self.scan}', so the sequence length is unknown",
+                           s.scan.span)
         self.canon = canonical_order(self.dims, s.arrays)
 
     def need_dim(self, d: ast.Name, what: str = ""):

@@ -133,6 +133,12 @@ def test_no_scan_dim():
     assert_at(err, text, *where(text, "ssm mamba2"), "no scan dim", "scan t")
 
 
+def test_no_input_has_the_scan_dim():
+    text = edit("x[b,t,h,p], dt[b,t,h], A[h], B[b,t,g,n], C[b,t,g,n]", "x[b,h,p], dt[b,h], A[h], B[b,g,n], C[b,g,n]")
+    err = spec_error(text)
+    assert_at(err, text, *where(text, "t", after="scan "), "no `in` array has the scan dim 't'")
+
+
 def test_group_with_undeclared_dim():
     text = edit("group g -> h", "group g -> k")
     err = spec_error(text)
