@@ -85,12 +85,14 @@ class _Rewrite:
             L = self.emit(f"%{S}.L", "chunk.cumsum", (ell,), set(ell_dims) | {scan}, span, chunk=Q, state=S)
             sigma = None
             if sgn is not None:
-                sigma = self.emit(f"%{S}.sigma", "chunk.cumsign", (sgn,), set(an.by[sgn].dims) | {scan}, span,
+                # same dims as L, so both index alike in every stage
+                sigma = self.emit(f"%{S}.sigma", "chunk.cumsign", (sgn,), set(ell_dims) | {scan}, span,
                                   chunk=Q, state=S)
             form = "scan" if sp.klass == "elementwise" else "quadratic"
             u = tuple(x.factors for x in sp.updates)
             uc = tuple(x.coef for x in sp.updates)
-            args, attrs = ChunkArgs(ell=ell, L=L, sigma=sigma, u=u, ucoef=uc).encode()
+            step_sgn = sgn if form == "scan" else None  # the walk multiplies by a_t itself
+            args, attrs = ChunkArgs(ell=ell, L=L, sigma=sigma, sgn=step_sgn, u=u, ucoef=uc).encode()
             chunks = self.emit(f"%{S}.chunks", "chunk.states", args, set(sp.dims) | {self.cd}, span, chunk=Q,
                                state=S, form=form, klass=sp.klass, **attrs)
             init = next(i.name for i in leaves if i.attr("state") == S)
@@ -99,7 +101,7 @@ class _Rewrite:
                               **attrs)
             args, attrs = ChunkArgs(L=L, sigma=sigma, chunks=chunks, enter=enter).encode()
             final = self.emit(f"%{S}.final", "chunk.final", args, sp.dims, span, chunk=Q, state=S, **attrs)
-            stage[S] = dict(ell=ell, L=L, sigma=sigma, enter=enter, u=u, uc=uc, form=form, final=final)
+            stage[S] = dict(ell=ell, L=L, sigma=sigma, sgn=step_sgn, enter=enter, u=u, uc=uc, form=form, final=final)
         # readouts
         for name, lin in self.plan.readouts.items():
             r = an.by[name]
@@ -107,7 +109,8 @@ class _Rewrite:
             parts = []
             for k, t in enumerate(lin.terms):
                 s = stage[t.state]
-                args, attrs = ChunkArgs(ell=s["ell"], L=s["L"], sigma=s["sigma"], enter=s["enter"], q=t.factors,
+                args, attrs = ChunkArgs(ell=s["ell"], L=s["L"], sigma=s["sigma"], sgn=s["sgn"], enter=s["enter"],
+                                        q=t.factors,
                                         qcoef=t.coef, u=s["u"], ucoef=s["uc"]).encode()
                 single = len(lin.terms) == 1 and not lin.rest
                 part_name = name if single else an.namer(f"{name[1:]}.{t.state}.{t.when}")

@@ -3,11 +3,12 @@
 Stage ops (per state S, chunk length Q along the scan dim, `t#` = chunk index):
   chunk.cumsum  ell            -> L[t, decay dims]   inclusive cumsum of log|a| within each chunk
   chunk.cumsign sgn            -> sigma[t, ...]      cumulative sign of a within each chunk (only if a may be < 0)
-  chunk.states  ell L [sigma] u...            -> [t#, S]  each chunk's final state, starting from zero
+  chunk.states  ell L [sigma] [sgn] u...      -> [t#, S]  each chunk's final state, starting from zero
   chunk.pass    L [sigma] chunks init         -> [t#, S]  the state entering each chunk (sequential over chunks)
   chunk.final   L [sigma] chunks enter        -> [S]      the state after the last step
-  chunk.output  ell L [sigma] enter q... u... -> [t, ...] q_t · S_t (when=new) or q_t · S_{t-1} (when=prev):
+  chunk.output  ell L [sigma] [sgn] enter q... u... -> [t, ...] q_t · S_t (when=new) or q_t · S_{t-1} (when=prev):
                 in-chunk part Σ_s (q_t · u_s) exp(L_t - L_s) + state part exp(L_t) q_t · S_enter
+`sgn` (the sign of a_t at each step) comes only with form=scan, which walks the steps with a_t = sgn_t exp(ell_t).
 Positions past the sequence end contribute nothing (log-decay 0, update 0); emitters mask them.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ class ChunkArgs:
     ell: str | None = None
     L: str | None = None
     sigma: str | None = None
+    sgn: str | None = None
     chunks: str | None = None
     enter: str | None = None
     init: str | None = None
@@ -38,7 +40,7 @@ class ChunkArgs:
 
     def encode(self) -> tuple[tuple[str, ...], dict]:
         args, layout = [], []
-        for role in ("ell", "L", "sigma", "chunks", "enter", "init"):
+        for role in ("ell", "L", "sigma", "sgn", "chunks", "enter", "init"):
             v = getattr(self, role)
             if v is not None:
                 args.append(v)

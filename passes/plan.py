@@ -41,7 +41,6 @@ def make_plan(p: Program) -> Plan:
     an = Analysis(p)
     states = {s: StatePlan(s, d) for s, d in an.state_dims.items()}
     reasons: list[str] = []
-    by = an.by
     scan = p.scan
     # -- updates ----------------------------------------------------------------------------------------
     for i in p.instrs:
@@ -72,7 +71,6 @@ def make_plan(p: Program) -> Plan:
         sp.decay_dims = tuple(d for d in p.dims if d in an.dims_of(sp.decay))
     # -- readouts ---------------------------------------------------------------------------------------
     readouts: dict[str, Lin] = {}
-    update_args = {i.args[0] for i in p.instrs if i.op == "update"}
     users = an.users
     for i in p.instrs:
         if not an.dep[i.name] or i.op in ("update", "out", "state"):
@@ -81,12 +79,9 @@ def make_plan(p: Program) -> Plan:
             lin = an.lin(i.name)
         except NotLinear:
             continue
+        # a readout is a maximal linear value: an out, or the operand of something nonlinear in the states
         consumers = users.get(i.name, [])
-        root = any(u.op == "out" for u in consumers) or any(
-            u.op not in ("update", "out") and _nonlinear(an, u.name) for u in consumers)
-        if i.name in update_args and not root:
-            continue
-        if root:
+        if any(u.op == "out" or (u.op != "update" and _nonlinear(an, u.name)) for u in consumers):
             readouts[i.name] = lin
     # Everything state-dependent outside updates and readouts must be computable from readouts (nonlinear
     # epilogue); a nonlinear value feeding an update is a non-diagonal transition (caught above).

@@ -66,11 +66,11 @@ class XlaEmitter:
         return self.n(ssa) + (self.b_dims(src, to) if src else "")
 
     @staticmethod
-    def b_dims(src, to) -> str:
+    def b_dims(src, to, full: bool = False) -> str:
         """Index that makes an array with dims `src` broadcast against dims `to` (numpy aligns trailing axes, so
-        leading new axes are left out): [b,h] against [b,t,h,p] -> [:, None, :, None]."""
+        leading new axes are left out unless `full`): [b,h] against [b,t,h,p] -> [:, None, :, None]."""
         idx = [":" if d in src else "None" for d in to]
-        while idx and idx[0] == "None":
+        while idx and idx[0] == "None" and not full:
             idx.pop(0)
         return "" if all(x == ":" for x in idx) else f"[{', '.join(idx)}]"
 
@@ -268,8 +268,12 @@ class XlaEmitter:
         return out
 
     def masked(self, ssa: str, fill: str, dims) -> str:
-        valid = f"valid{self.b_dims(('t',), dims)}"
-        return f"jnp.where({valid} > 0, {self.b(ssa, dims)}, {fill})"
+        """`ssa` where the step is inside the sequence, else `fill`; full rank over `dims` (size-1 axes where
+        `ssa` is constant) so the scan axis can be chunked by position."""
+        valid = f"valid{self.b_dims((self.scan,), dims, full=True)}"
+        src = self.dims(ssa)
+        val = self.n(ssa) + (self.b_dims(src, dims, full=True) if src else "")
+        return f"jnp.where({valid} > 0, {val}, {fill})"
 
     def op_chunk_cumsum(self, i: Instr):
         dims = i.dims
@@ -283,7 +287,9 @@ class XlaEmitter:
         dims = i.dims
         ax = self.ax(dims, self.scan)
         sgn = self.masked(i.args[0], "1.0", dims)
-        self.assign(i, f"jnp.cumprod(rt.chunk({sgn}, {ax}, Q), axis={ax + 1})", "sign of the decay product so far")
+        L = self.n(next(x.name for x in self.p.instrs if x.op == "chunk.cumsum" and x.attr("state") == i.attr("state")))
+        self.assign(i, f"jnp.cumprod(jnp.broadcast_to(rt.chunk({sgn}, {ax}, Q), {L}.shape), axis={ax + 1})",
+                    "sign of the decay product so far")
         self.stored_chunked.add(i.name)
 
     def decay_between(self, La: str, Lb: str, sa: str | None, sb: str | None) -> str:
@@ -402,7 +408,7 @@ class XlaEmitter:
         w = self.w
         base = self.pn(i.name)
         sdims = [d for d in (i.dims if zero_start else self.by[a.enter].dims)]
-        steps_in = [a.ell] + [f for prod in a.u for f in prod] + list(a.q)
+        steps_in = [a.ell] + ([a.sgn] if a.sgn else []) + [f for prod in a.u for f in prod] + list(a.q)
         steps_in = list(dict.fromkeys(s for s in steps_in if self.by[s].op != "const"))
         local = {}
         for s in steps_in:
@@ -428,7 +434,10 @@ class XlaEmitter:
                 u_terms.append(e if coef == 1.0 else f"{coef!r} * {e}")
             vb = "valid" + self.b_dims([self.cd], sdims)
             # padded steps (v = 0) neither decay nor update the state
-            upd = f"jnp.exp({vb} * {self.b(a.ell, sdims)}) * S + {vb} * ({' + '.join(u_terms) or '0.0'})"
+            decay = f"jnp.exp({vb} * {self.b(a.ell, sdims)})"
+            if a.sgn:  # a_t may be negative: exp(ell) is |a_t|
+                decay += f" * jnp.where({vb} > 0, {self.b(a.sgn, sdims)}, 1.0)"
+            upd = f"{decay} * S + {vb} * ({' + '.join(u_terms) or '0.0'})"
             if zero_start:
                 w(f"return {upd}, None")
             else:

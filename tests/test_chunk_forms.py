@@ -63,15 +63,17 @@ def read_before_and_after(rng):
     return x, step, (B, H, K, V)
 
 
-@case(HEAD + """
-  in q[b,t,h,k], kk[b,t,h,k], vv[b,t,h,v], c[h]
+@case("""
+  dims b, s, h, k, v
+  scan s
+  in q[b,s,h,k], kk[b,s,h,k], vv[b,s,h,v], c[h]
   state S[b,h,k,v]
-  out o[b,t,h,v]
+  out o[b,s,h,v]
   S = c*S + kk⊗vv
   o = q·S
 """)
 def signed_constant_decay(rng):
-    """a decay that may be negative (c in (-1, 1)): log|a| with the sign tracked"""
+    """a decay that may be negative (c in (-1, 1)): log|a| with the sign tracked; the scan dim is called s"""
     x = dict(q=_rn(rng, B, T, H, K), kk=_rn(rng, B, T, H, K), vv=_rn(rng, B, T, H, V),
              c=np.array([-0.9, 0.5, -0.3], np.float32))
     f = {n: a.astype(np.float64) for n, a in x.items()}
@@ -221,7 +223,28 @@ def builtins_pow_decay_rmsnorm(rng):
     return x, step, (B, H, K, V)
 
 
-EXPECT_SCHEDULE = {"coupled_states": "sequential scan, not chunkable"}
+@case(HEAD + """
+  in q[b,t,h,k], kk[b,t,h,k], vv[b,t,h,v], c[h,k,v], w[b,t,h,k]
+  state S[b,h,k,v]
+  out o[b,t,h,v]
+  S = c*exp(-softplus(w))*S + kk⊗vv
+  o = q·S
+""")
+def signed_elementwise_decay(rng):
+    """an elementwise decay (over k and v) that may be negative: the chunked walk multiplies by the sign"""
+    x = dict(q=_rn(rng, B, T, H, K), kk=_rn(rng, B, T, H, K), vv=_rn(rng, B, T, H, V),
+             c=rng.uniform(-0.95, 0.95, (H, K, V)).astype(np.float32), w=_rn(rng, B, T, H, K))
+    f = {n: a.astype(np.float64) for n, a in x.items()}
+
+    def step(t, S):
+        a = f["c"][None] * np.exp(-np.log1p(np.exp(f["w"][:, t])))[..., None]
+        S = a * S + np.einsum("bhk,bhv->bhkv", f["kk"][:, t], f["vv"][:, t])
+        return S, (np.einsum("bhk,bhkv->bhv", f["q"][:, t], S),)
+    return x, step, (B, H, K, V)
+
+
+EXPECT_SCHEDULE = {"coupled_states": "sequential scan, not chunkable",
+                   "signed_elementwise_decay": "sequential scan: elementwise decay"}  # CPU default; chunk=4 walks
 
 
 @pytest.mark.parametrize("chunk", [None, 4, 1])
@@ -245,6 +268,8 @@ def test_chunk_form_matches_loop(name, chunk, rng):
         assert rel_l2(np.asarray(got), want) < 1e-4
     for got, want in zip(res[n_out:], ref_s):
         assert rel_l2(np.asarray(got), want) < 1e-4
-    if chunk != 1:
+    if chunk == 4 and name != "coupled_states":
+        assert "# chunk: chunk-parallel form" in k.ir, k.ir.splitlines()[:12]
+    elif chunk is None:
         want = EXPECT_SCHEDULE.get(name, "chunk-parallel form")
         assert f"# chunk: {want}" in k.ir, k.ir.splitlines()[:12]

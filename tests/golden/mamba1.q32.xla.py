@@ -33,7 +33,7 @@ def mamba1(x, dt_raw, dt_bias, A_log, B, C, D, h_prev):
     v2 = D * x
 
     # stage cumsum
-    h_L = jnp.cumsum(rt.chunk(jnp.where(valid[:, None, None] > 0, v5, 0.0), 1, Q), axis=2)  # log-decay summed within each chunk
+    h_L = jnp.cumsum(rt.chunk(jnp.where(valid[None, :, None, None] > 0, v5, 0.0), 1, Q), axis=2)  # log-decay summed within each chunk
 
     # stage chunk_state
     def h_chunks_step(S, xs):

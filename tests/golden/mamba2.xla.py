@@ -30,7 +30,7 @@ def mamba2(x, dt, A, B, C, D, h_prev):
     v4 = D[:, :, None] * x
 
     # stage cumsum
-    h_L = jnp.cumsum(rt.chunk(jnp.where(valid[:, None, None] > 0, v1, 0.0), 1, Q), axis=2)  # log-decay summed within each chunk
+    h_L = jnp.cumsum(rt.chunk(jnp.where(valid[None, :, None, None] > 0, v1, 0.0), 1, Q), axis=2)  # log-decay summed within each chunk
 
     # stage chunk_state
     h_chunks_w = jnp.exp(jnp.minimum(rt.last(h_L, 2) - h_L, 0.0))  # decay from each step to the chunk's end
