@@ -243,6 +243,29 @@ def signed_elementwise_decay(rng):
     return x, step, (B, H, K, V)
 
 
+@case("""
+  dims b, t, h, g, n
+  scan t
+  group g -> h
+  in Bg[b,t,g,n], C[b,t,h,n], w[b,t,g], x[b,t,h]
+  state z[b,g,n]
+  out y[b,t,h]
+  z = exp(-softplus(w))*z + Bg
+  y = C·z + x
+""")
+def group_indexed_state(rng):
+    """a state indexed by the group dim, read by every head of its group"""
+    G, Hh, N = 2, 4, 3
+    x = dict(Bg=_rn(rng, B, T, G, N), C=_rn(rng, B, T, Hh, N), w=_rn(rng, B, T, G), x=_rn(rng, B, T, Hh))
+    f = {n: a.astype(np.float64) for n, a in x.items()}
+    grp = np.arange(Hh) // (Hh // G)
+
+    def step(t, z):
+        z = np.exp(-np.log1p(np.exp(f["w"][:, t])))[..., None] * z + f["Bg"][:, t]
+        return z, (np.einsum("bhn,bhn->bh", f["C"][:, t], z[:, grp]) + f["x"][:, t],)
+    return x, step, (B, G, N)
+
+
 EXPECT_SCHEDULE = {"coupled_states": "sequential scan, not chunkable",
                    "signed_elementwise_decay": "sequential scan: elementwise decay"}  # CPU default; chunk=4 walks
 
