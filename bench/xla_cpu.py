@@ -14,10 +14,8 @@ import os
 import pathlib
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before jax is imported: this benchmark is about XLA:CPU
 # A private kernel cache, so the kernels timed are the ones the current compiler emits, not stale entries.
@@ -36,6 +34,7 @@ try:
 except ImportError:  # not installed: run from the checkout
     sys.path.insert(0, str(ROOT))
     import ssmc
+from ssmc.timing import time_calls  # noqa: E402
 
 B, H, P, N, G = 2, 8, 64, 64, 1
 
@@ -56,18 +55,6 @@ def make_inputs(t: int, seed: int) -> dict[str, jax.Array]:
 def jitted(kernel):
     # Positional wrapper so jax.jit sees plain array arguments whatever the kernel object is.
     return jax.jit(lambda x, dt, A, B, C, D: kernel(x=x, dt=dt, A=A, B=B, C=C, D=D))
-
-
-def median_ms(fn, args, warmup: int, repeats: int):
-    out = None
-    for _ in range(warmup):  # the first call compiles
-        out = jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3, out
 
 
 def temp_mib(fn, args) -> float:
@@ -106,8 +93,8 @@ def main() -> None:
     for t in args.t:
         inp = make_inputs(t, args.seed + t)
         arrays = [inp[k] for k in ("x", "dt", "A", "B", "C", "D")]
-        c_ms, (yc, hc) = median_ms(chunked, arrays, args.warmup, args.repeats)
-        s_ms, (ys, hs) = median_ms(sequential, arrays, args.warmup, args.repeats)
+        _, c_ms, (yc, hc) = time_calls(chunked, arrays, args.warmup, args.repeats)
+        _, s_ms, (ys, hs) = time_calls(sequential, arrays, args.warmup, args.repeats)
         mem = (temp_mib(chunked, arrays), temp_mib(sequential, arrays), B * t * H * P * N * 4 / 2**20)
         rows.append((t, c_ms, s_ms, s_ms / c_ms, rel_err(yc, ys), rel_err(hc, hs)) + mem)
         print(f"t={t}: chunked {c_ms:.2f} ms, sequential {s_ms:.2f} ms", file=sys.stderr, flush=True)

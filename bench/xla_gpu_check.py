@@ -18,7 +18,6 @@ import os
 import pathlib
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -39,7 +38,8 @@ except ImportError:  # not installed: run from the checkout
     sys.path.insert(0, str(ROOT))
     import ssmc
 from ssmc.cli import default_dims, notes, rel_l2, short_schedule
-from ssmc.sampling import random_inputs
+from ssmc.sampling import random_inputs, zero_states_for_unsized
+from ssmc.timing import time_calls
 
 # Sizes: batch 2, heads 8, group dims 1, every other non-scan dim 64; Mamba1 gets d=512 channels, n=16 states.
 OVERRIDES = {"mamba1": {"d": 512, "n": 16}}
@@ -65,33 +65,19 @@ def sizes_for(k, t: int) -> dict[str, int]:
     return default_dims(k, given)
 
 
-def median_ms(fn, args, warmup: int, repeats: int):
-    res = None
-    for _ in range(warmup):
-        res = jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        res = jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3, res
-
-
 def check(path: pathlib.Path, t: int, dtype: str, warmup: int, repeats: int, seed: int):
     chunked = ssmc.compile(str(path), target="xla", chunk_size=None)
     seq = ssmc.compile(str(path), target="xla", chunk_size=1)
     sizes = sizes_for(chunked, t)
     inputs = random_inputs(chunked, sizes, seed=seed, dtype=getattr(jnp, dtype))
     inputs = {n: jnp.asarray(v) for n, v in inputs.items()}
-    covered = {d for _, dims in chunked.inputs for d in dims}
-    init = {n: jnp.zeros(tuple(sizes[d] for d in dims), jnp.float32)
-            for n, dims in chunked.states if not set(dims) <= covered}
+    init = zero_states_for_unsized(chunked, sizes)
 
     def wrap(k):
         return jax.jit(lambda xs, st: k(**xs, initial_states=st or None))
 
-    c_ms, rc = median_ms(wrap(chunked), (inputs, init), warmup, repeats)
-    s_ms, rs = median_ms(wrap(seq), (inputs, init), warmup, repeats)
+    _, c_ms, rc = time_calls(wrap(chunked), (inputs, init), warmup, repeats)
+    _, s_ms, rs = time_calls(wrap(seq), (inputs, init), warmup, repeats)
     names = [f"out {n}" for n, _ in chunked.outs] + [f"state {n}" for n, _ in chunked.states]
     errs = {n: rel_l2(a, b) for n, a, b in zip(names, rc, rs)}
     finite = all(bool(np.all(np.isfinite(np.asarray(r, np.float32)))) for r in list(rc) + list(rs))

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from ssmc.ir import Program
 
-from .linear import Analysis, Lin, NotLinear, Prod, Term
+from .linear import Analysis, Lin, NotLinear, Prod
 
 CLASSES = ("identity", "constant", "scalar", "key-wise", "value-wise", "elementwise", "non-diagonal")
 

@@ -1,9 +1,7 @@
 """ssmc: a compiler for state-space models."""
-from .errors import SSMCError, ShapeError, SpecError, TargetError
-
 __version__ = "0.1.0"
 
-try:  # the API module is optional while the package is being built up
-    from .api import Kernel, check, compile  # noqa: F401
-except ImportError:  # pragma: no cover
-    pass
+from .errors import SSMCError, ShapeError, SpecError, TargetError  # noqa: E402
+from .api import Kernel, check, compile  # noqa: E402
+
+__all__ = ["compile", "check", "Kernel", "SSMCError", "SpecError", "ShapeError", "TargetError", "__version__"]

@@ -211,7 +211,7 @@ class Kernel:
         for k, v in kwargs.items():
             if k not in names:
                 states = [s for s, _ in self.states]
-                hint = f"; to set a state use initial_state= / initial_states={{...}}" if k in states else ""
+                hint = "; to set a state use initial_state= / initial_states={...}" if k in states else ""
                 raise ShapeError(f"{self.name}: unknown input '{k}'; inputs are {', '.join(names)}{hint}")
             if k in given:
                 raise ShapeError(f"{self.name}: input '{k}' given both positionally and by keyword")

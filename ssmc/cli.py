@@ -12,9 +12,7 @@ import math
 import os
 import pathlib
 import re
-import statistics
 import sys
-import time
 
 EMITS = ("ir", "passes", "source", "graph")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -185,29 +183,14 @@ def cmd_compile(args, out) -> int:
     return 0
 
 
-def _time_calls(fn, args, repeats: int):
-    """(first call seconds, median ms of `repeats` timed calls after one more warm-up, last result)."""
-    import jax
-
-    t0 = time.perf_counter()
-    res = jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - t0
-    res = jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        res = jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return first, statistics.median(times) * 1e3, res
-
-
 def cmd_run(args, out) -> int:
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     import ssmc
-    from .sampling import random_inputs
+    from .sampling import random_inputs, zero_states_for_unsized
+    from .timing import time_calls
 
     if args.repeats < 1:
         raise CLIError("--repeats must be >= 1")
@@ -218,17 +201,14 @@ def cmd_run(args, out) -> int:
     sizes = default_dims(chunked, given)
     inputs = random_inputs(chunked, sizes, seed=args.seed, dtype=getattr(jnp, args.dtype))
     inputs = {n: jnp.asarray(v) for n, v in inputs.items()}
-    # A state whose dims appear in no input needs an initial state to fix its size: start those at zero.
-    covered = {d for _, dims in chunked.inputs for d in dims}
-    init = {n: jnp.zeros(tuple(sizes[d] for d in dims), jnp.float32)
-            for n, dims in chunked.states if not set(dims) <= covered}
+    init = zero_states_for_unsized(chunked, sizes)
 
     def wrap(k):
         return jax.jit(lambda xs, st: k(**xs, initial_states=st or None))
 
     results = {}
     for label, k in (("chunked", chunked), ("sequential", seq)):
-        first, ms, res = _time_calls(wrap(k), (inputs, init), args.repeats)
+        first, ms, res = time_calls(wrap(k), (inputs, init), 1, args.repeats)
         results[label] = (k, first, ms, res)
 
     info = notes(chunked.ir)
@@ -263,7 +243,7 @@ def cmd_run(args, out) -> int:
     worst = max((e if math.isfinite(e) else math.inf) for _, _, e in errors) if errors else 0.0
     finite = all(bool(np.all(np.isfinite(np.asarray(r, np.float32)))) for r in results["chunked"][3])
     if not finite or not math.isfinite(worst):
-        print(f"FAIL: non-finite results or error (the random inputs may make this recurrence diverge)",
+        print("FAIL: non-finite results or error (the random inputs may make this recurrence diverge)",
               file=out)
         return 1
     if worst > tol:

@@ -181,3 +181,12 @@ def _size(dim, n) -> int:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ShapeError(f"size of dim '{dim}' must be a positive int, got {n!r}")
     return int(n)
+
+
+def zero_states_for_unsized(k, sizes: dict) -> dict:
+    """Zero initial states for the states with a dim no input carries (their size comes only from the state)."""
+    import jax.numpy as jnp
+
+    covered = {d for _, dims in k.inputs for d in dims}
+    return {n: jnp.zeros(tuple(sizes[d] for d in dims), jnp.float32)
+            for n, dims in k.states if not set(dims) <= covered}
