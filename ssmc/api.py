@@ -48,17 +48,22 @@ def check(spec) -> Program:
 
 
 def compile(spec, target: str = "xla", chunk_size: int | None = None, dump: bool | str = False,
-            cache: bool = True) -> "Kernel":
-    """Compile a spec (text or .ssm path) for a target ("xla", "triton"/"gpu", "tpu"/"pallas_tpu", "auto")."""
+            cache: bool = True, matmul: str = "auto") -> "Kernel":
+    """Compile a spec (text or .ssm path) for a target ("xla", "triton"/"gpu", "tpu"/"pallas_tpu", "auto").
+
+    matmul: "auto" feeds bfloat16/float16 inputs to the matmuls at their own precision (fp32 accumulation, as
+    the hand-written kernels do) and float32 inputs at full precision; "float32" always uses full precision."""
     from ssmc.passes import parse_pipeline, run_pipeline
     from ssmc.targets import get_target
 
+    if matmul not in ("auto", "float32"):
+        raise SSMCError(f"matmul must be 'auto' or 'float32', got {matmul!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise SSMCError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     text, filename = _read_spec(spec)
     tgt = get_target(target)
     dump_dir = _dump_dir(dump)
-    mkey = (text, tgt.name, chunk_size)
+    mkey = (text, tgt.name, chunk_size, matmul)
     with _LOCK:
         hit = _MEMORY.get(mkey)
     if hit is not None and dump_dir is None:
@@ -80,7 +85,7 @@ def compile(spec, target: str = "xla", chunk_size: int | None = None, dump: bool
                  "dot": to_dot(final)}
         if disk is not None:
             disk.put(key, entry)
-    k = Kernel(program, tgt.name, pipeline, entry, filename, from_disk, time.perf_counter() - t0)
+    k = Kernel(program, tgt.name, pipeline, entry, filename, from_disk, time.perf_counter() - t0, matmul)
     if level >= 1:
         _log(f"ssmc: compiled {k.name} for {k.target} in {k.compile_seconds * 1e3:.1f} ms "
              f"({'disk cache' if from_disk else 'passes ran'}); pipeline {pipeline}")
@@ -130,8 +135,9 @@ class Kernel:
     """A compiled spec: call it with the `in` arrays; read .source, .ir, .passes, .target."""
 
     def __init__(self, program: Program, target: str, pipeline: str, entry: dict, filename: str,
-                 from_disk: bool, compile_seconds: float):
+                 from_disk: bool, compile_seconds: float, matmul: str = "auto"):
         self.program = program
+        self.matmul = matmul
         self.target = target
         self.pipeline = pipeline
         self.source: str = entry["source"]
@@ -194,7 +200,9 @@ class Kernel:
             if x is None:  # a state without an initial value starts at zero
                 x = jnp.zeros(tuple(sizes[d] for d in decl), jnp.float32)
             call.append(to_ir(jnp.asarray(x, jnp.float32), decl, _split(dims), self._splits, sizes))
-        res = self._fn(*call)
+        low = dtype in (jnp.bfloat16, jnp.float16) and self.matmul == "auto"
+        mm = dtype if low else jnp.float32
+        res = self._fn(*call, mm=mm)
         out = []
         for (kind, name, dims), v in zip(self._returns, res):
             decl = dict(self.outs if kind == "out" else self.states)[name]

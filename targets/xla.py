@@ -48,6 +48,9 @@ class XlaEmitter:
         self.stored_chunked: set[str] = set()  # values kept as [..., nc, Q, ...] (cumulative decays)
         self.chunk_decay: dict[str, str] = {}
         self.local_dims: dict[str, tuple] = {}  # inside a scan body: per-step dims (scan dim dropped)
+        # matmul operand dtype expression: the kernel's `mm`, but float32 inside a step that carries a state, so a
+        # recurrence never rounds its state through bfloat16
+        self.mm = "mm"
 
     # ---- naming and broadcasting ---------------------------------------------------------------------
     def n(self, ssa: str) -> str:
@@ -90,7 +93,6 @@ class XlaEmitter:
         w("from jax import lax")
         w("from ssmc.targets import xla_runtime as rt")
         w()
-        w("HI = lax.Precision.HIGHEST  # fp32 contractions (no TF32 / bf16 passes)")
         leaves = [i for i in p.instrs if i.op in ("input", "state")]
         params = [(self.pn(i.name), i.attr("array") or i.attr("state"), i.op, ",".join(i.dims)) for i in leaves]
         w(f"PARAMS = {[(a, b, c, d) for a, b, c, d in params]!r}")
@@ -98,7 +100,8 @@ class XlaEmitter:
         w(f"RETURNS = {[(k, name, ','.join(d)) for k, name, _, d in rets]!r}")
         w()
         w()
-        with w.block(f"def {py_name('%' + p.name)}({', '.join(a for a, *_ in params)}):"):
+        w("# mm: the matmul operand dtype (float32, or the inputs' bfloat16/float16); accumulation is float32")
+        with w.block(f"def {py_name('%' + p.name)}({', '.join(a for a, *_ in params)}, mm=jnp.float32):"):
             self.body(rets)
         return w.text()
 
@@ -157,8 +160,10 @@ class XlaEmitter:
             w(f"{carry} = carry")
             if used:
                 w(f"{', '.join(self.pn(a) for a in used)}, = xs")
+            self.mm = "jnp.float32"
             for i in step:
                 self.instr(i)
+            self.mm = "mm"
             new = []
             for s in states:
                 v = updates[s.attr("state")]
@@ -230,7 +235,7 @@ class XlaEmitter:
     def op_contract(self, i: Instr):
         ins = ",".join("".join(self.letter[d] for d in self.dims(a)) for a in i.args)
         out = "".join(self.letter[d] for d in self.dims(i.name))
-        self.assign(i, f'jnp.einsum("{ins}->{out}", {", ".join(self.n(a) for a in i.args)}, precision=HI)')
+        self.assign(i, f'rt.einsum("{ins}->{out}", {", ".join(self.n(a) for a in i.args)}, mm={self.mm})')
 
     def op_reduce(self, i: Instr):
         src = self.dims(i.args[0])
@@ -315,7 +320,7 @@ class XlaEmitter:
         for coef, prod in zip(a.ucoef, a.u):
             views = [self.view(f) for f in prod] + [self.valid_view(self.letter[self.scan])]
             ins = ",".join([wl] + [v[1] for v in views])
-            e = f'jnp.einsum("{ins}->{out}", {wname}, {", ".join(v[0] for v in views)}, precision=HI)'
+            e = f'rt.einsum("{ins}->{out}", {wname}, {", ".join(v[0] for v in views)}, mm=mm)'
             terms.append(e if coef == 1.0 else f"{coef!r} * {e}")
         self.assign(i, " + ".join(terms), "each chunk's final state, starting from zero")
 
@@ -390,15 +395,15 @@ class XlaEmitter:
         for coef, prod in zip(a.ucoef, a.u):
             uv = [self.view(f, "s") for f in prod] + [self.valid_view("s")]
             ins = ",".join([v[1] for v in qv] + [Dl] + [v[1] for v in uv])
-            e = f'jnp.einsum("{ins}->{out}", {", ".join([v[0] for v in qv] + [base + "_D"] + [v[0] for v in uv])}, ' \
-                f'precision=HI)'
+            e = f'rt.einsum("{ins}->{out}", {", ".join([v[0] for v in qv] + [base + "_D"] + [v[0] for v in uv])}, ' \
+                f'mm=mm)'
             parts.append(e if coef == 1.0 else f"{coef!r} * {e}")
         self.w(f"{base}_in = {' + '.join(parts) if parts else '0.0'}  # in-chunk (quadratic) part")
         dstate = f"jnp.exp({Lt})" + (f" * {sig}" if sig else "")
         ev, el = self.n(a.enter), "".join(self.letter[d] for d in self.by[a.enter].dims)
         ins = ",".join([v[1] for v in qv] + [Ll, el])
-        self.w(f'{base}_st = jnp.einsum("{ins}->{out}", {", ".join([v[0] for v in qv] + [dstate, ev])}, '
-               f'precision=HI)  # state part')
+        self.w(f'{base}_st = rt.einsum("{ins}->{out}", {", ".join([v[0] for v in qv] + [dstate, ev])}, '
+               f'mm=mm)  # state part')
         coef = "" if a.qcoef == 1.0 else f"{a.qcoef!r} * "
         oax = self.ax(i.dims, self.scan)
         self.assign(i, f"{coef}rt.unchunk({base}_in + {base}_st, {oax})")
@@ -444,7 +449,7 @@ class XlaEmitter:
                 out = "".join(self.letter[self.cd] if d == self.scan else self.letter[d] for d in i.dims)
                 ins = ",".join("".join(self.letter[x] for x in self.local_dims.get(f, self.by[f].dims))
                                for f in a.q) + "," + "".join(self.letter[d] for d in sdims)
-                y = f'jnp.einsum("{ins}->{out}", {", ".join(self.n(f) for f in a.q)}, S, precision=HI)'
+                y = f'rt.einsum("{ins}->{out}", {", ".join(self.n(f) for f in a.q)}, S, mm=jnp.float32)'
                 if prev:
                     w(f"y_t = {y}")
                     w(f"return {upd}, y_t")

@@ -56,3 +56,12 @@ def zeros_per_chunk(x, axis: int, nc: int):
 
 def crop(x, axis: int, T: int):
     return x if x.shape[axis] == T else lax.slice_in_dim(x, 0, T, axis=axis)
+
+
+def einsum(eq: str, *ops, mm=jnp.float32):
+    """A contraction accumulated in float32. With mm=float32 every pass is full precision (no TF32 on GPUs);
+    with the inputs' bfloat16/float16 the operands enter the matmul units at that precision, as the hand-written
+    kernels do, and the result is float32."""
+    if jnp.dtype(mm) == jnp.float32:
+        return jnp.einsum(eq, *ops, precision=lax.Precision.HIGHEST)
+    return jnp.einsum(eq, *(o.astype(mm) for o in ops), preferred_element_type=jnp.float32)

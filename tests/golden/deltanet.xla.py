@@ -9,12 +9,12 @@ import jax.numpy as jnp
 from jax import lax
 from ssmc.targets import xla_runtime as rt
 
-HI = lax.Precision.HIGHEST  # fp32 contractions (no TF32 / bf16 passes)
 PARAMS = [('q', 'q', 'input', 'b,t,h,dk'), ('k', 'k', 'input', 'b,t,h,dk'), ('v', 'v', 'input', 'b,t,h,dv'), ('beta', 'beta', 'input', 'b,t,h'), ('S_prev', 'S', 'state', 'b,h,dk,dv')]
 RETURNS = [('out', 'o', 'b,t,h,dv'), ('state', 'S', 'b,h,dk,dv')]
 
 
-def deltanet(q, k, v, beta, S_prev):
+# mm: the matmul operand dtype (float32, or the inputs' bfloat16/float16); accumulation is float32
+def deltanet(q, k, v, beta, S_prev, mm=jnp.float32):
     T = q.shape[1]  # sequence length
     # stage prologue: state-free per-step values no larger than an input, vectorised over time
     v2 = beta[:, :, :, None] * k
@@ -23,11 +23,11 @@ def deltanet(q, k, v, beta, S_prev):
     def step(carry, xs):
         S_prev, = carry
         k, v, v2, q, = xs
-        kS = jnp.einsum("bhd,bhda->bha", k, S_prev, precision=HI)
+        kS = rt.einsum("bhd,bhda->bha", k, S_prev, mm=jnp.float32)
         v3 = v - kS
         v4 = v2[:, :, :, None] * v3[:, :, None, :]
         S_new = S_prev + v4
-        o = jnp.einsum("bhd,bhda->bha", q, S_new, precision=HI)
+        o = rt.einsum("bhd,bhda->bha", q, S_new, mm=jnp.float32)
         return (S_new,), (o,)
     (S_prev_final,), (o,) = lax.scan(step, (S_prev,), (jnp.moveaxis(k, 1, 0), jnp.moveaxis(v, 1, 0), jnp.moveaxis(v2, 1, 0), jnp.moveaxis(q, 1, 0),))
     o = jnp.moveaxis(o, 0, 1)

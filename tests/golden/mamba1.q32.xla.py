@@ -8,12 +8,12 @@ import jax.numpy as jnp
 from jax import lax
 from ssmc.targets import xla_runtime as rt
 
-HI = lax.Precision.HIGHEST  # fp32 contractions (no TF32 / bf16 passes)
 PARAMS = [('x', 'x', 'input', 'b,t,d'), ('dt_raw', 'dt_raw', 'input', 'b,t,d'), ('dt_bias', 'dt_bias', 'input', 'd'), ('A_log', 'A_log', 'input', 'd,n'), ('B', 'B', 'input', 'b,t,n'), ('C', 'C', 'input', 'b,t,n'), ('D', 'D', 'input', 'd'), ('h_prev', 'h', 'state', 'b,d,n')]
 RETURNS = [('out', 'y', 'b,t,d'), ('state', 'h', 'b,d,n')]
 
 
-def mamba1(x, dt_raw, dt_bias, A_log, B, C, D, h_prev):
+# mm: the matmul operand dtype (float32, or the inputs' bfloat16/float16); accumulation is float32
+def mamba1(x, dt_raw, dt_bias, A_log, B, C, D, h_prev, mm=jnp.float32):
     T = x.shape[1]  # sequence length
     Q = 32  # chunk length
     Tp = -(-T // Q) * Q  # padded to whole chunks; padded steps get log-decay 0 and update 0
@@ -55,7 +55,7 @@ def mamba1(x, dt_raw, dt_bias, A_log, B, C, D, h_prev):
     def y_h_new_step(S, xs):
         v5, dt, x, B, C, valid = xs  # this step of every chunk
         S = jnp.exp(valid[:, None, None] * v5) * S + valid[:, None, None] * (dt[:, :, :, None] * x[:, :, :, None] * B[:, :, None, :])
-        return S, jnp.einsum("bcn,bcdn->bcd", C, S, precision=HI)
+        return S, rt.einsum("bcn,bcdn->bcd", C, S, mm=jnp.float32)
     _, y_h_new = lax.scan(y_h_new_step, h_enter, (rt.steps(v5, 1, Q), rt.steps(dt, 1, Q), rt.steps(x, 1, Q), rt.steps(B, 1, Q), rt.steps(C, 1, Q), rt.steps(valid, 0, Q)))
     y_h_new = rt.unsteps(y_h_new, 1)  # readout at every step, each chunk from its entering state
 

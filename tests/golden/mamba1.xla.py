@@ -8,12 +8,12 @@ import jax.numpy as jnp
 from jax import lax
 from ssmc.targets import xla_runtime as rt
 
-HI = lax.Precision.HIGHEST  # fp32 contractions (no TF32 / bf16 passes)
 PARAMS = [('x', 'x', 'input', 'b,t,d'), ('dt_raw', 'dt_raw', 'input', 'b,t,d'), ('dt_bias', 'dt_bias', 'input', 'd'), ('A_log', 'A_log', 'input', 'd,n'), ('B', 'B', 'input', 'b,t,n'), ('C', 'C', 'input', 'b,t,n'), ('D', 'D', 'input', 'd'), ('h_prev', 'h', 'state', 'b,d,n')]
 RETURNS = [('out', 'y', 'b,t,d'), ('state', 'h', 'b,d,n')]
 
 
-def mamba1(x, dt_raw, dt_bias, A_log, B, C, D, h_prev):
+# mm: the matmul operand dtype (float32, or the inputs' bfloat16/float16); accumulation is float32
+def mamba1(x, dt_raw, dt_bias, A_log, B, C, D, h_prev, mm=jnp.float32):
     T = x.shape[1]  # sequence length
     # stage prologue: state-free per-step values no larger than an input, vectorised over time
     v1 = dt_raw + dt_bias
@@ -32,7 +32,7 @@ def mamba1(x, dt_raw, dt_bias, A_log, B, C, D, h_prev):
         v9 = v8[:, :, None] * B[:, None, :]
         v7 = v6 * h_prev
         h_new = v7 + v9
-        v11 = jnp.einsum("bn,bdn->bd", C, h_new, precision=HI)
+        v11 = rt.einsum("bn,bdn->bd", C, h_new, mm=jnp.float32)
         y = v11 + v12
         return (h_new,), (y,)
     (h_prev_final,), (y,) = lax.scan(step, (h_prev,), (jnp.moveaxis(v3, 1, 0), jnp.moveaxis(v8, 1, 0), jnp.moveaxis(B, 1, 0), jnp.moveaxis(C, 1, 0), jnp.moveaxis(v12, 1, 0),))

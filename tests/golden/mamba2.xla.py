@@ -9,12 +9,12 @@ import jax.numpy as jnp
 from jax import lax
 from ssmc.targets import xla_runtime as rt
 
-HI = lax.Precision.HIGHEST  # fp32 contractions (no TF32 / bf16 passes)
 PARAMS = [('x', 'x', 'input', 'b,t,g,h/g,p'), ('dt', 'dt', 'input', 'b,t,g,h/g'), ('A', 'A', 'input', 'g,h/g'), ('B', 'B', 'input', 'b,t,g,n'), ('C', 'C', 'input', 'b,t,g,n'), ('D', 'D', 'input', 'g,h/g'), ('h_prev', 'h', 'state', 'b,g,h/g,p,n')]
 RETURNS = [('out', 'y', 'b,t,g,h/g,p'), ('state', 'h', 'b,g,h/g,p,n')]
 
 
-def mamba2(x, dt, A, B, C, D, h_prev):
+# mm: the matmul operand dtype (float32, or the inputs' bfloat16/float16); accumulation is float32
+def mamba2(x, dt, A, B, C, D, h_prev, mm=jnp.float32):
     T = x.shape[1]  # sequence length
     Q = 64  # chunk length
     Tp = -(-T // Q) * Q  # padded to whole chunks; padded steps get log-decay 0 and update 0
@@ -34,7 +34,7 @@ def mamba2(x, dt, A, B, C, D, h_prev):
 
     # stage chunk_state
     h_chunks_w = jnp.exp(jnp.minimum(rt.last(h_L, 2) - h_L, 0.0))  # decay from each step to the chunk's end
-    h_chunks = jnp.einsum("bctgh,bctgh,bctgn,bctghp,ct->bcghpn", h_chunks_w, rt.chunk(dt, 1, Q), rt.chunk(B, 1, Q), rt.chunk(x, 1, Q), valid.reshape(nc, Q), precision=HI)  # each chunk's final state, starting from zero
+    h_chunks = rt.einsum("bctgh,bctgh,bctgn,bctghp,ct->bcghpn", h_chunks_w, rt.chunk(dt, 1, Q), rt.chunk(B, 1, Q), rt.chunk(x, 1, Q), valid.reshape(nc, Q), mm=mm)  # each chunk's final state, starting from zero
 
     # stage state_passing
     h_L_chunk = jnp.squeeze(jnp.exp(rt.last(h_L, 2)), 2)  # decay across each whole chunk
@@ -47,8 +47,8 @@ def mamba2(x, dt, A, B, C, D, h_prev):
 
     # stage chunk_output
     y_h_new_D = jnp.exp(jnp.minimum(jnp.where(rt.causal(Q, False, 2), jnp.expand_dims(h_L, 3) - jnp.expand_dims(h_L, 2), -jnp.inf), 0.0))  # decay from source s to target t in the chunk, masked s <= t
-    y_h_new_in = jnp.einsum("bctgn,bctsgh,bcsgh,bcsgn,bcsghp,cs->bctghp", rt.chunk(C, 1, Q), y_h_new_D, rt.chunk(dt, 1, Q), rt.chunk(B, 1, Q), rt.chunk(x, 1, Q), valid.reshape(nc, Q), precision=HI)  # in-chunk (quadratic) part
-    y_h_new_st = jnp.einsum("bctgn,bctgh,bcghpn->bctghp", rt.chunk(C, 1, Q), jnp.exp(h_L), h_enter, precision=HI)  # state part
+    y_h_new_in = rt.einsum("bctgn,bctsgh,bcsgh,bcsgn,bcsghp,cs->bctghp", rt.chunk(C, 1, Q), y_h_new_D, rt.chunk(dt, 1, Q), rt.chunk(B, 1, Q), rt.chunk(x, 1, Q), valid.reshape(nc, Q), mm=mm)  # in-chunk (quadratic) part
+    y_h_new_st = rt.einsum("bctgn,bctgh,bcghpn->bctghp", rt.chunk(C, 1, Q), jnp.exp(h_L), h_enter, mm=mm)  # state part
     y_h_new = rt.unchunk(y_h_new_in + y_h_new_st, 1)
 
     # stage epilogue

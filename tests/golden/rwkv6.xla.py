@@ -8,12 +8,12 @@ import jax.numpy as jnp
 from jax import lax
 from ssmc.targets import xla_runtime as rt
 
-HI = lax.Precision.HIGHEST  # fp32 contractions (no TF32 / bf16 passes)
 PARAMS = [('r', 'r', 'input', 'b,t,h,dk'), ('k', 'k', 'input', 'b,t,h,dk'), ('v', 'v', 'input', 'b,t,h,dv'), ('w', 'w', 'input', 'b,t,h,dk'), ('u', 'u', 'input', 'h,dk'), ('S_prev', 'S', 'state', 'b,h,dk,dv')]
 RETURNS = [('out', 'o', 'b,t,h,dv'), ('state', 'S', 'b,h,dk,dv')]
 
 
-def rwkv6(r, k, v, w, u, S_prev):
+# mm: the matmul operand dtype (float32, or the inputs' bfloat16/float16); accumulation is float32
+def rwkv6(r, k, v, w, u, S_prev, mm=jnp.float32):
     T = r.shape[1]  # sequence length
     Q = 16  # chunk length
     Tp = -(-T // Q) * Q  # padded to whole chunks; padded steps get log-decay 0 and update 0
@@ -27,14 +27,14 @@ def rwkv6(r, k, v, w, u, S_prev):
     # stage prologue
     v5 = jnp.exp(w)
     v6 = -v5
-    v4 = jnp.einsum("hd,bthd,btha,bthd->btha", u, k, v, r, precision=HI)
+    v4 = rt.einsum("hd,bthd,btha,bthd->btha", u, k, v, r, mm=mm)
 
     # stage cumsum
     S_L = jnp.cumsum(rt.chunk(jnp.where(valid[None, :, None, None] > 0, v6, 0.0), 1, Q), axis=2)  # log-decay summed within each chunk
 
     # stage chunk_state
     S_chunks_w = jnp.exp(jnp.minimum(rt.last(S_L, 2) - S_L, 0.0))  # decay from each step to the chunk's end
-    S_chunks = jnp.einsum("bcthd,bcthd,bctha,ct->bchda", S_chunks_w, rt.chunk(k, 1, Q), rt.chunk(v, 1, Q), valid.reshape(nc, Q), precision=HI)  # each chunk's final state, starting from zero
+    S_chunks = rt.einsum("bcthd,bcthd,bctha,ct->bchda", S_chunks_w, rt.chunk(k, 1, Q), rt.chunk(v, 1, Q), valid.reshape(nc, Q), mm=mm)  # each chunk's final state, starting from zero
 
     # stage state_passing
     S_L_chunk = jnp.squeeze(jnp.exp(rt.last(S_L, 2)), 2)  # decay across each whole chunk
@@ -48,8 +48,8 @@ def rwkv6(r, k, v, w, u, S_prev):
     # stage chunk_output
     o_S_prev_Lx = S_L - rt.chunk(jnp.where(valid[None, :, None, None] > 0, v6, 0.0), 1, Q)  # log-decay through t-1
     o_S_prev_D = jnp.exp(jnp.minimum(jnp.where(rt.causal(Q, True, 2), jnp.expand_dims(o_S_prev_Lx, 3) - jnp.expand_dims(S_L, 2), -jnp.inf), 0.0))  # decay from source s to target t in the chunk, masked s < t
-    o_S_prev_in = jnp.einsum("bcthd,bctshd,bcshd,bcsha,cs->bctha", rt.chunk(r, 1, Q), o_S_prev_D, rt.chunk(k, 1, Q), rt.chunk(v, 1, Q), valid.reshape(nc, Q), precision=HI)  # in-chunk (quadratic) part
-    o_S_prev_st = jnp.einsum("bcthd,bcthd,bchda->bctha", rt.chunk(r, 1, Q), jnp.exp(o_S_prev_Lx), S_enter, precision=HI)  # state part
+    o_S_prev_in = rt.einsum("bcthd,bctshd,bcshd,bcsha,cs->bctha", rt.chunk(r, 1, Q), o_S_prev_D, rt.chunk(k, 1, Q), rt.chunk(v, 1, Q), valid.reshape(nc, Q), mm=mm)  # in-chunk (quadratic) part
+    o_S_prev_st = rt.einsum("bcthd,bcthd,bchda->bctha", rt.chunk(r, 1, Q), jnp.exp(o_S_prev_Lx), S_enter, mm=mm)  # state part
     o_S_prev = rt.unchunk(o_S_prev_in + o_S_prev_st, 1)
 
     # stage epilogue
