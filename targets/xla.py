@@ -318,11 +318,24 @@ class XlaEmitter:
         out = "".join(self.letter[d] for d in i.dims)
         terms = []
         for coef, prod in zip(a.ucoef, a.u):
-            views = [self.view(f) for f in prod] + [self.valid_view(self.letter[self.scan])]
-            ins = ",".join([wl] + [v[1] for v in views])
-            e = f'rt.einsum("{ins}->{out}", {wname}, {", ".join(v[0] for v in views)}, mm=mm)'
+            views = [(wname, wl)] + [self.view(f) for f in prod] + [self.valid_view(self.letter[self.scan])]
+            views = self.fold_scales(views)
+            ins = ",".join(v[1] for v in views)
+            e = f'rt.einsum("{ins}->{out}", {", ".join(v[0] for v in views)}, mm=mm)'
             terms.append(e if coef == 1.0 else f"{coef!r} * {e}")
         self.assign(i, " + ".join(terms), "each chunk's final state, starting from zero")
+
+    @staticmethod
+    def fold_scales(views):
+        """Multiply operands whose letters all lie within the largest operand into it first (one fused
+        elementwise pass), so the contraction that follows is a plain matmul and no broadcast product of two
+        small operands is ever materialised at full size."""
+        big = max(views, key=lambda v: len(v[1]))
+        scales = [v for v in views if v is not big and set(v[1]) <= set(big[1])]
+        if not scales:
+            return views
+        folded = (f'rt.mul("{big[1]}", ' + ", ".join(f"({x}, {lt!r})" for x, lt in [big] + scales) + ")", big[1])
+        return [folded] + [v for v in views if v is not big and v not in scales]
 
     def chunk_decay_of(self, a) -> str:
         """exp of the whole chunk's log-decay (times its sign), dims: decay dims with t -> t#."""
@@ -390,23 +403,72 @@ class XlaEmitter:
         tl = self.letter[self.scan]
         Dl = Ll.replace(tl, tl + "s")
         out = "".join((self.letter[self.cd] + tl) if d == self.scan else self.letter[d] for d in i.dims)
+        dstate = f"jnp.exp({Lt})" + (f" * {sig}" if sig else "")
+        ev, el = self.n(a.enter), "".join(self.letter[d] for d in self.by[a.enter].dims)
+        sdims = set(self.by[a.enter].dims) - {self.cd}
+        K = (self.dims_of(a.q) | sdims) - set(i.dims)
+        if K & set(Ldims):  # the decay varies along the contracted dims: one contraction per product
+            self.output_joint(a, base, Dl, Ll, out, dstate, ev, el)
+        else:
+            self.output_ssd(a, base, K, Ldims, Dl, Ll, out, dstate, ev, el)
+        coef = "" if a.qcoef == 1.0 else f"{a.qcoef!r} * "
+        oax = self.ax(i.dims, self.scan)
+        self.assign(i, f"{coef}rt.unchunk({base}_in + {base}_st, {oax})")
+
+    def dims_of(self, names) -> set:
+        return set().union(*(set(self.by[n].dims) for n in names)) if names else set()
+
+    def output_joint(self, a, base, Dl, Ll, out, dstate, ev, el):
+        """q_t · u_s contracted together with the decay (key-wise decay: it varies along the contracted dims)."""
         qv = [self.view(f) for f in a.q]
         parts = []
         for coef, prod in zip(a.ucoef, a.u):
             uv = [self.view(f, "s") for f in prod] + [self.valid_view("s")]
-            ins = ",".join([v[1] for v in qv] + [Dl] + [v[1] for v in uv])
-            e = f'rt.einsum("{ins}->{out}", {", ".join([v[0] for v in qv] + [base + "_D"] + [v[0] for v in uv])}, ' \
-                f'mm=mm)'
+            views = self.fold_scales(qv + [(base + "_D", Dl)] + uv)
+            e = f'rt.einsum("{",".join(v[1] for v in views)}->{out}", {", ".join(v[0] for v in views)}, mm=mm)'
             parts.append(e if coef == 1.0 else f"{coef!r} * {e}")
         self.w(f"{base}_in = {' + '.join(parts) if parts else '0.0'}  # in-chunk (quadratic) part")
-        dstate = f"jnp.exp({Lt})" + (f" * {sig}" if sig else "")
-        ev, el = self.n(a.enter), "".join(self.letter[d] for d in self.by[a.enter].dims)
-        ins = ",".join([v[1] for v in qv] + [Ll, el])
-        self.w(f'{base}_st = rt.einsum("{ins}->{out}", {", ".join([v[0] for v in qv] + [dstate, ev])}, '
+        views = self.fold_scales(qv + [(dstate, Ll), (ev, el)])
+        self.w(f'{base}_st = rt.einsum("{",".join(v[1] for v in views)}->{out}", {", ".join(v[0] for v in views)}, '
                f'mm=mm)  # state part')
-        coef = "" if a.qcoef == 1.0 else f"{a.qcoef!r} * "
-        oax = self.ax(i.dims, self.scan)
-        self.assign(i, f"{coef}rt.unchunk({base}_in + {base}_st, {oax})")
+
+    def output_ssd(self, a, base, K, Ldims, Dl, Ll, out, dstate, ev, el):
+        """The SSD order (the decay does not vary along the contracted dims): scores = q_t · k_s over the
+        contracted dims (a matmul), then one elementwise pass W = scores ⊙ decay ⊙ per-step scales, then
+        W · v over the source positions (a matmul) - no tensor larger than [Q, Q, decay dims] per chunk."""
+        w = self.w
+        small = set(Ldims) - {self.scan}
+
+        def split(names):  # -> carrying contracted dims, per-step scales (fit in the decay's dims), the rest
+            ks = [f for f in names if set(self.by[f].dims) & K]
+            sc = [f for f in names if f not in ks and set(self.by[f].dims) - {self.scan} <= small]
+            return ks, sc, [f for f in names if f not in ks and f not in sc]
+
+        qK, qS, qR = split(a.q)
+        qKv, qSv, qRv = ([self.view(f) for f in g] for g in (qK, qS, qR))
+        Kl = {self.letter[d] for d in K}
+        parts = []
+        for k, (coef, prod) in enumerate(zip(a.ucoef, a.u)):
+            uK, uS, uR = split(prod)
+            uKv, uSv, uRv = ([self.view(f, "s") for f in g] for g in (uK, uS, uR))
+            kin = [v for v in qKv + uKv]
+            sl = "".join(dict.fromkeys(c for v in kin for c in v[1] if c not in Kl))
+            sname = f"{base}_scores{k or ''}"
+            w(f'{sname} = rt.einsum("{",".join(v[1] for v in kin)}->{sl}", {", ".join(v[0] for v in kin)}, '
+              f'mm=mm)  # q_t · k_s')
+            scale = [(sname, sl), (f"{base}_D", Dl)] + list(qSv + uSv) + [self.valid_view("s")]
+            Wl = "".join(dict.fromkeys(c for _, lt in scale for c in lt))
+            wname = f"{base}_W{k or ''}"
+            w(f'{wname} = rt.mul("{Wl}", {", ".join(f"({x}, {lt!r})" for x, lt in scale)})  # decay-weighted')
+            rest = [(wname, Wl)] + list(qRv + uRv)
+            e = f'rt.einsum("{",".join(lt for _, lt in rest)}->{out}", {", ".join(x for x, _ in rest)}, mm=mm)'
+            parts.append(e if coef == 1.0 else f"{coef!r} * {e}")
+        w(f"{base}_in = {' + '.join(parts) if parts else '0.0'}  # in-chunk part: W · v over s <= t")
+        ins = ",".join([v[1] for v in qKv + qRv] + [el])
+        sto = "".join(c for c in out if c in ins)  # a q without the scan dim leaves t to the decay
+        st = f'rt.einsum("{ins}->{sto}", {", ".join([v[0] for v in qKv + qRv] + [ev])}, mm=mm)'
+        scale = [(st, sto), (dstate, Ll)] + list(qSv)
+        w(f'{base}_st = rt.mul("{out}", {", ".join(f"({x}, {lt!r})" for x, lt in scale)})  # state part')
 
     def walk(self, i: Instr, a, zero_start: bool):
         """Elementwise decay: walk each chunk's steps with the state of every chunk at once (form=scan)."""

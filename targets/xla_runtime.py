@@ -65,3 +65,18 @@ def einsum(eq: str, *ops, mm=jnp.float32):
     if jnp.dtype(mm) == jnp.float32:
         return jnp.einsum(eq, *ops, precision=lax.Precision.HIGHEST)
     return jnp.einsum(eq, *(o.astype(mm) for o in ops), preferred_element_type=jnp.float32)
+
+
+def mul(out: str, *operands):
+    """Elementwise product of (array, einsum letters) operands, each aligned to the letters `out` (a letter an
+    operand lacks broadcasts); XLA fuses the product into one pass."""
+    res = None
+    for x, letters in operands:
+        x = jnp.asarray(x)  # constants of the spec come as Python floats
+        order = [c for c in out if c in letters]
+        if set(letters) - set(order):
+            raise ValueError(f"rt.mul: letters {letters} not all in {out}")
+        x = jnp.transpose(x, [letters.index(c) for c in order]) if list(letters) != order else x
+        x = x.reshape(tuple(x.shape[order.index(c)] if c in order else 1 for c in out))
+        res = x if res is None else res * x
+    return res

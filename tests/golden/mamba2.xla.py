@@ -34,7 +34,7 @@ def mamba2(x, dt, A, B, C, D, h_prev, mm=jnp.float32):
 
     # stage chunk_state
     h_chunks_w = jnp.exp(jnp.minimum(rt.last(h_L, 2) - h_L, 0.0))  # decay from each step to the chunk's end
-    h_chunks = rt.einsum("bctgh,bctgh,bctgn,bctghp,ct->bcghpn", h_chunks_w, rt.chunk(dt, 1, Q), rt.chunk(B, 1, Q), rt.chunk(x, 1, Q), valid.reshape(nc, Q), mm=mm)  # each chunk's final state, starting from zero
+    h_chunks = rt.einsum("bctghp,bctgn->bcghpn", rt.mul("bctghp", (rt.chunk(x, 1, Q), 'bctghp'), (h_chunks_w, 'bctgh'), (rt.chunk(dt, 1, Q), 'bctgh'), (valid.reshape(nc, Q), 'ct')), rt.chunk(B, 1, Q), mm=mm)  # each chunk's final state, starting from zero
 
     # stage state_passing
     h_L_chunk = jnp.squeeze(jnp.exp(rt.last(h_L, 2)), 2)  # decay across each whole chunk
@@ -47,8 +47,10 @@ def mamba2(x, dt, A, B, C, D, h_prev, mm=jnp.float32):
 
     # stage chunk_output
     y_h_new_D = jnp.exp(jnp.minimum(jnp.where(rt.causal(Q, False, 2), jnp.expand_dims(h_L, 3) - jnp.expand_dims(h_L, 2), -jnp.inf), 0.0))  # decay from source s to target t in the chunk, masked s <= t
-    y_h_new_in = rt.einsum("bctgn,bctsgh,bcsgh,bcsgn,bcsghp,cs->bctghp", rt.chunk(C, 1, Q), y_h_new_D, rt.chunk(dt, 1, Q), rt.chunk(B, 1, Q), rt.chunk(x, 1, Q), valid.reshape(nc, Q), mm=mm)  # in-chunk (quadratic) part
-    y_h_new_st = rt.einsum("bctgn,bctgh,bcghpn->bctghp", rt.chunk(C, 1, Q), jnp.exp(h_L), h_enter, mm=mm)  # state part
+    y_h_new_scores = rt.einsum("bctgn,bcsgn->bctgs", rt.chunk(C, 1, Q), rt.chunk(B, 1, Q), mm=mm)  # q_t · k_s
+    y_h_new_W = rt.mul("bctgsh", (y_h_new_scores, 'bctgs'), (y_h_new_D, 'bctsgh'), (rt.chunk(dt, 1, Q), 'bcsgh'), (valid.reshape(nc, Q), 'cs'))  # decay-weighted
+    y_h_new_in = rt.einsum("bctgsh,bcsghp->bctghp", y_h_new_W, rt.chunk(x, 1, Q), mm=mm)  # in-chunk part: W · v over s <= t
+    y_h_new_st = rt.mul("bctghp", (rt.einsum("bctgn,bcghpn->bctghp", rt.chunk(C, 1, Q), h_enter, mm=mm), 'bctghp'), (jnp.exp(h_L), 'bctgh'))  # state part
     y_h_new = rt.unchunk(y_h_new_in + y_h_new_st, 1)
 
     # stage epilogue

@@ -34,7 +34,7 @@ def rwkv6(r, k, v, w, u, S_prev, mm=jnp.float32):
 
     # stage chunk_state
     S_chunks_w = jnp.exp(jnp.minimum(rt.last(S_L, 2) - S_L, 0.0))  # decay from each step to the chunk's end
-    S_chunks = rt.einsum("bcthd,bcthd,bctha,ct->bchda", S_chunks_w, rt.chunk(k, 1, Q), rt.chunk(v, 1, Q), valid.reshape(nc, Q), mm=mm)  # each chunk's final state, starting from zero
+    S_chunks = rt.einsum("bcthd,bctha->bchda", rt.mul("bcthd", (S_chunks_w, 'bcthd'), (rt.chunk(k, 1, Q), 'bcthd'), (valid.reshape(nc, Q), 'ct')), rt.chunk(v, 1, Q), mm=mm)  # each chunk's final state, starting from zero
 
     # stage state_passing
     S_L_chunk = jnp.squeeze(jnp.exp(rt.last(S_L, 2)), 2)  # decay across each whole chunk
@@ -48,8 +48,8 @@ def rwkv6(r, k, v, w, u, S_prev, mm=jnp.float32):
     # stage chunk_output
     o_S_prev_Lx = S_L - rt.chunk(jnp.where(valid[None, :, None, None] > 0, v6, 0.0), 1, Q)  # log-decay through t-1
     o_S_prev_D = jnp.exp(jnp.minimum(jnp.where(rt.causal(Q, True, 2), jnp.expand_dims(o_S_prev_Lx, 3) - jnp.expand_dims(S_L, 2), -jnp.inf), 0.0))  # decay from source s to target t in the chunk, masked s < t
-    o_S_prev_in = rt.einsum("bcthd,bctshd,bcshd,bcsha,cs->bctha", rt.chunk(r, 1, Q), o_S_prev_D, rt.chunk(k, 1, Q), rt.chunk(v, 1, Q), valid.reshape(nc, Q), mm=mm)  # in-chunk (quadratic) part
-    o_S_prev_st = rt.einsum("bcthd,bcthd,bchda->bctha", rt.chunk(r, 1, Q), jnp.exp(o_S_prev_Lx), S_enter, mm=mm)  # state part
+    o_S_prev_in = rt.einsum("bctshd,bcsha->bctha", rt.mul("bctshd", (o_S_prev_D, 'bctshd'), (rt.chunk(r, 1, Q), 'bcthd'), (rt.chunk(k, 1, Q), 'bcshd'), (valid.reshape(nc, Q), 'cs')), rt.chunk(v, 1, Q), mm=mm)  # in-chunk (quadratic) part
+    o_S_prev_st = rt.einsum("bcthd,bchda->bctha", rt.mul("bcthd", (rt.chunk(r, 1, Q), 'bcthd'), (jnp.exp(o_S_prev_Lx), 'bcthd')), S_enter, mm=mm)  # state part
     o_S_prev = rt.unchunk(o_S_prev_in + o_S_prev_st, 1)
 
     # stage epilogue
