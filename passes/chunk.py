@@ -28,6 +28,7 @@ def chunk_dim(scan: str) -> str:
 class Chunk:
     size: int = 0  # 0: the default of the states' classes; 1: sequential scan
     elementwise: str = "chunked"  # or "sequential": how a default-sized elementwise decay is scheduled
+    scalar: int = 64  # default chunk length of the identity / constant / scalar classes (a target's choice)
     name = "chunk"
 
     def run(self, p: Program) -> Program:
@@ -43,7 +44,8 @@ class Chunk:
             return p.with_instrs(p.instrs, note=f"chunk: sequential scan: elementwise decay of {', '.join(elem)} has no "
                                  f"matmul form, and on this backend walking time once beats the two-pass chunked scan "
                                  f"(pass chunk_size to force it)")
-        Q = self.size or min(DEFAULT_CHUNK[sp.klass] for sp in plan.states.values())
+        defaults = {**DEFAULT_CHUNK, **{k: self.scalar for k in ("identity", "constant", "scalar")}}
+        Q = self.size or min(defaults[sp.klass] for sp in plan.states.values())
         return _Rewrite(p, plan, Q).run()
 
 

@@ -25,10 +25,13 @@ class XlaTarget:
     name = "xla"
 
     def pipeline(self, chunk_size: int | None) -> str:
-        # On CPU one sequential walk beats the two-pass chunked scan for elementwise decay (bench: 0.65x);
-        # parallel backends get the chunked form.
-        elem = "sequential" if jax.default_backend() == "cpu" else "chunked"
-        return f"expand-groups{{mode=split}},classify,chunk{{size={chunk_size or 0},elementwise={elem}}},fuse,dce"
+        # Measured per backend (docs/benchmarks.md): on CPU one sequential walk beats the two-pass chunked scan
+        # for elementwise decay (0.65x) and chunk length 64 is best for SSD; on GPUs the chunked walk wins and
+        # longer SSD chunks (128) amortise XLA's per-chunk passes better.
+        cpu = jax.default_backend() == "cpu"
+        elem, scalar = ("sequential", 64) if cpu else ("chunked", 128)
+        return (f"expand-groups{{mode=split}},classify,chunk{{size={chunk_size or 0},elementwise={elem},"
+                f"scalar={scalar}}},fuse,dce")
 
     def emit(self, p: Program, pipeline: str = "") -> str:
         return XlaEmitter(p, pipeline).emit()
