@@ -121,11 +121,10 @@ class XlaEmitter:
 
     def body(self, rets):
         p, w = self.p, self.w
-        tsrc = next((i for i in p.instrs if i.op == "input" and self.scan in i.dims), None)
-        if tsrc is None:
-            raise ValueError(f"no input has the scan dim '{self.scan}'")
-        w(f"T = {self.pn(tsrc.name)}.shape[{self.ax(tsrc.dims, self.scan)}]  # sequence length")
         if self.chunked:
+            # the semantic check guarantees an input with the scan dim
+            tsrc = next(i for i in p.instrs if i.op == "input" and self.scan in i.dims)
+            w(f"T = {self.pn(tsrc.name)}.shape[{self.ax(tsrc.dims, self.scan)}]  # sequence length")
             self.chunked_body(rets)
         else:
             self.sequential_body(rets)

@@ -15,7 +15,6 @@ RETURNS = [('out', 'o', 'b,t,h,dv'), ('state', 'S', 'b,h,dk,dv')]
 
 # mm: the matmul operand dtype (float32, or the inputs' bfloat16/float16); accumulation is float32
 def deltanet(q, k, v, beta, S_prev, mm=jnp.float32):
-    T = q.shape[1]  # sequence length
     # stage prologue: state-free per-step values no larger than an input, vectorised over time
     v2 = beta[:, :, :, None] * k
 

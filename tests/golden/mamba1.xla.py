@@ -14,7 +14,6 @@ RETURNS = [('out', 'y', 'b,t,d'), ('state', 'h', 'b,d,n')]
 
 # mm: the matmul operand dtype (float32, or the inputs' bfloat16/float16); accumulation is float32
 def mamba1(x, dt_raw, dt_bias, A_log, B, C, D, h_prev, mm=jnp.float32):
-    T = x.shape[1]  # sequence length
     # stage prologue: state-free per-step values no larger than an input, vectorised over time
     v1 = dt_raw + dt_bias
     dt = jax.nn.softplus(v1)
