@@ -78,16 +78,16 @@ def _flatten_contracts(p: Program) -> Program:
         if i.op == "contract":
             args = []
             for a in i.args:
-                args.extend(_factors(a, by, users, i))
+                args.extend(_factors(a, by, users))
             i = replace(i, args=tuple(args))
         out.append(i)
     return p.with_instrs(out)
 
 
-def _factors(name, by, users, consumer):
+def _factors(name, by, users):
     """Factors of a single-use product (no summed dims inside, so flattening is exact)."""
     i = by[name]
     if i.op == "mul" and len(users.get(name, [])) == 1 and set(by[i.args[0]].dims) | set(by[i.args[1]].dims) == \
             set(i.dims):
-        return _factors(i.args[0], by, users, consumer) + _factors(i.args[1], by, users, consumer)
+        return _factors(i.args[0], by, users) + _factors(i.args[1], by, users)
     return [name]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ssmc.ir import Instr, Namer, Program, make
+from ssmc.ir import Instr, Namer, Program, make, union_dims
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class Analysis:
         return self.emit("const", (), (), None, value=float(v))
 
     def dims_of(self, names) -> set[str]:
-        return set().union(*(set(self.by[n].dims) for n in names)) if names else set()
+        return union_dims(self.by, names)
 
     # ---- products of state-free values --------------------------------------------------------------------
     def products(self, name: str) -> list[Prod]:

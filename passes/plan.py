@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from ssmc.ir import Program
 
+from .expand_groups import split_name
 from .linear import Analysis, Lin, NotLinear, Prod
 
 CLASSES = ("identity", "constant", "scalar", "key-wise", "value-wise", "elementwise", "non-diagonal")
@@ -95,7 +96,7 @@ def make_plan(p: Program) -> Plan:
                 continue
             qd = an.dims_of(t.factors)
             # a group-indexed q (g) is read by every head of its group: it varies along h/g too
-            qd |= {f"{h}/g" for g, h in p.groups if g in qd}
+            qd |= {split_name(h) for g, h in p.groups if g in qd}
             sp.K = tuple(d for d in sp.dims if d in set(sp.K) | set(K))
             sp.V = tuple(d for d in sp.dims if d in set(sp.V) | (set(sp.dims) - summed - qd))
     for sp in states.values():

@@ -21,6 +21,7 @@ from .frontend import parse
 from .ir import Program, to_dot
 from .layout import from_ir, to_ir
 from .semantic import lower
+from ssmc.passes.expand_groups import split_name, split_order
 
 _MEMORY: dict[tuple, "Kernel"] = {}
 _LOCK = threading.Lock()
@@ -162,8 +163,8 @@ class Kernel:
         self._fn = getattr(mod, _fn_name(program.name))
         self._params = mod.PARAMS       # (py name, array/state name, kind, IR dims)
         self._returns = mod.RETURNS     # (kind, name, IR dims)
-        self._splits = {h: (g, f"{h}/g") for g, h in program.groups
-                        if any(f"{h}/g" in d.split(",") for *_, d in self._params)}
+        self._splits = {h: (g, split_name(h)) for g, h in program.groups
+                        if any(split_name(h) in d.split(",") for *_, d in self._params)}
         self._canon = _canon(program.dims, self._splits)
         self._jitted = jax.jit(self._run, static_argnums=(0,))
 
@@ -326,7 +327,6 @@ def _split(dims: str) -> list[str]:
 
 
 def _canon(dims, splits) -> list[str]:
-    from ssmc.passes.expand_groups import split_order
     return list(split_order(dims, {h: g for h, (g, _) in splits.items()}))
 
 

@@ -54,6 +54,11 @@ class Instr:
         return replace(self, attrs=tuple(sorted(d.items())))
 
 
+def union_dims(by: dict, names) -> set[str]:
+    """The union of the dims of the named values (`by`: name -> Instr)."""
+    return set().union(*(set(by[n].dims) for n in names))
+
+
 def make(name, op, args=(), dims=(), span=None, **attrs) -> Instr:
     return Instr(name, op, tuple(args), tuple(dims), tuple(sorted(attrs.items())), span)
 
@@ -81,13 +86,6 @@ class Program:
     filename: str = field(default="<spec>", compare=False, repr=False)
 
     # ---- lookups -------------------------------------------------------------------------------------
-    def states_by_name(self) -> dict[str, Array]:
-        return {s.name: s for s in self.states}
-
-    def splits(self) -> dict[str, tuple[str, str]]:
-        """Dims that expand-groups split: h -> (g, h/g)."""
-        return {h: (g, f"{h}/g") for g, h in self.groups if f"{h}/g" in self.dims}
-
     def by_name(self) -> dict[str, Instr]:
         return {i.name: i for i in self.instrs}
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import jax
 
-from ssmc.ir import Instr, Program
+from ssmc.ir import Instr, Program, union_dims
+from ssmc.passes.chunk import chunk_dim
 from ssmc.passes.chunk_ops import STAGE_OPS, decode
 
 from .writer import Names, Writer, dim_letters, py_name
@@ -45,7 +46,7 @@ class XlaEmitter:
         self.pn = Names(p.instrs)
         self.letter = dim_letters(p.dims)
         self.scan = p.scan
-        self.cd = f"{p.scan}#"
+        self.cd = chunk_dim(p.scan)
         self.chunked = any(i.op in STAGE_OPS for i in p.instrs)
         self.Q = next((i.attr("chunk") for i in p.instrs if i.op == "chunk.cumsum"), None)
         self.stored_chunked: set[str] = set()  # values kept as [..., nc, Q, ...] (cumulative decays)
@@ -408,7 +409,7 @@ class XlaEmitter:
         dstate = f"jnp.exp({Lt})" + (f" * {sig}" if sig else "")
         ev, el = self.n(a.enter), "".join(self.letter[d] for d in self.by[a.enter].dims)
         sdims = set(self.by[a.enter].dims) - {self.cd}
-        K = (self.dims_of(a.q) | sdims) - set(i.dims)
+        K = (union_dims(self.by, a.q) | sdims) - set(i.dims)
         if K & set(Ldims):  # the decay varies along the contracted dims: one contraction per product
             self.output_joint(a, base, Dl, Ll, out, dstate, ev, el)
         else:
@@ -416,9 +417,6 @@ class XlaEmitter:
         coef = "" if a.qcoef == 1.0 else f"{a.qcoef!r} * "
         oax = self.ax(i.dims, self.scan)
         self.assign(i, f"{coef}rt.unchunk({base}_in + {base}_st, {oax})")
-
-    def dims_of(self, names) -> set:
-        return set().union(*(set(self.by[n].dims) for n in names)) if names else set()
 
     def output_joint(self, a, base, Dl, Ll, out, dstate, ev, el):
         """q_t · u_s contracted together with the decay (key-wise decay: it varies along the contracted dims)."""
