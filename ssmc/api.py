@@ -49,11 +49,12 @@ def check(spec) -> Program:
 
 
 def compile(spec, target: str = "xla", chunk_size: int | None = None, dump: bool | str = False,
-            cache: bool = True, matmul: str = "auto") -> "Kernel":
+            cache: bool = True, matmul: str = "auto", interpret: bool = False) -> "Kernel":
     """Compile a spec (text or .ssm path) for a target ("xla", "triton"/"gpu", "tpu"/"pallas_tpu", "auto").
 
     matmul: "auto" feeds bfloat16/float16 inputs to the matmuls at their own precision (fp32 accumulation, as
-    the hand-written kernels do) and float32 inputs at full precision; "float32" always uses full precision."""
+    the hand-written kernels do) and float32 inputs at full precision; "float32" always uses full precision.
+    interpret: kernel targets only (triton, tpu): run the generated kernels in their CPU interpreter."""
     from ssmc.passes import parse_pipeline, run_pipeline
     from ssmc.targets import get_target
 
@@ -63,8 +64,11 @@ def compile(spec, target: str = "xla", chunk_size: int | None = None, dump: bool
         raise SSMCError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     text, filename = _read_spec(spec)
     tgt = get_target(target)
+    if interpret and not getattr(tgt, "kernels", False):
+        raise SSMCError(f"interpret=True applies to the kernel targets (triton, tpu); target '{tgt.name}' runs "
+                        f"through XLA on any backend")
     dump_dir = _dump_dir(dump)
-    mkey = (text, tgt.name, chunk_size, matmul)
+    mkey = (text, tgt.name, chunk_size, matmul, bool(interpret))
     with _LOCK:
         hit = _MEMORY.get(mkey)
     if hit is not None and dump_dir is None:
@@ -86,7 +90,8 @@ def compile(spec, target: str = "xla", chunk_size: int | None = None, dump: bool
                  "dot": to_dot(final)}
         if disk is not None:
             disk.put(key, entry)
-    k = Kernel(program, tgt.name, pipeline, entry, filename, from_disk, time.perf_counter() - t0, matmul)
+    k = Kernel(program, tgt.name, pipeline, entry, filename, from_disk, time.perf_counter() - t0, matmul,
+               bool(interpret))
     if level >= 1:
         _log(f"ssmc: compiled {k.name} for {k.target} in {k.compile_seconds * 1e3:.1f} ms "
              f"({'disk cache' if from_disk else 'passes ran'}); pipeline {pipeline}")
@@ -136,9 +141,12 @@ class Kernel:
     """A compiled spec: call it with the `in` arrays; read .source, .ir, .passes, .target."""
 
     def __init__(self, program: Program, target: str, pipeline: str, entry: dict, filename: str,
-                 from_disk: bool, compile_seconds: float, matmul: str = "auto"):
+                 from_disk: bool, compile_seconds: float, matmul: str = "auto", interpret: bool = False):
         self.program = program
         self.matmul = matmul
+        self.interpret = interpret
+        # keyword options of the generated function: kernel targets take `interpret`
+        self._opts = {"interpret": True} if interpret else {}
         self.target = target
         self.pipeline = pipeline
         self.source: str = entry["source"]
@@ -169,7 +177,8 @@ class Kernel:
         self._jitted = jax.jit(self._run, static_argnums=(0,))
 
     def __repr__(self):
-        return f"<ssmc.Kernel {self.name} target={self.target} pipeline='{self.pipeline}'>"
+        extra = " interpret" if self.interpret else ""
+        return f"<ssmc.Kernel {self.name} target={self.target}{extra} pipeline='{self.pipeline}'>"
 
     def graph_dot(self) -> str:
         return self.dot
@@ -203,7 +212,7 @@ class Kernel:
             call.append(to_ir(jnp.asarray(x, jnp.float32), decl, _split(dims), self._splits, sizes))
         low = dtype in (jnp.bfloat16, jnp.float16) and self.matmul == "auto"
         mm = dtype if low else jnp.float32
-        res = self._fn(*call, mm=mm)
+        res = self._fn(*call, mm=mm, **self._opts)
         out = []
         for (kind, name, dims), v in zip(self._returns, res):
             decl = dict(self.outs if kind == "out" else self.states)[name]

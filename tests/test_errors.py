@@ -254,11 +254,10 @@ def test_initial_state_on_two_state_spec():
 
 # ---- targets ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("target", ["triton", "gpu", "tpu", "pallas_tpu"])
-def test_unavailable_targets(target):
-    with pytest.raises(TargetError) as info:
-        ssmc.compile(MAMBA2, target=target)
-    assert "not available yet" in str(info.value)
+def test_interpret_is_for_kernel_targets():
+    with pytest.raises(SSMCError) as info:
+        ssmc.compile(MAMBA2, target="xla", interpret=True)
+    assert "interpret=True applies to the kernel targets" in str(info.value)
 
 
 def test_unknown_target():
