@@ -34,7 +34,7 @@ class Fuse:
                 stage_of[i.name] = STAGE_OF[i.op]
             elif i.op in ("out", "final", "update"):
                 stage_of[i.name] = "output"
-            elif i.op in ("input", "state"):
+            elif i.op in ("input", "state", "window"):
                 stage_of[i.name] = "input"
             elif not dep[i.name]:
                 stage_of[i.name] = "prologue"

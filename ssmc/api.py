@@ -21,6 +21,7 @@ from .frontend import parse
 from .ir import Program, to_dot
 from .layout import from_ir, to_ir
 from .semantic import lower
+from .window import derive_sizes, is_window_dim
 from ssmc.passes.expand_groups import split_name, split_order
 
 _MEMORY: dict[tuple, "Kernel"] = {}
@@ -266,6 +267,7 @@ class Kernel:
             if kind == "input":
                 floats.append(dt)
             arrays[name if kind == "input" else "state:" + name] = x
+        derive_sizes(self.name, self.program, sizes, where)  # conv windows: size(k) - 1
         for d in self.program.dims:
             if d not in sizes:
                 raise ShapeError(f"{self.name}: dim '{d}' appears in no input; pass an initial state to set its size")
@@ -274,7 +276,7 @@ class Kernel:
                 raise ShapeError(f"{self.name}: `group {g} -> {h}` needs dim '{h}' ({sizes[h]}) to be a multiple of "
                                  f"dim '{g}' ({sizes[g]})")
         for d, n in sizes.items():
-            if n < 1:
+            if n < 1 and not is_window_dim(d):
                 raise ShapeError(f"{self.name}: dim '{d}' has size {n} ({where[d]}); sizes must be >= 1")
         out_dtype = jnp.result_type(*floats) if floats else jnp.float32
         if out_dtype == jnp.float64:

@@ -19,6 +19,9 @@ ELEMENTWISE_UNARY = ("neg", "exp", "log", "softplus", "silu", "sigmoid", "tanh",
 ELEMENTWISE_BINARY = ("add", "sub", "mul", "div", "pow", "min", "max")
 OP_ARITY: dict[str, int | None] = {
     "input": 0, "const": 0, "state": 0,           # leaves: an `in` array, a literal, a state entering the step
+    "window": 0,                                  # leaf: a conv window state entering the call (attrs state, k, dim)
+    "conv": 3,                                    # causal conv over the scan dim: (x, w, window) (attrs over, k)
+    "conv.window": 2,                             # the window after the call: last k-1 inputs of (window, x)
     **{op: 1 for op in ELEMENTWISE_UNARY},
     **{op: 2 for op in ELEMENTWISE_BINARY},
     "clamp": 3,
@@ -164,7 +167,7 @@ def to_dot(p: Program) -> str:
     for n in nx.lexicographical_topological_sort(g):
         i = g.nodes[n]["instr"]
         label = f"{i.name}\\n{i.op} [{','.join(i.dims)}]".replace('"', "'")
-        shape = ', shape=ellipse' if i.op in ("input", "state", "const") else (', shape=house' if i.op in SINKS else "")
+        shape = ', shape=ellipse' if i.op in ("input", "state", "window", "const") else (', shape=house' if i.op in SINKS else "")
         out.append(f'  "{n}" [label="{label}"{shape}];')
     for a, b, d in sorted(g.edges(data=True)):
         out.append(f'  "{a}" -> "{b}" [label="{d["pos"]}"];')

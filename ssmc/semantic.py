@@ -11,9 +11,10 @@ import networkx as nx
 from . import ast
 from .errors import SpecError
 from .ir import Array, Instr, Namer, Program, make
+from .window import window_dim, window_state_name
 
 UNARY = {"exp", "log", "softplus", "silu", "sigmoid", "tanh", "sqrt", "rsqrt", "abs"}
-BUILTINS = sorted(UNARY | {"min", "max", "clamp", "sum", "mean", "rmsnorm", "outer", "dot"})
+BUILTINS = sorted(UNARY | {"min", "max", "clamp", "sum", "mean", "rmsnorm", "outer", "dot", "conv"})
 
 
 class _Lower:
@@ -21,6 +22,8 @@ class _Lower:
         self.spec = spec
         self.instrs: list[Instr] = []
         self.namer = Namer(())
+        self.state_dep: set[str] = set()  # values that read an SSM state
+        self.windows: dict[str, tuple] = {}  # conv window state -> (x value, weight's window dim, leaf, span)
 
     def err(self, msg, span):
         return SpecError(msg, span, self.spec.source, self.spec.filename)
@@ -89,6 +92,8 @@ class _Lower:
     def emit(self, op, args=(), dims=(), span=None, name=None, **attrs) -> Instr:
         i = make(name or self.namer(), op, args, self.order(dims), span, **attrs)
         self.instrs.append(i)
+        if op == "state" or any(a in self.state_dep for a in i.args):
+            self.state_dep.add(i.name)
         return i
 
     def body(self):
@@ -282,7 +287,66 @@ class _Lower:
                     raise self.err("rmsnorm(eps=...) must be a number", es)
                 eps = float(ev.value)
             return self.emit("rmsnorm", (v.name,), v.dims, e.span, over=over, group=group, eps=eps)
+        if f == "conv":
+            need(2, ("over",))
+            return self.conv(e, kw)
         raise self.err(f"unknown function '{f}'; builtins: {', '.join(BUILTINS)}", e.span)
+
+    def conv(self, e: ast.Call, kw) -> Instr:
+        """conv(x, w, over=t): causal depthwise convolution along the scan dim,
+        y[t] = sum_j w[..., j] * x[t - (K-1) + j] (j = K-1 is the current step), with the K-1 inputs before the
+        first step taken from the window state `<x>_win` (zeros unless given). w carries x's channel dims (or
+        some of them) and one dim x lacks: the window dim k, of size K."""
+        if "over" not in kw:
+            raise self.err(f"conv() needs over={self.scan} (it convolves along the scan dim)", e.span)
+        over, ospan = kw["over"]
+        if not isinstance(over, ast.Var) or over.name not in self.dims:
+            raise self.err(f"conv(over=...) must name the scan dim '{self.scan}'", ospan)
+        if over.name != self.scan:
+            raise self.err(f"conv() runs along the scan dim '{self.scan}' only, not '{over.name}'", ospan)
+        xe, we = e.args
+        x, w = self.expr(xe), self.expr(we)
+        if self.scan not in x.dims:
+            raise self.err(f"conv()'s input has dims [{','.join(x.dims)}], without the scan dim '{self.scan}'",
+                           xe.span)
+        for v, ve, what in ((x, xe, "input"), (w, we, "weight")):
+            if v.name in self.state_dep:
+                raise self.err(f"conv()'s {what} reads a state; a conv window only holds state-free inputs", ve.span)
+        if self.scan in w.dims:
+            raise self.err(f"conv()'s weight must not vary along the scan dim '{self.scan}'", we.span)
+        extra = [d for d in w.dims if d not in x.dims]
+        if len(extra) != 1:
+            got = f"it has no dim besides the input's [{','.join(x.dims)}]" if not extra else                 f"it has {len(extra)} dims the input lacks: {', '.join(extra)}"
+            raise self.err(f"conv()'s weight needs exactly one window dim that the input lacks, e.g. w[c,k] for "
+                           f"x[b,{self.scan},c]; {got}", we.span)
+        k = extra[0]
+        if k in self.group_of or k in self.group_of.values():
+            raise self.err(f"conv()'s window dim '{k}' must not be a group dim", we.span)
+        win = self.window(x, xe, k, e.span)
+        y = self.emit("conv", (x.name, w.name, win.name), x.dims, e.span, over=self.scan, k=k)
+        return y
+
+    def window(self, x: Instr, xe, k: str, span) -> Instr:
+        """The window state of conv input x (shared by convs of the same x with the same window dim)."""
+        name = window_state_name(xe.name if isinstance(xe, ast.Var) else self.stmt.target)
+        if name in self.windows:
+            src, k0, leaf, _ = self.windows[name]
+            if src == x.name and k0 == k:
+                return leaf
+            raise self.err(f"a second conv window named '{name}' (for a different input or window dim); assign "
+                           f"the input to its own name first", span)
+        if name in self.arrays or name in self.env:
+            raise self.err(f"the conv window state would be named '{name}', which is already declared", span)
+        wd = window_dim(k)
+        if wd not in self.canon:  # the window dim sits where the scan dim is, so windows keep x's layout
+            at = self.canon.index(self.scan) + 1
+            self.canon = self.canon[:at] + (wd,) + self.canon[at:]
+        dims = [wd if d == self.scan else d for d in x.dims]
+        leaf = self.emit("window", (), dims, span, name=self.namer(name + ".prev"), state=name, k=k, dim=wd)
+        last = self.emit("conv.window", (x.name, leaf.name), dims, span, name=self.namer(name + ".last"), k=k)
+        self.emit("final", (last.name,), dims, span, name=f"final.{name}", state=name)
+        self.windows[name] = (x.name, k, leaf, span)
+        return leaf
 
     def dimlist(self, kw, key, f, span, v: Instr) -> tuple[str, ...]:
         if key not in kw:
@@ -318,5 +382,7 @@ def lower(spec: ast.Spec) -> Program:
     lw.declarations()
     lw.body()
     arr = lambda kind: tuple(Array(a.name, tuple(d.name for d in a.dims), a.span) for a in spec.decls(kind))
-    return Program(spec.name, lw.canon, lw.scan, tuple(lw.group_of.items()), arr("in"), arr("state"),
+    # conv window states follow the declared states
+    windows = tuple(Array(n, leaf.dims, span) for n, (_, _, leaf, span) in lw.windows.items())
+    return Program(spec.name, lw.canon, lw.scan, tuple(lw.group_of.items()), arr("in"), arr("state") + windows,
                    arr("out"), tuple(lw.instrs), (), spec.source, spec.filename)

@@ -97,7 +97,7 @@ class XlaEmitter:
         w("from jax import lax")
         w("from ssmc.targets import xla_runtime as rt")
         w()
-        leaves = [i for i in p.instrs if i.op in ("input", "state")]
+        leaves = [i for i in p.instrs if i.op in ("input", "state", "window")]
         params = [(self.pn(i.name), i.attr("array") or i.attr("state"), i.op, ",".join(i.dims)) for i in leaves]
         w(f"PARAMS = {[(a, b, c, d) for a, b, c, d in params]!r}")
         rets = self.returns()
@@ -135,7 +135,7 @@ class XlaEmitter:
         p, w = self.p, self.w
         # In the scan body: everything that depends on a state, and state-free values bigger than any input
         # (an outer product like dt*B⊗x hoisted over time would be one state-sized array per step).
-        input_dims = [set(i.dims) for i in p.instrs if i.op in ("input", "state")]
+        input_dims = [set(i.dims) for i in p.instrs if i.op in ("input", "state", "window")]
         inner: dict[str, bool] = {}
         for i in p.instrs:
             inner[i.name] = i.op == "state" or any(inner[a] for a in i.args) or (
@@ -182,9 +182,9 @@ class XlaEmitter:
             w(f"{self.pn(v)} = jnp.moveaxis({self.pn(v)}, 0, {self.ax(self.by[v].dims, self.scan)})")
         self.local_dims.clear()
         res = []
+        finals = {s.attr("state"): f"{self.pn(s.name)}_final" for s in states}  # conv windows are not carried
         for k, name, v, _ in rets:
-            res.append(self.pn(v) if k == "out" else
-                       f"{self.pn(next(s.name for s in states if s.attr('state') == name))}_final")
+            res.append(finals.get(name, self.pn(v)) if k == "state" else self.pn(v))
         w(f"return {', '.join(res)}")
 
     # ---- chunked: the four stages -----------------------------------------------------------------------
@@ -234,6 +234,27 @@ class XlaEmitter:
 
     def op_const(self, i: Instr):
         pass  # constants are inlined at their uses
+
+    def op_window(self, i: Instr):
+        pass  # a conv window leaf is a parameter of the generated function
+
+    def op_final(self, i: Instr):
+        pass  # final states are returned by name
+
+    def op_conv(self, i: Instr):
+        x, w, win = i.args
+        xd, wd, k = self.dims(x), self.dims(w), i.attr("k")
+        # the weight aligned to x (size-1 axes where it is shared, the scan axis included), window axis last
+        idx = [":" if d in wd else "None" for d in xd] + [":"]
+        wk = f"jnp.moveaxis({self.n(w)}, {self.ax(wd, k)}, -1)[{', '.join(idx)}]"
+        self.assign(i, f"rt.causal_conv({self.n(x)}, {self.ax(xd, self.scan)}, {self.n(win)}, {wk})",
+                    f"causal conv over {self.scan}, window {k}")
+
+    def op_conv_window(self, i: Instr):
+        x, win = i.args
+        T = "T" if self.chunked else "None"  # chunked: x is padded past the sequence length T
+        self.assign(i, f"rt.conv_window({self.n(x)}, {self.ax(self.dims(x), self.scan)}, {self.n(win)}, {T})",
+                    "the last inputs, carried to the next call")
 
     def op_contract(self, i: Instr):
         ins = ",".join("".join(self.letter[d] for d in self.dims(a)) for a in i.args)

@@ -58,6 +58,28 @@ def crop(x, axis: int, T: int):
     return x if x.shape[axis] == T else lax.slice_in_dim(x, 0, T, axis=axis)
 
 
+def causal_conv(x, axis: int, window, w):
+    """Causal depthwise conv along `axis`: y[t] = sum_j w[..., j] * xp[t + j] over xp = (window, x) joined
+    along `axis`, i.e. the K-1 steps before x come from the window. w is aligned to x (size 1 along `axis`)
+    with the K taps on a trailing axis; K is static, so this is K shifted multiply-adds XLA fuses into one pass."""
+    K, T = w.shape[-1], x.shape[axis]
+    xp = jnp.concatenate([window.astype(x.dtype), x], axis=axis)
+    y = None
+    for j in range(K):
+        term = lax.slice_in_dim(xp, j, j + T, axis=axis) * w[..., j]
+        y = term if y is None else y + term
+    return y
+
+
+def conv_window(x, axis: int, window, T=None):
+    """The last K-1 steps of (window, x[:T]) along `axis`: the window the next call continues from (the old
+    window's tail when T < K-1). T defaults to x's length (it is less when x is padded to whole chunks)."""
+    W = window.shape[axis]
+    T = x.shape[axis] if T is None else T
+    xp = jnp.concatenate([window.astype(x.dtype), x], axis=axis)
+    return lax.slice_in_dim(xp, T, T + W, axis=axis)
+
+
 def einsum(eq: str, *ops, mm=jnp.float32):
     """A contraction accumulated in float32. With mm=float32 every pass is full precision (no TF32 on GPUs);
     with the inputs' bfloat16/float16 the operands enter the matmul units at that precision, as the hand-written

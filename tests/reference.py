@@ -116,6 +116,39 @@ def ref_mamba2_gated(inputs, initial_states=None):
     return (y,), (s,)
 
 
+def ref_mamba2_conv(inputs, initial_states=None):
+    """Mamba2 mixer core with its causal conv, as mamba_ssm computes it: one depthwise conv of width K over the
+    concatenated raw channels xBC = [x (h*p) | B (g*n) | C (g*n)], kept as a rolling buffer of the last K-1 raw
+    inputs, then bias + silu, split into x, B, C, and the mamba2_gated step.  Window states are [b, K-1, ...]."""
+    xr, Br, Cr = (_f64(inputs[k]) for k in ("xr", "Br", "Cr"))
+    nb, nt, nh, npp = xr.shape
+    ng, nn = Br.shape[2], Br.shape[3]
+    K = inputs["wx"].shape[-1]
+    # one [channels, K] weight and [channels] bias over the concatenation, as in mamba's conv1d
+    w = np.concatenate([_f64(inputs["wx"]).reshape(nh * npp, K), _f64(inputs["wB"]).reshape(ng * nn, K),
+                        _f64(inputs["wC"]).reshape(ng * nn, K)])
+    bias = np.concatenate([_f64(inputs[k]).ravel() for k in ("bx", "bB", "bC")])
+    raw = np.concatenate([xr.reshape(nb, nt, -1), Br.reshape(nb, nt, -1), Cr.reshape(nb, nt, -1)], axis=2)
+    win = np.concatenate([_init(initial_states, "xr_win", (nb, K - 1, nh, npp)).reshape(nb, K - 1, nh * npp),
+                          _init(initial_states, "Br_win", (nb, K - 1, ng, nn)).reshape(nb, K - 1, ng * nn),
+                          _init(initial_states, "Cr_win", (nb, K - 1, ng, nn)).reshape(nb, K - 1, ng * nn)], axis=2)
+    conv = np.zeros_like(raw)
+    for t in range(nt):
+        buf = np.concatenate([win, raw[:, t:t + 1]], axis=1)   # b, K, channels: oldest first, current last
+        conv[:, t] = silu(np.einsum("bkc,ck->bc", buf, w) + bias)
+        win = buf[:, 1:]
+    xs = [conv[:, :, :nh * npp].reshape(nb, nt, nh, npp)]
+    xs.append(conv[:, :, nh * npp:nh * npp + ng * nn].reshape(nb, nt, ng, nn))
+    xs.append(conv[:, :, nh * npp + ng * nn:].reshape(nb, nt, ng, nn))
+    core = {k: inputs[k] for k in ("dt_raw", "dt_bias", "A_log", "D", "z", "norm_w")}
+    core.update(x=xs[0], B=xs[1], C=xs[2])
+    (y,), (s,) = ref_mamba2_gated(core, {"s": None if initial_states is None else initial_states.get("s")})
+    cut = np.cumsum([0, nh * npp, ng * nn])
+    wins = [win[:, :, cut[0]:cut[1]].reshape(nb, K - 1, nh, npp), win[:, :, cut[1]:cut[2]].reshape(nb, K - 1, ng, nn),
+            win[:, :, cut[2]:].reshape(nb, K - 1, ng, nn)]
+    return (y,), (s, *wins)
+
+
 def ref_mamba1(inputs, initial_states=None):
     """dt = softplus(dt_raw + dt_bias); h = exp(-dt*exp(A_log))*h + (dt*x)⊗B; y = C·h + D*x."""
     x, dt_raw, dt_bias, A_log, B, C, D = (_f64(inputs[k]) for k in ("x", "dt_raw", "dt_bias", "A_log", "B", "C", "D"))
@@ -246,6 +279,17 @@ def _in_mamba2_gated(rng, d):
     }
 
 
+def _in_mamba2_conv(rng, d):
+    b, t, h, p, n, g, k = d["b"], d["t"], d["h"], d["p"], d["n"], d["g"], d["k"]
+    gated = _in_mamba2_gated(rng, d)
+    out = {"xr": _randn(rng, b, t, h, p), "Br": _randn(rng, b, t, g, n), "Cr": _randn(rng, b, t, g, n),
+           "wx": _randn(rng, h, p, k, scale=0.5), "bx": _randn(rng, h, p, scale=0.1),
+           "wB": _randn(rng, g, n, k, scale=0.5), "bB": _randn(rng, g, n, scale=0.1),
+           "wC": _randn(rng, g, n, k, scale=0.5), "bC": _randn(rng, g, n, scale=0.1)}
+    out.update({key: gated[key] for key in ("dt_raw", "dt_bias", "A_log", "D", "z", "norm_w")})
+    return out
+
+
 def _in_mamba1(rng, d):
     b, t, dd, n = d["b"], d["t"], d["d"], d["n"]
     return {
@@ -365,6 +409,13 @@ VARIANTS: dict[str, Variant] = {
                 ("x", "dt_raw", "dt_bias", "A_log", "B", "C", "D", "z", "norm_w"), ("y",), ("s",),
                 _in_mamba2_gated, ref_mamba2_gated, {"b": 2, "t": 37, "h": 4, "p": 8, "n": 8, "g": 2},
                 lambda d: {"s": (d["b"], d["h"], d["p"], d["n"])}, groups=(("g", "h"),)),
+        Variant("mamba2_conv", EXAMPLES / "mamba2_conv.ssm",
+                ("xr", "Br", "Cr", "wx", "bx", "wB", "bB", "wC", "bC", "dt_raw", "dt_bias", "A_log", "D", "z", "norm_w"),
+                ("y",), ("s", "xr_win", "Br_win", "Cr_win"), _in_mamba2_conv, ref_mamba2_conv,
+                {"b": 2, "t": 37, "h": 4, "p": 8, "n": 8, "g": 2, "k": 4},
+                lambda d: {"s": (d["b"], d["h"], d["p"], d["n"]), "xr_win": (d["b"], d["k"] - 1, d["h"], d["p"]),
+                           "Br_win": (d["b"], d["k"] - 1, d["g"], d["n"]),
+                           "Cr_win": (d["b"], d["k"] - 1, d["g"], d["n"])}, groups=(("g", "h"),)),
         Variant("mamba1", EXAMPLES / "mamba1.ssm", ("x", "dt_raw", "dt_bias", "A_log", "B", "C", "D"), ("y",), ("h",),
                 _in_mamba1, ref_mamba1, {"b": 2, "t": 37, "d": 8, "n": 6},
                 lambda d: {"h": (d["b"], d["d"], d["n"])}),

@@ -13,6 +13,7 @@ T, CHUNK, EPS, N_COORDS, TOL = 10, 4, 1e-3, 5, 1e-2
 TINY = {
     "mamba2": {"b": 1, "t": T, "h": 4, "g": 2, "p": 3, "n": 4},
     "mamba2_gated": {"b": 1, "t": T, "h": 4, "g": 2, "p": 3, "n": 4},
+    "mamba2_conv": {"b": 1, "t": T, "h": 4, "g": 2, "p": 3, "n": 4, "k": 3},
     "mamba1": {"b": 1, "t": T, "d": 4, "n": 3},
 }
 KV_TINY = {"b": 1, "t": T, "h": 2, "dk": 3, "dv": 4}
