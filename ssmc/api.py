@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import linecache
 import os
 import pathlib
 import sys
@@ -164,6 +165,8 @@ class Kernel:
         self.outs = [(a.name, a.dims) for a in program.outs]
         mod = types.ModuleType(f"ssmc_generated_{program.name}")
         mod.__file__ = f"<ssmc {target} {program.name}>"
+        # registered like a file, so tracebacks show the generated lines and Triton can read its kernels' source
+        linecache.cache[mod.__file__] = (len(self.source), None, self.source.splitlines(True), mod.__file__)
         try:
             exec(compile_source(self.source, mod.__file__), mod.__dict__)
         except Exception as e:  # a bad cache entry or an emitter bug: say which
@@ -175,6 +178,7 @@ class Kernel:
         self._splits = {h: (g, split_name(h)) for g, h in program.groups
                         if any(split_name(h) in d.split(",") for *_, d in self._params)}
         self._canon = _canon(program.dims, self._splits)
+        self._declared = getattr(mod, "LAYOUT", None) is not None  # kernel targets: arrays as declared
         self._jitted = jax.jit(self._run, static_argnums=(0,))
 
     def __repr__(self):
@@ -199,7 +203,19 @@ class Kernel:
         meta = _Meta(tuple(sorted(sizes.items())), str(out_dtype))
         return self._jitted(meta, arrays)
 
+    def step(self, state=None, *args, **inputs):
+        """One decode step from `state` (what a previous call or step returned: a dict {state name: array}, the
+        states as a tuple in `k.states` order, a single array when there is one state, or None for zeros).
+        Inputs with the scan dim come without it (one token) or with a scan length of 1..8 (multi-token or
+        speculative decode); the others (weights) as usual. Returns (outs..., new states...) like the kernel
+        call, outs without the scan dim when the inputs came without it. Same numerics as the full call: a
+        prefill of t tokens then s steps equals one call on t + s tokens. See ssmc/step.py."""
+        from .step import step
+        return step(self, state, args, inputs)
+
     def _run(self, meta: "_Meta", arrays: dict):
+        if self._declared:
+            return self._run_declared(meta, arrays)
         sizes = dict(meta.sizes)
         for h, (g, inner) in self._splits.items():
             sizes[inner] = sizes[h] // sizes[g]
@@ -220,6 +236,20 @@ class Kernel:
             v = from_ir(v, _split(dims), decl, self._splits, sizes, self._canon)
             out.append(v.astype(dtype) if kind == "out" else v.astype(jnp.float32))
         return tuple(out)
+
+    def _run_declared(self, meta: "_Meta", arrays: dict):
+        """Kernel targets take the arrays as declared and in their own dtype (the kernel reads bf16 as bf16)."""
+        sizes = dict(meta.sizes)
+        dtype = jnp.dtype(meta.dtype)
+        call = []
+        for py, name, kind, dims in self._params:
+            x = arrays.get(name) if kind == "input" else arrays.get("state:" + name)
+            if x is None:  # a state without an initial value starts at zero
+                x = jnp.zeros(tuple(sizes[d] for d in _split(dims)), jnp.float32)
+            x = jnp.asarray(x)
+            call.append(x.astype(jnp.float32) if kind == "state" or x.dtype == jnp.float64 else x)
+        low = dtype in (jnp.bfloat16, jnp.float16) and self.matmul == "auto"
+        return tuple(self._fn(*call, mm=dtype if low else jnp.float32, out_dtype=dtype, **self._opts))
 
     def _bind(self, args, kwargs, initial_state, initial_states):
         names = [n for n, _ in self.inputs]

@@ -1,0 +1,131 @@
+"""How a program maps onto a kernel grid: the analysis every kernel target (Triton, Pallas TPU) shares.
+
+A kernel program (one grid point) owns one slice of the *grid dims* (batch, heads: dims no instruction sums over and
+that every time-indexed input shares) and holds a *tile* over the remaining dims (the state dims: contracted K,
+kept V) in registers / VMEM. It walks the scan dim either chunk by chunk (the chunk-parallel SSD form: the chunk
+stages of the IR run back to back on each chunk, the state stays on chip between chunks) or step by step (the
+sequential form: non-chunkable programs, elementwise decay). A group dim g (`group g -> h`) is never a tile or grid
+dim: it is an index map, read at g = i_h // (h/g).
+
+What cannot run inside one grid point (a norm over a group of heads, which spans several programs) runs after the
+kernel as `post` instructions, on values the kernel writes out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ssmc.errors import TargetError
+from ssmc.ir import Instr, Program, union_dims
+from ssmc.passes.chunk import chunk_dim
+from ssmc.passes.chunk_ops import STAGE_OPS, decode
+
+LOOP_STAGES = ("prologue", "cumsum", "chunk_state", "state_passing", "chunk_output", "epilogue", "step")
+
+
+@dataclass
+class KernelPlan:
+    p: Program
+    form: str                                   # "chunked" or "sequential"
+    scan: str
+    Q: int | None                               # chunk length (chunked form)
+    grid: tuple[str, ...]                       # one program per index of these dims
+    tile: tuple[str, ...]                       # dims held whole (or in blocks, `split`) inside a program
+    split: tuple[str, ...]                      # tile dims no in-kernel instruction sums over: blockable
+    group_of: dict[str, str]                    # g -> h
+    inputs: list[Instr]                         # input leaves the kernel loads
+    states: list[Instr]                         # state leaves (initial states)
+    hoisted: list[Instr]                        # state-free values without the scan dim: computed before the loop
+    body: list[Instr]                           # per chunk / per step, in order
+    post: list[Instr]                           # after the kernel, over the kernel's written values
+    stores: list[tuple[str, str, tuple]]        # (kind: out|state|tmp, name, IR value) the kernel writes
+    decl: dict[str, tuple[str, ...]] = field(default_factory=dict)  # array/state name -> declared dims
+
+    def by(self) -> dict[str, Instr]:
+        return self.p.by_name()
+
+    def tdims(self, dims) -> tuple[str, ...]:
+        """A value's axes inside a program: the scan dim (if it has it) then its tile dims."""
+        dims = [self.group_of.get(d, d) for d in dims]
+        return ((self.scan,) if self.scan in dims else ()) + tuple(d for d in self.tile if d in dims)
+
+
+def _summed(i: Instr, by) -> set[str]:
+    """Dims an instruction sums over."""
+    if i.op == "contract":
+        return union_dims(by, i.args) - set(i.dims)
+    if i.op in ("reduce", "rmsnorm"):
+        return set(i.attr("over"))
+    if i.op == "chunk.output":
+        a = decode(i)
+        return (union_dims(by, a.q) | set(by[a.enter].dims)) - set(i.dims)
+    return set()
+
+
+def plan_kernel(p: Program, target: str) -> KernelPlan:
+    by = p.by_name()
+    scan, cd = p.scan, chunk_dim(p.scan)
+    group_of = dict(p.groups)
+    h_of = {g: h for g, h in p.groups}
+    chunked = any(i.op in STAGE_OPS for i in p.instrs)
+    form = "chunked" if chunked else "sequential"
+    Q = next((i.attr("chunk") for i in p.instrs if i.op == "chunk.cumsum"), None)
+
+    def mapped(dims):
+        return {h_of.get(d, d) for d in dims}
+
+    # post-kernel: a norm over a group of heads spans programs; everything downstream of it follows
+    post_names: set[str] = set()
+    for i in p.instrs:
+        if i.op in ("out", "final", "update"):
+            continue
+        if (i.op == "rmsnorm" and i.attr("group")) or any(a in post_names for a in i.args):
+            post_names.add(i.name)
+    summed: set[str] = set()
+    for i in p.instrs:
+        if i.name not in post_names:
+            summed |= mapped(_summed(i, by))
+    timed = [i for i in p.instrs if i.op == "input" and scan in i.dims]
+    batch = set.intersection(*(mapped(i.dims) for i in timed)) - {scan} if timed else set()
+    special = {scan, cd} | set(group_of)
+    tile = tuple(d for d in p.dims if d not in special and (d in summed or d not in batch))
+    grid = tuple(d for d in p.dims if d not in special and d not in tile)
+    split = tuple(d for d in tile if d not in summed)
+    for g, h in p.groups:
+        if h in tile:
+            raise TargetError(f"{target} target: `group {g} -> {h}` needs '{h}' to index kernel programs, but the "
+                              f"program sums over '{h}' or keeps it whole; use target='xla'")
+    for i in p.instrs:
+        if i.op == "expand" and by[i.args[0]].op != "input":
+            raise TargetError(f"{target} target: a group-indexed value computed in the spec ({i.args[0]}) is read "
+                              f"per head; only `in` arrays may be group-indexed here (use target='xla')")
+    inputs = [i for i in p.instrs if i.op == "input"]
+    states = [i for i in p.instrs if i.op == "state"]
+    hoisted, body, post = [], [], []
+    varies: dict[str, bool] = {}  # depends on the scan position or on a state
+    for i in p.instrs:
+        varies[i.name] = (scan in i.dims or i.op in STAGE_OPS + ("state",)
+                          or any(varies.get(a, False) for a in i.args))
+        if i.op in ("input", "state", "const", "out", "final", "update"):
+            continue
+        if i.name in post_names:
+            post.append(i)
+        elif not varies[i.name]:
+            hoisted.append(i)
+        else:
+            body.append(i)
+    used_post = {a for i in post for a in i.args}
+    stores: list[tuple[str, str, str]] = []
+    for o in p.outs:
+        v = by[f"out.{o.name}"].args[0]
+        if v not in post_names:
+            stores.append(("out", o.name, v))
+    for s in p.states:
+        sink = by.get(f"final.{s.name}") or by[f"update.{s.name}"]
+        stores.append(("state", s.name, sink.args[0]))
+    for v in sorted(used_post - post_names, key=[i.name for i in p.instrs].index):
+        if by[v].op not in ("const", "input"):  # inputs reach the post-kernel code directly
+            stores.append(("tmp", v, v))
+    decl = {a.name: a.dims for a in p.inputs + p.states + p.outs}
+    return KernelPlan(p, form, scan, Q, grid, tile, split, group_of, inputs, states, hoisted, body, post, stores,
+                      decl)
+

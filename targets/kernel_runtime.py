@@ -1,0 +1,83 @@
+"""What every kernel target's launcher computes the same way: dim sizes, blocks, strides, output buffers, the
+grid, and the jax.numpy helpers of the post-kernel epilogue. Targets add their own `launch`."""
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+from jax import lax
+
+from .kernel_body import dim_id
+
+
+def dim_sizes(layout: dict, arrays: dict) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    for name, x in arrays.items():
+        for d, n in zip(layout["arrays"][name], x.shape):
+            sizes.setdefault(d, int(n))
+    return sizes
+
+
+def pow2_block(n: int, least: int = 16) -> int:
+    """A tile block covering n (Triton blocks are powers of two; 16 is tl.dot's least)."""
+    return max(least, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+def row_major_strides(dims, sizes) -> dict[str, int]:
+    out, acc = {}, 1
+    for d in reversed(dims):
+        out[d] = acc
+        acc *= sizes[d]
+    return out
+
+
+def constexprs(layout: dict, sizes: dict, blocks: dict, Q: int | None) -> dict:
+    meta = {f"N_{dim_id(d)}": sizes[d] for d in layout["dims"]}
+    meta.update({f"BLOCK_{dim_id(d)}": blocks[d] for d in layout["tile"]})
+    if layout["form"] == "chunked":
+        meta["Q"] = Q
+    for arr, dims in layout["arrays"].items():
+        for d, s in row_major_strides(dims, sizes).items():
+            meta[f"{arr}_stride_{dim_id(d)}"] = s
+    return meta
+
+
+def grid(layout: dict, sizes: dict, blocks: dict) -> tuple[int, ...]:
+    g = math.prod(sizes[d] for d in layout["grid"])
+    if layout["split"]:
+        return (g, math.prod(-(-sizes[d] // blocks[d]) for d in layout["split"]))
+    return (g,)
+
+
+def out_specs(layout: dict, sizes: dict, out_dtype) -> list[tuple[tuple[int, ...], object]]:
+    """(shape, dtype) of every buffer the kernel writes: outs in their dtype, final states and intermediates fp32."""
+    return [(tuple(sizes[d] for d in dims), out_dtype if kind == "out" else jnp.float32)
+            for _, kind, dims in layout["stores"]]
+
+
+# ---- post-kernel epilogue helpers (jax.numpy) --------------------------------------------------------------------
+def align(x, src, to):
+    """Array with named dims `src` -> broadcastable against dims `to` (transpose, then insert size-1 axes)."""
+    x = jnp.asarray(x)
+    if not src:
+        return x
+    order = [d for d in to if d in src]
+    if list(src) != order:
+        x = jnp.transpose(x, [list(src).index(d) for d in order])
+    return x.reshape(tuple(x.shape[order.index(d)] if d in order else 1 for d in to))
+
+
+def group_rmsnorm(x, dims, over, h, G: int, eps: float):
+    """rmsnorm over `over` and over the heads of each group (head i in group i // (H/G)), in fp32."""
+    x = x.astype(jnp.float32)
+    ax = dims.index(h)
+    H = x.shape[ax]
+    xs = x.reshape(x.shape[:ax] + (G, H // G) + x.shape[ax + 1:])
+    axes = tuple(sorted([ax + 1] + [dims.index(d) + (1 if dims.index(d) > ax else 0) for d in over]))
+    ms = jnp.mean(jnp.square(xs), axis=axes, keepdims=True)
+    return (xs * lax.rsqrt(ms + eps)).reshape(x.shape)
+
+
+def to_declared(v, vdims, decl, dtype):
+    v = align(v, vdims, decl)
+    return v.astype(dtype)

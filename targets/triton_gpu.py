@@ -1,0 +1,261 @@
+"""Triton GPU target: one @triton.jit kernel per program plus a JAX launcher (jax-triton on GPUs, Triton's
+interpreter on CPU with interpret=True).
+
+The kernel runs one program per index of the plan's grid dims (batch, heads) and per block of the blockable tile
+dims. Chunked programs walk the chunks of the sequence in order with the state in registers: per chunk the IR's
+stages run back to back (dt prologue, in-chunk cumulative decay, chunk output with the in-chunk quadratic part on
+tensor cores, D skip / gate epilogue, the state update) - so nothing but inputs, outputs and final states touches
+device memory. Sequential programs walk time step by step the same way.
+"""
+from __future__ import annotations
+
+from ssmc.ir import Program
+
+from .kernel_body import Dialect, TileEmitter, dim_id
+from .kernel_launch import LauncherWriter
+from .kernel_plan import plan_kernel
+
+
+class TritonDialect(Dialect):
+    UNARY = {"neg": "-({})", "exp": "tl.exp({})", "log": "tl.log({})",
+             "softplus": "(tl.maximum({0}, 0.0) + tl.log(1.0 + tl.exp(-tl.abs({0}))))",
+             "silu": "({0}) * tl.sigmoid({0})", "sigmoid": "tl.sigmoid({})",
+             "tanh": "(2.0 * tl.sigmoid(2.0 * ({0})) - 1.0)", "sqrt": "tl.sqrt({})", "rsqrt": "tl.rsqrt({})",
+             "abs": "tl.abs({})", "log_sigmoid": "-(tl.maximum(-({0}), 0.0) + tl.log(1.0 + tl.exp(-tl.abs({0}))))",
+             "sign": "tl.where({0} > 0, 1.0, tl.where({0} < 0, -1.0, 0.0))"}
+    BINARY = {"add": "{} + {}", "sub": "{} - {}", "mul": "{} * {}", "div": "{} / {}",
+              "min": "tl.minimum({}, {})", "max": "tl.maximum({}, {})"}
+
+    def pow(self, a, b, b_const):
+        if b_const is not None and float(b_const).is_integer() and 1 <= b_const <= 4:
+            return " * ".join([f"({a})"] * int(b_const))
+        return f"tl.exp(({b}) * tl.log({a}))"
+
+    def where(self, c, a, b):
+        return f"tl.where({c}, {a}, {b})"
+
+    def minimum(self, a, b):
+        return f"tl.minimum({a}, {b})"
+
+    def sum(self, x, axis):
+        return f"tl.sum({x}, axis={axis})"
+
+    def cumsum0(self, x, ndim):
+        return f"tl.cumsum({x}, axis=0)"
+
+    def floor(self, x):
+        return f"tl.floor({x})"
+
+    def dot(self, a, b, ca, cb):
+        A = f"({a})" if ca == 1 else f"tl.trans({a})"
+        B = f"({b})" if cb == 0 else f"tl.trans({b})"
+        return f"tl.dot({A}.to(MM), {B}.to(MM), input_precision=PREC)"
+
+    def permute(self, x, perm):
+        return f"tl.trans({x})" if list(perm) == [1, 0] else f"tl.permute({x}, {tuple(perm)})"
+
+    def broadcast_to(self, x, shape):  # x may be a Python float (a spec constant)
+        return f"(tl.zeros(({', '.join(shape)},), tl.float32) + {x})"
+
+    def full(self, value, shape):
+        return f"tl.full(({', '.join(shape)},), {value}, tl.float32)"
+
+    def causal(self, strict):
+        return f"(o_t[:, None] {'>' if strict else '>='} o_t[None, :])"
+
+    def needs_mask(self, d):
+        return True
+
+    def mask(self, d):
+        return f"(o_{dim_id(d)} < N_{dim_id(d)})"
+
+
+class TritonTarget:
+    name = "triton"
+    kernels = True          # emits kernels; takes interpret=
+    declared_layout = True  # the launcher takes and returns arrays as declared (any dtype), not in IR layout
+
+    def pipeline(self, chunk_size: int | None) -> str:
+        # Elementwise decay (Mamba1) has no matmul form: the sequential kernel walks time with the state on chip.
+        return f"expand-groups{{mode=index}},classify,chunk{{size={chunk_size or 0},elementwise=sequential," \
+               f"scalar=64}},fuse,dce"
+
+    def emit(self, p: Program, pipeline: str = "") -> str:
+        plan = plan_kernel(p, self.name)
+        return TritonEmitter(plan, pipeline).emit()
+
+
+class TritonEmitter(LauncherWriter):
+    target = "triton"
+    runtime = "triton_runtime"
+    imports = ("import triton", "import triton.language as tl")
+
+    def kernel(self):
+        k, w = self.plan, self.w
+        body = TileEmitter(k, TritonDialect(), w, self.pn)
+        self.body = body
+        args = [f"{self.pn(i.name)}_ptr" for i in k.inputs + k.states] + [f"{n}_ptr" for n in self.store_names()]
+        consts = self.constexprs()
+        w("@triton.jit")
+        sig = ", ".join(args + [f"{c}: tl.constexpr" for c in consts])
+        with w.block(f"def {self.kernel_name}({sig}):"):
+            self.program_ids()
+            self.offsets()
+            self.hoisted_loads_and_values(body)
+            if k.form == "chunked":
+                self.chunk_loop(body)
+            else:
+                self.step_loop(body)
+            self.store_states(body)
+
+    # ---- program ids and offsets ------------------------------------------------------------------------
+    def program_ids(self):
+        k, w = self.plan, self.w
+        w(f"# one program per ({', '.join(k.grid) or 'whole problem'})"
+          + (f" x block of ({', '.join(k.split)})" if k.split else ""))
+        if k.grid:
+            w("pid = tl.program_id(0)")
+            rest = "pid"
+            for d in reversed(k.grid):
+                if d == k.grid[0]:
+                    w(f"i_{dim_id(d)} = {rest}")
+                else:
+                    w(f"i_{dim_id(d)} = {rest} % N_{dim_id(d)}")
+                    w(f"{rest}_{dim_id(d)} = {rest} // N_{dim_id(d)}")
+                    rest = f"{rest}_{dim_id(d)}"
+        if k.split:
+            w("bid = tl.program_id(1)")
+            rest = "bid"
+            for d in reversed(k.split):
+                nb = f"((N_{dim_id(d)} + BLOCK_{dim_id(d)} - 1) // BLOCK_{dim_id(d)})"
+                w(f"j_{dim_id(d)} = {rest} % {nb}")
+                w(f"{rest}_{dim_id(d)} = {rest} // {nb}")
+                rest = f"{rest}_{dim_id(d)}"
+        for g, h in k.group_of.items():
+            if any(g in i.dims for i in k.inputs):
+                w(f"i_{dim_id(g)} = i_{dim_id(h)} // (N_{dim_id(h)} // N_{dim_id(g)})  # head {h} reads group {g}")
+
+    def offsets(self):
+        k, w = self.plan, self.w
+        for d in k.tile:
+            x = dim_id(d)
+            start = f"j_{x} * BLOCK_{x} + " if d in k.split else ""
+            w(f"o_{x} = {start}tl.arange(0, BLOCK_{x})")
+            w(f"oc_{x} = tl.minimum(o_{x}, N_{x} - 1)  # past the end: read the last entry (finite), never stored")
+        if k.form == "chunked":
+            w("o_t = tl.arange(0, Q)")
+
+    # ---- loads and stores -------------------------------------------------------------------------------
+    def address(self, arr: str, ptr: str, dims, axes, time: str | None) -> str:
+        """Pointer tile of array `arr` (declared dims) at this program's grid index, over `axes`."""
+        terms = [ptr]
+        k = self.plan
+        for d in dims:
+            st = f"{arr}_stride_{dim_id(d)}"
+            if d == k.scan:
+                idx = time
+                if "t" in axes and axes and k.form == "chunked":
+                    idx = self.body.bc(time, (k.scan,), axes)
+            elif d in k.tile:
+                idx = self.body.bc(f"oc_{dim_id(d)}", (d,), axes)
+            else:
+                idx = f"i_{dim_id(d)}"
+            terms.append(f"{idx} * {st}")
+        return " + ".join(terms)
+
+    def load(self, leaf, time):
+        k, body = self.plan, self.body
+        name = leaf.attr("array") or leaf.attr("state")
+        axes = body.axes_of(leaf.dims)
+        addr = self.address(name, f"{self.pn(leaf.name)}_ptr", k.decl[name], axes, time)
+        body.bind(leaf.name, f"tl.load({addr}).to(tl.float32)", axes)
+
+    def store(self, kind, name, value, time):
+        k, body, w = self.plan, self.body, self.w
+        dims = self.store_dims(kind, name, value)
+        axes = body.axes_of(dims)
+        e, ax = body.get(value)
+        if ax != axes:
+            e = body.reorder(e, ax, axes)
+        mask = [body.bc(f"(o_{dim_id(d)} < N_{dim_id(d)})", (d,), axes) for d in axes if d in k.tile]
+        if k.scan in axes:
+            mask.insert(0, body.bc("valid", (k.scan,), axes))
+        elif time is not None and k.scan in dims:
+            mask.insert(0, "valid")
+        ptr = f"{self.store_var(kind, name)}_ptr"
+        addr = self.address(self.store_var(kind, name), ptr, dims, axes, time)
+        m = f", mask={' & '.join(mask)}" if mask else ""
+        w(f"tl.store({addr}, ({e}).to({ptr}.dtype.element_ty){m})")
+
+    def hoisted_loads_and_values(self, body):
+        k, w = self.plan, self.w
+        static = [i for i in k.inputs if k.scan not in i.dims]
+        if static:
+            w("# inputs without the scan dim: loaded once")
+        for leaf in static:
+            self.load(leaf, None)
+        for i in k.hoisted:
+            body.instr(i)
+        w("# the state, held on chip for the whole sequence (fp32)")
+        for s in k.states:
+            S = s.attr("state")
+            var = f"state_{self.pn(s.name)}"
+            body.state_var[S] = var
+            self.load(s, None)
+            w(f"{var} = {body.get(s.name)[0]}")
+            body.vals[s.name] = (var, body.state_axes(S))
+
+    def chunk_loop(self, body):
+        k, w = self.plan, self.w
+        timed = [i for i in k.inputs if k.scan in i.dims]
+        with w.block(f"for c in range(0, (N_{dim_id(k.scan)} + Q - 1) // Q):"):
+            w("tt = c * Q + o_t")
+            w(f"valid = tt < N_{dim_id(k.scan)}")
+            w(f"ttc = tl.minimum(tt, N_{dim_id(k.scan)} - 1)")
+            for leaf in timed:
+                self.load(leaf, "ttc")
+            self.body_instrs(body)
+            for kind, name, v in k.stores:
+                if kind != "state" and k.scan in self.store_dims(kind, name, v):
+                    self.store(kind, name, v, "ttc")
+            for i in k.body:
+                if i.op == "chunk.states":
+                    w(f"# stage chunk_state + state_passing ({i.attr('state')})")
+                    body.state_update(i)
+
+    def step_loop(self, body):
+        k, w = self.plan, self.w
+        timed = [i for i in k.inputs if k.scan in i.dims]
+        with w.block(f"for t_i in range(0, N_{dim_id(k.scan)}):"):
+            w("valid = True")
+            for leaf in timed:
+                self.load(leaf, "t_i")
+            w("# stage step")
+            for s in k.states:
+                body.vals[s.name] = (body.state_var[s.attr("state")], body.state_axes(s.attr("state")))
+            for i in k.body:
+                body.instr(i)
+            for kind, name, v in k.stores:
+                if kind != "state" and k.scan in self.store_dims(kind, name, v):
+                    self.store(kind, name, v, "t_i")
+            body.step_updates()
+
+    def body_instrs(self, body):
+        stage = None
+        for i in self.plan.body:
+            s = i.attr("stage")
+            if s != stage:
+                self.w(f"# stage {s}")
+                stage = s
+            body.instr(i)
+
+    def store_states(self, body):
+        k = self.plan
+        self.w("# stage output: final states")
+        for kind, name, v in k.stores:
+            if kind == "state":
+                S = name
+                body.vals[v] = (body.state_var[S], body.state_axes(S))
+                self.store(kind, name, v, None)
+            elif k.scan not in self.store_dims(kind, name, v):
+                self.store(kind, name, v, None)

@@ -1,0 +1,175 @@
+"""Launching generated Triton kernels from JAX.
+
+On a GPU: jax-triton's `triton_call` (inputs first, output pointers appended, constexprs as keywords), so the
+kernel is one custom call inside the caller's jax.jit. With interpret=True: Triton's interpreter on CPU through a
+`jax.pure_callback` (the interpreter takes torch tensors), so the same generated kernel runs without a GPU.
+
+Configs (tile blocks of blockable dims, chunk length, num_warps, num_stages) are tuned on the first call per
+(kernel, GPU, shape bucket, dtype) and persisted in the ssmc disk cache; SSMC_AUTOTUNE=0 takes the heuristic.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ssmc.cache import DiskCache, cache_key
+
+from . import kernel_runtime as kr
+from .kernel_runtime import align, group_rmsnorm, to_declared  # noqa: F401  (used by generated launchers)
+
+dim_sizes = kr.dim_sizes
+_TUNED: dict[str, dict] = {}
+
+
+def heuristic(layout: dict, sizes: dict) -> dict:
+    blocks = {d: kr.pow2_block(sizes[d]) for d in layout["tile"]}
+    for d in layout["split"]:  # keep a program's state tile within registers
+        blocks[d] = min(blocks[d], 64)
+    return {"blocks": blocks, "Q": layout["Q"], "num_warps": 4, "num_stages": 2}
+
+
+def candidates(layout: dict, sizes: dict) -> list[dict]:
+    base = heuristic(layout, sizes)
+    qs = [base["Q"]]
+    if layout["form"] == "chunked" and base["Q"] == 64:  # SSD-like classes: longer chunks amortise the state pass
+        qs = [64, 128]
+    splits = [None] + [b for b in (16, 32) if layout["split"]]
+    out = []
+    for Q in qs:
+        for sb in splits:
+            blocks = dict(base["blocks"])
+            if sb:
+                for d in layout["split"]:
+                    blocks[d] = min(blocks[d], sb)
+            for nw in (4, 8):
+                for ns in (1, 2, 3):
+                    out.append({"blocks": blocks, "Q": Q, "num_warps": nw, "num_stages": ns})
+    return out
+
+
+def _mm_meta(mm) -> dict:
+    import triton.language as tl
+    mm = jnp.dtype(mm)
+    if mm == jnp.bfloat16:
+        return {"MM": tl.bfloat16, "PREC": "tf32"}
+    if mm == jnp.float16:
+        return {"MM": tl.float16, "PREC": "tf32"}
+    return {"MM": tl.float32, "PREC": "ieee"}
+
+
+def launch(kernel, layout, arrays, sizes, *, mm, out_dtype, interpret=False):
+    ins = [arrays[n] for n in layout["inputs"]]
+    specs = kr.out_specs(layout, sizes, out_dtype)
+    if interpret:
+        cfg = heuristic(layout, sizes)
+        return _interpret(kernel, layout, sizes, cfg, ins, specs, mm)
+    cfg = _config(kernel, layout, sizes, ins, specs, mm)
+    return _gpu_call(kernel, layout, sizes, cfg, ins, specs, mm)
+
+
+def _meta(layout, sizes, cfg, mm):
+    meta = kr.constexprs(layout, sizes, cfg["blocks"], cfg["Q"])
+    meta.update(_mm_meta(mm))
+    return meta
+
+
+def _gpu_call(kernel, layout, sizes, cfg, ins, specs, mm):
+    import jax_triton as jt
+    out_shape = [jax.ShapeDtypeStruct(s, d) for s, d in specs]
+    return jt.triton_call(*ins, kernel=kernel, out_shape=out_shape, grid=kr.grid(layout, sizes, cfg["blocks"]),
+                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_meta(layout, sizes, cfg, mm))
+
+
+# ---- autotuning -------------------------------------------------------------------------------------------------
+def _bucket(layout, sizes) -> str:
+    """Shape bucket: exact sizes, except the scan length rounded up to a power of two."""
+    s = dict(sizes)
+    s[layout["scan"]] = 1 << max(0, math.ceil(math.log2(max(1, s[layout["scan"]]))))
+    return ",".join(f"{d}={s[d]}" for d in sorted(s))
+
+
+def _config(kernel, layout, sizes, ins, specs, mm) -> dict:
+    if os.environ.get("SSMC_AUTOTUNE", "1") == "0":
+        return heuristic(layout, sizes)
+    gpu = jax.devices()[0].device_kind
+    dtypes = ",".join(str(jnp.dtype(x.dtype)) for x in ins)
+    src = hashlib.sha256(getattr(kernel, "src", kernel.__name__).encode()).hexdigest()
+    key = cache_key(kind="autotune", kernel=src, gpu=gpu, bucket=_bucket(layout, sizes), dtypes=dtypes,
+                    mm=str(jnp.dtype(mm)))
+    if key in _TUNED:
+        return _TUNED[key]
+    disk = DiskCache()
+    hit = disk.get(key)
+    if hit is not None and isinstance(hit.get("config"), dict):
+        cfg = hit["config"]
+    else:
+        cfg = _tune(kernel, layout, sizes, ins, specs, mm)
+        disk.put(key, {"config": cfg})
+    _TUNED[key] = cfg
+    return cfg
+
+
+def _tune(kernel, layout, sizes, ins, specs, mm) -> dict:
+    """Time every candidate on fresh random inputs of the same shapes (runs while the caller traces)."""
+    rng = np.random.default_rng(0)
+    real = [jnp.asarray(rng.uniform(-1.0, 0.0, x.shape).astype(np.float32)).astype(x.dtype) for x in ins]
+    best, best_t = None, float("inf")
+    for cfg in candidates(layout, sizes):
+        f = jax.jit(lambda *a, cfg=cfg: _gpu_call(kernel, layout, sizes, cfg, a, specs, mm))
+        try:
+            jax.block_until_ready(f(*real))
+        except Exception:  # a config that does not compile (registers, shared memory) is skipped
+            continue
+        ts = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(*real))
+            ts.append(time.perf_counter() - t0)
+        t = float(np.median(ts))
+        if t < best_t:
+            best, best_t = cfg, t
+    return best or heuristic(layout, sizes)
+
+
+# ---- the interpreter on CPU ---------------------------------------------------------------------------------------
+def _interpret(kernel, layout, sizes, cfg, ins, specs, mm):
+    meta = _meta(layout, sizes, cfg, mm)
+    grid = kr.grid(layout, sizes, cfg["blocks"])
+
+    def host(*arrays):
+        import torch
+        from triton.runtime.interpreter import InterpretedFunction
+        targs = [_to_torch(np.asarray(a)) for a in arrays]
+        touts = [torch.empty(s, dtype=_torch_dtype(d)) for s, d in specs]
+        fn = InterpretedFunction(getattr(kernel, "fn", kernel))
+        fn[grid](*targs, *touts, **meta)
+        return tuple(_from_torch(t, d) for t, (_, d) in zip(touts, specs))
+
+    shapes = tuple(jax.ShapeDtypeStruct(s, d) for s, d in specs)
+    return jax.pure_callback(host, shapes, *ins, vmap_method="sequential")
+
+
+def _torch_dtype(d):
+    import torch
+    return {jnp.dtype(jnp.float32): torch.float32, jnp.dtype(jnp.bfloat16): torch.bfloat16,
+            jnp.dtype(jnp.float16): torch.float16}[jnp.dtype(d)]
+
+
+def _to_torch(a: np.ndarray):
+    import torch
+    if a.dtype == jnp.bfloat16:
+        return torch.from_numpy(np.array(a).view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(np.array(a))  # a writable copy
+
+
+def _from_torch(t, d):
+    import torch
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.uint16).numpy().view(jnp.bfloat16)
+    return t.numpy().astype(jnp.dtype(d), copy=False)
