@@ -1,0 +1,82 @@
+"""Kernel.step: one decode step of a compiled spec, continuing from the states a previous call returned.
+
+Serving runs a prefill over the prompt (the kernel call, chunk-parallel where the spec allows it) and then a few
+tokens at a time with the states carried between calls. A step is the same spec run on a scan length of 1..8 from
+given initial states; on the XLA target that is the sequential form (the spec compiled with chunk_size=1), which
+for a handful of steps does less work than padding them to a whole chunk. Both forms compute the same recurrence
+in fp32, so a prefill of t tokens followed by s steps equals one call on t+s tokens up to rounding.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from .errors import ShapeError
+
+MAX_STEP_TOKENS = 8  # multi-token / speculative decode; longer runs are a prefill (the kernel call)
+
+
+def step_kernel(k):
+    """The kernel that runs k's steps: its spec in the sequential form on k's target (compiled once, cached)."""
+    seq = k.__dict__.get("_step_kernel")
+    if seq is None:
+        from .api import compile
+        seq = compile(k.program.source, target=k.target, chunk_size=1, matmul=k.matmul, interpret=k.interpret)
+        k.__dict__["_step_kernel"] = seq
+    return seq
+
+
+def state_dict(k, state) -> dict:
+    """step's `state` argument -> {state name: array}: a dict, the states in k.states order (a tuple or list,
+    e.g. the tail of a previous result), a single array when k has one state, or None for zero states."""
+    names = [s for s, _ in k.states]
+    if state is None:
+        return {}
+    if isinstance(state, dict):
+        return dict(state)
+    if isinstance(state, (list, tuple)):
+        if len(state) != len(names):
+            raise ShapeError(f"{k.name}.step: got {len(state)} states, expected {len(names)} ({', '.join(names)})")
+        return dict(zip(names, state))
+    if len(names) != 1:
+        raise ShapeError(f"{k.name}.step: has {len(names)} states ({', '.join(names)}); pass state as a dict "
+                         f"{{name: array}} or a tuple in that order")
+    return {names[0]: state}
+
+
+def step(k, state, args, kwargs):
+    """See Kernel.step."""
+    names = [n for n, _ in k.inputs]
+    if len(args) > len(names):
+        raise ShapeError(f"{k.name}.step: takes {len(names)} inputs ({', '.join(names)}), got {len(args)} "
+                         f"positional arguments")
+    given = dict(zip(names, args))
+    for name, x in kwargs.items():
+        if name in given:
+            raise ShapeError(f"{k.name}.step: input '{name}' given both positionally and by keyword")
+        given[name] = x
+    scan, declared = k.program.scan, dict(k.inputs)
+    single = {}  # input -> given without the scan dim (one token)
+    for name, x in given.items():
+        dims = declared.get(name)  # unknown names are left to the kernel call to report
+        if dims is None or scan not in dims:
+            continue
+        ax, rank = dims.index(scan), jnp.ndim(x)
+        if rank == len(dims) - 1:
+            given[name] = jnp.expand_dims(jnp.asarray(x), ax)
+            single[name] = True
+        elif rank == len(dims):
+            n = jnp.shape(x)[ax]
+            if not 1 <= n <= MAX_STEP_TOKENS:
+                raise ShapeError(f"{k.name}.step: input '{name}' has {n} steps along the scan dim '{scan}' (axis "
+                                 f"{ax}); a step takes 1..{MAX_STEP_TOKENS} (run a prefill through the kernel call)")
+            single[name] = False
+    if len(set(single.values())) > 1:
+        without = ", ".join(n for n, s in single.items() if s)
+        raise ShapeError(f"{k.name}.step: inputs {without} come without the scan dim '{scan}' (one token) but "
+                         f"{', '.join(n for n, s in single.items() if not s)} with it; give all of them one way")
+    res = step_kernel(k)(**given, initial_states=state_dict(k, state) or None)
+    if not any(single.values()):
+        return res
+    n_out = len(k.outs)
+    outs = tuple(jnp.squeeze(y, dims.index(scan)) for y, (_, dims) in zip(res[:n_out], k.outs))
+    return outs + tuple(res[n_out:])
