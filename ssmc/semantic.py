@@ -169,6 +169,8 @@ class _Lower:
             return v
         new = make(self.namer(hint), v.op, v.args, v.dims, v.span, **dict(v.attrs))
         self.instrs[-1] = new
+        if v.name in self.state_dep:
+            self.state_dep.add(new.name)
         return new
 
     # ---- expressions ---------------------------------------------------------------------------------

@@ -116,6 +116,22 @@ def ref_mamba2_gated(inputs, initial_states=None):
     return (y,), (s,)
 
 
+def ref_causal_conv(x, w, window=None):
+    """Causal depthwise conv along axis 1 of x[b, t, c...] with w[c..., K]: y[:, t] = sum_j w[..., j] *
+    x[:, t - (K-1) + j], the K-1 steps before t = 0 taken from window[b, K-1, c...] (zeros if None).
+    Returns (y, the last K-1 inputs of (window, x)), as a rolling buffer does it, one step at a time."""
+    x, w = _f64(x), _f64(w)
+    K = w.shape[-1]
+    buf = np.zeros((x.shape[0], K - 1) + x.shape[2:]) if window is None else _f64(window).copy()
+    y = np.zeros(x.shape)
+    for t in range(x.shape[1]):
+        buf = np.concatenate([buf, x[:, t:t + 1]], axis=1)   # oldest first, the current input last
+        for j in range(K):
+            y[:, t] += w[..., j] * buf[:, j]
+        buf = buf[:, 1:]
+    return y, buf
+
+
 def ref_mamba2_conv(inputs, initial_states=None):
     """Mamba2 mixer core with its causal conv, as mamba_ssm computes it: one depthwise conv of width K over the
     concatenated raw channels xBC = [x (h*p) | B (g*n) | C (g*n)], kept as a rolling buffer of the last K-1 raw
