@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from .errors import ShapeError, SSMCError
-from .window import derive_sizes
+from .window import derive_sizes, window_dims
 
 
 class LayerIndexError(SSMCError, IndexError):
@@ -81,6 +81,7 @@ class StateCache:
                              f"{batch_size}")
         sizes[batch_dim] = int(batch_size)
         derive_sizes(f"StateCache.create({kernel.name})", kernel.program, sizes)
+        windows = window_dims(kernel.program)
         shapes = []
         for name, dims in kernel.states:
             if batch_dim not in dims:
@@ -88,7 +89,7 @@ class StateCache:
                                  f"pass batch_dim= naming the states' batch dim")
             missing = [d for d in dims if d not in sizes]
             if missing:
-                ask = ", ".join(f"'{d}': ..." for d in missing)
+                ask = ", ".join(dict.fromkeys(f"'{windows.get(d, d)}': ..." for d in missing))  # k, not k-1
                 raise ShapeError(f"StateCache.create: the size of dim{'s' if len(missing) > 1 else ''} "
                                  f"{', '.join(missing)} of state {_decl(name, dims)} is unknown; pass "
                                  f"sizes={{{ask}}}")
@@ -132,12 +133,12 @@ class StateCache:
             if tuple(jnp.shape(x)) != want:
                 raise ShapeError(f"StateCache.update: state '{name}' for layer {i} has shape {tuple(jnp.shape(x))}, "
                                  f"expected {want} ({_decl(name, self.layout.dims[j])})")
-            states[name] = states[name].at[i].set(jnp.asarray(x).astype(self.layout.dtype))
+            states[name] = jnp.asarray(states[name]).at[i].set(jnp.asarray(x).astype(self.layout.dtype))
         n = jnp.asarray(num_tokens, jnp.int32)
         if n.ndim not in (0, 1) or (n.ndim == 1 and n.shape[0] != self.batch_size):
             raise ShapeError(f"StateCache.update: num_tokens must be an int or an int array [{self.batch_size}], "
                              f"got shape {tuple(n.shape)}")
-        return StateCache(states, self.layer_positions.at[i].add(n), self.layout)
+        return StateCache(states, jnp.asarray(self.layer_positions).at[i].add(n), self.layout)
 
     def reset(self, sequences=None) -> "StateCache":
         """Zero states and positions: of every sequence (sequences=None), or of those selected by a bool mask
