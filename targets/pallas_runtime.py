@@ -1,0 +1,194 @@
+"""Launching generated Pallas TPU kernels from JAX.
+
+The launcher lays every array out for the kernel: the dims that index programs (the plan's grid dims; a group dim
+g takes the place of its head dim h) first, then the scan dim, then the tile dims, so a program's block is the
+trailing (time, tile...) part, whole except along time. TPU blocks need their last two dims to be multiples of
+(8, 128) or whole, so a block with one trailing dim gets a unit dim (a time column [t, 1], a row [1, d]); the scan
+dim is padded (edge values, as Triton's clamped loads) to a multiple of the time block, and the padded steps are
+masked in the kernel and cut off here. Arrays indexed only by grid dims (per-head scalars: A, D, dt_bias) go to
+SMEM whole, flattened, in fp32.
+
+Grid: one "parallel" axis per grid dim, then the time blocks (chunks, or blocks of steps in the sequential form)
+as the last, "arbitrary" axis; the state stays in VMEM scratch across it. The index_map of a group-indexed input
+reads group i_h // (H/G). interpret=True runs the same pallas_call in Pallas' TPU interpreter on CPU.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from . import kernel_runtime as kr
+from .kernel_body import dim_id
+from .kernel_runtime import align, group_rmsnorm, to_declared  # noqa: F401  (used by generated launchers)
+
+dim_sizes = kr.dim_sizes
+
+SEQ_BLOCK = 128  # time steps per grid step of the sequential form (a multiple of 16: bf16 sublane tiles)
+
+
+# ---- the kernel-side layout of an array (shared with the emitter) ------------------------------------------------
+def kernel_layout(grid, tile, scan, groups: dict, dims) -> tuple[list, list, str]:
+    """(outer dims, inner dims, kind) of an array with declared `dims` inside the kernel's call.
+    outer: grid dims (or the group dim standing for its head dim), in grid order, squeezed out of the block;
+    inner: the scan dim then tile dims (the block); kind: how the inner part is shaped in memory:
+    "full" (rank >= 2 as is), "tcol" ([t, 1]), "row" ([1, d]), "scalar" (no inner dims)."""
+    h_to_g = {h: g for g, h in groups.items()}
+    outer = []
+    for d in grid:
+        if d in dims:
+            outer.append(d)
+        elif d in h_to_g and h_to_g[d] in dims:
+            outer.append(h_to_g[d])
+    inner = ([scan] if scan in dims else []) + [d for d in tile if d in dims]
+    if len(inner) >= 2:
+        kind = "full"
+    elif inner == [scan]:
+        kind = "tcol"
+    elif inner:
+        kind = "row"
+    else:
+        kind = "scalar"
+    return outer, inner, kind
+
+
+def _layout_of(layout, name):
+    return kernel_layout(layout["grid"], layout["tile"], layout["scan"], layout["groups"], layout["arrays"][name])
+
+
+def time_block(layout: dict, T: int) -> int:
+    if layout["form"] == "chunked":
+        return layout["Q"]
+    return min(SEQ_BLOCK, -(-T // 16) * 16)
+
+
+def _inner_shape(inner, kind, sizes, tb, scan):
+    shp = [tb if d == scan else sizes[d] for d in inner]
+    if kind == "tcol":
+        return shp + [1]
+    if kind == "row":
+        return [1] + shp
+    if kind == "scalar":
+        return [1, 1]
+    return shp
+
+
+def _to_kernel(x, dims, outer, inner, kind, sizes, scan, Tp):
+    """Declared array -> the kernel's layout [outer..., inner (+ unit dims)], scan dim padded to Tp."""
+    order = [dims.index(d) for d in outer + inner]
+    x = jnp.transpose(x, order) if order != list(range(len(dims))) else x
+    if scan in inner and Tp != sizes[scan]:
+        ax = len(outer)
+        pad = [(0, 0)] * x.ndim
+        pad[ax] = (0, Tp - sizes[scan])
+        x = jnp.pad(x, pad, mode="edge")
+    if kind == "scalar":
+        return x.reshape(-1).astype(jnp.float32) if x.ndim else x.reshape(1).astype(jnp.float32)
+    if kind == "tcol":
+        return x[..., None]
+    if kind == "row":
+        return x[..., None, :]
+    return x
+
+
+def _from_kernel(y, dims, outer, inner, sizes, scan, Tp):
+    """Kernel-layout output -> declared dims (unit dims dropped, padding cut)."""
+    y = y.reshape(tuple(sizes[d] for d in outer) + tuple(Tp if d == scan else sizes[d] for d in inner))
+    if scan in inner and Tp != sizes[scan]:
+        y = lax.slice_in_dim(y, 0, sizes[scan], axis=len(outer))
+    cur = outer + inner
+    order = [cur.index(d) for d in dims]
+    return jnp.transpose(y, order) if order != list(range(len(dims))) else y
+
+
+def _index_map(layout, sizes, outer, inner, kind):
+    grid, groups, scan = layout["grid"], layout["groups"], layout["scan"]
+    picks = []
+    for d in outer:
+        if d in groups:  # a group dim: head i reads group i // (H/G)
+            h = groups[d]
+            picks.append((grid.index(h), sizes[h] // sizes[d]))
+        else:
+            picks.append((grid.index(d), 1))
+    n_inner = 2 if kind in ("tcol", "row", "scalar") else len(inner)
+    t_pos = None
+    if scan in inner:
+        t_pos = inner.index(scan) + (1 if kind == "row" else 0)
+
+    def index_map(*ids):
+        out = [ids[j] // r if r != 1 else ids[j] for j, r in picks]
+        out += [ids[-1] if k == t_pos else 0 for k in range(n_inner)]
+        return tuple(out)
+    return index_map
+
+
+def _compiler_params(n_grid):
+    sem = ("parallel",) * n_grid + ("arbitrary",)
+    return pltpu.CompilerParams(dimension_semantics=sem)
+
+
+def launch(kernel, layout, arrays, sizes, *, mm, out_dtype, interpret=False):
+    scan = layout["scan"]
+    T = sizes[scan]
+    tb = time_block(layout, T)
+    nT = max(1, -(-T // tb))
+    Tp = nT * tb
+    grid = tuple(sizes[d] for d in layout["grid"]) + (nT,)
+    ins, in_specs = [], []
+    for name in layout["inputs"]:
+        dims = layout["arrays"][name]
+        outer, inner, kind = _layout_of(layout, name)
+        x = jnp.asarray(arrays[name])
+        ins.append(_to_kernel(x, dims, outer, inner, kind, sizes, scan, Tp))
+        if kind == "scalar":
+            in_specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))
+        else:
+            block = [None] * len(outer) + _inner_shape(inner, kind, sizes, tb, scan)
+            in_specs.append(pl.BlockSpec(tuple(block), _index_map(layout, sizes, outer, inner, kind)))
+    out_shapes, out_specs, outs_meta, scratch = [], [], [], []
+    for name, kind_, dims in layout["stores"]:
+        outer, inner, kind = _layout_of(layout, name)
+        dtype = out_dtype if kind_ == "out" else jnp.float32
+        shape = tuple(sizes[d] for d in outer) + tuple(_inner_shape(inner, kind, sizes, Tp, scan))
+        out_shapes.append(jax.ShapeDtypeStruct(shape, dtype))
+        block = [None] * len(outer) + _inner_shape(inner, kind, sizes, tb, scan)
+        out_specs.append(pl.BlockSpec(tuple(block), _index_map(layout, sizes, outer, inner, kind)))
+        outs_meta.append((dims, outer, inner))
+        if kind_ == "state":  # the running state: VMEM scratch, resident across the time axis
+            scratch.append(pltpu.VMEM(tuple(_inner_shape(inner, kind, sizes, tb, scan)), jnp.float32))
+    meta = {f"N_{dim_id(d)}": sizes[d] for d in layout["dims"]}
+    meta.update({f"BLOCK_{dim_id(d)}": sizes[d] for d in layout["tile"]})
+    meta["Q" if layout["form"] == "chunked" else "TB"] = tb
+    mm = jnp.dtype(mm)
+    meta["MM"] = mm
+    meta["PREC"] = lax.Precision.HIGHEST if mm == jnp.float32 else lax.Precision.DEFAULT
+    call = pl.pallas_call(
+        functools.partial(kernel, **meta),
+        grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shapes, scratch_shapes=scratch,
+        compiler_params=_compiler_params(len(layout["grid"])),
+        interpret=pltpu.InterpretParams() if interpret else False,
+        name=getattr(kernel, "__name__", "ssmc_kernel"))
+    res = call(*ins)
+    return [_from_kernel(y, dims, outer, inner, sizes, scan, Tp) for y, (dims, outer, inner) in zip(res, outs_meta)]
+
+
+# ---- in-kernel helpers (traced inside the kernel; each lowers with Mosaic) ----------------------------------------
+def tril(n: int):
+    """[n, n] boolean: row >= column (2-D iotas: Mosaic has no 1-D iota of its own)."""
+    return lax.broadcasted_iota(jnp.int32, (n, n), 0) >= lax.broadcasted_iota(jnp.int32, (n, n), 1)
+
+
+def cumsum0(x):
+    """Inclusive cumulative sum along axis 0 as a lower-triangular matmul (no cumsum lowering on TPU), fp32."""
+    n = x.shape[0]
+    if x.ndim == 1:
+        return jnp.sum(jnp.where(tril(n), x[None, :], 0.0), axis=1)
+    flat = x.reshape(n, math.prod(x.shape[1:])) if x.ndim > 2 else x
+    out = lax.dot_general(tril(n).astype(jnp.float32), flat, (((1,), (0,)), ((), ())),
+                          precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    return out.reshape(x.shape) if x.ndim > 2 else out

@@ -1,0 +1,254 @@
+"""Pallas TPU target: one `pl.pallas_call` kernel per program plus a JAX launcher (Mosaic on TPUs, Pallas' TPU
+interpreter on CPU with interpret=True).
+
+The grid has one "parallel" axis per grid dim of the kernel plan (batch, heads) and, last, an "arbitrary" axis over
+time blocks: the chunks of the chunk-parallel form, or blocks of steps that the sequential form walks one step at a
+time in a `lax.fori_loop`. The running state lives in VMEM scratch across the time axis: set at the first block
+(from the initial state, zeros unless given), written to the final-state output at the last. Each chunk runs the
+IR's stages back to back on VMEM blocks (the same tile body as the Triton target, kernel_body.py): dt prologue,
+in-chunk cumulative decay (a lower-triangular matmul), the in-chunk quadratic part and state contractions on the
+MXU (`lax.dot_general` with fp32 accumulation), D skip / gate epilogue, the fused state update. A group-indexed
+input (B, C of Mamba2) is read through its BlockSpec's index_map (head i reads group i // (H/G)), never repeated.
+"""
+from __future__ import annotations
+
+from ssmc.ir import Program
+
+from .kernel_body import Dialect, TileEmitter, dim_id
+from .kernel_launch import LauncherWriter
+from .kernel_plan import plan_kernel
+from .pallas_runtime import kernel_layout
+
+
+class PallasDialect(Dialect):
+    """jax.numpy spellings (the defaults), with what Mosaic lowers for matmuls, causal masks and cumsum."""
+
+    def dot(self, a, b, ca, cb):
+        return (f"lax.dot_general(({a}).astype(MM), ({b}).astype(MM), ((({ca},), ({cb},)), ((), ())), "
+                f"precision=PREC, preferred_element_type=jnp.float32)")
+
+    def cumsum0(self, x, ndim):
+        return f"rt.cumsum0({x})"
+
+    def causal(self, strict):
+        return "TRIL_STRICT" if strict else "TRIL"
+
+    def needs_mask(self, d):
+        return False  # tile dims are whole blocks: nothing past the end inside a program
+
+
+class PallasTpuTarget:
+    name = "tpu"
+    kernels = True          # emits kernels; takes interpret=
+    declared_layout = True  # the launcher takes and returns arrays as declared (any dtype), not in IR layout
+
+    def pipeline(self, chunk_size: int | None) -> str:
+        # Chunks are time blocks of the kernel: a multiple of 8 rows (TPU sublanes); 1 still means sequential.
+        size = chunk_size or 0
+        if size > 1:
+            size = -(-size // 8) * 8
+        return f"expand-groups{{mode=index}},classify,chunk{{size={size},elementwise=sequential," \
+               f"scalar=128}},fuse,dce"
+
+    def emit(self, p: Program, pipeline: str = "") -> str:
+        plan = plan_kernel(p, self.name)
+        return PallasEmitter(plan, pipeline).emit()
+
+
+class PallasEmitter(LauncherWriter):
+    target = "tpu"
+    runtime = "pallas_runtime"
+    imports = ("from jax.experimental import pallas as pl",)
+
+    def layout_of(self, name):
+        k = self.plan
+        dims = self.arrays()[name]
+        return kernel_layout(k.grid, k.tile, k.scan, k.group_of, dims)
+
+    def kernel(self):
+        k, w = self.plan, self.w
+        body = TileEmitter(k, PallasDialect(), w, self.pn)
+        self.body = body
+        ins = [f"{self.pn(i.name)}_ref" for i in k.inputs + k.states]
+        outs = [f"{n}_ref" for n in self.store_names()]
+        self.scratch = {s: f"{self.pn('%' + s)}_scr" for kind, s, _ in k.stores if kind == "state"}
+        meta = [f"N_{dim_id(d)}" for d in k.p.dims if "#" not in d] + [f"BLOCK_{dim_id(d)}" for d in k.tile]
+        meta += ["Q" if k.form == "chunked" else "TB", "MM", "PREC"]
+        with w.block(f"def {self.kernel_name}({', '.join(ins + outs + list(self.scratch.values()))}, *, "
+                     f"{', '.join(meta)}):"):
+            self.program_ids()
+            self.init_states()
+            self.static_loads_and_values(body)
+            if k.form == "chunked":
+                self.chunk(body)
+            else:
+                self.steps(body)
+            self.final_states()
+
+    # ---- program ids ------------------------------------------------------------------------------------
+    def program_ids(self):
+        k, w = self.plan, self.w
+        what = "chunk" if k.form == "chunked" else f"block of TB steps"
+        w(f"# one program per ({', '.join(k.grid) or 'whole problem'}); the last grid axis walks the sequence, one "
+          f"{what} per step, in order")
+        for j, d in enumerate(k.grid):
+            w(f"i_{dim_id(d)} = pl.program_id({j})")
+        w(f"i_chunk = pl.program_id({len(k.grid)})")
+        for g, h in k.group_of.items():
+            if any(g in i.dims for i in k.inputs):
+                w(f"i_{dim_id(g)} = i_{dim_id(h)} // (N_{dim_id(h)} // N_{dim_id(g)})  # head {h} reads group {g}")
+
+    # ---- loads and stores -------------------------------------------------------------------------------
+    def ref_of(self, leaf) -> str:
+        return f"{self.pn(leaf.name)}_ref"
+
+    def read(self, ref, name, step: str | None = None) -> str:
+        """A block (or, with `step`, one time step of it) as a value of the tile axes the body expects."""
+        outer, inner, kind = self.layout_of(name)
+        if kind == "scalar":  # SMEM, flattened over its grid dims
+            idx, stride = [], ""
+            for d in reversed(outer):
+                idx.insert(0, f"i_{dim_id(d)}{stride}")
+                stride = f"{stride} * N_{dim_id(d)}" if stride else f" * N_{dim_id(d)}"
+            return f"{ref}[{' + '.join(idx) or '0'}]"
+        if step is not None and self.plan.scan in inner:
+            if kind == "tcol":
+                return f"{ref}[{step}, 0]"
+            return f"{ref}[{step}]"
+        return {"tcol": f"{ref}[:, 0]", "row": f"{ref}[0, :]", "full": f"{ref}[...]"}[kind]
+
+    def write(self, ref, name, value, step: str | None = None):
+        outer, inner, kind = self.layout_of(name)
+        if step is not None and self.plan.scan in inner:
+            if kind == "tcol":
+                self.w(f"{ref}[pl.ds({step}, 1), :] = jnp.broadcast_to({value}, (1, 1)).astype({ref}.dtype)")
+            else:
+                rest = ", :" * (len(inner) - 1)
+                self.w(f"{ref}[pl.ds({step}, 1){rest}] = ({value})[None].astype({ref}.dtype)")
+            return
+        v = {"tcol": f"({value})[:, None]", "row": f"({value})[None, :]", "full": f"{value}",
+             "scalar": f"jnp.broadcast_to({value}, (1, 1))"}[kind]
+        self.w(f"{ref}[...] = {v}.astype({ref}.dtype)")
+
+    def load(self, leaf, step=None):
+        body = self.body
+        name = leaf.attr("array") or leaf.attr("state")
+        body.bind(leaf.name, f"{self.read(self.ref_of(leaf), name, step)}.astype(jnp.float32)",
+                  body.axes_of(leaf.dims))
+
+    def store(self, kind, name, value, step=None):
+        body = self.body
+        dims = self.store_dims(kind, name, value)
+        axes = body.axes_of(dims)
+        e, ax = body.get(value)
+        if ax != axes:
+            e = body.reorder(e, ax, axes)
+        self.write(f"{self.store_var(kind, name)}_ref", self.store_var(kind, name), e, step)
+
+    # ---- state ------------------------------------------------------------------------------------------
+    def init_states(self):
+        k, w = self.plan, self.w
+        if not k.states:
+            return
+        w("@pl.when(i_chunk == 0)")
+        with w.block("def _init():"):
+            w("# the state starts from the initial state (zeros unless given), in fp32 VMEM scratch")
+            for s in k.states:
+                S = s.attr("state")
+                w(f"{self.scratch[S]}[...] = {self.ref_of(s)}[...].astype(jnp.float32)")
+
+    def state_value(self, S) -> str:
+        return self.read(self.scratch[S], f"{S}_final")
+
+    def save_states(self):
+        for s in self.plan.states:
+            S = s.attr("state")
+            self.write(self.scratch[S], f"{S}_final", self.body.state_var[S])
+
+    def final_states(self):
+        k, w = self.plan, self.w
+        if not k.states:
+            return
+        n = len(k.grid)
+        w(f"@pl.when(i_chunk == pl.num_programs({n}) - 1)")
+        with w.block("def _final():"):
+            w("# stage output: final states")
+            for kind, name, v in k.stores:
+                if kind == "state":
+                    w(f"{self.store_var(kind, name)}_ref[...] = {self.scratch[name]}[...]")
+
+    def static_loads_and_values(self, body):
+        k, w = self.plan, self.w
+        static = [i for i in k.inputs if k.scan not in i.dims]
+        if static:
+            w("# inputs without the scan dim (their blocks stay resident across the sequence)")
+        for leaf in static:
+            self.load(leaf)
+        for i in k.hoisted:
+            body.instr(i)
+        for kind, name, v in k.stores:  # values without the scan dim that the post-kernel code reads
+            if kind == "tmp" and k.scan not in self.store_dims(kind, name, v) and v in body.vals:
+                self.store(kind, name, v)
+        for s in k.states:
+            S = s.attr("state")
+            body.state_var[S] = f"state_{self.pn(s.name)}"
+            body.vals[s.name] = (body.state_var[S], body.state_axes(S))
+
+    def timed_stores(self, step=None):
+        k = self.plan
+        for kind, name, v in k.stores:
+            if kind != "state" and k.scan in self.store_dims(kind, name, v):
+                self.store(kind, name, v, step)
+
+    def chunk(self, body):
+        k, w = self.plan, self.w
+        w("TRIL = rt.tril(Q)  # [t, s]: s <= t")
+        if any(i.op == "chunk.output" and i.attr("when") == "prev" for i in k.body):
+            w("TRIL_STRICT = jnp.logical_not(rt.tril(Q).T)  # [t, s]: s < t")
+        w(f"valid = i_chunk * Q + lax.iota(jnp.int32, Q) < N_{dim_id(k.scan)}  # steps past the end are padding")
+        for s in k.states:
+            S = s.attr("state")
+            w(f"{body.state_var[S]} = {self.state_value(S)}  # the state entering this chunk")
+        for leaf in (i for i in k.inputs if k.scan in i.dims):
+            self.load(leaf)
+        stage = None
+        for i in k.body:
+            st = i.attr("stage")
+            if st != stage:
+                w(f"# stage {st}")
+                stage = st
+            body.instr(i)
+        self.timed_stores()
+        for i in k.body:
+            if i.op == "chunk.states":
+                w(f"# stage chunk_state + state_passing ({i.attr('state')})")
+                body.state_update(i)
+        self.save_states()
+
+    def steps(self, body):
+        k, w = self.plan, self.w
+        svars = [body.state_var[s.attr("state")] for s in k.states]
+        carry = ", ".join(svars) + ("," if len(svars) == 1 else "")
+        with w.block("def step(t_i, carry):"):
+            if svars:
+                w(f"{carry} = carry")
+            w(f"valid = i_chunk * TB + t_i < N_{dim_id(k.scan)}  # steps past the end are padding")
+            for leaf in (i for i in k.inputs if k.scan in i.dims):
+                self.load(leaf, "t_i")
+            w("# stage step")
+            for i in k.body:
+                body.instr(i)
+            self.timed_stores("t_i")
+            kept = {v: f"{v}_kept" for v in svars}
+            for v in svars:
+                w(f"{v}_kept = {v}")
+            body.step_updates()
+            for v in svars:
+                w(f"{v} = jnp.where(valid, {v}, {v}_kept)  # padding leaves the state as it is")
+            w(f"return ({carry})" if svars else "return carry")
+        init = ", ".join(self.state_value(s.attr("state")) for s in k.states) + ("," if len(svars) == 1 else "")
+        if svars:
+            w(f"{carry} = lax.fori_loop(0, TB, step, ({init}))")
+            self.save_states()
+        else:
+            w("lax.fori_loop(0, TB, step, 0)")
