@@ -69,6 +69,8 @@ def compile(spec, target: str = "xla", chunk_size: int | None = None, dump: bool
     if interpret and not getattr(tgt, "kernels", False):
         raise SSMCError(f"interpret=True applies to the kernel targets (triton, tpu); target '{tgt.name}' runs "
                         f"through XLA on any backend")
+    if hasattr(tgt, "prepare"):
+        tgt.prepare(bool(interpret))
     dump_dir = _dump_dir(dump)
     mkey = (text, tgt.name, chunk_size, matmul, bool(interpret))
     with _LOCK:

@@ -52,11 +52,15 @@ class LauncherWriter:
             out[self.store_var(kind, name)] = self.store_dims(kind, name, v)
         return out
 
+    def dims(self) -> list[str]:
+        """Dims of the arrays the kernel reads or writes (its size constants)."""
+        used = {d for ds in self.arrays().values() for d in ds}
+        return [d for d in self.plan.p.dims if d in used]
+
     def constexprs(self) -> list[str]:
         from .kernel_body import dim_id
         k = self.plan
-        dims = [d for d in k.p.dims if "#" not in d]
-        cs = [f"N_{dim_id(d)}" for d in dims] + [f"BLOCK_{dim_id(d)}" for d in k.tile]
+        cs = [f"N_{dim_id(d)}" for d in self.dims()] + [f"BLOCK_{dim_id(d)}" for d in k.tile]
         if k.form == "chunked":
             cs.append("Q")
         cs += ["MM", "PREC"]
@@ -85,7 +89,7 @@ class LauncherWriter:
         leaves = k.inputs + k.states
         params = [(self.pn(i.name), i.attr("array") or i.attr("state"), i.op, ",".join(k.decl[i.attr("array") or
                                                                                           i.attr("state")]))
-                  for i in [x for x in p.instrs if x.op in ("input", "state")]]
+                  for i in [x for x in p.instrs if x.op in ("input", "window", "state")]]
         w(f"PARAMS = {params!r}")
         rets = [("out", o.name, ",".join(o.dims)) for o in p.outs] + [("state", s.name, ",".join(s.dims))
                                                                       for s in p.states]
@@ -93,7 +97,7 @@ class LauncherWriter:
         layout = {
             "form": k.form, "scan": k.scan, "Q": k.Q, "grid": list(k.grid), "tile": list(k.tile),
             "split": list(k.split), "groups": dict(k.group_of),
-            "dims": [d for d in p.dims if "#" not in d],
+            "dims": self.dims(),
             "inputs": [i.attr("array") or i.attr("state") for i in leaves],
             "arrays": {a: list(d) for a, d in self.arrays().items()},
             "stores": [[self.store_var(kind, name), kind, list(self.store_dims(kind, name, v))]
@@ -117,9 +121,10 @@ class LauncherWriter:
         w("# mm: matmul operand dtype (fp32, or the inputs' bf16/fp16); out_dtype: dtype of the outs")
         with w.block(f"def {py_name('%' + k.p.name)}({args}, *, mm=jnp.float32, out_dtype=jnp.float32, "
                      f"interpret=False):"):
-            given = {i.attr("array") or i.attr("state"): self.pn(i.name) for i in leaves}
             by_name = {b: a for a, b, *_ in params}
-            w(f"arrays = {{{', '.join(f'{n!r}: {by_name[n]}' for n in given)}}}")
+            self.pre(by_name)
+            given = {i.attr("array") or i.attr("state"): self.pn(i.name) for i in leaves}
+            w(f"arrays = {{{', '.join(f'{n!r}: {by_name.get(n, n)}' for n in given)}}}")
             w("sizes = rt.dim_sizes(LAYOUT, arrays)")
             outs = ", ".join(self.store_names())
             w(f"{outs}, = rt.launch({self.kernel_name}, LAYOUT, arrays, sizes, mm=mm, out_dtype=out_dtype, "
@@ -133,8 +138,43 @@ class LauncherWriter:
                     res.append(f"rt.to_declared({self.pn(v)}, {list(by[v].dims)!r}, {list(o.dims)!r}, out_dtype)")
                 else:
                     res.append(o.name)
-            res += [f"{s.name}_final" for s in k.p.states]
+            for s in k.p.states:
+                v = by.get(f"final.{s.name}")
+                if v is not None and by[v.args[0]].op in ("conv.window",):
+                    res.append(f"rt.to_declared({self.pn(v.args[0])}, {list(by[v.args[0]].dims)!r}, "
+                               f"{list(s.dims)!r}, jnp.float32)")
+                else:
+                    res.append(f"{s.name}_final")
             w(f"return {', '.join(res)}")
+
+    def pre(self, by_name):
+        """Causal convs before the kernel (they read the steps before each chunk, from their window state)."""
+        k, w = self.plan, self.w
+        if not k.pre:
+            return
+        by = k.by()
+        w("# stage prologue (before the kernel): causal convs over the scan dim, with their window states")
+
+        def arr(a, to):
+            i = by[a]
+            name = by_name[i.attr("array") or i.attr("state")]
+            return f"rt.align({name}, {list(k.decl[i.attr('array') or i.attr('state')])!r}, {list(to)!r})"
+
+        for i in k.pre:
+            x, *rest = i.args
+            xd = by[x].dims
+            win = arr(rest[-1], [d if d != k.scan else by[rest[-1]].attr("dim") for d in xd])
+            ax = xd.index(k.scan)
+            if i.op == "conv":
+                kd = i.attr("k")
+                wt = arr(rest[0], list(xd) + [kd])  # aligned to x, taps last
+                w(f"{self.pn(i.name)} = rt.causal_conv({arr(x, xd)}, {ax}, {win}, {wt})  # causal conv over "
+                  f"{k.scan}, window {kd}")
+            else:
+                w(f"{self.pn(i.name)} = rt.conv_window({arr(x, xd)}, {ax}, {win})  # the last inputs, carried on")
+        for i in k.inputs:
+            if by[i.name].op == "conv":
+                by_name[i.attr("array")] = self.pn(i.name)
 
     def post(self, given):
         """Instructions after the kernel, in jax.numpy over named dims (kernel outputs are in IR dims)."""

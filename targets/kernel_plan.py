@@ -15,11 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ssmc.errors import TargetError
-from ssmc.ir import Instr, Program, union_dims
+from ssmc.ir import Instr, Program, make, union_dims
 from ssmc.passes.chunk import chunk_dim
 from ssmc.passes.chunk_ops import STAGE_OPS, decode
 
-LOOP_STAGES = ("prologue", "cumsum", "chunk_state", "state_passing", "chunk_output", "epilogue", "step")
+from .writer import py_name
+
+PRE_OPS = ("conv", "conv.window")
 
 
 @dataclass
@@ -39,6 +41,7 @@ class KernelPlan:
     post: list[Instr]                           # after the kernel, over the kernel's written values
     stores: list[tuple[str, str, tuple]]        # (kind: out|state|tmp, name, IR value) the kernel writes
     decl: dict[str, tuple[str, ...]] = field(default_factory=dict)  # array/state name -> declared dims
+    pre: list[Instr] = field(default_factory=list)  # before the kernel (causal convs and their windows)
 
     def by(self) -> dict[str, Instr]:
         return self.p.by_name()
@@ -66,6 +69,7 @@ def plan_kernel(p: Program, target: str) -> KernelPlan:
     scan, cd = p.scan, chunk_dim(p.scan)
     group_of = dict(p.groups)
     h_of = {g: h for g, h in p.groups}
+    users = p.users()
     chunked = any(i.op in STAGE_OPS for i in p.instrs)
     form = "chunked" if chunked else "sequential"
     Q = next((i.attr("chunk") for i in p.instrs if i.op == "chunk.cumsum"), None)
@@ -84,9 +88,12 @@ def plan_kernel(p: Program, target: str) -> KernelPlan:
     for i in p.instrs:
         if i.name not in post_names:
             summed |= mapped(_summed(i, by))
-    timed = [i for i in p.instrs if i.op == "input" and scan in i.dims]
+    timed = [i for i in p.instrs if i.op in ("input",) + PRE_OPS[:1] and scan in i.dims]
     batch = set.intersection(*(mapped(i.dims) for i in timed)) - {scan} if timed else set()
-    special = {scan, cd} | set(group_of)
+    # only dims of values the kernel computes count (a conv's window dims live before the kernel)
+    kdims = set().union(*(set(i.dims) for i in p.instrs if i.op not in PRE_OPS + ("window", "final")
+                          and not (i.op == "input" and all(u.op in PRE_OPS for u in users.get(i.name, [])))))
+    special = {scan, cd} | set(group_of) | (set(p.dims) - mapped(kdims))
     tile = tuple(d for d in p.dims if d not in special and (d in summed or d not in batch))
     grid = tuple(d for d in p.dims if d not in special and d not in tile)
     split = tuple(d for d in tile if d not in summed)
@@ -94,18 +101,24 @@ def plan_kernel(p: Program, target: str) -> KernelPlan:
         if h in tile:
             raise TargetError(f"{target} target: `group {g} -> {h}` needs '{h}' to index kernel programs, but the "
                               f"program sums over '{h}' or keeps it whole; use target='xla'")
-    for i in p.instrs:
-        if i.op == "expand" and by[i.args[0]].op != "input":
-            raise TargetError(f"{target} target: a group-indexed value computed in the spec ({i.args[0]}) is read "
-                              f"per head; only `in` arrays may be group-indexed here (use target='xla')")
-    inputs = [i for i in p.instrs if i.op == "input"]
+    # a causal conv needs the steps before each chunk (its window): it runs before the kernel, in XLA, and its
+    # result enters the kernel like an input
+    pre = [i for i in p.instrs if i.op in PRE_OPS]
+    decl = {a.name: a.dims for a in p.inputs + p.states + p.outs}
+    conv_in = []
+    for i in pre:
+        if i.op == "conv":
+            conv_in.append(make(i.name, "input", (), i.dims, i.span, array=py_name(i.name)))
+            decl[py_name(i.name)] = i.dims
+    read = {a for i in p.instrs if i.op not in PRE_OPS for a in i.args}
+    inputs = [i for i in p.instrs if i.op == "input" and i.name in read] + conv_in
     states = [i for i in p.instrs if i.op == "state"]
     hoisted, body, post = [], [], []
     varies: dict[str, bool] = {}  # depends on the scan position or on a state
     for i in p.instrs:
         varies[i.name] = (scan in i.dims or i.op in STAGE_OPS + ("state",)
                           or any(varies.get(a, False) for a in i.args))
-        if i.op in ("input", "state", "const", "out", "final", "update"):
+        if i.op in ("input", "state", "window", "const", "out", "final", "update") + PRE_OPS:
             continue
         if i.name in post_names:
             post.append(i)
@@ -121,11 +134,11 @@ def plan_kernel(p: Program, target: str) -> KernelPlan:
             stores.append(("out", o.name, v))
     for s in p.states:
         sink = by.get(f"final.{s.name}") or by[f"update.{s.name}"]
-        stores.append(("state", s.name, sink.args[0]))
+        if by[sink.args[0]].op not in PRE_OPS:  # a conv window's final value comes from the pre-kernel code
+            stores.append(("state", s.name, sink.args[0]))
     for v in sorted(used_post - post_names, key=[i.name for i in p.instrs].index):
         if by[v].op not in ("const", "input"):  # inputs reach the post-kernel code directly
             stores.append(("tmp", v, v))
-    decl = {a.name: a.dims for a in p.inputs + p.states + p.outs}
     return KernelPlan(p, form, scan, Q, grid, tile, split, group_of, inputs, states, hoisted, body, post, stores,
-                      decl)
+                      decl, pre)
 

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .kernel_body import dim_id
+from .xla_runtime import causal_conv, conv_window  # noqa: F401  (pre-kernel convs of generated launchers)
 
 
 def dim_sizes(layout: dict, arrays: dict) -> dict[str, int]:

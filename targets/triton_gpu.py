@@ -80,6 +80,11 @@ class TritonTarget:
         return f"expand-groups{{mode=index}},classify,chunk{{size={chunk_size or 0},elementwise=sequential," \
                f"scalar=64}},fuse,dce"
 
+    def prepare(self, interpret: bool):
+        if interpret:
+            from .triton_runtime import prepare_interpret
+            prepare_interpret()
+
     def emit(self, p: Program, pipeline: str = "") -> str:
         plan = plan_kernel(p, self.name)
         return TritonEmitter(plan, pipeline).emit()

@@ -21,7 +21,7 @@ import numpy as np
 from ssmc.cache import DiskCache, cache_key
 
 from . import kernel_runtime as kr
-from .kernel_runtime import align, group_rmsnorm, to_declared  # noqa: F401  (used by generated launchers)
+from .kernel_runtime import align, causal_conv, conv_window, group_rmsnorm, to_declared  # noqa: F401  (used by generated launchers)
 
 dim_sizes = kr.dim_sizes
 _TUNED: dict[str, dict] = {}
@@ -138,8 +138,26 @@ def _tune(kernel, layout, sizes, ins, specs, mm) -> dict:
 
 
 # ---- the interpreter on CPU ---------------------------------------------------------------------------------------
+def prepare_interpret():
+    """Triton's interpreter only runs when TRITON_INTERPRET=1 is set before triton is imported (its own library
+    functions are built at import). Set it if triton is not imported yet; otherwise say what to do."""
+    import sys
+    if "triton" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "1"
+        return
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    if not isinstance(tl.sum, InterpretedFunction):
+        from ssmc.errors import TargetError
+        raise TargetError("triton target with interpret=True: triton was imported before interpret mode was "
+                          "requested; set TRITON_INTERPRET=1 in the environment (or compile with interpret=True "
+                          "before importing triton)")
+
+
 def _interpret(kernel, layout, sizes, cfg, ins, specs, mm):
-    meta = _meta(layout, sizes, cfg, mm)
+    # Triton 3.6's interpreter gets tl.dot on bf16/fp16 operands wrong (garbage; its casts to bf16 also truncate
+    # rather than round), so interpreted kernels feed their matmuls fp32 operands; the GPU runs the real path.
+    meta = _meta(layout, sizes, cfg, jnp.float32)
     grid = kr.grid(layout, sizes, cfg["blocks"])
 
     def host(*arrays):

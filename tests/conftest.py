@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 os.environ["JAX_PLATFORMS"] = "cpu"          # before jax is imported anywhere
+os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run in its CPU interpreter (before triton is imported)
 
 import functools
 
