@@ -187,6 +187,9 @@ def zero_states_for_unsized(k, sizes: dict) -> dict:
     """Zero initial states for the states with a dim no input carries (their size comes only from the state)."""
     import jax.numpy as jnp
 
-    covered = {d for _, dims in k.inputs for d in dims}
+    from .window import window_dims
+
+    # conv window dims are sized by the kernel from the conv weight
+    covered = {d for _, dims in k.inputs for d in dims} | set(window_dims(k.program))
     return {n: jnp.zeros(tuple(sizes[d] for d in dims), jnp.float32)
             for n, dims in k.states if not set(dims) <= covered}
