@@ -29,6 +29,10 @@ from .kernel_runtime import align, group_rmsnorm, to_declared  # noqa: F401  (us
 
 dim_sizes = kr.dim_sizes
 
+
+def __getattr__(name):  # the launcher helpers every kernel target shares (pre-/post-kernel code)
+    return getattr(kr, name)
+
 SEQ_BLOCK = 128  # time steps per grid step of the sequential form (a multiple of 16: bf16 sublane tiles)
 
 
@@ -121,7 +125,8 @@ def _index_map(layout, sizes, outer, inner, kind):
         t_pos = inner.index(scan) + (1 if kind == "row" else 0)
 
     def index_map(*ids):
-        out = [ids[j] // r if r != 1 else ids[j] for j, r in picks]
+        # lax.div, not //: a signed floor division lowers through sign, which Mosaic lowers only with a TPU attached
+        out = [lax.div(ids[j], r) if r != 1 else ids[j] for j, r in picks]
         out += [ids[-1] if k == t_pos else 0 for k in range(n_inner)]
         return tuple(out)
     return index_map

@@ -22,6 +22,8 @@ from .pallas_runtime import kernel_layout
 
 class PallasDialect(Dialect):
     """jax.numpy spellings (the defaults), with what Mosaic lowers for matmuls, causal masks and cumsum."""
+    # jnp.sign's Mosaic lowering asks the attached TPU for its generation (no lowering without one): compare instead
+    UNARY = {**Dialect.UNARY, "sign": "jnp.where({0} > 0, 1.0, jnp.where({0} < 0, -1.0, 0.0))"}
 
     def dot(self, a, b, ca, cb):
         return (f"lax.dot_general(({a}).astype(MM), ({b}).astype(MM), ((({ca},), ({cb},)), ((), ())), "
@@ -72,7 +74,8 @@ class PallasEmitter(LauncherWriter):
         ins = [f"{self.pn(i.name)}_ref" for i in k.inputs + k.states]
         outs = [f"{n}_ref" for n in self.store_names()]
         self.scratch = {s: f"{self.pn('%' + s)}_scr" for kind, s, _ in k.stores if kind == "state"}
-        meta = [f"N_{dim_id(d)}" for d in k.p.dims if "#" not in d] + [f"BLOCK_{dim_id(d)}" for d in k.tile]
+        dims = self.dims() if hasattr(self, "dims") else [d for d in k.p.dims if "#" not in d]
+        meta = [f"N_{dim_id(d)}" for d in dims] + [f"BLOCK_{dim_id(d)}" for d in k.tile]
         meta += ["Q" if k.form == "chunked" else "TB", "MM", "PREC"]
         with w.block(f"def {self.kernel_name}({', '.join(ins + outs + list(self.scratch.values()))}, *, "
                      f"{', '.join(meta)}):"):
@@ -96,7 +99,7 @@ class PallasEmitter(LauncherWriter):
         w(f"i_chunk = pl.program_id({len(k.grid)})")
         for g, h in k.group_of.items():
             if any(g in i.dims for i in k.inputs):
-                w(f"i_{dim_id(g)} = i_{dim_id(h)} // (N_{dim_id(h)} // N_{dim_id(g)})  # head {h} reads group {g}")
+                w(f"i_{dim_id(g)} = lax.div(i_{dim_id(h)}, N_{dim_id(h)} // N_{dim_id(g)})  # head {h} reads group {g}")
 
     # ---- loads and stores -------------------------------------------------------------------------------
     def ref_of(self, leaf) -> str:
