@@ -1,0 +1,152 @@
+"""The Pallas TPU target without a TPU: every example in Pallas' TPU interpreter (interpret=True, which models VMEM,
+SMEM and the grid's order) against its float64 numpy reference - several chunks with a partial last one, a
+sequence shorter than one chunk, the sequential kernel, initial states, bf16 inputs, groups, inside jax.jit - and
+every example's kernels lowered for TPU (`jax.export` with platforms=["tpu"] runs the Mosaic lowering; the module
+must hold the Mosaic custom call), which catches kernels that would only work in interpret mode."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ssmc
+from reference import VARIANTS
+
+NAMES = list(VARIANTS)
+FP32_TOL = 1e-4
+BF16_TOL = 3e-2
+
+
+@functools.lru_cache(maxsize=None)
+def kernel(name, chunk_size=None, interpret=True):
+    return ssmc.compile(str(VARIANTS[name].path), target="tpu", interpret=interpret, chunk_size=chunk_size)
+
+
+# (chunk_size, t, initial states): chunks of 16 with a partial last one, a sequence shorter than the default chunk,
+# and the sequential kernel (chunk_size=1)
+CASES = [(16, 37, True), (None, 21, False), (1, 11, True)]
+SMALL = {"b": 1, "h": 2}
+
+
+def _dims(v, **kw):
+    d = {k: n for k, n in SMALL.items() if k in v.small_dims}
+    if "g" in v.small_dims:
+        d["g"] = 1
+    d.update(kw)
+    return d
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"chunk{c}-t{t}-{'init' if i else 'zero'}" for c, t, i in CASES])
+@pytest.mark.parametrize("name", NAMES)
+def test_fp32_matches_reference(sx, rng, name, case):
+    chunk, t, with_init = case
+    v = VARIANTS[name]
+    dims = _dims(v, t=t, b=2) if with_init else _dims(v, t=t)
+    inputs = v.make_inputs(rng, dims)
+    init = v.make_initial_states(rng, dims) if with_init else None
+    ref_outs, ref_states = v.reference(inputs, init)
+    outs, states = sx.run(v, inputs, init, kernel=kernel(name, chunk))
+    sx.compare(v, outs, states, ref_outs, ref_states, FP32_TOL, what=" (tpu interpret)")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bf16_inputs(sx, rng, name):
+    """bf16 inputs are read as they are (matmul operands in bf16, fp32 accumulation and states); outs come back in
+    bf16, states in float32."""
+    v = VARIANTS[name]
+    dims = _dims(v, t=30)
+    inputs = v.make_inputs(rng, dims)
+    init = v.make_initial_states(rng, dims)
+    low = {k: jnp.asarray(x).astype(jnp.bfloat16) for k, x in inputs.items()}
+    rounded = {k: np.asarray(x.astype(jnp.float32)) for k, x in low.items()}
+    ref_outs, ref_states = v.reference(rounded, init)
+    outs, states = sx.run(v, low, init, kernel=kernel(name, 16))
+    sx.compare(v, outs, states, ref_outs, ref_states, BF16_TOL, out_dtype=jnp.bfloat16, what=" (tpu interpret, bf16)")
+
+
+@pytest.mark.parametrize("name", ["deltanet", "mamba1"])
+def test_sequential_over_several_time_blocks(sx, rng, name):
+    """The sequential kernel walks 128 steps per grid step; 150 steps take two, the second mostly padding."""
+    v = VARIANTS[name]
+    dims = {"b": 1, "t": 150, "h": 1} if "h" in v.small_dims else {"b": 1, "t": 150}
+    inputs = v.make_inputs(rng, dims)
+    init = v.make_initial_states(rng, dims)
+    ref_outs, ref_states = v.reference(inputs, init)
+    outs, states = sx.run(v, inputs, init, kernel=kernel(name))
+    sx.compare(v, outs, states, ref_outs, ref_states, FP32_TOL, what=" (tpu interpret, 2 time blocks)")
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_groups_are_an_index_map(sx, rng, groups):
+    v = VARIANTS["mamba2"]
+    dims = {"b": 1, "h": 4, "g": groups, "t": 19}
+    inputs = v.make_inputs(rng, dims)
+    init = v.make_initial_states(rng, dims)
+    ref_outs, ref_states = v.reference(inputs, init)
+    outs, states = sx.run(v, inputs, init, kernel=kernel("mamba2", 8))
+    sx.compare(v, outs, states, ref_outs, ref_states, FP32_TOL, what=f" (tpu interpret, g={groups})")
+    src = kernel("mamba2", 8).source
+    assert "i_g = lax.div(i_h, N_h // N_g)" in src and "jnp.repeat" not in src
+
+
+def test_odd_tile_sizes(sx, rng):
+    """Tile dims are whole blocks (the full dim satisfies the TPU block rule): p=5, n=3 need no padding."""
+    v = VARIANTS["mamba2_gated"]
+    dims = {"b": 1, "h": 2, "g": 1, "p": 5, "n": 3, "t": 13}
+    inputs = v.make_inputs(rng, dims)
+    init = v.make_initial_states(rng, dims)
+    ref_outs, ref_states = v.reference(inputs, init)
+    outs, states = sx.run(v, inputs, init, kernel=kernel("mamba2_gated", 8))
+    sx.compare(v, outs, states, ref_outs, ref_states, FP32_TOL, what=" (tpu interpret, p=5, n=3)")
+
+
+def test_inside_jit(sx, rng):
+    v = VARIANTS["gla"]
+    dims = _dims(v, t=20)
+    inputs = v.make_inputs(rng, dims)
+    k = kernel("gla", 8)
+    f = jax.jit(lambda q, kk, vv, g: k(q, kk, vv, g))
+    o, S = f(inputs["q"], inputs["k"], inputs["v"], inputs["g_raw"])
+    ref_outs, ref_states = v.reference(inputs)
+    sx.compare(v, (o,), (S,), ref_outs, ref_states, FP32_TOL, what=" (tpu interpret, in jit)")
+
+
+def test_chunk_length_is_a_multiple_of_8():
+    """Chunks are time blocks of the kernel: a requested length is rounded up to whole sublane tiles."""
+    assert "chunk{size=8," in kernel("mamba2", 5).pipeline
+    assert "chunk{size=1," in kernel("mamba2", 1).pipeline
+
+
+def test_source_is_readable():
+    src = kernel("mamba2").source
+    for piece in ("def mamba2_chunked(", "pl.program_id(2)", "@pl.when(i_chunk == 0)", "h_scr[...]",
+                  "preferred_element_type=jnp.float32", "# stage chunk_output", "rt.launch(mamba2_chunked, LAYOUT"):
+        assert piece in src, piece
+    seq = kernel("deltanet").source
+    assert "lax.fori_loop(0, TB, step" in seq and "jnp.where(valid, state_S_prev" in seq
+
+
+def _structs(v, dtype):
+    dims = _dims(v, t=300, b=2)
+    rng = np.random.default_rng(0)
+    inputs = v.make_inputs(rng, dims)
+    states = v.make_initial_states(rng, dims)
+    return ({a: jax.ShapeDtypeStruct(x.shape, dtype) for a, x in inputs.items()},
+            {a: jax.ShapeDtypeStruct(x.shape, jnp.float32) for a, x in states.items()})
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", NAMES)
+def test_lowers_for_tpu(name, dtype):
+    """The kernels (not the interpreter) lower for TPU without a TPU: Mosaic's lowering accepts every op, block
+    shape and index map, and the exported module holds the Mosaic custom call."""
+    v = VARIANTS[name]
+    k = kernel(name, None, interpret=False)
+    ins, states = _structs(v, dtype)
+    exported = jax.export.export(jax.jit(lambda i, s: k(**i, initial_states=s)), platforms=["tpu"])(ins, states)
+    assert "tpu_custom_call" in exported.mlir_module()
+    n_states = len(v.state_names)
+    assert len(exported.out_avals) == len(v.out_names) + n_states
