@@ -147,3 +147,25 @@ def test_step_kernel_is_sequential_and_cached(sx):
     seq = step_kernel(k)
     assert seq is step_kernel(k)
     assert "chunk: sequential scan" in seq.ir and "chunk-parallel form" in k.ir
+
+
+def _kernel_targets():
+    from ssmc.targets import available
+    return [t for t in ("triton", "tpu") if available(t)]
+
+
+@pytest.mark.parametrize("target", _kernel_targets())
+@pytest.mark.parametrize("name", ["mamba2_conv", "linear_attention"])  # conv windows + groups; two states
+def test_prefill_then_steps_on_kernel_targets(rng, name, target):
+    """The same on the kernel targets that have landed, in their CPU interpreter (slow: two examples, short
+    steps)."""
+    v = VARIANTS[name]
+    k = ssmc.compile(str(v.path), target=target, interpret=True)
+    steps = (1, 3, 1)
+    T = PREFILL + sum(steps)
+    inputs = v.make_inputs(rng, {"t": T})
+    init = v.make_initial_states(rng, {"t": T})
+    full = k(**inputs, initial_states=init)
+    outs, states = prefill_then_steps(k, inputs, init, steps)
+    errs = [rel_l2(a, b) for a, b in zip(outs + states, full)]
+    assert max(errs) < EQUAL_TOL, f"{name} on {target}: {errs}"
