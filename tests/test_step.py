@@ -169,3 +169,23 @@ def test_prefill_then_steps_on_kernel_targets(rng, name, target):
     outs, states = prefill_then_steps(k, inputs, init, steps)
     errs = [rel_l2(a, b) for a, b in zip(outs + states, full)]
     assert max(errs) < EQUAL_TOL, f"{name} on {target}: {errs}"
+
+
+def test_step_grad_and_vmap(sx, rng):
+    """Gradients flow into the carried states (conv windows included), and a vmapped step equals one step per
+    element."""
+    v = VARIANTS["mamba2_conv"]
+    k = sx.kernel("mamba2_conv")
+    inputs = v.make_inputs(rng, {"t": 1, "b": 1})
+    st = v.make_initial_states(rng, {"t": 1, "b": 1})
+    per_token = scan_inputs(k)
+    tok = cut(k, inputs, 0, 1, squeeze=True)
+    g = jax.grad(lambda s: jnp.sum(k.step(s, **tok)[0]))(st)
+    assert set(g) == set(st) and all(np.all(np.isfinite(x)) and np.any(np.asarray(x)) for x in g.values())
+    stv = {n: np.stack([x, 2 * x]) for n, x in st.items()}
+    tokv = {n: (np.stack([x, -x]) if n in per_token else x) for n, x in tok.items()}
+    axes = {n: (0 if n in per_token else None) for n in tok}
+    res = jax.vmap(lambda s, t: k.step(s, **t), in_axes=(0, axes))(stv, tokv)
+    one = k.step({n: x[1] for n, x in stv.items()}, **{n: (x[1] if n in per_token else x) for n, x in tokv.items()})
+    for a, b in zip(res, one):
+        np.testing.assert_allclose(np.asarray(a[1]), np.asarray(b), rtol=1e-6, atol=1e-6)
