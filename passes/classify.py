@@ -24,6 +24,10 @@ class Classify:
             extra = f" (decay dims [{','.join(sp.decay_dims)}], contracted [{','.join(sp.K)}], " \
                     f"kept [{','.join(sp.V)}])" if sp.klass != "non-diagonal" else f": {sp.reason}"
             notes.append(f"classify: state {sp.name} is {sp.klass}{extra}")
+        for i in p.instrs:  # conv windows: inputs shifted along time, no recurrence to classify
+            if i.op == "window":
+                notes.append(f"classify: state {i.attr('state')} is conv-window (the last {i.attr('k')}-1 inputs "
+                             f"of a causal conv; state-free for chunking)")
         instrs = [i.with_attrs(klass=plan.states[i.attr("state")].klass) if i.op == "update" else i
                   for i in p.instrs]
         if not plan.chunkable:

@@ -246,7 +246,8 @@ class XlaEmitter:
         xd, wd, k = self.dims(x), self.dims(w), i.attr("k")
         # the weight aligned to x (size-1 axes where it is shared, the scan axis included), window axis last
         idx = [":" if d in wd else "None" for d in xd] + [":"]
-        wk = f"jnp.moveaxis({self.n(w)}, {self.ax(wd, k)}, -1)[{', '.join(idx)}]"
+        wk = self.n(w) if wd[-1] == k else f"jnp.moveaxis({self.n(w)}, {self.ax(wd, k)}, -1)"
+        wk += f"[{', '.join(idx)}]"
         self.assign(i, f"rt.causal_conv({self.n(x)}, {self.ax(xd, self.scan)}, {self.n(win)}, {wk})",
                     f"causal conv over {self.scan}, window {k}")
 
