@@ -166,6 +166,15 @@ def launch(kernel, layout, arrays, sizes, *, mm, out_dtype, interpret=False):
         outs_meta.append((dims, outer, inner))
         if kind_ == "state":  # the running state: VMEM scratch, resident across the time axis
             scratch.append(pltpu.VMEM(tuple(_inner_shape(inner, kind, sizes, tb, scan)), jnp.float32))
+    if layout["form"] == "sequential":  # fp32 staging of each time block: timed inputs, then timed stores
+        for name in layout["inputs"]:
+            outer, inner, kind = _layout_of(layout, name)
+            if scan in inner:
+                scratch.append(pltpu.VMEM(tuple(_inner_shape(inner, kind, sizes, tb, scan)), jnp.float32))
+        for name, kind_, dims in layout["stores"]:
+            outer, inner, kind = _layout_of(layout, name)
+            if kind_ != "state" and scan in inner:
+                scratch.append(pltpu.VMEM(tuple(_inner_shape(inner, kind, sizes, tb, scan)), jnp.float32))
     meta = {f"N_{dim_id(d)}": sizes[d] for d in layout["dims"]}
     meta.update({f"BLOCK_{dim_id(d)}": sizes[d] for d in layout["tile"]})
     meta["Q" if layout["form"] == "chunked" else "TB"] = tb
@@ -183,9 +192,10 @@ def launch(kernel, layout, arrays, sizes, *, mm, out_dtype, interpret=False):
 
 
 # ---- in-kernel helpers (traced inside the kernel; each lowers with Mosaic) ----------------------------------------
-def tril(n: int):
-    """[n, n] boolean: row >= column (2-D iotas: Mosaic has no 1-D iota of its own)."""
-    return lax.broadcasted_iota(jnp.int32, (n, n), 0) >= lax.broadcasted_iota(jnp.int32, (n, n), 1)
+def tril(n: int, strict: bool = False):
+    """[n, n] boolean: row >= column (row > column when strict), from 2-D iotas."""
+    row, col = lax.broadcasted_iota(jnp.int32, (n, n), 0), lax.broadcasted_iota(jnp.int32, (n, n), 1)
+    return row > col if strict else row >= col
 
 
 def cumsum0(x):

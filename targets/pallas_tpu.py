@@ -39,6 +39,16 @@ class PallasDialect(Dialect):
         return False  # tile dims are whole blocks: nothing past the end inside a program
 
 
+class PallasTiles(TileEmitter):
+    """The shared tile body; boolean masks broadcast through int32 (Mosaic cannot reshape i1 vectors)."""
+
+    def bc(self, expr, src, to):
+        res = TileEmitter.bc(expr, src, to)
+        if res == expr or not (expr.startswith("valid") or "TRIL" in expr):
+            return res
+        return f"({TileEmitter.bc(expr + '.astype(jnp.int32)', src, to)} != 0)"
+
+
 class PallasTpuTarget:
     name = "tpu"
     kernels = True          # emits kernels; takes interpret=
@@ -69,7 +79,7 @@ class PallasEmitter(LauncherWriter):
 
     def kernel(self):
         k, w = self.plan, self.w
-        body = TileEmitter(k, PallasDialect(), w, self.pn)
+        body = PallasTiles(k, PallasDialect(), w, self.pn)
         self.body = body
         ins = [f"{self.pn(i.name)}_ref" for i in k.inputs + k.states]
         outs = [f"{n}_ref" for n in self.store_names()]
@@ -77,7 +87,15 @@ class PallasEmitter(LauncherWriter):
         dims = self.dims() if hasattr(self, "dims") else [d for d in k.p.dims if "#" not in d]
         meta = [f"N_{dim_id(d)}" for d in dims] + [f"BLOCK_{dim_id(d)}" for d in k.tile]
         meta += ["Q" if k.form == "chunked" else "TB", "MM", "PREC"]
-        with w.block(f"def {self.kernel_name}({', '.join(ins + outs + list(self.scratch.values()))}, *, "
+        # sequential form: each time block is staged through fp32 VMEM (one step's row of a 16-bit block is not
+        # addressable on its own); same order as the launcher's scratch shapes
+        self.staged = {}
+        if k.form == "sequential":
+            self.staged = {self.ref_of(i): f"{self.pn(i.name)}_blk" for i in k.inputs if k.scan in i.dims}
+            self.staged.update({f"{self.store_var(kind, n)}_ref": f"{self.store_var(kind, n)}_blk"
+                                for kind, n, v in k.stores if kind != "state" and k.scan in self.store_dims(kind, n, v)})
+        scr = list(self.scratch.values()) + list(self.staged.values())
+        with w.block(f"def {self.kernel_name}({', '.join(ins + outs + scr)}, *, "
                      f"{', '.join(meta)}):"):
             self.program_ids()
             self.init_states()
@@ -136,7 +154,8 @@ class PallasEmitter(LauncherWriter):
     def load(self, leaf, step=None):
         body = self.body
         name = leaf.attr("array") or leaf.attr("state")
-        body.bind(leaf.name, f"{self.read(self.ref_of(leaf), name, step)}.astype(jnp.float32)",
+        ref = self.staged.get(self.ref_of(leaf), self.ref_of(leaf)) if step is not None else self.ref_of(leaf)
+        body.bind(leaf.name, f"{self.read(ref, name, step)}.astype(jnp.float32)",
                   body.axes_of(leaf.dims))
 
     def store(self, kind, name, value, step=None):
@@ -146,7 +165,8 @@ class PallasEmitter(LauncherWriter):
         e, ax = body.get(value)
         if ax != axes:
             e = body.reorder(e, ax, axes)
-        self.write(f"{self.store_var(kind, name)}_ref", self.store_var(kind, name), e, step)
+        ref = f"{self.store_var(kind, name)}_ref"
+        self.write(self.staged.get(ref, ref) if step is not None else ref, self.store_var(kind, name), e, step)
 
     # ---- state ------------------------------------------------------------------------------------------
     def init_states(self):
@@ -207,7 +227,7 @@ class PallasEmitter(LauncherWriter):
         k, w = self.plan, self.w
         w("TRIL = rt.tril(Q)  # [t, s]: s <= t")
         if any(i.op == "chunk.output" and i.attr("when") == "prev" for i in k.body):
-            w("TRIL_STRICT = jnp.logical_not(rt.tril(Q).T)  # [t, s]: s < t")
+            w("TRIL_STRICT = rt.tril(Q, strict=True)  # [t, s]: s < t")
         w(f"valid = i_chunk * Q + lax.iota(jnp.int32, Q) < N_{dim_id(k.scan)}  # steps past the end are padding")
         for s in k.states:
             S = s.attr("state")
@@ -232,6 +252,11 @@ class PallasEmitter(LauncherWriter):
         k, w = self.plan, self.w
         svars = [body.state_var[s.attr("state")] for s in k.states]
         carry = ", ".join(svars) + ("," if len(svars) == 1 else "")
+        ins = [(r, b) for r, b in self.staged.items() if r in {self.ref_of(i) for i in k.inputs}]
+        if ins:
+            w("# this block of TB steps in fp32 VMEM")
+        for ref, blk in ins:
+            w(f"{blk}[...] = {ref}[...].astype(jnp.float32)")
         with w.block("def step(t_i, carry):"):
             if svars:
                 w(f"{carry} = carry")
@@ -255,3 +280,6 @@ class PallasEmitter(LauncherWriter):
             self.save_states()
         else:
             w("lax.fori_loop(0, TB, step, 0)")
+        for ref, blk in self.staged.items():
+            if (ref, blk) not in ins:
+                w(f"{ref}[...] = {blk}[...].astype({ref}.dtype)")
