@@ -6,6 +6,7 @@ must hold the Mosaic custom call), which catches kernels that would only work in
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -150,3 +151,30 @@ def test_lowers_for_tpu(name, dtype):
     assert "tpu_custom_call" in exported.mlir_module()
     n_states = len(v.state_names)
     assert len(exported.out_avals) == len(v.out_names) + n_states
+
+
+@functools.lru_cache(maxsize=None)
+def _aot_results() -> dict:
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+    script = pathlib.Path(__file__).with_name("tpu_aot.py")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1")
+    proc = subprocess.run([sys.executable, str(script), "--t", "100"], capture_output=True, text=True, env=env,
+                          timeout=900)
+    rows = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert rows, f"tpu_aot.py printed no results (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
+    return {(r["name"], r["dtype"]): r for r in rows}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu not installed (pip install 'libtpu==0.0.42.*' compiles for TPU without one)")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", NAMES)
+def test_compiles_with_mosaic_for_tpu(name, dtype):
+    """With libtpu installed: XLA:TPU and Mosaic compile every example's kernels ahead of time for a v5e device
+    (tests/tpu_aot.py), so layouts, relayouts and VMEM addressing are checked too, not only the lowering."""
+    r = _aot_results()[(name, dtype)]
+    assert r["ok"], r["error"]

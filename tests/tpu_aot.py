@@ -1,0 +1,64 @@
+"""Compile the tpu target's kernels with the real Mosaic compiler, without a TPU: libtpu (`pip install
+libtpu==0.0.42.*`, the version jax[tpu] pins) describes a TPU topology, and `jax.jit(...).lower(...).compile()`
+against one of its devices runs XLA:TPU and Mosaic ahead of time on this host, layouts and all - stricter than
+the `jax.export` lowering check, which stops at Mosaic's MLIR.
+
+    python tests/tpu_aot.py [--topology v5e:2x2] [--dtype float32,bfloat16] [--chunk-size N] [--dims h=80,...] [names]
+
+prints one JSON line per (example, dtype): {"name", "dtype", "ok", "error"}. tests/test_pallas.py runs it when
+libtpu is installed."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("names", nargs="*")
+    ap.add_argument("--topology", default="v5e:2x2")
+    ap.add_argument("--dtype", default="float32,bfloat16")
+    ap.add_argument("--chunk-size", type=int, default=None)
+    ap.add_argument("--t", type=int, default=300)
+    ap.add_argument("--dims", default="")
+    a = ap.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.experimental import topologies
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    import ssmc
+    from reference import VARIANTS
+
+    topo = topologies.get_topology_desc(a.topology, "tpu")
+    rep = NamedSharding(jax.sharding.Mesh(np.array(topo.devices[:1]), ("x",)), P())
+    extra = {k: int(v) for k, v in (kv.split("=") for kv in a.dims.split(",") if kv)}
+    for name in a.names or list(VARIANTS):
+        v = VARIANTS[name]
+        dims = v.dims(b=2, t=a.t, **{k: n for k, n in extra.items() if k in v.small_dims})
+        rng = np.random.default_rng(0)
+        inputs, states = v.make_inputs(rng, dims), v.make_initial_states(rng, dims)
+        k = ssmc.compile(str(v.path), target="tpu", chunk_size=a.chunk_size, cache=False)
+        for dt in a.dtype.split(","):
+            res = {"name": name, "dtype": dt, "ok": True, "error": ""}
+            try:
+                ins = {n: jax.ShapeDtypeStruct(x.shape, jnp.dtype(dt), sharding=rep) for n, x in inputs.items()}
+                sts = {n: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=rep) for n, x in states.items()}
+                jax.jit(lambda i, s: k(**i, initial_states=s)).lower(ins, sts).compile()
+            except Exception as e:  # report, go on with the next
+                res.update(ok=False, error=f"{type(e).__name__}: {str(e)[:2000]}")
+            print(json.dumps(res), flush=True)
+
+
+if __name__ == "__main__":
+    main()
