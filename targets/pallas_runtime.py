@@ -71,8 +71,17 @@ def time_block(layout: dict, T: int) -> int:
     return min(SEQ_BLOCK, -(-T // 16) * 16)
 
 
-def _inner_shape(inner, kind, sizes, tb, scan):
-    shp = [tb if d == scan else sizes[d] for d in inner]
+def split_block(n: int) -> int:
+    """Block of a blockable tile dim (its own "parallel" grid axis): whole up to 512, else the largest of 512, 256,
+    128 that divides it (a lane-dim block must be a multiple of 128 or whole)."""
+    if n <= 512:
+        return n
+    return next((b for b in (512, 256, 128) if n % b == 0), n)
+
+
+def _inner_shape(inner, kind, ext: dict):
+    """The inner (block or array) shape from each inner dim's extent, with the unit dims of its kind."""
+    shp = [ext[d] for d in inner]
     if kind == "tcol":
         return shp + [1]
     if kind == "row":
@@ -111,7 +120,7 @@ def _from_kernel(y, dims, outer, inner, sizes, scan, Tp):
 
 
 def _index_map(layout, sizes, outer, inner, kind):
-    grid, groups, scan = layout["grid"], layout["groups"], layout["scan"]
+    grid, groups, scan, split = layout["grid"], layout["groups"], layout["scan"], layout["split"]
     picks = []
     for d in outer:
         if d in groups:  # a group dim: head i reads group i // (H/G)
@@ -119,21 +128,26 @@ def _index_map(layout, sizes, outer, inner, kind):
             picks.append((grid.index(h), sizes[h] // sizes[d]))
         else:
             picks.append((grid.index(d), 1))
+    # inner positions: the time block index, a split dim's block index, or 0
+    src = {}
+    off = 1 if kind == "row" else 0
+    for k, d in enumerate(inner):
+        if d == scan:
+            src[k + off] = -1
+        elif d in split:
+            src[k + off] = len(grid) + split.index(d)
     n_inner = 2 if kind in ("tcol", "row", "scalar") else len(inner)
-    t_pos = None
-    if scan in inner:
-        t_pos = inner.index(scan) + (1 if kind == "row" else 0)
 
     def index_map(*ids):
         # lax.div, not //: a signed floor division lowers through sign, which Mosaic lowers only with a TPU attached
         out = [lax.div(ids[j], r) if r != 1 else ids[j] for j, r in picks]
-        out += [ids[-1] if k == t_pos else 0 for k in range(n_inner)]
+        out += [ids[src[k]] if k in src else 0 for k in range(n_inner)]
         return tuple(out)
     return index_map
 
 
-def _compiler_params(n_grid):
-    sem = ("parallel",) * n_grid + ("arbitrary",)
+def _compiler_params(n_parallel):
+    sem = ("parallel",) * n_parallel + ("arbitrary",)
     return pltpu.CompilerParams(dimension_semantics=sem)
 
 
@@ -143,40 +157,43 @@ def launch(kernel, layout, arrays, sizes, *, mm, out_dtype, interpret=False):
     tb = time_block(layout, T)
     nT = max(1, -(-T // tb))
     Tp = nT * tb
-    grid = tuple(sizes[d] for d in layout["grid"]) + (nT,)
+    blocks = {d: split_block(sizes[d]) if d in layout["split"] else sizes[d] for d in layout["tile"]}
+    grid = (tuple(sizes[d] for d in layout["grid"]) + tuple(sizes[d] // blocks[d] for d in layout["split"])
+            + (nT,))
+    blk = {**blocks, scan: tb}          # extents of a block
+    full = {**sizes, scan: Tp}          # extents of the kernel-layout arrays
     ins, in_specs = [], []
     for name in layout["inputs"]:
         dims = layout["arrays"][name]
         outer, inner, kind = _layout_of(layout, name)
-        x = jnp.asarray(arrays[name])
-        ins.append(_to_kernel(x, dims, outer, inner, kind, sizes, scan, Tp))
+        ins.append(_to_kernel(jnp.asarray(arrays[name]), dims, outer, inner, kind, sizes, scan, Tp))
         if kind == "scalar":
             in_specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))
         else:
-            block = [None] * len(outer) + _inner_shape(inner, kind, sizes, tb, scan)
+            block = [None] * len(outer) + _inner_shape(inner, kind, blk)
             in_specs.append(pl.BlockSpec(tuple(block), _index_map(layout, sizes, outer, inner, kind)))
     out_shapes, out_specs, outs_meta, scratch = [], [], [], []
     for name, kind_, dims in layout["stores"]:
         outer, inner, kind = _layout_of(layout, name)
         dtype = out_dtype if kind_ == "out" else jnp.float32
-        shape = tuple(sizes[d] for d in outer) + tuple(_inner_shape(inner, kind, sizes, Tp, scan))
+        shape = tuple(sizes[d] for d in outer) + tuple(_inner_shape(inner, kind, full))
         out_shapes.append(jax.ShapeDtypeStruct(shape, dtype))
-        block = [None] * len(outer) + _inner_shape(inner, kind, sizes, tb, scan)
+        block = [None] * len(outer) + _inner_shape(inner, kind, blk)
         out_specs.append(pl.BlockSpec(tuple(block), _index_map(layout, sizes, outer, inner, kind)))
         outs_meta.append((dims, outer, inner))
         if kind_ == "state":  # the running state: VMEM scratch, resident across the time axis
-            scratch.append(pltpu.VMEM(tuple(_inner_shape(inner, kind, sizes, tb, scan)), jnp.float32))
+            scratch.append(pltpu.VMEM(tuple(_inner_shape(inner, kind, blk)), jnp.float32))
     if layout["form"] == "sequential":  # fp32 staging of each time block: timed inputs, then timed stores
         for name in layout["inputs"]:
             outer, inner, kind = _layout_of(layout, name)
             if scan in inner:
-                scratch.append(pltpu.VMEM(tuple(_inner_shape(inner, kind, sizes, tb, scan)), jnp.float32))
+                scratch.append(pltpu.VMEM(tuple(_inner_shape(inner, kind, blk)), jnp.float32))
         for name, kind_, dims in layout["stores"]:
             outer, inner, kind = _layout_of(layout, name)
             if kind_ != "state" and scan in inner:
-                scratch.append(pltpu.VMEM(tuple(_inner_shape(inner, kind, sizes, tb, scan)), jnp.float32))
+                scratch.append(pltpu.VMEM(tuple(_inner_shape(inner, kind, blk)), jnp.float32))
     meta = {f"N_{dim_id(d)}": sizes[d] for d in layout["dims"]}
-    meta.update({f"BLOCK_{dim_id(d)}": sizes[d] for d in layout["tile"]})
+    meta.update({f"BLOCK_{dim_id(d)}": blocks[d] for d in layout["tile"]})
     meta["Q" if layout["form"] == "chunked" else "TB"] = tb
     mm = jnp.dtype(mm)
     meta["MM"] = mm
@@ -184,7 +201,7 @@ def launch(kernel, layout, arrays, sizes, *, mm, out_dtype, interpret=False):
     call = pl.pallas_call(
         functools.partial(kernel, **meta),
         grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shapes, scratch_shapes=scratch,
-        compiler_params=_compiler_params(len(layout["grid"])),
+        compiler_params=_compiler_params(len(grid) - 1),
         interpret=pltpu.InterpretParams() if interpret else False,
         name=getattr(kernel, "__name__", "ssmc_kernel"))
     res = call(*ins)

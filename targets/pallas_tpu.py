@@ -110,14 +110,20 @@ class PallasEmitter(LauncherWriter):
     def program_ids(self):
         k, w = self.plan, self.w
         what = "chunk" if k.form == "chunked" else f"block of TB steps"
-        w(f"# one program per ({', '.join(k.grid) or 'whole problem'}); the last grid axis walks the sequence, one "
-          f"{what} per step, in order")
+        w(f"# one program per ({', '.join(k.grid) or 'whole problem'})"
+          + (f" x block of ({', '.join(k.split)})" if k.split else "")
+          + f"; the last grid axis walks the sequence, one {what} per step, in order")
         for j, d in enumerate(k.grid):
             w(f"i_{dim_id(d)} = pl.program_id({j})")
-        w(f"i_chunk = pl.program_id({len(k.grid)})")
+        for j, d in enumerate(k.split):  # blocks of a blockable tile dim: the BlockSpecs place them
+            w(f"j_{dim_id(d)} = pl.program_id({len(k.grid) + j})  # block of BLOCK_{dim_id(d)} along {d}")
+        w(f"i_chunk = pl.program_id({self.time_axis()})")
         for g, h in k.group_of.items():
             if any(g in i.dims for i in k.inputs):
                 w(f"i_{dim_id(g)} = lax.div(i_{dim_id(h)}, N_{dim_id(h)} // N_{dim_id(g)})  # head {h} reads group {g}")
+
+    def time_axis(self) -> int:
+        return len(self.plan.grid) + len(self.plan.split)
 
     # ---- loads and stores -------------------------------------------------------------------------------
     def ref_of(self, leaf) -> str:
@@ -192,8 +198,7 @@ class PallasEmitter(LauncherWriter):
         k, w = self.plan, self.w
         if not k.states:
             return
-        n = len(k.grid)
-        w(f"@pl.when(i_chunk == pl.num_programs({n}) - 1)")
+        w(f"@pl.when(i_chunk == pl.num_programs({self.time_axis()}) - 1)")
         with w.block("def _final():"):
             w("# stage output: final states")
             for kind, name, v in k.stores:

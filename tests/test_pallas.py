@@ -104,6 +104,19 @@ def test_odd_tile_sizes(sx, rng):
     sx.compare(v, outs, states, ref_outs, ref_states, FP32_TOL, what=" (tpu interpret, p=5, n=3)")
 
 
+@pytest.mark.parametrize("name,dims,chunk", [("mamba1", {"b": 1, "t": 20, "d": 1024, "n": 4}, None),
+                                              ("gla", {"b": 1, "t": 20, "h": 1, "dk": 4, "dv": 640}, 8)])
+def test_blockable_tile_dims_get_grid_axes(sx, rng, name, dims, chunk):
+    """A blockable tile dim over 512 gets its own "parallel" grid axis in lane-aligned blocks (d=1024: 2 x 512,
+    dv=640: 5 x 128); the blocks must tile the state and the outs exactly."""
+    v = VARIANTS[name]
+    inputs = v.make_inputs(rng, dims)
+    init = v.make_initial_states(rng, dims)
+    ref_outs, ref_states = v.reference(inputs, init)
+    outs, states = sx.run(v, inputs, init, kernel=kernel(name, chunk))
+    sx.compare(v, outs, states, ref_outs, ref_states, FP32_TOL, what=f" (tpu interpret, blocks {dims})")
+
+
 def test_inside_jit(sx, rng):
     v = VARIANTS["gla"]
     dims = _dims(v, t=20)
