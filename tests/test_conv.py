@@ -143,3 +143,17 @@ def test_conv_spec_errors(edit, needle, words):
         ssmc.check(text)
     line, col = where(text, needle, "kc = " if "kc = conv" in text else "")
     assert_at(info.value, text, line, col, *words)
+
+
+def test_cli_check_and_run_a_conv_spec(capsys, tmp_path, monkeypatch):
+    """`ssmc check` lists the windows as conv-window states; `ssmc run` sizes them from the weight."""
+    from ssmc import cli
+
+    monkeypatch.setenv("SSMC_CACHE_DIR", str(tmp_path))
+    path = str(VARIANTS["mamba2_conv"].path)
+    assert cli.main(["check", path]) == 0
+    out = capsys.readouterr().out
+    assert "xr_win[b,k-1,h,p] conv-window" in out and "schedule: chunked" in out
+    assert cli.main(["run", path, "--dims", "b=1,t=20,h=2,p=4,n=4,g=1,k=3", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "state xr_win  1x2x2x4" in out and "OK" in out, out
