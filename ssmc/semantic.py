@@ -318,7 +318,8 @@ class _Lower:
             raise self.err(f"conv()'s weight must not vary along the scan dim '{self.scan}'", we.span)
         extra = [d for d in w.dims if d not in x.dims]
         if len(extra) != 1:
-            got = f"it has no dim besides the input's [{','.join(x.dims)}]" if not extra else                 f"it has {len(extra)} dims the input lacks: {', '.join(extra)}"
+            got = f"it has no dim besides the input's [{','.join(x.dims)}]" if not extra else \
+                f"it has {len(extra)} dims the input lacks: {', '.join(extra)}"
             raise self.err(f"conv()'s weight needs exactly one window dim that the input lacks, e.g. w[c,k] for "
                            f"x[b,{self.scan},c]; {got}", we.span)
         k = extra[0]
