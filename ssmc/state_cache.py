@@ -66,10 +66,12 @@ class StateCache:
     # ---- construction ----------------------------------------------------------------------------------
     @classmethod
     def create(cls, kernel, num_layers: int, batch_size: int, dtype=jnp.float32, sizes: dict | None = None,
-               batch_dim: str = "b") -> "StateCache":
+               batch_dim: str = "b", mesh=None, batch_axis: str | None = "data", head_axis: str | None = None,
+               head_dim: str = "h") -> "StateCache":
         """Zero states for `num_layers` layers of `kernel` and `batch_size` sequences. `sizes` gives the size of
         every other dim the states have ({"h": 8, "p": 64, ...}); a conv window's size follows from its weight's
-        window dim (give "k"). `batch_dim` names the states' batch dim."""
+        window dim (give "k"). `batch_dim` names the states' batch dim. With a `mesh`, the zeros are created
+        sharded as `shardings(mesh, batch_axis, head_axis, head_dim)` says (never whole on one device)."""
         for what, n in (("num_layers", num_layers), ("batch_size", batch_size)):
             if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
                 raise ShapeError(f"StateCache.create: {what} must be a positive int, got {n!r}")
@@ -96,8 +98,15 @@ class StateCache:
             shapes.append(tuple(int(sizes[d]) for d in dims))
         layout = Layout(kernel.name, tuple(n for n, _ in kernel.states), tuple(tuple(d) for _, d in kernel.states),
                         tuple(shapes), int(num_layers), batch_dim, jnp.dtype(dtype).name)
-        states = {n: jnp.zeros((layout.num_layers,) + s, dtype) for n, s in zip(layout.names, layout.shapes)}
-        return cls(states, jnp.zeros((layout.num_layers, batch_size), jnp.int32), layout)
+
+        def zeros():
+            states = {n: jnp.zeros((layout.num_layers,) + s, dtype) for n, s in zip(layout.names, layout.shapes)}
+            return cls(states, jnp.zeros((layout.num_layers, batch_size), jnp.int32), layout)
+
+        if mesh is None:
+            return zeros()
+        shardings = jax.eval_shape(zeros).shardings(mesh, batch_axis, head_axis, head_dim)
+        return jax.jit(zeros, out_shardings=shardings)()
 
     # ---- reading ---------------------------------------------------------------------------------------
     @property

@@ -169,6 +169,10 @@ SHARDED = textwrap.dedent("""
         cache = ssmc.StateCache.create(k, num_layers=2, batch_size=b, sizes={"h": h, "p": p, "n": n})
         sh = cache.shardings(mesh, batch_axis="data", head_axis="model")
         cache = jax.device_put(cache, sh)
+        born = ssmc.StateCache.create(k, num_layers=2, batch_size=b, sizes={"h": h, "p": p, "n": n}, mesh=mesh,
+                                      head_axis="model")  # created sharded
+        assert born.states["h"].sharding.spec == P(None, "data", "model", None, None), born.states["h"].sharding
+        assert born.layer_positions.sharding.is_equivalent_to(sh.layer_positions, 2)
 
         def decode(cache, tok):
             for i in range(cache.num_layers):
