@@ -116,6 +116,24 @@ def mixer(params: dict, u, cfg: Mamba2Config, state: dict | None = None):
     return (out[:, 0] if one else out), dict(zip([s for s, _ in k.states], new))
 
 
+def to_mamba_conv_state(state: dict, cfg: Mamba2Config):
+    """The three conv windows as mamba_ssm's / EasyDeL's one conv state [b, conv_dim, d_conv - 1] over the
+    concatenated x/B/C channels (theirs keeps d_conv columns; the oldest is never read again)."""
+    b = state["xr_win"].shape[0]
+    w = [state[n].reshape(b, cfg.d_conv - 1, -1) for n in ("xr_win", "Br_win", "Cr_win")]
+    return jnp.concatenate(w, axis=-1).transpose(0, 2, 1)
+
+
+def from_mamba_conv_state(conv_state, cfg: Mamba2Config) -> dict:
+    """Inverse of to_mamba_conv_state; takes [b, conv_dim, d_conv] (mamba_ssm's layout) or [b, conv_dim, d_conv-1]."""
+    b, K1 = conv_state.shape[0], cfg.d_conv - 1
+    w = conv_state[:, :, conv_state.shape[2] - K1:].transpose(0, 2, 1)  # the last d_conv - 1 inputs, oldest first
+    xw, Bw, Cw = jnp.split(w, [cfg.d_inner, cfg.d_inner + cfg.ngroups * cfg.d_state], axis=-1)
+    g, n = cfg.ngroups, cfg.d_state
+    return {"xr_win": xw.reshape(b, K1, cfg.nheads, cfg.headdim), "Br_win": Bw.reshape(b, K1, g, n),
+            "Cr_win": Cw.reshape(b, K1, g, n)}
+
+
 def check(cfg: Mamba2Config, batch: int, seqlen: int, prompt: int, seed: int = 0) -> float:
     """Prefill `prompt` tokens, then generate the rest one token at a time through a one-layer StateCache;
     returns the rel. error against one full-sequence forward (and prints timings)."""

@@ -41,6 +41,12 @@ def test_layer_matches_numpy_mixer(ngroups):
     assert rel_l2(out, want) < 1e-4
     for name, s in zip(("s", "xr_win", "Br_win", "Cr_win"), states):
         assert rel_l2(state[name], s) < 1e-4, name
+    # the windows in mamba_ssm's conv-state layout: the last K-1 raw xBC inputs, channels first
+    conv_state = np.asarray(m2.to_mamba_conv_state(state, cfg))
+    np.testing.assert_allclose(conv_state, xBC[:, -(K - 1):].transpose(0, 2, 1), rtol=1e-5, atol=1e-5)
+    full = np.concatenate([np.zeros((2, cfg.conv_dim, 1)), conv_state], axis=2)  # mamba's d_conv columns
+    back = m2.from_mamba_conv_state(full, cfg)
+    assert all(np.array_equal(np.asarray(back[n]), np.asarray(state[n])) for n in back)
 
 
 def test_layer_example_runs(capsys):
