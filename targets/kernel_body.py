@@ -94,6 +94,7 @@ class TileEmitter:
         self.order = [plan.scan, SRC] + list(plan.tile)
         self.state_var: dict[str, str] = {}            # state name -> the variable holding it on chip
         self.L: dict[str, str] = {}                     # state -> its in-chunk cumulative log-decay value name
+        self.zero_padded: set[str] = set()              # variables whose padded tile entries are 0 (masked loads)
         self.tmp = 0
 
     # ---- naming / axes -------------------------------------------------------------------------------
@@ -222,6 +223,8 @@ class TileEmitter:
         # padded tile dims must not leak into sums: mask the smallest operand carrying each
         for dim in sorted(summed):
             if dim in (self.k.scan, SRC) or not self.d.needs_mask(dim):
+                continue
+            if any(e in self.zero_padded for e, a in ops if dim in a):
                 continue
             k = min((j for j, (_, a) in enumerate(ops) if dim in a), key=lambda j: len(ops[j][1]))
             e, a = ops[k]

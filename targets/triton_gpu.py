@@ -145,8 +145,7 @@ class TritonEmitter(LauncherWriter):
         for d in k.tile:
             x = dim_id(d)
             start = f"j_{x} * BLOCK_{x} + " if d in k.split else ""
-            w(f"o_{x} = {start}tl.arange(0, BLOCK_{x})")
-            w(f"oc_{x} = tl.minimum(o_{x}, N_{x} - 1)  # past the end: read the last entry (finite), never stored")
+            w(f"o_{x} = {start}tl.arange(0, BLOCK_{x})  # entries past N_{x} are padding: loaded as 0, never stored")
         if k.form == "chunked":
             w("o_t = tl.arange(0, Q)")
 
@@ -161,8 +160,8 @@ class TritonEmitter(LauncherWriter):
                 idx = time
                 if "t" in axes and axes and k.form == "chunked":
                     idx = self.body.bc(time, (k.scan,), axes)
-            elif d in k.tile:
-                idx = self.body.bc(f"oc_{dim_id(d)}", (d,), axes)
+            elif d in k.tile:  # unclamped offsets keep the loads contiguous (vectorised); padding is masked
+                idx = self.body.bc(f"o_{dim_id(d)}", (d,), axes)
             else:
                 idx = f"i_{dim_id(d)}"
             terms.append(f"{idx} * {st}")
@@ -173,7 +172,10 @@ class TritonEmitter(LauncherWriter):
         name = leaf.attr("array") or leaf.attr("state")
         axes = body.axes_of(leaf.dims)
         addr = self.address(name, f"{self.pn(leaf.name)}_ptr", k.decl[name], axes, time)
-        body.bind(leaf.name, f"tl.load({addr}).to(tl.float32)", axes)
+        mask = [body.bc(f"(o_{dim_id(d)} < N_{dim_id(d)})", (d,), axes) for d in axes if d in k.tile]
+        m = f", mask={' & '.join(mask)}, other=0.0" if mask else ""
+        body.bind(leaf.name, f"tl.load({addr}{m}).to(tl.float32)", axes)
+        body.zero_padded.add(body.get(leaf.name)[0])  # padded entries read as 0: no mask needed in sums
 
     def store(self, kind, name, value, time):
         k, body, w = self.plan, self.body, self.w
