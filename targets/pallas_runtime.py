@@ -100,8 +100,10 @@ def _to_kernel(x, dims, outer, inner, kind, sizes, scan, Tp):
         pad = [(0, 0)] * x.ndim
         pad[ax] = (0, Tp - sizes[scan])
         x = jnp.pad(x, pad, mode="edge")
-    if kind == "scalar":
+    if kind == "scalar":  # SMEM: flat, 32-bit
         return x.reshape(-1).astype(jnp.float32) if x.ndim else x.reshape(1).astype(jnp.float32)
+    if kind == "scalar_vmem":
+        return x[..., None, None]
     if kind == "tcol":
         return x[..., None]
     if kind == "row":
@@ -162,12 +164,15 @@ def launch(kernel, layout, arrays, sizes, *, mm, out_dtype, interpret=False):
             + (nT,))
     blk = {**blocks, scan: tb}          # extents of a block
     full = {**sizes, scan: Tp}          # extents of the kernel-layout arrays
+    states = {n[:-len("_final")] for n, kind, _ in layout["stores"] if kind == "state"}
     ins, in_specs = [], []
     for name in layout["inputs"]:
         dims = layout["arrays"][name]
         outer, inner, kind = _layout_of(layout, name)
-        ins.append(_to_kernel(jnp.asarray(arrays[name]), dims, outer, inner, kind, sizes, scan, Tp))
-        if kind == "scalar":
+        smem = kind == "scalar" and name not in states  # initial states stay in VMEM blocks, like the scratch
+        ins.append(_to_kernel(jnp.asarray(arrays[name]), dims, outer, inner, kind if smem or kind != "scalar"
+                              else "scalar_vmem", sizes, scan, Tp))
+        if smem:
             in_specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))
         else:
             block = [None] * len(outer) + _inner_shape(inner, kind, blk)

@@ -109,7 +109,7 @@ class PallasEmitter(LauncherWriter):
     # ---- program ids ------------------------------------------------------------------------------------
     def program_ids(self):
         k, w = self.plan, self.w
-        what = "chunk" if k.form == "chunked" else f"block of TB steps"
+        what = "chunk" if k.form == "chunked" else "block of TB steps"
         w(f"# one program per ({', '.join(k.grid) or 'whole problem'})"
           + (f" x block of ({', '.join(k.split)})" if k.split else "")
           + f"; the last grid axis walks the sequence, one {what} per step, in order")
@@ -129,15 +129,17 @@ class PallasEmitter(LauncherWriter):
     def ref_of(self, leaf) -> str:
         return f"{self.pn(leaf.name)}_ref"
 
-    def read(self, ref, name, step: str | None = None) -> str:
+    def read(self, ref, name, step: str | None = None, smem: bool = False) -> str:
         """A block (or, with `step`, one time step of it) as a value of the tile axes the body expects."""
         outer, inner, kind = self.layout_of(name)
-        if kind == "scalar":  # SMEM, flattened over its grid dims
+        if kind == "scalar" and smem:  # an input of per-program scalars: in SMEM, flattened over its grid dims
             idx, stride = [], ""
             for d in reversed(outer):
                 idx.insert(0, f"i_{dim_id(d)}{stride}")
                 stride = f"{stride} * N_{dim_id(d)}" if stride else f" * N_{dim_id(d)}"
             return f"{ref}[{' + '.join(idx) or '0'}]"
+        if kind == "scalar":  # a (1, 1) VMEM block
+            return f"{ref}[0, 0]"
         if step is not None and self.plan.scan in inner:
             if kind == "tcol":
                 return f"{ref}[{step}, 0]"
@@ -161,7 +163,7 @@ class PallasEmitter(LauncherWriter):
         body = self.body
         name = leaf.attr("array") or leaf.attr("state")
         ref = self.staged.get(self.ref_of(leaf), self.ref_of(leaf)) if step is not None else self.ref_of(leaf)
-        body.bind(leaf.name, f"{self.read(ref, name, step)}.astype(jnp.float32)",
+        body.bind(leaf.name, f"{self.read(ref, name, step, smem=leaf.op == 'input')}.astype(jnp.float32)",
                   body.axes_of(leaf.dims))
 
     def store(self, kind, name, value, step=None):
@@ -272,7 +274,6 @@ class PallasEmitter(LauncherWriter):
             for i in k.body:
                 body.instr(i)
             self.timed_stores("t_i")
-            kept = {v: f"{v}_kept" for v in svars}
             for v in svars:
                 w(f"{v}_kept = {v}")
             body.step_updates()

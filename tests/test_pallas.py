@@ -191,3 +191,34 @@ def test_compiles_with_mosaic_for_tpu(name, dtype):
     (tests/tpu_aot.py), so layouts, relayouts and VMEM addressing are checked too, not only the lowering."""
     r = _aot_results()[(name, dtype)]
     assert r["ok"], r["error"]
+
+
+EMA = """
+ssm ema {
+  dims b, t, h
+  scan t
+  in x[b,t,h], a[h]
+  state c[b,h]
+  out y[b,t,h]
+  c = a*c + x
+  y = c
+}
+"""
+
+
+@pytest.mark.parametrize("chunk", [None, 1])
+def test_per_program_scalar_state(chunk):
+    """A state with no tile dims is one scalar per program: a (1, 1) VMEM block (inputs of that shape go to SMEM)."""
+    rng = np.random.default_rng(3)
+    b, t, h = 2, 21, 3
+    x = rng.standard_normal((b, t, h)).astype(np.float32)
+    a = rng.uniform(0.5, 0.95, h).astype(np.float32)
+    c0 = rng.standard_normal((b, h)).astype(np.float32)
+    k = ssmc.compile(EMA, target="tpu", interpret=True, chunk_size=chunk)
+    y, c = k(x, a, initial_state=c0)
+    cr, ys = c0.astype(np.float64), []
+    for i in range(t):
+        cr = a * cr + x[:, i]
+        ys.append(cr)
+    np.testing.assert_allclose(np.asarray(y), np.stack(ys, 1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(c), cr, rtol=1e-5, atol=1e-5)
