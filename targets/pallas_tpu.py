@@ -46,6 +46,8 @@ class PallasTiles(TileEmitter):
         res = TileEmitter.bc(expr, src, to)
         if res == expr or not (expr.startswith("valid") or "TRIL" in expr):
             return res
+        if expr == "valid":
+            return f"({TileEmitter.bc('valid_i', src, to)} != 0)"
         return f"({TileEmitter.bc(expr + '.astype(jnp.int32)', src, to)} != 0)"
 
 
@@ -236,6 +238,7 @@ class PallasEmitter(LauncherWriter):
         if any(i.op == "chunk.output" and i.attr("when") == "prev" for i in k.body):
             w("TRIL_STRICT = rt.tril(Q, strict=True)  # [t, s]: s < t")
         w(f"valid = i_chunk * Q + lax.iota(jnp.int32, Q) < N_{dim_id(k.scan)}  # steps past the end are padding")
+        w("valid_i = valid.astype(jnp.int32)  # masks broadcast as int32 (Mosaic cannot reshape i1 vectors)")
         for s in k.states:
             S = s.attr("state")
             w(f"{body.state_var[S]} = {self.state_value(S)}  # the state entering this chunk")
