@@ -86,7 +86,7 @@ class PallasEmitter(LauncherWriter):
         ins = [f"{self.pn(i.name)}_ref" for i in k.inputs + k.states]
         outs = [f"{n}_ref" for n in self.store_names()]
         self.scratch = {s: f"{self.pn('%' + s)}_scr" for kind, s, _ in k.stores if kind == "state"}
-        dims = self.dims() if hasattr(self, "dims") else [d for d in k.p.dims if "#" not in d]
+        dims = self.dims()  # the sizes LAYOUT names
         meta = [f"N_{dim_id(d)}" for d in dims] + [f"BLOCK_{dim_id(d)}" for d in k.tile]
         meta += ["Q" if k.form == "chunked" else "TB", "MM", "PREC"]
         # sequential form: each time block is staged through fp32 VMEM (one step's row of a 16-bit block is not
