@@ -34,11 +34,13 @@ def heuristic(layout: dict, sizes: dict) -> dict:
     return {"blocks": blocks, "Q": layout["Q"], "num_warps": 4, "num_stages": 2}
 
 
-def candidates(layout: dict, sizes: dict) -> list[dict]:
+def candidates(layout: dict, sizes: dict, mm) -> list[dict]:
     base = heuristic(layout, sizes)
     qs = [base["Q"]]
-    if layout["form"] == "chunked" and base["Q"] == 64:  # SSD-like classes: chunk length trades the in-chunk
-        qs = [64, 128]                                    # quadratic work against the steps of the state walk
+    # SSD-like classes: chunk length trades the in-chunk quadratic work against the steps of the state walk; fp32
+    # dots at full precision run without tensor cores, where longer chunks only cost
+    if layout["form"] == "chunked" and base["Q"] == 64 and jnp.dtype(mm) != jnp.float32:
+        qs = [64, 128]
     splits = [None] + [32 for _ in layout["split"][:1]]
     out = []
     for Q in qs:
@@ -60,7 +62,8 @@ def _mm_meta(mm) -> dict:
         return {"MM": tl.bfloat16, "PREC": "tf32"}
     if mm == jnp.float16:
         return {"MM": tl.float16, "PREC": "tf32"}
-    return {"MM": tl.float32, "PREC": "ieee"}
+    # fp32: three TF32 passes on tensor cores (error near fp32 rounding); "ieee" runs without tensor cores, ~8x slower
+    return {"MM": tl.float32, "PREC": "tf32x3"}
 
 
 def launch(kernel, layout, arrays, sizes, *, mm, out_dtype, interpret=False):
@@ -122,7 +125,7 @@ def _tune(kernel, layout, sizes, ins, specs, mm) -> dict:
     # small positive values keep any decay finite over the whole sequence (no inf/nan while timing)
     real = [jnp.asarray(rng.uniform(1e-3, 1e-2, x.shape).astype(np.float32)).astype(x.dtype) for x in ins]
     best, best_t = None, float("inf")
-    for cfg in candidates(layout, sizes):
+    for cfg in candidates(layout, sizes, mm):
         f = jax.jit(lambda *a, cfg=cfg: _gpu_call(kernel, layout, sizes, cfg, a, specs, mm))
         try:
             jax.block_until_ready(f(*real))
