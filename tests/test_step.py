@@ -149,13 +149,13 @@ def test_step_kernel_is_sequential_and_cached(sx):
     assert "chunk: sequential scan" in seq.ir and "chunk-parallel form" in k.ir
 
 
-def _kernel_targets():
-    from ssmc.targets import available
-    return [t for t in ("triton", "tpu") if available(t)]
+# conv windows + groups + the SSD form on both kernel targets; on Triton (fast interpreter) also a read-before-update
+# readout (rwkv6), elementwise decay (mamba1) and a non-diagonal transition (deltanet)
+KERNEL_CASES = [("triton", "mamba2_conv"), ("triton", "rwkv6"), ("triton", "mamba1"), ("triton", "deltanet"),
+                ("tpu", "mamba2_conv")]
 
 
-@pytest.mark.parametrize("target", _kernel_targets())
-@pytest.mark.parametrize("name", ["mamba2_conv"])  # conv windows, groups, the SSD form
+@pytest.mark.parametrize("target,name", KERNEL_CASES)
 def test_prefill_then_steps_on_kernel_targets(rng, name, target):
     """The same on the kernel targets that have landed, in their CPU interpreter (slow: one example, short
     steps)."""
