@@ -129,7 +129,7 @@ class LauncherWriter:
             outs = ", ".join(self.store_names())
             w(f"{outs}, = rt.launch({self.kernel_name}, LAYOUT, arrays, sizes, mm=mm, out_dtype=out_dtype, "
               f"interpret=interpret)")
-            self.post(given)
+            self.post()
             res = []
             by = k.by()
             for o in k.p.outs:
@@ -176,7 +176,7 @@ class LauncherWriter:
             if by[i.name].op == "conv":
                 by_name[i.attr("array")] = self.pn(i.name)
 
-    def post(self, given):
+    def post(self):
         """Instructions after the kernel, in jax.numpy over named dims (kernel outputs are in IR dims)."""
         k, w = self.plan, self.w
         if not k.post:

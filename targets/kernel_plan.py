@@ -107,6 +107,9 @@ def plan_kernel(p: Program, target: str) -> KernelPlan:
     decl = {a.name: a.dims for a in p.inputs + p.states + p.outs}
     conv_in = []
     for i in pre:
+        if any(by[a].op not in ("input", "window") for a in i.args):
+            raise TargetError(f"{target} target: conv at {i.span} convolves a computed value; kernel targets run "
+                              f"convs over `in` arrays before the kernel (use target='xla' for this spec)")
         if i.op == "conv":
             conv_in.append(make(i.name, "input", (), i.dims, i.span, array=py_name(i.name)))
             decl[py_name(i.name)] = i.dims

@@ -79,6 +79,17 @@ class SSMC:
         return errs
 
     @classmethod
+    def check(cls, rng, variant, dims: dict, with_init: bool = True, kernel=None, chunk_size=None, tol=1e-4,
+              what: str = ""):
+        """Fresh random inputs (and initial states) at `dims`, the kernel's outs and final states against the
+        float64 reference; returns the errors."""
+        inputs = variant.make_inputs(rng, dims)
+        init = variant.make_initial_states(rng, dims) if with_init else None
+        ref_outs, ref_states = variant.reference(inputs, init)
+        outs, states = cls.run(variant, inputs, init, chunk_size=chunk_size, kernel=kernel)
+        return cls.compare(variant, outs, states, ref_outs, ref_states, tol, what=what)
+
+    @classmethod
     def run(cls, variant, inputs: dict, initial_states: dict | None = None, chunk_size=None, kernel=None):
         """Call the compiled kernel with keyword inputs; returns (outs, states) as jax arrays."""
         k = kernel if kernel is not None else cls.kernel(variant.name, chunk_size)

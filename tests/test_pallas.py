@@ -46,11 +46,7 @@ def test_fp32_matches_reference(sx, rng, name, case):
     chunk, t, with_init = case
     v = VARIANTS[name]
     dims = _dims(v, t=t, b=2) if with_init else _dims(v, t=t)
-    inputs = v.make_inputs(rng, dims)
-    init = v.make_initial_states(rng, dims) if with_init else None
-    ref_outs, ref_states = v.reference(inputs, init)
-    outs, states = sx.run(v, inputs, init, kernel=kernel(name, chunk))
-    sx.compare(v, outs, states, ref_outs, ref_states, FP32_TOL, what=" (tpu interpret)")
+    sx.check(rng, v, dims, with_init, kernel=kernel(name, chunk), tol=FP32_TOL, what=" (tpu interpret)")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -73,22 +69,14 @@ def test_sequential_over_several_time_blocks(sx, rng, name):
     """The sequential kernel walks 128 steps per grid step; 150 steps take two, the second mostly padding."""
     v = VARIANTS[name]
     dims = {"b": 1, "t": 150, "h": 1} if "h" in v.small_dims else {"b": 1, "t": 150}
-    inputs = v.make_inputs(rng, dims)
-    init = v.make_initial_states(rng, dims)
-    ref_outs, ref_states = v.reference(inputs, init)
-    outs, states = sx.run(v, inputs, init, kernel=kernel(name))
-    sx.compare(v, outs, states, ref_outs, ref_states, FP32_TOL, what=" (tpu interpret, 2 time blocks)")
+    sx.check(rng, v, dims, True, kernel=kernel(name), tol=FP32_TOL, what=" (tpu interpret, 2 time blocks)")
 
 
 @pytest.mark.parametrize("groups", [1, 2, 4])
 def test_groups_are_an_index_map(sx, rng, groups):
     v = VARIANTS["mamba2"]
     dims = {"b": 1, "h": 4, "g": groups, "t": 19}
-    inputs = v.make_inputs(rng, dims)
-    init = v.make_initial_states(rng, dims)
-    ref_outs, ref_states = v.reference(inputs, init)
-    outs, states = sx.run(v, inputs, init, kernel=kernel("mamba2", 8))
-    sx.compare(v, outs, states, ref_outs, ref_states, FP32_TOL, what=f" (tpu interpret, g={groups})")
+    sx.check(rng, v, dims, True, kernel=kernel("mamba2", 8), tol=FP32_TOL, what=f" (tpu interpret, g={groups})")
     src = kernel("mamba2", 8).source
     assert "i_g = lax.div(i_h, N_h // N_g)" in src and "jnp.repeat" not in src
 
@@ -97,11 +85,7 @@ def test_odd_tile_sizes(sx, rng):
     """Tile dims are whole blocks (the full dim satisfies the TPU block rule): p=5, n=3 need no padding."""
     v = VARIANTS["mamba2_gated"]
     dims = {"b": 1, "h": 2, "g": 1, "p": 5, "n": 3, "t": 13}
-    inputs = v.make_inputs(rng, dims)
-    init = v.make_initial_states(rng, dims)
-    ref_outs, ref_states = v.reference(inputs, init)
-    outs, states = sx.run(v, inputs, init, kernel=kernel("mamba2_gated", 8))
-    sx.compare(v, outs, states, ref_outs, ref_states, FP32_TOL, what=" (tpu interpret, p=5, n=3)")
+    sx.check(rng, v, dims, True, kernel=kernel("mamba2_gated", 8), tol=FP32_TOL, what=" (tpu interpret, p=5, n=3)")
 
 
 @pytest.mark.parametrize("name,dims,chunk", [("mamba1", {"b": 1, "t": 20, "d": 1024, "n": 4}, None),
@@ -110,11 +94,7 @@ def test_blockable_tile_dims_get_grid_axes(sx, rng, name, dims, chunk):
     """A blockable tile dim over 512 gets its own "parallel" grid axis in lane-aligned blocks (d=1024: 2 x 512,
     dv=640: 5 x 128); the blocks must tile the state and the outs exactly."""
     v = VARIANTS[name]
-    inputs = v.make_inputs(rng, dims)
-    init = v.make_initial_states(rng, dims)
-    ref_outs, ref_states = v.reference(inputs, init)
-    outs, states = sx.run(v, inputs, init, kernel=kernel(name, chunk))
-    sx.compare(v, outs, states, ref_outs, ref_states, FP32_TOL, what=f" (tpu interpret, blocks {dims})")
+    sx.check(rng, v, dims, True, kernel=kernel(name, chunk), tol=FP32_TOL, what=f" (tpu interpret, blocks {dims})")
 
 
 def test_inside_jit(sx, rng):

@@ -33,11 +33,7 @@ CASES = [(16, 37, True), (None, 70, False), (1, 11, True)]
 def test_fp32_matches_reference(sx, rng, name, case):
     chunk, t, with_init = case
     v = VARIANTS[name]
-    inputs = v.make_inputs(rng, {"t": t})
-    init = v.make_initial_states(rng, {"t": t}) if with_init else None
-    ref_outs, ref_states = v.reference(inputs, init)
-    outs, states = sx.run(v, inputs, init, kernel=kernel(name, chunk))
-    sx.compare(v, outs, states, ref_outs, ref_states, FP32_TOL, what=" (triton)")
+    sx.check(rng, v, {"t": t}, with_init, kernel=kernel(name, chunk), tol=FP32_TOL, what=" (triton)")
 
 
 LOW = [("bfloat16", jnp.bfloat16, 3e-2), ("float16", jnp.float16, 1e-2)]
@@ -62,11 +58,7 @@ def test_low_precision_inputs(sx, rng, name, dtype_name, dtype, tol):
 def test_groups_are_an_index_map(sx, rng, groups):
     v = VARIANTS["mamba2"]
     dims = {"h": 4, "g": groups, "t": 37}
-    inputs = v.make_inputs(rng, dims)
-    init = v.make_initial_states(rng, dims)
-    ref_outs, ref_states = v.reference(inputs, init)
-    outs, states = sx.run(v, inputs, init, kernel=kernel("mamba2", 16))
-    sx.compare(v, outs, states, ref_outs, ref_states, FP32_TOL, what=f" (triton, g={groups})")
+    sx.check(rng, v, dims, True, kernel=kernel("mamba2", 16), tol=FP32_TOL, what=f" (triton, g={groups})")
     src = kernel("mamba2", 16).source
     assert "i_g = i_h // (N_h // N_g)" in src  # B, C read per group, never repeated
 
@@ -76,11 +68,7 @@ def test_odd_tile_sizes_are_masked(sx, rng):
     a sum, an out or a state."""
     v = VARIANTS["mamba2_gated"]
     dims = {"p": 5, "n": 3, "t": 37}
-    inputs = v.make_inputs(rng, dims)
-    init = v.make_initial_states(rng, dims)
-    ref_outs, ref_states = v.reference(inputs, init)
-    outs, states = sx.run(v, inputs, init, kernel=kernel("mamba2_gated", 16))
-    sx.compare(v, outs, states, ref_outs, ref_states, FP32_TOL, what=" (triton, odd tiles)")
+    sx.check(rng, v, dims, True, kernel=kernel("mamba2_gated", 16), tol=FP32_TOL, what=" (triton, odd tiles)")
 
 
 def test_inside_jit_and_matches_xla(sx, rng):
@@ -102,3 +90,14 @@ def test_source_is_readable():
     assert "tl.dot(" in src  # in-chunk quadratic part and state contractions on tensor cores
     seq = kernel("deltanet").source
     assert "def deltanet_sequential(" in seq and "for t_i in range(0, N_t):" in seq
+
+
+def test_unsupported_specs_name_the_place():
+    """What the kernel targets cannot hold in one program is a TargetError that says where and what to use."""
+    conv = VARIANTS["mamba2_conv"].path.read_text().replace("conv(xr, wx, over=t)", "conv(xr * 2.0, wx, over=t)")
+    with pytest.raises(ssmc.TargetError, match=r"conv at 1\d:\d+ convolves a computed value.*target='xla'"):
+        ssmc.compile(conv, target="triton", interpret=True)
+    summed = VARIANTS["mamba2"].path.read_text().replace("y = C·h + D*x", "y[b,t,p] = C·h")
+    summed = summed.replace("out y[b,t,h,p]", "out y[b,t,p]")
+    with pytest.raises(ssmc.TargetError, match=r"group g -> h.*sums over 'h'"):
+        ssmc.compile(summed, target="triton", interpret=True)
