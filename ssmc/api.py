@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import linecache
 import os
 import pathlib
@@ -166,7 +167,8 @@ class Kernel:
         self.states = [(a.name, a.dims) for a in program.states]
         self.outs = [(a.name, a.dims) for a in program.outs]
         mod = types.ModuleType(f"ssmc_generated_{program.name}")
-        mod.__file__ = f"<ssmc {target} {program.name}>"
+        # unique per source: the file name keys linecache, where Triton reads its kernels' source back
+        mod.__file__ = f"<ssmc {target} {program.name} {hashlib.sha256(self.source.encode()).hexdigest()[:10]}>"
         # registered like a file, so tracebacks show the generated lines and Triton can read its kernels' source
         linecache.cache[mod.__file__] = (len(self.source), None, self.source.splitlines(True), mod.__file__)
         try:

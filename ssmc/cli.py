@@ -196,8 +196,8 @@ def cmd_run(args, out) -> int:
         raise CLIError("--repeats must be >= 1")
     path = _spec_path(args.file)
     given = parse_dims(args.dims)
-    chunked = ssmc.compile(path, target=args.target, chunk_size=args.chunk_size)
-    seq = ssmc.compile(path, target=args.target, chunk_size=1)
+    chunked = ssmc.compile(path, target=args.target, chunk_size=args.chunk_size, interpret=args.interpret)
+    seq = ssmc.compile(path, target=args.target, chunk_size=1, interpret=args.interpret)
     sizes = default_dims(chunked, given)
     inputs = random_inputs(chunked, sizes, seed=args.seed, dtype=getattr(jnp, args.dtype))
     inputs = {n: jnp.asarray(v) for n, v in inputs.items()}
@@ -304,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("run", help="run chunked and sequential forms on random inputs; compare time and error")
     c.add_argument("file", metavar="FILE")
     c.add_argument("--target", default="xla")
+    c.add_argument("--interpret", action="store_true",
+                   help="kernel targets (triton, tpu): run the kernels in their CPU interpreter")
     c.add_argument("--dims", default=None, metavar="D=N,...",
                    help="dim sizes, e.g. b=2,t=4096 (defaults: scan dim 1024, batch 2, group dims 1, others 16)")
     c.add_argument("--chunk-size", type=_positive_int, default=None, help="chunk length of the chunked form")

@@ -127,7 +127,7 @@ class _Prober:
         import ssmc
 
         self.k = k
-        self.seq = ssmc.compile(k.program.source, target=k.target, chunk_size=1)
+        self.seq = ssmc.compile(k.program.source, target=k.target, chunk_size=1, interpret=k.interpret)
         self.scan = k.program.scan
         self.batch = set(batch_dims(k))
         self.length = sizes[self.scan]

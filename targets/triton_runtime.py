@@ -83,6 +83,10 @@ def _meta(layout, sizes, cfg, mm):
 
 
 def _gpu_call(kernel, layout, sizes, cfg, ins, specs, mm):
+    if jax.default_backend() != "gpu":
+        from ssmc.errors import TargetError
+        raise TargetError(f"triton target: jax's backend is '{jax.default_backend()}', the kernels need a GPU; "
+                          f"compile with interpret=True to run them in Triton's CPU interpreter")
     import jax_triton as jt
     out_shape = [jax.ShapeDtypeStruct(s, d) for s, d in specs]
     return jt.triton_call(*ins, kernel=kernel, out_shape=out_shape, grid=kr.grid(layout, sizes, cfg["blocks"]),

@@ -155,6 +155,17 @@ def test_run_other_example(capsys):
     assert "OK" in out
 
 
+@pytest.mark.parametrize("target", ["triton", "tpu"])
+def test_run_kernel_target_interpreted(cache_dir, target):
+    """`--interpret` runs a kernel target's chunked and sequential kernels in its CPU interpreter."""
+    proc = run_module("run", "examples/mamba2.ssm", "--target", target, "--interpret", "--dims", TINY,
+                      "--repeats", "1", "--chunk-size", "8")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"target    {target}" in proc.stdout and "OK" in proc.stdout, proc.stdout
+    errs = parse_errors(proc.stdout)
+    assert set(errs) == {"out y", "state h"} and all(0 <= e < 1e-4 for e in errs.values()), errs
+
+
 def test_run_fails_above_tolerance(capsys):
     rc, out, _ = run_main(capsys, "run", MAMBA2, "--dims", TINY, "--repeats", "1", "--chunk-size", "8",
                           "--tol", "0")

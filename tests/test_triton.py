@@ -101,3 +101,44 @@ def test_unsupported_specs_name_the_place():
     summed = summed.replace("out y[b,t,h,p]", "out y[b,t,p]")
     with pytest.raises(ssmc.TargetError, match=r"group g -> h.*sums over 'h'"):
         ssmc.compile(summed, target="triton", interpret=True)
+
+
+def test_autotune_choice_is_persisted(monkeypatch, tmp_path):
+    """The tuned config is keyed by (kernel source, device, shape bucket, dtypes) and read back from the disk cache
+    by a new process (here: the in-process table cleared) instead of tuning again; SSMC_AUTOTUNE=0 never tunes."""
+    from ssmc.targets import triton_runtime as tr
+
+    monkeypatch.setenv("SSMC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tr, "_TUNED", {})
+    calls = []
+
+    def fake_tune(kern, layout, sizes, ins, specs, mm):
+        calls.append(sizes["t"])
+        return {"blocks": {d: 32 for d in layout["tile"]}, "Q": 128, "num_warps": 8, "num_stages": 1}
+
+    monkeypatch.setattr(tr, "_tune", fake_tune)
+    mod = kernel("mamba2")._module
+    layout, kern = mod.LAYOUT, mod.mamba2_chunked
+    sizes = {"b": 2, "t": 1000, "h": 4, "p": 64, "n": 128, "g": 1}
+    ins = [jax.ShapeDtypeStruct(tuple(sizes[d] for d in layout["arrays"][a]), jnp.bfloat16) for a in layout["inputs"]]
+    cfg = tr._config(kern, layout, sizes, ins, None, jnp.bfloat16)
+    assert calls == [1000] and cfg["Q"] == 128
+    tr._TUNED.clear()
+    assert tr._config(kern, layout, dict(sizes, t=1020), ins, None, jnp.bfloat16) == cfg  # same bucket, from disk
+    assert calls == [1000]
+    tr._config(kern, layout, dict(sizes, t=4000), ins, None, jnp.bfloat16)  # another bucket tunes
+    assert calls == [1000, 4000]
+    monkeypatch.setenv("SSMC_AUTOTUNE", "0")
+    assert tr._config(kern, layout, dict(sizes, t=9000), ins, None, jnp.bfloat16) == tr.heuristic(layout, sizes)
+    assert calls == [1000, 4000]
+    cands = tr.candidates(layout, sizes, jnp.bfloat16)
+    assert {c["Q"] for c in cands} == {64, 128} and {c["num_warps"] for c in cands} == {4, 8}
+    assert {c["Q"] for c in tr.candidates(layout, sizes, jnp.float32)} == {64}
+
+
+def test_without_gpu_says_how_to_interpret(rng):
+    """Compiled for the GPU on a CPU-only jax: a TargetError that points at interpret=True, not an import error."""
+    v = VARIANTS["mamba2"]
+    k = ssmc.compile(str(v.path), target="triton")
+    with pytest.raises(ssmc.TargetError, match="need a GPU; compile with interpret=True"):
+        k(**v.make_inputs(rng, {"t": 8}))
