@@ -39,3 +39,13 @@ def test_passes_golden(name, chunk):
 def test_source_golden(name, chunk):
     k = ssmc.compile(ROOT / "examples" / f"{name}.ssm", chunk_size=chunk, cache=False)
     _check(GOLDEN / f"{_stem(name, chunk)}.xla.py", k.source)
+
+
+# the kernel targets' emitted source: SSD chunk walk, a sequential step kernel, and the Pallas form of the SSD walk
+KERNEL_CASES = [("mamba2", "triton"), ("deltanet", "triton"), ("mamba2_gated", "triton"), ("mamba2", "tpu")]
+
+
+@pytest.mark.parametrize("name,target", KERNEL_CASES)
+def test_kernel_source_golden(name, target):
+    k = ssmc.compile(ROOT / "examples" / f"{name}.ssm", target=target, cache=False)
+    _check(GOLDEN / f"{name}.{target}.py", k.source)
