@@ -255,20 +255,27 @@ class Kernel:
         low = dtype in (jnp.bfloat16, jnp.float16) and self.matmul == "auto"
         return tuple(self._fn(*call, mm=dtype if low else jnp.float32, out_dtype=dtype, **self._opts))
 
-    def _bind(self, args, kwargs, initial_state, initial_states):
+    def named_inputs(self, args, kwargs, who: str = "") -> dict:
+        """Positional and keyword inputs -> {input name: array}, with errors naming the input."""
+        who = who or self.name
         names = [n for n, _ in self.inputs]
         if len(args) > len(names):
-            raise ShapeError(f"{self.name}: takes {len(names)} inputs ({', '.join(names)}), got {len(args)} "
+            raise ShapeError(f"{who}: takes {len(names)} inputs ({', '.join(names)}), got {len(args)} "
                              f"positional arguments")
         given = dict(zip(names, args))
         for k, v in kwargs.items():
             if k not in names:
                 states = [s for s, _ in self.states]
                 hint = "; to set a state use initial_state= / initial_states={...}" if k in states else ""
-                raise ShapeError(f"{self.name}: unknown input '{k}'; inputs are {', '.join(names)}{hint}")
+                raise ShapeError(f"{who}: unknown input '{k}'; inputs are {', '.join(names)}{hint}")
             if k in given:
-                raise ShapeError(f"{self.name}: input '{k}' given both positionally and by keyword")
+                raise ShapeError(f"{who}: input '{k}' given both positionally and by keyword")
             given[k] = v
+        return given
+
+    def _bind(self, args, kwargs, initial_state, initial_states):
+        names = [n for n, _ in self.inputs]
+        given = self.named_inputs(args, kwargs)
         missing = [n for n in names if n not in given]
         if missing:
             raise ShapeError(f"{self.name}: missing input{'s' if len(missing) > 1 else ''} {', '.join(missing)}; "

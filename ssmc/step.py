@@ -45,20 +45,12 @@ def state_dict(k, state) -> dict:
 
 def step(k, state, args, kwargs):
     """See Kernel.step."""
-    names = [n for n, _ in k.inputs]
-    if len(args) > len(names):
-        raise ShapeError(f"{k.name}.step: takes {len(names)} inputs ({', '.join(names)}), got {len(args)} "
-                         f"positional arguments")
-    given = dict(zip(names, args))
-    for name, x in kwargs.items():
-        if name in given:
-            raise ShapeError(f"{k.name}.step: input '{name}' given both positionally and by keyword")
-        given[name] = x
+    given = k.named_inputs(args, kwargs, f"{k.name}.step")
     scan, declared = k.program.scan, dict(k.inputs)
     single = {}  # input -> given without the scan dim (one token)
     for name, x in given.items():
-        dims = declared.get(name)  # unknown names are left to the kernel call to report
-        if dims is None or scan not in dims:
+        dims = declared[name]
+        if scan not in dims:
             continue
         ax, rank = dims.index(scan), jnp.ndim(x)
         if rank == len(dims) - 1:
