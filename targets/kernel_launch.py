@@ -54,7 +54,7 @@ class LauncherWriter:
 
     def dims(self) -> list[str]:
         """Dims of the arrays the kernel reads or writes (its size constants)."""
-        used = {d for ds in self.arrays().values() for d in ds}
+        used = {d for ds in self.arrays().values() for d in ds} | set(self.plan.grid) | set(self.plan.group_tile.values())
         return [d for d in self.plan.p.dims if d in used]
 
     def constexprs(self) -> list[str]:
@@ -94,28 +94,43 @@ class LauncherWriter:
         rets = [("out", o.name, ",".join(o.dims)) for o in p.outs] + [("state", s.name, ",".join(s.dims))
                                                                       for s in p.states]
         w(f"RETURNS = {rets!r}")
-        layout = {
+        w(f"LAYOUT = {self.layout()!r}")
+        post = self.post_kernel()
+        if post is not None:
+            w(f"POST_LAYOUT = {post.layout()!r}")
+        w()
+        w()
+        self.kernel()
+        if post is not None:
+            w()
+            w()
+            post.kernel()
+        w()
+        w()
+        self.launcher(params, leaves, post)
+        return w.text()
+
+    def layout(self) -> dict:
+        """The kernel's data layout, for the runtime: sizes, strides, blocks, grid and buffers follow from it."""
+        k = self.plan
+        return {
             "form": k.form, "scan": k.scan, "Q": k.Q, "grid": list(k.grid), "tile": list(k.tile),
-            "split": list(k.split), "groups": dict(k.group_of),
+            "split": list(k.split), "groups": dict(k.group_of), "group_tile": dict(k.group_tile),
             "dims": self.dims(),
-            "inputs": [i.attr("array") or i.attr("state") for i in leaves],
+            "inputs": [i.attr("array") or i.attr("state") for i in k.inputs + k.states],
             "arrays": {a: list(d) for a, d in self.arrays().items()},
             "stores": [[self.store_var(kind, name), kind, list(self.store_dims(kind, name, v))]
                        for kind, name, v in k.stores],
         }
-        w(f"LAYOUT = {layout!r}")
-        w()
-        w()
-        self.kernel()
-        w()
-        w()
-        self.launcher(params, leaves)
-        return w.text()
+
+    def post_kernel(self) -> "LauncherWriter | None":
+        """An emitter of the post-kernel epilogue as a kernel of its own, where the target has one."""
+        return None
 
     def kernel(self):
         raise NotImplementedError
 
-    def launcher(self, params, leaves):
+    def launcher(self, params, leaves, post=None):
         k, w = self.plan, self.w
         args = ", ".join(a for a, *_ in params)
         w("# mm: matmul operand dtype (fp32, or the inputs' bf16/fp16); out_dtype: dtype of the outs")
@@ -129,12 +144,21 @@ class LauncherWriter:
             outs = ", ".join(self.store_names())
             w(f"{outs}, = rt.launch({self.kernel_name}, LAYOUT, arrays, sizes, mm=mm, out_dtype=out_dtype, "
               f"interpret=interpret)")
-            self.post()
+            if post is not None:
+                names = {i.attr("array"): self.pn(i.name) if i.op == "input" and i.name in self.pn.table
+                         and k.by()[i.name].op == "input" else i.attr("array") for i in post.plan.inputs}
+                w("# stage epilogue: a norm over a group of heads spans programs, so it is a kernel of its own")
+                w(f"post_arrays = {{{', '.join(f'{a!r}: {by_name.get(a, v)}' for a, v in names.items())}}}")
+                outs = ", ".join(post.store_names())
+                w(f"{outs}, = rt.launch({post.kernel_name}, POST_LAYOUT, post_arrays, sizes, mm=mm, "
+                  f"out_dtype=out_dtype, interpret=interpret)")
+            else:
+                self.post()
             res = []
             by = k.by()
             for o in k.p.outs:
                 v = by[f"out.{o.name}"].args[0]
-                if any(i.name == v for i in k.post):
+                if post is None and any(i.name == v for i in k.post):
                     res.append(f"rt.to_declared({self.pn(v)}, {list(by[v].dims)!r}, {list(o.dims)!r}, out_dtype)")
                 else:
                     res.append(o.name)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ssmc.errors import TargetError
-from ssmc.ir import Instr, Program, make, union_dims
+from ssmc.ir import ELEMENTWISE_BINARY, ELEMENTWISE_UNARY, Instr, Program, make, union_dims
 from ssmc.passes.chunk import chunk_dim
 from ssmc.passes.chunk_ops import STAGE_OPS, decode
 
@@ -42,6 +42,7 @@ class KernelPlan:
     stores: list[tuple[str, str, tuple]]        # (kind: out|state|tmp, name, IR value) the kernel writes
     decl: dict[str, tuple[str, ...]] = field(default_factory=dict)  # array/state name -> declared dims
     pre: list[Instr] = field(default_factory=list)  # before the kernel (causal convs and their windows)
+    group_tile: dict[str, str] = field(default_factory=dict)  # h -> g: the tile spans one group's heads (post kernel)
 
     def by(self) -> dict[str, Instr]:
         return self.p.by_name()
@@ -145,3 +146,45 @@ def plan_kernel(p: Program, target: str) -> KernelPlan:
     return KernelPlan(p, form, scan, Q, grid, tile, split, group_of, inputs, states, hoisted, body, post, stores,
                       decl, pre)
 
+
+
+ELEMENTWISE_POST = set(ELEMENTWISE_UNARY) | set(ELEMENTWISE_BINARY) | {"clamp"}
+
+
+def post_kernel_plan(k: KernelPlan) -> KernelPlan | None:
+    """The post-kernel epilogue as a second kernel when it is a norm over a group of heads followed by elementwise
+    work: one program per row (every dim but the group's heads and the normalised dims) and group, its tile the
+    group's heads x the normalised dims. None when the epilogue has another shape (it then runs in XLA)."""
+    if not k.post:
+        return None
+    norm, rest = k.post[0], k.post[1:]
+    by = k.by()
+    if norm.op != "rmsnorm" or not norm.attr("group") or any(i.op not in ELEMENTWISE_POST for i in rest):
+        return None
+    g = norm.attr("group")
+    h = k.group_of[g]
+    dims = norm.dims
+    post_names = {i.name for i in k.post}
+    leaves: dict[str, Instr] = {}
+    for i in k.post:
+        if not set(i.dims) <= set(dims):
+            return None
+        for a in i.args:
+            src = by[a]
+            if a in post_names or src.op == "const":
+                continue
+            if src.op == "expand" or g in src.dims:
+                return None  # a group-indexed operand would need the group index inside the tile
+            arr = src.attr("array") if src.op == "input" else py_name(a)
+            leaves[a] = make(a, "input", (), src.dims, src.span, array=arr)
+    over = tuple(norm.attr("over"))
+    rows = tuple(d for d in dims if d != h and d not in over)
+    decl = dict(k.decl)
+    for a, leaf in leaves.items():
+        if by[a].op != "input":
+            decl[leaf.attr("array")] = by[a].dims  # a value the main kernel wrote, in IR dims
+    norm2 = norm.with_attrs(over=(h,) + over, group=None)
+    outs = {by[f"out.{o.name}"].args[0]: o.name for o in k.p.outs}
+    stores = [("out", outs[i.name], i.name) for i in k.post if i.name in outs]
+    return KernelPlan(k.p, "rows", "~", None, rows + (g,), (h,) + over, (), {}, list(leaves.values()), [],
+                      [norm2] + rest, [], [], stores, decl, [], {h: g})

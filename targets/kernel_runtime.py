@@ -32,8 +32,16 @@ def row_major_strides(dims, sizes) -> dict[str, int]:
     return out
 
 
+def tile_sizes(layout: dict, sizes: dict) -> dict:
+    """Sizes as the kernel sees them: a tile over one group's heads (the post kernel) has h/g of them."""
+    out = dict(sizes)
+    for h, g in layout.get("group_tile", {}).items():
+        out[h] = sizes[h] // sizes[g]
+    return out
+
+
 def constexprs(layout: dict, sizes: dict, blocks: dict, Q: int | None) -> dict:
-    meta = {f"N_{dim_id(d)}": sizes[d] for d in layout["dims"]}
+    meta = {f"N_{dim_id(d)}": n for d, n in tile_sizes(layout, sizes).items() if d in layout["dims"]}
     meta.update({f"BLOCK_{dim_id(d)}": blocks[d] for d in layout["tile"]})
     if layout["form"] == "chunked":
         meta["Q"] = Q

@@ -13,7 +13,8 @@ from ssmc.ir import Program
 
 from .kernel_body import Dialect, TileEmitter, dim_id
 from .kernel_launch import LauncherWriter
-from .kernel_plan import plan_kernel
+from .kernel_plan import plan_kernel, post_kernel_plan
+from .writer import py_name
 
 
 class TritonDialect(Dialect):
@@ -95,6 +96,15 @@ class TritonEmitter(LauncherWriter):
     runtime = "triton_runtime"
     imports = ("import triton", "import triton.language as tl")
 
+    def post_kernel(self):
+        plan = post_kernel_plan(self.plan)
+        if plan is None:
+            return None
+        post = TritonEmitter(plan, self.pipeline)
+        post.w, post.pn = self.w, self.pn
+        post.kernel_name = f"{py_name('%' + self.plan.p.name)}_post"
+        return post
+
     def kernel(self):
         k, w = self.plan, self.w
         body = TileEmitter(k, TritonDialect(), w, self.pn)
@@ -109,13 +119,16 @@ class TritonEmitter(LauncherWriter):
             self.hoisted_loads_and_values(body)
             if k.form == "chunked":
                 self.chunk_loop(body)
-            else:
+            elif k.form == "sequential":
                 self.step_loop(body)
             self.store_states(body)
 
     # ---- program ids and offsets ------------------------------------------------------------------------
     def program_ids(self):
         k, w = self.plan, self.w
+        if k.group_tile:
+            (h, g), = k.group_tile.items()
+            w(f"# the epilogue after the main kernel: N_{dim_id(h)} is the number of heads per group {g}")
         w(f"# one program per ({', '.join(k.grid) or 'whole problem'})"
           + (f" x block of ({', '.join(k.split)})" if k.split else ""))
         if k.grid:
@@ -160,6 +173,9 @@ class TritonEmitter(LauncherWriter):
                 idx = time
                 if "t" in axes and axes and k.form == "chunked":
                     idx = self.body.bc(time, (k.scan,), axes)
+            elif d in k.group_tile:  # the tile spans the heads of group i_g
+                g = k.group_tile[d]
+                idx = self.body.bc(f"(i_{dim_id(g)} * N_{dim_id(d)} + o_{dim_id(d)})", (d,), axes)
             elif d in k.tile:  # unclamped offsets keep the loads contiguous (vectorised); padding is masked
                 idx = self.body.bc(f"o_{dim_id(d)}", (d,), axes)
             else:
@@ -197,13 +213,14 @@ class TritonEmitter(LauncherWriter):
     def hoisted_loads_and_values(self, body):
         k, w = self.plan, self.w
         static = [i for i in k.inputs if k.scan not in i.dims]
-        if static:
+        if static and k.form != "rows":
             w("# inputs without the scan dim: loaded once")
         for leaf in static:
             self.load(leaf, None)
         for i in k.hoisted:
             body.instr(i)
-        w("# the state, held on chip for the whole sequence (fp32)")
+        if k.states:
+            w("# the state, held on chip for the whole sequence (fp32)")
         for s in k.states:
             S = s.attr("state")
             var = f"state_{self.pn(s.name)}"
@@ -258,7 +275,7 @@ class TritonEmitter(LauncherWriter):
 
     def store_states(self, body):
         k = self.plan
-        self.w("# stage output: final states")
+        self.w("# stage output: final states" if k.states else "# stage output")
         for kind, name, v in k.stores:
             if kind == "state":
                 S = name

@@ -28,7 +28,8 @@ _TUNED: dict[str, dict] = {}
 
 
 def heuristic(layout: dict, sizes: dict) -> dict:
-    blocks = {d: kr.pow2_block(sizes[d]) for d in layout["tile"]}
+    tiles = kr.tile_sizes(layout, sizes)
+    blocks = {d: kr.pow2_block(tiles[d]) for d in layout["tile"]}
     for d in layout["split"]:  # keep a program's state tile within registers
         blocks[d] = min(blocks[d], 64)
     return {"blocks": blocks, "Q": layout["Q"], "num_warps": 4, "num_stages": 2}

@@ -55,11 +55,12 @@ def test_low_precision_inputs(sx, rng, name, dtype_name, dtype, tol):
 
 
 @pytest.mark.parametrize("groups", [1, 2, 4])
-def test_groups_are_an_index_map(sx, rng, groups):
-    v = VARIANTS["mamba2"]
+@pytest.mark.parametrize("name", ["mamba2", "mamba2_gated"])  # gated: the norm kernel tiles one group's heads
+def test_groups_are_an_index_map(sx, rng, name, groups):
+    v = VARIANTS[name]
     dims = {"h": 4, "g": groups, "t": 37}
-    sx.check(rng, v, dims, True, kernel=kernel("mamba2", 16), tol=FP32_TOL, what=f" (triton, g={groups})")
-    src = kernel("mamba2", 16).source
+    sx.check(rng, v, dims, True, kernel=kernel(name, 16), tol=FP32_TOL, what=f" (triton, g={groups})")
+    src = kernel(name, 16).source
     assert "i_g = i_h // (N_h // N_g)" in src  # B, C read per group, never repeated
 
 

@@ -14,7 +14,7 @@ from ssmc.targets import triton_runtime as rt
 
 PARAMS = [('q', 'q', 'input', 'b,t,h,dk'), ('k', 'k', 'input', 'b,t,h,dk'), ('v', 'v', 'input', 'b,t,h,dv'), ('beta', 'beta', 'input', 'b,t,h'), ('S_prev', 'S', 'state', 'b,h,dk,dv')]
 RETURNS = [('out', 'o', 'b,t,h,dv'), ('state', 'S', 'b,h,dk,dv')]
-LAYOUT = {'form': 'sequential', 'scan': 't', 'Q': None, 'grid': ['b', 'h'], 'tile': ['dk', 'dv'], 'split': ['dv'], 'groups': {}, 'dims': ['b', 't', 'h', 'dk', 'dv'], 'inputs': ['q', 'k', 'v', 'beta', 'S'], 'arrays': {'q': ['b', 't', 'h', 'dk'], 'k': ['b', 't', 'h', 'dk'], 'v': ['b', 't', 'h', 'dv'], 'beta': ['b', 't', 'h'], 'S': ['b', 'h', 'dk', 'dv'], 'o': ['b', 't', 'h', 'dv'], 'S_final': ['b', 'h', 'dk', 'dv']}, 'stores': [['o', 'out', ['b', 't', 'h', 'dv']], ['S_final', 'state', ['b', 'h', 'dk', 'dv']]]}
+LAYOUT = {'form': 'sequential', 'scan': 't', 'Q': None, 'grid': ['b', 'h'], 'tile': ['dk', 'dv'], 'split': ['dv'], 'groups': {}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'dk', 'dv'], 'inputs': ['q', 'k', 'v', 'beta', 'S'], 'arrays': {'q': ['b', 't', 'h', 'dk'], 'k': ['b', 't', 'h', 'dk'], 'v': ['b', 't', 'h', 'dv'], 'beta': ['b', 't', 'h'], 'S': ['b', 'h', 'dk', 'dv'], 'o': ['b', 't', 'h', 'dv'], 'S_final': ['b', 'h', 'dk', 'dv']}, 'stores': [['o', 'out', ['b', 't', 'h', 'dv']], ['S_final', 'state', ['b', 'h', 'dk', 'dv']]]}
 
 
 @triton.jit

@@ -14,7 +14,8 @@ from ssmc.targets import triton_runtime as rt
 
 PARAMS = [('x', 'x', 'input', 'b,t,h,p'), ('dt_raw', 'dt_raw', 'input', 'b,t,h'), ('dt_bias', 'dt_bias', 'input', 'h'), ('A_log', 'A_log', 'input', 'h'), ('B', 'B', 'input', 'b,t,g,n'), ('C', 'C', 'input', 'b,t,g,n'), ('D', 'D', 'input', 'h'), ('z', 'z', 'input', 'b,t,h,p'), ('norm_w', 'norm_w', 'input', 'h,p'), ('s_prev', 's', 'state', 'b,h,p,n')]
 RETURNS = [('out', 'y', 'b,t,h,p'), ('state', 's', 'b,h,p,n')]
-LAYOUT = {'form': 'chunked', 'scan': 't', 'Q': 64, 'grid': ['b', 'h'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'dims': ['b', 't', 'h', 'p', 'g', 'n'], 'inputs': ['x', 'dt_raw', 'dt_bias', 'A_log', 'B', 'C', 'D', 'z', 'norm_w', 's'], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt_raw': ['b', 't', 'h'], 'dt_bias': ['h'], 'A_log': ['h'], 'B': ['b', 't', 'g', 'n'], 'C': ['b', 't', 'g', 'n'], 'D': ['h'], 'z': ['b', 't', 'h', 'p'], 'norm_w': ['h', 'p'], 's': ['b', 'h', 'p', 'n'], 's_final': ['b', 'h', 'p', 'n'], 'v17': ['b', 't', 'h', 'p']}, 'stores': [['s_final', 'state', ['b', 'h', 'p', 'n']], ['v17', 'tmp', ['b', 't', 'h', 'p']]]}
+LAYOUT = {'form': 'chunked', 'scan': 't', 'Q': 64, 'grid': ['b', 'h'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n'], 'inputs': ['x', 'dt_raw', 'dt_bias', 'A_log', 'B', 'C', 'D', 'z', 'norm_w', 's'], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt_raw': ['b', 't', 'h'], 'dt_bias': ['h'], 'A_log': ['h'], 'B': ['b', 't', 'g', 'n'], 'C': ['b', 't', 'g', 'n'], 'D': ['h'], 'z': ['b', 't', 'h', 'p'], 'norm_w': ['h', 'p'], 's': ['b', 'h', 'p', 'n'], 's_final': ['b', 'h', 'p', 'n'], 'v17': ['b', 't', 'h', 'p']}, 'stores': [['s_final', 'state', ['b', 'h', 'p', 'n']], ['v17', 'tmp', ['b', 't', 'h', 'p']]]}
+POST_LAYOUT = {'form': 'rows', 'scan': '~', 'Q': None, 'grid': ['b', 't', 'g'], 'tile': ['h', 'p'], 'split': [], 'groups': {}, 'group_tile': {'h': 'g'}, 'dims': ['b', 't', 'h', 'p', 'g'], 'inputs': ['v17', 'norm_w'], 'arrays': {'v17': ['b', 't', 'h', 'p'], 'norm_w': ['h', 'p'], 'y': ['b', 't', 'h', 'p']}, 'stores': [['y', 'out', ['b', 't', 'h', 'p']]]}
 
 
 @triton.jit
@@ -83,12 +84,33 @@ def mamba2_gated_chunked(x_ptr, dt_raw_ptr, dt_bias_ptr, A_log_ptr, B_ptr, C_ptr
     tl.store(s_final_ptr + i_b * s_final_stride_b + i_h * s_final_stride_h + o_p[:, None] * s_final_stride_p + o_n * s_final_stride_n, (state_s_prev).to(s_final_ptr.dtype.element_ty), mask=((o_p < N_p))[:, None] & (o_n < N_n))
 
 
+@triton.jit
+def mamba2_gated_post(v17_ptr, norm_w_ptr, y_ptr, N_b: tl.constexpr, N_t: tl.constexpr, N_h: tl.constexpr, N_p: tl.constexpr, N_g: tl.constexpr, BLOCK_h: tl.constexpr, BLOCK_p: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr, v17_stride_b: tl.constexpr, v17_stride_t: tl.constexpr, v17_stride_h: tl.constexpr, v17_stride_p: tl.constexpr, norm_w_stride_h: tl.constexpr, norm_w_stride_p: tl.constexpr, y_stride_b: tl.constexpr, y_stride_t: tl.constexpr, y_stride_h: tl.constexpr, y_stride_p: tl.constexpr):
+    # the epilogue after the main kernel: N_h is the number of heads per group g
+    # one program per (b, t, g)
+    pid = tl.program_id(0)
+    i_g = pid % N_g
+    pid_g = pid // N_g
+    i_t = pid_g % N_t
+    pid_g_t = pid_g // N_t
+    i_b = pid_g_t
+    o_h = tl.arange(0, BLOCK_h)  # entries past N_h are padding: loaded as 0, never stored
+    o_p = tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
+    v17 = tl.load(v17_ptr + i_b * v17_stride_b + i_t * v17_stride_t + ((i_g * N_h + o_h))[:, None] * v17_stride_h + o_p * v17_stride_p, mask=((o_h < N_h))[:, None] & (o_p < N_p), other=0.0).to(tl.float32)
+    norm_w = tl.load(norm_w_ptr + ((i_g * N_h + o_h))[:, None] * norm_w_stride_h + o_p * norm_w_stride_p, mask=((o_h < N_h))[:, None] & (o_p < N_p), other=0.0).to(tl.float32)
+    ms1 = tl.sum(tl.sum(tl.where((o_p < N_p), tl.where(((o_h < N_h))[:, None], v17 * v17, 0.0), 0.0), axis=1), axis=0) / (N_h * N_p)
+    v18 = v17 * tl.rsqrt(ms1 + 1e-05)  # rmsnorm over h,p
+    y = v18 * norm_w
+    # stage output
+    tl.store(y_ptr + i_b * y_stride_b + i_t * y_stride_t + ((i_g * N_h + o_h))[:, None] * y_stride_h + o_p * y_stride_p, (y).to(y_ptr.dtype.element_ty), mask=((o_h < N_h))[:, None] & (o_p < N_p))
+
+
 # mm: matmul operand dtype (fp32, or the inputs' bf16/fp16); out_dtype: dtype of the outs
 def mamba2_gated(x, dt_raw, dt_bias, A_log, B, C, D, z, norm_w, s_prev, *, mm=jnp.float32, out_dtype=jnp.float32, interpret=False):
     arrays = {'x': x, 'dt_raw': dt_raw, 'dt_bias': dt_bias, 'A_log': A_log, 'B': B, 'C': C, 'D': D, 'z': z, 'norm_w': norm_w, 's': s_prev}
     sizes = rt.dim_sizes(LAYOUT, arrays)
     s_final, v17, = rt.launch(mamba2_gated_chunked, LAYOUT, arrays, sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
-    # stage epilogue (after the kernel): a norm over a group of heads spans programs
-    v18 = rt.group_rmsnorm(rt.align(v17, ['b', 't', 'h', 'p'], ['b', 't', 'h', 'p']), ['b', 't', 'h', 'p'], ['p'], 'h', sizes['g'], 1e-05)
-    y = rt.align(v18, ['b', 't', 'h', 'p'], ['b', 't', 'h', 'p']) * rt.align(norm_w, ['h', 'p'], ['b', 't', 'h', 'p'])
-    return rt.to_declared(y, ['b', 't', 'h', 'p'], ['b', 't', 'h', 'p'], out_dtype), s_final
+    # stage epilogue: a norm over a group of heads spans programs, so it is a kernel of its own
+    post_arrays = {'v17': v17, 'norm_w': norm_w}
+    y, = rt.launch(mamba2_gated_post, POST_LAYOUT, post_arrays, sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
+    return y, s_final
