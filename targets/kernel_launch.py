@@ -7,7 +7,6 @@ instructions (a norm over a group of heads spans programs, so it runs over the k
 """
 from __future__ import annotations
 
-from ssmc.ir import Instr
 
 from .kernel_plan import KernelPlan
 from .writer import Names, Writer, py_name
