@@ -210,7 +210,7 @@ class LauncherWriter:
         for kind, name, v in k.stores:
             if kind == "tmp":
                 dims[v] = by[v].dims
-        inputs = {i.name: i for i in k.inputs}
+        inputs = {i.name: i for i in k.p.instrs if i.op == "input"}  # the launcher's own arguments
 
         def ref(a, to):
             if a in inputs and a not in dims:

@@ -114,7 +114,7 @@ def plan_kernel(p: Program, target: str) -> KernelPlan:
         if i.op == "conv":
             conv_in.append(make(i.name, "input", (), i.dims, i.span, array=py_name(i.name)))
             decl[py_name(i.name)] = i.dims
-    read = {a for i in p.instrs if i.op not in PRE_OPS for a in i.args}
+    read = {a for i in p.instrs if i.op not in PRE_OPS and i.name not in post_names for a in i.args}
     inputs = [i for i in p.instrs if i.op == "input" and i.name in read] + conv_in
     states = [i for i in p.instrs if i.op == "state"]
     hoisted, body, post = [], [], []

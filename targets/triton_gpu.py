@@ -147,8 +147,9 @@ class TritonEmitter(LauncherWriter):
             for d in reversed(k.split):
                 nb = f"((N_{dim_id(d)} + BLOCK_{dim_id(d)} - 1) // BLOCK_{dim_id(d)})"
                 w(f"j_{dim_id(d)} = {rest} % {nb}")
-                w(f"{rest}_{dim_id(d)} = {rest} // {nb}")
-                rest = f"{rest}_{dim_id(d)}"
+                if d != k.split[0]:
+                    w(f"{rest}_{dim_id(d)} = {rest} // {nb}")
+                    rest = f"{rest}_{dim_id(d)}"
         for g, h in k.group_of.items():
             if any(g in i.dims for i in k.inputs):
                 w(f"i_{dim_id(g)} = i_{dim_id(h)} // (N_{dim_id(h)} // N_{dim_id(g)})  # head {h} reads group {g}")

@@ -26,7 +26,6 @@ def deltanet_sequential(q_ptr, k_ptr, v_ptr, beta_ptr, S_prev_ptr, o_ptr, S_fina
     i_b = pid_h
     bid = tl.program_id(1)
     j_dv = bid % ((N_dv + BLOCK_dv - 1) // BLOCK_dv)
-    bid_dv = bid // ((N_dv + BLOCK_dv - 1) // BLOCK_dv)
     o_dk = tl.arange(0, BLOCK_dk)  # entries past N_dk are padding: loaded as 0, never stored
     o_dv = j_dv * BLOCK_dv + tl.arange(0, BLOCK_dv)  # entries past N_dv are padding: loaded as 0, never stored
     # the state, held on chip for the whole sequence (fp32)

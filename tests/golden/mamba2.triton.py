@@ -26,7 +26,6 @@ def mamba2_chunked(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h_prev_ptr, y_ptr,
     i_b = pid_h
     bid = tl.program_id(1)
     j_p = bid % ((N_p + BLOCK_p - 1) // BLOCK_p)
-    bid_p = bid // ((N_p + BLOCK_p - 1) // BLOCK_p)
     i_g = i_h // (N_h // N_g)  # head h reads group g
     o_p = j_p * BLOCK_p + tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
     o_n = tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored

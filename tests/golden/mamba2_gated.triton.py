@@ -14,12 +14,12 @@ from ssmc.targets import triton_runtime as rt
 
 PARAMS = [('x', 'x', 'input', 'b,t,h,p'), ('dt_raw', 'dt_raw', 'input', 'b,t,h'), ('dt_bias', 'dt_bias', 'input', 'h'), ('A_log', 'A_log', 'input', 'h'), ('B', 'B', 'input', 'b,t,g,n'), ('C', 'C', 'input', 'b,t,g,n'), ('D', 'D', 'input', 'h'), ('z', 'z', 'input', 'b,t,h,p'), ('norm_w', 'norm_w', 'input', 'h,p'), ('s_prev', 's', 'state', 'b,h,p,n')]
 RETURNS = [('out', 'y', 'b,t,h,p'), ('state', 's', 'b,h,p,n')]
-LAYOUT = {'form': 'chunked', 'scan': 't', 'Q': 64, 'grid': ['b', 'h'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n'], 'inputs': ['x', 'dt_raw', 'dt_bias', 'A_log', 'B', 'C', 'D', 'z', 'norm_w', 's'], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt_raw': ['b', 't', 'h'], 'dt_bias': ['h'], 'A_log': ['h'], 'B': ['b', 't', 'g', 'n'], 'C': ['b', 't', 'g', 'n'], 'D': ['h'], 'z': ['b', 't', 'h', 'p'], 'norm_w': ['h', 'p'], 's': ['b', 'h', 'p', 'n'], 's_final': ['b', 'h', 'p', 'n'], 'v17': ['b', 't', 'h', 'p']}, 'stores': [['s_final', 'state', ['b', 'h', 'p', 'n']], ['v17', 'tmp', ['b', 't', 'h', 'p']]]}
+LAYOUT = {'form': 'chunked', 'scan': 't', 'Q': 64, 'grid': ['b', 'h'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n'], 'inputs': ['x', 'dt_raw', 'dt_bias', 'A_log', 'B', 'C', 'D', 'z', 's'], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt_raw': ['b', 't', 'h'], 'dt_bias': ['h'], 'A_log': ['h'], 'B': ['b', 't', 'g', 'n'], 'C': ['b', 't', 'g', 'n'], 'D': ['h'], 'z': ['b', 't', 'h', 'p'], 's': ['b', 'h', 'p', 'n'], 's_final': ['b', 'h', 'p', 'n'], 'v17': ['b', 't', 'h', 'p']}, 'stores': [['s_final', 'state', ['b', 'h', 'p', 'n']], ['v17', 'tmp', ['b', 't', 'h', 'p']]]}
 POST_LAYOUT = {'form': 'rows', 'scan': '~', 'Q': None, 'grid': ['b', 't', 'g'], 'tile': ['h', 'p'], 'split': [], 'groups': {}, 'group_tile': {'h': 'g'}, 'dims': ['b', 't', 'h', 'p', 'g'], 'inputs': ['v17', 'norm_w'], 'arrays': {'v17': ['b', 't', 'h', 'p'], 'norm_w': ['h', 'p'], 'y': ['b', 't', 'h', 'p']}, 'stores': [['y', 'out', ['b', 't', 'h', 'p']]]}
 
 
 @triton.jit
-def mamba2_gated_chunked(x_ptr, dt_raw_ptr, dt_bias_ptr, A_log_ptr, B_ptr, C_ptr, D_ptr, z_ptr, norm_w_ptr, s_prev_ptr, s_final_ptr, v17_ptr, N_b: tl.constexpr, N_t: tl.constexpr, N_h: tl.constexpr, N_p: tl.constexpr, N_g: tl.constexpr, N_n: tl.constexpr, BLOCK_p: tl.constexpr, BLOCK_n: tl.constexpr, Q: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr, x_stride_b: tl.constexpr, x_stride_t: tl.constexpr, x_stride_h: tl.constexpr, x_stride_p: tl.constexpr, dt_raw_stride_b: tl.constexpr, dt_raw_stride_t: tl.constexpr, dt_raw_stride_h: tl.constexpr, dt_bias_stride_h: tl.constexpr, A_log_stride_h: tl.constexpr, B_stride_b: tl.constexpr, B_stride_t: tl.constexpr, B_stride_g: tl.constexpr, B_stride_n: tl.constexpr, C_stride_b: tl.constexpr, C_stride_t: tl.constexpr, C_stride_g: tl.constexpr, C_stride_n: tl.constexpr, D_stride_h: tl.constexpr, z_stride_b: tl.constexpr, z_stride_t: tl.constexpr, z_stride_h: tl.constexpr, z_stride_p: tl.constexpr, norm_w_stride_h: tl.constexpr, norm_w_stride_p: tl.constexpr, s_stride_b: tl.constexpr, s_stride_h: tl.constexpr, s_stride_p: tl.constexpr, s_stride_n: tl.constexpr, s_final_stride_b: tl.constexpr, s_final_stride_h: tl.constexpr, s_final_stride_p: tl.constexpr, s_final_stride_n: tl.constexpr, v17_stride_b: tl.constexpr, v17_stride_t: tl.constexpr, v17_stride_h: tl.constexpr, v17_stride_p: tl.constexpr):
+def mamba2_gated_chunked(x_ptr, dt_raw_ptr, dt_bias_ptr, A_log_ptr, B_ptr, C_ptr, D_ptr, z_ptr, s_prev_ptr, s_final_ptr, v17_ptr, N_b: tl.constexpr, N_t: tl.constexpr, N_h: tl.constexpr, N_p: tl.constexpr, N_g: tl.constexpr, N_n: tl.constexpr, BLOCK_p: tl.constexpr, BLOCK_n: tl.constexpr, Q: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr, x_stride_b: tl.constexpr, x_stride_t: tl.constexpr, x_stride_h: tl.constexpr, x_stride_p: tl.constexpr, dt_raw_stride_b: tl.constexpr, dt_raw_stride_t: tl.constexpr, dt_raw_stride_h: tl.constexpr, dt_bias_stride_h: tl.constexpr, A_log_stride_h: tl.constexpr, B_stride_b: tl.constexpr, B_stride_t: tl.constexpr, B_stride_g: tl.constexpr, B_stride_n: tl.constexpr, C_stride_b: tl.constexpr, C_stride_t: tl.constexpr, C_stride_g: tl.constexpr, C_stride_n: tl.constexpr, D_stride_h: tl.constexpr, z_stride_b: tl.constexpr, z_stride_t: tl.constexpr, z_stride_h: tl.constexpr, z_stride_p: tl.constexpr, s_stride_b: tl.constexpr, s_stride_h: tl.constexpr, s_stride_p: tl.constexpr, s_stride_n: tl.constexpr, s_final_stride_b: tl.constexpr, s_final_stride_h: tl.constexpr, s_final_stride_p: tl.constexpr, s_final_stride_n: tl.constexpr, v17_stride_b: tl.constexpr, v17_stride_t: tl.constexpr, v17_stride_h: tl.constexpr, v17_stride_p: tl.constexpr):
     # one program per (b, h) x block of (p)
     pid = tl.program_id(0)
     i_h = pid % N_h
@@ -27,7 +27,6 @@ def mamba2_gated_chunked(x_ptr, dt_raw_ptr, dt_bias_ptr, A_log_ptr, B_ptr, C_ptr
     i_b = pid_h
     bid = tl.program_id(1)
     j_p = bid % ((N_p + BLOCK_p - 1) // BLOCK_p)
-    bid_p = bid // ((N_p + BLOCK_p - 1) // BLOCK_p)
     i_g = i_h // (N_h // N_g)  # head h reads group g
     o_p = j_p * BLOCK_p + tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
     o_n = tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
@@ -36,7 +35,6 @@ def mamba2_gated_chunked(x_ptr, dt_raw_ptr, dt_bias_ptr, A_log_ptr, B_ptr, C_ptr
     dt_bias = tl.load(dt_bias_ptr + i_h * dt_bias_stride_h).to(tl.float32)
     A_log = tl.load(A_log_ptr + i_h * A_log_stride_h).to(tl.float32)
     D = tl.load(D_ptr + i_h * D_stride_h).to(tl.float32)
-    norm_w = tl.load(norm_w_ptr + i_h * norm_w_stride_h + o_p * norm_w_stride_p, mask=(o_p < N_p), other=0.0).to(tl.float32)
     v3 = tl.exp(A_log)
     A = -(v3)
     # the state, held on chip for the whole sequence (fp32)
@@ -107,7 +105,7 @@ def mamba2_gated_post(v17_ptr, norm_w_ptr, y_ptr, N_b: tl.constexpr, N_t: tl.con
 
 # mm: matmul operand dtype (fp32, or the inputs' bf16/fp16); out_dtype: dtype of the outs
 def mamba2_gated(x, dt_raw, dt_bias, A_log, B, C, D, z, norm_w, s_prev, *, mm=jnp.float32, out_dtype=jnp.float32, interpret=False):
-    arrays = {'x': x, 'dt_raw': dt_raw, 'dt_bias': dt_bias, 'A_log': A_log, 'B': B, 'C': C, 'D': D, 'z': z, 'norm_w': norm_w, 's': s_prev}
+    arrays = {'x': x, 'dt_raw': dt_raw, 'dt_bias': dt_bias, 'A_log': A_log, 'B': B, 'C': C, 'D': D, 'z': z, 's': s_prev}
     sizes = rt.dim_sizes(LAYOUT, arrays)
     s_final, v17, = rt.launch(mamba2_gated_chunked, LAYOUT, arrays, sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
     # stage epilogue: a norm over a group of heads spans programs, so it is a kernel of its own
