@@ -69,9 +69,6 @@ class Dialect:
     def broadcast_to(self, x, shape):
         return f"jnp.broadcast_to({x}, ({', '.join(shape)},))"
 
-    def full(self, value, shape):
-        return f"jnp.full(({', '.join(shape)},), {value}, jnp.float32)"
-
     def causal(self, strict: bool) -> str:
         """[Q, Q] boolean mask: target t >= source s (t > s when strict)."""
         raise NotImplementedError

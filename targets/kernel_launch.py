@@ -19,6 +19,28 @@ POST_BINARY = {"add": "{} + {}", "sub": "{} - {}", "mul": "{} * {}", "div": "{} 
                "min": "jnp.minimum({}, {})", "max": "jnp.maximum({}, {})"}
 
 
+class KernelTarget:
+    """What the kernel targets share: the pass pipeline (group reads stay index maps; elementwise decay walks time
+    in a sequential kernel, having no matmul form) and emit = plan the kernel, then write the module."""
+    name = ""
+    kernels = True          # emits kernels; takes interpret=
+    declared_layout = True  # the launcher takes and returns arrays as declared (any dtype), not in IR layout
+    scalar_chunk = 64       # default chunk length of the SSD-like classes
+    chunk_multiple = 1      # chunk lengths round up to a multiple of this (1 still means sequential)
+    emitter: type = None
+
+    def pipeline(self, chunk_size: int | None) -> str:
+        size = chunk_size or 0
+        if size > 1:
+            size = -(-size // self.chunk_multiple) * self.chunk_multiple
+        return (f"expand-groups{{mode=index}},classify,chunk{{size={size},elementwise=sequential,"
+                f"scalar={self.scalar_chunk}}},fuse,dce")
+
+    def emit(self, p, pipeline: str = "") -> str:
+        from .kernel_plan import plan_kernel
+        return self.emitter(plan_kernel(p, self.name), pipeline).emit()
+
+
 class LauncherWriter:
     target = ""
     runtime = ""

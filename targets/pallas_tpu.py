@@ -12,11 +12,9 @@ input (B, C of Mamba2) is read through its BlockSpec's index_map (head i reads g
 """
 from __future__ import annotations
 
-from ssmc.ir import Program
 
 from .kernel_body import Dialect, TileEmitter, dim_id
-from .kernel_launch import LauncherWriter
-from .kernel_plan import plan_kernel
+from .kernel_launch import KernelTarget, LauncherWriter
 from .pallas_runtime import kernel_layout
 
 
@@ -49,24 +47,6 @@ class PallasTiles(TileEmitter):
         if expr == "valid":
             return f"({TileEmitter.bc('valid_i', src, to)} != 0)"
         return f"({TileEmitter.bc(expr + '.astype(jnp.int32)', src, to)} != 0)"
-
-
-class PallasTpuTarget:
-    name = "tpu"
-    kernels = True          # emits kernels; takes interpret=
-    declared_layout = True  # the launcher takes and returns arrays as declared (any dtype), not in IR layout
-
-    def pipeline(self, chunk_size: int | None) -> str:
-        # Chunks are time blocks of the kernel: a multiple of 8 rows (TPU sublanes); 1 still means sequential.
-        size = chunk_size or 0
-        if size > 1:
-            size = -(-size // 8) * 8
-        return f"expand-groups{{mode=index}},classify,chunk{{size={size},elementwise=sequential," \
-               f"scalar=128}},fuse,dce"
-
-    def emit(self, p: Program, pipeline: str = "") -> str:
-        plan = plan_kernel(p, self.name)
-        return PallasEmitter(plan, pipeline).emit()
 
 
 class PallasEmitter(LauncherWriter):
@@ -292,3 +272,10 @@ class PallasEmitter(LauncherWriter):
         for ref, blk in self.staged.items():
             if (ref, blk) not in ins:
                 w(f"{ref}[...] = {blk}[...].astype({ref}.dtype)")
+
+
+class PallasTpuTarget(KernelTarget):
+    emitter = PallasEmitter
+    name = "tpu"
+    scalar_chunk = 128
+    chunk_multiple = 8  # chunks are the kernel's time blocks: a multiple of 8 rows (TPU sublanes)

@@ -9,11 +9,10 @@ device memory. Sequential programs walk time step by step the same way.
 """
 from __future__ import annotations
 
-from ssmc.ir import Program
 
 from .kernel_body import Dialect, TileEmitter, dim_id
-from .kernel_launch import LauncherWriter
-from .kernel_plan import plan_kernel, post_kernel_plan
+from .kernel_launch import KernelTarget, LauncherWriter
+from .kernel_plan import post_kernel_plan
 from .writer import py_name
 
 
@@ -58,9 +57,6 @@ class TritonDialect(Dialect):
     def broadcast_to(self, x, shape):  # x may be a Python float (a spec constant)
         return f"(tl.zeros(({', '.join(shape)},), tl.float32) + {x})"
 
-    def full(self, value, shape):
-        return f"tl.full(({', '.join(shape)},), {value}, tl.float32)"
-
     def causal(self, strict):
         return f"(o_t[:, None] {'>' if strict else '>='} o_t[None, :])"
 
@@ -69,26 +65,6 @@ class TritonDialect(Dialect):
 
     def mask(self, d):
         return f"(o_{dim_id(d)} < N_{dim_id(d)})"
-
-
-class TritonTarget:
-    name = "triton"
-    kernels = True          # emits kernels; takes interpret=
-    declared_layout = True  # the launcher takes and returns arrays as declared (any dtype), not in IR layout
-
-    def pipeline(self, chunk_size: int | None) -> str:
-        # Elementwise decay (Mamba1) has no matmul form: the sequential kernel walks time with the state on chip.
-        return f"expand-groups{{mode=index}},classify,chunk{{size={chunk_size or 0},elementwise=sequential," \
-               f"scalar=64}},fuse,dce"
-
-    def prepare(self, interpret: bool):
-        if interpret:
-            from .triton_runtime import prepare_interpret
-            prepare_interpret()
-
-    def emit(self, p: Program, pipeline: str = "") -> str:
-        plan = plan_kernel(p, self.name)
-        return TritonEmitter(plan, pipeline).emit()
 
 
 class TritonEmitter(LauncherWriter):
@@ -284,3 +260,13 @@ class TritonEmitter(LauncherWriter):
                 self.store(kind, name, v, None)
             elif k.scan not in self.store_dims(kind, name, v):
                 self.store(kind, name, v, None)
+
+
+class TritonTarget(KernelTarget):
+    emitter = TritonEmitter
+    name = "triton"
+
+    def prepare(self, interpret: bool):
+        if interpret:
+            from .triton_runtime import prepare_interpret
+            prepare_interpret()
