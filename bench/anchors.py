@@ -116,7 +116,9 @@ def versions() -> dict:
 # ----------------------------------------------------------------------------------------------------------
 
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32",
-          "fp16": "float16", "float16": "float16"}
+          "fp16": "float16", "float16": "float16", "mixed": "bfloat16"}
+# "mixed": the convention of every Mamba2 checkpoint - activations x, dt, B, C in bf16, the parameters A, D fp32
+PARAMS_FP32 = {"mixed": ("A", "D")}
 
 
 def torch_dtype(name: str):
@@ -127,7 +129,8 @@ def torch_dtype(name: str):
 def make_inputs(b, l, h, p, n, g, dtype="bf16", seed=0, device="cuda") -> dict:
     """Mamba2 inputs as torch tensors: x [b,l,h,p], dt [b,l,h] > 0 (softplus already applied), A [h] < 0,
     B, C [b,l,g,n], D [h]. Drawn in float32, then every tensor is rounded to `dtype` (values are identical in
-    every implementation; anchors get A, D upcast back to float32, which is exact)."""
+    every implementation; anchors get A, D upcast back to float32, which is exact). dtype "mixed" keeps A and D
+    in float32 (as models hold them) and rounds the activations to bf16."""
     import torch
     gen = torch.Generator(device=device)
     gen.manual_seed(int(seed))
@@ -145,7 +148,36 @@ def make_inputs(b, l, h, p, n, g, dtype="bf16", seed=0, device="cuda") -> dict:
         "C": randn(b, l, g, n),
         "D": randn(h),
     }
-    return {k: v.to(td).contiguous() for k, v in out.items()}
+    keep = PARAMS_FP32.get(dtype, ())
+    return {k: (v if k in keep else v.to(td)).contiguous() for k, v in out.items()}
+
+
+def make_gla_inputs(b, l, h, dk, dv, seed=0, device="cuda") -> dict:
+    """GLA inputs as fla's chunk_gla takes them: q, k, v [b,l,h,d] bf16 and the log-gate g [b,l,h,dk] fp32
+    (logsigmoid(raw)/16, as fla's GLA layer; in (-inf, 0))."""
+    import torch
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed))
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32)
+
+    bf = torch.bfloat16
+    return {"q": (randn(b, l, h, dk) * dk ** -0.5).to(bf).contiguous(), "k": randn(b, l, h, dk).to(bf).contiguous(),
+            "v": randn(b, l, h, dv).to(bf).contiguous(),
+            "g": (torch.nn.functional.logsigmoid(randn(b, l, h, dk) + 2.0) / 16).contiguous()}
+
+
+def chunk_gla_fn():
+    guard_triton_cache()
+    from fla.ops.gla import chunk_gla
+    return chunk_gla
+
+
+def fla_gla(q, k, v, g):
+    """fla's chunk_gla, no scale (ssmc's spec has none), no states: o [b,l,h,dv] in v's dtype."""
+    o, _ = chunk_gla_fn()(q, k, v, g=g, scale=1.0, initial_state=None, output_final_state=False)
+    return o
 
 
 def to_jax(t):

@@ -68,9 +68,26 @@ for _p in (str(ROOT / "bench"), str(ROOT)):
 SPEC = ROOT / "examples" / "mamba2.ssm"
 SHAPES = {"S1": dict(b=4, l=2048, h=80, p=64, n=128, g=1),
           "S2": dict(b=4, l=8192, h=80, p=64, n=128, g=1),
-          "S3": dict(b=8, l=4096, h=32, p=64, n=64, g=1)}
+          "S3": dict(b=8, l=4096, h=32, p=64, n=64, g=1),
+          # batch 1, long sequences: (batch x heads) programs alone cannot fill the GPU
+          "L64K": dict(b=1, l=65536, h=80, p=64, n=128, g=1),
+          "L128K": dict(b=1, l=131072, h=80, p=64, n=128, g=1)}
+# gated linear attention (key-wise decay) against fla's chunk_gla: q, k, v bf16, the log-gate g fp32
+GLA_SHAPES = {"G1": dict(b=4, l=4096, h=16, dk=64, dv=64),
+              "G2": dict(b=4, l=4096, h=8, dk=128, dv=128)}
+GLA_SPEC = """ssm gla_loggate {
+  dims b, t, h, dk, dv
+  scan t
+  in q[b,t,h,dk], k[b,t,h,dk], v[b,t,h,dv], g[b,t,h,dk]
+  state S[b,h,dk,dv]
+  out o[b,t,h,dv]
+  S = exp(g)*S + k⊗v
+  o = q·S
+}
+"""
+GLA_IMPLS = ("ssmc-triton", "ssmc-xla", "fla-gla")
 IMPLS = ("ssmc-triton", "ssmc-xla", "mamba_ssm", "fla", "fla-kernel")
-AGREE_TOL = {"bf16": 1e-2, "fp32": 3e-3}   # fp32: the anchors' Triton dots run at TF32 (1.35e-3 seen on H100)
+AGREE_TOL = {"bf16": 1e-2, "mixed": 1e-2, "fp32": 3e-3}   # fp32: the anchors' Triton dots run at TF32 (1.35e-3 seen on H100)
 MAMBA_SSM_BF16_MS_ISSUE = {"S1": 0.476, "S2": 1.62, "S3": 0.474}   # the Triton issue's quoted figures
 DECODE_BATCHES = (1, 16, 128)
 JSON_TAG = "@@JSON "
@@ -441,6 +458,83 @@ def run_one(shape: str, dtype: str, impls, bw_gbps: float | None, repeats: int, 
                 rec["timer"] = "do_bench events"
             if floor_ms:
                 rec["frac_floor"] = floor_ms / rec["ms"]
+            if name == "ssmc-triton":
+                rec.update(new_length_times(fn, sets[0], s["l"]))
+        except Exception as e:  # noqa: BLE001
+            rec["error"] = short_error(e)
+            traceback.print_exc()
+        rec["total_s"] = time.time() - t0
+        emit("result", **rec)
+        torch.cuda.empty_cache()
+
+
+def new_length_times(fn, args, l, scan_axis=1) -> dict:
+    """Wall time of the first call at two sequence lengths this warm process has not seen (inputs sliced along
+    the scan axis of the time-indexed arguments): l - 96 (the same power-of-two bucket) and l // 2 + 40 (another
+    bucket). Everything a new length costs is in it: retrace, any Triton compile or autotune, the run."""
+    import jax
+    out = {}
+    for key, l2 in (("new_len_same_bucket_ms", l - 96), ("new_len_other_bucket_ms", l // 2 + 40)):
+        a2 = tuple(a[:, :l2] if getattr(a, "ndim", 0) > scan_axis and a.shape[scan_axis] == l else a for a in args)
+        jax.block_until_ready(a2)
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*a2))
+        out[key] = (time.perf_counter() - t0) * 1e3
+    return out
+
+
+def run_gla(shape: str, impls, bw_gbps: float | None, repeats: int, nsets: int = 3, seed: int = 0):
+    """GLA forward at one GLA_SHAPES entry: ssmc (GLA_SPEC) on the Triton and XLA targets against fla's
+    chunk_gla, same bf16 q, k, v and fp32 log-gate g; agreement vs ssmc-xla with fp32 matmuls on the same values."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    import anchors as an
+    import ssmc
+
+    s = GLA_SHAPES[shape]
+    b, l, h, dk, dv = (s[d] for d in ("b", "l", "h", "dk", "dv"))
+    t_sets = [an.make_gla_inputs(b, l, h, dk, dv, seed=seed + 100 * i) for i in range(nsets)]
+    names = ("q", "k", "v", "g")
+    j_sets = [tuple(an.to_jax(st[n]) for n in names) for st in t_sets]
+    nbytes = 2 * (2 * b * l * h * dk + 2 * b * l * h * dv) + 4 * b * l * h * dk   # q, k, v, o bf16 + g fp32
+    floor_ms = nbytes / (bw_gbps * 1e9) * 1e3 if bw_gbps else None
+    base = dict(shape=shape, dtype="mixed", dims=s, floor_ms=floor_ms, floor_bytes=nbytes, bw_GBps=bw_gbps)
+    k32 = ssmc.compile(GLA_SPEC, target="xla", matmul="float32")
+    ref = an.to_torch(jax.block_until_ready(k32(*[a.astype(jnp.float32) for a in j_sets[0]])[0])).double()
+    ref_norm = torch.linalg.vector_norm(ref).item()
+
+    def ssmc_impl(target):
+        k = ssmc.compile(GLA_SPEC, target=target)
+        an.guard_triton_cache()
+        return "jax", jax.jit(lambda *a: k(*a)[0]), j_sets
+
+    makers = {"ssmc-triton": lambda: ssmc_impl("triton"), "ssmc-xla": lambda: ssmc_impl("xla"),
+              "fla-gla": lambda: ("torch", an.fla_gla, [tuple(st[n] for n in names) for st in t_sets])}
+    for name in impls:
+        rec = dict(base, impl=name)
+        t0 = time.time()
+        try:
+            kind, fn, sets = makers[name]()
+            y = fn(*sets[0])
+            yt = y if isinstance(y, torch.Tensor) else an.to_torch(y)
+            torch.cuda.synchronize()
+            rec["out_dtype"] = str(yt.dtype)
+            rec["rel_err"] = torch.linalg.vector_norm(yt.double() - ref).item() / ref_norm
+            rec["agree"] = rec["rel_err"] < AGREE_TOL["bf16"]
+            rec["setup_s"] = time.time() - t0
+            if kind == "jax":
+                rec["ms"] = rec["ms_loop"] = time_jax(fn, sets, repeats=repeats)
+                rec["timer"] = "host loop"
+                if name == "ssmc-triton":
+                    rec.update(new_length_times(fn, sets[0], l))
+            else:
+                rec["ms"] = time_torch_events(fn, sets)
+                rec["ms_loop"] = time_torch_loop(fn, sets, repeats=repeats)
+                rec["timer"] = "do_bench events"
+            if floor_ms:
+                rec["frac_floor"] = floor_ms / rec["ms"]
         except Exception as e:  # noqa: BLE001
             rec["error"] = short_error(e)
             traceback.print_exc()
@@ -619,10 +713,11 @@ def table(records: list[dict]) -> str:
     res = [r for r in records if r["kind"] == "result"]
     if res:
         lines.append("")
-        lines.append("| shape | dtype | impl | ms | ms loop | vs mamba_ssm | % floor | floor ms | rel err vs xla fp32 |"
+        lines.append("| shape | dtype | impl | ms | ms loop | vs anchor | % floor | floor ms | rel err vs xla fp32 |"
                      " note |")
         lines.append("|---|---|---|---:|---:|---:|---:|---:|---:|---|")
-        mamba = {(r["shape"], r["dtype"]): r.get("ms") for r in res if r["impl"].startswith("mamba_ssm")}
+        mamba = {(r["shape"], r["dtype"]): r.get("ms") for r in res
+                 if r["impl"].startswith("mamba_ssm") or r["impl"] == "fla-gla"}
         for r in res:
             m = mamba.get((r["shape"], r["dtype"]))
             ratio = f"{r['ms'] / m:.2f}x" if r.get("ms") and m else ""
@@ -635,6 +730,11 @@ def table(records: list[dict]) -> str:
                 note = (note + " rel err vs mamba_ssm").strip()
             if r["impl"] == "fla-kernel":
                 note = (note + " kernel only (q,k,v,g prepared; no D*x)").strip()
+            if r.get("out_dtype"):
+                note = (note + f" out {r['out_dtype'].replace('torch.', '')}").strip()
+            if r.get("new_len_same_bucket_ms") is not None:
+                note = (note + f" new length: {r['new_len_same_bucket_ms']:.0f} ms same bucket, "
+                        f"{r['new_len_other_bucket_ms']:.0f} ms other bucket").strip()
             frac = f"{100 * r['frac_floor']:.0f}%" if r.get("frac_floor") else ""
             lines.append(f"| {r['shape']} | {r['dtype']}{'/' + r['state_dtype'] if r.get('state_dtype') else ''}"
                          f" | {r['impl']} | {fmt(r.get('ms'), '.3f')} | {fmt(r.get('ms_loop'), '.3f')} | {ratio} | "
@@ -681,6 +781,8 @@ def main_driver(args):
         for dtype in args.dtypes:
             cargs = ["--one", shape, dtype, "--impls", *args.impls, "--repeats", str(args.repeats), *bw_args]
             run(f"{shape} {dtype}", cargs, args.child_timeout)
+    for shape in args.gla:
+        run(f"GLA {shape}", ["--one-gla", shape, "--repeats", str(args.repeats), *bw_args], args.child_timeout)
     if args.decode:
         for dtype in args.dtypes:
             run(f"decode {dtype}", ["--part", "decode", "--dtypes", dtype, "--state-dtype", args.state_dtype,
@@ -730,7 +832,11 @@ def main_part(args):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
-    ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
+    ap.add_argument("--dtypes", nargs="+", default=["mixed", "bf16"], choices=["mixed", "bf16", "fp32"],
+                    help="mixed: x, dt, B, C bf16 with A, D fp32 (as models hold them); bf16: every input bf16")
+    ap.add_argument("--gla", nargs="*", default=list(GLA_SHAPES), choices=list(GLA_SHAPES),
+                    help="GLA shapes timed against fla's chunk_gla")
+    ap.add_argument("--one-gla", metavar="SHAPE", help="(child) time one GLA shape")
     ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--decode", action="store_true", help="also time one decode step (batches 1, 16, 128)")
@@ -748,7 +854,7 @@ def main(argv=None):
     ap.add_argument("--bw", type=float, default=None, help="(child) copy bandwidth GB/s for the floor")
     ap.add_argument("--part", choices=["env", "variants", "anchors", "decode"], help="(child) one part")
     args = ap.parse_args(argv)
-    if args.one or args.part:
+    if args.one or args.part or args.one_gla:
         # import jax_triton once, up front, then undo its TRITON_CACHE_DIR="" (see anchors.guard_triton_cache),
         # so that a later import (ssmc's Triton target) can't break torch-side Triton compiles mid-run
         try:
@@ -760,6 +866,8 @@ def main(argv=None):
     if args.one:
         shape, dtype = args.one
         run_one(shape, dtype, args.impls, args.bw, args.repeats)
+    elif args.one_gla:
+        run_gla(args.one_gla, GLA_IMPLS, args.bw, args.repeats)
     elif args.part:
         main_part(args)
     else:
