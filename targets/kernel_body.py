@@ -56,6 +56,10 @@ class Dialect:
     def floor(self, x):
         return f"jnp.floor({x})"
 
+    def positions(self) -> str:
+        """[Q] int32: each step's position inside the chunk."""
+        return "lax.iota(jnp.int32, Q)"
+
     def dot(self, a, b, ca, cb):
         """Matmul of 2-D tiles a, b contracting axis ca of a with axis cb of b -> [a free, b free], fp32."""
         raise NotImplementedError
@@ -327,7 +331,8 @@ class TileEmitter:
                f"  # log-decay per step (0 past the end)")
         self.bind(i.name, self.d.cumsum0(f"{var}_ell", len(axes)), axes, "summed within the chunk")
         self.L[S] = i.name
-        self.w(f"{var}_last = {self.d.sum(var + '_ell', 0)}  # log-decay across the whole chunk")
+        self.w(f"{var}_last = {self.last_row(var, axes)}  # log-decay across the chunk: the cumsum's last row "
+               f"(exp(last - L) is exactly 1 at the last step)")
 
     def op_chunk_cumsign(self, i: Instr):
         sgn, sax = self.get(i.args[0])
@@ -338,7 +343,12 @@ class TileEmitter:
         self.w(f"{var}_neg = {self.d.cumsum0(neg, len(axes))}  # negative factors so far")
         self.bind(i.name, f"1.0 - 2.0 * ({var}_neg - 2.0 * {self.d.floor(var + '_neg * 0.5')})", axes,
                   "sign of the decay product so far")
-        self.w(f"{var}_last = {self.d.sum(var + '_neg', 0)}")
+        self.w(f"{var}_last = {self.last_row(var + '_neg', axes)}  # negative factors in the whole chunk")
+
+    def last_row(self, x: str, axes) -> str:
+        """The tile's row at the chunk's last position, exactly (one nonzero addend)."""
+        is_last = f"{self.bc(self.d.positions(), (self.k.scan,), axes)} == Q - 1"
+        return self.d.sum(self.d.where(is_last, x, "0.0"), 0)
 
     def op_chunk_states(self, i):  # fused into the state update at the end of the chunk
         pass

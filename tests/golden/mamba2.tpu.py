@@ -44,7 +44,7 @@ def mamba2_chunked(x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, h_prev_ref, y_ref,
     # stage cumsum
     h_L_ell = jnp.where(valid, v1, 0.0)  # log-decay per step (0 past the end)
     h_L = rt.cumsum0(h_L_ell)  # summed within the chunk
-    h_L_last = jnp.sum(h_L_ell, axis=0)  # log-decay across the whole chunk
+    h_L_last = jnp.sum(jnp.where(lax.iota(jnp.int32, Q) == Q - 1, h_L, 0.0), axis=0)  # log-decay across the chunk: the cumsum's last row (exp(last - L) is exactly 1 at the last step)
     # stage chunk_state
     # stage state_passing
     # stage chunk_output

@@ -50,7 +50,7 @@ def mamba2_chunked(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h_prev_ptr, y_ptr,
         # stage cumsum
         h_L_ell = tl.where(valid, v1, 0.0)  # log-decay per step (0 past the end)
         h_L = tl.cumsum(h_L_ell, axis=0)  # summed within the chunk
-        h_L_last = tl.sum(h_L_ell, axis=0)  # log-decay across the whole chunk
+        h_L_last = tl.sum(tl.where(o_t == Q - 1, h_L, 0.0), axis=0)  # log-decay across the chunk: the cumsum's last row (exp(last - L) is exactly 1 at the last step)
         # stage chunk_state
         # stage state_passing
         # stage chunk_output

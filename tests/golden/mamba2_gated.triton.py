@@ -59,7 +59,7 @@ def mamba2_gated_chunked(x_ptr, dt_raw_ptr, dt_bias_ptr, A_log_ptr, B_ptr, C_ptr
         # stage cumsum
         s_L_ell = tl.where(valid, v5, 0.0)  # log-decay per step (0 past the end)
         s_L = tl.cumsum(s_L_ell, axis=0)  # summed within the chunk
-        s_L_last = tl.sum(s_L_ell, axis=0)  # log-decay across the whole chunk
+        s_L_last = tl.sum(tl.where(o_t == Q - 1, s_L, 0.0), axis=0)  # log-decay across the chunk: the cumsum's last row (exp(last - L) is exactly 1 at the last step)
         # stage chunk_state
         # stage state_passing
         # stage chunk_output

