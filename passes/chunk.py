@@ -9,16 +9,21 @@ steps (form=scan) instead of the quadratic form.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ssmc.ir import Instr, Program, make
 
+from . import bounds
 from .chunk_ops import ChunkArgs
 from .linear import NotLinear
 from .plan import make_plan
 
 # Default chunk length per class (the smallest over a program's states is used).
 DEFAULT_CHUNK = {"identity": 64, "constant": 64, "scalar": 64, "key-wise": 16, "value-wise": 16, "elementwise": 32}
+LOG_FLOOR = math.log(1e-30)  # log-decays below this are a reset at fp32 resolution (and never -inf)
+
+
 def chunk_dim(scan: str) -> str:
     """The chunk-index dim of the scan dim t: `t#` (no spec can name it)."""
     return f"{scan}#"
@@ -58,6 +63,7 @@ class _Rewrite:
         self.dims = p.dims[:k] + (cd,) + p.dims[k:]
         self.cd = cd
         self.out: list[Instr] = []
+        self.memo: dict = {}  # intervals of values (passes/bounds.py)
 
     def order(self, ds) -> tuple[str, ...]:
         s = set(ds)
@@ -161,6 +167,10 @@ class _Rewrite:
         for s in signs:
             one = an.emit("sign", (s,), an.by[s].dims)
             sgn = one if sgn is None else an.emit("mul", (sgn, one), an.dims_of([sgn, one]))
+        if not bounds.never_minus_inf(an.by, ell, self.memo):
+            # a decay of exactly 0 (a reset) has log -inf, and L_t - L_s would be -inf - -inf = NaN after it: floor
+            # the log at log(1e-30), so earlier history is scaled by <= 1e-30 (below fp32 resolution)
+            ell = an.emit("max", (ell, an.const(LOG_FLOOR)), an.by[ell].dims, an.by[ell].span)
         # name the log-decay after its state for readability
         i = an.by[ell]
         if i in an.new and i.op != "const":

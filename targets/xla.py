@@ -318,8 +318,8 @@ class XlaEmitter:
         ax = self.ax(dims, self.scan)
         sgn = self.masked(i.args[0], "1.0", dims)
         L = self.n(next(x.name for x in self.p.instrs if x.op == "chunk.cumsum" and x.attr("state") == i.attr("state")))
-        self.assign(i, f"jnp.cumprod(jnp.broadcast_to(rt.chunk({sgn}, {ax}, Q), {L}.shape), axis={ax + 1})",
-                    "sign of the decay product so far")
+        self.assign(i, f"rt.cumsign(jnp.broadcast_to(rt.chunk({sgn}, {ax}, Q), {L}.shape), {ax + 1})",
+                    "sign of the decay product so far (a zero decay counts as positive: its log is the reset)")
         self.stored_chunked.add(i.name)
 
     def decay_between(self, La: str, Lb: str, sa: str | None, sb: str | None) -> str:

@@ -39,6 +39,14 @@ def causal(Q: int, strict: bool, trailing: int):
     return m.reshape((Q, Q) + (1,) * trailing)
 
 
+def cumsign(sgn, axis: int):
+    """Sign of the running product of the decays along `axis` from the parity of the count of negative ones. Not a
+    cumulative product of sign(a): sign(0) = 0 would zero every later step, while a zero decay is a reset carried by
+    its log-decay (floored), after which the fresh updates count in full."""
+    neg = jnp.cumsum(jnp.where(sgn < 0, 1.0, 0.0), axis=axis)
+    return 1.0 - 2.0 * jnp.mod(neg, 2.0)
+
+
 def steps(x, axis: int, Q: int):
     """[..., Tp, ...] -> [Q, ..., nc, ...]: the position inside the chunk leads, for a scan over a chunk's steps."""
     return jnp.moveaxis(chunk(x, axis, Q), axis + 1, 0)

@@ -132,3 +132,22 @@ def test_strong_decay_final_state_exact(rng, target):
         worst = max(worst, es)
         assert eo < TOL
     assert worst < 1e-6, worst
+
+
+# ---- issue 10.2: a decay of exactly 0 is a reset -------------------------------------------------------------
+
+@pytest.mark.parametrize("via_exp", [False, True], ids=["a", "exp_g"])
+@pytest.mark.parametrize("target", TARGETS)
+def test_zero_decay_is_a_reset(rng, target, via_exp):
+    """a = 0 at some steps (a reset gate packing sequences, the first one at t=0 dropping the initial state): the
+    state restarts from the fresh updates. As an input a, its sign is tracked (the XLA form used a cumulative
+    product of sign(a), and sign(0) = 0 zeroed the rest of the chunk); as exp(g) with g = -inf, the log-decay is
+    -inf and L_t - L_s must not become -inf - -inf = NaN."""
+    T, H = 21, 2
+    a = rng.uniform(0.3, 0.9, (1, T, H)) * (1 if via_exp else rng.choice([-1, 1], (1, T, H)))
+    a[0, [0, 2, 7, 9, 10, 16], :] = 0.0  # at the start, inside chunks, on a chunk's last step, twice in a row
+    x, S0, ref = problem(rng, "scalar", a, T=T, H=H, via_exp=via_exp)
+    got = run(spec("scalar", via_exp), target, 8, x, S0)
+    assert np.isfinite(got[0]).all() and np.isfinite(got[1]).all()
+    eo, es = errors(got, ref)
+    assert eo < TOL and es < TOL, (eo, es)

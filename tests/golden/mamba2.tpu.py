@@ -40,9 +40,10 @@ def mamba2_chunked(x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, h_prev_ref, y_ref,
     C = C_ref[...].astype(jnp.float32)
     # stage prologue
     v1 = dt * A
-    v7 = D * x
+    h_ell = jnp.maximum(v1, (-69.07755278982137))
+    v12 = D * x
     # stage cumsum
-    h_L_ell = jnp.where(valid, v1, 0.0)  # log-decay per step (0 past the end)
+    h_L_ell = jnp.where(valid, h_ell, 0.0)  # log-decay per step (0 past the end)
     h_L = rt.cumsum0(h_L_ell)  # summed within the chunk
     h_L_last = jnp.sum(jnp.where(lax.iota(jnp.int32, Q) == Q - 1, h_L, 0.0), axis=0)  # log-decay across the chunk: the cumsum's last row (exp(last - L) is exactly 1 at the last step)
     # stage chunk_state
@@ -57,7 +58,7 @@ def mamba2_chunked(x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, h_prev_ref, y_ref,
     y_h_new_st = c3  # state part
     y_h_new = (y_h_new_in + y_h_new_st)
     # stage epilogue
-    y = y_h_new + v7
+    y = y_h_new + v12
     y_ref[...] = y.astype(y_ref.dtype)
     # stage chunk_state + state_passing (h)
     h_upd_w = jnp.where(valid, jnp.exp(jnp.minimum(h_L_last - h_L, 0.0)), 0.0)  # decay from each step to the chunk's end

@@ -46,9 +46,10 @@ def mamba2_chunked(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h_prev_ptr, y_ptr,
         C = tl.load(C_ptr + i_b * C_stride_b + ttc[:, None] * C_stride_t + i_g * C_stride_g + o_n * C_stride_n, mask=(o_n < N_n), other=0.0).to(tl.float32)
         # stage prologue
         v1 = dt * A
-        v7 = D * x
+        h_ell = tl.maximum(v1, (-69.07755278982137))
+        v12 = D * x
         # stage cumsum
-        h_L_ell = tl.where(valid, v1, 0.0)  # log-decay per step (0 past the end)
+        h_L_ell = tl.where(valid, h_ell, 0.0)  # log-decay per step (0 past the end)
         h_L = tl.cumsum(h_L_ell, axis=0)  # summed within the chunk
         h_L_last = tl.sum(tl.where(o_t == Q - 1, h_L, 0.0), axis=0)  # log-decay across the chunk: the cumsum's last row (exp(last - L) is exactly 1 at the last step)
         # stage chunk_state
@@ -63,7 +64,7 @@ def mamba2_chunked(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h_prev_ptr, y_ptr,
         y_h_new_st = c3  # state part
         y_h_new = (y_h_new_in + y_h_new_st)
         # stage epilogue
-        y = y_h_new + v7
+        y = y_h_new + v12
         tl.store(y_ptr + i_b * y_stride_b + ttc[:, None] * y_stride_t + i_h * y_stride_h + o_p * y_stride_p, (y).to(y_ptr.dtype.element_ty), mask=valid[:, None] & (o_p < N_p))
         # stage chunk_state + state_passing (h)
         h_upd_w = tl.where(valid, tl.exp(tl.minimum(h_L_last - h_L, 0.0)), 0.0)  # decay from each step to the chunk's end

@@ -27,10 +27,11 @@ def mamba2(x, dt, A, B, C, D, h_prev, mm=jnp.float32):
 
     # stage prologue
     v1 = dt * A
-    v4 = D[:, :, None] * x
+    h_ell = jnp.maximum(v1, (-69.07755278982137))
+    v8 = D[:, :, None] * x
 
     # stage cumsum
-    h_L = jnp.cumsum(rt.chunk(jnp.where(valid[None, :, None, None] > 0, v1, 0.0), 1, Q), axis=2)  # log-decay summed within each chunk
+    h_L = jnp.cumsum(rt.chunk(jnp.where(valid[None, :, None, None] > 0, h_ell, 0.0), 1, Q), axis=2)  # log-decay summed within each chunk
 
     # stage chunk_state
     h_chunks_w = jnp.exp(jnp.minimum(rt.last(h_L, 2) - h_L, 0.0))  # decay from each step to the chunk's end
@@ -54,6 +55,6 @@ def mamba2(x, dt, A, B, C, D, h_prev, mm=jnp.float32):
     y_h_new = rt.unchunk(y_h_new_in + y_h_new_st, 1)
 
     # stage epilogue
-    y = y_h_new + v4
+    y = y_h_new + v8
 
     return rt.crop(y, 1, T), h_final

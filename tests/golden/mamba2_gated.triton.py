@@ -54,10 +54,11 @@ def mamba2_gated_chunked(x_ptr, dt_raw_ptr, dt_bias_ptr, A_log_ptr, B_ptr, C_ptr
         dt = (tl.maximum(v1, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(v1))))
         v5 = dt * A
         v16 = (z) * tl.sigmoid(z)
-        v2 = D * x
-        v4 = v2 * v16
+        s_ell = tl.maximum(v5, (-69.07755278982137))
+        v11 = D * x
+        v15 = v11 * v16
         # stage cumsum
-        s_L_ell = tl.where(valid, v5, 0.0)  # log-decay per step (0 past the end)
+        s_L_ell = tl.where(valid, s_ell, 0.0)  # log-decay per step (0 past the end)
         s_L = tl.cumsum(s_L_ell, axis=0)  # summed within the chunk
         s_L_last = tl.sum(tl.where(o_t == Q - 1, s_L, 0.0), axis=0)  # log-decay across the chunk: the cumsum's last row (exp(last - L) is exactly 1 at the last step)
         # stage chunk_state
@@ -72,7 +73,7 @@ def mamba2_gated_chunked(x_ptr, dt_raw_ptr, dt_bias_ptr, A_log_ptr, B_ptr, C_ptr
         v17_s_new_st = (c3) * v16  # state part
         v17_s_new = (v17_s_new_in + v17_s_new_st)
         # stage epilogue
-        v17 = v17_s_new + v4
+        v17 = v17_s_new + v15
         tl.store(v17_ptr + i_b * v17_stride_b + ttc[:, None] * v17_stride_t + i_h * v17_stride_h + o_p * v17_stride_p, (v17).to(v17_ptr.dtype.element_ty), mask=valid[:, None] & (o_p < N_p))
         # stage chunk_state + state_passing (s)
         s__upd_w = tl.where(valid, tl.exp(tl.minimum(s_L_last - s_L, 0.0)), 0.0)  # decay from each step to the chunk's end
