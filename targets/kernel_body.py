@@ -213,14 +213,21 @@ class TileEmitter:
         return x
 
     # ---- contractions --------------------------------------------------------------------------------
-    def contract(self, ops, out) -> str:
+    def contract(self, ops, out, select=None) -> str:
         """Σ over every axis not in `out` of the product of `ops` [(expr, axes)], as matmuls where two operands
         meet over one axis and broadcast-multiply-sum otherwise. Scale operands (whose axes lie within another
-        operand's) are multiplied into that operand first, so no product of two small tiles is widened twice."""
+        operand's) are multiplied into that operand first, so no product of two small tiles is widened twice.
+        select: (mask, mask axes, summed axis): an operand that carries the mask axes is selected by the mask (where,
+        not a product) just before that axis is summed, i.e. after every factor folded into it."""
         ops = [(e, tuple(a)) for e, a in ops]
         out = tuple(out)
         every = set().union(*(set(a) for _, a in ops)) if ops else set()
         summed = every - set(out)
+
+        def sel(e, a, gone):
+            if select is None or select[2] not in gone or not set(select[1]) <= set(a):
+                return e
+            return self.hold(self.d.where(self.bc(select[0], select[1], a), e, "0.0"))
         # padded tile dims must not leak into sums: mask the smallest operand carrying each
         for dim in sorted(summed):
             if dim in (self.k.scan, SRC) or not self.d.needs_mask(dim):
@@ -238,11 +245,11 @@ class TileEmitter:
             for j, (e, a) in enumerate(ops):
                 alone = {x for x in a if x in summed and sum(x in b for _, b in ops) == 1}
                 if alone and len(ops) > 1:
-                    e = self.sum_axes(e, a, alone)
+                    e = self.sum_axes(sel(e, a, alone), a, alone)
                     ops[j] = (self.hold(e), tuple(x for x in a if x not in alone))
             if len(ops) == 1:
                 e, a = ops[0]
-                e = self.sum_axes(e, a, set(a) & summed)
+                e = self.sum_axes(sel(e, a, set(a) & summed), a, set(a) & summed)
                 a = tuple(x for x in a if x not in summed)
                 return self.reorder(e, a, out)
             pair = None
@@ -261,6 +268,7 @@ class TileEmitter:
             k = {x} | ({y for y in set(aa) & set(ab) if y in summed
                         and sum(y in b for _, b in ops) == 2})
             fa, fb = [y for y in aa if y not in k], [y for y in ab if y not in k]
+            ea, eb = sel(ea, aa, k), sel(eb, ab, k)
             if (len(k) == 1 and len(aa) == 2 and len(ab) == 2 and len(fa) == 1 and len(fb) == 1 and fa != fb
                     and self.d.can_dot(aa + ab)):
                 if self.sort((fa[0], fb[0])) != (fa[0], fb[0]):  # operands in the order the result's axes sort
@@ -383,10 +391,18 @@ class TileEmitter:
             D += f" * {self.bc(sg, sgax, s_ax)} * {self.bc(sg, (SRC,) + dd, s_ax)}"
         self.w(f"{base}_D = {D}  # decay from source s to target t, masked s {'<' if prev else '<='} t, exponent <= 0")
         q = [self.get(f) for f in a.q]
+        causal = (f"({self.d.causal(prev)} & {self.valid(SRC)})", (t, SRC), SRC)
         parts = []
         for coef, prod in zip(a.ucoef, a.u):
-            us = [self.as_source(f) for f in prod]
-            e = self.contract(q + us + [(f"{base}_D", s_ax)], out)
+            ops = q + [self.as_source(f) for f in prod]
+            # per-step factors (dt, gates: axes within the decay's) go into the [t, s] tile itself, and the causal
+            # mask selects after every factor: a NaN or inf at a later step s never reaches an earlier row t
+            scales = [(e, ax) for e, ax in ops if set(ax) <= set(s_ax)]
+            Dk = f"{base}_D"
+            if scales:
+                Dk = self.hold(" * ".join([Dk] + [self.bc(e, ax, s_ax) for e, ax in scales]))
+            ops = [o for o in ops if o not in scales] + [(Dk, s_ax)]
+            e = self.contract(ops, out, select=causal)
             parts.append(e if coef == 1.0 else f"{coef!r} * {e}")
         self.w(f"{base}_in = {' + '.join(parts) or '0.0'}  # in-chunk part")
         E = self.d.UNARY["exp"].format(Lt)

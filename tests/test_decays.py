@@ -151,3 +151,52 @@ def test_zero_decay_is_a_reset(rng, target, via_exp):
     assert np.isfinite(got[0]).all() and np.isfinite(got[1]).all()
     eo, es = errors(got, ref)
     assert eo < TOL and es < TOL, (eo, es)
+
+
+# ---- issue 11.7: a NaN tail stays in the tail ----------------------------------------------------------------
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_nan_tail_does_not_reach_earlier_rows(sx, rng, target):
+    """A right-padded batch with dt NaN from step t0 on (mamba2), or the decay gate NaN (S = a*S + k⊗v): every
+    output before t0 is the reference's; the causal mask selects after every factor instead of multiplying."""
+    v = VARIANTS["mamba2"]
+    dims = {"b": 1, "t": 29, "h": 2, "p": 4, "n": 4, "g": 1}
+    inputs = v.make_inputs(rng, dims)
+    t0 = 19  # inside the third chunk of 8
+    inputs["dt"][:, t0:] = np.nan
+    init = v.make_initial_states(rng, dims)
+    (ref,), _ = v.reference(inputs, init)
+    kw = {"interpret": True} if target != "xla" else {}
+    k = ssmc.compile(str(v.path), target=target, chunk_size=8, **kw)
+    (y,), _ = sx.run(v, inputs, init, kernel=k)
+    y = np.asarray(y, np.float64)
+    assert np.isfinite(y[:, :t0]).all(), np.argwhere(~np.isfinite(y[:, :t0]))[:4]
+    assert rel_l2(y[:, :t0], ref[:, :t0]) < TOL
+
+    for shape in ("scalar", "keywise"):
+        H, K = 2, 4
+        a = rng.uniform(0.5, 1.0, (1, 29, H) + ((K,) if shape == "keywise" else ()))
+        x, S0, _ = problem(rng, shape, a, T=29, H=H, K=K)
+        x["a"][:, t0:] = np.nan
+        ref_o, _ = loop(x["q"], x["kk"], x["vv"], full_decay(shape, x["a"], 1, 29, H, K), S0)
+        o, _ = run(spec(shape), target, 8, x, S0)
+        assert np.isfinite(o[:, :t0]).all(), (shape, np.argwhere(~np.isfinite(o[:, :t0]))[:4])
+        assert rel_l2(o[:, :t0], ref_o[:, :t0]) < TOL, shape
+
+
+@pytest.mark.parametrize("shape", ["scalar", "keywise"])
+def test_signed_decay_kernels_lower_for_tpu(shape):
+    """The signed-decay stages (negative counts, last rows, the NaN-safe cumsum, the causal select) lower with
+    Mosaic for TPU, not only in the interpreter."""
+    import jax
+    import jax.numpy as jnp
+
+    k = ssmc.compile(spec(shape), target="tpu")
+    B, T, H, K, V = 2, 300, 2, 8, 8
+    adims = {"scalar": (B, T, H), "keywise": (B, T, H, K)}[shape]
+    f32 = jnp.float32
+    ins = {"q": jax.ShapeDtypeStruct((B, T, H, K), f32), "kk": jax.ShapeDtypeStruct((B, T, H, K), f32),
+           "vv": jax.ShapeDtypeStruct((B, T, H, V), f32), "a": jax.ShapeDtypeStruct(adims, f32)}
+    S0 = jax.ShapeDtypeStruct((B, H, K, V), f32)
+    exported = jax.export.export(jax.jit(lambda i, s: k(**i, initial_state=s)), platforms=["tpu"])(ins, S0)
+    assert "tpu_custom_call" in exported.mlir_module()

@@ -50,20 +50,22 @@ def mamba2_chunked(x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, h_prev_ref, y_ref,
     # stage state_passing
     # stage chunk_output
     y_h_new_D = jnp.exp(jnp.minimum(jnp.where((TRIL & valid[None, :]), h_L[:, None] - h_L, -1e30), 0.0))  # decay from source s to target t, masked s <= t, exponent <= 0
-    c1 = lax.dot_general((C).astype(MM), ((B) * dt[:, None]).astype(MM), (((1,), (1,)), ((), ())), precision=PREC, preferred_element_type=jnp.float32)
-    c2 = lax.dot_general(((c1) * y_h_new_D).astype(MM), (x).astype(MM), (((1,), (0,)), ((), ())), precision=PREC, preferred_element_type=jnp.float32)
-    y_h_new_in = c2  # in-chunk part
+    c1 = y_h_new_D * dt
+    c2 = lax.dot_general((C).astype(MM), (B).astype(MM), (((1,), (1,)), ((), ())), precision=PREC, preferred_element_type=jnp.float32)
+    c3 = jnp.where((TRIL & valid[None, :]), (c2) * c1, 0.0)
+    c4 = lax.dot_general((c3).astype(MM), (x).astype(MM), (((1,), (0,)), ((), ())), precision=PREC, preferred_element_type=jnp.float32)
+    y_h_new_in = c4  # in-chunk part
     y_h_new_E = jnp.exp(h_L)  # decay from the chunk's start
-    c3 = lax.dot_general(((C) * y_h_new_E[:, None]).astype(MM), (state_h_prev).astype(MM), (((1,), (1,)), ((), ())), precision=PREC, preferred_element_type=jnp.float32)
-    y_h_new_st = c3  # state part
+    c5 = lax.dot_general(((C) * y_h_new_E[:, None]).astype(MM), (state_h_prev).astype(MM), (((1,), (1,)), ((), ())), precision=PREC, preferred_element_type=jnp.float32)
+    y_h_new_st = c5  # state part
     y_h_new = (y_h_new_in + y_h_new_st)
     # stage epilogue
     y = y_h_new + v12
     y_ref[...] = y.astype(y_ref.dtype)
     # stage chunk_state + state_passing (h)
     h_upd_w = jnp.where(valid, jnp.exp(jnp.minimum(h_L_last - h_L, 0.0)), 0.0)  # decay from each step to the chunk's end
-    c4 = lax.dot_general((x).astype(MM), ((B) * ((h_upd_w) * dt)[:, None]).astype(MM), (((0,), (0,)), ((), ())), precision=PREC, preferred_element_type=jnp.float32)
-    state_h_prev = jnp.exp(h_L_last) * state_h_prev + c4  # the state entering the next chunk
+    c6 = lax.dot_general((x).astype(MM), ((B) * ((h_upd_w) * dt)[:, None]).astype(MM), (((0,), (0,)), ((), ())), precision=PREC, preferred_element_type=jnp.float32)
+    state_h_prev = jnp.exp(h_L_last) * state_h_prev + c6  # the state entering the next chunk
     h_scr[...] = state_h_prev.astype(h_scr.dtype)
     @pl.when(i_chunk == pl.num_programs(3) - 1)
     def _final():

@@ -56,20 +56,22 @@ def mamba2_chunked(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h_prev_ptr, y_ptr,
         # stage state_passing
         # stage chunk_output
         y_h_new_D = tl.exp(tl.minimum(tl.where(((o_t[:, None] >= o_t[None, :]) & valid[None, :]), h_L[:, None] - h_L, -1e30), 0.0))  # decay from source s to target t, masked s <= t, exponent <= 0
-        c1 = tl.dot((C).to(MM), tl.trans((B) * dt[:, None]).to(MM), input_precision=PREC)
-        c2 = tl.dot(((c1) * y_h_new_D).to(MM), (x).to(MM), input_precision=PREC)
-        y_h_new_in = c2  # in-chunk part
+        c1 = y_h_new_D * dt
+        c2 = tl.dot((C).to(MM), tl.trans(B).to(MM), input_precision=PREC)
+        c3 = tl.where(((o_t[:, None] >= o_t[None, :]) & valid[None, :]), (c2) * c1, 0.0)
+        c4 = tl.dot((c3).to(MM), (x).to(MM), input_precision=PREC)
+        y_h_new_in = c4  # in-chunk part
         y_h_new_E = tl.exp(h_L)  # decay from the chunk's start
-        c3 = tl.dot(((C) * y_h_new_E[:, None]).to(MM), tl.trans(state_h_prev).to(MM), input_precision=PREC)
-        y_h_new_st = c3  # state part
+        c5 = tl.dot(((C) * y_h_new_E[:, None]).to(MM), tl.trans(state_h_prev).to(MM), input_precision=PREC)
+        y_h_new_st = c5  # state part
         y_h_new = (y_h_new_in + y_h_new_st)
         # stage epilogue
         y = y_h_new + v12
         tl.store(y_ptr + i_b * y_stride_b + ttc[:, None] * y_stride_t + i_h * y_stride_h + o_p * y_stride_p, (y).to(y_ptr.dtype.element_ty), mask=valid[:, None] & (o_p < N_p))
         # stage chunk_state + state_passing (h)
         h_upd_w = tl.where(valid, tl.exp(tl.minimum(h_L_last - h_L, 0.0)), 0.0)  # decay from each step to the chunk's end
-        c4 = tl.dot(tl.trans(x).to(MM), ((B) * ((h_upd_w) * dt)[:, None]).to(MM), input_precision=PREC)
-        state_h_prev = tl.exp(h_L_last) * state_h_prev + c4  # the state entering the next chunk
+        c6 = tl.dot(tl.trans(x).to(MM), ((B) * ((h_upd_w) * dt)[:, None]).to(MM), input_precision=PREC)
+        state_h_prev = tl.exp(h_L_last) * state_h_prev + c6  # the state entering the next chunk
     # stage output: final states
     tl.store(h_final_ptr + i_b * h_final_stride_b + i_h * h_final_stride_h + o_p[:, None] * h_final_stride_p + o_n * h_final_stride_n, (state_h_prev).to(h_final_ptr.dtype.element_ty), mask=((o_p < N_p))[:, None] & (o_n < N_n))
 

@@ -49,8 +49,8 @@ def mamba2(x, dt, A, B, C, D, h_prev, mm=jnp.float32):
     # stage chunk_output
     y_h_new_D = jnp.exp(jnp.minimum(jnp.where(rt.causal(Q, False, 2), jnp.expand_dims(h_L, 3) - jnp.expand_dims(h_L, 2), -jnp.inf), 0.0))  # decay from source s to target t in the chunk, masked s <= t
     y_h_new_scores = rt.einsum("bctgn,bcsgn->bctgs", rt.chunk(C, 1, Q), rt.chunk(B, 1, Q), mm=mm)  # q_t · k_s
-    y_h_new_W = rt.mul("bctgsh", (y_h_new_scores, 'bctgs'), (y_h_new_D, 'bctsgh'), (rt.chunk(dt, 1, Q), 'bcsgh'), (valid.reshape(nc, Q), 'cs'))  # decay-weighted
-    y_h_new_in = rt.einsum("bctgsh,bcsghp->bctghp", y_h_new_W, rt.chunk(x, 1, Q), mm=mm)  # in-chunk part: W · v over s <= t
+    y_h_new_W = rt.causal_select(rt.mul("bctgsh", (y_h_new_scores, 'bctgs'), (y_h_new_D, 'bctsgh'), (rt.chunk(dt, 1, Q), 'bcsgh')), "bctgsh", "cts", False, valid)  # decay-weighted, s <= t
+    y_h_new_in = rt.einsum("bctgsh,bcsghp->bctghp", y_h_new_W, rt.chunk(x, 1, Q), mm=mm)  # in-chunk part: W · v over the sources
     y_h_new_st = rt.mul("bctghp", (rt.einsum("bctgn,bcghpn->bctghp", rt.chunk(C, 1, Q), h_enter, mm=mm), 'bctghp'), (jnp.exp(h_L), 'bctgh'))  # state part
     y_h_new = rt.unchunk(y_h_new_in + y_h_new_st, 1)
 

@@ -49,7 +49,9 @@ def rwkv6(r, k, v, w, u, S_prev, mm=jnp.float32):
     # stage chunk_output
     o_S_prev_Lx = S_L - rt.chunk(jnp.where(valid[None, :, None, None] > 0, S_ell, 0.0), 1, Q)  # log-decay through t-1
     o_S_prev_D = jnp.exp(jnp.minimum(jnp.where(rt.causal(Q, True, 2), jnp.expand_dims(o_S_prev_Lx, 3) - jnp.expand_dims(S_L, 2), -jnp.inf), 0.0))  # decay from source s to target t in the chunk, masked s < t
-    o_S_prev_in = rt.einsum("bcthd,bctshd,bcshd,bcsha,cs->bctha", rt.chunk(r, 1, Q), o_S_prev_D, rt.chunk(k, 1, Q), rt.chunk(v, 1, Q), valid.reshape(nc, Q), mm=mm)  # in-chunk (quadratic) part
+    o_S_prev_scores = rt.einsum("bcthd,bctshd,bcshd->bcths", rt.chunk(r, 1, Q), o_S_prev_D, rt.chunk(k, 1, Q), mm=mm)  # q_t · decay · k_s
+    o_S_prev_W = rt.causal_select(o_S_prev_scores, "bcths", "cts", True, valid)  # decay-weighted, s < t
+    o_S_prev_in = rt.einsum("bcths,bcsha->bctha", o_S_prev_W, rt.chunk(v, 1, Q), mm=mm)  # in-chunk part: W · v over the sources
     o_S_prev_st = rt.einsum("bcthd,bchda->bctha", rt.mul("bcthd", (rt.chunk(r, 1, Q), 'bcthd'), (jnp.exp(o_S_prev_Lx), 'bcthd')), S_enter, mm=mm)  # state part
     o_S_prev = rt.unchunk(o_S_prev_in + o_S_prev_st, 1)
 
