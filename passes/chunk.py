@@ -82,15 +82,20 @@ class _Rewrite:
         leaves = [i for i in p.instrs if i.op == "state"]
         stage: dict[str, dict] = {}
         logs = {}
+        bounded = {}
         for sp in self.plan.states.values():
             logs[sp.name] = self.logdecay(sp)
+            # |a| <= 1 proven: in-chunk exponents may be clamped to <= 0 (rounding only); otherwise exact
+            bounded[sp.name] = bounds.decay_bounded(self.an.by, logs[sp.name][0], self.memo)
         self.out = free + leaves + an.new + self.out
         for sp in self.plan.states.values():
             ell, sgn = logs[sp.name]
             S = sp.name
             span = next((i.span for i in p.instrs if i.op == "update" and i.attr("state") == S), None)
             ell_dims = an.by[ell].dims if ell in an.by else ()
-            L = self.emit(f"%{S}.L", "chunk.cumsum", (ell,), set(ell_dims) | {scan}, span, chunk=Q, state=S)
+            bd = bounded[S]
+            L = self.emit(f"%{S}.L", "chunk.cumsum", (ell,), set(ell_dims) | {scan}, span, chunk=Q, state=S,
+                          bounded=bd)
             sigma = None
             if sgn is not None:
                 # same dims as L, so both index alike in every stage
@@ -102,14 +107,15 @@ class _Rewrite:
             step_sgn = sgn if form == "scan" else None  # the walk multiplies by a_t itself
             args, attrs = ChunkArgs(ell=ell, L=L, sigma=sigma, sgn=step_sgn, u=u, ucoef=uc).encode()
             chunks = self.emit(f"%{S}.chunks", "chunk.states", args, set(sp.dims) | {self.cd}, span, chunk=Q,
-                               state=S, form=form, klass=sp.klass, **attrs)
+                               state=S, form=form, klass=sp.klass, bounded=bd, **attrs)
             init = next(i.name for i in leaves if i.attr("state") == S)
             args, attrs = ChunkArgs(L=L, sigma=sigma, chunks=chunks, init=init).encode()
             enter = self.emit(f"%{S}.enter", "chunk.pass", args, set(sp.dims) | {self.cd}, span, chunk=Q, state=S,
                               **attrs)
             args, attrs = ChunkArgs(L=L, sigma=sigma, chunks=chunks, enter=enter).encode()
             final = self.emit(f"%{S}.final", "chunk.final", args, sp.dims, span, chunk=Q, state=S, **attrs)
-            stage[S] = dict(ell=ell, L=L, sigma=sigma, sgn=step_sgn, enter=enter, u=u, uc=uc, form=form, final=final)
+            stage[S] = dict(ell=ell, L=L, sigma=sigma, sgn=step_sgn, enter=enter, u=u, uc=uc, form=form, final=final,
+                            bounded=bd)
         # readouts
         for name, lin in self.plan.readouts.items():
             r = an.by[name]
@@ -122,8 +128,8 @@ class _Rewrite:
                                         qcoef=t.coef, u=s["u"], ucoef=s["uc"]).encode()
                 single = len(lin.terms) == 1 and not lin.rest
                 part_name = name if single else an.namer(f"{name[1:]}.{t.state}.{t.when}")
-                parts.append(self.emit(part_name, "chunk.output", args, dims, r.span,
-                                       chunk=Q, state=t.state, when=t.when, form=s["form"], **attrs))
+                parts.append(self.emit(part_name, "chunk.output", args, dims, r.span, chunk=Q, state=t.state,
+                                       when=t.when, form=s["form"], bounded=s["bounded"], **attrs))
             for x in lin.rest:
                 parts.append(self.product(x, r.span))
             acc = parts[0]
@@ -149,6 +155,10 @@ class _Rewrite:
         body = [i for i in self.out if i.op != "out"]
         classes = ", ".join(f"{sp.name}: {sp.klass}" for sp in self.plan.states.values())
         note = f"chunk: chunk-parallel form, chunk length {Q} ({classes})"
+        for S, bd in bounded.items():
+            note += (f"\nchunk: decay of {S} provably |a| <= 1: in-chunk exponents clamped to <= 0 (bounded=True)" if bd
+                     else f"\nchunk: decay of {S} not provably |a| <= 1: exact in-chunk exponents, no clamp (a growing "
+                          f"decay may overflow to inf, never clamped)")
         return p.with_instrs(body + outs, note=note, dims=self.dims)
 
     def logdecay(self, sp) -> tuple[str, str | None]:

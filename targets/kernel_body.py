@@ -8,7 +8,9 @@ target writes the loads, stores, loop and launcher around them.
 
 Chunk stages on one chunk (the chunk-parallel SSD form, see passes/chunk_ops.py for the ops):
   cumsum:        L = cumsum(ell) within the chunk (decay dims; fp32)
-  chunk_output:  y_t = Σ_{s<=t} (q_t·u_s) exp(L_t - L_s)  +  exp(L_t) q_t · S_enter       (exponents clamped <= 0)
+  chunk_output:  y_t = Σ_{s<=t} (q_t·u_s) exp(L_t - L_s)  +  exp(L_t) q_t · S_enter
+                 (masked s > t before exp and selected after every factor; exponents clamped <= 0 only where the
+                 chunk op says `bounded`, i.e. |a| <= 1 is proven)
   chunk_state + state_passing (fused): S = exp(L_last) S + Σ_s exp(L_last - L_s) u_s     (S stays on chip)
 """
 from __future__ import annotations
@@ -385,11 +387,13 @@ class TileEmitter:
         s_ax = self.sort((t, SRC) + dd)
         diff = f"{self.bc(Lt, Lax, s_ax)} - {self.bc(L, (SRC,) + dd, s_ax)}"
         mask = self.bc(f"({self.d.causal(prev)} & {self.valid(SRC)})", (t, SRC), s_ax)
-        D = self.d.UNARY["exp"].format(self.d.minimum(self.d.where(mask, diff, "-1e30"), "0.0"))
+        bounded = i.attr("bounded", False)
+        D = self.d.UNARY["exp"].format(self.clamped(self.d.where(mask, diff, "-1e30"), bounded))
         if a.sigma:
             sg, sgax = self.get(a.sigma)
             D += f" * {self.bc(sg, sgax, s_ax)} * {self.bc(sg, (SRC,) + dd, s_ax)}"
-        self.w(f"{base}_D = {D}  # decay from source s to target t, masked s {'<' if prev else '<='} t, exponent <= 0")
+        self.w(f"{base}_D = {D}  # decay from source s to target t, masked s {'<' if prev else '<='} t before exp"
+               + (", exponent clamped to <= 0 (|a| <= 1 proven)" if bounded else ""))
         q = [self.get(f) for f in a.q]
         causal = (f"({self.d.causal(prev)} & {self.valid(SRC)})", (t, SRC), SRC)
         parts = []
@@ -415,6 +419,10 @@ class TileEmitter:
         coef = "" if a.qcoef == 1.0 else f"{a.qcoef!r} * "
         self.bind(i.name, f"{coef}({base}_in + {base}_st)", out)
 
+    def clamped(self, x: str, bounded: bool) -> str:
+        """An in-chunk exponent: clamped to <= 0 only where |a| <= 1 is proven (rounding), else exact."""
+        return self.d.minimum(x, "0.0") if bounded else x
+
     def as_source(self, ssa: str) -> tuple[str, tuple]:
         e, ax = self.get(ssa)
         return e, tuple(SRC if x == self.k.scan else x for x in ax)
@@ -430,7 +438,7 @@ class TileEmitter:
         sax = self.state_axes(S)
         base = f"{self.pn('%' + S)}_upd"
         last = self.bc(f"{Lname}_last", dd, Lax)
-        wexp = self.d.UNARY["exp"].format(self.d.minimum(f"{last} - {L}", "0.0"))
+        wexp = self.d.UNARY["exp"].format(self.clamped(f"{last} - {L}", states_instr.attr("bounded", False)))
         if a.sigma:
             sg, sgax = self.get(a.sigma)
             slast = f"(1.0 - 2.0 * ({self.pn(a.sigma)}_last - 2.0 * {self.d.floor(self.pn(a.sigma) + '_last * 0.5')}))"

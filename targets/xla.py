@@ -322,8 +322,13 @@ class XlaEmitter:
                     "sign of the decay product so far (a zero decay counts as positive: its log is the reset)")
         self.stored_chunked.add(i.name)
 
-    def decay_between(self, La: str, Lb: str, sa: str | None, sb: str | None) -> str:
-        e = f"jnp.exp(jnp.minimum({La} - {Lb}, 0.0))"
+    @staticmethod
+    def clamped(x: str, bounded: bool) -> str:
+        """An in-chunk exponent: clamped to <= 0 only where |a| <= 1 is proven (rounding), else exact."""
+        return f"jnp.minimum({x}, 0.0)" if bounded else x
+
+    def decay_between(self, La: str, Lb: str, sa: str | None, sb: str | None, bounded: bool) -> str:
+        e = f"jnp.exp({self.clamped(f'{La} - {Lb}', bounded)})"
         return e if sa is None else f"{e} * {sa} * {sb}"
 
     def valid_view(self, tl: str):
@@ -336,7 +341,8 @@ class XlaEmitter:
         L = self.n(a.L)
         ax = self.ax(self.by[a.L].dims, self.scan) + 1
         sig = self.n(a.sigma) if a.sigma else None
-        w_expr = self.decay_between(f"rt.last({L}, {ax})", L, sig and f"rt.last({sig}, {ax})", sig)
+        w_expr = self.decay_between(f"rt.last({L}, {ax})", L, sig and f"rt.last({sig}, {ax})", sig,
+                                    i.attr("bounded", False))
         wname = f"{self.pn(i.name)}_w"
         self.w(f"{wname} = {w_expr}  # decay from each step to the chunk's end")
         _, wl = self.view(a.L)
@@ -420,7 +426,7 @@ class XlaEmitter:
         sig = self.n(a.sigma) if a.sigma else None
         diff = f"jnp.expand_dims({Lt}, {ax + 1}) - jnp.expand_dims({L}, {ax})"
         mask = f"rt.causal(Q, {prev}, {npost})"
-        D = f"jnp.exp(jnp.minimum(jnp.where({mask}, {diff}, -jnp.inf), 0.0))"
+        D = f"jnp.exp({self.clamped(f'jnp.where({mask}, {diff}, -jnp.inf)', i.attr('bounded', False))})"
         if sig:
             D += f" * jnp.expand_dims({sig}, {ax + 1}) * jnp.expand_dims({sig}, {ax})"
         self.w(f"{base}_D = {D}  # decay from source s to target t in the chunk, masked s {'<' if prev else '<='} t")

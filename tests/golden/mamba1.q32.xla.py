@@ -2,6 +2,7 @@
 # pass pipeline: expand-groups{mode=split},classify,chunk{size=32,elementwise=sequential,scalar=64},fuse,dce
 # classify: state h is elementwise (decay dims [b,t,d,n], contracted [n], kept [d])
 # chunk: chunk-parallel form, chunk length 32 (h: elementwise)
+# chunk: decay of h provably |a| <= 1: in-chunk exponents clamped to <= 0 (bounded=True)
 # fuse: 1 elementwise values fused into the stage that consumes them
 import jax
 import jax.numpy as jnp

@@ -2,6 +2,7 @@
 # pass pipeline: expand-groups{mode=split},classify,chunk{size=0,elementwise=sequential,scalar=64},fuse,dce
 # classify: state S is key-wise (decay dims [b,t,h,dk], contracted [dk], kept [dv])
 # chunk: chunk-parallel form, chunk length 16 (S: key-wise)
+# chunk: decay of S provably |a| <= 1: in-chunk exponents clamped to <= 0 (bounded=True)
 # fuse: 1 elementwise values fused into the stage that consumes them
 import jax
 import jax.numpy as jnp
