@@ -41,6 +41,7 @@ class Chunk:
             return p.with_instrs(p.instrs, note="chunk: sequential scan (chunk size 1 requested)")
         if self.size < 0:
             raise ValueError(f"chunk size must be >= 1, got {self.size}")
+        p, shared = share_state_free(p)
         plan = make_plan(p)
         if not plan.chunkable:
             return p.with_instrs(p.instrs, note=f"chunk: sequential scan, not chunkable: {plan.reason}")
@@ -51,7 +52,34 @@ class Chunk:
                                  f"(pass chunk_size to force it)")
         defaults = {**DEFAULT_CHUNK, **{k: self.scalar for k in ("identity", "constant", "scalar")}}
         Q = self.size or min(defaults[sp.klass] for sp in plan.states.values())
-        return _Rewrite(p, plan, Q).run()
+        out = _Rewrite(p, plan, Q).run()
+        if shared:
+            out = out.with_instrs(out.instrs, note=f"chunk: {shared} repeated state-free value(s) computed once")
+        return out
+
+
+PURE_LEAVES = ("input", "state", "window", "update", "out", "final")
+
+
+def share_state_free(p: Program) -> tuple[Program, int]:
+    """Common state-free values computed once (op, operands, dims and attributes alike), so states with the same
+    decay (mLSTM's S and n: sigmoid(f) written twice) get one log-decay, one cumsum and one in-chunk decay tile."""
+    rename: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    dep: set[str] = set()
+    out = []
+    for i in p.instrs:
+        args = tuple(rename.get(a, a) for a in i.args)
+        if i.op == "state" or any(a in dep for a in args):
+            dep.add(i.name)
+        elif i.op not in PURE_LEAVES:
+            key = (i.op, args, i.dims, i.attrs)
+            if key in seen:
+                rename[i.name] = seen[key]
+                continue
+            seen[key] = i.name
+        out.append(i if args == i.args else make(i.name, i.op, args, i.dims, i.span, **dict(i.attrs)))
+    return (p.with_instrs(out) if rename else p), len(rename)
 
 
 class _Rewrite:
@@ -83,24 +111,32 @@ class _Rewrite:
         stage: dict[str, dict] = {}
         logs = {}
         bounded = {}
+        same: dict[tuple, tuple] = {}  # the decay factors -> (ell, sgn): states with one decay share its stages
         for sp in self.plan.states.values():
-            logs[sp.name] = self.logdecay(sp)
+            key = tuple(("const", an.by[f].attr("value")) if an.by[f].op == "const" else f for f in sp.decay)
+            if key not in same:
+                same[key] = self.logdecay(sp)
+            logs[sp.name] = same[key]
             # |a| <= 1 proven: in-chunk exponents may be clamped to <= 0 (rounding only); otherwise exact
             bounded[sp.name] = bounds.decay_bounded(self.an.by, logs[sp.name][0], self.memo)
         self.out = free + leaves + an.new + self.out
+        cums: dict[str, tuple] = {}  # ell -> (L, sigma), shared by the states with that decay
         for sp in self.plan.states.values():
             ell, sgn = logs[sp.name]
             S = sp.name
             span = next((i.span for i in p.instrs if i.op == "update" and i.attr("state") == S), None)
             ell_dims = an.by[ell].dims if ell in an.by else ()
             bd = bounded[S]
-            L = self.emit(f"%{S}.L", "chunk.cumsum", (ell,), set(ell_dims) | {scan}, span, chunk=Q, state=S,
-                          bounded=bd)
-            sigma = None
-            if sgn is not None:
-                # same dims as L, so both index alike in every stage
-                sigma = self.emit(f"%{S}.sigma", "chunk.cumsign", (sgn,), set(ell_dims) | {scan}, span,
-                                  chunk=Q, state=S)
+            if ell not in cums:
+                L = self.emit(f"%{S}.L", "chunk.cumsum", (ell,), set(ell_dims) | {scan}, span, chunk=Q, state=S,
+                              bounded=bd)
+                sigma = None
+                if sgn is not None:
+                    # same dims as L, so both index alike in every stage
+                    sigma = self.emit(f"%{S}.sigma", "chunk.cumsign", (sgn,), set(ell_dims) | {scan}, span,
+                                      chunk=Q, state=S)
+                cums[ell] = (L, sigma)
+            L, sigma = cums[ell]
             form = "scan" if sp.klass == "elementwise" else "quadratic"
             u = tuple(x.factors for x in sp.updates)
             uc = tuple(x.coef for x in sp.updates)

@@ -15,6 +15,8 @@ Chunk stages on one chunk (the chunk-parallel SSD form, see passes/chunk_ops.py 
 """
 from __future__ import annotations
 
+import re
+
 from ssmc.ir import Instr
 from ssmc.passes.chunk_ops import decode
 
@@ -98,6 +100,7 @@ class TileEmitter:
         self.state_var: dict[str, str] = {}            # state name -> the variable holding it on chip
         self.L: dict[str, str] = {}                     # state -> its in-chunk cumulative log-decay value name
         self.zero_padded: set[str] = set()              # variables whose padded tile entries are 0 (masked loads)
+        self.shared: dict[str, tuple] = {}              # expression -> (variable, line, indent level) in scope
         self.tmp = 0
 
     # ---- naming / axes -------------------------------------------------------------------------------
@@ -288,9 +291,25 @@ class TileEmitter:
         """Name a sub-expression (keeps the generated lines short and readable)."""
         if e.isidentifier():
             return e
-        v = self.fresh("c")
-        self.w(f"{v} = {e}")
-        return v
+        return self.share(e, None)
+
+    def share(self, e: str, name: str | None, comment: str = "") -> str:
+        """`name = e` (a fresh name when None), unless the same expression already sits in a variable in scope
+        (common subexpressions: two states with one decay share the decay tile, the scores, the weights)."""
+        hit = self.shared.get(e)
+        if hit is not None:
+            var, line, level = hit
+            if all(len(x) - len(x.lstrip()) >= level * len(self.w.indent) for x in self.w.lines[line + 1:] if x.strip()):
+                return var  # the block that defined it is still open
+        var = name or self.fresh("c")
+        self.w(f"{var} = {e}{'  # ' + comment if comment else ''}")
+        self.shared[e] = (var, len(self.w.lines) - 1, self.w.level)
+        return var
+
+    def reassigned(self, var: str):
+        """`var` (a state) takes a new value: expressions that read it are no longer shared."""
+        word = re.compile(rf"\b{re.escape(var)}\b")
+        self.shared = {e: v for e, v in self.shared.items() if not word.search(e)}
 
     def fold(self, ops):
         changed = True
@@ -381,9 +400,8 @@ class TileEmitter:
         Lt = L
         if prev:  # read before the update: decay through t-1
             ell, eax = self.get(a.ell)
-            Lt = f"{base}_Lx"
-            self.w(f"{Lt} = {L} - {self.d.where(self.bc('valid', (t,), Lax), self.bc(ell, eax, Lax), '0.0')}"
-                   f"  # log-decay through t-1")
+            Lt = self.share(f"{L} - {self.d.where(self.bc('valid', (t,), Lax), self.bc(ell, eax, Lax), '0.0')}",
+                            f"{base}_Lx", "log-decay through t-1")
         s_ax = self.sort((t, SRC) + dd)
         diff = f"{self.bc(Lt, Lax, s_ax)} - {self.bc(L, (SRC,) + dd, s_ax)}"
         mask = self.bc(f"({self.d.causal(prev)} & {self.valid(SRC)})", (t, SRC), s_ax)
@@ -392,8 +410,8 @@ class TileEmitter:
         if a.sigma:
             sg, sgax = self.get(a.sigma)
             D += f" * {self.bc(sg, sgax, s_ax)} * {self.bc(sg, (SRC,) + dd, s_ax)}"
-        self.w(f"{base}_D = {D}  # decay from source s to target t, masked s {'<' if prev else '<='} t before exp"
-               + (", exponent clamped to <= 0 (|a| <= 1 proven)" if bounded else ""))
+        Dv = self.share(D, f"{base}_D", f"decay from source s to target t, masked s {'<' if prev else '<='} t before "
+                        f"exp" + (", exponent clamped to <= 0 (|a| <= 1 proven)" if bounded else ""))
         q = [self.get(f) for f in a.q]
         causal = (f"({self.d.causal(prev)} & {self.valid(SRC)})", (t, SRC), SRC)
         parts = []
@@ -402,7 +420,7 @@ class TileEmitter:
             # per-step factors (dt, gates: axes within the decay's) go into the [t, s] tile itself, and the causal
             # mask selects after every factor: a NaN or inf at a later step s never reaches an earlier row t
             scales = [(e, ax) for e, ax in ops if set(ax) <= set(s_ax)]
-            Dk = f"{base}_D"
+            Dk = Dv
             if scales:
                 Dk = self.hold(" * ".join([Dk] + [self.bc(e, ax, s_ax) for e, ax in scales]))
             ops = [o for o in ops if o not in scales] + [(Dk, s_ax)]
@@ -413,8 +431,8 @@ class TileEmitter:
         if a.sigma:
             sg, sgax = self.get(a.sigma)
             E += f" * {self.bc(sg, sgax, Lax)}"
-        self.w(f"{base}_E = {E}  # decay from the chunk's start")
-        st = self.contract(q + [(self.state_var[S], self.state_axes(S)), (f"{base}_E", Lax)], out)
+        Ev = self.share(E, f"{base}_E", "decay from the chunk's start")
+        st = self.contract(q + [(self.state_var[S], self.state_axes(S)), (Ev, Lax)], out)
         self.w(f"{base}_st = {st}  # state part")
         coef = "" if a.qcoef == 1.0 else f"{a.qcoef!r} * "
         self.bind(i.name, f"{coef}({base}_in + {base}_st)", out)
@@ -443,11 +461,11 @@ class TileEmitter:
             sg, sgax = self.get(a.sigma)
             slast = f"(1.0 - 2.0 * ({self.pn(a.sigma)}_last - 2.0 * {self.d.floor(self.pn(a.sigma) + '_last * 0.5')}))"
             wexp += f" * {self.bc(slast, dd, Lax)} * {sg}"
-        self.w(f"{base}_w = {self.d.where(self.bc('valid', (t,), Lax), wexp, '0.0')}  # decay from each step to the "
-               f"chunk's end")
+        wv = self.share(self.d.where(self.bc('valid', (t,), Lax), wexp, '0.0'), f"{base}_w",
+                        "decay from each step to the chunk's end")
         parts = []
         for coef, prod in zip(a.ucoef, a.u):
-            e = self.contract([self.get(f) for f in prod] + [(f"{base}_w", Lax)], sax)
+            e = self.contract([self.get(f) for f in prod] + [(wv, Lax)], sax)
             parts.append(e if coef == 1.0 else f"{coef!r} * {e}")
         decay = self.d.UNARY["exp"].format(f"{Lname}_last")
         if a.sigma:
@@ -455,6 +473,7 @@ class TileEmitter:
         var = self.state_var[S]
         self.w(f"{var} = {self.bc(decay, dd, sax) if dd else decay} * {var} + {' + '.join(parts) or '0.0'}"
                f"  # the state entering the next chunk")
+        self.reassigned(var)
 
     def step_updates(self):
         """End of a sequential step: every state takes its updated value (broadcast to the state's tile)."""
@@ -463,3 +482,4 @@ class TileEmitter:
             e, ax = self.get(u.args[0])
             sax = self.state_axes(S)
             self.w(f"{self.state_var[S]} = {self.reorder(e, ax, sax) if ax != sax else e}")
+            self.reassigned(self.state_var[S])

@@ -267,3 +267,58 @@ def test_bounded_input_decay_stays_finite(rng, target):
     assert np.isfinite(got[0]).all() and np.isfinite(got[1]).all()
     eo, es = errors(got, ref)
     assert eo < TOL and es < TOL, (eo, es)
+
+
+# ---- issue 10.9 (part): states with one decay share its stages ----------------------------------------------
+
+MLSTM = """ssm mlstm {
+  dims b, t, h, dk, dv
+  scan t
+  in q[b,t,h,dk], k[b,t,h,dk], v[b,t,h,dv], ig[b,t,h], fg[b,t,h]
+  state S[b,h,dk,dv], n[b,h,dk]
+  out o[b,t,h,dv]
+  S = sigmoid(fg)*S + exp(ig)*k⊗v
+  n = sigmoid(fg)*n + exp(ig)*k
+  num[b,t,h,dv] = q·S
+  den[b,t,h] = q·n
+  o = num / max(abs(den), 1)
+}"""
+
+
+def mlstm_loop(x, S, n):
+    f = {k: np.asarray(v, np.float64) for k, v in x.items()}
+    S, n = np.asarray(S, np.float64), np.asarray(n, np.float64)
+    o = np.zeros(f["q"].shape[:3] + f["v"].shape[-1:])
+    for t in range(f["q"].shape[1]):
+        a = (1 / (1 + np.exp(-f["fg"][:, t])))[..., None]
+        i = np.exp(f["ig"][:, t])[..., None]
+        S = a[..., None] * S + i[..., None] * np.einsum("bhk,bhv->bhkv", f["k"][:, t], f["v"][:, t])
+        n = a * n + i * f["k"][:, t]
+        num = np.einsum("bhk,bhkv->bhv", f["q"][:, t], S)
+        den = np.einsum("bhk,bhk->bh", f["q"][:, t], n)
+        o[:, t] = num / np.maximum(np.abs(den), 1)[..., None]
+    return o, S, n
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_states_with_one_decay_share_its_stages(rng, target):
+    """mLSTM's S and n decay alike: one log-decay and cumsum in the IR, and in the kernels one decay tile, one set of
+    scores and one set of chunk-end weights, with results equal to the float64 loop."""
+    B, T, H, K, V = 1, 29, 2, 4, 4
+    x = {"q": rng.standard_normal((B, T, H, K)) * 0.5, "k": rng.standard_normal((B, T, H, K)) * 0.5,
+         "v": rng.standard_normal((B, T, H, V)), "ig": rng.standard_normal((B, T, H)) * 0.5,
+         "fg": rng.standard_normal((B, T, H)) + 2}
+    x = {n: a.astype(np.float32) for n, a in x.items()}
+    S0 = rng.standard_normal((B, H, K, V)).astype(np.float32)
+    n0 = rng.standard_normal((B, H, K)).astype(np.float32)
+    k = kernel(MLSTM, target, 8)
+    o, S, n = k(**x, initial_states={"S": S0, "n": n0})
+    ro, rS, rn = mlstm_loop(x, S0, n0)
+    for got, want in ((o, ro), (S, rS), (n, rn)):
+        assert rel_l2(np.asarray(got, np.float64), want) < TOL
+    assert k.ir.count("chunk.cumsum") == 1 and k.ir.count("log_sigmoid") == 1
+    if target != "xla":
+        src = k.source
+        assert src.count("_D = ") == 1 and src.count("_E = ") == 1 and src.count("_upd_w = ") == 1
+        dots = "tl.dot(" if target == "triton" else "lax.dot_general("
+        assert src.count(dots) == 4  # scores q·k, W·v, q·S, the S update (n's come from the shared tiles)
