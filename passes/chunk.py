@@ -6,6 +6,11 @@ chunk.states (each chunk from zero) -> chunk.pass (across chunks) -> chunk.final
 chunk.output (in-chunk quadratic part + state part); nonlinear consumers of readouts (division, norm, gate) follow
 as the epilogue. Elementwise decay (a over the whole state) has no matmul form: its chunk ops walk the chunk's
 steps (form=scan) instead of the quadratic form.
+
+Numerics decided here (passes/bounds.py): a log-decay that may be -inf (a decay of exactly 0, a reset) is floored at
+log(1e-30), so L_t - L_s is never -inf - -inf; the stage ops say `bounded=True` only where |a| <= 1 is proven, and
+only then may emitters clamp in-chunk exponents to <= 0. States whose decays are alike share one log-decay, cumsum
+and sign (repeated state-free values are computed once first).
 """
 from __future__ import annotations
 
