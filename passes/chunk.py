@@ -6,19 +6,29 @@ chunk.states (each chunk from zero) -> chunk.pass (across chunks) -> chunk.final
 chunk.output (in-chunk quadratic part + state part); nonlinear consumers of readouts (division, norm, gate) follow
 as the epilogue. Elementwise decay (a over the whole state) has no matmul form: its chunk ops walk the chunk's
 steps (form=scan) instead of the quadratic form.
+
+Numerics decided here (passes/bounds.py): a log-decay that may be -inf (a decay of exactly 0, a reset) is floored at
+log(1e-30), so L_t - L_s is never -inf - -inf; the stage ops say `bounded=True` only where |a| <= 1 is proven, and
+only then may emitters clamp in-chunk exponents to <= 0. States whose decays are alike share one log-decay, cumsum
+and sign (repeated state-free values are computed once first).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ssmc.ir import Instr, Program, make
 
+from . import bounds
 from .chunk_ops import ChunkArgs
 from .linear import NotLinear
 from .plan import make_plan
 
 # Default chunk length per class (the smallest over a program's states is used).
 DEFAULT_CHUNK = {"identity": 64, "constant": 64, "scalar": 64, "key-wise": 16, "value-wise": 16, "elementwise": 32}
+LOG_FLOOR = math.log(1e-30)  # log-decays below this are a reset at fp32 resolution (and never -inf)
+
+
 def chunk_dim(scan: str) -> str:
     """The chunk-index dim of the scan dim t: `t#` (no spec can name it)."""
     return f"{scan}#"
@@ -36,6 +46,7 @@ class Chunk:
             return p.with_instrs(p.instrs, note="chunk: sequential scan (chunk size 1 requested)")
         if self.size < 0:
             raise ValueError(f"chunk size must be >= 1, got {self.size}")
+        p, shared = share_state_free(p)
         plan = make_plan(p)
         if not plan.chunkable:
             return p.with_instrs(p.instrs, note=f"chunk: sequential scan, not chunkable: {plan.reason}")
@@ -46,7 +57,34 @@ class Chunk:
                                  f"(pass chunk_size to force it)")
         defaults = {**DEFAULT_CHUNK, **{k: self.scalar for k in ("identity", "constant", "scalar")}}
         Q = self.size or min(defaults[sp.klass] for sp in plan.states.values())
-        return _Rewrite(p, plan, Q).run()
+        out = _Rewrite(p, plan, Q).run()
+        if shared:
+            out = out.with_instrs(out.instrs, note=f"chunk: {shared} repeated state-free value(s) computed once")
+        return out
+
+
+PURE_LEAVES = ("input", "state", "window", "update", "out", "final")
+
+
+def share_state_free(p: Program) -> tuple[Program, int]:
+    """Common state-free values computed once (op, operands, dims and attributes alike), so states with the same
+    decay (mLSTM's S and n: sigmoid(f) written twice) get one log-decay, one cumsum and one in-chunk decay tile."""
+    rename: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    dep: set[str] = set()
+    out = []
+    for i in p.instrs:
+        args = tuple(rename.get(a, a) for a in i.args)
+        if i.op == "state" or any(a in dep for a in args):
+            dep.add(i.name)
+        elif i.op not in PURE_LEAVES:
+            key = (i.op, args, i.dims, i.attrs)
+            if key in seen:
+                rename[i.name] = seen[key]
+                continue
+            seen[key] = i.name
+        out.append(i if args == i.args else make(i.name, i.op, args, i.dims, i.span, **dict(i.attrs)))
+    return (p.with_instrs(out) if rename else p), len(rename)
 
 
 class _Rewrite:
@@ -58,6 +96,7 @@ class _Rewrite:
         self.dims = p.dims[:k] + (cd,) + p.dims[k:]
         self.cd = cd
         self.out: list[Instr] = []
+        self.memo: dict = {}  # intervals of values (passes/bounds.py)
 
     def order(self, ds) -> tuple[str, ...]:
         s = set(ds)
@@ -76,34 +115,48 @@ class _Rewrite:
         leaves = [i for i in p.instrs if i.op == "state"]
         stage: dict[str, dict] = {}
         logs = {}
+        bounded = {}
+        same: dict[tuple, tuple] = {}  # the decay factors -> (ell, sgn): states with one decay share its stages
         for sp in self.plan.states.values():
-            logs[sp.name] = self.logdecay(sp)
+            key = tuple(("const", an.by[f].attr("value")) if an.by[f].op == "const" else f for f in sp.decay)
+            if key not in same:
+                same[key] = self.logdecay(sp)
+            logs[sp.name] = same[key]
+            # |a| <= 1 proven: in-chunk exponents may be clamped to <= 0 (rounding only); otherwise exact
+            bounded[sp.name] = bounds.decay_bounded(self.an.by, logs[sp.name][0], self.memo)
         self.out = free + leaves + an.new + self.out
+        cums: dict[str, tuple] = {}  # ell -> (L, sigma), shared by the states with that decay
         for sp in self.plan.states.values():
             ell, sgn = logs[sp.name]
             S = sp.name
             span = next((i.span for i in p.instrs if i.op == "update" and i.attr("state") == S), None)
             ell_dims = an.by[ell].dims if ell in an.by else ()
-            L = self.emit(f"%{S}.L", "chunk.cumsum", (ell,), set(ell_dims) | {scan}, span, chunk=Q, state=S)
-            sigma = None
-            if sgn is not None:
-                # same dims as L, so both index alike in every stage
-                sigma = self.emit(f"%{S}.sigma", "chunk.cumsign", (sgn,), set(ell_dims) | {scan}, span,
-                                  chunk=Q, state=S)
+            bd = bounded[S]
+            if ell not in cums:
+                L = self.emit(f"%{S}.L", "chunk.cumsum", (ell,), set(ell_dims) | {scan}, span, chunk=Q, state=S,
+                              bounded=bd)
+                sigma = None
+                if sgn is not None:
+                    # same dims as L, so both index alike in every stage
+                    sigma = self.emit(f"%{S}.sigma", "chunk.cumsign", (sgn,), set(ell_dims) | {scan}, span,
+                                      chunk=Q, state=S)
+                cums[ell] = (L, sigma)
+            L, sigma = cums[ell]
             form = "scan" if sp.klass == "elementwise" else "quadratic"
             u = tuple(x.factors for x in sp.updates)
             uc = tuple(x.coef for x in sp.updates)
             step_sgn = sgn if form == "scan" else None  # the walk multiplies by a_t itself
             args, attrs = ChunkArgs(ell=ell, L=L, sigma=sigma, sgn=step_sgn, u=u, ucoef=uc).encode()
             chunks = self.emit(f"%{S}.chunks", "chunk.states", args, set(sp.dims) | {self.cd}, span, chunk=Q,
-                               state=S, form=form, klass=sp.klass, **attrs)
+                               state=S, form=form, klass=sp.klass, bounded=bd, **attrs)
             init = next(i.name for i in leaves if i.attr("state") == S)
             args, attrs = ChunkArgs(L=L, sigma=sigma, chunks=chunks, init=init).encode()
             enter = self.emit(f"%{S}.enter", "chunk.pass", args, set(sp.dims) | {self.cd}, span, chunk=Q, state=S,
                               **attrs)
             args, attrs = ChunkArgs(L=L, sigma=sigma, chunks=chunks, enter=enter).encode()
             final = self.emit(f"%{S}.final", "chunk.final", args, sp.dims, span, chunk=Q, state=S, **attrs)
-            stage[S] = dict(ell=ell, L=L, sigma=sigma, sgn=step_sgn, enter=enter, u=u, uc=uc, form=form, final=final)
+            stage[S] = dict(ell=ell, L=L, sigma=sigma, sgn=step_sgn, enter=enter, u=u, uc=uc, form=form, final=final,
+                            bounded=bd)
         # readouts
         for name, lin in self.plan.readouts.items():
             r = an.by[name]
@@ -116,8 +169,8 @@ class _Rewrite:
                                         qcoef=t.coef, u=s["u"], ucoef=s["uc"]).encode()
                 single = len(lin.terms) == 1 and not lin.rest
                 part_name = name if single else an.namer(f"{name[1:]}.{t.state}.{t.when}")
-                parts.append(self.emit(part_name, "chunk.output", args, dims, r.span,
-                                       chunk=Q, state=t.state, when=t.when, form=s["form"], **attrs))
+                parts.append(self.emit(part_name, "chunk.output", args, dims, r.span, chunk=Q, state=t.state,
+                                       when=t.when, form=s["form"], bounded=s["bounded"], **attrs))
             for x in lin.rest:
                 parts.append(self.product(x, r.span))
             acc = parts[0]
@@ -143,6 +196,10 @@ class _Rewrite:
         body = [i for i in self.out if i.op != "out"]
         classes = ", ".join(f"{sp.name}: {sp.klass}" for sp in self.plan.states.values())
         note = f"chunk: chunk-parallel form, chunk length {Q} ({classes})"
+        for S, bd in bounded.items():
+            note += (f"\nchunk: decay of {S} provably |a| <= 1: in-chunk exponents clamped to <= 0 (bounded=True)" if bd
+                     else f"\nchunk: decay of {S} not provably |a| <= 1: exact in-chunk exponents, no clamp (a growing "
+                          f"decay may overflow to inf, never clamped)")
         return p.with_instrs(body + outs, note=note, dims=self.dims)
 
     def logdecay(self, sp) -> tuple[str, str | None]:
@@ -161,6 +218,10 @@ class _Rewrite:
         for s in signs:
             one = an.emit("sign", (s,), an.by[s].dims)
             sgn = one if sgn is None else an.emit("mul", (sgn, one), an.dims_of([sgn, one]))
+        if not bounds.never_minus_inf(an.by, ell, self.memo):
+            # a decay of exactly 0 (a reset) has log -inf, and L_t - L_s would be -inf - -inf = NaN after it: floor
+            # the log at log(1e-30), so earlier history is scaled by <= 1e-30 (below fp32 resolution)
+            ell = an.emit("max", (ell, an.const(LOG_FLOOR)), an.by[ell].dims, an.by[ell].span)
         # name the log-decay after its state for readability
         i = an.by[ell]
         if i in an.new and i.op != "const":

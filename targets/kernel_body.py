@@ -8,10 +8,14 @@ target writes the loads, stores, loop and launcher around them.
 
 Chunk stages on one chunk (the chunk-parallel SSD form, see passes/chunk_ops.py for the ops):
   cumsum:        L = cumsum(ell) within the chunk (decay dims; fp32)
-  chunk_output:  y_t = Σ_{s<=t} (q_t·u_s) exp(L_t - L_s)  +  exp(L_t) q_t · S_enter       (exponents clamped <= 0)
+  chunk_output:  y_t = Σ_{s<=t} (q_t·u_s) exp(L_t - L_s)  +  exp(L_t) q_t · S_enter
+                 (masked s > t before exp and selected after every factor; exponents clamped <= 0 only where the
+                 chunk op says `bounded`, i.e. |a| <= 1 is proven)
   chunk_state + state_passing (fused): S = exp(L_last) S + Σ_s exp(L_last - L_s) u_s     (S stays on chip)
 """
 from __future__ import annotations
+
+import re
 
 from ssmc.ir import Instr
 from ssmc.passes.chunk_ops import decode
@@ -56,6 +60,10 @@ class Dialect:
     def floor(self, x):
         return f"jnp.floor({x})"
 
+    def positions(self) -> str:
+        """[Q] int32: each step's position inside the chunk."""
+        return "lax.iota(jnp.int32, Q)"
+
     def dot(self, a, b, ca, cb):
         """Matmul of 2-D tiles a, b contracting axis ca of a with axis cb of b -> [a free, b free], fp32."""
         raise NotImplementedError
@@ -92,6 +100,7 @@ class TileEmitter:
         self.state_var: dict[str, str] = {}            # state name -> the variable holding it on chip
         self.L: dict[str, str] = {}                     # state -> its in-chunk cumulative log-decay value name
         self.zero_padded: set[str] = set()              # variables whose padded tile entries are 0 (masked loads)
+        self.shared: dict[str, tuple] = {}              # expression -> (variable, line, indent level) in scope
         self.tmp = 0
 
     # ---- naming / axes -------------------------------------------------------------------------------
@@ -209,14 +218,21 @@ class TileEmitter:
         return x
 
     # ---- contractions --------------------------------------------------------------------------------
-    def contract(self, ops, out) -> str:
+    def contract(self, ops, out, select=None) -> str:
         """Σ over every axis not in `out` of the product of `ops` [(expr, axes)], as matmuls where two operands
         meet over one axis and broadcast-multiply-sum otherwise. Scale operands (whose axes lie within another
-        operand's) are multiplied into that operand first, so no product of two small tiles is widened twice."""
+        operand's) are multiplied into that operand first, so no product of two small tiles is widened twice.
+        select: (mask, mask axes, summed axis): an operand that carries the mask axes is selected by the mask (where,
+        not a product) just before that axis is summed, i.e. after every factor folded into it."""
         ops = [(e, tuple(a)) for e, a in ops]
         out = tuple(out)
         every = set().union(*(set(a) for _, a in ops)) if ops else set()
         summed = every - set(out)
+
+        def sel(e, a, gone):
+            if select is None or select[2] not in gone or not set(select[1]) <= set(a):
+                return e
+            return self.hold(self.d.where(self.bc(select[0], select[1], a), e, "0.0"))
         # padded tile dims must not leak into sums: mask the smallest operand carrying each
         for dim in sorted(summed):
             if dim in (self.k.scan, SRC) or not self.d.needs_mask(dim):
@@ -234,11 +250,11 @@ class TileEmitter:
             for j, (e, a) in enumerate(ops):
                 alone = {x for x in a if x in summed and sum(x in b for _, b in ops) == 1}
                 if alone and len(ops) > 1:
-                    e = self.sum_axes(e, a, alone)
+                    e = self.sum_axes(sel(e, a, alone), a, alone)
                     ops[j] = (self.hold(e), tuple(x for x in a if x not in alone))
             if len(ops) == 1:
                 e, a = ops[0]
-                e = self.sum_axes(e, a, set(a) & summed)
+                e = self.sum_axes(sel(e, a, set(a) & summed), a, set(a) & summed)
                 a = tuple(x for x in a if x not in summed)
                 return self.reorder(e, a, out)
             pair = None
@@ -257,6 +273,7 @@ class TileEmitter:
             k = {x} | ({y for y in set(aa) & set(ab) if y in summed
                         and sum(y in b for _, b in ops) == 2})
             fa, fb = [y for y in aa if y not in k], [y for y in ab if y not in k]
+            ea, eb = sel(ea, aa, k), sel(eb, ab, k)
             if (len(k) == 1 and len(aa) == 2 and len(ab) == 2 and len(fa) == 1 and len(fb) == 1 and fa != fb
                     and self.d.can_dot(aa + ab)):
                 if self.sort((fa[0], fb[0])) != (fa[0], fb[0]):  # operands in the order the result's axes sort
@@ -274,9 +291,25 @@ class TileEmitter:
         """Name a sub-expression (keeps the generated lines short and readable)."""
         if e.isidentifier():
             return e
-        v = self.fresh("c")
-        self.w(f"{v} = {e}")
-        return v
+        return self.share(e, None)
+
+    def share(self, e: str, name: str | None, comment: str = "") -> str:
+        """`name = e` (a fresh name when None), unless the same expression already sits in a variable in scope
+        (common subexpressions: two states with one decay share the decay tile, the scores, the weights)."""
+        hit = self.shared.get(e)
+        if hit is not None:
+            var, line, level = hit
+            if all(len(x) - len(x.lstrip()) >= level * len(self.w.indent) for x in self.w.lines[line + 1:] if x.strip()):
+                return var  # the block that defined it is still open
+        var = name or self.fresh("c")
+        self.w(f"{var} = {e}{'  # ' + comment if comment else ''}")
+        self.shared[e] = (var, len(self.w.lines) - 1, self.w.level)
+        return var
+
+    def reassigned(self, var: str):
+        """`var` (a state) takes a new value: expressions that read it are no longer shared."""
+        word = re.compile(rf"\b{re.escape(var)}\b")
+        self.shared = {e: v for e, v in self.shared.items() if not word.search(e)}
 
     def fold(self, ops):
         changed = True
@@ -327,7 +360,8 @@ class TileEmitter:
                f"  # log-decay per step (0 past the end)")
         self.bind(i.name, self.d.cumsum0(f"{var}_ell", len(axes)), axes, "summed within the chunk")
         self.L[S] = i.name
-        self.w(f"{var}_last = {self.d.sum(var + '_ell', 0)}  # log-decay across the whole chunk")
+        self.w(f"{var}_last = {self.last_row(var, axes)}  # log-decay across the chunk: the cumsum's last row "
+               f"(exp(last - L) is exactly 1 at the last step)")
 
     def op_chunk_cumsign(self, i: Instr):
         sgn, sax = self.get(i.args[0])
@@ -338,7 +372,12 @@ class TileEmitter:
         self.w(f"{var}_neg = {self.d.cumsum0(neg, len(axes))}  # negative factors so far")
         self.bind(i.name, f"1.0 - 2.0 * ({var}_neg - 2.0 * {self.d.floor(var + '_neg * 0.5')})", axes,
                   "sign of the decay product so far")
-        self.w(f"{var}_last = {self.d.sum(var + '_neg', 0)}")
+        self.w(f"{var}_last = {self.last_row(var + '_neg', axes)}  # negative factors in the whole chunk")
+
+    def last_row(self, x: str, axes) -> str:
+        """The tile's row at the chunk's last position, exactly (one nonzero addend)."""
+        is_last = f"{self.bc(self.d.positions(), (self.k.scan,), axes)} == Q - 1"
+        return self.d.sum(self.d.where(is_last, x, "0.0"), 0)
 
     def op_chunk_states(self, i):  # fused into the state update at the end of the chunk
         pass
@@ -361,33 +400,46 @@ class TileEmitter:
         Lt = L
         if prev:  # read before the update: decay through t-1
             ell, eax = self.get(a.ell)
-            Lt = f"{base}_Lx"
-            self.w(f"{Lt} = {L} - {self.d.where(self.bc('valid', (t,), Lax), self.bc(ell, eax, Lax), '0.0')}"
-                   f"  # log-decay through t-1")
+            Lt = self.share(f"{L} - {self.d.where(self.bc('valid', (t,), Lax), self.bc(ell, eax, Lax), '0.0')}",
+                            f"{base}_Lx", "log-decay through t-1")
         s_ax = self.sort((t, SRC) + dd)
         diff = f"{self.bc(Lt, Lax, s_ax)} - {self.bc(L, (SRC,) + dd, s_ax)}"
         mask = self.bc(f"({self.d.causal(prev)} & {self.valid(SRC)})", (t, SRC), s_ax)
-        D = self.d.UNARY["exp"].format(self.d.minimum(self.d.where(mask, diff, "-1e30"), "0.0"))
+        bounded = i.attr("bounded", False)
+        D = self.d.UNARY["exp"].format(self.clamped(self.d.where(mask, diff, "-1e30"), bounded))
         if a.sigma:
             sg, sgax = self.get(a.sigma)
             D += f" * {self.bc(sg, sgax, s_ax)} * {self.bc(sg, (SRC,) + dd, s_ax)}"
-        self.w(f"{base}_D = {D}  # decay from source s to target t, masked s {'<' if prev else '<='} t, exponent <= 0")
+        Dv = self.share(D, f"{base}_D", f"decay from source s to target t, masked s {'<' if prev else '<='} t before "
+                        f"exp" + (", exponent clamped to <= 0 (|a| <= 1 proven)" if bounded else ""))
         q = [self.get(f) for f in a.q]
+        causal = (f"({self.d.causal(prev)} & {self.valid(SRC)})", (t, SRC), SRC)
         parts = []
         for coef, prod in zip(a.ucoef, a.u):
-            us = [self.as_source(f) for f in prod]
-            e = self.contract(q + us + [(f"{base}_D", s_ax)], out)
+            ops = q + [self.as_source(f) for f in prod]
+            # per-step factors (dt, gates: axes within the decay's) go into the [t, s] tile itself, and the causal
+            # mask selects after every factor: a NaN or inf at a later step s never reaches an earlier row t
+            scales = [(e, ax) for e, ax in ops if set(ax) <= set(s_ax)]
+            Dk = Dv
+            if scales:
+                Dk = self.hold(" * ".join([Dk] + [self.bc(e, ax, s_ax) for e, ax in scales]))
+            ops = [o for o in ops if o not in scales] + [(Dk, s_ax)]
+            e = self.contract(ops, out, select=causal)
             parts.append(e if coef == 1.0 else f"{coef!r} * {e}")
         self.w(f"{base}_in = {' + '.join(parts) or '0.0'}  # in-chunk part")
         E = self.d.UNARY["exp"].format(Lt)
         if a.sigma:
             sg, sgax = self.get(a.sigma)
             E += f" * {self.bc(sg, sgax, Lax)}"
-        self.w(f"{base}_E = {E}  # decay from the chunk's start")
-        st = self.contract(q + [(self.state_var[S], self.state_axes(S)), (f"{base}_E", Lax)], out)
+        Ev = self.share(E, f"{base}_E", "decay from the chunk's start")
+        st = self.contract(q + [(self.state_var[S], self.state_axes(S)), (Ev, Lax)], out)
         self.w(f"{base}_st = {st}  # state part")
         coef = "" if a.qcoef == 1.0 else f"{a.qcoef!r} * "
         self.bind(i.name, f"{coef}({base}_in + {base}_st)", out)
+
+    def clamped(self, x: str, bounded: bool) -> str:
+        """An in-chunk exponent: clamped to <= 0 only where |a| <= 1 is proven (rounding), else exact."""
+        return self.d.minimum(x, "0.0") if bounded else x
 
     def as_source(self, ssa: str) -> tuple[str, tuple]:
         e, ax = self.get(ssa)
@@ -404,16 +456,16 @@ class TileEmitter:
         sax = self.state_axes(S)
         base = f"{self.pn('%' + S)}_upd"
         last = self.bc(f"{Lname}_last", dd, Lax)
-        wexp = self.d.UNARY["exp"].format(self.d.minimum(f"{last} - {L}", "0.0"))
+        wexp = self.d.UNARY["exp"].format(self.clamped(f"{last} - {L}", states_instr.attr("bounded", False)))
         if a.sigma:
             sg, sgax = self.get(a.sigma)
             slast = f"(1.0 - 2.0 * ({self.pn(a.sigma)}_last - 2.0 * {self.d.floor(self.pn(a.sigma) + '_last * 0.5')}))"
             wexp += f" * {self.bc(slast, dd, Lax)} * {sg}"
-        self.w(f"{base}_w = {self.d.where(self.bc('valid', (t,), Lax), wexp, '0.0')}  # decay from each step to the "
-               f"chunk's end")
+        wv = self.share(self.d.where(self.bc('valid', (t,), Lax), wexp, '0.0'), f"{base}_w",
+                        "decay from each step to the chunk's end")
         parts = []
         for coef, prod in zip(a.ucoef, a.u):
-            e = self.contract([self.get(f) for f in prod] + [(f"{base}_w", Lax)], sax)
+            e = self.contract([self.get(f) for f in prod] + [(wv, Lax)], sax)
             parts.append(e if coef == 1.0 else f"{coef!r} * {e}")
         decay = self.d.UNARY["exp"].format(f"{Lname}_last")
         if a.sigma:
@@ -421,6 +473,7 @@ class TileEmitter:
         var = self.state_var[S]
         self.w(f"{var} = {self.bc(decay, dd, sax) if dd else decay} * {var} + {' + '.join(parts) or '0.0'}"
                f"  # the state entering the next chunk")
+        self.reassigned(var)
 
     def step_updates(self):
         """End of a sequential step: every state takes its updated value (broadcast to the state's tile)."""
@@ -429,3 +482,4 @@ class TileEmitter:
             e, ax = self.get(u.args[0])
             sax = self.state_axes(S)
             self.w(f"{self.state_var[S]} = {self.reorder(e, ax, sax) if ax != sax else e}")
+            self.reassigned(self.state_var[S])

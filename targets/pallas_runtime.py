@@ -221,11 +221,17 @@ def tril(n: int, strict: bool = False):
 
 
 def cumsum0(x):
-    """Inclusive cumulative sum along axis 0 as a lower-triangular matmul (no cumsum lowering on TPU), fp32."""
+    """Inclusive cumulative sum along axis 0 as a lower-triangular matmul (no cumsum lowering on TPU), fp32. A NaN
+    at step s reaches rows >= s only (in the matmul, 0 * NaN would reach every row): NaNs enter as 0 and their
+    running count marks the rows they reach."""
     n = x.shape[0]
     if x.ndim == 1:
         return jnp.sum(jnp.where(tril(n), x[None, :], 0.0), axis=1)
     flat = x.reshape(n, math.prod(x.shape[1:])) if x.ndim > 2 else x
-    out = lax.dot_general(tril(n).astype(jnp.float32), flat, (((1,), (0,)), ((), ())),
-                          precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    nan = flat != flat
+
+    def tri(v):
+        return lax.dot_general(tril(n).astype(jnp.float32), v, (((1,), (0,)), ((), ())),
+                               precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    out = jnp.where(tri(jnp.where(nan, 1.0, 0.0)) > 0, jnp.nan, tri(jnp.where(nan, 0.0, flat)))
     return out.reshape(x.shape) if x.ndim > 2 else out

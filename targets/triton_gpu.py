@@ -57,6 +57,9 @@ class TritonDialect(Dialect):
     def broadcast_to(self, x, shape):  # x may be a Python float (a spec constant)
         return f"(tl.zeros(({', '.join(shape)},), tl.float32) + {x})"
 
+    def positions(self):
+        return "o_t"
+
     def causal(self, strict):
         return f"(o_t[:, None] {'>' if strict else '>='} o_t[None, :])"
 

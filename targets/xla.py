@@ -318,12 +318,17 @@ class XlaEmitter:
         ax = self.ax(dims, self.scan)
         sgn = self.masked(i.args[0], "1.0", dims)
         L = self.n(next(x.name for x in self.p.instrs if x.op == "chunk.cumsum" and x.attr("state") == i.attr("state")))
-        self.assign(i, f"jnp.cumprod(jnp.broadcast_to(rt.chunk({sgn}, {ax}, Q), {L}.shape), axis={ax + 1})",
-                    "sign of the decay product so far")
+        self.assign(i, f"rt.cumsign(jnp.broadcast_to(rt.chunk({sgn}, {ax}, Q), {L}.shape), {ax + 1})",
+                    "sign of the decay product so far (a zero decay counts as positive: its log is the reset)")
         self.stored_chunked.add(i.name)
 
-    def decay_between(self, La: str, Lb: str, sa: str | None, sb: str | None) -> str:
-        e = f"jnp.exp(jnp.minimum({La} - {Lb}, 0.0))"
+    @staticmethod
+    def clamped(x: str, bounded: bool) -> str:
+        """An in-chunk exponent: clamped to <= 0 only where |a| <= 1 is proven (rounding), else exact."""
+        return f"jnp.minimum({x}, 0.0)" if bounded else x
+
+    def decay_between(self, La: str, Lb: str, sa: str | None, sb: str | None, bounded: bool) -> str:
+        e = f"jnp.exp({self.clamped(f'{La} - {Lb}', bounded)})"
         return e if sa is None else f"{e} * {sa} * {sb}"
 
     def valid_view(self, tl: str):
@@ -336,7 +341,8 @@ class XlaEmitter:
         L = self.n(a.L)
         ax = self.ax(self.by[a.L].dims, self.scan) + 1
         sig = self.n(a.sigma) if a.sigma else None
-        w_expr = self.decay_between(f"rt.last({L}, {ax})", L, sig and f"rt.last({sig}, {ax})", sig)
+        w_expr = self.decay_between(f"rt.last({L}, {ax})", L, sig and f"rt.last({sig}, {ax})", sig,
+                                    i.attr("bounded", False))
         wname = f"{self.pn(i.name)}_w"
         self.w(f"{wname} = {w_expr}  # decay from each step to the chunk's end")
         _, wl = self.view(a.L)
@@ -420,7 +426,7 @@ class XlaEmitter:
         sig = self.n(a.sigma) if a.sigma else None
         diff = f"jnp.expand_dims({Lt}, {ax + 1}) - jnp.expand_dims({L}, {ax})"
         mask = f"rt.causal(Q, {prev}, {npost})"
-        D = f"jnp.exp(jnp.minimum(jnp.where({mask}, {diff}, -jnp.inf), 0.0))"
+        D = f"jnp.exp({self.clamped(f'jnp.where({mask}, {diff}, -jnp.inf)', i.attr('bounded', False))})"
         if sig:
             D += f" * jnp.expand_dims({sig}, {ax + 1}) * jnp.expand_dims({sig}, {ax})"
         self.w(f"{base}_D = {D}  # decay from source s to target t in the chunk, masked s {'<' if prev else '<='} t")
@@ -432,35 +438,20 @@ class XlaEmitter:
         ev, el = self.n(a.enter), "".join(self.letter[d] for d in self.by[a.enter].dims)
         sdims = set(self.by[a.enter].dims) - {self.cd}
         K = (union_dims(self.by, a.q) | sdims) - set(i.dims)
-        if K & set(Ldims):  # the decay varies along the contracted dims: one contraction per product
-            self.output_joint(a, base, Dl, Ll, out, dstate, ev, el)
-        else:
-            self.output_ssd(a, base, K, Ldims, Dl, Ll, out, dstate, ev, el)
+        joint = bool(K & set(Ldims))  # the decay varies along the contracted dims (key-wise)
+        self.output_ssd(a, base, K, Ldims, Dl, Ll, out, dstate, ev, el, prev, joint)
         coef = "" if a.qcoef == 1.0 else f"{a.qcoef!r} * "
         oax = self.ax(i.dims, self.scan)
         self.assign(i, f"{coef}rt.unchunk({base}_in + {base}_st, {oax})")
 
-    def output_joint(self, a, base, Dl, Ll, out, dstate, ev, el):
-        """q_t · u_s contracted together with the decay (key-wise decay: it varies along the contracted dims)."""
-        qv = [self.view(f) for f in a.q]
-        parts = []
-        for coef, prod in zip(a.ucoef, a.u):
-            uv = [self.view(f, "s") for f in prod] + [self.valid_view("s")]
-            # one einsum: the optimiser contracts q·D·k over the key dims first (folding q and k into D would
-            # materialise a [Q, Q, K] product per chunk and measured 2x slower on an H100)
-            views = qv + [(base + "_D", Dl)] + uv
-            e = f'rt.einsum("{",".join(v[1] for v in views)}->{out}", {", ".join(v[0] for v in views)}, mm=mm)'
-            parts.append(e if coef == 1.0 else f"{coef!r} * {e}")
-        self.w(f"{base}_in = {' + '.join(parts) if parts else '0.0'}  # in-chunk (quadratic) part")
-        views = self.fold_scales(qv + [(dstate, Ll), (ev, el)])
-        self.w(f'{base}_st = rt.einsum("{",".join(v[1] for v in views)}->{out}", {", ".join(v[0] for v in views)}, '
-               f'mm=mm)  # state part')
-
-    def output_ssd(self, a, base, K, Ldims, Dl, Ll, out, dstate, ev, el):
-        """The SSD order (the decay does not vary along the contracted dims): scores = q_t · k_s over the
-        contracted dims (a matmul), then one elementwise pass W = scores ⊙ decay ⊙ per-step scales, then
-        W · v over the source positions (a matmul) - no tensor larger than [Q, Q, decay dims] per chunk."""
+    def output_ssd(self, a, base, K, Ldims, Dl, Ll, out, dstate, ev, el, prev, joint):
+        """The SSD order: scores = q_t · k_s over the contracted dims (a matmul), then one elementwise pass
+        W = scores ⊙ decay ⊙ per-step scales, selected by the causal mask, then W · v over the source positions (a
+        matmul) - no tensor larger than [Q, Q, decay dims] per chunk. When the decay varies along the contracted
+        dims (joint: key-wise), it enters the scores contraction itself. The mask is a select after every factor,
+        so a NaN or inf at a later step (a padded tail) never reaches an earlier row."""
         w = self.w
+        cl, tl = self.letter[self.cd], self.letter[self.scan]
         small = set(Ldims) - {self.scan}
 
         def split(names):  # -> carrying contracted dims, per-step scales (fit in the decay's dims), the rest
@@ -475,19 +466,26 @@ class XlaEmitter:
         for k, (coef, prod) in enumerate(zip(a.ucoef, a.u)):
             uK, uS, uR = split(prod)
             uKv, uSv, uRv = ([self.view(f, "s") for f in g] for g in (uK, uS, uR))
-            kin = [v for v in qKv + uKv]
+            kin = qKv + ([(base + "_D", Dl)] if joint else []) + uKv
             sl = "".join(dict.fromkeys(c for v in kin for c in v[1] if c not in Kl))
             sname = f"{base}_scores{k or ''}"
             w(f'{sname} = rt.einsum("{",".join(v[1] for v in kin)}->{sl}", {", ".join(v[0] for v in kin)}, '
-              f'mm=mm)  # q_t · k_s')
-            scale = [(sname, sl), (f"{base}_D", Dl)] + list(qSv + uSv) + [self.valid_view("s")]
+              f'mm=mm)  # q_t · {"decay · " if joint else ""}k_s')
+            scale = [(sname, sl)] + ([] if joint else [(f"{base}_D", Dl)]) + list(qSv + uSv)
             Wl = "".join(dict.fromkeys(c for _, lt in scale for c in lt))
             wname = f"{base}_W{k or ''}"
-            w(f'{wname} = rt.mul("{Wl}", {", ".join(f"({x}, {lt!r})" for x, lt in scale)})  # decay-weighted')
+            prod = scale[0][0] if len(scale) == 1 else f'rt.mul("{Wl}", {", ".join(f"({x}, {lt!r})" for x, lt in scale)})'
+            w(f'{wname} = rt.causal_select({prod}, "{Wl}", "{cl}{tl}s", {prev}, valid)  # decay-weighted, s '
+              f'{"<" if prev else "<="} t')
             rest = [(wname, Wl)] + list(qRv + uRv)
             e = f'rt.einsum("{",".join(lt for _, lt in rest)}->{out}", {", ".join(x for x, _ in rest)}, mm=mm)'
             parts.append(e if coef == 1.0 else f"{coef!r} * {e}")
-        w(f"{base}_in = {' + '.join(parts) if parts else '0.0'}  # in-chunk part: W · v over s <= t")
+        w(f"{base}_in = {' + '.join(parts) if parts else '0.0'}  # in-chunk part: W · v over the sources")
+        if joint:  # the decay from the chunk's start varies along the contracted dims: into q first
+            views = self.fold_scales([self.view(f) for f in a.q] + [(dstate, Ll), (ev, el)])
+            w(f'{base}_st = rt.einsum("{",".join(v[1] for v in views)}->{out}", {", ".join(v[0] for v in views)}, '
+              f'mm=mm)  # state part')
+            return
         ins = ",".join([v[1] for v in qKv + qRv] + [el])
         sto = "".join(c for c in out if c in ins)  # a q without the scan dim leaves t to the decay
         st = f'rt.einsum("{ins}->{sto}", {", ".join([v[0] for v in qKv + qRv] + [ev])}, mm=mm)'

@@ -39,6 +39,14 @@ def causal(Q: int, strict: bool, trailing: int):
     return m.reshape((Q, Q) + (1,) * trailing)
 
 
+def cumsign(sgn, axis: int):
+    """Sign of the running product of the decays along `axis` from the parity of the count of negative ones. Not a
+    cumulative product of sign(a): sign(0) = 0 would zero every later step, while a zero decay is a reset carried by
+    its log-decay (floored), after which the fresh updates count in full."""
+    neg = jnp.cumsum(jnp.where(sgn < 0, 1.0, 0.0), axis=axis)
+    return 1.0 - 2.0 * jnp.mod(neg, 2.0)
+
+
 def steps(x, axis: int, Q: int):
     """[..., Tp, ...] -> [Q, ..., nc, ...]: the position inside the chunk leads, for a scan over a chunk's steps."""
     return jnp.moveaxis(chunk(x, axis, Q), axis + 1, 0)
@@ -89,16 +97,30 @@ def einsum(eq: str, *ops, mm=jnp.float32):
     return jnp.einsum(eq, *(o.astype(mm) for o in ops), preferred_element_type=jnp.float32)
 
 
+def align(x, letters: str, out: str):
+    """x (einsum letters `letters`) transposed and reshaped to broadcast against letters `out`."""
+    x = jnp.asarray(x)  # constants of the spec come as Python floats
+    order = [c for c in out if c in letters]
+    if set(letters) - set(order):
+        raise ValueError(f"rt.align: letters {letters} not all in {out}")
+    x = jnp.transpose(x, [letters.index(c) for c in order]) if list(letters) != order else x
+    return x.reshape(tuple(x.shape[order.index(c)] if c in order else 1 for c in out))
+
+
 def mul(out: str, *operands):
     """Elementwise product of (array, einsum letters) operands, each aligned to the letters `out` (a letter an
     operand lacks broadcasts); XLA fuses the product into one pass."""
     res = None
     for x, letters in operands:
-        x = jnp.asarray(x)  # constants of the spec come as Python floats
-        order = [c for c in out if c in letters]
-        if set(letters) - set(order):
-            raise ValueError(f"rt.mul: letters {letters} not all in {out}")
-        x = jnp.transpose(x, [letters.index(c) for c in order]) if list(letters) != order else x
-        x = x.reshape(tuple(x.shape[order.index(c)] if c in order else 1 for c in out))
+        x = align(x, letters, out)
         res = x if res is None else res * x
     return res
+
+
+def causal_select(x, out: str, cts: str, strict: bool, valid):
+    """x (letters `out`, holding chunk index c, target t and source s: the letters `cts`) where s <= t (s < t when
+    strict) and s is inside the sequence, else 0: a select, not a product, so a NaN or inf at a later step never
+    reaches an earlier row."""
+    Q = x.shape[out.index(cts[1])]
+    m = causal(Q, strict, 0)[None] & (valid.reshape(-1, Q) > 0)[:, None, :]
+    return jnp.where(align(m, cts, out), x, 0.0)
