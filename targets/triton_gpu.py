@@ -127,7 +127,7 @@ class TritonEmitter(LauncherWriter):
                     w(f"{rest}_{dim_id(d)} = {rest} // {nb}")
                     rest = f"{rest}_{dim_id(d)}"
         for g, h in k.group_of.items():
-            if any(g in i.dims for i in k.inputs):
+            if any(g in ds for ds in self.arrays().values()) and h in k.grid:
                 w(f"i_{dim_id(g)} = i_{dim_id(h)} // (N_{dim_id(h)} // N_{dim_id(g)})  # head {h} reads group {g}")
 
     def offsets(self):
@@ -148,7 +148,7 @@ class TritonEmitter(LauncherWriter):
             st = f"{arr}_stride_{dim_id(d)}"
             if d == k.scan:
                 idx = time
-                if "t" in axes and axes and k.form == "chunked":
+                if k.scan in axes and k.form == "chunked":
                     idx = self.body.bc(time, (k.scan,), axes)
             elif d in k.group_tile:  # the tile spans the heads of group i_g
                 g = k.group_tile[d]
@@ -182,6 +182,9 @@ class TritonEmitter(LauncherWriter):
             mask.insert(0, body.bc("valid", (k.scan,), axes))
         elif time is not None and k.scan in dims:
             mask.insert(0, "valid")
+        for g, h in k.group_of.items():  # a group-indexed result: every head of the group computes it, the first stores
+            if g in dims and h in k.grid:
+                mask.insert(0, f"(i_{dim_id(h)} % (N_{dim_id(h)} // N_{dim_id(g)}) == 0)")
         ptr = f"{self.store_var(kind, name)}_ptr"
         addr = self.address(self.store_var(kind, name), ptr, dims, axes, time)
         m = f", mask={' & '.join(mask)}" if mask else ""
