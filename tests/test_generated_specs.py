@@ -6,6 +6,8 @@ back). A few fixed cases (the spellings issue 10 reported) run unmarked; the pro
 are marked slow, with small budgets per kernel target."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -18,6 +20,8 @@ from specgen import BASES, Case
 TOL = 1e-4
 # (chunk sizes to draw from, hypothesis examples per base): the interpreters are slow, so the kernel targets get few
 TARGETS = {"xla": ([None, 1, 4, 16], 6), "triton": ([None, 1, 8, 16], 3), "tpu": ([None, 1, 8, 16], 3)}
+# SSMC_SPECGEN_EXAMPLES=N: N examples per base and target, drawn afresh (not derandomized) - a longer local search
+EXPLORE = int(os.environ.get("SSMC_SPECGEN_EXAMPLES", "0"))
 
 
 def _err(a, b) -> float:
@@ -91,7 +95,7 @@ def test_group_norm_over_lists_mean_the_same(over):
 def _property(target, base):
     chunks, n = TARGETS[target]
 
-    @settings(max_examples=n, deadline=None, derandomize=True,
+    @settings(max_examples=EXPLORE or n, deadline=None, derandomize=not EXPLORE,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(case=specgen.cases(base), sizes=specgen.sizes(base, max_t=33, max_feat=8),
            chunk=st.sampled_from(chunks), with_init=st.booleans(), seed=st.integers(0, 2**31))
@@ -116,3 +120,18 @@ def test_generated_specs_triton(base):
 @pytest.mark.parametrize("base", list(BASES))
 def test_generated_specs_tpu(base):
     _property("tpu", base)
+
+
+@pytest.mark.parametrize("name", list(FIXED))
+def test_issue_spellings_lower_for_tpu(name):
+    """Outside the interpreter the same kernels pass the Mosaic lowering (block shapes, index maps, the per-head
+    writes of a group-indexed state)."""
+    import jax
+    case, sizes = FIXED[name]
+    k = ssmc.compile(case.text, target="tpu", chunk_size=8)
+    rng = np.random.default_rng(0)
+    inputs = case.base.make_inputs(rng, sizes)
+    kw = case.call_args(inputs, case.initial_states(rng, sizes))
+    avals = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jax.numpy.float32), kw)
+    exported = jax.export.export(jax.jit(lambda a: k(**a)), platforms=["tpu"])(avals)
+    assert "tpu_custom_call" in exported.mlir_module()
