@@ -58,7 +58,7 @@ class TritonDialect(Dialect):
         return f"(tl.zeros(({', '.join(shape)},), tl.float32) + {x})"
 
     def causal(self, strict):
-        return f"(o_t[:, None] {'>' if strict else '>='} o_t[None, :])"
+        return f"(in_chunk[:, None] {'>' if strict else '>='} in_chunk[None, :])"
 
     def needs_mask(self, d):
         return True
@@ -137,7 +137,8 @@ class TritonEmitter(LauncherWriter):
             start = f"j_{x} * BLOCK_{x} + " if d in k.split else ""
             w(f"o_{x} = {start}tl.arange(0, BLOCK_{x})  # entries past N_{x} are padding: loaded as 0, never stored")
         if k.form == "chunked":
-            w("o_t = tl.arange(0, Q)")
+            # not o_<dim> like the tile offsets: a dim may be called t
+            w("in_chunk = tl.arange(0, Q)  # positions within a chunk")
 
     # ---- loads and stores -------------------------------------------------------------------------------
     def address(self, arr: str, ptr: str, dims, axes, time: str | None) -> str:
@@ -213,7 +214,7 @@ class TritonEmitter(LauncherWriter):
         k, w = self.plan, self.w
         timed = [i for i in k.inputs if k.scan in i.dims]
         with w.block(f"for c in range(0, (N_{dim_id(k.scan)} + Q - 1) // Q):"):
-            w("tt = c * Q + o_t")
+            w("tt = c * Q + in_chunk")
             w(f"valid = tt < N_{dim_id(k.scan)}")
             w(f"ttc = tl.minimum(tt, N_{dim_id(k.scan)} - 1)")
             for leaf in timed:

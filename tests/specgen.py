@@ -30,9 +30,6 @@ _GENERATED = {"jax", "jnp", "lax", "np", "rt", "tl", "triton", "pl", "pltpu", "m
               "range", "len", "float", "int", "tuple", "list", "dict", "print", "type", "object", "id", "all", "any",
               "map", "zip", "iter", "next", "set", "str", "bool", "vars", "input", "format", "hash", "slice", "super"}
 _TEMP = re.compile(r"^(v|c|ms)\d+$")
-# a dim named t or chunk still collides with the kernels' own o_t (Triton) and i_chunk (Pallas): left to the fix of
-# generated-code names
-_GENERATED |= {"t", "chunk"}
 
 
 def usable(name: str) -> bool:
@@ -232,7 +229,7 @@ def _strategies():
     from hypothesis import strategies as st
 
     # short names the generated code builds its own identifiers from (o_t, i_chunk, N_x, ...), then any
-    tricky = st.sampled_from(["o", "i", "j", "N", "BLOCK", "x", "h", "g", "Tq", "stride", "tile"])
+    tricky = st.sampled_from(["t", "chunk", "o", "i", "j", "N", "BLOCK", "x", "h", "g", "Tq", "stride", "tile"])
     ident = st.one_of(tricky, st.from_regex(r"[A-Za-z][A-Za-z0-9]{0,5}", fullmatch=True)).filter(usable)
 
     @st.composite

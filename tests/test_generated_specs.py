@@ -62,7 +62,10 @@ LAYOUTS_GROUPED = Case.make(  # a grouped model with every array permuted, group
     layouts=dict(x=("t", "b", "h", "p"), B=("g", "t", "n", "b"), C=("n", "b", "t", "g"), z=("h", "b", "p", "t"),
                  norm_w=("p", "h"), dt_raw=("h", "t", "b"), s=("n", "h", "b", "p"), y=("p", "t", "h", "b"),
                  yd=("h", "p", "t", "b")))
+DIM_NAMES = Case.make(  # dims named like the kernels' own identifiers (o_t, i_chunk), the scan dim not t
+    "mamba2", dim_names=dict(t="time", h="chunk", p="t", n="o", g="N"))
 FIXED = {"renamed": (RENAMED, dict(b=2, t=21, h=4, p=8, n=8, g=2)),
+         "dim-names": (DIM_NAMES, dict(b=2, t=21, h=4, p=12, n=6, g=2)),  # p > the chunk: its tile is not Q long
          "over-heads": (OVER_HEADS, dict(b=2, t=21, h=4, p=8, n=8, g=2)),
          "gqa-state": (GQA, dict(b=2, t=21, h=4, g=2, dk=8, dv=6)),
          "layouts": (LAYOUTS, dict(b=2, t=21, h=3, dk=8, dv=6)),
@@ -71,7 +74,8 @@ FIXED = {"renamed": (RENAMED, dict(b=2, t=21, h=4, p=8, n=8, g=2)),
 
 # 5-15 s a case (the interpreters, and XLA's compile on CPU): the fast set keeps the issue's three spellings on
 # xla, one on triton and one on tpu; the other cases are slow
-FAST = {("renamed", "xla"), ("over-heads", "xla"), ("gqa-state", "xla"), ("renamed", "triton"), ("gqa-state", "tpu")}
+FAST = {("renamed", "xla"), ("over-heads", "xla"), ("gqa-state", "xla"), ("renamed", "triton"), ("gqa-state", "tpu"),
+        ("dim-names", "triton"), ("dim-names", "tpu")}
 FIXED_PARAMS = [pytest.param(n, t, id=f"{n}-{t}", marks=() if (n, t) in FAST else (pytest.mark.slow,))
                 for n in FIXED for t in TARGETS]
 
