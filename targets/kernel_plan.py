@@ -65,7 +65,17 @@ def _summed(i: Instr, by) -> set[str]:
     return set()
 
 
+def _group_norms_without_heads(p: Program) -> Program:
+    """`rmsnorm(e, over=[h, p], group=g)` and `over=[p]` mean the same (a group's heads are normalised together
+    whatever the list says): the kernel plan takes the form without the head dim."""
+    h_of = dict(p.groups)
+    instrs = [i.with_attrs(over=tuple(d for d in i.attr("over") if d != h_of[i.attr("group")]))
+              if i.op == "rmsnorm" and i.attr("group") else i for i in p.instrs]
+    return p if all(a is b for a, b in zip(instrs, p.instrs)) else p.with_instrs(instrs)
+
+
 def plan_kernel(p: Program, target: str) -> KernelPlan:
+    p = _group_norms_without_heads(p)
     by = p.by_name()
     scan, cd = p.scan, chunk_dim(p.scan)
     group_of = dict(p.groups)

@@ -111,8 +111,12 @@ def _to_kernel(x, dims, outer, inner, kind, sizes, scan, Tp):
     return x
 
 
-def _from_kernel(y, dims, outer, inner, sizes, scan, Tp):
-    """Kernel-layout output -> declared dims (unit dims dropped, padding cut)."""
+def _from_kernel(y, dims, outer, inner, sizes, scan, Tp, groups):
+    """Kernel-layout output -> declared dims (unit dims dropped, padding cut; a group dim's value written per head
+    is taken from the group's first head)."""
+    for ax, d in enumerate(outer):
+        if d in groups:
+            y = lax.slice_in_dim(y, 0, sizes[groups[d]], sizes[groups[d]] // sizes[d], axis=ax)
     y = y.reshape(tuple(sizes[d] for d in outer) + tuple(Tp if d == scan else sizes[d] for d in inner))
     if scan in inner and Tp != sizes[scan]:
         y = lax.slice_in_dim(y, 0, sizes[scan], axis=len(outer))
@@ -180,11 +184,14 @@ def launch(kernel, layout, arrays, sizes, *, mm, out_dtype, interpret=False):
     out_shapes, out_specs, outs_meta, scratch = [], [], [], []
     for name, kind_, dims in layout["stores"]:
         outer, inner, kind = _layout_of(layout, name)
+        # a group-indexed result (a GQA state S[b,g,..]) of programs over heads: every head of the group computes
+        # it, so it is written per head (a block is never revisited) and the group's first head kept below
+        per_head = [layout["groups"].get(d, d) for d in outer]
         dtype = out_dtype if kind_ == "out" else jnp.float32
-        shape = tuple(sizes[d] for d in outer) + tuple(_inner_shape(inner, kind, full))
+        shape = tuple(sizes[d] for d in per_head) + tuple(_inner_shape(inner, kind, full))
         out_shapes.append(jax.ShapeDtypeStruct(shape, dtype))
         block = [None] * len(outer) + _inner_shape(inner, kind, blk)
-        out_specs.append(pl.BlockSpec(tuple(block), _index_map(layout, sizes, outer, inner, kind)))
+        out_specs.append(pl.BlockSpec(tuple(block), _index_map(layout, sizes, per_head, inner, kind)))
         outs_meta.append((dims, outer, inner))
         if kind_ == "state":  # the running state: VMEM scratch, resident across the time axis
             scratch.append(pltpu.VMEM(tuple(_inner_shape(inner, kind, blk)), jnp.float32))
@@ -209,8 +216,25 @@ def launch(kernel, layout, arrays, sizes, *, mm, out_dtype, interpret=False):
         compiler_params=_compiler_params(len(grid) - 1),
         interpret=pltpu.InterpretParams() if interpret else False,
         name=getattr(kernel, "__name__", "ssmc_kernel"))
-    res = call(*ins)
-    return [_from_kernel(y, dims, outer, inner, sizes, scan, Tp) for y, (dims, outer, inner) in zip(res, outs_meta)]
+    res = _vmappable(call)(*ins)
+    return [_from_kernel(y, dims, outer, inner, sizes, scan, Tp, layout["groups"])
+            for y, (dims, outer, inner) in zip(res, outs_meta)]
+
+
+def _vmappable(call):
+    """`call` under jax.vmap runs once per mapped index (lax.map). Pallas' own batching rule adds a grid axis that
+    neither its TPU interpreter (no dimension semantics for it) nor Mosaic (SMEM operands, blocked along it)
+    accepts; a loop over the kernel launches is what a vmap of a whole-problem kernel costs anyway."""
+    fn = jax.custom_batching.custom_vmap(call)
+
+    @fn.def_vmap
+    def rule(axis_size, in_batched, *args):
+        def one(mapped):
+            it = iter(mapped)
+            return fn(*[next(it) if b else a for a, b in zip(args, in_batched)])
+        out = lax.map(one, [a for a, b in zip(args, in_batched) if b])
+        return out, type(out)(True for _ in out)
+    return fn
 
 
 # ---- in-kernel helpers (traced inside the kernel; each lowers with Mosaic) ----------------------------------------

@@ -99,7 +99,8 @@ class PallasEmitter(LauncherWriter):
             w(f"i_{dim_id(d)} = pl.program_id({j})")
         for j, d in enumerate(k.split):  # blocks of a blockable tile dim: the BlockSpecs place them
             w(f"j_{dim_id(d)} = pl.program_id({len(k.grid) + j})  # block of BLOCK_{dim_id(d)} along {d}")
-        w(f"i_chunk = pl.program_id({self.time_axis()})")
+        # not i_<dim> like the grid ids: a dim may be called `chunk`
+        w(f"chunk_id = pl.program_id({self.time_axis()})  # the time block this grid step walks")
         for g, h in k.group_of.items():
             if any(g in i.dims for i in k.inputs):
                 w(f"i_{dim_id(g)} = lax.div(i_{dim_id(h)}, N_{dim_id(h)} // N_{dim_id(g)})  # head {h} reads group {g}")
@@ -163,7 +164,7 @@ class PallasEmitter(LauncherWriter):
         k, w = self.plan, self.w
         if not k.states:
             return
-        w("@pl.when(i_chunk == 0)")
+        w("@pl.when(chunk_id == 0)")
         with w.block("def _init():"):
             w("# the state starts from the initial state (zeros unless given), in fp32 VMEM scratch")
             for s in k.states:
@@ -182,7 +183,7 @@ class PallasEmitter(LauncherWriter):
         k, w = self.plan, self.w
         if not k.states:
             return
-        w(f"@pl.when(i_chunk == pl.num_programs({self.time_axis()}) - 1)")
+        w(f"@pl.when(chunk_id == pl.num_programs({self.time_axis()}) - 1)")
         with w.block("def _final():"):
             w("# stage output: final states")
             for kind, name, v in k.stores:
@@ -217,7 +218,7 @@ class PallasEmitter(LauncherWriter):
         w("TRIL = rt.tril(Q)  # [t, s]: s <= t")
         if any(i.op == "chunk.output" and i.attr("when") == "prev" for i in k.body):
             w("TRIL_STRICT = rt.tril(Q, strict=True)  # [t, s]: s < t")
-        w(f"valid = i_chunk * Q + lax.iota(jnp.int32, Q) < N_{dim_id(k.scan)}  # steps past the end are padding")
+        w(f"valid = chunk_id * Q + lax.iota(jnp.int32, Q) < N_{dim_id(k.scan)}  # steps past the end are padding")
         w("valid_i = valid.astype(jnp.int32)  # masks broadcast as int32 (Mosaic cannot reshape i1 vectors)")
         for s in k.states:
             S = s.attr("state")
@@ -250,7 +251,7 @@ class PallasEmitter(LauncherWriter):
         with w.block("def step(t_i, carry):"):
             if svars:
                 w(f"{carry} = carry")
-            w(f"valid = i_chunk * TB + t_i < N_{dim_id(k.scan)}  # steps past the end are padding")
+            w(f"valid = chunk_id * TB + t_i < N_{dim_id(k.scan)}  # steps past the end are padding")
             for leaf in (i for i in k.inputs if k.scan in i.dims):
                 self.load(leaf, "t_i")
             w("# stage step")

@@ -61,7 +61,7 @@ class TritonDialect(Dialect):
         return "o_t"
 
     def causal(self, strict):
-        return f"(o_t[:, None] {'>' if strict else '>='} o_t[None, :])"
+        return f"(in_chunk[:, None] {'>' if strict else '>='} in_chunk[None, :])"
 
     def needs_mask(self, d):
         return True
@@ -130,7 +130,7 @@ class TritonEmitter(LauncherWriter):
                     w(f"{rest}_{dim_id(d)} = {rest} // {nb}")
                     rest = f"{rest}_{dim_id(d)}"
         for g, h in k.group_of.items():
-            if any(g in i.dims for i in k.inputs):
+            if any(g in ds for ds in self.arrays().values()) and h in k.grid:
                 w(f"i_{dim_id(g)} = i_{dim_id(h)} // (N_{dim_id(h)} // N_{dim_id(g)})  # head {h} reads group {g}")
 
     def offsets(self):
@@ -140,7 +140,8 @@ class TritonEmitter(LauncherWriter):
             start = f"j_{x} * BLOCK_{x} + " if d in k.split else ""
             w(f"o_{x} = {start}tl.arange(0, BLOCK_{x})  # entries past N_{x} are padding: loaded as 0, never stored")
         if k.form == "chunked":
-            w("o_t = tl.arange(0, Q)")
+            # not o_<dim> like the tile offsets: a dim may be called t
+            w("in_chunk = tl.arange(0, Q)  # positions within a chunk")
 
     # ---- loads and stores -------------------------------------------------------------------------------
     def address(self, arr: str, ptr: str, dims, axes, time: str | None) -> str:
@@ -151,7 +152,7 @@ class TritonEmitter(LauncherWriter):
             st = f"{arr}_stride_{dim_id(d)}"
             if d == k.scan:
                 idx = time
-                if "t" in axes and axes and k.form == "chunked":
+                if k.scan in axes and k.form == "chunked":
                     idx = self.body.bc(time, (k.scan,), axes)
             elif d in k.group_tile:  # the tile spans the heads of group i_g
                 g = k.group_tile[d]
@@ -185,6 +186,9 @@ class TritonEmitter(LauncherWriter):
             mask.insert(0, body.bc("valid", (k.scan,), axes))
         elif time is not None and k.scan in dims:
             mask.insert(0, "valid")
+        for g, h in k.group_of.items():  # a group-indexed result: every head of the group computes it, the first stores
+            if g in dims and h in k.grid:
+                mask.insert(0, f"(i_{dim_id(h)} % (N_{dim_id(h)} // N_{dim_id(g)}) == 0)")
         ptr = f"{self.store_var(kind, name)}_ptr"
         addr = self.address(self.store_var(kind, name), ptr, dims, axes, time)
         m = f", mask={' & '.join(mask)}" if mask else ""
@@ -213,7 +217,7 @@ class TritonEmitter(LauncherWriter):
         k, w = self.plan, self.w
         timed = [i for i in k.inputs if k.scan in i.dims]
         with w.block(f"for c in range(0, (N_{dim_id(k.scan)} + Q - 1) // Q):"):
-            w("tt = c * Q + o_t")
+            w("tt = c * Q + in_chunk")
             w(f"valid = tt < N_{dim_id(k.scan)}")
             w(f"ttc = tl.minimum(tt, N_{dim_id(k.scan)} - 1)")
             for leaf in timed:

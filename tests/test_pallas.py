@@ -116,7 +116,7 @@ def test_chunk_length_is_a_multiple_of_8():
 
 def test_source_is_readable():
     src = kernel("mamba2").source
-    for piece in ("def mamba2_chunked(", "pl.program_id(2)", "@pl.when(i_chunk == 0)", "h_scr[...]",
+    for piece in ("def mamba2_chunked(", "pl.program_id(2)", "@pl.when(chunk_id == 0)", "h_scr[...]",
                   "preferred_element_type=jnp.float32", "# stage chunk_output", "rt.launch(mamba2_chunked, LAYOUT"):
         assert piece in src, piece
     seq = kernel("deltanet").source

@@ -22,9 +22,9 @@ def mamba2_chunked(x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, h_prev_ref, y_ref,
     i_b = pl.program_id(0)
     i_h = pl.program_id(1)
     j_p = pl.program_id(2)  # block of BLOCK_p along p
-    i_chunk = pl.program_id(3)
+    chunk_id = pl.program_id(3)  # the time block this grid step walks
     i_g = lax.div(i_h, N_h // N_g)  # head h reads group g
-    @pl.when(i_chunk == 0)
+    @pl.when(chunk_id == 0)
     def _init():
         # the state starts from the initial state (zeros unless given), in fp32 VMEM scratch
         h_scr[...] = h_prev_ref[...].astype(jnp.float32)
@@ -32,7 +32,7 @@ def mamba2_chunked(x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, h_prev_ref, y_ref,
     A = A_ref[i_h].astype(jnp.float32)
     D = D_ref[i_h].astype(jnp.float32)
     TRIL = rt.tril(Q)  # [t, s]: s <= t
-    valid = i_chunk * Q + lax.iota(jnp.int32, Q) < N_t  # steps past the end are padding
+    valid = chunk_id * Q + lax.iota(jnp.int32, Q) < N_t  # steps past the end are padding
     valid_i = valid.astype(jnp.int32)  # masks broadcast as int32 (Mosaic cannot reshape i1 vectors)
     state_h_prev = h_scr[...]  # the state entering this chunk
     x = x_ref[...].astype(jnp.float32)
@@ -68,7 +68,7 @@ def mamba2_chunked(x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, h_prev_ref, y_ref,
     c6 = lax.dot_general((x).astype(MM), ((B) * ((h_upd_w) * dt)[:, None]).astype(MM), (((0,), (0,)), ((), ())), precision=PREC, preferred_element_type=jnp.float32)
     state_h_prev = jnp.exp(h_L_last) * state_h_prev + c6  # the state entering the next chunk
     h_scr[...] = state_h_prev.astype(h_scr.dtype)
-    @pl.when(i_chunk == pl.num_programs(3) - 1)
+    @pl.when(chunk_id == pl.num_programs(3) - 1)
     def _final():
         # stage output: final states
         h_final_ref[...] = h_scr[...]

@@ -30,7 +30,7 @@ def mamba2_chunked(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h_prev_ptr, y_ptr,
     i_g = i_h // (N_h // N_g)  # head h reads group g
     o_p = j_p * BLOCK_p + tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
     o_n = tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
-    o_t = tl.arange(0, Q)
+    in_chunk = tl.arange(0, Q)  # positions within a chunk
     # inputs without the scan dim: loaded once
     A = tl.load(A_ptr + i_h * A_stride_h).to(tl.float32)
     D = tl.load(D_ptr + i_h * D_stride_h).to(tl.float32)
@@ -38,7 +38,7 @@ def mamba2_chunked(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h_prev_ptr, y_ptr,
     h_prev = tl.load(h_prev_ptr + i_b * h_stride_b + i_h * h_stride_h + o_p[:, None] * h_stride_p + o_n * h_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0).to(tl.float32)
     state_h_prev = h_prev
     for c in range(0, (N_t + Q - 1) // Q):
-        tt = c * Q + o_t
+        tt = c * Q + in_chunk
         valid = tt < N_t
         ttc = tl.minimum(tt, N_t - 1)
         x = tl.load(x_ptr + i_b * x_stride_b + ttc[:, None] * x_stride_t + i_h * x_stride_h + o_p * x_stride_p, mask=(o_p < N_p), other=0.0).to(tl.float32)
@@ -56,10 +56,10 @@ def mamba2_chunked(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h_prev_ptr, y_ptr,
         # stage chunk_state
         # stage state_passing
         # stage chunk_output
-        y_h_new_D = tl.exp(tl.where(((o_t[:, None] >= o_t[None, :]) & valid[None, :]), h_L[:, None] - h_L, -1e30))  # decay from source s to target t, masked s <= t before exp
+        y_h_new_D = tl.exp(tl.where(((in_chunk[:, None] >= in_chunk[None, :]) & valid[None, :]), h_L[:, None] - h_L, -1e30))  # decay from source s to target t, masked s <= t before exp
         c1 = y_h_new_D * dt
         c2 = tl.dot((C).to(MM), tl.trans(B).to(MM), input_precision=PREC)
-        c3 = tl.where(((o_t[:, None] >= o_t[None, :]) & valid[None, :]), (c2) * c1, 0.0)
+        c3 = tl.where(((in_chunk[:, None] >= in_chunk[None, :]) & valid[None, :]), (c2) * c1, 0.0)
         c4 = tl.dot((c3).to(MM), (x).to(MM), input_precision=PREC)
         y_h_new_in = c4  # in-chunk part
         y_h_new_E = tl.exp(h_L)  # decay from the chunk's start

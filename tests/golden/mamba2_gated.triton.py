@@ -31,7 +31,7 @@ def mamba2_gated_chunked(x_ptr, dt_raw_ptr, dt_bias_ptr, A_log_ptr, B_ptr, C_ptr
     i_g = i_h // (N_h // N_g)  # head h reads group g
     o_p = j_p * BLOCK_p + tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
     o_n = tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
-    o_t = tl.arange(0, Q)
+    in_chunk = tl.arange(0, Q)  # positions within a chunk
     # inputs without the scan dim: loaded once
     dt_bias = tl.load(dt_bias_ptr + i_h * dt_bias_stride_h).to(tl.float32)
     A_log = tl.load(A_log_ptr + i_h * A_log_stride_h).to(tl.float32)
@@ -42,7 +42,7 @@ def mamba2_gated_chunked(x_ptr, dt_raw_ptr, dt_bias_ptr, A_log_ptr, B_ptr, C_ptr
     s_prev = tl.load(s_prev_ptr + i_b * s_stride_b + i_h * s_stride_h + o_p[:, None] * s_stride_p + o_n * s_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0).to(tl.float32)
     state_s_prev = s_prev
     for c in range(0, (N_t + Q - 1) // Q):
-        tt = c * Q + o_t
+        tt = c * Q + in_chunk
         valid = tt < N_t
         ttc = tl.minimum(tt, N_t - 1)
         x = tl.load(x_ptr + i_b * x_stride_b + ttc[:, None] * x_stride_t + i_h * x_stride_h + o_p * x_stride_p, mask=(o_p < N_p), other=0.0).to(tl.float32)
@@ -65,10 +65,10 @@ def mamba2_gated_chunked(x_ptr, dt_raw_ptr, dt_bias_ptr, A_log_ptr, B_ptr, C_ptr
         # stage chunk_state
         # stage state_passing
         # stage chunk_output
-        v17_s_new_D = tl.exp(tl.minimum(tl.where(((o_t[:, None] >= o_t[None, :]) & valid[None, :]), s_L[:, None] - s_L, -1e30), 0.0))  # decay from source s to target t, masked s <= t before exp, exponent clamped to <= 0 (|a| <= 1 proven)
+        v17_s_new_D = tl.exp(tl.minimum(tl.where(((in_chunk[:, None] >= in_chunk[None, :]) & valid[None, :]), s_L[:, None] - s_L, -1e30), 0.0))  # decay from source s to target t, masked s <= t before exp, exponent clamped to <= 0 (|a| <= 1 proven)
         c1 = v17_s_new_D * dt
         c2 = tl.dot((C).to(MM), tl.trans(B).to(MM), input_precision=PREC)
-        c3 = tl.where(((o_t[:, None] >= o_t[None, :]) & valid[None, :]), (c2) * c1, 0.0)
+        c3 = tl.where(((in_chunk[:, None] >= in_chunk[None, :]) & valid[None, :]), (c2) * c1, 0.0)
         c4 = tl.dot((c3).to(MM), (x).to(MM), input_precision=PREC)
         v17_s_new_in = (c4) * v16  # in-chunk part
         v17_s_new_E = tl.exp(s_L)  # decay from the chunk's start
