@@ -18,7 +18,7 @@ import numpy as np
 
 from . import __version__
 from .cache import DiskCache, cache_key, code_fingerprint
-from .errors import ShapeError, SSMCError
+from .errors import ShapeError, SSMCError, TargetError
 from .frontend import parse
 from .ir import Program, to_dot
 from .layout import from_ir, to_ir
@@ -336,7 +336,7 @@ class Kernel:
             dt = jnp.dtype(x.dtype)
             if not jnp.issubdtype(dt, jnp.floating):
                 raise ShapeError(f"{self.name}: {label} has dtype {dt}; ssmc kernels take float32, bfloat16 or "
-                                 f"float16 arrays")
+                                 f"float16 arrays (float64 on the xla target with jax_enable_x64)")
             if len(x.shape) != len(dims):
                 raise ShapeError(f"{self.name}: {label} has rank {len(x.shape)} (shape {tuple(x.shape)}) but is "
                                  f"declared {name}[{','.join(dims)}] (rank {len(dims)})")
@@ -360,7 +360,13 @@ class Kernel:
         for d, n in sizes.items():
             if n < 1 and not is_window_dim(d):
                 raise ShapeError(f"{self.name}: dim '{d}' has size {n} ({where[d]}); sizes must be >= 1")
-        return arrays, sizes, activation_dtype(self.name, floats)
+        act = activation_dtype(self.name, floats)
+        if act == jnp.float64 and self.target != "xla":
+            first = next(n for n, dt in floats.items() if dt == jnp.float64)
+            raise TargetError(f"{self.name}: input '{first}' is float64 (as are all inputs); the {self.target} "
+                              f"kernels compute in float32/bfloat16/float16: cast the inputs to float32, or use "
+                              f"target='xla', which computes in float64")
+        return arrays, sizes, act
 
     def _initial(self, initial_state, initial_states) -> dict:
         snames = [s for s, _ in self.states]

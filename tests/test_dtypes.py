@@ -192,3 +192,78 @@ def test_out_dtype_option_is_checked():
     for bad in ("int32", "nonsense", 3):
         with pytest.raises(ssmc.SSMCError, match="out_dtype"):
             _kernel("mamba2", "xla", out_dtype=bad)
+
+
+# ---- float64 (issue 10, item 7) -----------------------------------------------------------------------------------
+def _x64():
+    """x64 on for a block (tests/conftest.py turns it off for the session)."""
+    ctx = getattr(jax, "enable_x64", None)
+    return ctx(True) if ctx is not None else jax.experimental.enable_x64()
+
+
+def _call(k, v, inputs, init):
+    kw = dict(inputs)
+    if len(v.state_names) == 1:
+        kw["initial_state"] = init[v.state_names[0]]
+    else:
+        kw["initial_states"] = init
+    return k(**kw)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1], ids=["chunked", "sequential"])
+@pytest.mark.parametrize("name", ["mamba2_gated", "gla", "mamba1", "deltanet", "mamba2_conv"])
+def test_float64_on_xla(rng, name, chunk_size):
+    """float64 inputs compute in float64 on the XLA target: outs and states float64, errors at float64 rounding
+    against the float64 loop. Before: computed and returned as float32 (errors ~1e-7)."""
+    v = VARIANTS[name]
+    inputs = {n: a.astype(np.float64) for n, a in v.make_inputs(rng, {"t": 40}).items()}
+    init = {n: a.astype(np.float64) for n, a in v.make_initial_states(rng, {"t": 40}).items()}
+    ref_outs, ref_states = v.reference(inputs, init)
+    k = ssmc.compile(str(v.path), chunk_size=chunk_size)
+    with _x64():
+        res = _call(k, v, {n: jnp.asarray(a) for n, a in inputs.items()}, init)
+    for got, want in zip(res, list(ref_outs) + list(ref_states)):
+        assert got.dtype == jnp.float64
+        assert rel_l2(np.asarray(got), want) < 1e-12
+
+
+def test_float64_gradients_and_step(rng):
+    """Gradient checks in float64 (what researchers use it for) and k.step in float64."""
+    from jax.test_util import check_grads
+    v = VARIANTS["mamba2"]
+    inputs = {n: a.astype(np.float64) for n, a in v.make_inputs(rng, {"t": 9, "b": 1}).items()}
+    k = ssmc.compile(str(v.path))
+    with _x64():
+        x = {n: jnp.asarray(a) for n, a in inputs.items()}
+
+        def loss(xx, B):
+            y, h = k(**{**x, "x": xx, "B": B})
+            return jnp.sum(y * jnp.cos(y)) + jnp.sum(h ** 2)
+        check_grads(loss, (x["x"], x["B"]), order=1, modes=["rev"], eps=1e-6, atol=1e-7, rtol=1e-7)
+        y0, h = k.step(None, **{n: (a[:, 0] if n not in ("A", "D") else a) for n, a in x.items()})
+        assert y0.dtype == jnp.float64 and h.dtype == jnp.float64
+    (ry,), _ = v.reference({n: a[:, :1] if n not in ("A", "D") else a for n, a in inputs.items()})
+    assert rel_l2(np.asarray(y0), ry[:, 0]) < 1e-12
+
+
+def test_float32_under_x64_stays_float32(rng):
+    """With x64 on, float32 inputs (and float64 parameters next to float32 activations: the narrowest wins) still
+    compute and return float32."""
+    v = VARIANTS["mamba2"]
+    inputs = v.make_inputs(rng, {"t": 40})
+    k = ssmc.compile(str(v.path))
+    with _x64():
+        x = {n: jnp.asarray(a, jnp.float64 if n in MAMBA2_FP32 else jnp.float32) for n, a in inputs.items()}
+        y, h = k(**x)
+    assert y.dtype == jnp.float32 and h.dtype == jnp.float32
+    (ry,), (rh,) = v.reference(inputs)
+    assert rel_l2(np.asarray(y), ry) < 1e-5
+
+
+@pytest.mark.parametrize("target", ["triton", "tpu"])
+def test_float64_on_kernel_targets_is_a_target_error(rng, target):
+    v = VARIANTS["mamba2"]
+    inputs = {n: a.astype(np.float64) for n, a in v.make_inputs(rng, {"t": 8}).items()}
+    k = _kernel("mamba2", target)
+    with _x64(), pytest.raises(ssmc.TargetError, match=rf"input 'x' is float64.*target='xla'"):
+        k(**{n: jnp.asarray(a) for n, a in inputs.items()})
