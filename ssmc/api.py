@@ -7,10 +7,12 @@ import hashlib
 import linecache
 import os
 import pathlib
+import re
 import sys
 import threading
 import time
 import types
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +84,7 @@ def compile(spec, target: str = "xla", chunk_size: int | None = None, dump: bool
     with _LOCK:
         hit = _MEMORY.get(mkey)
     if hit is not None and dump_dir is None:
+        _warn_unused_chunk_size(hit, chunk_size)
         return hit
     t0 = time.perf_counter()
     program = lower(parse(text, filename))
@@ -113,7 +116,17 @@ def compile(spec, target: str = "xla", chunk_size: int | None = None, dump: bool
         k.dump(dump_dir)
     with _LOCK:
         _MEMORY[mkey] = k
+    _warn_unused_chunk_size(k, chunk_size)
     return k
+
+
+def _warn_unused_chunk_size(k: "Kernel", chunk_size) -> None:
+    """chunk_size given for a spec that has no chunked form: say so (a warning, not an error, so that code passing
+    one chunk_size to every spec keeps working); the IR's chunk note says it too."""
+    m = re.search(r"# chunk: sequential scan, not chunkable[^:]*: (.*)", k.ir)
+    if chunk_size is not None and chunk_size > 1 and m:
+        warnings.warn(f"ssmc.compile: chunk_size={chunk_size} is ignored for '{k.name}': it is not chunkable and runs "
+                      f"as a sequential scan ({m.group(1)})", UserWarning, stacklevel=3)
 
 
 def _out_dtype_option(out_dtype):
