@@ -49,7 +49,8 @@ class Chunk:
         p, shared = share_state_free(p)
         plan = make_plan(p)
         if not plan.chunkable:
-            return p.with_instrs(p.instrs, note=f"chunk: sequential scan, not chunkable: {plan.reason}")
+            ignored = f" (chunk_size {self.size} ignored)" if self.size > 1 else ""
+            return p.with_instrs(p.instrs, note=f"chunk: sequential scan, not chunkable{ignored}: {plan.reason}")
         elem = [sp.name for sp in plan.states.values() if sp.klass == "elementwise"]
         if elem and not self.size and self.elementwise == "sequential":
             return p.with_instrs(p.instrs, note=f"chunk: sequential scan: elementwise decay of {', '.join(elem)} has no "

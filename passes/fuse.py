@@ -13,8 +13,9 @@ from dataclasses import dataclass, replace
 
 from ssmc.ir import ELEMENTWISE_BINARY, ELEMENTWISE_UNARY, Program, dce
 
-from .chunk_ops import STAGE_OF, STAGE_OPS
+from .chunk_ops import STAGE_OF, STAGE_OPS, decode
 
+FACTOR_OPS = ("contract", "chunk.states", "chunk.output")  # ops that take a product's factors as operands
 ELEMENTWISE = set(ELEMENTWISE_UNARY) | set(ELEMENTWISE_BINARY) | {"clamp", "const", "expand"}
 
 
@@ -72,6 +73,8 @@ class Fuse:
 
 
 def _flatten_contracts(p: Program) -> Program:
+    """Contractions and the chunk ops' q/u factor lists take a product's factors instead of the product, so an
+    outer product such as `(1 - f)⊗v` [.., dk, dv] is never materialised, whatever form its factors take."""
     by, users = p.by_name(), p.users()
     out = []
     for i in p.instrs:
@@ -80,14 +83,21 @@ def _flatten_contracts(p: Program) -> Program:
             for a in i.args:
                 args.extend(_factors(a, by, users))
             i = replace(i, args=tuple(args))
+        elif i.op in ("chunk.states", "chunk.output"):
+            c = decode(i)
+            flat = lambda names: tuple(f for n in names for f in _factors(n, by, users))
+            args, attrs = replace(c, q=flat(c.q), u=tuple(flat(prod) for prod in c.u)).encode()
+            i = replace(i, args=args).with_attrs(**attrs)
         out.append(i)
     return p.with_instrs(out)
 
 
 def _factors(name, by, users):
-    """Factors of a single-use product (no summed dims inside, so flattening is exact)."""
+    """Factors of a product that only contractions and chunk ops consume (all of them take its factors instead, so
+    it is not computed at all); a product has no summed dims inside, so flattening is exact."""
     i = by[name]
-    if i.op == "mul" and len(users.get(name, [])) == 1 and set(by[i.args[0]].dims) | set(by[i.args[1]].dims) == \
-            set(i.dims):
+    consumers = users.get(name, [])
+    if i.op == "mul" and consumers and all(u.op in FACTOR_OPS for u in consumers) and \
+            set(by[i.args[0]].dims) | set(by[i.args[1]].dims) == set(i.dims):
         return _factors(i.args[0], by, users) + _factors(i.args[1], by, users)
     return [name]

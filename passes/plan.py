@@ -73,6 +73,9 @@ def make_plan(p: Program) -> Plan:
     # -- readouts ---------------------------------------------------------------------------------------
     readouts: dict[str, Lin] = {}
     users = an.users
+    reads: dict[str, set[str]] = {}  # value -> the states it depends on
+    for i in p.instrs:
+        reads[i.name] = {i.attr("state")} if i.op == "state" else set().union(*(reads.get(a, ()) for a in i.args))
     for i in p.instrs:
         if not an.dep[i.name] or i.op in ("update", "out", "state"):
             continue
@@ -92,7 +95,18 @@ def make_plan(p: Program) -> Plan:
             summed = (an.dims_of(t.factors) | set(sp.dims)) - set(t.dims)
             K = tuple(d for d in sp.dims if d in summed)
             if not K:
-                reasons.append(f"{name} reads the whole state '{t.state}' each step (nothing contracted)")
+                foreign = _foreign_query(p, an, name, t.state, reads)
+                if foreign is None:
+                    reasons.append(f"{name} reads the whole state '{t.state}' each step (nothing contracted)")
+                    continue
+                use, K, qd, others = foreign
+                at = f" at {use.span}" if use.span else ""
+                reasons.append(f"state '{t.state}' is contracted over [{','.join(K)}]{at} with a query computed from "
+                               f"state{'s' if len(others) > 1 else ''} {', '.join(others)} (a nonlinear function of "
+                               f"{'their' if len(others) > 1 else 'its'} readout); on its own '{t.state}' has a chunked "
+                               f"form, but a query that needs another state's chunk outputs is not chunked yet")
+                sp.K = tuple(d for d in sp.dims if d in set(sp.K) | set(K))
+                sp.V = tuple(d for d in sp.dims if d in set(sp.V) | (set(sp.dims) - set(K) - qd))
                 continue
             qd = an.dims_of(t.factors)
             # a group-indexed q (g) is read by every head of its group: it varies along h/g too
@@ -122,6 +136,24 @@ def _expand(an: Analysis, u: Prod) -> list[Prod]:
     if len(u.factors) == 1:
         return [Prod(u.coef * x.coef, x.factors, u.dims) for x in an.products(u.factors[0])]
     return [u]
+
+
+def _foreign_query(p: Program, an: Analysis, name: str, state: str, reads: dict):
+    """A readout that keeps the whole state, consumed by a contraction whose other operands depend on other states
+    only (GSA: o = softmax(q·K)·V reads V with a query from K's readout): (that contraction, the state dims it
+    sums, the query's dims, the other states), or None."""
+    for u in an.users.get(name, []):
+        if u.op != "contract":
+            continue
+        query = [a for a in u.args if a != name]
+        others = set().union(*(reads.get(a, set()) for a in query))
+        if not query or not others or state in others:
+            continue
+        sd = set(an.state_dims[state])
+        K = tuple(d for d in an.state_dims[state] if d in sd - set(u.dims) and d in an.dims_of(query))
+        if K:
+            return u, K, an.dims_of(query), sorted(others)
+    return None
 
 
 def _nonlinear(an: Analysis, name: str) -> bool:

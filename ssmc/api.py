@@ -7,10 +7,12 @@ import hashlib
 import linecache
 import os
 import pathlib
+import re
 import sys
 import threading
 import time
 import types
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +20,7 @@ import numpy as np
 
 from . import __version__
 from .cache import DiskCache, cache_key, code_fingerprint
-from .errors import ShapeError, SSMCError
+from .errors import ShapeError, SSMCError, TargetError
 from .frontend import parse
 from .ir import Program, to_dot
 from .layout import from_ir, to_ir
@@ -52,17 +54,22 @@ def check(spec) -> Program:
 
 
 def compile(spec, target: str = "xla", chunk_size: int | None = None, dump: bool | str = False,
-            cache: bool = True, matmul: str = "auto", interpret: bool = False) -> "Kernel":
+            cache: bool = True, matmul: str = "auto", interpret: bool = False, out_dtype=None) -> "Kernel":
     """Compile a spec (text or .ssm path) for a target ("xla", "triton"/"gpu", "tpu"/"pallas_tpu", "auto").
 
-    matmul: "auto" feeds bfloat16/float16 inputs to the matmuls at their own precision (fp32 accumulation, as
-    the hand-written kernels do) and float32 inputs at full precision; "float32" always uses full precision.
+    Precision follows the activations: the narrowest floating dtype among the inputs (bf16 x, B, C next to fp32
+    A, D, dt_bias -> bf16) is the matmul operand dtype and the outs' dtype; elementwise math, accumulation and
+    states stay fp32 (see `activation_dtype`).
+    matmul: "auto" feeds bfloat16/float16 activations to the matmuls at their own precision (fp32 accumulation,
+    as the hand-written kernels do) and float32 at full precision; "float32" always uses full precision.
+    out_dtype: the outs' dtype (default: the activations' dtype); states are float32 (float64 on float64 inputs).
     interpret: kernel targets only (triton, tpu): run the generated kernels in their CPU interpreter."""
     from ssmc.passes import parse_pipeline, run_pipeline
     from ssmc.targets import get_target
 
     if matmul not in ("auto", "float32"):
         raise SSMCError(f"matmul must be 'auto' or 'float32', got {matmul!r}")
+    out_dtype = _out_dtype_option(out_dtype)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise SSMCError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     text, filename = _read_spec(spec)
@@ -73,10 +80,11 @@ def compile(spec, target: str = "xla", chunk_size: int | None = None, dump: bool
     if hasattr(tgt, "prepare"):
         tgt.prepare(bool(interpret))
     dump_dir = _dump_dir(dump)
-    mkey = (text, tgt.name, chunk_size, matmul, bool(interpret))
+    mkey = (text, tgt.name, chunk_size, matmul, bool(interpret), str(out_dtype))
     with _LOCK:
         hit = _MEMORY.get(mkey)
     if hit is not None and dump_dir is None:
+        _warn_unused_chunk_size(hit, chunk_size)
         return hit
     t0 = time.perf_counter()
     program = lower(parse(text, filename))
@@ -96,7 +104,7 @@ def compile(spec, target: str = "xla", chunk_size: int | None = None, dump: bool
         if disk is not None:
             disk.put(key, entry)
     k = Kernel(program, tgt.name, pipeline, entry, filename, from_disk, time.perf_counter() - t0, matmul,
-               bool(interpret))
+               bool(interpret), out_dtype)
     if level >= 1:
         _log(f"ssmc: compiled {k.name} for {k.target} in {k.compile_seconds * 1e3:.1f} ms "
              f"({'disk cache' if from_disk else 'passes ran'}); pipeline {pipeline}")
@@ -108,7 +116,53 @@ def compile(spec, target: str = "xla", chunk_size: int | None = None, dump: bool
         k.dump(dump_dir)
     with _LOCK:
         _MEMORY[mkey] = k
+    _warn_unused_chunk_size(k, chunk_size)
     return k
+
+
+def _warn_unused_chunk_size(k: "Kernel", chunk_size) -> None:
+    """chunk_size given for a spec that has no chunked form: say so (a warning, not an error, so that code passing
+    one chunk_size to every spec keeps working); the IR's chunk note says it too."""
+    m = re.search(r"# chunk: sequential scan, not chunkable[^:]*: (.*)", k.ir)
+    if chunk_size is not None and chunk_size > 1 and m:
+        warnings.warn(f"ssmc.compile: chunk_size={chunk_size} is ignored for '{k.name}': it is not chunkable and runs "
+                      f"as a sequential scan ({m.group(1)})", UserWarning, stacklevel=3)
+
+
+def _out_dtype_option(out_dtype):
+    if out_dtype is None:
+        return None
+    try:
+        dt = jnp.dtype(out_dtype)
+    except TypeError:
+        dt = None
+    if dt is None or dt not in _FLOATS:
+        raise SSMCError(f"out_dtype must be None or one of {', '.join(map(str, _FLOATS))}, got {out_dtype!r}")
+    return dt
+
+
+_LOW = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_FLOATS = _LOW + (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
+
+
+def activation_dtype(who: str, dtypes: dict):
+    """The dtype a call computes its contractions and outs in: the narrowest floating dtype among the inputs
+    ({input name: dtype}), so fp32 parameters (A, D, dt_bias, norm and conv weights) and fp32 gates never widen
+    bf16/fp16 activations. bfloat16 next to float16 has no narrowest: a ShapeError naming both. float64 only when
+    every input is float64 (and jax runs with x64; otherwise jax itself takes float64 as float32)."""
+    low = {}
+    for name, dt in dtypes.items():
+        if dt in _LOW:
+            low.setdefault(dt, name)
+    if len(low) > 1:
+        (d1, n1), (d2, n2) = low.items()
+        raise ShapeError(f"{who}: input '{n1}' is {d1} but input '{n2}' is {d2}; the activations take one "
+                         f"low-precision dtype (the narrowest input dtype): cast them to one of the two")
+    if low:
+        return next(iter(low))
+    if dtypes and all(dt == jnp.float64 for dt in dtypes.values()) and jax.config.jax_enable_x64:
+        return jnp.dtype(jnp.float64)
+    return jnp.dtype(jnp.float32)
 
 
 def _debug_level() -> int:
@@ -146,9 +200,11 @@ class Kernel:
     """A compiled spec: call it with the `in` arrays; read .source, .ir, .passes, .target."""
 
     def __init__(self, program: Program, target: str, pipeline: str, entry: dict, filename: str,
-                 from_disk: bool, compile_seconds: float, matmul: str = "auto", interpret: bool = False):
+                 from_disk: bool, compile_seconds: float, matmul: str = "auto", interpret: bool = False,
+                 out_dtype=None):
         self.program = program
         self.matmul = matmul
+        self.out_dtype = out_dtype  # None: the outs take the activations' dtype
         self.interpret = interpret
         # keyword options of the generated function: kernel targets take `interpret`
         self._opts = {"interpret": True} if interpret else {}
@@ -203,8 +259,8 @@ class Kernel:
 
     # ---- calling ------------------------------------------------------------------------------------
     def __call__(self, *args, initial_state=None, initial_states=None, **kwargs):
-        arrays, sizes, out_dtype = self._bind(args, kwargs, initial_state, initial_states)
-        meta = _Meta(tuple(sorted(sizes.items())), str(out_dtype))
+        arrays, sizes, act = self._bind(args, kwargs, initial_state, initial_states)
+        meta = _Meta(tuple(sorted(sizes.items())), str(act), str(self.out_dtype or act))
         return self._jitted(meta, arrays)
 
     def step(self, state=None, *args, **inputs):
@@ -223,28 +279,27 @@ class Kernel:
         sizes = dict(meta.sizes)
         for h, (g, inner) in self._splits.items():
             sizes[inner] = sizes[h] // sizes[g]
-        dtype = jnp.dtype(meta.dtype)
+        base, mm, out_dtype = meta.dtypes(self.matmul)
         call = []
         for py, name, kind, dims in self._params:
             decl = dict(self.inputs + self.states)[name]
             x = arrays.get(name) if kind == "input" else arrays.get("state:" + name)
             if x is None:  # a state without an initial value starts at zero
-                x = jnp.zeros(tuple(sizes[d] for d in decl), jnp.float32)
-            call.append(to_ir(jnp.asarray(x, jnp.float32), decl, _split(dims), self._splits, sizes))
-        low = dtype in (jnp.bfloat16, jnp.float16) and self.matmul == "auto"
-        mm = dtype if low else jnp.float32
+                x = jnp.zeros(tuple(sizes[d] for d in decl), base)
+            # elementwise math in base (fp32); the contractions cast their operands to mm themselves
+            call.append(to_ir(jnp.asarray(x, base), decl, _split(dims), self._splits, sizes))
         res = self._fn(*call, mm=mm, **self._opts)
         out = []
         for (kind, name, dims), v in zip(self._returns, res):
             decl = dict(self.outs if kind == "out" else self.states)[name]
             v = from_ir(v, _split(dims), decl, self._splits, sizes, self._canon)
-            out.append(v.astype(dtype) if kind == "out" else v.astype(jnp.float32))
+            out.append(v.astype(out_dtype) if kind == "out" else v.astype(base))
         return tuple(out)
 
     def _run_declared(self, meta: "_Meta", arrays: dict):
         """Kernel targets take the arrays as declared and in their own dtype (the kernel reads bf16 as bf16)."""
         sizes = dict(meta.sizes)
-        dtype = jnp.dtype(meta.dtype)
+        _, mm, out_dtype = meta.dtypes(self.matmul)
         call = []
         for py, name, kind, dims in self._params:
             x = arrays.get(name) if kind == "input" else arrays.get("state:" + name)
@@ -252,8 +307,7 @@ class Kernel:
                 x = jnp.zeros(tuple(sizes[d] for d in _split(dims)), jnp.float32)
             x = jnp.asarray(x)
             call.append(x.astype(jnp.float32) if kind == "state" or x.dtype == jnp.float64 else x)
-        low = dtype in (jnp.bfloat16, jnp.float16) and self.matmul == "auto"
-        return tuple(self._fn(*call, mm=dtype if low else jnp.float32, out_dtype=dtype, **self._opts))
+        return tuple(self._fn(*call, mm=mm, out_dtype=out_dtype, **self._opts))
 
     def named_inputs(self, args, kwargs, who: str = "") -> dict:
         """Positional and keyword inputs -> {input name: array}, with errors naming the input."""
@@ -283,7 +337,7 @@ class Kernel:
         states = self._initial(initial_state, initial_states)
         sizes: dict[str, int] = {}
         where: dict[str, str] = {}
-        floats = []
+        floats = {}
         arrays = {}
         for (name, dims), kind in [(x, "input") for x in self.inputs] + [(x, "state") for x in self.states]:
             x = given.get(name) if kind == "input" else states.get(name)
@@ -295,7 +349,7 @@ class Kernel:
             dt = jnp.dtype(x.dtype)
             if not jnp.issubdtype(dt, jnp.floating):
                 raise ShapeError(f"{self.name}: {label} has dtype {dt}; ssmc kernels take float32, bfloat16 or "
-                                 f"float16 arrays")
+                                 f"float16 arrays (float64 on the xla target with jax_enable_x64)")
             if len(x.shape) != len(dims):
                 raise ShapeError(f"{self.name}: {label} has rank {len(x.shape)} (shape {tuple(x.shape)}) but is "
                                  f"declared {name}[{','.join(dims)}] (rank {len(dims)})")
@@ -306,7 +360,7 @@ class Kernel:
                 sizes.setdefault(d, int(n))
                 where.setdefault(d, f"{label} (axis {ax})")
             if kind == "input":
-                floats.append(dt)
+                floats[name] = dt
             arrays[name if kind == "input" else "state:" + name] = x
         derive_sizes(self.name, self.program, sizes, where)  # conv windows: size(k) - 1
         for d in self.program.dims:
@@ -319,10 +373,13 @@ class Kernel:
         for d, n in sizes.items():
             if n < 1 and not is_window_dim(d):
                 raise ShapeError(f"{self.name}: dim '{d}' has size {n} ({where[d]}); sizes must be >= 1")
-        out_dtype = jnp.result_type(*floats) if floats else jnp.float32
-        if out_dtype == jnp.float64:
-            out_dtype = jnp.dtype(jnp.float32)
-        return arrays, sizes, out_dtype
+        act = activation_dtype(self.name, floats)
+        if act == jnp.float64 and self.target != "xla":
+            first = next(n for n, dt in floats.items() if dt == jnp.float64)
+            raise TargetError(f"{self.name}: input '{first}' is float64 (as are all inputs); the {self.target} "
+                              f"kernels compute in float32/bfloat16/float16: cast the inputs to float32, or use "
+                              f"target='xla', which computes in float64")
+        return arrays, sizes, act
 
     def _initial(self, initial_state, initial_states) -> dict:
         snames = [s for s, _ in self.states]
@@ -346,7 +403,16 @@ class Kernel:
 @dataclasses.dataclass(frozen=True)
 class _Meta:
     sizes: tuple
-    dtype: str
+    act: str   # the activations' dtype (activation_dtype)
+    out: str   # the outs' dtype
+
+    def dtypes(self, matmul: str):
+        """(base, mm, out): elementwise math and states in base (fp32; fp64 for fp64 activations), matmul
+        operands in mm (the activations' bf16/fp16 unless matmul="float32", else full precision in base)."""
+        act = jnp.dtype(self.act)
+        base = act if act == jnp.float64 else jnp.dtype(jnp.float32)
+        mm = act if act in _LOW and matmul == "auto" else base
+        return base, mm, jnp.dtype(self.out)
 
 
 def decay_inputs(program: Program) -> tuple[str, ...]:

@@ -142,7 +142,7 @@ class _Lower:
         # A state is assigned once per step: its target shape is the state's dims plus the scan dim.
         ctx = set(target) | ({self.scan} if decl is not None and decl.kind == "state" else set()) \
             if target is not None else None
-        self.stmt, self.ctx = st, ctx
+        self.stmt, self.ctx, self.target_dims = st, ctx, target
         v = self.expr(st.expr)
         if ctx is not None:
             extra = set(v.dims) - ctx
@@ -197,7 +197,7 @@ class _Lower:
         if isinstance(e, ast.BinOp):
             a, b = self.expr(e.left), self.expr(e.right)
             if e.op == "dot":
-                return self.contract([a, b], e.span)
+                return self.contract([a, b], e.span, [e.left, e.right])
             if e.op == "outer":
                 return self.outer(a, b, e.span)
             a, b = self.unify([a, b], e.span)
@@ -220,7 +220,7 @@ class _Lower:
         a, b = self.unify([a, b], span)
         return self.emit("mul", (a.name, b.name), set(a.dims) | set(b.dims), span, outer=True)
 
-    def contract(self, vals, span) -> Instr:
+    def contract(self, vals, span, exprs=()) -> Instr:
         if self.ctx is None:
             raise self.err(f"'{self.stmt.target}' uses · so it must declare its shape, e.g. "
                            f"`{self.stmt.target}[{','.join(self.dims[:2])}] = ...`", self.stmt.target_span)
@@ -231,7 +231,32 @@ class _Lower:
         if self.scan in dims - keep:
             raise self.err(f"· would sum over the scan dim '{self.scan}'; a statement works on one step at a time",
                            span)
+        self.one_sided(vals, exprs, dims - keep)
         return self.emit("contract", [v.name for v in vals], keep, span)
+
+    def one_sided(self, vals, exprs, summed):
+        """`·` contracts dims the operands share; a summed dim only one operand has is almost always a shape slip
+        (a transition A[h,dk,dk2] against S[..,dk,..] computes rowsum(A)*S; an out missing a state dim sums it)
+        that would silently change the meaning, so it is an error unless written as an explicit sum."""
+        def show(j):  # a named operand with its declared dims, else the operand's dims
+            e = exprs[j] if j < len(exprs) else None
+            if isinstance(e, ast.Var):
+                a = self.arrays.get(e.name)
+                dims = [d.name for d in a.dims] if a is not None else vals[j].dims
+                return f"'{e.name}' [{','.join(dims)}]", e.name
+            return f"the operand [{','.join(vals[j].dims)}]", "..."
+
+        for d in sorted(summed, key=self.dims.index):
+            having = [j for j, v in enumerate(vals) if d in v.dims]
+            if len(having) != 1:
+                continue
+            j = having[0]
+            mine, arg = show(j)
+            others = ", ".join(show(i)[0] for i in range(len(vals)) if i != j)
+            span = exprs[j].span if j < len(exprs) else self.stmt.expr.span
+            raise self.err(f"· sums dim '{d}', but only {mine} has it (not {others}), so the sum would run over that "
+                           f"operand alone; write sum({arg}, over=[{d}]) if that is meant, or keep '{d}' in the shape "
+                           f"of '{self.stmt.target}' [{','.join(self.target_dims)}]", span)
 
     def call(self, e: ast.Call) -> Instr:
         f, n = e.func, len(e.args)
@@ -262,7 +287,7 @@ class _Lower:
             return self.outer(self.expr(e.args[0]), self.expr(e.args[1]), e.span)
         if f == "dot":
             need(2)
-            return self.contract([self.expr(x) for x in e.args], e.span)
+            return self.contract([self.expr(x) for x in e.args], e.span, e.args)
         if f in ("sum", "mean"):
             need(1, ("over",))
             v = self.expr(e.args[0])

@@ -20,7 +20,8 @@ def step_kernel(k):
     seq = k.__dict__.get("_step_kernel")
     if seq is None:
         from .api import compile
-        seq = compile(k.program.source, target=k.target, chunk_size=1, matmul=k.matmul, interpret=k.interpret)
+        seq = compile(k.program.source, target=k.target, chunk_size=1, matmul=k.matmul, interpret=k.interpret,
+                      out_dtype=k.out_dtype)
         k.__dict__["_step_kernel"] = seq
     return seq
 

@@ -91,8 +91,8 @@ def conv_window(x, axis: int, window, T=None):
 def einsum(eq: str, *ops, mm=jnp.float32):
     """A contraction accumulated in float32. With mm=float32 every pass is full precision (no TF32 on GPUs);
     with the inputs' bfloat16/float16 the operands enter the matmul units at that precision, as the hand-written
-    kernels do, and the result is float32."""
-    if jnp.dtype(mm) == jnp.float32:
+    kernels do, and the result is float32. mm=float64 (float64 inputs): full precision in float64."""
+    if jnp.dtype(mm) in (jnp.float32, jnp.float64):
         return jnp.einsum(eq, *ops, precision=lax.Precision.HIGHEST)
     return jnp.einsum(eq, *(o.astype(mm) for o in ops), preferred_element_type=jnp.float32)
 
