@@ -112,6 +112,8 @@ def compile(spec, target: str = "xla", chunk_size: int | None = None, dump: bool
         _log(k.ir)
     if level >= 4:
         _log(k.source)
+    from .autoschedule import attach
+    attach(k, text, chunk_size, cache)  # CPU default: the faster of chunked / sequential per shape bucket
     if dump_dir is not None:
         k.dump(dump_dir)
     with _LOCK:
@@ -240,6 +242,7 @@ class Kernel:
         self._canon = _canon(program.dims, self._splits)
         self._declared = getattr(mod, "LAYOUT", None) is not None  # kernel targets: arrays as declared
         self._jitted = jax.jit(self._run, static_argnums=(0,))
+        self._auto = None  # a measured default schedule (ssmc/autoschedule.py), set by compile
 
     def __repr__(self):
         extra = " interpret" if self.interpret else ""
@@ -261,7 +264,15 @@ class Kernel:
     def __call__(self, *args, initial_state=None, initial_states=None, **kwargs):
         arrays, sizes, act = self._bind(args, kwargs, initial_state, initial_states)
         meta = _Meta(tuple(sorted(sizes.items())), str(act), str(self.out_dtype or act))
+        if self._auto is not None:
+            return self._auto(meta, arrays)
         return self._jitted(meta, arrays)
+
+    @property
+    def schedule(self) -> str:
+        """Which form runs (chunked or sequential) and why; on the CPU backend, per shape bucket as measured."""
+        from .autoschedule import describe
+        return describe(self)
 
     def step(self, state=None, *args, **inputs):
         """One decode step from `state` (what a previous call or step returned: a dict {state name: array}, the

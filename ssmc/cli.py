@@ -194,10 +194,14 @@ def cmd_run(args, out) -> int:
 
     if args.repeats < 1:
         raise CLIError("--repeats must be >= 1")
+    from .autoschedule import chosen_form, default_chunk
     path = _spec_path(args.file)
     given = parse_dims(args.dims)
-    chunked = ssmc.compile(path, target=args.target, chunk_size=args.chunk_size, interpret=args.interpret)
+    default = ssmc.compile(path, target=args.target, chunk_size=args.chunk_size, interpret=args.interpret)
     seq = ssmc.compile(path, target=args.target, chunk_size=1, interpret=args.interpret)
+    # on CPU the default form is measured per shape bucket (ssmc/autoschedule.py): time the chunked form too
+    Q = default_chunk(default)
+    chunked = ssmc.compile(path, target=args.target, chunk_size=Q, interpret=args.interpret) if Q else default
     sizes = default_dims(chunked, given)
     inputs = random_inputs(chunked, sizes, seed=args.seed, dtype=getattr(jnp, args.dtype))
     inputs = {n: jnp.asarray(v) for n, v in inputs.items()}
@@ -206,8 +210,9 @@ def cmd_run(args, out) -> int:
     def wrap(k):
         return jax.jit(lambda xs, st: k(**xs, initial_states=st or None))
 
+    forms = ([("default", default)] if Q else []) + [("chunked", chunked), ("sequential", seq)]
     results = {}
-    for label, k in (("chunked", chunked), ("sequential", seq)):
+    for label, k in forms:
         first, ms, res = time_calls(wrap(k), (inputs, init), 1, args.repeats)
         results[label] = (k, first, ms, res)
 
@@ -219,7 +224,10 @@ def cmd_run(args, out) -> int:
 
     print(f"ssmc run: {chunked.name} ({path})", file=out)
     print(f"  target    {chunked.target} (jax {jax.__version__}, {jax.default_backend()})", file=out)
-    print(f"  schedule  {info['schedule'] or 'unknown'}", file=out)
+    sched = info['schedule'] or 'unknown'
+    if Q:
+        sched = f"auto: {sched}, or the sequential scan where that measures faster (per shape bucket)"
+    print(f"  schedule  {sched}", file=out)
     classes = ", ".join(f"{n}: {c}" for n, c in info["classes"].items())
     if classes:
         print(f"  states    {classes}", file=out)
@@ -227,14 +235,24 @@ def cmd_run(args, out) -> int:
     print(f"  dtype     {args.dtype}, seed {args.seed}, median of {args.repeats} runs", file=out)
     print("", file=out)
     rows = [["form", "schedule", "compile s", "first call s", "run ms"]]
-    for label in ("chunked", "sequential"):
+    for label, _ in forms:
         k, first, ms, _ = results[label]
         cached = " (cached)" if k.from_disk_cache else ""
-        rows.append([label, short_schedule(notes(k.ir)["schedule"]), f"{k.compile_seconds:.3f}{cached}",
-                     f"{first:.3f}", f"{ms:.3f}"])
+        sched = short_schedule(notes(k.ir)["schedule"])
+        if label == "default":
+            sched = f"auto: {chosen_form(k)}"
+        rows.append([label, sched, f"{k.compile_seconds:.3f}{cached}", f"{first:.3f}", f"{ms:.3f}"])
     _table(rows, out)
-    speedup = results["sequential"][2] / results["chunked"][2] if results["chunked"][2] > 0 else math.inf
-    print(f"  speedup   {speedup:.2f}x (sequential / chunked run time)", file=out)
+
+    def speedup(label):
+        return results["sequential"][2] / results[label][2] if results[label][2] > 0 else math.inf
+
+    if Q:
+        print(f"  speedup   {speedup('default'):.2f}x default, {speedup('chunked'):.2f}x chunked (sequential / "
+              f"run time)", file=out)
+        print(f"  chosen    {default.schedule.splitlines()[-1].strip()}", file=out)
+    else:
+        print(f"  speedup   {speedup('chunked'):.2f}x (sequential / chunked run time)", file=out)
     print("", file=out)
     rows = [["result", "shape", "rel L2 error (chunked vs sequential)"]]
     for (kind, n, e), r in zip(errors, results["chunked"][3]):

@@ -19,6 +19,24 @@ POST_BINARY = {"add": "{} + {}", "sub": "{} - {}", "mul": "{} * {}", "div": "{} 
                "min": "jnp.minimum({}, {})", "max": "jnp.maximum({}, {})"}
 
 
+def runtime_dims(layout: dict) -> list[str]:
+    """Dims a kernel takes as runtime arguments, not compile-time constants: the grid dims that index programs
+    (batch, heads) and the scan dim (the sequence length), so a new length or batch reuses the compiled kernel.
+    Tile dims stay constants: they fix the shapes of the tiles."""
+    used = set(layout["dims"])
+    dims = [d for d in layout["grid"] if d not in layout["tile"] and d in used]
+    if layout["scan"] in used and layout["scan"] not in dims:
+        dims.append(layout["scan"])
+    return dims
+
+
+def runtime_strides(dims, runtime, group_tile: dict) -> list[str]:
+    """The dims of a row-major array whose stride spans a runtime size (a later dim, or a group-tiled head dim
+    whose group count is runtime): computed in the kernel from the sizes rather than compiled in."""
+    spans = set(runtime) | {h for h, g in group_tile.items() if g in runtime}
+    return [d for i, d in enumerate(dims) if spans & set(dims[i + 1:])]
+
+
 class KernelTarget:
     """What the kernel targets share: the pass pipeline (group reads stay index maps; elementwise decay walks time
     in a sequential kernel, having no matmul form) and emit = plan the kernel, then write the module."""
@@ -78,16 +96,42 @@ class LauncherWriter:
         used = {d for ds in self.arrays().values() for d in ds} | set(self.plan.grid) | set(self.plan.group_tile.values())
         return [d for d in self.plan.p.dims if d in used]
 
-    def constexprs(self) -> list[str]:
+    def runtime_args(self) -> list[str]:
+        """Sizes the kernel takes as runtime arguments (see runtime_dims)."""
         from .kernel_body import dim_id
-        k = self.plan
-        cs = [f"N_{dim_id(d)}" for d in self.dims()] + [f"BLOCK_{dim_id(d)}" for d in k.tile]
+        return [f"N_{dim_id(d)}" for d in runtime_dims(self.layout())]
+
+    def constexprs(self) -> list[str]:
+        """Compile-time constants: tile sizes and blocks, the chunk length, matmul dtype and the strides that span
+        no runtime size."""
+        from .kernel_body import dim_id
+        k, lay = self.plan, self.layout()
+        rt = runtime_dims(lay)
+        cs = [f"N_{dim_id(d)}" for d in self.dims() if d not in rt] + [f"BLOCK_{dim_id(d)}" for d in k.tile]
         if k.form == "chunked":
             cs.append("Q")
         cs += ["MM", "PREC"]
         for arr, ds in self.arrays().items():
-            cs += [f"{arr}_stride_{dim_id(d)}" for d in ds]
+            dyn = runtime_strides(ds, rt, lay["group_tile"])
+            cs += [f"{arr}_stride_{dim_id(d)}" for d in ds if d not in dyn]
         return cs
+
+    def computed_strides(self) -> list[tuple[str, str]]:
+        """(name, expression) of the strides that span a runtime size, innermost first: the next dim's size times
+        its stride, so the compiler still sees the constant factor (alignment for vector loads)."""
+        from .kernel_body import dim_id
+        lay = self.layout()
+        rt = runtime_dims(lay)
+        out = []
+        for arr, ds in self.arrays().items():
+            dyn = runtime_strides(ds, rt, lay["group_tile"])
+            for i in reversed(range(len(ds) - 1)):
+                if ds[i] in dyn:
+                    nxt = ds[i + 1]
+                    g = lay["group_tile"].get(nxt)
+                    size = f"N_{dim_id(g)} * N_{dim_id(nxt)}" if g else f"N_{dim_id(nxt)}"
+                    out.append((f"{arr}_stride_{dim_id(ds[i])}", f"{size} * {arr}_stride_{dim_id(nxt)}"))
+        return out
 
     # ---- module ----------------------------------------------------------------------------------------
     def emit(self) -> str:

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .kernel_body import dim_id
+from .kernel_launch import runtime_dims, runtime_strides  # noqa: F401  (runtime_dims: for the runtimes)
 from .xla_runtime import causal_conv, conv_window  # noqa: F401  (pre-kernel convs of generated launchers)
 
 
@@ -40,14 +41,25 @@ def tile_sizes(layout: dict, sizes: dict) -> dict:
     return out
 
 
+def runtime_args(layout: dict, sizes: dict) -> list[int]:
+    """The sizes a kernel takes at run time (batch, heads, length; see kernel_launch.runtime_dims), in order."""
+    tiles = tile_sizes(layout, sizes)
+    return [int(tiles[d]) for d in runtime_dims(layout)]
+
+
 def constexprs(layout: dict, sizes: dict, blocks: dict, Q: int | None) -> dict:
-    meta = {f"N_{dim_id(d)}": n for d, n in tile_sizes(layout, sizes).items() if d in layout["dims"]}
+    """The compile-time constants of a kernel: tile sizes, blocks, Q, and the strides spanning no runtime size
+    (those the kernel computes from its runtime sizes)."""
+    rt = runtime_dims(layout)
+    meta = {f"N_{dim_id(d)}": n for d, n in tile_sizes(layout, sizes).items() if d in layout["dims"] and d not in rt}
     meta.update({f"BLOCK_{dim_id(d)}": blocks[d] for d in layout["tile"]})
     if layout["form"] == "chunked":
         meta["Q"] = Q
     for arr, dims in layout["arrays"].items():
+        dyn = runtime_strides(dims, rt, layout.get("group_tile", {}))
         for d, s in row_major_strides(dims, sizes).items():
-            meta[f"{arr}_stride_{dim_id(d)}"] = s
+            if d not in dyn:
+                meta[f"{arr}_stride_{dim_id(d)}"] = s
     return meta
 
 

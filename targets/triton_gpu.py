@@ -58,7 +58,7 @@ class TritonDialect(Dialect):
         return f"(tl.zeros(({', '.join(shape)},), tl.float32) + {x})"
 
     def positions(self):
-        return "o_t"
+        return "in_chunk"
 
     def causal(self, strict):
         return f"(in_chunk[:, None] {'>' if strict else '>='} in_chunk[None, :])"
@@ -88,11 +88,21 @@ class TritonEmitter(LauncherWriter):
         k, w = self.plan, self.w
         body = TileEmitter(k, TritonDialect(), w, self.pn)
         self.body = body
-        args = [f"{self.pn(i.name)}_ptr" for i in k.inputs + k.states] + [f"{n}_ptr" for n in self.store_names()]
+        # runtime sizes sit between the input and output pointers: jax-triton passes scalars where they stand
+        # among the inputs and appends the output pointers
+        runtime = self.runtime_args()
+        args = [f"{self.pn(i.name)}_ptr" for i in k.inputs + k.states] + runtime + [f"{n}_ptr" for n in
+                                                                                    self.store_names()]
         consts = self.constexprs()
-        w("@triton.jit")
+        # no specialisation on the runtime sizes' values (divisibility by 16, == 1): one compile serves all lengths
+        w(f"@triton.jit(do_not_specialize={runtime!r})" if runtime else "@triton.jit")
         sig = ", ".join(args + [f"{c}: tl.constexpr" for c in consts])
         with w.block(f"def {self.kernel_name}({sig}):"):
+            strides = self.computed_strides()
+            if strides:
+                w("# strides spanning a runtime size (batch, heads, length): computed, not compiled in")
+            for name, e in strides:
+                w(f"{name} = {e}")
             self.program_ids()
             self.offsets()
             self.hoisted_loads_and_values(body)

@@ -1,11 +1,13 @@
 """Launching generated Triton kernels from JAX.
 
-On a GPU: jax-triton's `triton_call` (inputs first, output pointers appended, constexprs as keywords), so the
-kernel is one custom call inside the caller's jax.jit. With interpret=True: Triton's interpreter on CPU through a
+On a GPU: jax-triton's `triton_call` (inputs first, then the runtime sizes as Python ints, output pointers
+appended, constexprs as keywords), so the kernel is one custom call inside the caller's jax.jit. Only the
+constexprs (tile sizes, blocks, Q, matmul dtype) key its compile cache: a new length or batch reuses the kernel. With interpret=True: Triton's interpreter on CPU through a
 `jax.pure_callback` (the interpreter takes torch tensors), so the same generated kernel runs without a GPU.
 
 Configs (tile blocks of blockable dims, chunk length, num_warps, num_stages) are tuned on the first call per
-(kernel, GPU, shape bucket, dtype) and persisted in the ssmc disk cache; SSMC_AUTOTUNE=0 takes the heuristic.
+(kernel, GPU, shape bucket, dtype) and persisted in the ssmc disk cache; SSMC_AUTOTUNE=0 takes the heuristic. A
+bucket is the constant sizes with the length and batch x heads rounded up to powers of two.
 """
 from __future__ import annotations
 
@@ -90,15 +92,27 @@ def _gpu_call(kernel, layout, sizes, cfg, ins, specs, mm):
                           f"compile with interpret=True to run them in Triton's CPU interpreter")
     import jax_triton as jt
     out_shape = [jax.ShapeDtypeStruct(s, d) for s, d in specs]
-    return jt.triton_call(*ins, kernel=kernel, out_shape=out_shape, grid=kr.grid(layout, sizes, cfg["blocks"]),
+    # runtime sizes go as Python ints after the inputs: jax-triton passes them as kernel arguments, out of its
+    # compile cache key (it only specialises a value of 1), so a new length reuses the compiled kernel
+    return jt.triton_call(*ins, *kr.runtime_args(layout, sizes), kernel=kernel, out_shape=out_shape,
+                          grid=kr.grid(layout, sizes, cfg["blocks"]),
                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_meta(layout, sizes, cfg, mm))
 
 
 # ---- autotuning -------------------------------------------------------------------------------------------------
+def _pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+
 def _bucket(layout, sizes) -> str:
-    """Shape bucket: exact sizes, except the scan length rounded up to a power of two."""
-    s = dict(sizes)
-    s[layout["scan"]] = 1 << max(0, math.ceil(math.log2(max(1, s[layout["scan"]]))))
+    """Shape bucket of a tuned config: the constant sizes exactly (they fix the tiles), the sequence length and
+    the number of programs over the runtime grid dims (batch x heads) rounded up to powers of two. Lengths and
+    batches within a bucket reuse the config, and so the compiled kernel (the sizes are runtime arguments)."""
+    rt = kr.runtime_dims(layout)
+    s = {d: n for d, n in sizes.items() if d not in rt}
+    if layout["scan"] in rt:
+        s["len"] = _pow2(sizes[layout["scan"]])
+    s["programs"] = _pow2(math.prod(sizes[d] for d in rt if d != layout["scan"]))
     return ",".join(f"{d}={s[d]}" for d in sorted(s))
 
 
@@ -164,6 +178,23 @@ def prepare_interpret():
                           "before importing triton)")
 
 
+def _fix_interpreter_index():
+    """Triton 3.6's interpreter holds a runtime int argument as a one-element array and turns it into a Python int
+    (a loop bound: range(N_t)) with int(array), which numpy >= 2.4 refuses for arrays of rank 1. Its per-launch
+    patch of tl.tensor gets an __index__ that takes the element instead (idempotent; a no-op on other versions)."""
+    import triton.runtime.interpreter as ti
+    orig = getattr(ti, "_patch_lang_tensor", None)
+    if orig is None or getattr(orig, "ssmc_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    patched.ssmc_fixed = True
+    ti._patch_lang_tensor = patched
+
+
 def _interpret(kernel, layout, sizes, cfg, ins, specs, mm):
     # Triton 3.6's interpreter gets tl.dot on bf16/fp16 operands wrong (garbage; its casts to bf16 also truncate
     # rather than round), so interpreted kernels feed their matmuls fp32 operands; the GPU runs the real path.
@@ -173,10 +204,11 @@ def _interpret(kernel, layout, sizes, cfg, ins, specs, mm):
     def host(*arrays):
         import torch
         from triton.runtime.interpreter import InterpretedFunction
+        _fix_interpreter_index()
         targs = [_to_torch(np.asarray(a)) for a in arrays]
         touts = [torch.empty(s, dtype=_torch_dtype(d)) for s, d in specs]
         fn = InterpretedFunction(getattr(kernel, "fn", kernel))
-        fn[grid](*targs, *touts, **meta)
+        fn[grid](*targs, *kr.runtime_args(layout, sizes), *touts, **meta)
         return tuple(_from_torch(t, d) for t, (_, d) in zip(touts, specs))
 
     shapes = tuple(jax.ShapeDtypeStruct(s, d) for s, d in specs)

@@ -5,6 +5,9 @@ import os
 
 os.environ["JAX_PLATFORMS"] = "cpu"          # before jax is imported anywhere
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run in its CPU interpreter (before triton is imported)
+# the CPU default schedule is measured per shape bucket (ssmc/autoschedule.py); tests keep the class default (the
+# chunked form) so they test what they name, and tests/test_cpu_schedule.py turns measuring on
+os.environ.setdefault("SSMC_AUTOSCHEDULE", "0")
 
 import functools
 

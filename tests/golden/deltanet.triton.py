@@ -17,8 +17,21 @@ RETURNS = [('out', 'o', 'b,t,h,dv'), ('state', 'S', 'b,h,dk,dv')]
 LAYOUT = {'form': 'sequential', 'scan': 't', 'Q': None, 'grid': ['b', 'h'], 'tile': ['dk', 'dv'], 'split': ['dv'], 'groups': {}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'dk', 'dv'], 'inputs': ['q', 'k', 'v', 'beta', 'S'], 'arrays': {'q': ['b', 't', 'h', 'dk'], 'k': ['b', 't', 'h', 'dk'], 'v': ['b', 't', 'h', 'dv'], 'beta': ['b', 't', 'h'], 'S': ['b', 'h', 'dk', 'dv'], 'o': ['b', 't', 'h', 'dv'], 'S_final': ['b', 'h', 'dk', 'dv']}, 'stores': [['o', 'out', ['b', 't', 'h', 'dv']], ['S_final', 'state', ['b', 'h', 'dk', 'dv']]]}
 
 
-@triton.jit
-def deltanet_sequential(q_ptr, k_ptr, v_ptr, beta_ptr, S_prev_ptr, o_ptr, S_final_ptr, N_b: tl.constexpr, N_t: tl.constexpr, N_h: tl.constexpr, N_dk: tl.constexpr, N_dv: tl.constexpr, BLOCK_dk: tl.constexpr, BLOCK_dv: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr, q_stride_b: tl.constexpr, q_stride_t: tl.constexpr, q_stride_h: tl.constexpr, q_stride_dk: tl.constexpr, k_stride_b: tl.constexpr, k_stride_t: tl.constexpr, k_stride_h: tl.constexpr, k_stride_dk: tl.constexpr, v_stride_b: tl.constexpr, v_stride_t: tl.constexpr, v_stride_h: tl.constexpr, v_stride_dv: tl.constexpr, beta_stride_b: tl.constexpr, beta_stride_t: tl.constexpr, beta_stride_h: tl.constexpr, S_stride_b: tl.constexpr, S_stride_h: tl.constexpr, S_stride_dk: tl.constexpr, S_stride_dv: tl.constexpr, o_stride_b: tl.constexpr, o_stride_t: tl.constexpr, o_stride_h: tl.constexpr, o_stride_dv: tl.constexpr, S_final_stride_b: tl.constexpr, S_final_stride_h: tl.constexpr, S_final_stride_dk: tl.constexpr, S_final_stride_dv: tl.constexpr):
+@triton.jit(do_not_specialize=['N_b', 'N_h', 'N_t'])
+def deltanet_sequential(q_ptr, k_ptr, v_ptr, beta_ptr, S_prev_ptr, N_b, N_h, N_t, o_ptr, S_final_ptr, N_dk: tl.constexpr, N_dv: tl.constexpr, BLOCK_dk: tl.constexpr, BLOCK_dv: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr, q_stride_h: tl.constexpr, q_stride_dk: tl.constexpr, k_stride_h: tl.constexpr, k_stride_dk: tl.constexpr, v_stride_h: tl.constexpr, v_stride_dv: tl.constexpr, beta_stride_h: tl.constexpr, S_stride_h: tl.constexpr, S_stride_dk: tl.constexpr, S_stride_dv: tl.constexpr, o_stride_h: tl.constexpr, o_stride_dv: tl.constexpr, S_final_stride_h: tl.constexpr, S_final_stride_dk: tl.constexpr, S_final_stride_dv: tl.constexpr):
+    # strides spanning a runtime size (batch, heads, length): computed, not compiled in
+    q_stride_t = N_h * q_stride_h
+    q_stride_b = N_t * q_stride_t
+    k_stride_t = N_h * k_stride_h
+    k_stride_b = N_t * k_stride_t
+    v_stride_t = N_h * v_stride_h
+    v_stride_b = N_t * v_stride_t
+    beta_stride_t = N_h * beta_stride_h
+    beta_stride_b = N_t * beta_stride_t
+    S_stride_b = N_h * S_stride_h
+    o_stride_t = N_h * o_stride_h
+    o_stride_b = N_t * o_stride_t
+    S_final_stride_b = N_h * S_final_stride_h
     # one program per (b, h) x block of (dv)
     pid = tl.program_id(0)
     i_h = pid % N_h

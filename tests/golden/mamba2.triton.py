@@ -18,8 +18,19 @@ RETURNS = [('out', 'y', 'b,t,h,p'), ('state', 'h', 'b,h,p,n')]
 LAYOUT = {'form': 'chunked', 'scan': 't', 'Q': 64, 'grid': ['b', 'h'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n'], 'inputs': ['x', 'dt', 'A', 'B', 'C', 'D', 'h'], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt': ['b', 't', 'h'], 'A': ['h'], 'B': ['b', 't', 'g', 'n'], 'C': ['b', 't', 'g', 'n'], 'D': ['h'], 'h': ['b', 'h', 'p', 'n'], 'y': ['b', 't', 'h', 'p'], 'h_final': ['b', 'h', 'p', 'n']}, 'stores': [['y', 'out', ['b', 't', 'h', 'p']], ['h_final', 'state', ['b', 'h', 'p', 'n']]]}
 
 
-@triton.jit
-def mamba2_chunked(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h_prev_ptr, y_ptr, h_final_ptr, N_b: tl.constexpr, N_t: tl.constexpr, N_h: tl.constexpr, N_p: tl.constexpr, N_g: tl.constexpr, N_n: tl.constexpr, BLOCK_p: tl.constexpr, BLOCK_n: tl.constexpr, Q: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr, x_stride_b: tl.constexpr, x_stride_t: tl.constexpr, x_stride_h: tl.constexpr, x_stride_p: tl.constexpr, dt_stride_b: tl.constexpr, dt_stride_t: tl.constexpr, dt_stride_h: tl.constexpr, A_stride_h: tl.constexpr, B_stride_b: tl.constexpr, B_stride_t: tl.constexpr, B_stride_g: tl.constexpr, B_stride_n: tl.constexpr, C_stride_b: tl.constexpr, C_stride_t: tl.constexpr, C_stride_g: tl.constexpr, C_stride_n: tl.constexpr, D_stride_h: tl.constexpr, h_stride_b: tl.constexpr, h_stride_h: tl.constexpr, h_stride_p: tl.constexpr, h_stride_n: tl.constexpr, y_stride_b: tl.constexpr, y_stride_t: tl.constexpr, y_stride_h: tl.constexpr, y_stride_p: tl.constexpr, h_final_stride_b: tl.constexpr, h_final_stride_h: tl.constexpr, h_final_stride_p: tl.constexpr, h_final_stride_n: tl.constexpr):
+@triton.jit(do_not_specialize=['N_b', 'N_h', 'N_t'])
+def mamba2_chunked(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h_prev_ptr, N_b, N_h, N_t, y_ptr, h_final_ptr, N_p: tl.constexpr, N_g: tl.constexpr, N_n: tl.constexpr, BLOCK_p: tl.constexpr, BLOCK_n: tl.constexpr, Q: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr, x_stride_h: tl.constexpr, x_stride_p: tl.constexpr, dt_stride_h: tl.constexpr, A_stride_h: tl.constexpr, B_stride_t: tl.constexpr, B_stride_g: tl.constexpr, B_stride_n: tl.constexpr, C_stride_t: tl.constexpr, C_stride_g: tl.constexpr, C_stride_n: tl.constexpr, D_stride_h: tl.constexpr, h_stride_h: tl.constexpr, h_stride_p: tl.constexpr, h_stride_n: tl.constexpr, y_stride_h: tl.constexpr, y_stride_p: tl.constexpr, h_final_stride_h: tl.constexpr, h_final_stride_p: tl.constexpr, h_final_stride_n: tl.constexpr):
+    # strides spanning a runtime size (batch, heads, length): computed, not compiled in
+    x_stride_t = N_h * x_stride_h
+    x_stride_b = N_t * x_stride_t
+    dt_stride_t = N_h * dt_stride_h
+    dt_stride_b = N_t * dt_stride_t
+    B_stride_b = N_t * B_stride_t
+    C_stride_b = N_t * C_stride_t
+    h_stride_b = N_h * h_stride_h
+    y_stride_t = N_h * y_stride_h
+    y_stride_b = N_t * y_stride_t
+    h_final_stride_b = N_h * h_final_stride_h
     # one program per (b, h) x block of (p)
     pid = tl.program_id(0)
     i_h = pid % N_h
@@ -52,7 +63,7 @@ def mamba2_chunked(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h_prev_ptr, y_ptr,
         # stage cumsum
         h_L_ell = tl.where(valid, h_ell, 0.0)  # log-decay per step (0 past the end)
         h_L = tl.cumsum(h_L_ell, axis=0)  # summed within the chunk
-        h_L_last = tl.sum(tl.where(o_t == Q - 1, h_L, 0.0), axis=0)  # log-decay across the chunk: the cumsum's last row (exp(last - L) is exactly 1 at the last step)
+        h_L_last = tl.sum(tl.where(in_chunk == Q - 1, h_L, 0.0), axis=0)  # log-decay across the chunk: the cumsum's last row (exp(last - L) is exactly 1 at the last step)
         # stage chunk_state
         # stage state_passing
         # stage chunk_output

@@ -19,8 +19,21 @@ LAYOUT = {'form': 'chunked', 'scan': 't', 'Q': 64, 'grid': ['b', 'h'], 'tile': [
 POST_LAYOUT = {'form': 'rows', 'scan': '~', 'Q': None, 'grid': ['b', 't', 'g'], 'tile': ['h', 'p'], 'split': [], 'groups': {}, 'group_tile': {'h': 'g'}, 'dims': ['b', 't', 'h', 'p', 'g'], 'inputs': ['v17', 'norm_w'], 'arrays': {'v17': ['b', 't', 'h', 'p'], 'norm_w': ['h', 'p'], 'y': ['b', 't', 'h', 'p']}, 'stores': [['y', 'out', ['b', 't', 'h', 'p']]]}
 
 
-@triton.jit
-def mamba2_gated_chunked(x_ptr, dt_raw_ptr, dt_bias_ptr, A_log_ptr, B_ptr, C_ptr, D_ptr, z_ptr, s_prev_ptr, s_final_ptr, v17_ptr, N_b: tl.constexpr, N_t: tl.constexpr, N_h: tl.constexpr, N_p: tl.constexpr, N_g: tl.constexpr, N_n: tl.constexpr, BLOCK_p: tl.constexpr, BLOCK_n: tl.constexpr, Q: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr, x_stride_b: tl.constexpr, x_stride_t: tl.constexpr, x_stride_h: tl.constexpr, x_stride_p: tl.constexpr, dt_raw_stride_b: tl.constexpr, dt_raw_stride_t: tl.constexpr, dt_raw_stride_h: tl.constexpr, dt_bias_stride_h: tl.constexpr, A_log_stride_h: tl.constexpr, B_stride_b: tl.constexpr, B_stride_t: tl.constexpr, B_stride_g: tl.constexpr, B_stride_n: tl.constexpr, C_stride_b: tl.constexpr, C_stride_t: tl.constexpr, C_stride_g: tl.constexpr, C_stride_n: tl.constexpr, D_stride_h: tl.constexpr, z_stride_b: tl.constexpr, z_stride_t: tl.constexpr, z_stride_h: tl.constexpr, z_stride_p: tl.constexpr, s_stride_b: tl.constexpr, s_stride_h: tl.constexpr, s_stride_p: tl.constexpr, s_stride_n: tl.constexpr, s_final_stride_b: tl.constexpr, s_final_stride_h: tl.constexpr, s_final_stride_p: tl.constexpr, s_final_stride_n: tl.constexpr, v17_stride_b: tl.constexpr, v17_stride_t: tl.constexpr, v17_stride_h: tl.constexpr, v17_stride_p: tl.constexpr):
+@triton.jit(do_not_specialize=['N_b', 'N_h', 'N_t'])
+def mamba2_gated_chunked(x_ptr, dt_raw_ptr, dt_bias_ptr, A_log_ptr, B_ptr, C_ptr, D_ptr, z_ptr, s_prev_ptr, N_b, N_h, N_t, s_final_ptr, v17_ptr, N_p: tl.constexpr, N_g: tl.constexpr, N_n: tl.constexpr, BLOCK_p: tl.constexpr, BLOCK_n: tl.constexpr, Q: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr, x_stride_h: tl.constexpr, x_stride_p: tl.constexpr, dt_raw_stride_h: tl.constexpr, dt_bias_stride_h: tl.constexpr, A_log_stride_h: tl.constexpr, B_stride_t: tl.constexpr, B_stride_g: tl.constexpr, B_stride_n: tl.constexpr, C_stride_t: tl.constexpr, C_stride_g: tl.constexpr, C_stride_n: tl.constexpr, D_stride_h: tl.constexpr, z_stride_h: tl.constexpr, z_stride_p: tl.constexpr, s_stride_h: tl.constexpr, s_stride_p: tl.constexpr, s_stride_n: tl.constexpr, s_final_stride_h: tl.constexpr, s_final_stride_p: tl.constexpr, s_final_stride_n: tl.constexpr, v17_stride_h: tl.constexpr, v17_stride_p: tl.constexpr):
+    # strides spanning a runtime size (batch, heads, length): computed, not compiled in
+    x_stride_t = N_h * x_stride_h
+    x_stride_b = N_t * x_stride_t
+    dt_raw_stride_t = N_h * dt_raw_stride_h
+    dt_raw_stride_b = N_t * dt_raw_stride_t
+    B_stride_b = N_t * B_stride_t
+    C_stride_b = N_t * C_stride_t
+    z_stride_t = N_h * z_stride_h
+    z_stride_b = N_t * z_stride_t
+    s_stride_b = N_h * s_stride_h
+    s_final_stride_b = N_h * s_final_stride_h
+    v17_stride_t = N_h * v17_stride_h
+    v17_stride_b = N_t * v17_stride_t
     # one program per (b, h) x block of (p)
     pid = tl.program_id(0)
     i_h = pid % N_h
@@ -61,7 +74,7 @@ def mamba2_gated_chunked(x_ptr, dt_raw_ptr, dt_bias_ptr, A_log_ptr, B_ptr, C_ptr
         # stage cumsum
         s_L_ell = tl.where(valid, s_ell, 0.0)  # log-decay per step (0 past the end)
         s_L = tl.cumsum(s_L_ell, axis=0)  # summed within the chunk
-        s_L_last = tl.sum(tl.where(o_t == Q - 1, s_L, 0.0), axis=0)  # log-decay across the chunk: the cumsum's last row (exp(last - L) is exactly 1 at the last step)
+        s_L_last = tl.sum(tl.where(in_chunk == Q - 1, s_L, 0.0), axis=0)  # log-decay across the chunk: the cumsum's last row (exp(last - L) is exactly 1 at the last step)
         # stage chunk_state
         # stage state_passing
         # stage chunk_output
@@ -86,8 +99,13 @@ def mamba2_gated_chunked(x_ptr, dt_raw_ptr, dt_bias_ptr, A_log_ptr, B_ptr, C_ptr
     tl.store(s_final_ptr + i_b * s_final_stride_b + i_h * s_final_stride_h + o_p[:, None] * s_final_stride_p + o_n * s_final_stride_n, (state_s_prev).to(s_final_ptr.dtype.element_ty), mask=((o_p < N_p))[:, None] & (o_n < N_n))
 
 
-@triton.jit
-def mamba2_gated_post(v17_ptr, norm_w_ptr, y_ptr, N_b: tl.constexpr, N_t: tl.constexpr, N_h: tl.constexpr, N_p: tl.constexpr, N_g: tl.constexpr, BLOCK_h: tl.constexpr, BLOCK_p: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr, v17_stride_b: tl.constexpr, v17_stride_t: tl.constexpr, v17_stride_h: tl.constexpr, v17_stride_p: tl.constexpr, norm_w_stride_h: tl.constexpr, norm_w_stride_p: tl.constexpr, y_stride_b: tl.constexpr, y_stride_t: tl.constexpr, y_stride_h: tl.constexpr, y_stride_p: tl.constexpr):
+@triton.jit(do_not_specialize=['N_b', 'N_t', 'N_g'])
+def mamba2_gated_post(v17_ptr, norm_w_ptr, N_b, N_t, N_g, y_ptr, N_h: tl.constexpr, N_p: tl.constexpr, BLOCK_h: tl.constexpr, BLOCK_p: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr, v17_stride_h: tl.constexpr, v17_stride_p: tl.constexpr, norm_w_stride_h: tl.constexpr, norm_w_stride_p: tl.constexpr, y_stride_h: tl.constexpr, y_stride_p: tl.constexpr):
+    # strides spanning a runtime size (batch, heads, length): computed, not compiled in
+    v17_stride_t = N_g * N_h * v17_stride_h
+    v17_stride_b = N_t * v17_stride_t
+    y_stride_t = N_g * N_h * y_stride_h
+    y_stride_b = N_t * y_stride_t
     # the epilogue after the main kernel: N_h is the number of heads per group g
     # one program per (b, t, g)
     pid = tl.program_id(0)
