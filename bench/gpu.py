@@ -782,7 +782,8 @@ def main_driver(args):
             cargs = ["--one", shape, dtype, "--impls", *args.impls, "--repeats", str(args.repeats), *bw_args]
             run(f"{shape} {dtype}", cargs, args.child_timeout)
     for shape in args.gla:
-        run(f"GLA {shape}", ["--one-gla", shape, "--repeats", str(args.repeats), *bw_args], args.child_timeout)
+        run(f"GLA {shape}", ["--one-gla", shape, "--gla-impls", *args.gla_impls, "--repeats", str(args.repeats),
+                             *bw_args], args.child_timeout)
     if args.decode:
         for dtype in args.dtypes:
             run(f"decode {dtype}", ["--part", "decode", "--dtypes", dtype, "--state-dtype", args.state_dtype,
@@ -836,6 +837,7 @@ def main(argv=None):
                     help="mixed: x, dt, B, C bf16 with A, D fp32 (as models hold them); bf16: every input bf16")
     ap.add_argument("--gla", nargs="*", default=list(GLA_SHAPES), choices=list(GLA_SHAPES),
                     help="GLA shapes timed against fla's chunk_gla")
+    ap.add_argument("--gla-impls", nargs="+", default=list(GLA_IMPLS), choices=list(GLA_IMPLS))
     ap.add_argument("--one-gla", metavar="SHAPE", help="(child) time one GLA shape")
     ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
     ap.add_argument("--repeats", type=int, default=30)
@@ -867,7 +869,7 @@ def main(argv=None):
         shape, dtype = args.one
         run_one(shape, dtype, args.impls, args.bw, args.repeats)
     elif args.one_gla:
-        run_gla(args.one_gla, GLA_IMPLS, args.bw, args.repeats)
+        run_gla(args.one_gla, args.gla_impls, args.bw, args.repeats)
     elif args.part:
         main_part(args)
     else:
