@@ -2,7 +2,7 @@
 __version__ = "0.1.0"
 
 from .errors import SSMCError, ShapeError, SpecError, TargetError  # noqa: E402
-from .api import Kernel, check, compile  # noqa: E402
+from .api import Kernel, check, clear_cache, compile  # noqa: E402
 from .state_cache import StateCache  # noqa: E402
 
-__all__ = ["compile", "check", "Kernel", "StateCache", "SSMCError", "SpecError", "ShapeError", "TargetError", "__version__"]
+__all__ = ["compile", "check", "clear_cache", "Kernel", "StateCache", "SSMCError", "SpecError", "ShapeError", "TargetError", "__version__"]

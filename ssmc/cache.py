@@ -36,6 +36,7 @@ SECRET_NAME = "secret.key"
 _SECRET_BYTES = 32
 _KEY_RE = re.compile(r"[0-9a-f]{8,128}")
 _STALE_TMP_S = 3600.0  # temp files older than this are leftovers of a crashed writer
+_RACY_S = 3.0  # files changed this recently are hashed again next time (see code_fingerprint)
 _POSIX = os.name == "posix"
 _warned_roots: set[str] = set()  # warn once per root per process, not once per compile
 # O_NONBLOCK: opening a FIFO for reading must not wait for a writer (we reject it after fstat anyway).
@@ -73,24 +74,52 @@ def code_fingerprint(*packages: str) -> str:
 
     Meant as a cache_key part: ``__version__`` does not change while the compiler is being edited,
     so without this a cached kernel from older emitter code would be served after a fix.
+    Reading and hashing every source costs milliseconds in each process, so the digest is also kept in the disk
+    cache under a key of the files' names, sizes, mtimes, ctimes and inodes; as git does for its index, the
+    digest is not stored while a file changed in the last few seconds (an edit within the timestamps' granularity
+    that keeps the size would otherwise be missed).
     """
-    h = hashlib.sha256()
+    listing = []  # (package, [(directory, [(path, stat)] or None when unreadable)])
     for name in packages or ("ssmc", "ssmc.passes", "ssmc.targets", "ssmc.grammar"):
         try:
             dirs = importlib.import_module(name).__path__
         except (ImportError, AttributeError):
             dirs = []  # not a package (or absent): contributes its name only
+        listing.append((name, [(d, _source_files(d)) for d in dirs]))
+    stamps = repr([(name, [(str(d), files and [(p.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+                                             for p, st in files]) for d, files in dirs]) for name, dirs in listing])
+    dc = DiskCache(space="fingerprint")
+    key = cache_key(stamps=stamps)
+    hit = dc.get(key)
+    if hit is not None and isinstance(hit.get("sha256"), str):
+        return hit["sha256"]
+    h = hashlib.sha256()
+    newest = 0
+    for name, dirs in listing:
         h.update(f"\0{name}\0".encode())
-        for d in dirs:
+        for d, files in dirs:
             try:
-                files = sorted(p for p in pathlib.Path(d).iterdir() if p.suffix in (".py", ".lark") and p.is_file())
-                for f in files:
+                if files is None:
+                    raise OSError
+                for f, st in files:
                     data = f.read_bytes()
                     h.update(f"{f.name}\0{len(data)}\0".encode())
                     h.update(data)
+                    newest = max(newest, st.st_mtime_ns, st.st_ctime_ns)
             except OSError:  # e.g. a zipped install: fall back to names/version only
                 h.update(f"\0?{d}".encode())
-    return h.hexdigest()
+    digest = h.hexdigest()
+    if newest < (time.time() - _RACY_S) * 1e9:
+        dc.put(key, {"sha256": digest})
+    return digest
+
+
+def _source_files(d) -> list | None:
+    try:
+        files = [(p, p.stat()) for p in sorted(pathlib.Path(d).iterdir()) if p.suffix in (".py", ".lark")]
+    except OSError:
+        return None
+    return [(p, st) for p, st in files if stat.S_ISREG(st.st_mode)]
 
 
 def _canonical(entry: dict) -> bytes:
@@ -150,9 +179,16 @@ def _read_trusted(path: pathlib.Path, limit: int, private: bool = False) -> byte
 
 
 class DiskCache:
-    def __init__(self, root: str | os.PathLike | None = None):
+    """Kernels live in ``root/v1``; ``space`` names a separate subdirectory of it (``"lark"``: the spec parser's
+    tables) that ``info`` and ``clear`` of the kernel cache do not count. One secret per root."""
+
+    def __init__(self, root: str | os.PathLike | None = None, space: str | None = None):
         self.root = pathlib.Path(root).expanduser() if root is not None else default_root()
         self._dir = self.root / f"v{FORMAT_VERSION}"
+        if space is not None:
+            if not re.fullmatch(r"[a-z]{3,16}", space):  # never two characters: those are kernel shards
+                raise ValueError(f"invalid cache space {space!r}")
+            self._dir = self._dir / space
 
     def path(self, key: str) -> pathlib.Path:
         # Keys become file names, so only accept hex to rule out path traversal.
