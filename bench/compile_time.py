@@ -7,7 +7,8 @@ cache (cold) and with the spec, the parser and the compiler fingerprint already 
 Every measurement is a new python process on a private cache directory (JAX_PLATFORMS=cpu). "compile" includes
 everything ssmc.compile does, jax's backend initialisation among it (the XLA target asks jax which backend it
 is on); "compile, backend up" is the same call after `jax.default_backend()` already ran, as in a process that
-has touched jax before compiling. Prints medians (and min-max) in milliseconds as a markdown table.
+has touched jax before compiling. Prints medians (and min-max) in milliseconds of wall time, and the median CPU
+time of the process (user + system: less sensitive to a shared, loaded machine) as a markdown table.
 """
 from __future__ import annotations
 
@@ -26,16 +27,16 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 _CHILD = r"""
 import json, sys, time
-t0 = time.perf_counter()
+c0, t0 = time.process_time(), time.perf_counter()
 import ssmc
-t1 = time.perf_counter()
+c1, t1 = time.process_time(), time.perf_counter()
 if {backend_first}:
     import jax
     jax.default_backend()
-t2 = time.perf_counter()
+c2, t2 = time.process_time(), time.perf_counter()
 k = ssmc.compile({spec!r}, target={target!r})
-t3 = time.perf_counter()
-print(json.dumps({{"import": t1 - t0, "compile": t3 - t2, "from_disk": k.from_disk_cache}}))
+c3, t3 = time.process_time(), time.perf_counter()
+print(json.dumps({{"import": [t1 - t0, c1 - c0], "compile": [t3 - t2, c3 - c2], "from_disk": k.from_disk_cache}}))
 """
 
 
@@ -69,10 +70,11 @@ def main() -> None:
         rows["compile, warm cache"].append(warm["compile"])
         rows["compile, warm cache, backend up"].append(up["compile"])
     print(f"{pathlib.Path(args.spec).name}, target {args.target}, {args.runs} runs, fresh process each\n")
-    print("| step | median ms | min-max ms |\n|---|---|---|")
+    print("| step | median wall ms | min-max wall ms | median CPU ms |\n|---|---|---|---|")
     for name, xs in rows.items():
-        ms = [1e3 * x for x in xs]
-        print(f"| {name} | {statistics.median(ms):.1f} | {min(ms):.1f}-{max(ms):.1f} |")
+        ms = [1e3 * w for w, _ in xs]
+        cpu = [1e3 * c for _, c in xs]
+        print(f"| {name} | {statistics.median(ms):.1f} | {min(ms):.1f}-{max(ms):.1f} | {statistics.median(cpu):.1f} |")
     import jax
     import lark
     print(f"\npython {platform.python_version()}, jax {jax.__version__}, lark {lark.__version__}, "
