@@ -51,7 +51,7 @@ def make_plan(p: Program) -> Plan:
         try:
             lin = an.lin(i.args[0], atoms_new=False)
             own = [t for t in lin.terms if t.state == sp.name and t.when == "prev"]
-            other = [t for t in lin.terms if t not in own]
+            other = [t for t in lin.terms if not (t.state == sp.name and t.when == "prev")]  # O(n), not `not in own`
             if other:
                 raise NotLinear(f"the update of '{sp.name}' reads state '{other[0].state}' (coupled states)", i)
             if len(own) > 1:

@@ -6,7 +6,7 @@ from ._platform import skip_absent_tpu  # noqa: E402
 skip_absent_tpu()  # before anything starts jax's backends: no libtpu start-up noise on machines without a TPU
 
 from .errors import SSMCError, ShapeError, SpecError, TargetError  # noqa: E402
-from .api import Kernel, check, compile  # noqa: E402
+from .api import Kernel, check, clear_cache, compile  # noqa: E402
 from .state_cache import StateCache  # noqa: E402
 
-__all__ = ["compile", "check", "Kernel", "StateCache", "SSMCError", "SpecError", "ShapeError", "TargetError", "__version__"]
+__all__ = ["compile", "check", "clear_cache", "Kernel", "StateCache", "SSMCError", "SpecError", "ShapeError", "TargetError", "__version__"]

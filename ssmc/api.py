@@ -1,6 +1,7 @@
 """ssmc.compile and the Kernel it returns."""
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import hashlib
@@ -21,15 +22,26 @@ import numpy as np
 from . import __version__
 from .cache import DiskCache, cache_key, code_fingerprint
 from .errors import ShapeError, SSMCError, TargetError
-from .frontend import parse
+from .frontend import parse, parser
 from .ir import Program, to_dot
 from .layout import from_ir, to_ir
 from .semantic import lower
 from .window import derive_sizes, is_window_dim
 from ssmc.passes.expand_groups import split_name, split_order
 
-_MEMORY: dict[tuple, "Kernel"] = {}
+# In-process kernel cache: compile's memo, keyed by the lowered IR (without source positions, so specs that differ
+# only in comments or layout share a kernel) and the options; least recently used dropped beyond MEMORY_KERNELS.
+MEMORY_KERNELS = 64
+_MEMORY: "collections.OrderedDict[tuple, Kernel]" = collections.OrderedDict()
 _LOCK = threading.Lock()
+_SPAN = re.compile(r"  @\d+:\d+(?:-\d+:\d+)?$", re.M)
+
+
+def clear_cache() -> None:
+    """Empty the in-process kernel cache (compile's memo of recent kernels). Kernels you hold stay usable. The disk
+    cache is not touched: `ssmc cache clear` (or ssmc.cache.DiskCache().clear()) removes its entries."""
+    with _LOCK:
+        _MEMORY.clear()
 
 
 def _read_spec(spec) -> tuple[str, str]:
@@ -80,16 +92,21 @@ def compile(spec, target: str = "xla", chunk_size: int | None = None, dump: bool
     if hasattr(tgt, "prepare"):
         tgt.prepare(bool(interpret))
     dump_dir = _dump_dir(dump)
-    mkey = (text, tgt.name, chunk_size, matmul, bool(interpret), str(out_dtype))
-    with _LOCK:
-        hit = _MEMORY.get(mkey)
-    if hit is not None and dump_dir is None:
-        _warn_unused_chunk_size(hit, chunk_size)
-        return hit
     t0 = time.perf_counter()
+    parser(disk_cache=cache)  # built once per process; with cache=True its tables come from the disk cache
     program = lower(parse(text, filename))
     pipeline = tgt.pipeline(chunk_size)
-    key = cache_key(ir=program.text(), target=tgt.name, options=pipeline, version=__version__,
+    ir = program.text()
+    mkey = (_SPAN.sub("", ir), tgt.name, pipeline, matmul, bool(interpret), str(out_dtype))
+    if cache and dump_dir is None:
+        with _LOCK:
+            hit = _MEMORY.get(mkey)
+            if hit is not None:
+                _MEMORY.move_to_end(mkey)
+        if hit is not None:
+            _warn_unused_chunk_size(hit, chunk_size)
+            return hit
+    key = cache_key(ir=ir, target=tgt.name, options=pipeline, version=__version__,
                     compiler=_compiler_fingerprint(), jax=jax.__version__)
     disk = DiskCache() if cache else None
     entry = disk.get(key) if disk is not None and dump_dir is None else None
@@ -116,8 +133,12 @@ def compile(spec, target: str = "xla", chunk_size: int | None = None, dump: bool
     attach(k, text, chunk_size, cache)  # CPU default: the faster of chunked / sequential per shape bucket
     if dump_dir is not None:
         k.dump(dump_dir)
-    with _LOCK:
-        _MEMORY[mkey] = k
+    if cache:
+        with _LOCK:
+            _MEMORY[mkey] = k
+            _MEMORY.move_to_end(mkey)
+            while len(_MEMORY) > MEMORY_KERNELS:
+                _MEMORY.popitem(last=False)
     _warn_unused_chunk_size(k, chunk_size)
     return k
 

@@ -282,6 +282,8 @@ def cmd_cache(args, out) -> int:
         print(f"bytes    {i['bytes']}", file=out)
     else:
         n = c.clear()
+        for space in ("lark", "fingerprint"):  # the parser's tables and the compiler's fingerprint: rebuilt on use
+            DiskCache(space=space).clear()
         print(f"removed {n} entr{'y' if n == 1 else 'ies'} from {c.root}", file=out)
     return 0
 

@@ -1,10 +1,14 @@
 """Spec text -> syntax tree (lark LALR parser + a Transformer), with friendly syntax errors."""
 from __future__ import annotations
 
-import functools
+import json
+import sys
+import threading
 from importlib import resources
 
 import lark
+import lark.grammar
+import lark.lexer
 from lark import Transformer, v_args
 
 from . import ast
@@ -32,10 +36,69 @@ _EXAMPLES = {
 }
 
 
-@functools.cache
-def parser() -> lark.Lark:
+_PARSER_OPTIONS = dict(parser="lalr", strict=True, propagate_positions=True, maybe_placeholders=False)
+_parser: lark.Lark | None = None
+_parser_lock = threading.Lock()
+
+
+def parser(disk_cache: bool = True) -> lark.Lark:
+    """The spec parser, built once per process. Building it costs ~0.2 s (mostly strict mode's regex-collision
+    check), so its tables are also kept in the disk cache (``disk_cache``), under the same trust rules as kernels
+    (ssmc/cache.py: ours, not group/other-writable, HMAC-authenticated) and as JSON, never a pickle."""
+    global _parser
+    if _parser is None:
+        with _parser_lock:
+            if _parser is None:
+                _parser = _load_or_build(disk_cache)
+    return _parser
+
+
+def _load_or_build(disk_cache: bool) -> lark.Lark:
+    from .cache import DiskCache, cache_key
+
     text = resources.files("ssmc.grammar").joinpath("ssm.lark").read_text(encoding="utf-8")
-    return lark.Lark(text, parser="lalr", strict=True, propagate_positions=True, maybe_placeholders=False)
+    dc = key = None
+    if disk_cache:
+        dc = DiskCache(space="lark")
+        key = cache_key(grammar=text, lark=lark.__version__, options=repr(sorted(_PARSER_OPTIONS.items())),
+                        python="%d.%d" % sys.version_info[:2])
+        entry = dc.get(key)
+        if entry is not None:
+            try:
+                d = json.loads(entry["tables"], object_hook=_untag)
+                return lark.Lark._load_from_dict(d["data"], d["memo"])
+            except Exception:  # an authentic entry lark cannot load (should not happen): rebuild and overwrite
+                pass
+    p = lark.Lark(text, **_PARSER_OPTIONS)
+    if dc is not None:
+        data, memo = p.memo_serialize([lark.lexer.TerminalDef, lark.grammar.Rule])
+        dc.put(key, {"tables": json.dumps(_tag({"data": data, "memo": memo}), separators=(",", ":"))})
+    return p
+
+
+# lark's serialised tables are plain data with tuples and int-keyed dicts, which JSON alone would turn into lists
+# and str keys: tag those two so a load gives back exactly what lark wrote.
+def _tag(x):
+    if isinstance(x, dict):
+        if all(isinstance(k, str) for k in x) and not {"(", "{"} & set(x):
+            return {k: _tag(v) for k, v in x.items()}
+        return {"{": [[_tag(k), _tag(v)] for k, v in x.items()]}
+    if isinstance(x, tuple):
+        return {"(": [_tag(v) for v in x]}
+    if isinstance(x, list):
+        return [_tag(v) for v in x]
+    if x is None or isinstance(x, (str, int, float, bool)):
+        return x
+    raise TypeError(f"unexpected {type(x).__name__} in lark's serialised parser")
+
+
+def _untag(o: dict):
+    if len(o) == 1:
+        if "(" in o:
+            return tuple(o["("])
+        if "{" in o:
+            return {k: v for k, v in o["{"]}
+    return o
 
 
 def _span(meta_or_token) -> Span:

@@ -202,8 +202,7 @@ def verify(p: Program, pass_name: str = "") -> None:
         if tuple(i.dims) != p.order(i.dims):
             fail(f"dims {i.dims} are not in canonical order {p.order(i.dims)}")
         seen.add(i.name)
-    if not nx.is_directed_acyclic_graph(p.graph()):
-        raise VerifyError(f"IR verification failed{where}: dataflow graph has a cycle")
+    # Acyclic by the check above: every operand is defined earlier in the list (no graph needed per pass).
     updated = [i.attr("state") for i in p.instrs if i.op in ("update", "final")]
     for s in p.states:
         if updated.count(s.name) != 1:

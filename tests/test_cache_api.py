@@ -1,13 +1,15 @@
-"""ssmc.compile's caching, seen through the public API: the in-process memo, the disk cache across processes,
-recovery from damaged entries, keys that depend on options, and dump=<dir>."""
+"""ssmc.compile's caching, seen through the public API: the in-process memo (keyed by the IR, bounded, clearable),
+the disk cache across processes, recovery from damaged entries, keys that depend on options, and dump=<dir>."""
 from __future__ import annotations
 
+import gc
 import json
 import os
 import pathlib
 import subprocess
 import sys
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -25,12 +27,18 @@ SIZES = dict(b=1, t=20, h=2, p=3, n=4, g=1)
 def cache_dir(tmp_path, monkeypatch):
     d = tmp_path / "ssmc-cache"
     monkeypatch.setenv("SSMC_CACHE_DIR", str(d))
+    ssmc.clear_cache()  # each test starts with an empty in-process cache
     return d
 
 
 def unique_spec(tag: str) -> str:
-    """mamba2 with a comment that makes its text (the in-process memo key) unique to this test run."""
+    """mamba2 with a leading comment (the same IR, so the same kernel, as mamba2 itself)."""
     return f"# {tag} {time.time_ns()}\n" + MAMBA2
+
+
+def variant(i: int) -> str:
+    """mamba2 with a different constant: a different IR, so a different kernel."""
+    return MAMBA2.replace("D*x", f"D*x*{1 + i / 1000}")
 
 
 def inputs(seed=0):
@@ -64,6 +72,60 @@ def test_same_spec_twice_is_same_object_and_fast():
     assert ssmc.compile(spec, chunk_size=4) is not k1
 
 
+def test_comment_only_differences_share_one_kernel():
+    k = ssmc.compile(MAMBA2)
+    for text in [unique_spec("a"), MAMBA2 + "\n# trailing\n", MAMBA2.replace("\n", "\n\n", 3),
+                 MAMBA2.replace("D*x", "D * x  # skip")]:
+        assert ssmc.compile(text) is k
+    assert len(api._MEMORY) == 1
+    other = ssmc.compile(variant(1))
+    assert other is not k and len(api._MEMORY) == 2
+    xs = inputs()
+    got, want = (np.asarray(r[0]) for r in (other(**xs), k(**xs)))
+    np.testing.assert_allclose(got - want, 0.001 * xs["D"][None, None, :, None] * xs["x"], rtol=1e-4, atol=1e-5)
+
+
+def test_memory_cache_is_bounded_lru_and_frees_kernels(monkeypatch):
+    monkeypatch.setattr(api, "MEMORY_KERNELS", 3)
+    refs = []
+    xs = inputs()
+    for i in range(8):
+        k = ssmc.compile(variant(i), cache=True)
+        k(**xs)  # called too: traced and compiled by jax
+        refs.append(weakref.ref(k))
+        assert ssmc.compile(variant(0)) is refs[0]()  # a hit makes it the most recently used ...
+        assert len(api._MEMORY) <= 3
+    del k
+    gc.collect()
+    alive = [i for i, r in enumerate(refs) if r() is not None]
+    assert alive == [0, 6, 7]  # ... so it survives with the 2 newest; the rest are dropped and freed
+    assert ssmc.compile(variant(3)).from_disk_cache  # an evicted one comes back from disk
+
+
+def test_clear_cache_empties_memory_only(cache_dir):
+    k1 = ssmc.compile(MAMBA2)
+    assert ssmc.compile(MAMBA2) is k1
+    assert ssmc.clear_cache() is None and len(api._MEMORY) == 0
+    k2 = ssmc.compile(MAMBA2)
+    assert k2 is not k1 and k2.from_disk_cache  # the disk cache is still there
+    assert DiskCache(cache_dir).info()["entries"] == 1
+    for a, b in zip(results(k1), results(k2)):  # and the kernel held across the clear still works
+        np.testing.assert_array_equal(a, b)
+    assert "clear_cache" in ssmc.__all__
+
+
+def test_cache_false_skips_the_memory_cache(cache_dir):
+    k = ssmc.compile(MAMBA2)
+    n = len(api._MEMORY)
+    k1 = ssmc.compile(MAMBA2, cache=False)
+    k2 = ssmc.compile(MAMBA2, cache=False)
+    assert k1 is not k and k2 is not k1 and not k1.from_disk_cache
+    assert len(api._MEMORY) == n
+    ssmc.clear_cache()
+    ssmc.compile(variant(5), cache=False)
+    assert len(api._MEMORY) == 0 and DiskCache(cache_dir).info()["entries"] == 1
+
+
 def test_new_process_reads_disk_cache(tmp_path, cache_dir):
     spec_file = tmp_path / "m.ssm"
     spec_file.write_text(unique_spec("disk"))
@@ -95,7 +157,7 @@ print(json.dumps({{"from_disk_cache": k.from_disk_cache, "source_same": k.source
 def test_disk_hit_in_process_after_memo_is_dropped(monkeypatch, cache_dir):
     spec = unique_spec("disk-in-process")
     k1 = ssmc.compile(spec)
-    monkeypatch.setattr(api, "_MEMORY", {})
+    ssmc.clear_cache()
     k2 = ssmc.compile(spec)
     assert k2 is not k1 and k2.from_disk_cache and not k1.from_disk_cache
     assert k2.source == k1.source and k2.ir == k1.ir and k2.passes == k1.passes
@@ -120,7 +182,7 @@ def test_damaged_entry_is_ignored_and_regenerated(monkeypatch, cache_dir, damage
         env = json.loads(good)
         env["entry"]["source"] = "raise SystemExit('tampered')\n"
         path.write_text(json.dumps(env))
-    monkeypatch.setattr(api, "_MEMORY", {})
+    ssmc.clear_cache()
     k2 = ssmc.compile(spec)
     assert not k2.from_disk_cache
     assert k2.source == k1.source
@@ -129,7 +191,7 @@ def test_damaged_entry_is_ignored_and_regenerated(monkeypatch, cache_dir, damage
     # regenerated: the same file is a valid entry again, and a fresh compile now hits it
     assert entry_files(cache_dir) == [path]
     assert json.loads(path.read_bytes())["entry"]["source"] == k1.source
-    monkeypatch.setattr(api, "_MEMORY", {})
+    ssmc.clear_cache()
     assert ssmc.compile(spec).from_disk_cache
 
 

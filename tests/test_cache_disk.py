@@ -248,7 +248,7 @@ def test_disk_full_warns_and_leaves_no_temp_files(dc, monkeypatch):
         dc.put(k, {"source": "new"})
     monkeypatch.undo()
     assert dc.get(k) == ENTRY  # the old entry survives a failed overwrite
-    assert [p.name for p in dc.root.rglob("*") if p.is_file()] == [f"{k}.json"]
+    assert sorted(p.name for p in dc.root.rglob("*") if p.is_file()) == [f"{k}.json", "secret.key"]
 
 
 def test_fsync_failure_warns(dc, monkeypatch):
