@@ -7,8 +7,12 @@ import math
 import jax.numpy as jnp
 from jax import lax
 
-from .kernel_body import dim_id
 from .xla_runtime import causal_conv, conv_window  # noqa: F401  (pre-kernel convs of generated launchers)
+
+
+def final_key(state: str) -> str:
+    """A final state's key among a layout's arrays: no spec name has a ':', so it meets no array's name."""
+    return f"{state}:final"
 
 
 def dim_sizes(layout: dict, arrays: dict) -> dict[str, int]:
@@ -41,13 +45,15 @@ def tile_sizes(layout: dict, sizes: dict) -> dict:
 
 
 def constexprs(layout: dict, sizes: dict, blocks: dict, Q: int | None) -> dict:
-    meta = {f"N_{dim_id(d)}": n for d, n in tile_sizes(layout, sizes).items() if d in layout["dims"]}
-    meta.update({f"BLOCK_{dim_id(d)}": blocks[d] for d in layout["tile"]})
+    """The kernel's size, block and stride parameters by the names the emitter gave them (LAYOUT["names"])."""
+    names = layout["names"]
+    meta = {names["N"][d]: n for d, n in tile_sizes(layout, sizes).items() if d in layout["dims"]}
+    meta.update({names["BLOCK"][d]: blocks[d] for d in layout["tile"]})
     if layout["form"] == "chunked":
         meta["Q"] = Q
     for arr, dims in layout["arrays"].items():
         for d, s in row_major_strides(dims, sizes).items():
-            meta[f"{arr}_stride_{dim_id(d)}"] = s
+            meta[names["stride"][arr][d]] = s
     return meta
 
 

@@ -6,13 +6,15 @@ self-describing: PARAMS / RETURNS give every argument's and result's IR dims.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 
 from ssmc.ir import Instr, Program, union_dims
 from ssmc.passes.chunk import chunk_dim
 from ssmc.passes.chunk_ops import STAGE_OPS, decode
 
-from .writer import Names, Writer, dim_letters, py_name
+from .writer import Names, Writer, dim_letters, py_const
 
 UNARY = {"neg": "-{}", "exp": "jnp.exp({})", "log": "jnp.log({})", "softplus": "jax.nn.softplus({})",
          "silu": "jax.nn.silu({})", "sigmoid": "jax.nn.sigmoid({})", "tanh": "jnp.tanh({})", "sqrt": "jnp.sqrt({})",
@@ -39,12 +41,18 @@ class XlaTarget:
 
 
 class XlaEmitter:
+    # every identifier the emitted module writes literally (imports, globals, the call's `mm`, the chunked
+    # form's sizes, the scan bodies' parameters); everything else comes from the name table
+    FIXED = ("jax", "jnp", "lax", "rt", "PARAMS", "RETURNS", "ENTRY", "mm", "T", "Q", "Tp", "nc", "valid", "step",
+             "carry", "xs", "S", "inp", "a", "s", "y_t")
+
     def __init__(self, p: Program, pipeline: str):
         self.p, self.pipeline = p, pipeline
         self.by = p.by_name()
         self.w = Writer()
-        self.pn = Names(p.instrs)
-        self.letter = dim_letters(p.dims)
+        self.pn = Names(p.instrs, self.FIXED)
+        used = set().union(*(i.dims for i in p.instrs))  # only dims some value has need an einsum letter
+        self.letter = dim_letters([d for d in p.dims if d in used])
         self.scan = p.scan
         self.cd = chunk_dim(p.scan)
         self.chunked = any(i.op in STAGE_OPS for i in p.instrs)
@@ -60,8 +68,7 @@ class XlaEmitter:
     def n(self, ssa: str) -> str:
         i = self.by.get(ssa)
         if i is not None and i.op == "const":
-            v = i.attr("value")
-            return repr(v) if v >= 0 else f"({v!r})"
+            return py_const(i.attr("value"))
         return self.pn(ssa)
 
     def dims(self, ssa: str) -> tuple:
@@ -102,12 +109,16 @@ class XlaEmitter:
         w(f"PARAMS = {[(a, b, c, d) for a, b, c, d in params]!r}")
         rets = self.returns()
         w(f"RETURNS = {[(k, name, ','.join(d)) for k, name, _, d in rets]!r}")
+        entry = self.pn.key("entry", p.name)
+        w(f"ENTRY = {entry!r}")
         w()
         w()
         w("# mm: the matmul operand dtype (float32, or the inputs' bfloat16/float16); accumulation is float32")
-        with w.block(f"def {py_name('%' + p.name)}({', '.join(a for a, *_ in params)}, mm=jnp.float32):"):
+        with w.block(f"def {entry}({''.join(a + ', ' for a, *_ in params)}mm=jnp.float32):"):
             self.body(rets)
-        return w.text()
+        source = w.text()
+        self.pn.verify(source)
+        return source
 
     def returns(self):
         out = []
@@ -158,9 +169,10 @@ class XlaEmitter:
             self.local_dims[a] = tuple(d for d in self.by[a].dims if d != self.scan)
         w()
         w("# stage step: one step of the recurrence per position of the scan dim")
-        carry = ", ".join(self.pn(s.name) for s in states) + ","
+        carry = ", ".join(self.pn(s.name) for s in states) + ("," if states else "")  # a tuple, maybe empty
         with w.block("def step(carry, xs):"):
-            w(f"{carry} = carry")
+            if states:
+                w(f"{carry} = carry")
             if used:
                 w(f"{', '.join(self.pn(a) for a in used)}, = xs")
             self.mm = "jnp.float32"
@@ -175,14 +187,14 @@ class XlaEmitter:
             ys = ", ".join(self.pn(v) for _, _, v in outs)
             w(f"return ({', '.join(new)},), ({ys}{',' if outs else ''})")
         xs = ", ".join(f"jnp.moveaxis({self.pn(a)}, {self.ax(self.by[a].dims, self.scan)}, 0)" for a in used)
-        finals = ", ".join(f"{self.pn(s.name)}_final" for s in states) + ","
+        finals = ", ".join(self.pn.local(s.name, "final") for s in states) + ("," if states else "")
         ys_names = ", ".join(self.pn(v) for _, _, v in outs)
         w(f"({finals}), ({ys_names}{',' if outs else ''}) = lax.scan(step, ({carry}), ({xs}{',' if used else ''}))")
         for _, _, v in outs:
             w(f"{self.pn(v)} = jnp.moveaxis({self.pn(v)}, 0, {self.ax(self.by[v].dims, self.scan)})")
         self.local_dims.clear()
         res = []
-        finals = {s.attr("state"): f"{self.pn(s.name)}_final" for s in states}  # conv windows are not carried
+        finals = {s.attr("state"): self.pn.local(s.name, "final") for s in states}  # conv windows are not carried
         for k, name, v, _ in rets:
             res.append(finals.get(name, self.pn(v)) if k == "state" else self.pn(v))
         w(f"return {', '.join(res)}")
@@ -337,7 +349,7 @@ class XlaEmitter:
         ax = self.ax(self.by[a.L].dims, self.scan) + 1
         sig = self.n(a.sigma) if a.sigma else None
         w_expr = self.decay_between(f"rt.last({L}, {ax})", L, sig and f"rt.last({sig}, {ax})", sig)
-        wname = f"{self.pn(i.name)}_w"
+        wname = self.pn.local(i.name, "w")
         self.w(f"{wname} = {w_expr}  # decay from each step to the chunk's end")
         _, wl = self.view(a.L)
         out = "".join(self.letter[d] for d in i.dims)
@@ -371,7 +383,7 @@ class XlaEmitter:
             e = f"jnp.exp(rt.last({L}, {ax}))"
             if a.sigma:
                 e += f" * rt.last({self.n(a.sigma)}, {ax})"
-            name = f"{self.pn(a.L)}_chunk"
+            name = self.pn.local(a.L, "chunk")
             self.w(f"{name} = jnp.squeeze({e}, {ax})  # decay across each whole chunk")
             self.chunk_decay[key] = name
         return self.chunk_decay[key]
@@ -385,10 +397,11 @@ class XlaEmitter:
         dax = ddims.index(self.cd)
         S0 = self.n(a.init)
         bdec = "a" + self.b_dims([d for d in ddims if d != self.cd], sdims)
-        with self.w.block(f"def {self.pn(i.name)}_step(S, inp):"):
+        fn = self.pn.local(i.name, "step")
+        with self.w.block(f"def {fn}(S, inp):"):
             self.w("a, s = inp")
             self.w(f"return {bdec} * S + s, S")
-        self.w(f"_, {self.pn(i.name)} = lax.scan({self.pn(i.name)}_step, {S0}, "
+        self.w(f"_, {self.pn(i.name)} = lax.scan({fn}, {S0}, "
                f"(jnp.moveaxis({dec}, {dax}, 0), jnp.moveaxis({self.n(a.chunks)}, {cax}, 0)))")
         self.assign(i, f"jnp.moveaxis({self.pn(i.name)}, 0, {cax})", "state entering each chunk")
 
@@ -411,11 +424,11 @@ class XlaEmitter:
         ax = self.ax(Ldims, self.scan) + 1  # position axis in the chunked layout
         npost = len(Ldims) - self.ax(Ldims, self.scan) - 1
         L = self.n(a.L)
-        base = self.pn(i.name)
+        base = functools.partial(self.pn.local, i.name)  # base("D") etc.: this output's locals
         Lt = L
         if prev:  # readout before the update: decay up to t-1
             ell = self.masked(a.ell, "0.0", Ldims)
-            Lt = f"{base}_Lx"
+            Lt = base("Lx")
             self.w(f"{Lt} = {L} - rt.chunk({ell}, {ax - 1}, Q)  # log-decay through t-1")
         sig = self.n(a.sigma) if a.sigma else None
         diff = f"jnp.expand_dims({Lt}, {ax + 1}) - jnp.expand_dims({L}, {ax})"
@@ -423,7 +436,7 @@ class XlaEmitter:
         D = f"jnp.exp(jnp.minimum(jnp.where({mask}, {diff}, -jnp.inf), 0.0))"
         if sig:
             D += f" * jnp.expand_dims({sig}, {ax + 1}) * jnp.expand_dims({sig}, {ax})"
-        self.w(f"{base}_D = {D}  # decay from source s to target t in the chunk, masked s {'<' if prev else '<='} t")
+        self.w(f"{base('D')} = {D}  # decay from source s to target t in the chunk, masked s {'<' if prev else '<='} t")
         _, Ll = self.view(a.L)
         tl = self.letter[self.scan]
         Dl = Ll.replace(tl, tl + "s")
@@ -438,7 +451,7 @@ class XlaEmitter:
             self.output_ssd(a, base, K, Ldims, Dl, Ll, out, dstate, ev, el)
         coef = "" if a.qcoef == 1.0 else f"{a.qcoef!r} * "
         oax = self.ax(i.dims, self.scan)
-        self.assign(i, f"{coef}rt.unchunk({base}_in + {base}_st, {oax})")
+        self.assign(i, f"{coef}rt.unchunk({base('in')} + {base('st')}, {oax})")
 
     def output_joint(self, a, base, Dl, Ll, out, dstate, ev, el):
         """q_t · u_s contracted together with the decay (key-wise decay: it varies along the contracted dims)."""
@@ -448,12 +461,12 @@ class XlaEmitter:
             uv = [self.view(f, "s") for f in prod] + [self.valid_view("s")]
             # one einsum: the optimiser contracts q·D·k over the key dims first (folding q and k into D would
             # materialise a [Q, Q, K] product per chunk and measured 2x slower on an H100)
-            views = qv + [(base + "_D", Dl)] + uv
+            views = qv + [(base("D"), Dl)] + uv
             e = f'rt.einsum("{",".join(v[1] for v in views)}->{out}", {", ".join(v[0] for v in views)}, mm=mm)'
             parts.append(e if coef == 1.0 else f"{coef!r} * {e}")
-        self.w(f"{base}_in = {' + '.join(parts) if parts else '0.0'}  # in-chunk (quadratic) part")
+        self.w(f"{base('in')} = {' + '.join(parts) if parts else '0.0'}  # in-chunk (quadratic) part")
         views = self.fold_scales(qv + [(dstate, Ll), (ev, el)])
-        self.w(f'{base}_st = rt.einsum("{",".join(v[1] for v in views)}->{out}", {", ".join(v[0] for v in views)}, '
+        self.w(f'{base("st")} = rt.einsum("{",".join(v[1] for v in views)}->{out}", {", ".join(v[0] for v in views)}, '
                f'mm=mm)  # state part')
 
     def output_ssd(self, a, base, K, Ldims, Dl, Ll, out, dstate, ev, el):
@@ -477,22 +490,22 @@ class XlaEmitter:
             uKv, uSv, uRv = ([self.view(f, "s") for f in g] for g in (uK, uS, uR))
             kin = [v for v in qKv + uKv]
             sl = "".join(dict.fromkeys(c for v in kin for c in v[1] if c not in Kl))
-            sname = f"{base}_scores{k or ''}"
+            sname = base(f"scores{k or ''}")
             w(f'{sname} = rt.einsum("{",".join(v[1] for v in kin)}->{sl}", {", ".join(v[0] for v in kin)}, '
               f'mm=mm)  # q_t · k_s')
-            scale = [(sname, sl), (f"{base}_D", Dl)] + list(qSv + uSv) + [self.valid_view("s")]
+            scale = [(sname, sl), (base("D"), Dl)] + list(qSv + uSv) + [self.valid_view("s")]
             Wl = "".join(dict.fromkeys(c for _, lt in scale for c in lt))
-            wname = f"{base}_W{k or ''}"
+            wname = base(f"W{k or ''}")
             w(f'{wname} = rt.mul("{Wl}", {", ".join(f"({x}, {lt!r})" for x, lt in scale)})  # decay-weighted')
             rest = [(wname, Wl)] + list(qRv + uRv)
             e = f'rt.einsum("{",".join(lt for _, lt in rest)}->{out}", {", ".join(x for x, _ in rest)}, mm=mm)'
             parts.append(e if coef == 1.0 else f"{coef!r} * {e}")
-        w(f"{base}_in = {' + '.join(parts) if parts else '0.0'}  # in-chunk part: W · v over s <= t")
+        w(f"{base('in')} = {' + '.join(parts) if parts else '0.0'}  # in-chunk part: W · v over s <= t")
         ins = ",".join([v[1] for v in qKv + qRv] + [el])
         sto = "".join(c for c in out if c in ins)  # a q without the scan dim leaves t to the decay
         st = f'rt.einsum("{ins}->{sto}", {", ".join([v[0] for v in qKv + qRv] + [ev])}, mm=mm)'
         scale = [(st, sto), (dstate, Ll)] + list(qSv)
-        w(f'{base}_st = rt.mul("{out}", {", ".join(f"({x}, {lt!r})" for x, lt in scale)})  # state part')
+        w(f'{base("st")} = rt.mul("{out}", {", ".join(f"({x}, {lt!r})" for x, lt in scale)})  # state part')
 
     def walk(self, i: Instr, a, zero_start: bool):
         """Elementwise decay: walk each chunk's steps with the state of every chunk at once (form=scan)."""
@@ -517,7 +530,8 @@ class XlaEmitter:
         self.local_dims.update(local)
         cax = sdims.index(self.cd)
         prev = i.attr("when") == "prev"
-        with w.block(f"def {base}_step(S, xs):"):
+        fn = self.pn.local(i.name, "step")
+        with w.block(f"def {fn}(S, xs):"):
             w(f"{', '.join(self.n(s) for s in per_step)}, valid = xs  # this step of every chunk")
             u_terms = []
             for coef, prod in zip(a.ucoef, a.u):
@@ -546,12 +560,12 @@ class XlaEmitter:
         xs = ", ".join([e for e in exprs if e is not None] + ["rt.steps(valid, 0, Q)"])
         if zero_start:
             init = f"rt.zeros_per_chunk({self.n(self.state_leaf(i.attr('state')))}, {cax}, nc)"
-            w(f"{base}, _ = lax.scan({base}_step, {init}, ({xs}))")
+            w(f"{base}, _ = lax.scan({fn}, {init}, ({xs}))")
             w(f"# {base}: each chunk's final state from zero, walking its steps")
         else:
             oax = self.ax(i.dims, self.scan)
             coef = "" if a.qcoef == 1.0 else f"{a.qcoef!r} * "
-            w(f"_, {base} = lax.scan({base}_step, {self.n(a.enter)}, ({xs}))")
+            w(f"_, {base} = lax.scan({fn}, {self.n(a.enter)}, ({xs}))")
             w(f"{base} = {coef}rt.unsteps({base}, {oax})  # readout at every step, each chunk from its entering state")
 
     def state_leaf(self, state: str) -> str:
