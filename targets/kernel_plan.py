@@ -115,7 +115,8 @@ def plan_kernel(p: Program, target: str) -> KernelPlan:
             conv_in.append(make(i.name, "input", (), i.dims, i.span, array=i.name))
             decl[i.name] = i.dims
     read = {a for i in p.instrs if i.op not in PRE_OPS and i.name not in post_names for a in i.args}
-    inputs = [i for i in p.instrs if i.op == "input" and i.name in read] + conv_in
+    # a kept input (the only one along the scan dim, unread) still gives the kernel its length
+    inputs = [i for i in p.instrs if i.op == "input" and (i.name in read or i.attr("keep"))] + conv_in
     states = [i for i in p.instrs if i.op == "state"]
     hoisted, body, post = [], [], []
     varies: dict[str, bool] = {}  # depends on the scan position or on a state

@@ -120,11 +120,26 @@ class XlaEmitter:
         self.pn.verify(source)
         return source
 
+    def step_values(self) -> dict[str, bool]:
+        """Sequential form: which values the scan body computes (per step, without the scan dim): everything that
+        depends on a state, and state-free values bigger than any input (an outer product like dt*B⊗x hoisted
+        over time would be one state-sized array per step)."""
+        input_dims = [set(i.dims) for i in self.p.instrs if i.op in ("input", "state", "window")]
+        inner: dict[str, bool] = {}
+        for i in self.p.instrs:
+            inner[i.name] = i.op == "state" or any(inner[a] for a in i.args) or (
+                i.op not in ("input", "out", "update") and not any(set(i.dims) <= d for d in input_dims))
+        return inner
+
     def returns(self):
         out = []
+        inner = {} if self.chunked else self.step_values()
         for o in self.p.outs:
-            sink = self.by[f"out.{o.name}"]
-            out.append(("out", o.name, sink.args[0], self.by[sink.args[0]].dims))
+            v = self.by[f"out.{o.name}"].args[0]
+            dims = self.by[v].dims
+            if inner.get(v):  # the scan stacks a step's value along the scan dim, even one that lacks it
+                dims = self.p.order(set(dims) | {self.scan})
+            out.append(("out", o.name, v, dims))
         for s in self.p.states:
             sink = self.by.get(f"final.{s.name}") or self.by[f"update.{s.name}"]
             dims = self.by[sink.args[0]].dims
@@ -144,27 +159,19 @@ class XlaEmitter:
     # ---- sequential: lax.scan over the step function -----------------------------------------------------
     def sequential_body(self, rets):
         p, w = self.p, self.w
-        # In the scan body: everything that depends on a state, and state-free values bigger than any input
-        # (an outer product like dt*B⊗x hoisted over time would be one state-sized array per step).
-        input_dims = [set(i.dims) for i in p.instrs if i.op in ("input", "state", "window")]
-        inner: dict[str, bool] = {}
-        for i in p.instrs:
-            inner[i.name] = i.op == "state" or any(inner[a] for a in i.args) or (
-                i.op not in ("input", "out", "update") and not any(set(i.dims) <= d for d in input_dims))
-        dep = inner
+        inner = dep = self.step_values()
         w("# stage prologue: state-free per-step values no larger than an input, vectorised over time")
         for i in p.instrs:
             if not inner[i.name] and i.op not in ("input", "out", "update"):
                 self.instr(i)
         step = [i for i in p.instrs if inner[i.name] and i.op not in ("state", "update", "out")]
-        used = []
-        for i in step:
-            for a in i.args:
-                if not inner[a] and self.scan in self.by[a].dims and a not in used and self.by[a].op != "const":
-                    used.append(a)
-        states = [i for i in p.instrs if i.op == "state"]
         updates = {i.attr("state"): i.args[0] for i in p.instrs if i.op == "update"}
-        outs = [(k, name, v) for k, name, v, _ in rets if k == "out" and dep[v]]
+        used = []  # state-free values over time that the step reads, one step at a time (an update may be one)
+        for a in [a for i in step for a in i.args] + list(updates.values()):
+            if not inner[a] and self.scan in self.by[a].dims and a not in used and self.by[a].op != "const":
+                used.append(a)
+        states = [i for i in p.instrs if i.op == "state"]
+        outs = list(dict.fromkeys(v for k, name, v, _ in rets if k == "out" and dep[v]))  # stacked by the scan
         for a in used + [i.name for i in step] + [s.name for s in states]:
             self.local_dims[a] = tuple(d for d in self.by[a].dims if d != self.scan)
         w()
@@ -184,14 +191,21 @@ class XlaEmitter:
                 v = updates[s.attr("state")]
                 same = set(self.dims(v)) == set(s.dims)
                 new.append(self.pn(v) if same else f"jnp.broadcast_to({self.b(v, s.dims)}, {self.pn(s.name)}.shape)")
-            ys = ", ".join(self.pn(v) for _, _, v in outs)
-            w(f"return ({', '.join(new)},), ({ys}{',' if outs else ''})")
+            ys = ", ".join(self.pn(v) for v in outs)
+            w(f"return ({', '.join(new)}{',' if new else ''}), ({ys}{',' if outs else ''})")
         xs = ", ".join(f"jnp.moveaxis({self.pn(a)}, {self.ax(self.by[a].dims, self.scan)}, 0)" for a in used)
+        if not used:  # nothing to walk along time but the steps themselves: their count comes from an input
+            tsrc = next(i for i in p.instrs if i.op == "input" and self.scan in i.dims)
+            length = f", length={self.pn(tsrc.name)}.shape[{self.ax(tsrc.dims, self.scan)}]"
+        else:
+            length = ""
         finals = ", ".join(self.pn.local(s.name, "final") for s in states) + ("," if states else "")
-        ys_names = ", ".join(self.pn(v) for _, _, v in outs)
-        w(f"({finals}), ({ys_names}{',' if outs else ''}) = lax.scan(step, ({carry}), ({xs}{',' if used else ''}))")
-        for _, _, v in outs:
-            w(f"{self.pn(v)} = jnp.moveaxis({self.pn(v)}, 0, {self.ax(self.by[v].dims, self.scan)})")
+        ys_names = ", ".join(self.pn(v) for v in outs)
+        w(f"({finals}), ({ys_names}{',' if outs else ''}) = lax.scan(step, ({carry}), ({xs}{',' if used else ''})"
+          f"{length})")
+        for v in outs:
+            to = self.p.order(set(self.by[v].dims) | {self.scan})
+            w(f"{self.pn(v)} = jnp.moveaxis({self.pn(v)}, 0, {self.ax(to, self.scan)})")
         self.local_dims.clear()
         res = []
         finals = {s.attr("state"): self.pn.local(s.name, "final") for s in states}  # conv windows are not carried
@@ -360,7 +374,9 @@ class XlaEmitter:
             ins = ",".join(v[1] for v in views)
             e = f'rt.einsum("{ins}->{out}", {", ".join(v[0] for v in views)}, mm=mm)'
             terms.append(e if coef == 1.0 else f"{coef!r} * {e}")
-        self.assign(i, " + ".join(terms), "each chunk's final state, starting from zero")
+        # no input term (z = z * f): every chunk ends where it started, at zero
+        zeros = f"rt.zeros_per_chunk({self.n(self.state_leaf(i.attr('state')))}, {i.dims.index(self.cd)}, nc)"
+        self.assign(i, " + ".join(terms) or zeros, "each chunk's final state, starting from zero")
 
     @staticmethod
     def fold_scales(views):
