@@ -40,9 +40,13 @@ class PallasDialect(Dialect):
 class PallasTiles(TileEmitter):
     """The shared tile body; boolean masks broadcast through int32 (Mosaic cannot reshape i1 vectors)."""
 
+    # the boolean masks the body broadcasts, exactly as it spells them (valid, TRIL and TRIL_STRICT are reserved
+    # names, so no spec value's expression can equal one; a prefix test would catch `valid_` or `TRIL_x`)
+    MASKS = {"valid"} | {f"({m} & valid[None, :])" for m in ("TRIL", "TRIL_STRICT")}
+
     def bc(self, expr, src, to):
         res = TileEmitter.bc(expr, src, to)
-        if res == expr or not (expr.startswith("valid") or "TRIL" in expr):
+        if res == expr or expr not in self.MASKS:
             return res
         if expr == "valid":
             return f"({TileEmitter.bc('valid_i', src, to)} != 0)"

@@ -161,7 +161,7 @@ class TritonEmitter(LauncherWriter):
             st = self.stride_name(arr, d)
             if d == k.scan:
                 idx = time
-                if "t" in axes and axes and k.form == "chunked":
+                if k.scan in axes and k.form == "chunked":  # the scan dim, whatever the spec calls it
                     idx = self.body.bc(time, (k.scan,), axes)
             elif d in k.group_tile:  # the tile spans the heads of group i_g
                 g = k.group_tile[d]
