@@ -183,7 +183,8 @@ class Kernel:
         self._splits = {h: (g, split_name(h)) for g, h in program.groups
                         if any(split_name(h) in d.split(",") for *_, d in self._params)}
         self._canon = _canon(program.dims, self._splits)
-        self._declared = getattr(mod, "LAYOUT", None) is not None  # kernel targets: arrays as declared
+        from ssmc.targets import get_target  # kernel targets take and return arrays as declared (the target
+        self._declared = getattr(get_target(target), "declared_layout", False)  # says so, not a module global)
         self._jitted = jax.jit(self._run, static_argnums=(0,))
 
     def __repr__(self):
