@@ -45,18 +45,19 @@ def clear_cache() -> None:
 
 
 def _read_spec(spec) -> tuple[str, str]:
-    """Spec text, or a path to a .ssm file -> (text, filename)."""
+    """Spec text, or a path to a .ssm file -> (text, filename). A UTF-8 byte order mark (editors on Windows
+    save one) is not part of the text."""
     looks_like_path = isinstance(spec, str) and "{" not in spec and "\n" not in spec and (
         spec.strip().endswith(".ssm") or os.path.exists(spec))
     if isinstance(spec, (pathlib.Path, os.PathLike)) or looks_like_path:
         path = pathlib.Path(spec)
         try:
-            return path.read_text(encoding="utf-8"), str(path)
+            return path.read_text(encoding="utf-8-sig"), str(path)
         except OSError as e:
             raise SSMCError(f"cannot read spec file '{path}': {e.strerror}") from None
     if not isinstance(spec, str):
         raise SSMCError(f"spec must be text or a path to a .ssm file, got {type(spec).__name__}")
-    return spec, "<spec>"
+    return spec.removeprefix("\ufeff"), "<spec>"
 
 
 def check(spec) -> Program:
@@ -255,13 +256,14 @@ class Kernel:
         except Exception as e:  # a bad cache entry or an emitter bug: say which
             raise SSMCError(f"generated {target} code for '{program.name}' failed to load: {e}") from e
         self._module = mod
-        self._fn = getattr(mod, _fn_name(program.name))
+        self._fn = getattr(mod, mod.ENTRY)  # the generated function (its name is the spec's, made unique)
         self._params = mod.PARAMS       # (py name, array/state name, kind, IR dims)
         self._returns = mod.RETURNS     # (kind, name, IR dims)
         self._splits = {h: (g, split_name(h)) for g, h in program.groups
                         if any(split_name(h) in d.split(",") for *_, d in self._params)}
         self._canon = _canon(program.dims, self._splits)
-        self._declared = getattr(mod, "LAYOUT", None) is not None  # kernel targets: arrays as declared
+        from ssmc.targets import get_target  # kernel targets take and return arrays as declared (the target
+        self._declared = getattr(get_target(target), "declared_layout", False)  # says so, not a module global)
         self._jitted = jax.jit(self._run, static_argnums=(0,))
         self._auto = None  # a measured default schedule (ssmc/autoschedule.py), set by compile
 
@@ -282,7 +284,31 @@ class Kernel:
         return d
 
     # ---- calling ------------------------------------------------------------------------------------
-    def __call__(self, *args, initial_state=None, initial_states=None, **kwargs):
+    # Inputs are passed by their spec names, which can be any identifier: `self` is positional-only, and a call
+    # option (initial_state, initial_states; step's state) is taken for the option only when no input has its
+    # name. An input's name always wins; `apply` takes everything by dict and meets no name at all.
+    def __call__(self, /, *args, **kwargs):
+        """k(x, dt, ...) or k(x=..., dt=...): the `in` arrays positionally (declared order) or by name; set the
+        initial states with initial_state=array (one state) or initial_states={name: array}. Returns the outs
+        then the final states. Where an input is itself named initial_state(s), use k.apply."""
+        names = {n for n, _ in self.inputs}
+        opts = {o: kwargs.pop(o) for o in ("initial_state", "initial_states") if o in kwargs and o not in names}
+        return self._call(args, kwargs, opts.get("initial_state"), opts.get("initial_states"))
+
+    def apply(self, inputs, initial_states=None):
+        """The call with everything in containers (no keyword can meet an input's name): `inputs` a dict {input
+        name: array} or a sequence in declared order; `initial_states` None (zeros), a dict {state name: array},
+        a sequence in k.states order, or one array when there is one state."""
+        if isinstance(inputs, dict):
+            args, kwargs = (), dict(inputs)
+        elif isinstance(inputs, (list, tuple)):
+            args, kwargs = tuple(inputs), {}
+        else:
+            raise ShapeError(f"{self.name}.apply: inputs must be a dict {{name: array}} or a list in declared "
+                             f"order, got {type(inputs).__name__}")
+        return self._call(args, kwargs, None, self._states_arg(initial_states, f"{self.name}.apply"))
+
+    def _call(self, args, kwargs, initial_state, initial_states):
         arrays, sizes, act = self._bind(args, kwargs, initial_state, initial_states)
         meta = _Meta(tuple(sorted(sizes.items())), str(act), str(self.out_dtype or act))
         if self._auto is not None:
@@ -295,14 +321,34 @@ class Kernel:
         from .autoschedule import describe
         return describe(self)
 
-    def step(self, state=None, *args, **inputs):
+    def _states_arg(self, states, who: str) -> dict | None:
+        """States as a dict, a sequence in k.states order, one array (one state) or None -> a dict or None."""
+        if states is None or isinstance(states, dict):
+            return states
+        names = [s for s, _ in self.states]
+        if isinstance(states, (list, tuple)):
+            if len(states) != len(names):
+                raise ShapeError(f"{who}: got {len(states)} states, expected {len(names)} ({', '.join(names)})")
+            return dict(zip(names, states))
+        if len(names) != 1:
+            raise ShapeError(f"{who}: has {len(names)} states ({', '.join(names)}); pass them as a dict "
+                             f"{{name: array}} or a sequence in that order")
+        return {names[0]: states}
+
+    def step(self, /, *args, **inputs):
         """One decode step from `state` (what a previous call or step returned: a dict {state name: array}, the
         states as a tuple in `k.states` order, a single array when there is one state, or None for zeros).
         Inputs with the scan dim come without it (one token) or with a scan length of 1..8 (multi-token or
         speculative decode); the others (weights) as usual. Returns (outs..., new states...) like the kernel
         call, outs without the scan dim when the inputs came without it. Same numerics as the full call: a
-        prefill of t tokens then s steps equals one call on t + s tokens. See ssmc/step.py."""
+        prefill of t tokens then s steps equals one call on t + s tokens. See ssmc/step.py.
+        k.step(state, *inputs, **inputs): `state` is the first positional argument, or the keyword state= when
+        no input is named `state`."""
         from .step import step
+        if "state" in inputs and "state" not in {n for n, _ in self.inputs}:
+            state = inputs.pop("state")
+        else:
+            state, args = (args[0], args[1:]) if args else (None, ())
         return step(self, state, args, inputs)
 
     def _run(self, meta: "_Meta", arrays: dict):
@@ -352,7 +398,7 @@ class Kernel:
         for k, v in kwargs.items():
             if k not in names:
                 states = [s for s, _ in self.states]
-                hint = "; to set a state use initial_state= / initial_states={...}" if k in states else ""
+                hint = "; to set a state use initial_state= / initial_states={...} (or k.apply)" if k in states else ""
                 raise ShapeError(f"{who}: unknown input '{k}'; inputs are {', '.join(names)}{hint}")
             if k in given:
                 raise ShapeError(f"{who}: input '{k}' given both positionally and by keyword")
@@ -478,11 +524,6 @@ def _split(dims: str) -> list[str]:
 
 def _canon(dims, splits) -> list[str]:
     return list(split_order(dims, {h: g for h, (g, _) in splits.items()}))
-
-
-def _fn_name(name: str) -> str:
-    from ssmc.targets.writer import py_name
-    return py_name("%" + name)
 
 
 def compile_source(source: str, filename: str):

@@ -208,7 +208,7 @@ def cmd_run(args, out) -> int:
     init = zero_states_for_unsized(chunked, sizes)
 
     def wrap(k):
-        return jax.jit(lambda xs, st: k(**xs, initial_states=st or None))
+        return jax.jit(lambda xs, st: k.apply(xs, st or None))
 
     forms = ([("default", default)] if Q else []) + [("chunked", chunked), ("sequential", seq)]
     results = {}

@@ -9,7 +9,8 @@ from importlib import resources
 import lark
 import lark.grammar
 import lark.lexer
-from lark import Transformer, v_args
+from lark import v_args
+from lark.visitors import Transformer_NonRecursive
 
 from . import ast
 from .errors import Span, SpecError
@@ -106,8 +107,9 @@ def _span(meta_or_token) -> Span:
     return Span(m.line, m.column, m.end_line, m.end_column)
 
 
-class _ToAst(Transformer):
-    """Turns lark trees into ast dataclasses."""
+class _ToAst(Transformer_NonRecursive):
+    """Turns lark trees into ast dataclasses (with an explicit stack: a sum of thousands of terms or a nest of
+    thousands of calls is as deep a tree, and must not exhaust Python's)."""
 
     def __init__(self, source: str, filename: str):
         super().__init__()

@@ -142,10 +142,8 @@ class _Prober:
         return out
 
     def _run(self, arrays: dict, init=None):
-        kw = {}
-        if init is not None:
-            kw["initial_states"] = dict(zip([s for s, _ in self.k.states], init))
-        res = self.seq(**arrays, **kw)
+        init = dict(zip([s for s, _ in self.k.states], init)) if init is not None else None
+        res = self.seq.apply(arrays, init)  # any input name (even initial_states) reaches its input
         return res[self.n_out:]
 
     @staticmethod

@@ -6,6 +6,8 @@ group i // (h/g)) wherever it meets that dim, through an explicit `expand` instr
 """
 from __future__ import annotations
 
+import math
+
 import networkx as nx
 
 from . import ast
@@ -15,6 +17,9 @@ from .window import window_dim, window_state_name
 
 UNARY = {"exp", "log", "softplus", "silu", "sigmoid", "tanh", "sqrt", "rsqrt", "abs"}
 BUILTINS = sorted(UNARY | {"min", "max", "clamp", "sum", "mean", "rmsnorm", "outer", "dot", "conv"})
+# positional operands of each builtin (the expressions lowered before the call itself)
+ARITY = {**{f: 1 for f in UNARY}, "min": 2, "max": 2, "clamp": 3, "outer": 2, "dot": 2, "sum": 1, "mean": 1,
+         "rmsnorm": 1, "conv": 2}
 
 
 class _Lower:
@@ -24,6 +29,7 @@ class _Lower:
         self.namer = Namer(())
         self.state_dep: set[str] = set()  # values that read an SSM state
         self.windows: dict[str, tuple] = {}  # conv window state -> (x value, weight's window dim, leaf, span)
+        self.lowered: dict[int, Instr] = {}  # id(expression node) -> its value, within one statement
 
     def err(self, msg, span):
         return SpecError(msg, span, self.spec.source, self.spec.filename)
@@ -117,6 +123,15 @@ class _Lower:
                 raise self.err(f"out '{a.name}' is never assigned; add a statement `{a.name} = ...`", a.span)
         if not s.body:
             raise self.err(f"ssm '{s.name}' has no statements", s.span)
+        # a state its update never reads (`S = 2*k`) is still carried: it is an argument of the kernel and the
+        # update is what it holds after each step
+        read = {a for i in self.instrs for a in i.args}
+        keep = {i.name for i in self.instrs if i.op == "state" and i.name not in read}
+        # and the kernel needs one input along the scan dim (the sequence length), read or not
+        timed = [i for i in self.instrs if i.op == "input" and self.scan in i.dims]
+        if not any(i.name in read for i in timed):
+            keep.add(timed[0].name)
+        self.instrs = [i.with_attrs(keep=True) if i.name in keep else i for i in self.instrs]
 
     def statement(self, st: ast.Assign):
         decl = self.arrays.get(st.target)
@@ -143,6 +158,7 @@ class _Lower:
         ctx = set(target) | ({self.scan} if decl is not None and decl.kind == "state" else set()) \
             if target is not None else None
         self.stmt, self.ctx, self.target_dims = st, ctx, target
+        self.lowered.clear()
         v = self.expr(st.expr)
         if ctx is not None:
             extra = set(v.dims) - ctx
@@ -187,7 +203,28 @@ class _Lower:
         return [self.expand_to(v, dims, span) for v in vals]
 
     def expr(self, e) -> Instr:
+        """Lower an expression. Its operands are lowered first, deepest first, by an explicit walk, so the
+        recursive cases below find them done: a sum of thousands of terms or a deep nest needs no deep stack."""
+        done = self.lowered.get(id(e))
+        if done is not None:
+            return done
+        order, stack = [], [(e, False)]
+        while stack:
+            node, ready = stack.pop()
+            if ready:
+                order.append(node)
+                continue
+            stack.append((node, True))
+            stack.extend((c, False) for c in reversed(_operands(node)) if id(c) not in self.lowered)
+        for node in order:
+            if id(node) not in self.lowered:
+                self.lowered[id(node)] = self.lower_node(node)
+        return self.lowered[id(e)]
+
+    def lower_node(self, e) -> Instr:
         if isinstance(e, ast.Num):
+            if not math.isfinite(e.value):
+                raise self.err("number out of range: it overflows a 64-bit float (at most about 1.8e308)", e.span)
             return self.emit("const", (), (), e.span, value=float(e.value))
         if isinstance(e, ast.Var):
             return self.var(e)
@@ -389,6 +426,17 @@ class _Lower:
             if d.name not in v.dims:
                 raise self.err(f"{f}(): its operand has dims [{','.join(v.dims)}], not '{d.name}'", d.span)
         return self.order(d.name for d in val)
+
+
+def _operands(e) -> tuple:
+    """The sub-expressions lowered before `e`, in order (a call's, when it is a builtin with the right count)."""
+    if isinstance(e, ast.Neg):
+        return (e.operand,)
+    if isinstance(e, ast.BinOp):
+        return (e.left, e.right)
+    if isinstance(e, ast.Call) and ARITY.get(e.func) == len(e.args):
+        return tuple(e.args)
+    return ()
 
 
 def canonical_order(dims, arrays) -> tuple[str, ...]:

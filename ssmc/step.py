@@ -67,7 +67,7 @@ def step(k, state, args, kwargs):
         without = ", ".join(n for n, s in single.items() if s)
         raise ShapeError(f"{k.name}.step: inputs {without} come without the scan dim '{scan}' (one token) but "
                          f"{', '.join(n for n, s in single.items() if not s)} with it; give all of them one way")
-    res = step_kernel(k)(**given, initial_states=state_dict(k, state) or None)
+    res = step_kernel(k).apply(given, state_dict(k, state) or None)  # any input name, no keyword to meet
     if not any(single.values()):
         return res
     n_out = len(k.outs)

@@ -15,13 +15,14 @@ Chunk stages on one chunk (the chunk-parallel SSD form, see passes/chunk_ops.py 
 """
 from __future__ import annotations
 
+import functools
 import re
 
 from ssmc.ir import Instr
 from ssmc.passes.chunk_ops import decode
 
 from .kernel_plan import KernelPlan
-from .writer import Names, Writer
+from .writer import Names, Writer, py_const
 
 SRC = "~s"  # the source-position axis of in-chunk sums
 
@@ -85,8 +86,8 @@ class Dialect:
         """Whether tile dim d may be padded past its size inside a program (summing over it needs a mask)."""
         return False
 
-    def mask(self, d: str) -> str:
-        """[block of d] boolean: index < size of d."""
+    def mask(self, offsets: str, size: str) -> str:
+        """[block of d] boolean from d's offsets and size variables: index < size of d."""
         raise NotImplementedError
 
 
@@ -113,11 +114,11 @@ class TileEmitter:
         return tuple(a for a in self.order if a in s)
 
     def block(self, a: str) -> str:
-        return "Q" if a in (self.k.scan, SRC) else f"BLOCK_{dim_id(a)}"
+        return "Q" if a in (self.k.scan, SRC) else self.pn.dim("BLOCK", a)
 
     def fresh(self, hint: str) -> str:
         self.tmp += 1
-        return f"{hint}{self.tmp}"
+        return self.pn.temp(f"{hint}{self.tmp}")
 
     def bind(self, ssa: str, expr: str, axes, comment: str = "", name: str | None = None) -> str:
         var = name or self.pn(ssa)
@@ -130,8 +131,7 @@ class TileEmitter:
             return self.vals[ssa]
         i = self.by[ssa]
         if i.op == "const":
-            v = float(i.attr("value"))
-            return (repr(v) if v >= 0 else f"({v!r})"), ()
+            return py_const(i.attr("value")), ()
         raise KeyError(f"internal: tile value {ssa} used before it is computed")
 
     @staticmethod
@@ -204,12 +204,15 @@ class TileEmitter:
                   ax, "rmsnorm over " + ",".join(i.attr("over")))
 
     def size(self, a: str) -> str:
-        return "Q" if a == self.k.scan else f"N_{dim_id(a)}"
+        return "Q" if a == self.k.scan else self.pn.dim("N", a)
+
+    def mask(self, d: str) -> str:
+        return self.d.mask(self.pn.dim("o", d), self.size(d))
 
     def masked_sum_operand(self, x, ax, over):
         for a in ax:
             if a in over and self.d.needs_mask(a):
-                x = self.d.where(self.bc(self.d.mask(a), (a,), ax), x, "0.0")
+                x = self.d.where(self.bc(self.mask(a), (a,), ax), x, "0.0")
         return x
 
     def sum_axes(self, x, ax, over) -> str:
@@ -241,7 +244,7 @@ class TileEmitter:
                 continue
             k = min((j for j, (_, a) in enumerate(ops) if dim in a), key=lambda j: len(ops[j][1]))
             e, a = ops[k]
-            ops[k] = (self.d.where(self.bc(self.d.mask(dim), (dim,), a), e, "0.0"), a)
+            ops[k] = (self.d.where(self.bc(self.mask(dim), (dim,), a), e, "0.0"), a)
         if not ops:
             return "0.0"
         while True:
@@ -355,24 +358,24 @@ class TileEmitter:
         ell, eax = self.get(i.args[0])
         axes = self.sort(self.axes_of(i.dims))
         full = self.reorder(ell, eax, axes) if eax != axes else ell
-        var = self.pn(i.name)
-        self.w(f"{var}_ell = {self.d.where(self.bc('valid', (self.k.scan,), axes), full, '0.0')}"
+        ell_v, last = self.pn.local(i.name, "ell"), self.pn.local(i.name, "last")
+        self.w(f"{ell_v} = {self.d.where(self.bc('valid', (self.k.scan,), axes), full, '0.0')}"
                f"  # log-decay per step (0 past the end)")
-        self.bind(i.name, self.d.cumsum0(f"{var}_ell", len(axes)), axes, "summed within the chunk")
+        self.bind(i.name, self.d.cumsum0(ell_v, len(axes)), axes, "summed within the chunk")
         self.L[S] = i.name
-        self.w(f"{var}_last = {self.last_row(var, axes)}  # log-decay across the chunk: the cumsum's last row "
-               f"(exp(last - L) is exactly 1 at the last step)")
+        self.w(f"{last} = {self.last_row(self.pn(i.name), axes)}  # log-decay across the chunk: the cumsum's last "
+               f"row (exp(last - L) is exactly 1 at the last step)")
 
     def op_chunk_cumsign(self, i: Instr):
         sgn, sax = self.get(i.args[0])
         axes = self.sort(self.axes_of(i.dims))
         full = self.reorder(sgn, sax, axes) if sax != axes else sgn
-        var = self.pn(i.name)
+        negs, last = self.pn.local(i.name, "neg"), self.pn.local(i.name, "last")
         neg = self.d.where(f"{self.bc('valid', (self.k.scan,), axes)} & ({full} < 0)", "1.0", "0.0")
-        self.w(f"{var}_neg = {self.d.cumsum0(neg, len(axes))}  # negative factors so far")
-        self.bind(i.name, f"1.0 - 2.0 * ({var}_neg - 2.0 * {self.d.floor(var + '_neg * 0.5')})", axes,
+        self.w(f"{negs} = {self.d.cumsum0(neg, len(axes))}  # negative factors so far")
+        self.bind(i.name, f"1.0 - 2.0 * ({negs} - 2.0 * {self.d.floor(negs + ' * 0.5')})", axes,
                   "sign of the decay product so far")
-        self.w(f"{var}_last = {self.last_row(var + '_neg', axes)}  # negative factors in the whole chunk")
+        self.w(f"{last} = {self.last_row(negs, axes)}  # negative factors in the whole chunk")
 
     def last_row(self, x: str, axes) -> str:
         """The tile's row at the chunk's last position, exactly (one nonzero addend)."""
@@ -395,13 +398,13 @@ class TileEmitter:
         out = self.sort(self.axes_of(i.dims))
         L, Lax = self.get(a.L)
         dd = tuple(x for x in Lax if x != t)
-        base = self.pn(i.name)
+        base = functools.partial(self.pn.local, i.name)  # base("D") etc.: this output's locals
         prev = i.attr("when") == "prev"
         Lt = L
         if prev:  # read before the update: decay through t-1
             ell, eax = self.get(a.ell)
             Lt = self.share(f"{L} - {self.d.where(self.bc('valid', (t,), Lax), self.bc(ell, eax, Lax), '0.0')}",
-                            f"{base}_Lx", "log-decay through t-1")
+                            base("Lx"), "log-decay through t-1")
         s_ax = self.sort((t, SRC) + dd)
         diff = f"{self.bc(Lt, Lax, s_ax)} - {self.bc(L, (SRC,) + dd, s_ax)}"
         mask = self.bc(f"({self.d.causal(prev)} & {self.valid(SRC)})", (t, SRC), s_ax)
@@ -410,7 +413,7 @@ class TileEmitter:
         if a.sigma:
             sg, sgax = self.get(a.sigma)
             D += f" * {self.bc(sg, sgax, s_ax)} * {self.bc(sg, (SRC,) + dd, s_ax)}"
-        Dv = self.share(D, f"{base}_D", f"decay from source s to target t, masked s {'<' if prev else '<='} t before "
+        Dv = self.share(D, base("D"), f"decay from source s to target t, masked s {'<' if prev else '<='} t before "
                         f"exp" + (", exponent clamped to <= 0 (|a| <= 1 proven)" if bounded else ""))
         q = [self.get(f) for f in a.q]
         causal = (f"({self.d.causal(prev)} & {self.valid(SRC)})", (t, SRC), SRC)
@@ -426,16 +429,16 @@ class TileEmitter:
             ops = [o for o in ops if o not in scales] + [(Dk, s_ax)]
             e = self.contract(ops, out, select=causal)
             parts.append(e if coef == 1.0 else f"{coef!r} * {e}")
-        self.w(f"{base}_in = {' + '.join(parts) or '0.0'}  # in-chunk part")
+        self.w(f"{base('in')} = {' + '.join(parts) or '0.0'}  # in-chunk part")
         E = self.d.UNARY["exp"].format(Lt)
         if a.sigma:
             sg, sgax = self.get(a.sigma)
             E += f" * {self.bc(sg, sgax, Lax)}"
-        Ev = self.share(E, f"{base}_E", "decay from the chunk's start")
+        Ev = self.share(E, base("E"), "decay from the chunk's start")
         st = self.contract(q + [(self.state_var[S], self.state_axes(S)), (Ev, Lax)], out)
-        self.w(f"{base}_st = {st}  # state part")
+        self.w(f"{base('st')} = {st}  # state part")
         coef = "" if a.qcoef == 1.0 else f"{a.qcoef!r} * "
-        self.bind(i.name, f"{coef}({base}_in + {base}_st)", out)
+        self.bind(i.name, f"{coef}({base('in')} + {base('st')})", out)
 
     def clamped(self, x: str, bounded: bool) -> str:
         """An in-chunk exponent: clamped to <= 0 only where |a| <= 1 is proven (rounding), else exact."""
@@ -452,22 +455,23 @@ class TileEmitter:
         t = self.k.scan
         L, Lax = self.get(a.L)
         dd = tuple(x for x in Lax if x != t)
-        Lname = self.pn(a.L)
+        L_last = self.pn.local(a.L, "last")
         sax = self.state_axes(S)
-        base = f"{self.pn('%' + S)}_upd"
-        last = self.bc(f"{Lname}_last", dd, Lax)
+        upd_w = self.pn.local(S, "upd_w")
+        last = self.bc(L_last, dd, Lax)
         wexp = self.d.UNARY["exp"].format(self.clamped(f"{last} - {L}", states_instr.attr("bounded", False)))
         if a.sigma:
             sg, sgax = self.get(a.sigma)
-            slast = f"(1.0 - 2.0 * ({self.pn(a.sigma)}_last - 2.0 * {self.d.floor(self.pn(a.sigma) + '_last * 0.5')}))"
+            sg_last = self.pn.local(a.sigma, "last")
+            slast = f"(1.0 - 2.0 * ({sg_last} - 2.0 * {self.d.floor(sg_last + ' * 0.5')}))"
             wexp += f" * {self.bc(slast, dd, Lax)} * {sg}"
-        wv = self.share(self.d.where(self.bc('valid', (t,), Lax), wexp, '0.0'), f"{base}_w",
+        wv = self.share(self.d.where(self.bc('valid', (t,), Lax), wexp, '0.0'), upd_w,
                         "decay from each step to the chunk's end")
         parts = []
         for coef, prod in zip(a.ucoef, a.u):
             e = self.contract([self.get(f) for f in prod] + [(wv, Lax)], sax)
             parts.append(e if coef == 1.0 else f"{coef!r} * {e}")
-        decay = self.d.UNARY["exp"].format(f"{Lname}_last")
+        decay = self.d.UNARY["exp"].format(L_last)
         if a.sigma:
             decay += f" * {slast}"
         var = self.state_var[S]

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 
 from .kernel_plan import KernelPlan
-from .writer import Names, Writer, py_name
+from .kernel_runtime import final_key, runtime_dims, runtime_strides
+from .writer import Names, Writer, py_const, py_name
 
 POST_UNARY = {"neg": "-{}", "exp": "jnp.exp({})", "log": "jnp.log({})", "softplus": "jax.nn.softplus({})",
               "silu": "jax.nn.silu({})", "sigmoid": "jax.nn.sigmoid({})", "tanh": "jnp.tanh({})",
@@ -17,24 +18,6 @@ POST_UNARY = {"neg": "-{}", "exp": "jnp.exp({})", "log": "jnp.log({})", "softplu
               "log_sigmoid": "jax.nn.log_sigmoid({})", "sign": "jnp.sign({})"}
 POST_BINARY = {"add": "{} + {}", "sub": "{} - {}", "mul": "{} * {}", "div": "{} / {}", "pow": "{} ** {}",
                "min": "jnp.minimum({}, {})", "max": "jnp.maximum({}, {})"}
-
-
-def runtime_dims(layout: dict) -> list[str]:
-    """Dims a kernel takes as runtime arguments, not compile-time constants: the grid dims that index programs
-    (batch, heads) and the scan dim (the sequence length), so a new length or batch reuses the compiled kernel.
-    Tile dims stay constants: they fix the shapes of the tiles."""
-    used = set(layout["dims"])
-    dims = [d for d in layout["grid"] if d not in layout["tile"] and d in used]
-    if layout["scan"] in used and layout["scan"] not in dims:
-        dims.append(layout["scan"])
-    return dims
-
-
-def runtime_strides(dims, runtime, group_tile: dict) -> list[str]:
-    """The dims of a row-major array whose stride spans a runtime size (a later dim, or a group-tiled head dim
-    whose group count is runtime): computed in the kernel from the sizes rather than compiled in."""
-    spans = set(runtime) | {h for h, g in group_tile.items() if g in runtime}
-    return [d for i, d in enumerate(dims) if spans & set(dims[i + 1:])]
 
 
 class KernelTarget:
@@ -63,19 +46,52 @@ class LauncherWriter:
     target = ""
     runtime = ""
     imports: tuple[str, ...] = ()
+    # identifiers the module writes literally: imports and globals, the launcher's keyword options and locals,
+    # and (FIXED of each target) the kernel's own; every other identifier comes from the name table
+    LAUNCHER_FIXED = ("jax", "jnp", "lax", "rt", "PARAMS", "RETURNS", "ENTRY", "LAYOUT", "POST_LAYOUT", "mm",
+                      "out_dtype", "interpret", "arrays", "sizes", "post_arrays")
+    FIXED: tuple[str, ...] = ()
+    strides = False  # the kernel addresses memory through per-array strides (constexprs named in LAYOUT)
 
-    def __init__(self, plan: KernelPlan, pipeline: str):
+    def __init__(self, plan: KernelPlan, pipeline: str, module: Names | None = None):
         self.plan, self.pipeline = plan, pipeline
         self.w = Writer()
-        self.pn = Names(plan.p.instrs)
-        self.kernel_name = f"{py_name('%' + plan.p.name)}_{plan.form}"
+        # the module's table (globals: the launcher, the kernels; the spec's values), then one scope per function:
+        # `pn` for this kernel's code, `lpn` for the launcher's
+        self.module = module or Names((), self.LAUNCHER_FIXED + self.FIXED)
+        self.entry = self.module.key("entry", plan.p.name)
+        self.kernel_name = self.module.key(("kernel", plan.form), f"{py_name(plan.p.name)}_{plan.form}")
+        self.pn = self.module.scope(plan.p.instrs)
+        self.lpn = self.module.scope([i for i in plan.p.instrs if i.op in ("input", "window", "state")])
 
     # ---- what the kernel reads and writes -------------------------------------------------------------------
-    def store_var(self, kind, name) -> str:
+    @staticmethod
+    def store_key(kind, name) -> str:
+        """The key of a stored array in LAYOUT: an out's name, a final state's final_key, or (an intermediate
+        the post-kernel code reads) its SSA name; never an identifier of the generated code."""
+        return final_key(name) if kind == "state" else name
+
+    @staticmethod
+    def store_stem(kind, name) -> str:
         return {"out": name, "state": f"{name}_final"}.get(kind) or py_name(name)
+
+    def store_var(self, kind, name) -> str:
+        """The launcher's variable holding a stored array: y, h_final, ..."""
+        if kind == "tmp":  # an intermediate value keeps its own identifier
+            return self.lpn(name)
+        return self.lpn.key(("store", self.store_key(kind, name)), self.store_stem(kind, name))
 
     def store_names(self):
         return [self.store_var(kind, name) for kind, name, _ in self.plan.stores]
+
+    def size_name(self, d) -> str:
+        return self.pn.dim("N", d)
+
+    def block_name(self, d) -> str:
+        return self.pn.dim("BLOCK", d)
+
+    def stride_name(self, arr, d) -> str:
+        return self.pn.key(("stride", arr, d), f"{py_name(arr)}_stride_{py_name(d)}")
 
     def store_dims(self, kind, name, value):
         return self.plan.decl[name] if kind in ("out", "state") else self.plan.by()[value].dims
@@ -88,7 +104,7 @@ class LauncherWriter:
             n = i.attr("array") or i.attr("state")
             out[n] = k.decl[n]
         for kind, name, v in k.stores:
-            out[self.store_var(kind, name)] = self.store_dims(kind, name, v)
+            out[self.store_key(kind, name)] = self.store_dims(kind, name, v)
         return out
 
     def dims(self) -> list[str]:
@@ -97,31 +113,29 @@ class LauncherWriter:
         return [d for d in self.plan.p.dims if d in used]
 
     def runtime_args(self) -> list[str]:
-        """Sizes the kernel takes as runtime arguments (see runtime_dims)."""
-        from .kernel_body import dim_id
-        return [f"N_{dim_id(d)}" for d in runtime_dims(self.layout())]
+        """Sizes the kernel takes as runtime arguments (see kernel_runtime.runtime_dims)."""
+        return [self.size_name(d) for d in runtime_dims(self.layout())]
 
     def constexprs(self) -> list[str]:
         """Compile-time constants: tile sizes and blocks, the chunk length, matmul dtype and the strides that span
         no runtime size."""
-        from .kernel_body import dim_id
         k, lay = self.plan, self.layout()
         rt = runtime_dims(lay)
-        cs = [f"N_{dim_id(d)}" for d in self.dims() if d not in rt] + [f"BLOCK_{dim_id(d)}" for d in k.tile]
+        cs = [self.size_name(d) for d in self.dims() if d not in rt] + [self.block_name(d) for d in k.tile]
         if k.form == "chunked":
             cs.append("Q")
         cs += ["MM", "PREC"]
         for arr, ds in self.arrays().items():
             dyn = runtime_strides(ds, rt, lay["group_tile"])
-            cs += [f"{arr}_stride_{dim_id(d)}" for d in ds if d not in dyn]
+            cs += [self.stride_name(arr, d) for d in ds if d not in dyn]
         return cs
 
     def computed_strides(self) -> list[tuple[str, str]]:
         """(name, expression) of the strides that span a runtime size, innermost first: the next dim's size times
         its stride, so the compiler still sees the constant factor (alignment for vector loads)."""
-        from .kernel_body import dim_id
         lay = self.layout()
         rt = runtime_dims(lay)
+        N = self.size_name
         out = []
         for arr, ds in self.arrays().items():
             dyn = runtime_strides(ds, rt, lay["group_tile"])
@@ -129,9 +143,18 @@ class LauncherWriter:
                 if ds[i] in dyn:
                     nxt = ds[i + 1]
                     g = lay["group_tile"].get(nxt)
-                    size = f"N_{dim_id(g)} * N_{dim_id(nxt)}" if g else f"N_{dim_id(nxt)}"
-                    out.append((f"{arr}_stride_{dim_id(ds[i])}", f"{size} * {arr}_stride_{dim_id(nxt)}"))
+                    size = f"{N(g)} * {N(nxt)}" if g else N(nxt)
+                    out.append((self.stride_name(arr, ds[i]), f"{size} * {self.stride_name(arr, nxt)}"))
         return out
+
+    def meta_names(self) -> dict:
+        """The kernel's size/block/stride parameter names, for the runtime that passes them by keyword (sizes and
+        strides that are runtime arguments or computed in the kernel are listed too; the runtime skips them)."""
+        names = {"N": {d: self.size_name(d) for d in self.dims()},
+                 "BLOCK": {d: self.block_name(d) for d in self.plan.tile}}
+        if self.strides:
+            names["stride"] = {a: {d: self.stride_name(a, d) for d in ds} for a, ds in self.arrays().items()}
+        return names
 
     # ---- module ----------------------------------------------------------------------------------------
     def emit(self) -> str:
@@ -152,13 +175,14 @@ class LauncherWriter:
         w(f"from ssmc.targets import {self.runtime} as rt")
         w()
         leaves = k.inputs + k.states
-        params = [(self.pn(i.name), i.attr("array") or i.attr("state"), i.op, ",".join(k.decl[i.attr("array") or
+        params = [(self.lpn(i.name), i.attr("array") or i.attr("state"), i.op, ",".join(k.decl[i.attr("array") or
                                                                                           i.attr("state")]))
                   for i in [x for x in p.instrs if x.op in ("input", "window", "state")]]
         w(f"PARAMS = {params!r}")
         rets = [("out", o.name, ",".join(o.dims)) for o in p.outs] + [("state", s.name, ",".join(s.dims))
                                                                       for s in p.states]
         w(f"RETURNS = {rets!r}")
+        w(f"ENTRY = {self.entry!r}")
         w(f"LAYOUT = {self.layout()!r}")
         post = self.post_kernel()
         if post is not None:
@@ -173,7 +197,9 @@ class LauncherWriter:
         w()
         w()
         self.launcher(params, leaves, post)
-        return w.text()
+        source = w.text()
+        self.module.verify(source)
+        return source
 
     def layout(self) -> dict:
         """The kernel's data layout, for the runtime: sizes, strides, blocks, grid and buffers follow from it."""
@@ -184,8 +210,9 @@ class LauncherWriter:
             "dims": self.dims(),
             "inputs": [i.attr("array") or i.attr("state") for i in k.inputs + k.states],
             "arrays": {a: list(d) for a, d in self.arrays().items()},
-            "stores": [[self.store_var(kind, name), kind, list(self.store_dims(kind, name, v))]
+            "stores": [[self.store_key(kind, name), kind, list(self.store_dims(kind, name, v))]
                        for kind, name, v in k.stores],
+            "names": self.meta_names(),
         }
 
     def post_kernel(self) -> "LauncherWriter | None":
@@ -195,23 +222,22 @@ class LauncherWriter:
     def kernel(self):
         raise NotImplementedError
 
-    def launcher(self, params, leaves, post=None):
-        k, w = self.plan, self.w
-        args = ", ".join(a for a, *_ in params)
+    def launcher(self, params, leaves, post):
+        k, w, entry = self.plan, self.w, self.entry
+        args = "".join(a + ", " for a, *_ in params)
         w("# mm: matmul operand dtype (fp32, or the inputs' bf16/fp16); out_dtype: dtype of the outs")
-        with w.block(f"def {py_name('%' + k.p.name)}({args}, *, mm=jnp.float32, out_dtype=jnp.float32, "
-                     f"interpret=False):"):
+        with w.block(f"def {entry}({args}*, mm=jnp.float32, out_dtype=jnp.float32, interpret=False):"):
             by_name = {b: a for a, b, *_ in params}
             self.pre(by_name)
-            given = {i.attr("array") or i.attr("state"): self.pn(i.name) for i in leaves}
-            w(f"arrays = {{{', '.join(f'{n!r}: {by_name.get(n, n)}' for n in given)}}}")
+            given = {i.attr("array") or i.attr("state"): self.lpn(i.name) for i in leaves}
+            w(f"arrays = {{{', '.join(f'{n!r}: {by_name.get(n, v)}' for n, v in given.items())}}}")
             w("sizes = rt.dim_sizes(LAYOUT, arrays)")
             outs = ", ".join(self.store_names())
             w(f"{outs}, = rt.launch({self.kernel_name}, LAYOUT, arrays, sizes, mm=mm, out_dtype=out_dtype, "
               f"interpret=interpret)")
             if post is not None:
-                names = {i.attr("array"): self.pn(i.name) if i.op == "input" and i.name in self.pn.table
-                         and k.by()[i.name].op == "input" else i.attr("array") for i in post.plan.inputs}
+                # inputs of the program, and the values the main kernel stored (under their own identifiers)
+                names = {i.attr("array"): self.lpn(i.name) for i in post.plan.inputs}
                 w("# stage epilogue: a norm over a group of heads spans programs, so it is a kernel of its own")
                 w(f"post_arrays = {{{', '.join(f'{a!r}: {by_name.get(a, v)}' for a, v in names.items())}}}")
                 outs = ", ".join(post.store_names())
@@ -224,16 +250,16 @@ class LauncherWriter:
             for o in k.p.outs:
                 v = by[f"out.{o.name}"].args[0]
                 if post is None and any(i.name == v for i in k.post):
-                    res.append(f"rt.to_declared({self.pn(v)}, {list(by[v].dims)!r}, {list(o.dims)!r}, out_dtype)")
+                    res.append(f"rt.to_declared({self.lpn(v)}, {list(by[v].dims)!r}, {list(o.dims)!r}, out_dtype)")
                 else:
-                    res.append(o.name)
+                    res.append(self.store_var("out", o.name))
             for s in k.p.states:
                 v = by.get(f"final.{s.name}")
                 if v is not None and by[v.args[0]].op in ("conv.window",):
-                    res.append(f"rt.to_declared({self.pn(v.args[0])}, {list(by[v.args[0]].dims)!r}, "
+                    res.append(f"rt.to_declared({self.lpn(v.args[0])}, {list(by[v.args[0]].dims)!r}, "
                                f"{list(s.dims)!r}, jnp.float32)")
                 else:
-                    res.append(f"{s.name}_final")
+                    res.append(self.store_var("state", s.name))
             w(f"return {', '.join(res)}")
 
     def pre(self, by_name):
@@ -257,13 +283,13 @@ class LauncherWriter:
             if i.op == "conv":
                 kd = i.attr("k")
                 wt = arr(rest[0], list(xd) + [kd])  # aligned to x, taps last
-                w(f"{self.pn(i.name)} = rt.causal_conv({arr(x, xd)}, {ax}, {win}, {wt})  # causal conv over "
+                w(f"{self.lpn(i.name)} = rt.causal_conv({arr(x, xd)}, {ax}, {win}, {wt})  # causal conv over "
                   f"{k.scan}, window {kd}")
             else:
-                w(f"{self.pn(i.name)} = rt.conv_window({arr(x, xd)}, {ax}, {win})  # the last inputs, carried on")
+                w(f"{self.lpn(i.name)} = rt.conv_window({arr(x, xd)}, {ax}, {win})  # the last inputs, carried on")
         for i in k.inputs:
             if by[i.name].op == "conv":
-                by_name[i.attr("array")] = self.pn(i.name)
+                by_name[i.attr("array")] = self.lpn(i.name)
 
     def post(self):
         """Instructions after the kernel, in jax.numpy over named dims (kernel outputs are in IR dims)."""
@@ -283,10 +309,10 @@ class LauncherWriter:
                 dims[a] = k.decl[inputs[a].attr("array")]
             i = by[a]
             if i.op == "const":
-                return repr(float(i.attr("value")))
+                return py_const(i.attr("value"))
             if i.op == "expand":
                 return ref(i.args[0], to)
-            return f"rt.align({self.pn(a)}, {list(dims[a])!r}, {list(to)!r})"
+            return f"rt.align({self.lpn(a)}, {list(dims[a])!r}, {list(to)!r})"
 
         for i in k.post:
             to = i.dims
@@ -306,6 +332,6 @@ class LauncherWriter:
                 e = f"{fn}({ref(i.args[0], src)}, axis={tuple(src.index(d) for d in i.attr('over'))!r})"
             else:
                 raise NotImplementedError(f"{self.target} target: op '{i.op}' after the kernel")
-            w(f"{self.pn(i.name)} = {e}")
+            w(f"{self.lpn(i.name)} = {e}")
             dims[i.name] = to
 

@@ -19,7 +19,6 @@ from ssmc.ir import ELEMENTWISE_BINARY, ELEMENTWISE_UNARY, Instr, Program, make,
 from ssmc.passes.chunk import chunk_dim
 from ssmc.passes.chunk_ops import STAGE_OPS, decode
 
-from .writer import py_name
 
 PRE_OPS = ("conv", "conv.window")
 
@@ -122,10 +121,12 @@ def plan_kernel(p: Program, target: str) -> KernelPlan:
             raise TargetError(f"{target} target: conv at {i.span} convolves a computed value; kernel targets run "
                               f"convs over `in` arrays before the kernel (use target='xla' for this spec)")
         if i.op == "conv":
-            conv_in.append(make(i.name, "input", (), i.dims, i.span, array=py_name(i.name)))
-            decl[py_name(i.name)] = i.dims
+            # keyed by its SSA name, which no `in` array's name can equal
+            conv_in.append(make(i.name, "input", (), i.dims, i.span, array=i.name))
+            decl[i.name] = i.dims
     read = {a for i in p.instrs if i.op not in PRE_OPS and i.name not in post_names for a in i.args}
-    inputs = [i for i in p.instrs if i.op == "input" and i.name in read] + conv_in
+    # a kept input (the only one along the scan dim, unread) still gives the kernel its length
+    inputs = [i for i in p.instrs if i.op == "input" and (i.name in read or i.attr("keep"))] + conv_in
     states = [i for i in p.instrs if i.op == "state"]
     hoisted, body, post = [], [], []
     varies: dict[str, bool] = {}  # depends on the scan position or on a state
@@ -185,7 +186,7 @@ def post_kernel_plan(k: KernelPlan) -> KernelPlan | None:
                 continue
             if src.op == "expand" or g in src.dims:
                 return None  # a group-indexed operand would need the group index inside the tile
-            arr = src.attr("array") if src.op == "input" else py_name(a)
+            arr = src.attr("array") if src.op == "input" else a  # a stored value: keyed by its SSA name
             leaves[a] = make(a, "input", (), src.dims, src.span, array=arr)
     over = tuple(norm.attr("over"))
     rows = tuple(d for d in dims if d != h and d not in over)

@@ -7,9 +7,30 @@ import math
 import jax.numpy as jnp
 from jax import lax
 
-from .kernel_body import dim_id
-from .kernel_launch import runtime_dims, runtime_strides  # noqa: F401  (runtime_dims: for the runtimes)
 from .xla_runtime import causal_conv, conv_window  # noqa: F401  (pre-kernel convs of generated launchers)
+
+
+def final_key(state: str) -> str:
+    """A final state's key among a layout's arrays: no spec name has a ':', so it meets no array's name."""
+    return f"{state}:final"
+
+
+def runtime_dims(layout: dict) -> list[str]:
+    """Dims a kernel takes as runtime arguments, not compile-time constants: the grid dims that index programs
+    (batch, heads) and the scan dim (the sequence length), so a new length or batch reuses the compiled kernel.
+    Tile dims stay constants: they fix the shapes of the tiles."""
+    used = set(layout["dims"])
+    dims = [d for d in layout["grid"] if d not in layout["tile"] and d in used]
+    if layout["scan"] in used and layout["scan"] not in dims:
+        dims.append(layout["scan"])
+    return dims
+
+
+def runtime_strides(dims, runtime, group_tile: dict) -> list[str]:
+    """The dims of a row-major array whose stride spans a runtime size (a later dim, or a group-tiled head dim
+    whose group count is runtime): computed in the kernel from the sizes rather than compiled in."""
+    spans = set(runtime) | {h for h, g in group_tile.items() if g in runtime}
+    return [d for i, d in enumerate(dims) if spans & set(dims[i + 1:])]
 
 
 def dim_sizes(layout: dict, arrays: dict) -> dict[str, int]:
@@ -48,18 +69,19 @@ def runtime_args(layout: dict, sizes: dict) -> list[int]:
 
 
 def constexprs(layout: dict, sizes: dict, blocks: dict, Q: int | None) -> dict:
-    """The compile-time constants of a kernel: tile sizes, blocks, Q, and the strides spanning no runtime size
-    (those the kernel computes from its runtime sizes)."""
+    """The kernel's compile-time constants by the names the emitter gave them (LAYOUT["names"]): tile sizes,
+    blocks, Q, and the strides spanning no runtime size (those the kernel computes from its runtime sizes)."""
+    names = layout["names"]
     rt = runtime_dims(layout)
-    meta = {f"N_{dim_id(d)}": n for d, n in tile_sizes(layout, sizes).items() if d in layout["dims"] and d not in rt}
-    meta.update({f"BLOCK_{dim_id(d)}": blocks[d] for d in layout["tile"]})
+    meta = {names["N"][d]: n for d, n in tile_sizes(layout, sizes).items() if d in layout["dims"] and d not in rt}
+    meta.update({names["BLOCK"][d]: blocks[d] for d in layout["tile"]})
     if layout["form"] == "chunked":
         meta["Q"] = Q
     for arr, dims in layout["arrays"].items():
         dyn = runtime_strides(dims, rt, layout.get("group_tile", {}))
         for d, s in row_major_strides(dims, sizes).items():
             if d not in dyn:
-                meta[f"{arr}_stride_{dim_id(d)}"] = s
+                meta[names["stride"][arr][d]] = s
     return meta
 
 

@@ -24,7 +24,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from . import kernel_runtime as kr
-from .kernel_body import dim_id
 from .kernel_runtime import align, group_rmsnorm, to_declared  # noqa: F401  (used by generated launchers)
 
 dim_sizes = kr.dim_sizes
@@ -168,12 +167,13 @@ def launch(kernel, layout, arrays, sizes, *, mm, out_dtype, interpret=False):
             + (nT,))
     blk = {**blocks, scan: tb}          # extents of a block
     full = {**sizes, scan: Tp}          # extents of the kernel-layout arrays
-    states = {n[:-len("_final")] for n, kind, _ in layout["stores"] if kind == "state"}
+    finals = {n for n, kind, _ in layout["stores"] if kind == "state"}
     ins, in_specs = [], []
     for name in layout["inputs"]:
         dims = layout["arrays"][name]
         outer, inner, kind = _layout_of(layout, name)
-        smem = kind == "scalar" and name not in states  # initial states stay in VMEM blocks, like the scratch
+        # initial states stay in VMEM blocks, like the scratch
+        smem = kind == "scalar" and kr.final_key(name) not in finals
         ins.append(_to_kernel(jnp.asarray(arrays[name]), dims, outer, inner, kind if smem or kind != "scalar"
                               else "scalar_vmem", sizes, scan, Tp))
         if smem:
@@ -204,8 +204,8 @@ def launch(kernel, layout, arrays, sizes, *, mm, out_dtype, interpret=False):
             outer, inner, kind = _layout_of(layout, name)
             if kind_ != "state" and scan in inner:
                 scratch.append(pltpu.VMEM(tuple(_inner_shape(inner, kind, blk)), jnp.float32))
-    meta = {f"N_{dim_id(d)}": sizes[d] for d in layout["dims"]}
-    meta.update({f"BLOCK_{dim_id(d)}": blocks[d] for d in layout["tile"]})
+    meta = {layout["names"]["N"][d]: sizes[d] for d in layout["dims"]}  # by the names the kernel gave them
+    meta.update({layout["names"]["BLOCK"][d]: blocks[d] for d in layout["tile"]})
     meta["Q" if layout["form"] == "chunked" else "TB"] = tb
     mm = jnp.dtype(mm)
     meta["MM"] = mm

@@ -13,7 +13,7 @@ input (B, C of Mamba2) is read through its BlockSpec's index_map (head i reads g
 from __future__ import annotations
 
 
-from .kernel_body import Dialect, TileEmitter, dim_id
+from .kernel_body import Dialect, TileEmitter
 from .kernel_launch import KernelTarget, LauncherWriter
 from .pallas_runtime import kernel_layout
 
@@ -40,9 +40,13 @@ class PallasDialect(Dialect):
 class PallasTiles(TileEmitter):
     """The shared tile body; boolean masks broadcast through int32 (Mosaic cannot reshape i1 vectors)."""
 
+    # the boolean masks the body broadcasts, exactly as it spells them (valid, TRIL and TRIL_STRICT are reserved
+    # names, so no spec value's expression can equal one; a prefix test would catch `valid_` or `TRIL_x`)
+    MASKS = {"valid"} | {f"({m} & valid[None, :])" for m in ("TRIL", "TRIL_STRICT")}
+
     def bc(self, expr, src, to):
         res = TileEmitter.bc(expr, src, to)
-        if res == expr or not (expr.startswith("valid") or "TRIL" in expr):
+        if res == expr or expr not in self.MASKS:
             return res
         if expr == "valid":
             return f"({TileEmitter.bc('valid_i', src, to)} != 0)"
@@ -53,6 +57,8 @@ class PallasEmitter(LauncherWriter):
     target = "tpu"
     runtime = "pallas_runtime"
     imports = ("from jax.experimental import pallas as pl",)
+    FIXED = ("pl", "Q", "TB", "MM", "PREC", "chunk_id", "TRIL", "TRIL_STRICT", "valid", "valid_i", "step", "carry",
+             "t_i", "_init", "_final")
 
     def layout_of(self, name):
         k = self.plan
@@ -63,18 +69,19 @@ class PallasEmitter(LauncherWriter):
         k, w = self.plan, self.w
         body = PallasTiles(k, PallasDialect(), w, self.pn)
         self.body = body
-        ins = [f"{self.pn(i.name)}_ref" for i in k.inputs + k.states]
-        outs = [f"{n}_ref" for n in self.store_names()]
-        self.scratch = {s: f"{self.pn('%' + s)}_scr" for kind, s, _ in k.stores if kind == "state"}
+        ins = [self.ref_of(i) for i in k.inputs + k.states]
+        outs = [self.store_ref(kind, n) for kind, n, _ in k.stores]
+        self.scratch = {s: self.pn.local(s, "scr") for kind, s, _ in k.stores if kind == "state"}
         dims = self.dims()  # the sizes LAYOUT names
-        meta = [f"N_{dim_id(d)}" for d in dims] + [f"BLOCK_{dim_id(d)}" for d in k.tile]
+        meta = [self.size_name(d) for d in dims] + [self.block_name(d) for d in k.tile]
         meta += ["Q" if k.form == "chunked" else "TB", "MM", "PREC"]
         # sequential form: each time block is staged through fp32 VMEM (one step's row of a 16-bit block is not
         # addressable on its own); same order as the launcher's scratch shapes
         self.staged = {}
         if k.form == "sequential":
-            self.staged = {self.ref_of(i): f"{self.pn(i.name)}_blk" for i in k.inputs if k.scan in i.dims}
-            self.staged.update({f"{self.store_var(kind, n)}_ref": f"{self.store_var(kind, n)}_blk"
+            self.staged = {self.ref_of(i): self.pn.local(i.name, "blk") for i in k.inputs if k.scan in i.dims}
+            self.staged.update({self.store_ref(kind, n): self.pn.key(("blk", self.store_key(kind, n)),
+                                                                     f"{self.store_stem(kind, n)}_blk")
                                 for kind, n, v in k.stores if kind != "state" and k.scan in self.store_dims(kind, n, v)})
         scr = list(self.scratch.values()) + list(self.staged.values())
         with w.block(f"def {self.kernel_name}({', '.join(ins + outs + scr)}, *, "
@@ -95,22 +102,26 @@ class PallasEmitter(LauncherWriter):
         w(f"# one program per ({', '.join(k.grid) or 'whole problem'})"
           + (f" x block of ({', '.join(k.split)})" if k.split else "")
           + f"; the last grid axis walks the sequence, one {what} per step, in order")
+        pn, N = self.pn, self.size_name
         for j, d in enumerate(k.grid):
-            w(f"i_{dim_id(d)} = pl.program_id({j})")
+            w(f"{pn.dim('i', d)} = pl.program_id({j})")
         for j, d in enumerate(k.split):  # blocks of a blockable tile dim: the BlockSpecs place them
-            w(f"j_{dim_id(d)} = pl.program_id({len(k.grid) + j})  # block of BLOCK_{dim_id(d)} along {d}")
-        # not i_<dim> like the grid ids: a dim may be called `chunk`
+            w(f"{pn.dim('j', d)} = pl.program_id({len(k.grid) + j})  # block of {self.block_name(d)} along {d}")
+        # the time block id: a fixed name (reserved in FIXED), apart from the i_<dim> grid ids
         w(f"chunk_id = pl.program_id({self.time_axis()})  # the time block this grid step walks")
         for g, h in k.group_of.items():
             if any(g in i.dims for i in k.inputs):
-                w(f"i_{dim_id(g)} = lax.div(i_{dim_id(h)}, N_{dim_id(h)} // N_{dim_id(g)})  # head {h} reads group {g}")
+                w(f"{pn.dim('i', g)} = lax.div({pn.dim('i', h)}, {N(h)} // {N(g)})  # head {h} reads group {g}")
 
     def time_axis(self) -> int:
         return len(self.plan.grid) + len(self.plan.split)
 
     # ---- loads and stores -------------------------------------------------------------------------------
     def ref_of(self, leaf) -> str:
-        return f"{self.pn(leaf.name)}_ref"
+        return self.pn.local(leaf.name, "ref")
+
+    def store_ref(self, kind, name) -> str:
+        return self.pn.key(("ref", self.store_key(kind, name)), f"{self.store_stem(kind, name)}_ref")
 
     def read(self, ref, name, step: str | None = None, smem: bool = False) -> str:
         """A block (or, with `step`, one time step of it) as a value of the tile axes the body expects."""
@@ -118,8 +129,8 @@ class PallasEmitter(LauncherWriter):
         if kind == "scalar" and smem:  # an input of per-program scalars: in SMEM, flattened over its grid dims
             idx, stride = [], ""
             for d in reversed(outer):
-                idx.insert(0, f"i_{dim_id(d)}{stride}")
-                stride = f"{stride} * N_{dim_id(d)}" if stride else f" * N_{dim_id(d)}"
+                idx.insert(0, f"{self.pn.dim('i', d)}{stride}")
+                stride = f"{stride} * {self.size_name(d)}"
             return f"{ref}[{' + '.join(idx) or '0'}]"
         if kind == "scalar":  # a (1, 1) VMEM block
             return f"{ref}[0, 0]"
@@ -156,8 +167,8 @@ class PallasEmitter(LauncherWriter):
         e, ax = body.get(value)
         if ax != axes:
             e = body.reorder(e, ax, axes)
-        ref = f"{self.store_var(kind, name)}_ref"
-        self.write(self.staged.get(ref, ref) if step is not None else ref, self.store_var(kind, name), e, step)
+        ref = self.store_ref(kind, name)
+        self.write(self.staged.get(ref, ref) if step is not None else ref, self.store_key(kind, name), e, step)
 
     # ---- state ------------------------------------------------------------------------------------------
     def init_states(self):
@@ -172,12 +183,12 @@ class PallasEmitter(LauncherWriter):
                 w(f"{self.scratch[S]}[...] = {self.ref_of(s)}[...].astype(jnp.float32)")
 
     def state_value(self, S) -> str:
-        return self.read(self.scratch[S], f"{S}_final")
+        return self.read(self.scratch[S], self.store_key("state", S))
 
     def save_states(self):
         for s in self.plan.states:
             S = s.attr("state")
-            self.write(self.scratch[S], f"{S}_final", self.body.state_var[S])
+            self.write(self.scratch[S], self.store_key("state", S), self.body.state_var[S])
 
     def final_states(self):
         k, w = self.plan, self.w
@@ -188,7 +199,7 @@ class PallasEmitter(LauncherWriter):
             w("# stage output: final states")
             for kind, name, v in k.stores:
                 if kind == "state":
-                    w(f"{self.store_var(kind, name)}_ref[...] = {self.scratch[name]}[...]")
+                    w(f"{self.store_ref(kind, name)}[...] = {self.scratch[name]}[...]")
 
     def static_loads_and_values(self, body):
         k, w = self.plan, self.w
@@ -204,7 +215,7 @@ class PallasEmitter(LauncherWriter):
                 self.store(kind, name, v)
         for s in k.states:
             S = s.attr("state")
-            body.state_var[S] = f"state_{self.pn(s.name)}"
+            body.state_var[S] = self.pn.key(("state", S), f"state_{self.pn(s.name)}")
             body.vals[s.name] = (body.state_var[S], body.state_axes(S))
 
     def timed_stores(self, step=None):
@@ -218,7 +229,7 @@ class PallasEmitter(LauncherWriter):
         w("TRIL = rt.tril(Q)  # [t, s]: s <= t")
         if any(i.op == "chunk.output" and i.attr("when") == "prev" for i in k.body):
             w("TRIL_STRICT = rt.tril(Q, strict=True)  # [t, s]: s < t")
-        w(f"valid = chunk_id * Q + lax.iota(jnp.int32, Q) < N_{dim_id(k.scan)}  # steps past the end are padding")
+        w(f"valid = chunk_id * Q + lax.iota(jnp.int32, Q) < {self.size_name(k.scan)}  # steps past the end are padding")
         w("valid_i = valid.astype(jnp.int32)  # masks broadcast as int32 (Mosaic cannot reshape i1 vectors)")
         for s in k.states:
             S = s.attr("state")
@@ -251,18 +262,19 @@ class PallasEmitter(LauncherWriter):
         with w.block("def step(t_i, carry):"):
             if svars:
                 w(f"{carry} = carry")
-            w(f"valid = chunk_id * TB + t_i < N_{dim_id(k.scan)}  # steps past the end are padding")
+            w(f"valid = chunk_id * TB + t_i < {self.size_name(k.scan)}  # steps past the end are padding")
             for leaf in (i for i in k.inputs if k.scan in i.dims):
                 self.load(leaf, "t_i")
             w("# stage step")
             for i in k.body:
                 body.instr(i)
             self.timed_stores("t_i")
+            kept = {v: self.pn.key(("kept", v), f"{v}_kept") for v in svars}
             for v in svars:
-                w(f"{v}_kept = {v}")
+                w(f"{kept[v]} = {v}")
             body.step_updates()
             for v in svars:
-                w(f"{v} = jnp.where(valid, {v}, {v}_kept)  # padding leaves the state as it is")
+                w(f"{v} = jnp.where(valid, {v}, {kept[v]})  # padding leaves the state as it is")
             w(f"return ({carry})" if svars else "return carry")
         init = ", ".join(self.state_value(s.attr("state")) for s in k.states) + ("," if len(svars) == 1 else "")
         if svars:

@@ -10,7 +10,7 @@ device memory. Sequential programs walk time step by step the same way.
 from __future__ import annotations
 
 
-from .kernel_body import Dialect, TileEmitter, dim_id
+from .kernel_body import Dialect, TileEmitter
 from .kernel_launch import KernelTarget, LauncherWriter
 from .kernel_plan import post_kernel_plan
 from .writer import py_name
@@ -66,22 +66,24 @@ class TritonDialect(Dialect):
     def needs_mask(self, d):
         return True
 
-    def mask(self, d):
-        return f"(o_{dim_id(d)} < N_{dim_id(d)})"
+    def mask(self, offsets, size):
+        return f"({offsets} < {size})"
 
 
 class TritonEmitter(LauncherWriter):
     target = "triton"
     runtime = "triton_runtime"
     imports = ("import triton", "import triton.language as tl")
+    FIXED = ("triton", "tl", "Q", "MM", "PREC", "pid", "bid", "c", "tt", "ttc", "valid", "t_i", "in_chunk")
+    strides = True
 
     def post_kernel(self):
         plan = post_kernel_plan(self.plan)
         if plan is None:
             return None
-        post = TritonEmitter(plan, self.pipeline)
-        post.w, post.pn = self.w, self.pn
-        post.kernel_name = f"{py_name('%' + self.plan.p.name)}_post"
+        post = TritonEmitter(plan, self.pipeline, self.module)  # the same module: its own kernel scope
+        post.w, post.lpn = self.w, self.lpn
+        post.kernel_name = self.module.key(("kernel", "post"), f"{py_name(self.plan.p.name)}_post")
         return post
 
     def kernel(self):
@@ -91,8 +93,8 @@ class TritonEmitter(LauncherWriter):
         # runtime sizes sit between the input and output pointers: jax-triton passes scalars where they stand
         # among the inputs and appends the output pointers
         runtime = self.runtime_args()
-        args = [f"{self.pn(i.name)}_ptr" for i in k.inputs + k.states] + runtime + [f"{n}_ptr" for n in
-                                                                                    self.store_names()]
+        args = ([self.ptr_of(i) for i in k.inputs + k.states] + runtime
+                + [self.store_ptr(kd, n) for kd, n, _ in k.stores])
         consts = self.constexprs()
         # no specialisation on the runtime sizes' values (divisibility by 16, == 1): one compile serves all lengths
         w(f"@triton.jit(do_not_specialize={runtime!r})" if runtime else "@triton.jit")
@@ -112,43 +114,53 @@ class TritonEmitter(LauncherWriter):
                 self.step_loop(body)
             self.store_states(body)
 
+    def ptr_of(self, leaf) -> str:
+        return self.pn.local(leaf.name, "ptr")
+
+    def store_ptr(self, kind, name) -> str:
+        return self.pn.key(("ptr", self.store_key(kind, name)), f"{self.store_stem(kind, name)}_ptr")
+
     # ---- program ids and offsets ------------------------------------------------------------------------
     def program_ids(self):
         k, w = self.plan, self.w
         if k.group_tile:
             (h, g), = k.group_tile.items()
-            w(f"# the epilogue after the main kernel: N_{dim_id(h)} is the number of heads per group {g}")
+            w(f"# the epilogue after the main kernel: {self.size_name(h)} is the number of heads per group {g}")
         w(f"# one program per ({', '.join(k.grid) or 'whole problem'})"
           + (f" x block of ({', '.join(k.split)})" if k.split else ""))
+        pn, N = self.pn, self.size_name
         if k.grid:
             w("pid = tl.program_id(0)")
             rest = "pid"
             for d in reversed(k.grid):
                 if d == k.grid[0]:
-                    w(f"i_{dim_id(d)} = {rest}")
+                    w(f"{pn.dim('i', d)} = {rest}")
                 else:
-                    w(f"i_{dim_id(d)} = {rest} % N_{dim_id(d)}")
-                    w(f"{rest}_{dim_id(d)} = {rest} // N_{dim_id(d)}")
-                    rest = f"{rest}_{dim_id(d)}"
+                    w(f"{pn.dim('i', d)} = {rest} % {N(d)}")
+                    nxt = pn.temp(f"{rest}_{d}")
+                    w(f"{nxt} = {rest} // {N(d)}")
+                    rest = nxt
         if k.split:
             w("bid = tl.program_id(1)")
             rest = "bid"
             for d in reversed(k.split):
-                nb = f"((N_{dim_id(d)} + BLOCK_{dim_id(d)} - 1) // BLOCK_{dim_id(d)})"
-                w(f"j_{dim_id(d)} = {rest} % {nb}")
+                nb = f"(({N(d)} + {self.block_name(d)} - 1) // {self.block_name(d)})"
+                w(f"{pn.dim('j', d)} = {rest} % {nb}")
                 if d != k.split[0]:
-                    w(f"{rest}_{dim_id(d)} = {rest} // {nb}")
-                    rest = f"{rest}_{dim_id(d)}"
+                    nxt = pn.temp(f"{rest}_{d}")
+                    w(f"{nxt} = {rest} // {nb}")
+                    rest = nxt
         for g, h in k.group_of.items():
             if any(g in ds for ds in self.arrays().values()) and h in k.grid:
-                w(f"i_{dim_id(g)} = i_{dim_id(h)} // (N_{dim_id(h)} // N_{dim_id(g)})  # head {h} reads group {g}")
+                w(f"{pn.dim('i', g)} = {pn.dim('i', h)} // ({N(h)} // {N(g)})  # head {h} reads group {g}")
 
     def offsets(self):
         k, w = self.plan, self.w
         for d in k.tile:
-            x = dim_id(d)
-            start = f"j_{x} * BLOCK_{x} + " if d in k.split else ""
-            w(f"o_{x} = {start}tl.arange(0, BLOCK_{x})  # entries past N_{x} are padding: loaded as 0, never stored")
+            B = self.block_name(d)
+            start = f"{self.pn.dim('j', d)} * {B} + " if d in k.split else ""
+            w(f"{self.pn.dim('o', d)} = {start}tl.arange(0, {B})  # entries past {self.size_name(d)} are padding: "
+              f"loaded as 0, never stored")
         if k.form == "chunked":
             # not o_<dim> like the tile offsets: a dim may be called t
             w("in_chunk = tl.arange(0, Q)  # positions within a chunk")
@@ -158,19 +170,20 @@ class TritonEmitter(LauncherWriter):
         """Pointer tile of array `arr` (declared dims) at this program's grid index, over `axes`."""
         terms = [ptr]
         k = self.plan
+        pn = self.pn
         for d in dims:
-            st = f"{arr}_stride_{dim_id(d)}"
+            st = self.stride_name(arr, d)
             if d == k.scan:
                 idx = time
-                if k.scan in axes and k.form == "chunked":
+                if k.scan in axes and k.form == "chunked":  # the scan dim, whatever the spec calls it
                     idx = self.body.bc(time, (k.scan,), axes)
             elif d in k.group_tile:  # the tile spans the heads of group i_g
                 g = k.group_tile[d]
-                idx = self.body.bc(f"(i_{dim_id(g)} * N_{dim_id(d)} + o_{dim_id(d)})", (d,), axes)
+                idx = self.body.bc(f"({pn.dim('i', g)} * {self.size_name(d)} + {pn.dim('o', d)})", (d,), axes)
             elif d in k.tile:  # unclamped offsets keep the loads contiguous (vectorised); padding is masked
-                idx = self.body.bc(f"o_{dim_id(d)}", (d,), axes)
+                idx = self.body.bc(pn.dim("o", d), (d,), axes)
             else:
-                idx = f"i_{dim_id(d)}"
+                idx = pn.dim("i", d)
             terms.append(f"{idx} * {st}")
         return " + ".join(terms)
 
@@ -178,8 +191,8 @@ class TritonEmitter(LauncherWriter):
         k, body = self.plan, self.body
         name = leaf.attr("array") or leaf.attr("state")
         axes = body.axes_of(leaf.dims)
-        addr = self.address(name, f"{self.pn(leaf.name)}_ptr", k.decl[name], axes, time)
-        mask = [body.bc(f"(o_{dim_id(d)} < N_{dim_id(d)})", (d,), axes) for d in axes if d in k.tile]
+        addr = self.address(name, self.ptr_of(leaf), k.decl[name], axes, time)
+        mask = [body.bc(body.mask(d), (d,), axes) for d in axes if d in k.tile]
         m = f", mask={' & '.join(mask)}, other=0.0" if mask else ""
         body.bind(leaf.name, f"tl.load({addr}{m}).to(tl.float32)", axes)
         body.zero_padded.add(body.get(leaf.name)[0])  # padded entries read as 0: no mask needed in sums
@@ -191,16 +204,17 @@ class TritonEmitter(LauncherWriter):
         e, ax = body.get(value)
         if ax != axes:
             e = body.reorder(e, ax, axes)
-        mask = [body.bc(f"(o_{dim_id(d)} < N_{dim_id(d)})", (d,), axes) for d in axes if d in k.tile]
+        mask = [body.bc(body.mask(d), (d,), axes) for d in axes if d in k.tile]
         if k.scan in axes:
             mask.insert(0, body.bc("valid", (k.scan,), axes))
         elif time is not None and k.scan in dims:
             mask.insert(0, "valid")
         for g, h in k.group_of.items():  # a group-indexed result: every head of the group computes it, the first stores
             if g in dims and h in k.grid:
-                mask.insert(0, f"(i_{dim_id(h)} % (N_{dim_id(h)} // N_{dim_id(g)}) == 0)")
-        ptr = f"{self.store_var(kind, name)}_ptr"
-        addr = self.address(self.store_var(kind, name), ptr, dims, axes, time)
+                N = self.size_name
+                mask.insert(0, f"({self.pn.dim('i', h)} % ({N(h)} // {N(g)}) == 0)")
+        ptr = self.store_ptr(kind, name)
+        addr = self.address(self.store_key(kind, name), ptr, dims, axes, time)
         m = f", mask={' & '.join(mask)}" if mask else ""
         w(f"tl.store({addr}, ({e}).to({ptr}.dtype.element_ty){m})")
 
@@ -217,7 +231,7 @@ class TritonEmitter(LauncherWriter):
             w("# the state, held on chip for the whole sequence (fp32)")
         for s in k.states:
             S = s.attr("state")
-            var = f"state_{self.pn(s.name)}"
+            var = self.pn.key(("state", S), f"state_{self.pn(s.name)}")
             body.state_var[S] = var
             self.load(s, None)
             w(f"{var} = {body.get(s.name)[0]}")
@@ -226,10 +240,11 @@ class TritonEmitter(LauncherWriter):
     def chunk_loop(self, body):
         k, w = self.plan, self.w
         timed = [i for i in k.inputs if k.scan in i.dims]
-        with w.block(f"for c in range(0, (N_{dim_id(k.scan)} + Q - 1) // Q):"):
+        NT = self.size_name(k.scan)
+        with w.block(f"for c in range(0, ({NT} + Q - 1) // Q):"):
             w("tt = c * Q + in_chunk")
-            w(f"valid = tt < N_{dim_id(k.scan)}")
-            w(f"ttc = tl.minimum(tt, N_{dim_id(k.scan)} - 1)")
+            w(f"valid = tt < {NT}")
+            w(f"ttc = tl.minimum(tt, {NT} - 1)")
             for leaf in timed:
                 self.load(leaf, "ttc")
             self.body_instrs(body)
@@ -244,7 +259,7 @@ class TritonEmitter(LauncherWriter):
     def step_loop(self, body):
         k, w = self.plan, self.w
         timed = [i for i in k.inputs if k.scan in i.dims]
-        with w.block(f"for t_i in range(0, N_{dim_id(k.scan)}):"):
+        with w.block(f"for t_i in range(0, {self.size_name(k.scan)}):"):
             w("valid = True")
             for leaf in timed:
                 self.load(leaf, "t_i")

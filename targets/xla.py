@@ -6,13 +6,15 @@ self-describing: PARAMS / RETURNS give every argument's and result's IR dims.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 
 from ssmc.ir import Instr, Program, union_dims
 from ssmc.passes.chunk import chunk_dim
 from ssmc.passes.chunk_ops import STAGE_OPS, decode
 
-from .writer import Names, Writer, dim_letters, py_name
+from .writer import Names, Writer, dim_letters, py_const
 
 UNARY = {"neg": "-{}", "exp": "jnp.exp({})", "log": "jnp.log({})", "softplus": "jax.nn.softplus({})",
          "silu": "jax.nn.silu({})", "sigmoid": "jax.nn.sigmoid({})", "tanh": "jnp.tanh({})", "sqrt": "jnp.sqrt({})",
@@ -39,12 +41,18 @@ class XlaTarget:
 
 
 class XlaEmitter:
+    # every identifier the emitted module writes literally (imports, globals, the call's `mm`, the chunked
+    # form's sizes, the scan bodies' parameters); everything else comes from the name table
+    FIXED = ("jax", "jnp", "lax", "rt", "PARAMS", "RETURNS", "ENTRY", "mm", "T", "Q", "Tp", "nc", "valid", "step",
+             "carry", "xs", "S", "inp", "a", "s", "y_t")
+
     def __init__(self, p: Program, pipeline: str):
         self.p, self.pipeline = p, pipeline
         self.by = p.by_name()
         self.w = Writer()
-        self.pn = Names(p.instrs)
-        self.letter = dim_letters(p.dims)
+        self.pn = Names(p.instrs, self.FIXED)
+        used = set().union(*(i.dims for i in p.instrs))  # only dims some value has need an einsum letter
+        self.letter = dim_letters([d for d in p.dims if d in used])
         self.scan = p.scan
         self.cd = chunk_dim(p.scan)
         self.chunked = any(i.op in STAGE_OPS for i in p.instrs)
@@ -60,8 +68,7 @@ class XlaEmitter:
     def n(self, ssa: str) -> str:
         i = self.by.get(ssa)
         if i is not None and i.op == "const":
-            v = i.attr("value")
-            return repr(v) if v >= 0 else f"({v!r})"
+            return py_const(i.attr("value"))
         return self.pn(ssa)
 
     def dims(self, ssa: str) -> tuple:
@@ -102,18 +109,37 @@ class XlaEmitter:
         w(f"PARAMS = {[(a, b, c, d) for a, b, c, d in params]!r}")
         rets = self.returns()
         w(f"RETURNS = {[(k, name, ','.join(d)) for k, name, _, d in rets]!r}")
+        entry = self.pn.key("entry", p.name)
+        w(f"ENTRY = {entry!r}")
         w()
         w()
         w("# mm: the matmul operand dtype (float32, or the inputs' bfloat16/float16); accumulation is float32")
-        with w.block(f"def {py_name('%' + p.name)}({', '.join(a for a, *_ in params)}, mm=jnp.float32):"):
+        with w.block(f"def {entry}({''.join(a + ', ' for a, *_ in params)}mm=jnp.float32):"):
             self.body(rets)
-        return w.text()
+        source = w.text()
+        self.pn.verify(source)
+        return source
+
+    def step_values(self) -> dict[str, bool]:
+        """Sequential form: which values the scan body computes (per step, without the scan dim): everything that
+        depends on a state, and state-free values bigger than any input (an outer product like dt*B⊗x hoisted
+        over time would be one state-sized array per step)."""
+        input_dims = [set(i.dims) for i in self.p.instrs if i.op in ("input", "state", "window")]
+        inner: dict[str, bool] = {}
+        for i in self.p.instrs:
+            inner[i.name] = i.op == "state" or any(inner[a] for a in i.args) or (
+                i.op not in ("input", "out", "update") and not any(set(i.dims) <= d for d in input_dims))
+        return inner
 
     def returns(self):
         out = []
+        inner = {} if self.chunked else self.step_values()
         for o in self.p.outs:
-            sink = self.by[f"out.{o.name}"]
-            out.append(("out", o.name, sink.args[0], self.by[sink.args[0]].dims))
+            v = self.by[f"out.{o.name}"].args[0]
+            dims = self.by[v].dims
+            if inner.get(v):  # the scan stacks a step's value along the scan dim, even one that lacks it
+                dims = self.p.order(set(dims) | {self.scan})
+            out.append(("out", o.name, v, dims))
         for s in self.p.states:
             sink = self.by.get(f"final.{s.name}") or self.by[f"update.{s.name}"]
             dims = self.by[sink.args[0]].dims
@@ -133,34 +159,27 @@ class XlaEmitter:
     # ---- sequential: lax.scan over the step function -----------------------------------------------------
     def sequential_body(self, rets):
         p, w = self.p, self.w
-        # In the scan body: everything that depends on a state, and state-free values bigger than any input
-        # (an outer product like dt*B⊗x hoisted over time would be one state-sized array per step).
-        input_dims = [set(i.dims) for i in p.instrs if i.op in ("input", "state", "window")]
-        inner: dict[str, bool] = {}
-        for i in p.instrs:
-            inner[i.name] = i.op == "state" or any(inner[a] for a in i.args) or (
-                i.op not in ("input", "out", "update") and not any(set(i.dims) <= d for d in input_dims))
-        dep = inner
+        inner = dep = self.step_values()
         w("# stage prologue: state-free per-step values no larger than an input, vectorised over time")
         for i in p.instrs:
             if not inner[i.name] and i.op not in ("input", "out", "update"):
                 self.instr(i)
         step = [i for i in p.instrs if inner[i.name] and i.op not in ("state", "update", "out")]
-        used = []
-        for i in step:
-            for a in i.args:
-                if not inner[a] and self.scan in self.by[a].dims and a not in used and self.by[a].op != "const":
-                    used.append(a)
-        states = [i for i in p.instrs if i.op == "state"]
         updates = {i.attr("state"): i.args[0] for i in p.instrs if i.op == "update"}
-        outs = [(k, name, v) for k, name, v, _ in rets if k == "out" and dep[v]]
+        used = []  # state-free values over time that the step reads, one step at a time (an update may be one)
+        for a in [a for i in step for a in i.args] + list(updates.values()):
+            if not inner[a] and self.scan in self.by[a].dims and a not in used and self.by[a].op != "const":
+                used.append(a)
+        states = [i for i in p.instrs if i.op == "state"]
+        outs = list(dict.fromkeys(v for k, name, v, _ in rets if k == "out" and dep[v]))  # stacked by the scan
         for a in used + [i.name for i in step] + [s.name for s in states]:
             self.local_dims[a] = tuple(d for d in self.by[a].dims if d != self.scan)
         w()
         w("# stage step: one step of the recurrence per position of the scan dim")
-        carry = ", ".join(self.pn(s.name) for s in states) + ","
+        carry = ", ".join(self.pn(s.name) for s in states) + ("," if states else "")  # a tuple, maybe empty
         with w.block("def step(carry, xs):"):
-            w(f"{carry} = carry")
+            if states:
+                w(f"{carry} = carry")
             if used:
                 w(f"{', '.join(self.pn(a) for a in used)}, = xs")
             self.mm = "jnp.float32"
@@ -172,17 +191,24 @@ class XlaEmitter:
                 v = updates[s.attr("state")]
                 same = set(self.dims(v)) == set(s.dims)
                 new.append(self.pn(v) if same else f"jnp.broadcast_to({self.b(v, s.dims)}, {self.pn(s.name)}.shape)")
-            ys = ", ".join(self.pn(v) for _, _, v in outs)
-            w(f"return ({', '.join(new)},), ({ys}{',' if outs else ''})")
+            ys = ", ".join(self.pn(v) for v in outs)
+            w(f"return ({', '.join(new)}{',' if new else ''}), ({ys}{',' if outs else ''})")
         xs = ", ".join(f"jnp.moveaxis({self.pn(a)}, {self.ax(self.by[a].dims, self.scan)}, 0)" for a in used)
-        finals = ", ".join(f"{self.pn(s.name)}_final" for s in states) + ","
-        ys_names = ", ".join(self.pn(v) for _, _, v in outs)
-        w(f"({finals}), ({ys_names}{',' if outs else ''}) = lax.scan(step, ({carry}), ({xs}{',' if used else ''}))")
-        for _, _, v in outs:
-            w(f"{self.pn(v)} = jnp.moveaxis({self.pn(v)}, 0, {self.ax(self.by[v].dims, self.scan)})")
+        if not used:  # nothing to walk along time but the steps themselves: their count comes from an input
+            tsrc = next(i for i in p.instrs if i.op == "input" and self.scan in i.dims)
+            length = f", length={self.pn(tsrc.name)}.shape[{self.ax(tsrc.dims, self.scan)}]"
+        else:
+            length = ""
+        finals = ", ".join(self.pn.local(s.name, "final") for s in states) + ("," if states else "")
+        ys_names = ", ".join(self.pn(v) for v in outs)
+        w(f"({finals}), ({ys_names}{',' if outs else ''}) = lax.scan(step, ({carry}), ({xs}{',' if used else ''})"
+          f"{length})")
+        for v in outs:
+            to = self.p.order(set(self.by[v].dims) | {self.scan})
+            w(f"{self.pn(v)} = jnp.moveaxis({self.pn(v)}, 0, {self.ax(to, self.scan)})")
         self.local_dims.clear()
         res = []
-        finals = {s.attr("state"): f"{self.pn(s.name)}_final" for s in states}  # conv windows are not carried
+        finals = {s.attr("state"): self.pn.local(s.name, "final") for s in states}  # conv windows are not carried
         for k, name, v, _ in rets:
             res.append(finals.get(name, self.pn(v)) if k == "state" else self.pn(v))
         w(f"return {', '.join(res)}")
@@ -343,7 +369,7 @@ class XlaEmitter:
         sig = self.n(a.sigma) if a.sigma else None
         w_expr = self.decay_between(f"rt.last({L}, {ax})", L, sig and f"rt.last({sig}, {ax})", sig,
                                     i.attr("bounded", False))
-        wname = f"{self.pn(i.name)}_w"
+        wname = self.pn.local(i.name, "w")
         self.w(f"{wname} = {w_expr}  # decay from each step to the chunk's end")
         _, wl = self.view(a.L)
         out = "".join(self.letter[d] for d in i.dims)
@@ -354,7 +380,9 @@ class XlaEmitter:
             ins = ",".join(v[1] for v in views)
             e = f'rt.einsum("{ins}->{out}", {", ".join(v[0] for v in views)}, mm=mm)'
             terms.append(e if coef == 1.0 else f"{coef!r} * {e}")
-        self.assign(i, " + ".join(terms), "each chunk's final state, starting from zero")
+        # no input term (z = z * f): every chunk ends where it started, at zero
+        zeros = f"rt.zeros_per_chunk({self.n(self.state_leaf(i.attr('state')))}, {i.dims.index(self.cd)}, nc)"
+        self.assign(i, " + ".join(terms) or zeros, "each chunk's final state, starting from zero")
 
     @staticmethod
     def fold_scales(views):
@@ -377,7 +405,7 @@ class XlaEmitter:
             e = f"jnp.exp(rt.last({L}, {ax}))"
             if a.sigma:
                 e += f" * rt.last({self.n(a.sigma)}, {ax})"
-            name = f"{self.pn(a.L)}_chunk"
+            name = self.pn.local(a.L, "chunk")
             self.w(f"{name} = jnp.squeeze({e}, {ax})  # decay across each whole chunk")
             self.chunk_decay[key] = name
         return self.chunk_decay[key]
@@ -391,10 +419,11 @@ class XlaEmitter:
         dax = ddims.index(self.cd)
         S0 = self.n(a.init)
         bdec = "a" + self.b_dims([d for d in ddims if d != self.cd], sdims)
-        with self.w.block(f"def {self.pn(i.name)}_step(S, inp):"):
+        fn = self.pn.local(i.name, "step")
+        with self.w.block(f"def {fn}(S, inp):"):
             self.w("a, s = inp")
             self.w(f"return {bdec} * S + s, S")
-        self.w(f"_, {self.pn(i.name)} = lax.scan({self.pn(i.name)}_step, {S0}, "
+        self.w(f"_, {self.pn(i.name)} = lax.scan({fn}, {S0}, "
                f"(jnp.moveaxis({dec}, {dax}, 0), jnp.moveaxis({self.n(a.chunks)}, {cax}, 0)))")
         self.assign(i, f"jnp.moveaxis({self.pn(i.name)}, 0, {cax})", "state entering each chunk")
 
@@ -417,11 +446,11 @@ class XlaEmitter:
         ax = self.ax(Ldims, self.scan) + 1  # position axis in the chunked layout
         npost = len(Ldims) - self.ax(Ldims, self.scan) - 1
         L = self.n(a.L)
-        base = self.pn(i.name)
+        base = functools.partial(self.pn.local, i.name)  # base("D") etc.: this output's locals
         Lt = L
         if prev:  # readout before the update: decay up to t-1
             ell = self.masked(a.ell, "0.0", Ldims)
-            Lt = f"{base}_Lx"
+            Lt = base("Lx")
             self.w(f"{Lt} = {L} - rt.chunk({ell}, {ax - 1}, Q)  # log-decay through t-1")
         sig = self.n(a.sigma) if a.sigma else None
         diff = f"jnp.expand_dims({Lt}, {ax + 1}) - jnp.expand_dims({L}, {ax})"
@@ -429,7 +458,7 @@ class XlaEmitter:
         D = f"jnp.exp({self.clamped(f'jnp.where({mask}, {diff}, -jnp.inf)', i.attr('bounded', False))})"
         if sig:
             D += f" * jnp.expand_dims({sig}, {ax + 1}) * jnp.expand_dims({sig}, {ax})"
-        self.w(f"{base}_D = {D}  # decay from source s to target t in the chunk, masked s {'<' if prev else '<='} t")
+        self.w(f"{base('D')} = {D}  # decay from source s to target t in the chunk, masked s {'<' if prev else '<='} t")
         _, Ll = self.view(a.L)
         tl = self.letter[self.scan]
         Dl = Ll.replace(tl, tl + "s")
@@ -442,7 +471,7 @@ class XlaEmitter:
         self.output_ssd(a, base, K, Ldims, Dl, Ll, out, dstate, ev, el, prev, joint)
         coef = "" if a.qcoef == 1.0 else f"{a.qcoef!r} * "
         oax = self.ax(i.dims, self.scan)
-        self.assign(i, f"{coef}rt.unchunk({base}_in + {base}_st, {oax})")
+        self.assign(i, f"{coef}rt.unchunk({base('in')} + {base('st')}, {oax})")
 
     def output_ssd(self, a, base, K, Ldims, Dl, Ll, out, dstate, ev, el, prev, joint):
         """The SSD order: scores = q_t · k_s over the contracted dims (a matmul), then one elementwise pass
@@ -466,31 +495,31 @@ class XlaEmitter:
         for k, (coef, prod) in enumerate(zip(a.ucoef, a.u)):
             uK, uS, uR = split(prod)
             uKv, uSv, uRv = ([self.view(f, "s") for f in g] for g in (uK, uS, uR))
-            kin = qKv + ([(base + "_D", Dl)] if joint else []) + uKv
+            kin = qKv + ([(base("D"), Dl)] if joint else []) + uKv
             sl = "".join(dict.fromkeys(c for v in kin for c in v[1] if c not in Kl))
-            sname = f"{base}_scores{k or ''}"
+            sname = base(f"scores{k or ''}")
             w(f'{sname} = rt.einsum("{",".join(v[1] for v in kin)}->{sl}", {", ".join(v[0] for v in kin)}, '
               f'mm=mm)  # q_t · {"decay · " if joint else ""}k_s')
-            scale = [(sname, sl)] + ([] if joint else [(f"{base}_D", Dl)]) + list(qSv + uSv)
+            scale = [(sname, sl)] + ([] if joint else [(base("D"), Dl)]) + list(qSv + uSv)
             Wl = "".join(dict.fromkeys(c for _, lt in scale for c in lt))
-            wname = f"{base}_W{k or ''}"
+            wname = base(f"W{k or ''}")
             prod = scale[0][0] if len(scale) == 1 else f'rt.mul("{Wl}", {", ".join(f"({x}, {lt!r})" for x, lt in scale)})'
             w(f'{wname} = rt.causal_select({prod}, "{Wl}", "{cl}{tl}s", {prev}, valid)  # decay-weighted, s '
               f'{"<" if prev else "<="} t')
             rest = [(wname, Wl)] + list(qRv + uRv)
             e = f'rt.einsum("{",".join(lt for _, lt in rest)}->{out}", {", ".join(x for x, _ in rest)}, mm=mm)'
             parts.append(e if coef == 1.0 else f"{coef!r} * {e}")
-        w(f"{base}_in = {' + '.join(parts) if parts else '0.0'}  # in-chunk part: W · v over the sources")
+        w(f"{base('in')} = {' + '.join(parts) if parts else '0.0'}  # in-chunk part: W · v over the sources")
         if joint:  # the decay from the chunk's start varies along the contracted dims: into q first
             views = self.fold_scales([self.view(f) for f in a.q] + [(dstate, Ll), (ev, el)])
-            w(f'{base}_st = rt.einsum("{",".join(v[1] for v in views)}->{out}", {", ".join(v[0] for v in views)}, '
+            w(f'{base("st")} = rt.einsum("{",".join(v[1] for v in views)}->{out}", {", ".join(v[0] for v in views)}, '
               f'mm=mm)  # state part')
             return
         ins = ",".join([v[1] for v in qKv + qRv] + [el])
         sto = "".join(c for c in out if c in ins)  # a q without the scan dim leaves t to the decay
         st = f'rt.einsum("{ins}->{sto}", {", ".join([v[0] for v in qKv + qRv] + [ev])}, mm=mm)'
         scale = [(st, sto), (dstate, Ll)] + list(qSv)
-        w(f'{base}_st = rt.mul("{out}", {", ".join(f"({x}, {lt!r})" for x, lt in scale)})  # state part')
+        w(f'{base("st")} = rt.mul("{out}", {", ".join(f"({x}, {lt!r})" for x, lt in scale)})  # state part')
 
     def walk(self, i: Instr, a, zero_start: bool):
         """Elementwise decay: walk each chunk's steps with the state of every chunk at once (form=scan)."""
@@ -515,7 +544,8 @@ class XlaEmitter:
         self.local_dims.update(local)
         cax = sdims.index(self.cd)
         prev = i.attr("when") == "prev"
-        with w.block(f"def {base}_step(S, xs):"):
+        fn = self.pn.local(i.name, "step")
+        with w.block(f"def {fn}(S, xs):"):
             w(f"{', '.join(self.n(s) for s in per_step)}, valid = xs  # this step of every chunk")
             u_terms = []
             for coef, prod in zip(a.ucoef, a.u):
@@ -544,12 +574,12 @@ class XlaEmitter:
         xs = ", ".join([e for e in exprs if e is not None] + ["rt.steps(valid, 0, Q)"])
         if zero_start:
             init = f"rt.zeros_per_chunk({self.n(self.state_leaf(i.attr('state')))}, {cax}, nc)"
-            w(f"{base}, _ = lax.scan({base}_step, {init}, ({xs}))")
+            w(f"{base}, _ = lax.scan({fn}, {init}, ({xs}))")
             w(f"# {base}: each chunk's final state from zero, walking its steps")
         else:
             oax = self.ax(i.dims, self.scan)
             coef = "" if a.qcoef == 1.0 else f"{a.qcoef!r} * "
-            w(f"_, {base} = lax.scan({base}_step, {self.n(a.enter)}, ({xs}))")
+            w(f"_, {base} = lax.scan({fn}, {self.n(a.enter)}, ({xs}))")
             w(f"{base} = {coef}rt.unsteps({base}, {oax})  # readout at every step, each chunk from its entering state")
 
     def state_leaf(self, state: str) -> str:

@@ -11,6 +11,7 @@ from ssmc.targets import xla_runtime as rt
 
 PARAMS = [('q', 'q', 'input', 'b,t,h,dk'), ('k', 'k', 'input', 'b,t,h,dk'), ('v', 'v', 'input', 'b,t,h,dv'), ('beta', 'beta', 'input', 'b,t,h'), ('S_prev', 'S', 'state', 'b,h,dk,dv')]
 RETURNS = [('out', 'o', 'b,t,h,dv'), ('state', 'S', 'b,h,dk,dv')]
+ENTRY = 'deltanet'
 
 
 # mm: the matmul operand dtype (float32, or the inputs' bfloat16/float16); accumulation is float32

@@ -10,6 +10,7 @@ from ssmc.targets import xla_runtime as rt
 
 PARAMS = [('x', 'x', 'input', 'b,t,d'), ('dt_raw', 'dt_raw', 'input', 'b,t,d'), ('dt_bias', 'dt_bias', 'input', 'd'), ('A_log', 'A_log', 'input', 'd,n'), ('B', 'B', 'input', 'b,t,n'), ('C', 'C', 'input', 'b,t,n'), ('D', 'D', 'input', 'd'), ('h_prev', 'h', 'state', 'b,d,n')]
 RETURNS = [('out', 'y', 'b,t,d'), ('state', 'h', 'b,d,n')]
+ENTRY = 'mamba1'
 
 
 # mm: the matmul operand dtype (float32, or the inputs' bfloat16/float16); accumulation is float32

@@ -14,7 +14,8 @@ from ssmc.targets import pallas_runtime as rt
 
 PARAMS = [('x', 'x', 'input', 'b,t,h,p'), ('dt', 'dt', 'input', 'b,t,h'), ('A', 'A', 'input', 'h'), ('B', 'B', 'input', 'b,t,g,n'), ('C', 'C', 'input', 'b,t,g,n'), ('D', 'D', 'input', 'h'), ('h_prev', 'h', 'state', 'b,h,p,n')]
 RETURNS = [('out', 'y', 'b,t,h,p'), ('state', 'h', 'b,h,p,n')]
-LAYOUT = {'form': 'chunked', 'scan': 't', 'Q': 128, 'grid': ['b', 'h'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n'], 'inputs': ['x', 'dt', 'A', 'B', 'C', 'D', 'h'], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt': ['b', 't', 'h'], 'A': ['h'], 'B': ['b', 't', 'g', 'n'], 'C': ['b', 't', 'g', 'n'], 'D': ['h'], 'h': ['b', 'h', 'p', 'n'], 'y': ['b', 't', 'h', 'p'], 'h_final': ['b', 'h', 'p', 'n']}, 'stores': [['y', 'out', ['b', 't', 'h', 'p']], ['h_final', 'state', ['b', 'h', 'p', 'n']]]}
+ENTRY = 'mamba2'
+LAYOUT = {'form': 'chunked', 'scan': 't', 'Q': 128, 'grid': ['b', 'h'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n'], 'inputs': ['x', 'dt', 'A', 'B', 'C', 'D', 'h'], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt': ['b', 't', 'h'], 'A': ['h'], 'B': ['b', 't', 'g', 'n'], 'C': ['b', 't', 'g', 'n'], 'D': ['h'], 'h': ['b', 'h', 'p', 'n'], 'y': ['b', 't', 'h', 'p'], 'h:final': ['b', 'h', 'p', 'n']}, 'stores': [['y', 'out', ['b', 't', 'h', 'p']], ['h:final', 'state', ['b', 'h', 'p', 'n']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}}}
 
 
 def mamba2_chunked(x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, h_prev_ref, y_ref, h_final_ref, h_scr, *, N_b, N_t, N_h, N_p, N_g, N_n, BLOCK_p, BLOCK_n, Q, MM, PREC):

@@ -12,6 +12,7 @@ from ssmc.targets import xla_runtime as rt
 
 PARAMS = [('x', 'x', 'input', 'b,t,g,h/g,p'), ('dt', 'dt', 'input', 'b,t,g,h/g'), ('A', 'A', 'input', 'g,h/g'), ('B', 'B', 'input', 'b,t,g,n'), ('C', 'C', 'input', 'b,t,g,n'), ('D', 'D', 'input', 'g,h/g'), ('h_prev', 'h', 'state', 'b,g,h/g,p,n')]
 RETURNS = [('out', 'y', 'b,t,g,h/g,p'), ('state', 'h', 'b,g,h/g,p,n')]
+ENTRY = 'mamba2'
 
 
 # mm: the matmul operand dtype (float32, or the inputs' bfloat16/float16); accumulation is float32

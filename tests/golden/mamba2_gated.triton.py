@@ -15,8 +15,9 @@ from ssmc.targets import triton_runtime as rt
 
 PARAMS = [('x', 'x', 'input', 'b,t,h,p'), ('dt_raw', 'dt_raw', 'input', 'b,t,h'), ('dt_bias', 'dt_bias', 'input', 'h'), ('A_log', 'A_log', 'input', 'h'), ('B', 'B', 'input', 'b,t,g,n'), ('C', 'C', 'input', 'b,t,g,n'), ('D', 'D', 'input', 'h'), ('z', 'z', 'input', 'b,t,h,p'), ('norm_w', 'norm_w', 'input', 'h,p'), ('s_prev', 's', 'state', 'b,h,p,n')]
 RETURNS = [('out', 'y', 'b,t,h,p'), ('state', 's', 'b,h,p,n')]
-LAYOUT = {'form': 'chunked', 'scan': 't', 'Q': 64, 'grid': ['b', 'h'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n'], 'inputs': ['x', 'dt_raw', 'dt_bias', 'A_log', 'B', 'C', 'D', 'z', 's'], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt_raw': ['b', 't', 'h'], 'dt_bias': ['h'], 'A_log': ['h'], 'B': ['b', 't', 'g', 'n'], 'C': ['b', 't', 'g', 'n'], 'D': ['h'], 'z': ['b', 't', 'h', 'p'], 's': ['b', 'h', 'p', 'n'], 's_final': ['b', 'h', 'p', 'n'], 'v17': ['b', 't', 'h', 'p']}, 'stores': [['s_final', 'state', ['b', 'h', 'p', 'n']], ['v17', 'tmp', ['b', 't', 'h', 'p']]]}
-POST_LAYOUT = {'form': 'rows', 'scan': '~', 'Q': None, 'grid': ['b', 't', 'g'], 'tile': ['h', 'p'], 'split': [], 'groups': {}, 'group_tile': {'h': 'g'}, 'dims': ['b', 't', 'h', 'p', 'g'], 'inputs': ['v17', 'norm_w'], 'arrays': {'v17': ['b', 't', 'h', 'p'], 'norm_w': ['h', 'p'], 'y': ['b', 't', 'h', 'p']}, 'stores': [['y', 'out', ['b', 't', 'h', 'p']]]}
+ENTRY = 'mamba2_gated'
+LAYOUT = {'form': 'chunked', 'scan': 't', 'Q': 64, 'grid': ['b', 'h'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n'], 'inputs': ['x', 'dt_raw', 'dt_bias', 'A_log', 'B', 'C', 'D', 'z', 's'], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt_raw': ['b', 't', 'h'], 'dt_bias': ['h'], 'A_log': ['h'], 'B': ['b', 't', 'g', 'n'], 'C': ['b', 't', 'g', 'n'], 'D': ['h'], 'z': ['b', 't', 'h', 'p'], 's': ['b', 'h', 'p', 'n'], 's:final': ['b', 'h', 'p', 'n'], '%17': ['b', 't', 'h', 'p']}, 'stores': [['s:final', 'state', ['b', 'h', 'p', 'n']], ['%17', 'tmp', ['b', 't', 'h', 'p']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}, 'stride': {'x': {'b': 'x_stride_b', 't': 'x_stride_t', 'h': 'x_stride_h', 'p': 'x_stride_p'}, 'dt_raw': {'b': 'dt_raw_stride_b', 't': 'dt_raw_stride_t', 'h': 'dt_raw_stride_h'}, 'dt_bias': {'h': 'dt_bias_stride_h'}, 'A_log': {'h': 'A_log_stride_h'}, 'B': {'b': 'B_stride_b', 't': 'B_stride_t', 'g': 'B_stride_g', 'n': 'B_stride_n'}, 'C': {'b': 'C_stride_b', 't': 'C_stride_t', 'g': 'C_stride_g', 'n': 'C_stride_n'}, 'D': {'h': 'D_stride_h'}, 'z': {'b': 'z_stride_b', 't': 'z_stride_t', 'h': 'z_stride_h', 'p': 'z_stride_p'}, 's': {'b': 's_stride_b', 'h': 's_stride_h', 'p': 's_stride_p', 'n': 's_stride_n'}, 's:final': {'b': 's_final_stride_b', 'h': 's_final_stride_h', 'p': 's_final_stride_p', 'n': 's_final_stride_n'}, '%17': {'b': 'v17_stride_b', 't': 'v17_stride_t', 'h': 'v17_stride_h', 'p': 'v17_stride_p'}}}}
+POST_LAYOUT = {'form': 'rows', 'scan': '~', 'Q': None, 'grid': ['b', 't', 'g'], 'tile': ['h', 'p'], 'split': [], 'groups': {}, 'group_tile': {'h': 'g'}, 'dims': ['b', 't', 'h', 'p', 'g'], 'inputs': ['%17', 'norm_w'], 'arrays': {'%17': ['b', 't', 'h', 'p'], 'norm_w': ['h', 'p'], 'y': ['b', 't', 'h', 'p']}, 'stores': [['y', 'out', ['b', 't', 'h', 'p']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g'}, 'BLOCK': {'h': 'BLOCK_h', 'p': 'BLOCK_p'}, 'stride': {'%17': {'b': 'v17_stride_b', 't': 'v17_stride_t', 'h': 'v17_stride_h', 'p': 'v17_stride_p'}, 'norm_w': {'h': 'norm_w_stride_h', 'p': 'norm_w_stride_p'}, 'y': {'b': 'y_stride_b', 't': 'y_stride_t', 'h': 'y_stride_h', 'p': 'y_stride_p'}}}}
 
 
 @triton.jit(do_not_specialize=['N_b', 'N_h', 'N_t'])
@@ -92,8 +93,8 @@ def mamba2_gated_chunked(x_ptr, dt_raw_ptr, dt_bias_ptr, A_log_ptr, B_ptr, C_ptr
         v17 = v17_s_new + v15
         tl.store(v17_ptr + i_b * v17_stride_b + ttc[:, None] * v17_stride_t + i_h * v17_stride_h + o_p * v17_stride_p, (v17).to(v17_ptr.dtype.element_ty), mask=valid[:, None] & (o_p < N_p))
         # stage chunk_state + state_passing (s)
-        s__upd_w = tl.where(valid, tl.exp(tl.minimum(s_L_last - s_L, 0.0)), 0.0)  # decay from each step to the chunk's end
-        c6 = tl.dot(tl.trans(x).to(MM), ((B) * ((s__upd_w) * dt)[:, None]).to(MM), input_precision=PREC)
+        s_upd_w = tl.where(valid, tl.exp(tl.minimum(s_L_last - s_L, 0.0)), 0.0)  # decay from each step to the chunk's end
+        c6 = tl.dot(tl.trans(x).to(MM), ((B) * ((s_upd_w) * dt)[:, None]).to(MM), input_precision=PREC)
         state_s_prev = tl.exp(s_L_last) * state_s_prev + c6  # the state entering the next chunk
     # stage output: final states
     tl.store(s_final_ptr + i_b * s_final_stride_b + i_h * s_final_stride_h + o_p[:, None] * s_final_stride_p + o_n * s_final_stride_n, (state_s_prev).to(s_final_ptr.dtype.element_ty), mask=((o_p < N_p))[:, None] & (o_n < N_n))
@@ -131,6 +132,6 @@ def mamba2_gated(x, dt_raw, dt_bias, A_log, B, C, D, z, norm_w, s_prev, *, mm=jn
     sizes = rt.dim_sizes(LAYOUT, arrays)
     s_final, v17, = rt.launch(mamba2_gated_chunked, LAYOUT, arrays, sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
     # stage epilogue: a norm over a group of heads spans programs, so it is a kernel of its own
-    post_arrays = {'v17': v17, 'norm_w': norm_w}
+    post_arrays = {'%17': v17, 'norm_w': norm_w}
     y, = rt.launch(mamba2_gated_post, POST_LAYOUT, post_arrays, sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
     return y, s_final

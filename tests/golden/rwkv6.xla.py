@@ -11,6 +11,7 @@ from ssmc.targets import xla_runtime as rt
 
 PARAMS = [('r', 'r', 'input', 'b,t,h,dk'), ('k', 'k', 'input', 'b,t,h,dk'), ('v', 'v', 'input', 'b,t,h,dv'), ('w', 'w', 'input', 'b,t,h,dk'), ('u', 'u', 'input', 'h,dk'), ('S_prev', 'S', 'state', 'b,h,dk,dv')]
 RETURNS = [('out', 'o', 'b,t,h,dv'), ('state', 'S', 'b,h,dk,dv')]
+ENTRY = 'rwkv6'
 
 
 # mm: the matmul operand dtype (float32, or the inputs' bfloat16/float16); accumulation is float32
