@@ -40,7 +40,9 @@ def _dims(v, **kw):
     return d
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"chunk{c}-t{t}-{'init' if i else 'zero'}" for c, t, i in CASES])
+# the fast set (-m "not slow") keeps the first case (several chunks, a partial last one, initial states)
+@pytest.mark.parametrize("case", [pytest.param(c, marks=() if k == 0 else pytest.mark.slow) for k, c in enumerate(CASES)],
+                         ids=[f"chunk{c}-t{t}-{'init' if i else 'zero'}" for c, t, i in CASES])
 @pytest.mark.parametrize("name", NAMES)
 def test_fp32_matches_reference(sx, rng, name, case):
     chunk, t, with_init = case
@@ -49,7 +51,7 @@ def test_fp32_matches_reference(sx, rng, name, case):
     sx.check(rng, v, dims, with_init, kernel=kernel(name, chunk), tol=FP32_TOL, what=" (tpu interpret)")
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [n if n in ("mamba2", "gla") else pytest.param(n, marks=pytest.mark.slow) for n in NAMES])
 def test_bf16_inputs(sx, rng, name):
     """bf16 inputs are read as they are (matmul operands in bf16, fp32 accumulation and states); outs come back in
     bf16, states in float32."""
@@ -72,7 +74,7 @@ def test_sequential_over_several_time_blocks(sx, rng, name):
     sx.check(rng, v, dims, True, kernel=kernel(name), tol=FP32_TOL, what=" (tpu interpret, 2 time blocks)")
 
 
-@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("groups", [pytest.param(1, marks=pytest.mark.slow), 2, pytest.param(4, marks=pytest.mark.slow)])
 def test_groups_are_an_index_map(sx, rng, groups):
     v = VARIANTS["mamba2"]
     dims = {"b": 1, "h": 4, "g": groups, "t": 19}
@@ -164,6 +166,7 @@ def _aot_results() -> dict:
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                     reason="libtpu not installed (pip install 'libtpu==0.0.42.*' compiles for TPU without one)")
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("name", NAMES)
 def test_compiles_with_mosaic_for_tpu(name, dtype):

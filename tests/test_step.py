@@ -155,7 +155,8 @@ KERNEL_CASES = [("triton", "mamba2_conv"), ("triton", "rwkv6"), ("triton", "mamb
                 ("tpu", "mamba2_conv")]
 
 
-@pytest.mark.parametrize("target,name", KERNEL_CASES)
+@pytest.mark.parametrize("target,name", [c if k < 2 else pytest.param(*c, marks=pytest.mark.slow)
+                                         for k, c in enumerate(KERNEL_CASES)])
 def test_prefill_then_steps_on_kernel_targets(rng, name, target):
     """The same on the kernel targets that have landed, in their CPU interpreter (slow: one example, short
     steps)."""

@@ -28,7 +28,9 @@ def kernel(name, chunk_size=None, matmul="auto"):
 CASES = [(16, 37, True), (None, 70, False), (1, 11, True)]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"chunk{c}-t{t}-{'init' if i else 'zero'}" for c, t, i in CASES])
+# the fast set (-m "not slow") keeps the first case (several chunks, a partial last one, initial states)
+@pytest.mark.parametrize("case", [pytest.param(c, marks=() if k == 0 else pytest.mark.slow) for k, c in enumerate(CASES)],
+                         ids=[f"chunk{c}-t{t}-{'init' if i else 'zero'}" for c, t, i in CASES])
 @pytest.mark.parametrize("name", NAMES)
 def test_fp32_matches_reference(sx, rng, name, case):
     chunk, t, with_init = case
@@ -39,7 +41,8 @@ def test_fp32_matches_reference(sx, rng, name, case):
 LOW = [("bfloat16", jnp.bfloat16, 3e-2), ("float16", jnp.float16, 1e-2)]
 
 
-@pytest.mark.parametrize("dtype_name,dtype,tol", LOW, ids=[d[0] for d in LOW])
+@pytest.mark.parametrize("dtype_name,dtype,tol", [pytest.param(*LOW[0]), pytest.param(*LOW[1], marks=pytest.mark.slow)],
+                         ids=[d[0] for d in LOW])
 @pytest.mark.parametrize("name", ["mamba2", "mamba2_gated", "gla", "mamba1"])
 def test_low_precision_inputs(sx, rng, name, dtype_name, dtype, tol):
     """bf16/fp16 inputs are read as they are (matmul operands at that precision, fp32 accumulation and states);
@@ -54,7 +57,7 @@ def test_low_precision_inputs(sx, rng, name, dtype_name, dtype, tol):
     sx.compare(v, outs, states, ref_outs, ref_states, tol, out_dtype=dtype, what=f" (triton, {dtype_name})")
 
 
-@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("groups", [pytest.param(1, marks=pytest.mark.slow), 2, pytest.param(4, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", ["mamba2", "mamba2_gated"])  # gated: the norm kernel tiles one group's heads
 def test_groups_are_an_index_map(sx, rng, name, groups):
     v = VARIANTS[name]
