@@ -302,7 +302,8 @@ class TileEmitter:
         hit = self.shared.get(e)
         if hit is not None:
             var, line, level = hit
-            if all(len(x) - len(x.lstrip()) >= level * len(self.w.indent) for x in self.w.lines[line + 1:] if x.strip()):
+            depth = level * len(self.w.indent)
+            if all(len(x) - len(x.lstrip()) >= depth for x in self.w.lines[line + 1:] if x.strip()):
                 return var  # the block that defined it is still open
         var = name or self.fresh("c")
         self.w(f"{var} = {e}{'  # ' + comment if comment else ''}")

@@ -503,7 +503,8 @@ class XlaEmitter:
             scale = [(sname, sl)] + ([] if joint else [(base("D"), Dl)]) + list(qSv + uSv)
             Wl = "".join(dict.fromkeys(c for _, lt in scale for c in lt))
             wname = base(f"W{k or ''}")
-            prod = scale[0][0] if len(scale) == 1 else f'rt.mul("{Wl}", {", ".join(f"({x}, {lt!r})" for x, lt in scale)})'
+            prod = scale[0][0] if len(scale) == 1 else \
+                f'rt.mul("{Wl}", {", ".join(f"({x}, {lt!r})" for x, lt in scale)})'
             w(f'{wname} = rt.causal_select({prod}, "{Wl}", "{cl}{tl}s", {prev}, valid)  # decay-weighted, s '
               f'{"<" if prev else "<="} t')
             rest = [(wname, Wl)] + list(qRv + uRv)
