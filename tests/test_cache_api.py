@@ -64,10 +64,14 @@ def results(k):
 
 def test_same_spec_twice_is_same_object_and_fast():
     spec = unique_spec("memo")
+    t0 = time.perf_counter()
+    k1 = ssmc.compile(spec, chunk_size=8, cache=False)  # passes, emission and module load
+    miss = time.perf_counter() - t0
     k1 = ssmc.compile(spec, chunk_size=8)
     t0 = time.perf_counter()
     k2 = ssmc.compile(spec, chunk_size=8)
-    assert time.perf_counter() - t0 < 0.05
+    hit = time.perf_counter() - t0  # parse and lower only (the key is the IR); relative, for a loaded machine
+    assert hit < 0.3 * miss, (hit, miss)
     assert k2 is k1
     assert ssmc.compile(spec, chunk_size=4) is not k1
 
