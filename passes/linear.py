@@ -64,6 +64,7 @@ class Analysis:
         for i in p.instrs:
             self.dep[i.name] = i.op == "state" or any(self.dep[a] for a in i.args)
         self._memo: dict[tuple, Lin] = {}
+        self._prods: dict[str, list[Prod]] = {}
 
     # ---- helpers ---------------------------------------------------------------------------------------
     def emit(self, op, args, dims, span=None, hint=None, **attrs) -> str:
@@ -81,7 +82,16 @@ class Analysis:
 
     # ---- products of state-free values --------------------------------------------------------------------
     def products(self, name: str) -> list[Prod]:
-        """Expand a state-free value into a sum of products of factors (through add/sub/neg/mul/div/contract)."""
+        """Expand a state-free value into a sum of products of factors (through add/sub/neg/mul/div/contract).
+        Operands are expanded first, deepest first by an explicit walk, so a sum of thousands of terms or a
+        chain of thousands of negations needs no deep stack (the expansion is pure: memoised)."""
+        if name not in self._prods:
+            for n in _deep_first(name, lambda n: self.by[n].args if self.by[n].op in ("add", "sub", "neg", "mul")
+                                 else (), self._prods):
+                self._prods[n] = self._products(n)
+        return list(self._prods[name])
+
+    def _products(self, name: str) -> list[Prod]:
         i = self.by[name]
         dims = i.dims
         if i.op in ("add", "sub"):
@@ -110,8 +120,25 @@ class Analysis:
         update) is an atom `new`; otherwise it is decomposed through its update expression."""
         key = (name, atoms_new)
         if key not in self._memo:
+            # the operands _lin decomposes (as atoms_new=True) first, deepest first, so its recursion stays shallow
+            if not (atoms_new and name in self.update_of):  # (an atom reads nothing below it)
+                below = _deep_first(name, self._linear_operands, _DoneLin(self._memo))
+                for n in below[:-1]:
+                    self._memo[(n, True)] = self._lin(n, True)
             self._memo[key] = self._lin(name, atoms_new)
         return self._memo[key]
+
+    def _linear_operands(self, name: str) -> tuple:
+        """The state-dependent operands _lin recurses into (none where it stops or raises first)."""
+        i = self.by[name]
+        if not self.dep[name] or i.op == "state":
+            return ()
+        if i.op in ("add", "sub", "neg"):
+            return tuple(a for a in i.args if self.dep[a] and a not in self.update_of)
+        if i.op in ("mul", "contract"):
+            deps = [a for a in i.args if self.dep[a]]
+            return tuple(a for a in deps if a not in self.update_of) if len(deps) == 1 else ()
+        return ()
 
     def _lin(self, name: str, atoms_new: bool) -> Lin:
         i = self.by[name]
@@ -187,6 +214,33 @@ class Analysis:
         a = self.emit("abs", (name,), i.dims, i.span)
         tiny = self.const(1e-30)  # |a| = 0 is a full reset; 1e-30 keeps log finite and differences NaN-free
         return self.emit("log", (self.emit("max", (a, tiny), i.dims, i.span),), i.dims, i.span), [name]
+
+
+class _DoneLin:
+    """`value in done`: its decomposition as an atoms_new=True operand is memoised (no copy of the memo's keys)."""
+
+    def __init__(self, memo):
+        self.memo = memo
+
+    def __contains__(self, name):
+        return (name, True) in self.memo
+
+
+def _deep_first(root: str, operands, done) -> list[str]:
+    """`root` and the values below it through `operands` that are not `done`, each after its operands (an
+    explicit stack: no recursion however deep the expression)."""
+    order, seen, stack = [], set(), [(root, False)]
+    while stack:
+        n, ready = stack.pop()
+        if ready:
+            order.append(n)
+            continue
+        if n in seen or n in done:
+            continue
+        seen.add(n)
+        stack.append((n, True))
+        stack.extend((a, False) for a in reversed(operands(n)))
+    return order
 
 
 def _redim(t: Term, dims, s: float = 1.0) -> Term:
