@@ -321,7 +321,7 @@ class Kernel:
         from .autoschedule import describe
         return describe(self)
 
-    def _states_arg(self, states, who: str) -> dict | None:
+    def _states_arg(self, states, who: str, what: str = "them") -> dict | None:
         """States as a dict, a sequence in k.states order, one array (one state) or None -> a dict or None."""
         if states is None or isinstance(states, dict):
             return states
@@ -331,7 +331,7 @@ class Kernel:
                 raise ShapeError(f"{who}: got {len(states)} states, expected {len(names)} ({', '.join(names)})")
             return dict(zip(names, states))
         if len(names) != 1:
-            raise ShapeError(f"{who}: has {len(names)} states ({', '.join(names)}); pass them as a dict "
+            raise ShapeError(f"{who}: has {len(names)} states ({', '.join(names)}); pass {what} as a dict "
                              f"{{name: array}} or a sequence in that order")
         return {names[0]: states}
 

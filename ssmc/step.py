@@ -29,19 +29,7 @@ def step_kernel(k):
 def state_dict(k, state) -> dict:
     """step's `state` argument -> {state name: array}: a dict, the states in k.states order (a tuple or list,
     e.g. the tail of a previous result), a single array when k has one state, or None for zero states."""
-    names = [s for s, _ in k.states]
-    if state is None:
-        return {}
-    if isinstance(state, dict):
-        return dict(state)
-    if isinstance(state, (list, tuple)):
-        if len(state) != len(names):
-            raise ShapeError(f"{k.name}.step: got {len(state)} states, expected {len(names)} ({', '.join(names)})")
-        return dict(zip(names, state))
-    if len(names) != 1:
-        raise ShapeError(f"{k.name}.step: has {len(names)} states ({', '.join(names)}); pass state as a dict "
-                         f"{{name: array}} or a tuple in that order")
-    return {names[0]: state}
+    return dict(k._states_arg(state, f"{k.name}.step", what="state") or {})
 
 
 def step(k, state, args, kwargs):
