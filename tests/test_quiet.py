@@ -59,3 +59,17 @@ def test_pytest_q_prints_the_summary():
               "tests/test_semantics.py::test_examples_still_check"], timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert re.search(r"^\d+ passed in [\d.]+s", r.stdout, re.MULTILINE), r.stdout
+
+
+def test_tpu_stays_a_known_platform():
+    """After ssmc quiets the 'tpu' backend, jax still knows the platform: Pallas (imported by jax-triton and by the
+    tpu target) registers TPU lowering rules at import, which jax 0.11 refused for an unknown platform once the
+    factory was removed. The backend itself does not start (no libtpu output), and jax runs on the CPU."""
+    r = _run([sys.executable, "-c", "import ssmc, jax; from jax._src import xla_bridge as xb; "
+              "print(ssmc._platform.skip_absent_tpu() or xb._backend_factories['tpu'].fail_quietly, "
+              "xb.is_known_platform('tpu')); "
+              "from jax._src import checkify; from jax.experimental import pallas; "
+              "from jax.experimental.pallas import tpu as pltpu; print(jax.default_backend())"], timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["True", "True", "cpu"], r.stdout
+    assert not [line for line in r.stderr.splitlines() if NOISE.search(line)], r.stderr
