@@ -113,6 +113,20 @@ def main(argv=None):
     hlo = lowered.as_text()
     print(f"  lowered module: {len(hlo)} chars, {hlo.count('stablehlo.')} stablehlo ops, "
           f"{hlo.count('custom_call')} custom calls")
+    import re
+    print("  ops:", sorted(set(re.findall(r"stablehlo\.[a-z_]+", hlo))))
+    print("  compiled HLO:\n" + "\n".join(ln[:200] for ln in compiled.as_text().splitlines() if "backend_config" not in ln
+                                          or len(ln) < 300)[:3000])
+
+    # with the initial state given (no zeros built inside the jitted function)
+    b, h, p, n = (s[d] for d in ("b", "h", "p", "n"))
+    h0 = jax.random.normal(jax.random.PRNGKey(1), (b, h, p, n))
+    jax.block_until_ready(k(*args, initial_state=h0))
+    for l2 in (l - 104, l - 112):
+        a2 = cut(args, l2)
+        t0 = time.perf_counter()
+        jax.block_until_ready(k(*a2, initial_state=h0))
+        print(f"new length L={l2} with initial_state given: first call {ms(t0):.1f} ms")
 
     # a profile of one more fresh call
     a4 = cut(args, l - 248)
@@ -126,11 +140,30 @@ def main(argv=None):
 
     # the floor: a trivial jitted function at a new shape
     f = jax.jit(lambda x, y: (x.astype(jnp.float32) * 2 + 1).astype(x.dtype) + y)
+    ident = jax.jit(lambda x: x)
+    copy = jax.jit(lambda x: x + 0)
     for l2 in (l - 96, l - 100):
         a2 = cut(args, l2)
         t0 = time.perf_counter()
         jax.block_until_ready(f(a2[0], a2[0]))
-        print(f"trivial jit at L={l2}: first call {ms(t0):.1f} ms")
+        t1 = ms(t0)
+        t0 = time.perf_counter()
+        jax.block_until_ready(ident(a2[0]))
+        t2 = ms(t0)
+        t0 = time.perf_counter()
+        jax.block_until_ready(copy(a2[0]))
+        print(f"at L={l2}, first call: an elementwise jit {t1:.1f} ms, identity jit {t2:.1f} ms, x + 0 {ms(t0):.1f} ms")
+    for opts in ({"xla_gpu_autotune_level": 0}, {"xla_gpu_enable_command_buffer": ""}):
+        try:
+            a2 = cut(args, l - 400)
+            arrays, sizes, act = k._bind(a2, {}, None, None)
+            meta = api._Meta(tuple(sorted(sizes.items())), str(act), str(k.out_dtype or act))
+            t0 = time.perf_counter()
+            c = k._jitted.trace(meta, arrays).lower().compile(compiler_options=opts)
+            jax.block_until_ready(c(arrays))
+            print(f"new length with compiler_options={opts}: {ms(t0):.1f} ms")
+        except Exception as e:  # noqa: BLE001
+            print(f"compiler_options={opts}: {type(e).__name__}: {e}"[:300])
 
 
 if __name__ == "__main__":
