@@ -426,46 +426,55 @@ def run_one(shape: str, dtype: str, impls, bw_gbps: float | None, repeats: int, 
     makers = {"ssmc-triton": lambda: ssmc_impl("triton"), "ssmc-xla": lambda: ssmc_impl("xla"),
               "mamba_ssm": mamba_impl, "fla": fla_impl, "fla-kernel": fla_kernel_impl}
     for name in impls:
-        rec = dict(base, impl=name)
-        t0 = time.time()
         try:
             kind, fn, sets, pick = makers[name]()
         except Exception as e:  # noqa: BLE001
-            emit("result", **rec, error=f"unavailable: {short_error(e)}")
+            emit("result", **base, impl=name, error=f"unavailable: {short_error(e)}")
             continue
-        try:
-            res = fn(*sets[0])
-            if kind == "jax":
-                jax.block_until_ready(res)
-            else:
-                torch.cuda.synchronize()
-            if pick is not None:
-                y = pick(res)
-                rec["out_dtype"] = str(y.dtype)
-                err = rel_err(y)
-                rec["rel_err"] = err
-                rec["agree"] = err is not None and err < AGREE_TOL[dtype]
-                del y
-            del res
-            rec["setup_s"] = time.time() - t0          # compile / autotune / first call
-            if kind == "jax":
-                rec["ms_loop"] = time_jax(fn, sets, repeats=repeats)
-                rec["ms"] = rec["ms_loop"]
-                rec["timer"] = "host loop"
-            else:
-                rec["ms"] = time_torch_events(fn, sets)
-                rec["ms_loop"] = time_torch_loop(fn, sets, repeats=repeats)
-                rec["timer"] = "do_bench events"
-            if floor_ms:
-                rec["frac_floor"] = floor_ms / rec["ms"]
-            if name == "ssmc-triton":
-                rec.update(new_length_times(fn, sets[0], s["l"]))
-        except Exception as e:  # noqa: BLE001
-            rec["error"] = short_error(e)
-            traceback.print_exc()
-        rec["total_s"] = time.time() - t0
-        emit("result", **rec)
-        torch.cuda.empty_cache()
+        measure(dict(base, impl=name), kind, fn, sets, pick, rel_err, AGREE_TOL[dtype], floor_ms, s["l"], repeats)
+
+
+def measure(rec, kind, fn, sets, pick, rel_err, tol, floor_ms, l, repeats):
+    """One implementation on the shape's argument sets: its first call (compile, autotune), agreement with the
+    reference (`pick` takes the output from the result, None: not compared), the timing (jax: host loop; torch:
+    CUDA events and host loop), the memory-floor fraction, and (ssmc-triton) a new length's first call. The
+    record is emitted, errors included."""
+    import jax
+    import torch
+    t0 = time.time()
+    try:
+        res = fn(*sets[0])
+        if kind == "jax":
+            jax.block_until_ready(res)
+        else:
+            torch.cuda.synchronize()
+        if pick is not None:
+            y = pick(res)
+            rec["out_dtype"] = str(y.dtype)
+            err = rel_err(y)
+            rec["rel_err"] = err
+            rec["agree"] = err is not None and err < tol
+            del y
+        del res
+        rec["setup_s"] = time.time() - t0          # compile / autotune / first call
+        if kind == "jax":
+            rec["ms_loop"] = time_jax(fn, sets, repeats=repeats)
+            rec["ms"] = rec["ms_loop"]
+            rec["timer"] = "host loop"
+        else:
+            rec["ms"] = time_torch_events(fn, sets)
+            rec["ms_loop"] = time_torch_loop(fn, sets, repeats=repeats)
+            rec["timer"] = "do_bench events"
+        if floor_ms:
+            rec["frac_floor"] = floor_ms / rec["ms"]
+        if rec["impl"] == "ssmc-triton":
+            rec.update(new_length_times(fn, sets[0], l))
+    except Exception as e:  # noqa: BLE001
+        rec["error"] = short_error(e)
+        traceback.print_exc()
+    rec["total_s"] = time.time() - t0
+    emit("result", **rec)
+    torch.cuda.empty_cache()
 
 
 def new_length_times(fn, args, l, scan_axis=1) -> dict:
@@ -510,37 +519,19 @@ def run_gla(shape: str, impls, bw_gbps: float | None, repeats: int, nsets: int =
         an.guard_triton_cache()
         return "jax", jax.jit(lambda *a: k(*a)[0]), j_sets
 
+    def rel_err(y):
+        yt = y if isinstance(y, torch.Tensor) else an.to_torch(y)
+        return torch.linalg.vector_norm(yt.double() - ref).item() / ref_norm
+
     makers = {"ssmc-triton": lambda: ssmc_impl("triton"), "ssmc-xla": lambda: ssmc_impl("xla"),
               "fla-gla": lambda: ("torch", an.fla_gla, [tuple(st[n] for n in names) for st in t_sets])}
     for name in impls:
-        rec = dict(base, impl=name)
-        t0 = time.time()
         try:
             kind, fn, sets = makers[name]()
-            y = fn(*sets[0])
-            yt = y if isinstance(y, torch.Tensor) else an.to_torch(y)
-            torch.cuda.synchronize()
-            rec["out_dtype"] = str(yt.dtype)
-            rec["rel_err"] = torch.linalg.vector_norm(yt.double() - ref).item() / ref_norm
-            rec["agree"] = rec["rel_err"] < AGREE_TOL["bf16"]
-            rec["setup_s"] = time.time() - t0
-            if kind == "jax":
-                rec["ms"] = rec["ms_loop"] = time_jax(fn, sets, repeats=repeats)
-                rec["timer"] = "host loop"
-                if name == "ssmc-triton":
-                    rec.update(new_length_times(fn, sets[0], l))
-            else:
-                rec["ms"] = time_torch_events(fn, sets)
-                rec["ms_loop"] = time_torch_loop(fn, sets, repeats=repeats)
-                rec["timer"] = "do_bench events"
-            if floor_ms:
-                rec["frac_floor"] = floor_ms / rec["ms"]
         except Exception as e:  # noqa: BLE001
-            rec["error"] = short_error(e)
-            traceback.print_exc()
-        rec["total_s"] = time.time() - t0
-        emit("result", **rec)
-        torch.cuda.empty_cache()
+            emit("result", **base, impl=name, error=f"unavailable: {short_error(e)}")
+            continue
+        measure(dict(base, impl=name), kind, fn, sets, lambda y: y, rel_err, AGREE_TOL["bf16"], floor_ms, l, repeats)
 
 
 # ----------------------------------------------------------------------------------------------------------
