@@ -92,7 +92,9 @@ def compile(spec, target: str = "xla", chunk_size: int | None = None, dump: bool
     program = lower(parse(text, filename))
     pipeline = tgt.pipeline(chunk_size)
     ir = program.text()
-    mkey = (_SPAN.sub("", ir), tgt.name, pipeline, matmul, bool(interpret), str(out_dtype))
+    # SSMC_AUTOSCHEDULE decides whether compile attaches a measured schedule (ssmc/autoschedule.py): part of the key
+    mkey = (_SPAN.sub("", ir), tgt.name, pipeline, matmul, bool(interpret), str(out_dtype),
+            os.environ.get("SSMC_AUTOSCHEDULE", "1") != "0")
     if cache and dump_dir is None:
         with _LOCK:
             hit = _MEMORY.get(mkey)

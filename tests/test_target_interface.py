@@ -317,3 +317,15 @@ def test_spec_names_meet_the_module_record(target):
     y, s = k.apply({names[n]: a for n, a in arrays.items()}, {"s": s_decl})
     ry, rs = _reference(std, s0)
     assert _err(y, _to(ry, STD["y"], DECL["y"])) < 1e-4 and _err(s, _to(rs, STD["s"], DECL["s"])) < 1e-4
+
+
+def test_memo_follows_the_autoschedule_setting(monkeypatch, tmp_path):
+    """compile's in-process memo keeps kernels compiled with SSMC_AUTOSCHEDULE=0 (no measured schedule) apart from
+    those compiled with it on: before, a kernel compiled earlier in the process with it off was returned without a
+    schedule once it was turned on (tests/test_cpu_schedule.py failed after tests/test_matmul_precision.py)."""
+    monkeypatch.setenv("SSMC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("SSMC_AUTOSCHEDULE", "0")
+    off = ssmc.compile(PERMUTED)
+    monkeypatch.setenv("SSMC_AUTOSCHEDULE", "1")
+    on = ssmc.compile(PERMUTED)
+    assert off._auto is None and on is not off and on._auto is not None
