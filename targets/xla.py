@@ -113,10 +113,11 @@ class XlaEmitter:
         w(MODULE_IMPORT)
         w()
         leaves = [i for i in p.instrs if i.op in ("input", "state", "window")]
-        params = [(self.pn(i.name), i.attr("array") or i.attr("state"), i.op, i) for i in leaves]
+        params = [(self.pn(i.name), i.attr("array") or i.attr("state"), i.op, i.dims) for i in leaves]
         rets = self.returns()
         entry = self.pn.key("entry", p.name)
         decl = {a.name: a.dims for a in p.inputs + p.states + p.outs}
+        params += self.shape_params(params, rets, decl)
         info = ModuleInfo.build("xla", entry, [(py, n, op, decl[n]) for py, n, op, _ in params],
                                 [(k, name, decl[name]) for k, name, _, _ in rets], BASE_OPTIONS)
         w(info.source())
@@ -149,15 +150,30 @@ class XlaEmitter:
         """The declared dims whose sizes give IR dim d's size (h/g: h and g)."""
         return next(([h, g] for h, g in self.splits().items() if d == split_name(h)), [d])
 
-    def entry_prologue(self, params, rets, decl):
-        w, sp = self.w, self.splits()
-        # sizes the edges need: a group's (to split h) and those of the dims a result is broadcast along
-        need = [g for h, g in sp.items() if any(h in decl[n] for _, n, _, _ in params)]
+    def needed_sizes(self, params, rets, decl) -> list[str]:
+        """Declared dims whose sizes the edges need: a group's (to split h), and those of the dims a result is
+        broadcast along (it is constant along them)."""
+        need = [g for h, g in self.splits().items() if any(h in decl[n] for _, n, _, _ in params)]
         for _, name, _, dims in rets:
             need += [x for d in self.result_dims(dims, decl[name]) if d not in dims for x in self.size_of(d)]
+        return list(dict.fromkeys(need))
+
+    def shape_params(self, params, rets, decl) -> list:
+        """Arrays the computation dropped (dce) that the entry still takes because only they give the size of a
+        dim a result is broadcast along; the entry reads their shape and nothing else (IR dims None)."""
+        extra = []
+        for d in self.needed_sizes(params, rets, decl):
+            if not any(d in decl[n] for _, n, _, _ in params + extra):
+                arr = next(a for a in self.p.inputs + self.p.states if d in a.dims)  # the semantic check: one has
+                kind = "input" if arr in self.p.inputs else "state"
+                extra.append((self.pn.key(("shape", arr.name), arr.name), arr.name, kind, None))
+        return extra
+
+    def entry_prologue(self, params, rets, decl):
+        w, sp = self.w, self.splits()
         sizes = {}
-        for d in dict.fromkeys(need):
-            py, n = next((py, n) for py, n, _, _ in params if d in decl[n])  # every dim is in a param (Kernel)
+        for d in self.needed_sizes(params, rets, decl):
+            py, n = next((py, n) for py, n, _, _ in params if d in decl[n])
             sizes[d] = f"{py}.shape[{decl[n].index(d)}]"
         self.sizes = "sizes" if sizes else "None"
         layout = ", ".join(f"{h} split into ({g}, {split_name(h)})" for h, g in sp.items())
@@ -166,12 +182,14 @@ class XlaEmitter:
         w("ew = rt.elementwise_dtype(mm)")
         if sizes:
             w(f"sizes = {{{', '.join(f'{d!r}: {e}' for d, e in sizes.items())}}}")
-        for py, n, _, i in params:
+        for py, n, _, ir in params:
             split = self.split_arg(decl[n])
-            if tuple(decl[n]) == tuple(i.dims):  # already in the IR's layout
+            if ir is None:  # only its shape is read
+                continue
+            if tuple(decl[n]) == tuple(ir):  # already in the IR's layout
                 w(f"{py} = jnp.asarray({py}, ew)")
             else:
-                w(f"{py} = rt.to_ir({py}, {','.join(decl[n])!r}, {','.join(i.dims)!r}, ew{split}"
+                w(f"{py} = rt.to_ir({py}, {','.join(decl[n])!r}, {','.join(ir)!r}, ew{split}"
                   f"{', sizes=sizes' if split else ''})")
 
     def split_arg(self, declared) -> str:

@@ -46,7 +46,9 @@ def from_ir(v, dims: str, declared: str, dtype, split: dict | None = None, full:
     full_ = have if full is None else (full.split(",") if full else [])
     v = jnp.asarray(v).astype(dtype)
     if have != full_:
-        def size(d):
+        def size(d):  # a dim v has keeps its size; h/g (when h is split) is size(h) // size(g)
+            if d in have:
+                return v.shape[have.index(d)]
             h = d[:-2] if d.endswith("/g") and d[:-2] in split else None
             return sizes[h] // sizes[split[h]] if h else sizes[d]
         idx = tuple(slice(None) if d in have else None for d in full_)

@@ -329,3 +329,36 @@ def test_memo_follows_the_autoschedule_setting(monkeypatch, tmp_path):
     monkeypatch.setenv("SSMC_AUTOSCHEDULE", "1")
     on = ssmc.compile(PERMUTED)
     assert off._auto is None and on is not off and on._auto is not None
+
+
+BROADCAST = """
+ssm bcast {
+  dims b, t, h, g
+  scan t
+  group g -> h
+  in x[t,b], w[h], c[g]
+  state s[b]
+  out y[h,b,t]
+  s = 0.5*s + x
+  y = s
+}
+"""
+
+
+def test_xla_entry_broadcasts_results_along_dims_only_unused_inputs_give():
+    """An out constant along declared dims (here h, split into (g, h/g) by the group) whose sizes only inputs the
+    computation dropped give: the XLA entry still takes those inputs and reads their shapes (a regression the
+    move of the layout change into the generated function first had: StopIteration at emit)."""
+    k = ssmc.compile(BROADCAST, cache=False)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((5, 3)).astype(np.float32)
+    s0 = rng.standard_normal((3,)).astype(np.float32)
+    y, s = k(x, np.ones((4,), np.float32), np.ones((2,), np.float32), initial_state=s0)
+    want = np.zeros((5, 3))
+    st = s0.astype(np.float64)
+    for i in range(5):
+        st = 0.5 * st + x[i]
+        want[i] = st
+    assert y.shape == (4, 3, 5) and s.shape == (3,)
+    np.testing.assert_allclose(np.asarray(y), np.broadcast_to(want.T, (4, 3, 5)), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(s), st, rtol=1e-6, atol=1e-6)
