@@ -16,12 +16,12 @@ MAX_STEP_TOKENS = 8  # multi-token / speculative decode; longer runs are a prefi
 
 
 def step_kernel(k):
-    """The kernel that runs k's steps: its spec in the sequential form on k's target (compiled once, cached)."""
+    """The kernel that runs k's steps: its spec in the sequential form on k's target (compiled once, cached).
+    k.variant compiles it (compile hands the Kernel its compiler), so this module imports neither ssmc/api.py nor
+    ssmc/kernel.py: both import it, never the reverse."""
     seq = k.__dict__.get("_step_kernel")
     if seq is None:
-        from .api import compile
-        seq = compile(k.program.source, target=k.target, chunk_size=1, matmul=k.matmul, interpret=k.interpret,
-                      out_dtype=k.out_dtype)
+        seq = k.variant(chunk_size=1)
         k.__dict__["_step_kernel"] = seq
     return seq
 

@@ -1,6 +1,7 @@
-"""Code generators. Each target is an object with a `pipeline` (pass string) and one `emit(program, pipeline)`
-method returning Python source; `get_target` resolves names and aliases. Kernel targets (`kernels = True`) emit
-a launcher that takes an `interpret` flag."""
+"""Code generators. Each target is a `base.Target`: a `pipeline` (pass string) and one `emit(program, pipeline)`
+method returning Python source whose entry follows one calling convention (targets/base.py); `get_target`
+resolves names and aliases and checks the target object is complete. Kernel targets (`kernels = True`) emit a
+launcher that also takes an `interpret` flag."""
 from __future__ import annotations
 
 import importlib
@@ -8,6 +9,8 @@ import importlib
 import jax
 
 from ssmc.errors import TargetError
+
+from .base import ENTRY_CONTRACT, Target, checked_target  # noqa: F401
 
 ALIASES = {"xla": "xla", "jax": "xla", "gpu": "triton", "triton": "triton", "tpu": "tpu", "pallas_tpu": "tpu",
            "pallas": "tpu"}
@@ -33,11 +36,21 @@ def available(canon: str) -> bool:
     return True
 
 
-def get_target(name: str):
+def get_target(name: str) -> Target:
     canon = resolve(name)
     mod, cls = MODULES[canon]
     try:
         module = importlib.import_module(f"{__name__}.{mod}")
     except ImportError as e:
         raise TargetError(f"target '{name}' is not available: {e}") from None
-    return getattr(module, cls)()
+    return instantiate(getattr(module, cls), canon)
+
+
+def instantiate(cls, label: str) -> Target:
+    """An instance of target class `cls`, checked complete (an abstract method left out fails here, as does a
+    missing or mistyped attribute), so a broken target fails when it is looked up, never inside a call."""
+    try:
+        obj = cls()
+    except TypeError as e:  # abc: "Can't instantiate abstract class ... without an implementation for ..."
+        raise TargetError(f"target '{label}' ({getattr(cls, '__name__', cls)}) is incomplete: {e}") from None
+    return checked_target(obj, label)

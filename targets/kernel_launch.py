@@ -8,6 +8,7 @@ instructions (a norm over a group of heads spans programs, so it runs over the k
 from __future__ import annotations
 
 
+from .base import KERNEL_OPTIONS, MODULE_IMPORT, MODULE_NAMES, ModuleInfo, Target
 from .kernel_plan import KernelPlan
 from .kernel_runtime import final_key, runtime_dims, runtime_strides
 from .writer import Names, Writer, py_const, py_name
@@ -20,12 +21,11 @@ POST_BINARY = {"add": "{} + {}", "sub": "{} - {}", "mul": "{} * {}", "div": "{} 
                "min": "jnp.minimum({}, {})", "max": "jnp.maximum({}, {})"}
 
 
-class KernelTarget:
+class KernelTarget(Target):
     """What the kernel targets share: the pass pipeline (group reads stay index maps; elementwise decay walks time
     in a sequential kernel, having no matmul form) and emit = plan the kernel, then write the module."""
     name = ""
     kernels = True          # emits kernels; takes interpret=
-    declared_layout = True  # the launcher takes and returns arrays as declared (any dtype), not in IR layout
     scalar_chunk = 64       # default chunk length of the SSD-like classes
     chunk_multiple = 1      # chunk lengths round up to a multiple of this (1 still means sequential)
     emitter: type = None
@@ -48,8 +48,8 @@ class LauncherWriter:
     imports: tuple[str, ...] = ()
     # identifiers the module writes literally: imports and globals, the launcher's keyword options and locals,
     # and (FIXED of each target) the kernel's own; every other identifier comes from the name table
-    LAUNCHER_FIXED = ("jax", "jnp", "lax", "rt", "PARAMS", "RETURNS", "ENTRY", "LAYOUT", "POST_LAYOUT", "mm",
-                      "out_dtype", "interpret", "arrays", "sizes", "post_arrays")
+    LAUNCHER_FIXED = MODULE_NAMES + ("jax", "jnp", "lax", "rt", "LAYOUT", "POST_LAYOUT", "mm", "out_dtype",
+                                     "interpret", "arrays", "sizes", "post_arrays")
     FIXED: tuple[str, ...] = ()
     strides = False  # the kernel addresses memory through per-array strides (constexprs named in LAYOUT)
 
@@ -173,16 +173,14 @@ class LauncherWriter:
         for line in self.imports:
             w(line)
         w(f"from ssmc.targets import {self.runtime} as rt")
+        w(MODULE_IMPORT)
         w()
         leaves = k.inputs + k.states
         params = [(self.lpn(i.name), i.attr("array") or i.attr("state"), i.op, ",".join(k.decl[i.attr("array") or
                                                                                           i.attr("state")]))
                   for i in [x for x in p.instrs if x.op in ("input", "window", "state")]]
-        w(f"PARAMS = {params!r}")
-        rets = [("out", o.name, ",".join(o.dims)) for o in p.outs] + [("state", s.name, ",".join(s.dims))
-                                                                      for s in p.states]
-        w(f"RETURNS = {rets!r}")
-        w(f"ENTRY = {self.entry!r}")
+        rets = [("out", o.name, o.dims) for o in p.outs] + [("state", s.name, s.dims) for s in p.states]
+        w(ModuleInfo.build(self.target, self.entry, params, rets, KERNEL_OPTIONS).source())
         w(f"LAYOUT = {self.layout()!r}")
         post = self.post_kernel()
         if post is not None:

@@ -2,7 +2,10 @@
 
 Chunked programs become the four SSD stages as einsums over chunked views of the scan axis; sequential programs
 become a lax.scan over a step function with the state-free prologue hoisted out of it. The generated module is
-self-describing: PARAMS / RETURNS give every argument's and result's IR dims.
+self-describing (targets/base.py): MODULE_INFO lists the entry's params and results in their declared dims. The
+entry takes the arrays as declared, in any float dtype, like the kernel targets' launchers: its first lines cast
+them to the compute dtype and move them into the IR's layout (grouped dims split, canonical dim order), its return
+moves the results back, inside the traced function where XLA fuses those copies into their neighbours.
 """
 from __future__ import annotations
 
@@ -13,7 +16,9 @@ import jax
 from ssmc.ir import Instr, Program, union_dims
 from ssmc.passes.chunk import chunk_dim
 from ssmc.passes.chunk_ops import STAGE_OPS, decode
+from ssmc.passes.expand_groups import split_name
 
+from .base import BASE_OPTIONS, MODULE_IMPORT, MODULE_NAMES, ModuleInfo, Target
 from .writer import Names, Writer, dim_letters, py_const
 
 UNARY = {"neg": "-{}", "exp": "jnp.exp({})", "log": "jnp.log({})", "softplus": "jax.nn.softplus({})",
@@ -24,8 +29,10 @@ BINARY = {"add": "{} + {}", "sub": "{} - {}", "mul": "{} * {}", "div": "{} / {}"
           "min": "jnp.minimum({}, {})", "max": "jnp.maximum({}, {})"}
 
 
-class XlaTarget:
+class XlaTarget(Target):
     name = "xla"
+    kernels = False
+    float64 = True  # jax.numpy computes in float64 when every input is (with jax_enable_x64)
 
     def pipeline(self, chunk_size: int | None) -> str:
         # Measured per backend (docs/benchmarks.md): on CPU one sequential walk beats the two-pass chunked scan
@@ -43,8 +50,8 @@ class XlaTarget:
 class XlaEmitter:
     # every identifier the emitted module writes literally (imports, globals, the call's `mm`, the chunked
     # form's sizes, the scan bodies' parameters); everything else comes from the name table
-    FIXED = ("jax", "jnp", "lax", "rt", "PARAMS", "RETURNS", "ENTRY", "mm", "T", "Q", "Tp", "nc", "valid", "step",
-             "carry", "xs", "S", "inp", "a", "s", "y_t")
+    FIXED = MODULE_NAMES + ("jax", "jnp", "lax", "rt", "mm", "out_dtype", "ew", "sizes", "T", "Q", "Tp", "nc",
+                            "valid", "step", "carry", "xs", "S", "inp", "a", "s", "y_t")
 
     def __init__(self, p: Program, pipeline: str):
         self.p, self.pipeline = p, pipeline
@@ -103,22 +110,114 @@ class XlaEmitter:
         w("import jax.numpy as jnp")
         w("from jax import lax")
         w("from ssmc.targets import xla_runtime as rt")
+        w(MODULE_IMPORT)
         w()
         leaves = [i for i in p.instrs if i.op in ("input", "state", "window")]
-        params = [(self.pn(i.name), i.attr("array") or i.attr("state"), i.op, ",".join(i.dims)) for i in leaves]
-        w(f"PARAMS = {[(a, b, c, d) for a, b, c, d in params]!r}")
+        params = [(self.pn(i.name), i.attr("array") or i.attr("state"), i.op, i.dims) for i in leaves]
         rets = self.returns()
-        w(f"RETURNS = {[(k, name, ','.join(d)) for k, name, _, d in rets]!r}")
         entry = self.pn.key("entry", p.name)
-        w(f"ENTRY = {entry!r}")
+        decl = {a.name: a.dims for a in p.inputs + p.states + p.outs}
+        params += self.shape_params(params, rets, decl)
+        info = ModuleInfo.build("xla", entry, [(py, n, op, decl[n]) for py, n, op, _ in params],
+                                [(k, name, decl[name]) for k, name, _, _ in rets], BASE_OPTIONS)
+        w(info.source())
         w()
         w()
-        w("# mm: the matmul operand dtype (float32, or the inputs' bfloat16/float16); accumulation is float32")
-        with w.block(f"def {entry}({''.join(a + ', ' for a, *_ in params)}mm=jnp.float32):"):
+        w("# mm: the matmul operand dtype (float32, or the inputs' bfloat16/float16; float64 for float64 inputs);")
+        w("# accumulation is float32 (float64). out_dtype: the outs' dtype; states come back in the compute dtype.")
+        with w.block(f"def {entry}({''.join(a + ', ' for a, *_ in params)}*, mm=jnp.float32, "
+                     f"out_dtype=jnp.float32):"):
+            self.entry_prologue(params, rets, decl)
             self.body(rets)
         source = w.text()
         self.pn.verify(source)
         return source
+
+    # ---- the entry's edges: declared layout and dtype in and out ---------------------------------------
+    def splits(self) -> dict[str, str]:
+        """Grouped dims split into (g, h/g) by expand-groups: {h: g}."""
+        return {h: g for g, h in self.p.groups if split_name(h) in self.p.dims}
+
+    def split_dims(self, dims) -> tuple:
+        sp = self.splits()
+        return tuple(x for d in dims for x in ((sp[d], split_name(d)) if d in sp else (d,)))
+
+    def result_dims(self, dims, declared) -> tuple:
+        """A result's IR dims padded with the declared dims it lacks (it is constant along them), canonical order."""
+        return self.p.order(set(dims) | set(self.split_dims(declared)))
+
+    def size_of(self, d) -> list[str]:
+        """The declared dims whose sizes give IR dim d's size (h/g: h and g)."""
+        return next(([h, g] for h, g in self.splits().items() if d == split_name(h)), [d])
+
+    def needed_sizes(self, params, rets, decl) -> list[str]:
+        """Declared dims whose sizes the edges need: a group's (to split h), and those of the dims a result is
+        broadcast along (it is constant along them)."""
+        need = [g for h, g in self.splits().items() if any(h in decl[n] for _, n, _, _ in params)]
+        for _, name, _, dims in rets:
+            need += [x for d in self.result_dims(dims, decl[name]) if d not in dims for x in self.size_of(d)]
+        return list(dict.fromkeys(need))
+
+    def shape_params(self, params, rets, decl) -> list:
+        """Arrays the computation dropped (dce) that the entry still takes because only they give the size of a
+        dim a result is broadcast along; the entry reads their shape and nothing else (IR dims None)."""
+        extra = []
+        for d in self.needed_sizes(params, rets, decl):
+            if not any(d in decl[n] for _, n, _, _ in params + extra):
+                arr = next(a for a in self.p.inputs + self.p.states if d in a.dims)  # the semantic check: one has
+                kind = "input" if arr in self.p.inputs else "state"
+                extra.append((self.pn.key(("shape", arr.name), arr.name), arr.name, kind, None))
+        return extra
+
+    def entry_prologue(self, params, rets, decl):
+        w, sp = self.w, self.splits()
+        sizes = {}
+        for d in self.needed_sizes(params, rets, decl):
+            py, n = next((py, n) for py, n, _, _ in params if d in decl[n])
+            sizes[d] = f"{py}.shape[{decl[n].index(d)}]"
+        self.sizes = "sizes" if sizes else "None"
+        layout = ", ".join(f"{h} split into ({g}, {split_name(h)})" for h, g in sp.items())
+        w("# the arrays come as declared, in any float dtype: cast to the compute dtype `ew` (float32; float64 for")
+        w(f"# float64 inputs) and moved to the IR's layout ({layout + ', ' if layout else ''}canonical dim order)")
+        w("ew = rt.elementwise_dtype(mm)")
+        if sizes:
+            w(f"sizes = {{{', '.join(f'{d!r}: {e}' for d, e in sizes.items())}}}")
+        for py, n, _, ir in params:
+            split = self.split_arg(decl[n])
+            if ir is None:  # only its shape is read
+                continue
+            if tuple(decl[n]) == tuple(ir):  # already in the IR's layout
+                w(f"{py} = jnp.asarray({py}, ew)")
+            else:
+                w(f"{py} = rt.to_ir({py}, {','.join(decl[n])!r}, {','.join(ir)!r}, ew{split}"
+                  f"{', sizes=sizes' if split else ''})")
+
+    def split_arg(self, declared) -> str:
+        sp = {h: g for h, g in self.splits().items() if h in declared}
+        return f", split={sp!r}" if sp else ""
+
+    def finish(self, res: list[str], rets):
+        """The entry's return: each result moved back to its declared layout, outs in out_dtype, states in ew."""
+        decl = {a.name: a.dims for a in self.p.outs + self.p.states}
+        out = []
+        for e, (k, name, _, dims) in zip(res, rets):
+            full = self.result_dims(dims, decl[name])
+            # a result constant along some declared dims is broadcast along them (full: its dims with those)
+            bcast = f", full={','.join(full)!r}, sizes={self.sizes}" if set(full) - set(dims) else ""
+            dtype = "out_dtype" if k == "out" else "ew"
+            if tuple(dims) == tuple(decl[name]):  # already as declared
+                out.append(f"jnp.asarray({e}, {dtype})")
+            else:
+                out.append(f"rt.from_ir({e}, {','.join(dims)!r}, {','.join(decl[name])!r}, {dtype}"
+                           f"{self.split_arg(decl[name])}{bcast})")
+        self.w("# the results in their declared layouts")
+        if len(out) == 1:
+            self.w(f"return {out[0]},")
+            return
+        with self.w.block("return ("):
+            for o in out:
+                self.w(f"{o},")
+        self.w(")")
 
     def step_values(self) -> dict[str, bool]:
         """Sequential form: which values the scan body computes (per step, without the scan dim): everything that
@@ -211,7 +310,7 @@ class XlaEmitter:
         finals = {s.attr("state"): self.pn.local(s.name, "final") for s in states}  # conv windows are not carried
         for k, name, v, _ in rets:
             res.append(finals.get(name, self.pn(v)) if k == "state" else self.pn(v))
-        w(f"return {', '.join(res)}")
+        self.finish(res, rets)
 
     # ---- chunked: the four stages -----------------------------------------------------------------------
     def chunked_body(self, rets):
@@ -237,7 +336,7 @@ class XlaEmitter:
         for k, name, v, dims in rets:
             res.append(f"rt.crop({self.pn(v)}, {self.ax(dims, self.scan)}, T)" if self.scan in dims else self.pn(v))
         w()
-        w(f"return {', '.join(res)}")
+        self.finish(res, rets)
 
     # ---- instructions ------------------------------------------------------------------------------------
     def instr(self, i: Instr):

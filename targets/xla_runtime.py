@@ -5,6 +5,67 @@ import jax.numpy as jnp
 from jax import lax
 
 
+# ---- the entry's edges: arrays as declared <-> the IR's layout ----------------------------------------------------
+# Dims are comma-joined names; expand-groups splits a grouped dim h into (g, h/g): `split` maps h -> g.
+
+def elementwise_dtype(mm):
+    """The dtype elementwise math and states compute in for matmul operand dtype mm: float64 with float64 inputs,
+    else float32 (bf16/fp16 activations only enter the matmuls at their precision)."""
+    return jnp.float64 if jnp.dtype(mm) == jnp.float64 else jnp.float32
+
+
+def _split(dims: str, split: dict) -> list[str]:
+    out = []
+    for d in dims.split(",") if dims else []:
+        out += [split[d], f"{d}/g"] if d in split else [d]
+    return out
+
+
+def to_ir(x, declared: str, ir: str, dtype, split: dict | None = None, sizes: dict | None = None):
+    """An array as declared -> dtype, each split dim h reshaped into (g, h/g) (g's size from `sizes`), axes in the
+    IR's order `ir`. XLA fuses the cast and the transpose into the first pass that reads the array."""
+    split = split or {}
+    x = jnp.asarray(x).astype(dtype)
+    if split:
+        shape = []
+        for d, n in zip(declared.split(","), x.shape):
+            shape += [sizes[split[d]], n // sizes[split[d]]] if d in split else [n]
+        x = x.reshape(shape)
+    cur, want = _split(declared, split), ir.split(",") if ir else []
+    perm = [cur.index(d) for d in want]
+    return x if perm == list(range(len(perm))) else jnp.transpose(x, perm)
+
+
+def from_ir(v, dims: str, declared: str, dtype, split: dict | None = None, full: str | None = None,
+            sizes: dict | None = None):
+    """A result with IR dims `dims` -> its declared layout, in dtype: broadcast along the dims of `full` (the
+    declared dims split, in the IR's order; sizes from `sizes`) it is constant along, axes in declared order, split
+    dims merged."""
+    split = split or {}
+    have = dims.split(",") if dims else []
+    full_ = have if full is None else (full.split(",") if full else [])
+    v = jnp.asarray(v).astype(dtype)
+    if have != full_:
+        def size(d):  # a dim v has keeps its size; h/g (when h is split) is size(h) // size(g)
+            if d in have:
+                return v.shape[have.index(d)]
+            h = d[:-2] if d.endswith("/g") and d[:-2] in split else None
+            return sizes[h] // sizes[split[h]] if h else sizes[d]
+        idx = tuple(slice(None) if d in have else None for d in full_)
+        v = jnp.broadcast_to(v[idx], tuple(size(d) for d in full_))
+    want = _split(declared, split)
+    perm = [full_.index(d) for d in want]
+    if perm != list(range(len(perm))):
+        v = jnp.transpose(v, perm)
+    if split:
+        shape, k = [], 0
+        for d in declared.split(","):
+            shape.append(v.shape[k] * v.shape[k + 1] if d in split else v.shape[k])
+            k += 2 if d in split else 1
+        v = v.reshape(shape)
+    return v
+
+
 def pad_time(x, axis: int, Tp: int):
     """Pad the scan axis to Tp by repeating the last step (finite values; the padded steps are masked)."""
     T = x.shape[axis]

@@ -11,10 +11,22 @@ from jax import lax
 import triton
 import triton.language as tl
 from ssmc.targets import triton_runtime as rt
+from ssmc.targets.base import ModuleInfo, Param, Result
 
-PARAMS = [('q', 'q', 'input', 'b,t,h,dk'), ('k', 'k', 'input', 'b,t,h,dk'), ('v', 'v', 'input', 'b,t,h,dv'), ('beta', 'beta', 'input', 'b,t,h'), ('S_prev', 'S', 'state', 'b,h,dk,dv')]
-RETURNS = [('out', 'o', 'b,t,h,dv'), ('state', 'S', 'b,h,dk,dv')]
-ENTRY = 'deltanet'
+MODULE_INFO = ModuleInfo(
+    target='triton', entry='deltanet', options=('mm', 'out_dtype', 'interpret'),
+    params=(
+        Param('q', 'q', 'input', ('b', 't', 'h', 'dk')),
+        Param('k', 'k', 'input', ('b', 't', 'h', 'dk')),
+        Param('v', 'v', 'input', ('b', 't', 'h', 'dv')),
+        Param('beta', 'beta', 'input', ('b', 't', 'h')),
+        Param('S_prev', 'S', 'state', ('b', 'h', 'dk', 'dv')),
+    ),
+    returns=(
+        Result('out', 'o', ('b', 't', 'h', 'dv')),
+        Result('state', 'S', ('b', 'h', 'dk', 'dv')),
+    ),
+)
 LAYOUT = {'form': 'sequential', 'scan': 't', 'Q': None, 'grid': ['b', 'h'], 'tile': ['dk', 'dv'], 'split': ['dv'], 'groups': {}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'dk', 'dv'], 'inputs': ['q', 'k', 'v', 'beta', 'S'], 'arrays': {'q': ['b', 't', 'h', 'dk'], 'k': ['b', 't', 'h', 'dk'], 'v': ['b', 't', 'h', 'dv'], 'beta': ['b', 't', 'h'], 'S': ['b', 'h', 'dk', 'dv'], 'o': ['b', 't', 'h', 'dv'], 'S:final': ['b', 'h', 'dk', 'dv']}, 'stores': [['o', 'out', ['b', 't', 'h', 'dv']], ['S:final', 'state', ['b', 'h', 'dk', 'dv']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'dk': 'N_dk', 'dv': 'N_dv'}, 'BLOCK': {'dk': 'BLOCK_dk', 'dv': 'BLOCK_dv'}, 'stride': {'q': {'b': 'q_stride_b', 't': 'q_stride_t', 'h': 'q_stride_h', 'dk': 'q_stride_dk'}, 'k': {'b': 'k_stride_b', 't': 'k_stride_t', 'h': 'k_stride_h', 'dk': 'k_stride_dk'}, 'v': {'b': 'v_stride_b', 't': 'v_stride_t', 'h': 'v_stride_h', 'dv': 'v_stride_dv'}, 'beta': {'b': 'beta_stride_b', 't': 'beta_stride_t', 'h': 'beta_stride_h'}, 'S': {'b': 'S_stride_b', 'h': 'S_stride_h', 'dk': 'S_stride_dk', 'dv': 'S_stride_dv'}, 'o': {'b': 'o_stride_b', 't': 'o_stride_t', 'h': 'o_stride_h', 'dv': 'o_stride_dv'}, 'S:final': {'b': 'S_final_stride_b', 'h': 'S_final_stride_h', 'dk': 'S_final_stride_dk', 'dv': 'S_final_stride_dv'}}}}
 
 

@@ -8,14 +8,35 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from ssmc.targets import xla_runtime as rt
+from ssmc.targets.base import ModuleInfo, Param, Result
 
-PARAMS = [('q', 'q', 'input', 'b,t,h,dk'), ('k', 'k', 'input', 'b,t,h,dk'), ('v', 'v', 'input', 'b,t,h,dv'), ('beta', 'beta', 'input', 'b,t,h'), ('S_prev', 'S', 'state', 'b,h,dk,dv')]
-RETURNS = [('out', 'o', 'b,t,h,dv'), ('state', 'S', 'b,h,dk,dv')]
-ENTRY = 'deltanet'
+MODULE_INFO = ModuleInfo(
+    target='xla', entry='deltanet', options=('mm', 'out_dtype'),
+    params=(
+        Param('q', 'q', 'input', ('b', 't', 'h', 'dk')),
+        Param('k', 'k', 'input', ('b', 't', 'h', 'dk')),
+        Param('v', 'v', 'input', ('b', 't', 'h', 'dv')),
+        Param('beta', 'beta', 'input', ('b', 't', 'h')),
+        Param('S_prev', 'S', 'state', ('b', 'h', 'dk', 'dv')),
+    ),
+    returns=(
+        Result('out', 'o', ('b', 't', 'h', 'dv')),
+        Result('state', 'S', ('b', 'h', 'dk', 'dv')),
+    ),
+)
 
 
-# mm: the matmul operand dtype (float32, or the inputs' bfloat16/float16); accumulation is float32
-def deltanet(q, k, v, beta, S_prev, mm=jnp.float32):
+# mm: the matmul operand dtype (float32, or the inputs' bfloat16/float16; float64 for float64 inputs);
+# accumulation is float32 (float64). out_dtype: the outs' dtype; states come back in the compute dtype.
+def deltanet(q, k, v, beta, S_prev, *, mm=jnp.float32, out_dtype=jnp.float32):
+    # the arrays come as declared, in any float dtype: cast to the compute dtype `ew` (float32; float64 for
+    # float64 inputs) and moved to the IR's layout (canonical dim order)
+    ew = rt.elementwise_dtype(mm)
+    q = jnp.asarray(q, ew)
+    k = jnp.asarray(k, ew)
+    v = jnp.asarray(v, ew)
+    beta = jnp.asarray(beta, ew)
+    S_prev = jnp.asarray(S_prev, ew)
     # stage prologue: state-free per-step values no larger than an input, vectorised over time
     v2 = beta[:, :, :, None] * k
 
@@ -31,4 +52,8 @@ def deltanet(q, k, v, beta, S_prev, mm=jnp.float32):
         return (S_new,), (o,)
     (S_prev_final,), (o,) = lax.scan(step, (S_prev,), (jnp.moveaxis(k, 1, 0), jnp.moveaxis(v, 1, 0), jnp.moveaxis(v2, 1, 0), jnp.moveaxis(q, 1, 0),))
     o = jnp.moveaxis(o, 0, 1)
-    return o, S_prev_final
+    # the results in their declared layouts
+    return (
+        jnp.asarray(o, out_dtype),
+        jnp.asarray(S_prev_final, ew),
+    )

@@ -8,14 +8,41 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from ssmc.targets import xla_runtime as rt
+from ssmc.targets.base import ModuleInfo, Param, Result
 
-PARAMS = [('x', 'x', 'input', 'b,t,d'), ('dt_raw', 'dt_raw', 'input', 'b,t,d'), ('dt_bias', 'dt_bias', 'input', 'd'), ('A_log', 'A_log', 'input', 'd,n'), ('B', 'B', 'input', 'b,t,n'), ('C', 'C', 'input', 'b,t,n'), ('D', 'D', 'input', 'd'), ('h_prev', 'h', 'state', 'b,d,n')]
-RETURNS = [('out', 'y', 'b,t,d'), ('state', 'h', 'b,d,n')]
-ENTRY = 'mamba1'
+MODULE_INFO = ModuleInfo(
+    target='xla', entry='mamba1', options=('mm', 'out_dtype'),
+    params=(
+        Param('x', 'x', 'input', ('b', 't', 'd')),
+        Param('dt_raw', 'dt_raw', 'input', ('b', 't', 'd')),
+        Param('dt_bias', 'dt_bias', 'input', ('d',)),
+        Param('A_log', 'A_log', 'input', ('d', 'n')),
+        Param('B', 'B', 'input', ('b', 't', 'n')),
+        Param('C', 'C', 'input', ('b', 't', 'n')),
+        Param('D', 'D', 'input', ('d',)),
+        Param('h_prev', 'h', 'state', ('b', 'd', 'n')),
+    ),
+    returns=(
+        Result('out', 'y', ('b', 't', 'd')),
+        Result('state', 'h', ('b', 'd', 'n')),
+    ),
+)
 
 
-# mm: the matmul operand dtype (float32, or the inputs' bfloat16/float16); accumulation is float32
-def mamba1(x, dt_raw, dt_bias, A_log, B, C, D, h_prev, mm=jnp.float32):
+# mm: the matmul operand dtype (float32, or the inputs' bfloat16/float16; float64 for float64 inputs);
+# accumulation is float32 (float64). out_dtype: the outs' dtype; states come back in the compute dtype.
+def mamba1(x, dt_raw, dt_bias, A_log, B, C, D, h_prev, *, mm=jnp.float32, out_dtype=jnp.float32):
+    # the arrays come as declared, in any float dtype: cast to the compute dtype `ew` (float32; float64 for
+    # float64 inputs) and moved to the IR's layout (canonical dim order)
+    ew = rt.elementwise_dtype(mm)
+    x = jnp.asarray(x, ew)
+    dt_raw = jnp.asarray(dt_raw, ew)
+    dt_bias = jnp.asarray(dt_bias, ew)
+    A_log = jnp.asarray(A_log, ew)
+    B = jnp.asarray(B, ew)
+    C = jnp.asarray(C, ew)
+    D = jnp.asarray(D, ew)
+    h_prev = jnp.asarray(h_prev, ew)
     T = x.shape[1]  # sequence length
     Q = 32  # chunk length
     Tp = -(-T // Q) * Q  # padded to whole chunks; padded steps get log-decay 0 and update 0
@@ -65,4 +92,8 @@ def mamba1(x, dt_raw, dt_bias, A_log, B, C, D, h_prev, mm=jnp.float32):
     # stage epilogue
     y = y_h_new + v13
 
-    return rt.crop(y, 1, T), h_final
+    # the results in their declared layouts
+    return (
+        jnp.asarray(rt.crop(y, 1, T), out_dtype),
+        jnp.asarray(h_final, ew),
+    )

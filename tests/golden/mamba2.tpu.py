@@ -11,10 +11,24 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from ssmc.targets import pallas_runtime as rt
+from ssmc.targets.base import ModuleInfo, Param, Result
 
-PARAMS = [('x', 'x', 'input', 'b,t,h,p'), ('dt', 'dt', 'input', 'b,t,h'), ('A', 'A', 'input', 'h'), ('B', 'B', 'input', 'b,t,g,n'), ('C', 'C', 'input', 'b,t,g,n'), ('D', 'D', 'input', 'h'), ('h_prev', 'h', 'state', 'b,h,p,n')]
-RETURNS = [('out', 'y', 'b,t,h,p'), ('state', 'h', 'b,h,p,n')]
-ENTRY = 'mamba2'
+MODULE_INFO = ModuleInfo(
+    target='tpu', entry='mamba2', options=('mm', 'out_dtype', 'interpret'),
+    params=(
+        Param('x', 'x', 'input', ('b', 't', 'h', 'p')),
+        Param('dt', 'dt', 'input', ('b', 't', 'h')),
+        Param('A', 'A', 'input', ('h',)),
+        Param('B', 'B', 'input', ('b', 't', 'g', 'n')),
+        Param('C', 'C', 'input', ('b', 't', 'g', 'n')),
+        Param('D', 'D', 'input', ('h',)),
+        Param('h_prev', 'h', 'state', ('b', 'h', 'p', 'n')),
+    ),
+    returns=(
+        Result('out', 'y', ('b', 't', 'h', 'p')),
+        Result('state', 'h', ('b', 'h', 'p', 'n')),
+    ),
+)
 LAYOUT = {'form': 'chunked', 'scan': 't', 'Q': 128, 'grid': ['b', 'h'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n'], 'inputs': ['x', 'dt', 'A', 'B', 'C', 'D', 'h'], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt': ['b', 't', 'h'], 'A': ['h'], 'B': ['b', 't', 'g', 'n'], 'C': ['b', 't', 'g', 'n'], 'D': ['h'], 'h': ['b', 'h', 'p', 'n'], 'y': ['b', 't', 'h', 'p'], 'h:final': ['b', 'h', 'p', 'n']}, 'stores': [['y', 'out', ['b', 't', 'h', 'p']], ['h:final', 'state', ['b', 'h', 'p', 'n']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}}}
 
 

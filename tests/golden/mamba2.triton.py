@@ -12,10 +12,24 @@ from jax import lax
 import triton
 import triton.language as tl
 from ssmc.targets import triton_runtime as rt
+from ssmc.targets.base import ModuleInfo, Param, Result
 
-PARAMS = [('x', 'x', 'input', 'b,t,h,p'), ('dt', 'dt', 'input', 'b,t,h'), ('A', 'A', 'input', 'h'), ('B', 'B', 'input', 'b,t,g,n'), ('C', 'C', 'input', 'b,t,g,n'), ('D', 'D', 'input', 'h'), ('h_prev', 'h', 'state', 'b,h,p,n')]
-RETURNS = [('out', 'y', 'b,t,h,p'), ('state', 'h', 'b,h,p,n')]
-ENTRY = 'mamba2'
+MODULE_INFO = ModuleInfo(
+    target='triton', entry='mamba2', options=('mm', 'out_dtype', 'interpret'),
+    params=(
+        Param('x', 'x', 'input', ('b', 't', 'h', 'p')),
+        Param('dt', 'dt', 'input', ('b', 't', 'h')),
+        Param('A', 'A', 'input', ('h',)),
+        Param('B', 'B', 'input', ('b', 't', 'g', 'n')),
+        Param('C', 'C', 'input', ('b', 't', 'g', 'n')),
+        Param('D', 'D', 'input', ('h',)),
+        Param('h_prev', 'h', 'state', ('b', 'h', 'p', 'n')),
+    ),
+    returns=(
+        Result('out', 'y', ('b', 't', 'h', 'p')),
+        Result('state', 'h', ('b', 'h', 'p', 'n')),
+    ),
+)
 LAYOUT = {'form': 'chunked', 'scan': 't', 'Q': 64, 'grid': ['b', 'h'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n'], 'inputs': ['x', 'dt', 'A', 'B', 'C', 'D', 'h'], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt': ['b', 't', 'h'], 'A': ['h'], 'B': ['b', 't', 'g', 'n'], 'C': ['b', 't', 'g', 'n'], 'D': ['h'], 'h': ['b', 'h', 'p', 'n'], 'y': ['b', 't', 'h', 'p'], 'h:final': ['b', 'h', 'p', 'n']}, 'stores': [['y', 'out', ['b', 't', 'h', 'p']], ['h:final', 'state', ['b', 'h', 'p', 'n']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}, 'stride': {'x': {'b': 'x_stride_b', 't': 'x_stride_t', 'h': 'x_stride_h', 'p': 'x_stride_p'}, 'dt': {'b': 'dt_stride_b', 't': 'dt_stride_t', 'h': 'dt_stride_h'}, 'A': {'h': 'A_stride_h'}, 'B': {'b': 'B_stride_b', 't': 'B_stride_t', 'g': 'B_stride_g', 'n': 'B_stride_n'}, 'C': {'b': 'C_stride_b', 't': 'C_stride_t', 'g': 'C_stride_g', 'n': 'C_stride_n'}, 'D': {'h': 'D_stride_h'}, 'h': {'b': 'h_stride_b', 'h': 'h_stride_h', 'p': 'h_stride_p', 'n': 'h_stride_n'}, 'y': {'b': 'y_stride_b', 't': 'y_stride_t', 'h': 'y_stride_h', 'p': 'y_stride_p'}, 'h:final': {'b': 'h_final_stride_b', 'h': 'h_final_stride_h', 'p': 'h_final_stride_p', 'n': 'h_final_stride_n'}}}}
 
 

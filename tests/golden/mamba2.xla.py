@@ -9,14 +9,40 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from ssmc.targets import xla_runtime as rt
+from ssmc.targets.base import ModuleInfo, Param, Result
 
-PARAMS = [('x', 'x', 'input', 'b,t,g,h/g,p'), ('dt', 'dt', 'input', 'b,t,g,h/g'), ('A', 'A', 'input', 'g,h/g'), ('B', 'B', 'input', 'b,t,g,n'), ('C', 'C', 'input', 'b,t,g,n'), ('D', 'D', 'input', 'g,h/g'), ('h_prev', 'h', 'state', 'b,g,h/g,p,n')]
-RETURNS = [('out', 'y', 'b,t,g,h/g,p'), ('state', 'h', 'b,g,h/g,p,n')]
-ENTRY = 'mamba2'
+MODULE_INFO = ModuleInfo(
+    target='xla', entry='mamba2', options=('mm', 'out_dtype'),
+    params=(
+        Param('x', 'x', 'input', ('b', 't', 'h', 'p')),
+        Param('dt', 'dt', 'input', ('b', 't', 'h')),
+        Param('A', 'A', 'input', ('h',)),
+        Param('B', 'B', 'input', ('b', 't', 'g', 'n')),
+        Param('C', 'C', 'input', ('b', 't', 'g', 'n')),
+        Param('D', 'D', 'input', ('h',)),
+        Param('h_prev', 'h', 'state', ('b', 'h', 'p', 'n')),
+    ),
+    returns=(
+        Result('out', 'y', ('b', 't', 'h', 'p')),
+        Result('state', 'h', ('b', 'h', 'p', 'n')),
+    ),
+)
 
 
-# mm: the matmul operand dtype (float32, or the inputs' bfloat16/float16); accumulation is float32
-def mamba2(x, dt, A, B, C, D, h_prev, mm=jnp.float32):
+# mm: the matmul operand dtype (float32, or the inputs' bfloat16/float16; float64 for float64 inputs);
+# accumulation is float32 (float64). out_dtype: the outs' dtype; states come back in the compute dtype.
+def mamba2(x, dt, A, B, C, D, h_prev, *, mm=jnp.float32, out_dtype=jnp.float32):
+    # the arrays come as declared, in any float dtype: cast to the compute dtype `ew` (float32; float64 for
+    # float64 inputs) and moved to the IR's layout (h split into (g, h/g), canonical dim order)
+    ew = rt.elementwise_dtype(mm)
+    sizes = {'g': B.shape[2]}
+    x = rt.to_ir(x, 'b,t,h,p', 'b,t,g,h/g,p', ew, split={'h': 'g'}, sizes=sizes)
+    dt = rt.to_ir(dt, 'b,t,h', 'b,t,g,h/g', ew, split={'h': 'g'}, sizes=sizes)
+    A = rt.to_ir(A, 'h', 'g,h/g', ew, split={'h': 'g'}, sizes=sizes)
+    B = jnp.asarray(B, ew)
+    C = jnp.asarray(C, ew)
+    D = rt.to_ir(D, 'h', 'g,h/g', ew, split={'h': 'g'}, sizes=sizes)
+    h_prev = rt.to_ir(h_prev, 'b,h,p,n', 'b,g,h/g,p,n', ew, split={'h': 'g'}, sizes=sizes)
     T = x.shape[1]  # sequence length
     Q = 64  # chunk length
     Tp = -(-T // Q) * Q  # padded to whole chunks; padded steps get log-decay 0 and update 0
@@ -59,4 +85,8 @@ def mamba2(x, dt, A, B, C, D, h_prev, mm=jnp.float32):
     # stage epilogue
     y = y_h_new + v8
 
-    return rt.crop(y, 1, T), h_final
+    # the results in their declared layouts
+    return (
+        rt.from_ir(rt.crop(y, 1, T), 'b,t,g,h/g,p', 'b,t,h,p', out_dtype, split={'h': 'g'}),
+        rt.from_ir(h_final, 'b,g,h/g,p,n', 'b,h,p,n', ew, split={'h': 'g'}),
+    )

@@ -12,10 +12,27 @@ from jax import lax
 import triton
 import triton.language as tl
 from ssmc.targets import triton_runtime as rt
+from ssmc.targets.base import ModuleInfo, Param, Result
 
-PARAMS = [('x', 'x', 'input', 'b,t,h,p'), ('dt_raw', 'dt_raw', 'input', 'b,t,h'), ('dt_bias', 'dt_bias', 'input', 'h'), ('A_log', 'A_log', 'input', 'h'), ('B', 'B', 'input', 'b,t,g,n'), ('C', 'C', 'input', 'b,t,g,n'), ('D', 'D', 'input', 'h'), ('z', 'z', 'input', 'b,t,h,p'), ('norm_w', 'norm_w', 'input', 'h,p'), ('s_prev', 's', 'state', 'b,h,p,n')]
-RETURNS = [('out', 'y', 'b,t,h,p'), ('state', 's', 'b,h,p,n')]
-ENTRY = 'mamba2_gated'
+MODULE_INFO = ModuleInfo(
+    target='triton', entry='mamba2_gated', options=('mm', 'out_dtype', 'interpret'),
+    params=(
+        Param('x', 'x', 'input', ('b', 't', 'h', 'p')),
+        Param('dt_raw', 'dt_raw', 'input', ('b', 't', 'h')),
+        Param('dt_bias', 'dt_bias', 'input', ('h',)),
+        Param('A_log', 'A_log', 'input', ('h',)),
+        Param('B', 'B', 'input', ('b', 't', 'g', 'n')),
+        Param('C', 'C', 'input', ('b', 't', 'g', 'n')),
+        Param('D', 'D', 'input', ('h',)),
+        Param('z', 'z', 'input', ('b', 't', 'h', 'p')),
+        Param('norm_w', 'norm_w', 'input', ('h', 'p')),
+        Param('s_prev', 's', 'state', ('b', 'h', 'p', 'n')),
+    ),
+    returns=(
+        Result('out', 'y', ('b', 't', 'h', 'p')),
+        Result('state', 's', ('b', 'h', 'p', 'n')),
+    ),
+)
 LAYOUT = {'form': 'chunked', 'scan': 't', 'Q': 64, 'grid': ['b', 'h'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n'], 'inputs': ['x', 'dt_raw', 'dt_bias', 'A_log', 'B', 'C', 'D', 'z', 's'], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt_raw': ['b', 't', 'h'], 'dt_bias': ['h'], 'A_log': ['h'], 'B': ['b', 't', 'g', 'n'], 'C': ['b', 't', 'g', 'n'], 'D': ['h'], 'z': ['b', 't', 'h', 'p'], 's': ['b', 'h', 'p', 'n'], 's:final': ['b', 'h', 'p', 'n'], '%17': ['b', 't', 'h', 'p']}, 'stores': [['s:final', 'state', ['b', 'h', 'p', 'n']], ['%17', 'tmp', ['b', 't', 'h', 'p']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}, 'stride': {'x': {'b': 'x_stride_b', 't': 'x_stride_t', 'h': 'x_stride_h', 'p': 'x_stride_p'}, 'dt_raw': {'b': 'dt_raw_stride_b', 't': 'dt_raw_stride_t', 'h': 'dt_raw_stride_h'}, 'dt_bias': {'h': 'dt_bias_stride_h'}, 'A_log': {'h': 'A_log_stride_h'}, 'B': {'b': 'B_stride_b', 't': 'B_stride_t', 'g': 'B_stride_g', 'n': 'B_stride_n'}, 'C': {'b': 'C_stride_b', 't': 'C_stride_t', 'g': 'C_stride_g', 'n': 'C_stride_n'}, 'D': {'h': 'D_stride_h'}, 'z': {'b': 'z_stride_b', 't': 'z_stride_t', 'h': 'z_stride_h', 'p': 'z_stride_p'}, 's': {'b': 's_stride_b', 'h': 's_stride_h', 'p': 's_stride_p', 'n': 's_stride_n'}, 's:final': {'b': 's_final_stride_b', 'h': 's_final_stride_h', 'p': 's_final_stride_p', 'n': 's_final_stride_n'}, '%17': {'b': 'v17_stride_b', 't': 'v17_stride_t', 'h': 'v17_stride_h', 'p': 'v17_stride_p'}}}}
 POST_LAYOUT = {'form': 'rows', 'scan': '~', 'Q': None, 'grid': ['b', 't', 'g'], 'tile': ['h', 'p'], 'split': [], 'groups': {}, 'group_tile': {'h': 'g'}, 'dims': ['b', 't', 'h', 'p', 'g'], 'inputs': ['%17', 'norm_w'], 'arrays': {'%17': ['b', 't', 'h', 'p'], 'norm_w': ['h', 'p'], 'y': ['b', 't', 'h', 'p']}, 'stores': [['y', 'out', ['b', 't', 'h', 'p']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g'}, 'BLOCK': {'h': 'BLOCK_h', 'p': 'BLOCK_p'}, 'stride': {'%17': {'b': 'v17_stride_b', 't': 'v17_stride_t', 'h': 'v17_stride_h', 'p': 'v17_stride_p'}, 'norm_w': {'h': 'norm_w_stride_h', 'p': 'norm_w_stride_p'}, 'y': {'b': 'y_stride_b', 't': 'y_stride_t', 'h': 'y_stride_h', 'p': 'y_stride_p'}}}}
 

@@ -8,14 +8,37 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from ssmc.targets import xla_runtime as rt
+from ssmc.targets.base import ModuleInfo, Param, Result
 
-PARAMS = [('r', 'r', 'input', 'b,t,h,dk'), ('k', 'k', 'input', 'b,t,h,dk'), ('v', 'v', 'input', 'b,t,h,dv'), ('w', 'w', 'input', 'b,t,h,dk'), ('u', 'u', 'input', 'h,dk'), ('S_prev', 'S', 'state', 'b,h,dk,dv')]
-RETURNS = [('out', 'o', 'b,t,h,dv'), ('state', 'S', 'b,h,dk,dv')]
-ENTRY = 'rwkv6'
+MODULE_INFO = ModuleInfo(
+    target='xla', entry='rwkv6', options=('mm', 'out_dtype'),
+    params=(
+        Param('r', 'r', 'input', ('b', 't', 'h', 'dk')),
+        Param('k', 'k', 'input', ('b', 't', 'h', 'dk')),
+        Param('v', 'v', 'input', ('b', 't', 'h', 'dv')),
+        Param('w', 'w', 'input', ('b', 't', 'h', 'dk')),
+        Param('u', 'u', 'input', ('h', 'dk')),
+        Param('S_prev', 'S', 'state', ('b', 'h', 'dk', 'dv')),
+    ),
+    returns=(
+        Result('out', 'o', ('b', 't', 'h', 'dv')),
+        Result('state', 'S', ('b', 'h', 'dk', 'dv')),
+    ),
+)
 
 
-# mm: the matmul operand dtype (float32, or the inputs' bfloat16/float16); accumulation is float32
-def rwkv6(r, k, v, w, u, S_prev, mm=jnp.float32):
+# mm: the matmul operand dtype (float32, or the inputs' bfloat16/float16; float64 for float64 inputs);
+# accumulation is float32 (float64). out_dtype: the outs' dtype; states come back in the compute dtype.
+def rwkv6(r, k, v, w, u, S_prev, *, mm=jnp.float32, out_dtype=jnp.float32):
+    # the arrays come as declared, in any float dtype: cast to the compute dtype `ew` (float32; float64 for
+    # float64 inputs) and moved to the IR's layout (canonical dim order)
+    ew = rt.elementwise_dtype(mm)
+    r = jnp.asarray(r, ew)
+    k = jnp.asarray(k, ew)
+    v = jnp.asarray(v, ew)
+    w = jnp.asarray(w, ew)
+    u = jnp.asarray(u, ew)
+    S_prev = jnp.asarray(S_prev, ew)
     T = r.shape[1]  # sequence length
     Q = 16  # chunk length
     Tp = -(-T // Q) * Q  # padded to whole chunks; padded steps get log-decay 0 and update 0
@@ -60,4 +83,8 @@ def rwkv6(r, k, v, w, u, S_prev, mm=jnp.float32):
     # stage epilogue
     o = o_S_prev + v11
 
-    return rt.crop(o, 1, T), S_final
+    # the results in their declared layouts
+    return (
+        jnp.asarray(rt.crop(o, 1, T), out_dtype),
+        jnp.asarray(S_final, ew),
+    )

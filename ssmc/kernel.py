@@ -1,0 +1,346 @@
+"""Kernel: a compiled spec, callable on arrays.
+
+A Kernel loads the module a target generated (targets/base.py: MODULE_INFO and one entry taking the arrays as
+declared, in any float dtype), checks the call's arrays (names, ranks, dim sizes, dtypes), picks the compute and
+output dtypes (`activation_dtype`) and calls the entry under jax.jit. It does not compile: `compile` (ssmc/api.py)
+builds it and hands it the function that compiles a variant of its spec (`Kernel.variant`, which `k.step` uses for
+the sequential form), so this module and ssmc/step.py never import ssmc/api.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import linecache
+import pathlib
+import types
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ssmc.targets.base import ModuleInfo, Target
+
+from . import step as _step
+from .errors import ShapeError, SSMCError, TargetError
+from .ir import Program
+from .window import derive_sizes, is_window_dim
+
+_LOW = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_FLOATS = _LOW + (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
+
+
+def activation_dtype(who: str, dtypes: dict):
+    """The dtype a call computes its contractions and outs in: the narrowest floating dtype among the inputs
+    ({input name: dtype}), so fp32 parameters (A, D, dt_bias, norm and conv weights) and fp32 gates never widen
+    bf16/fp16 activations. bfloat16 next to float16 has no narrowest: a ShapeError naming both. float64 only when
+    every input is float64 (and jax runs with x64; otherwise jax itself takes float64 as float32)."""
+    low = {}
+    for name, dt in dtypes.items():
+        if dt in _LOW:
+            low.setdefault(dt, name)
+    if len(low) > 1:
+        (d1, n1), (d2, n2) = low.items()
+        raise ShapeError(f"{who}: input '{n1}' is {d1} but input '{n2}' is {d2}; the activations take one "
+                         f"low-precision dtype (the narrowest input dtype): cast them to one of the two")
+    if low:
+        return next(iter(low))
+    if dtypes and all(dt == jnp.float64 for dt in dtypes.values()) and jax.config.jax_enable_x64:
+        return jnp.dtype(jnp.float64)
+    return jnp.dtype(jnp.float32)
+
+
+class Kernel:
+    """A compiled spec: call it with the `in` arrays; read .source, .ir, .passes, .target."""
+
+    def __init__(self, program: Program, target: Target, pipeline: str, entry: dict, filename: str,
+                 from_disk: bool, compile_seconds: float, matmul: str = "auto", interpret: bool = False,
+                 out_dtype=None, compiler: Callable[..., "Kernel"] | None = None):
+        self.program = program
+        self.matmul = matmul
+        self.out_dtype = out_dtype  # None: the outs take the activations' dtype
+        self.interpret = interpret
+        self.target = target.name
+        self._target = target
+        self._compiler = compiler  # compile(spec, **options): makes variants of this kernel (see `variant`)
+        self.pipeline = pipeline
+        self.source: str = entry["source"]
+        self.ir: str = entry["ir"]
+        self.passes: list[tuple[str, str]] = [tuple(x) for x in entry["passes"]]
+        self.dot: str = entry["dot"]
+        self.name = program.name
+        self.filename = filename
+        self.from_disk_cache = from_disk
+        self.compile_seconds = compile_seconds
+        self.decay_inputs = decay_inputs(program)
+        self.inputs = [(a.name, a.dims) for a in program.inputs]
+        self.states = [(a.name, a.dims) for a in program.states]
+        self.outs = [(a.name, a.dims) for a in program.outs]
+        mod = types.ModuleType(f"ssmc_generated_{program.name}")
+        # unique per source: the file name keys linecache, where Triton reads its kernels' source back
+        mod.__file__ = f"<ssmc {self.target} {program.name} {hashlib.sha256(self.source.encode()).hexdigest()[:10]}>"
+        # registered like a file, so tracebacks show the generated lines and Triton can read its kernels' source
+        linecache.cache[mod.__file__] = (len(self.source), None, self.source.splitlines(True), mod.__file__)
+        try:
+            exec(compile_source(self.source, mod.__file__), mod.__dict__)
+            info = mod.__dict__.get("MODULE_INFO")
+            if not isinstance(info, ModuleInfo):
+                raise SSMCError(f"the module defines no MODULE_INFO record (got {type(info).__name__})")
+            # checked once here: the entry, its params and results match the spec (targets/base.py)
+            self._fn = info.check(mod, self.target, self.inputs, self.states, self.outs)
+        except Exception as e:  # a bad cache entry or an emitter bug: say which
+            raise SSMCError(f"generated {self.target} code for '{program.name}' failed to load: {e}") from e
+        self._module = mod
+        self._info: ModuleInfo = info
+        if interpret and "interpret" not in info.options:
+            raise SSMCError(f"interpret=True: the {self.target} module's entry takes no interpret option")
+        # keyword options of the entry besides mm / out_dtype (kernel targets: interpret)
+        self._opts = {"interpret": interpret} if "interpret" in info.options else {}
+        self._jitted = jax.jit(self._run, static_argnums=(0,))
+        self._auto = None  # a measured default schedule (ssmc/autoschedule.py), set by compile
+
+    def variant(self, **options) -> "Kernel":
+        """This kernel's spec compiled again with some compile options changed (the others as this kernel's:
+        target, matmul, interpret, out_dtype), e.g. variant(chunk_size=1) for the sequential form; compile's
+        memo makes a repeated request cheap."""
+        if self._compiler is None:
+            raise SSMCError(f"{self.name}: this Kernel was built without a compiler; use ssmc.compile")
+        opts = dict(target=self.target, matmul=self.matmul, interpret=self.interpret, out_dtype=self.out_dtype)
+        return self._compiler(self.program.source, **(opts | options))
+
+    def __repr__(self):
+        extra = " interpret" if self.interpret else ""
+        return f"<ssmc.Kernel {self.name} target={self.target}{extra} pipeline='{self.pipeline}'>"
+
+    def graph_dot(self) -> str:
+        return self.dot
+
+    def dump(self, directory) -> pathlib.Path:
+        d = pathlib.Path(directory) / self.name
+        d.mkdir(parents=True, exist_ok=True)
+        for k, (name, text) in enumerate(self.passes):
+            (d / f"{k:02d}-{name}.ir").write_text(text)
+        (d / f"{self.target}.py").write_text(self.source)
+        (d / "graph.dot").write_text(self.dot)
+        return d
+
+    # ---- calling ------------------------------------------------------------------------------------
+    # Inputs are passed by their spec names, which can be any identifier: `self` is positional-only, and a call
+    # option (initial_state, initial_states; step's state) is taken for the option only when no input has its
+    # name. An input's name always wins; `apply` takes everything by dict and meets no name at all.
+    def __call__(self, /, *args, **kwargs):
+        """k(x, dt, ...) or k(x=..., dt=...): the `in` arrays positionally (declared order) or by name; set the
+        initial states with initial_state=array (one state) or initial_states={name: array}. Returns the outs
+        then the final states. Where an input is itself named initial_state(s), use k.apply."""
+        names = {n for n, _ in self.inputs}
+        opts = {o: kwargs.pop(o) for o in ("initial_state", "initial_states") if o in kwargs and o not in names}
+        return self._call(args, kwargs, opts.get("initial_state"), opts.get("initial_states"))
+
+    def apply(self, inputs, initial_states=None):
+        """The call with everything in containers (no keyword can meet an input's name): `inputs` a dict {input
+        name: array} or a sequence in declared order; `initial_states` None (zeros), a dict {state name: array},
+        a sequence in k.states order, or one array when there is one state."""
+        if isinstance(inputs, dict):
+            args, kwargs = (), dict(inputs)
+        elif isinstance(inputs, (list, tuple)):
+            args, kwargs = tuple(inputs), {}
+        else:
+            raise ShapeError(f"{self.name}.apply: inputs must be a dict {{name: array}} or a list in declared "
+                             f"order, got {type(inputs).__name__}")
+        return self._call(args, kwargs, None, self._states_arg(initial_states, f"{self.name}.apply"))
+
+    def _call(self, args, kwargs, initial_state, initial_states):
+        arrays, sizes, act = self._bind(args, kwargs, initial_state, initial_states)
+        meta = _Meta(tuple(sorted(sizes.items())), str(act), str(self.out_dtype or act))
+        if self._auto is not None:
+            return self._auto(meta, arrays)
+        return self._jitted(meta, arrays)
+
+    @property
+    def schedule(self) -> str:
+        """Which form runs (chunked or sequential) and why; on the CPU backend, per shape bucket as measured."""
+        from .autoschedule import describe
+        return describe(self)
+
+    def _states_arg(self, states, who: str, what: str = "them") -> dict | None:
+        """States as a dict, a sequence in k.states order, one array (one state) or None -> a dict or None."""
+        if states is None or isinstance(states, dict):
+            return states
+        names = [s for s, _ in self.states]
+        if isinstance(states, (list, tuple)):
+            if len(states) != len(names):
+                raise ShapeError(f"{who}: got {len(states)} states, expected {len(names)} ({', '.join(names)})")
+            return dict(zip(names, states))
+        if len(names) != 1:
+            raise ShapeError(f"{who}: has {len(names)} states ({', '.join(names)}); pass {what} as a dict "
+                             f"{{name: array}} or a sequence in that order")
+        return {names[0]: states}
+
+    def step(self, /, *args, **inputs):
+        """One decode step from `state` (what a previous call or step returned: a dict {state name: array}, the
+        states as a tuple in `k.states` order, a single array when there is one state, or None for zeros).
+        Inputs with the scan dim come without it (one token) or with a scan length of 1..8 (multi-token or
+        speculative decode); the others (weights) as usual. Returns (outs..., new states...) like the kernel
+        call, outs without the scan dim when the inputs came without it. Same numerics as the full call: a
+        prefill of t tokens then s steps equals one call on t + s tokens. See ssmc/step.py.
+        k.step(state, *inputs, **inputs): `state` is the first positional argument, or the keyword state= when
+        no input is named `state`."""
+        if "state" in inputs and "state" not in {n for n, _ in self.inputs}:
+            state = inputs.pop("state")
+        else:
+            state, args = (args[0], args[1:]) if args else (None, ())
+        return _step.step(self, state, args, inputs)
+
+    def _run(self, meta: "_Meta", arrays: dict):
+        """The entry on the bound arrays (traced under jit; meta is static). Every target's entry takes the arrays
+        as declared (targets/base.py); here only a missing state becomes zeros, the states enter in the compute
+        dtype and an input wider than it (float64 next to float32 inputs) is narrowed to it."""
+        sizes = dict(meta.sizes)
+        base, mm, out_dtype = meta.dtypes(self.matmul)
+        call = []
+        for p in self._info.params:
+            x = arrays.get(p.name if p.kind == "input" else "state:" + p.name)
+            if x is None:  # a state without an initial value starts at zero
+                x = jnp.zeros(tuple(sizes[d] for d in p.dims), base)
+            x = jnp.asarray(x)
+            if p.kind == "state" or jnp.dtype(x.dtype).itemsize > jnp.dtype(base).itemsize:
+                x = x.astype(base)
+            call.append(x)
+        return tuple(self._fn(*call, mm=mm, out_dtype=out_dtype, **self._opts))
+
+    def named_inputs(self, args, kwargs, who: str = "") -> dict:
+        """Positional and keyword inputs -> {input name: array}, with errors naming the input."""
+        who = who or self.name
+        names = [n for n, _ in self.inputs]
+        if len(args) > len(names):
+            raise ShapeError(f"{who}: takes {len(names)} inputs ({', '.join(names)}), got {len(args)} "
+                             f"positional arguments")
+        given = dict(zip(names, args))
+        for k, v in kwargs.items():
+            if k not in names:
+                states = [s for s, _ in self.states]
+                hint = "; to set a state use initial_state= / initial_states={...} (or k.apply)" if k in states else ""
+                raise ShapeError(f"{who}: unknown input '{k}'; inputs are {', '.join(names)}{hint}")
+            if k in given:
+                raise ShapeError(f"{who}: input '{k}' given both positionally and by keyword")
+            given[k] = v
+        return given
+
+    def _bind(self, args, kwargs, initial_state, initial_states):
+        names = [n for n, _ in self.inputs]
+        given = self.named_inputs(args, kwargs)
+        missing = [n for n in names if n not in given]
+        if missing:
+            raise ShapeError(f"{self.name}: missing input{'s' if len(missing) > 1 else ''} {', '.join(missing)}; "
+                             f"expected {_decls(self.inputs)}")
+        states = self._initial(initial_state, initial_states)
+        sizes: dict[str, int] = {}
+        where: dict[str, str] = {}
+        floats = {}
+        arrays = {}
+        for (name, dims), kind in [(x, "input") for x in self.inputs] + [(x, "state") for x in self.states]:
+            x = given.get(name) if kind == "input" else states.get(name)
+            if x is None:
+                continue
+            label = f"input '{name}'" if kind == "input" else f"initial state '{name}'"
+            if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+                x = np.asarray(x)
+            dt = jnp.dtype(x.dtype)
+            if not jnp.issubdtype(dt, jnp.floating):
+                raise ShapeError(f"{self.name}: {label} has dtype {dt}; ssmc kernels take float32, bfloat16 or "
+                                 f"float16 arrays (float64 on the xla target with jax_enable_x64)")
+            if len(x.shape) != len(dims):
+                raise ShapeError(f"{self.name}: {label} has rank {len(x.shape)} (shape {tuple(x.shape)}) but is "
+                                 f"declared {name}[{','.join(dims)}] (rank {len(dims)})")
+            for ax, (d, n) in enumerate(zip(dims, x.shape)):
+                if d in sizes and sizes[d] != n:
+                    raise ShapeError(f"{self.name}: dim '{d}' is {sizes[d]} in {where[d]} but {n} in {label} "
+                                     f"(axis {ax} of {name}[{','.join(dims)}])")
+                sizes.setdefault(d, int(n))
+                where.setdefault(d, f"{label} (axis {ax})")
+            if kind == "input":
+                floats[name] = dt
+            arrays[name if kind == "input" else "state:" + name] = x
+        derive_sizes(self.name, self.program, sizes, where)  # conv windows: size(k) - 1
+        for d in self.program.dims:
+            if d not in sizes:
+                raise ShapeError(f"{self.name}: dim '{d}' appears in no input; pass an initial state to set its size")
+        for g, h in self.program.groups:
+            if sizes[g] < 1 or sizes[h] % sizes[g]:
+                raise ShapeError(f"{self.name}: `group {g} -> {h}` needs dim '{h}' ({sizes[h]}) to be a multiple of "
+                                 f"dim '{g}' ({sizes[g]})")
+        for d, n in sizes.items():
+            if n < 1 and not is_window_dim(d):
+                raise ShapeError(f"{self.name}: dim '{d}' has size {n} ({where[d]}); sizes must be >= 1")
+        act = activation_dtype(self.name, floats)
+        if act == jnp.float64 and not self._target.float64:
+            first = next(n for n, dt in floats.items() if dt == jnp.float64)
+            raise TargetError(f"{self.name}: input '{first}' is float64 (as are all inputs); the {self.target} "
+                              f"kernels compute in float32/bfloat16/float16: cast the inputs to float32, or use "
+                              f"target='xla', which computes in float64")
+        return arrays, sizes, act
+
+    def _initial(self, initial_state, initial_states) -> dict:
+        snames = [s for s, _ in self.states]
+        if initial_state is not None and initial_states is not None:
+            raise ShapeError(f"{self.name}: pass initial_state or initial_states, not both")
+        if initial_state is not None:
+            if len(snames) != 1:
+                raise ShapeError(f"{self.name}: has {len(snames)} states ({', '.join(snames)}); pass "
+                                 f"initial_states={{name: array}} instead of initial_state")
+            return {snames[0]: initial_state}
+        if initial_states is None:
+            return {}
+        if not isinstance(initial_states, dict):
+            raise ShapeError(f"{self.name}: initial_states must be a dict {{state name: array}}")
+        for k in initial_states:
+            if k not in snames:
+                raise ShapeError(f"{self.name}: unknown state '{k}' in initial_states; states are {', '.join(snames)}")
+        return {k: v for k, v in initial_states.items() if v is not None}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Meta:
+    sizes: tuple
+    act: str   # the activations' dtype (activation_dtype)
+    out: str   # the outs' dtype
+
+    def dtypes(self, matmul: str):
+        """(base, mm, out): elementwise math and states in base (fp32; fp64 for fp64 activations), matmul
+        operands in mm (the activations' bf16/fp16 unless matmul="float32", else full precision in base)."""
+        act = jnp.dtype(self.act)
+        base = act if act == jnp.float64 else jnp.dtype(jnp.float32)
+        mm = act if act in _LOW and matmul == "auto" else base
+        return base, mm, jnp.dtype(self.out)
+
+
+def decay_inputs(program: Program) -> tuple[str, ...]:
+    """Names of the `in` arrays the states' decays a_t depend on (to sample stable random inputs, for example)."""
+    from ssmc.passes.plan import make_plan
+    try:
+        plan = make_plan(program)
+    except SSMCError:
+        return ()
+    by = plan.analysis.by
+    seen, stack, found = set(), [f for sp in plan.states.values() for f in sp.decay], []
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        i = by[n]
+        if i.op == "input":
+            found.append(i.attr("array"))
+        stack.extend(i.args)
+    return tuple(a.name for a in program.inputs if a.name in found)
+
+
+def _decls(arrays) -> str:
+    return ", ".join(n + "[" + ",".join(d) + "]" for n, d in arrays)
+
+
+def compile_source(source: str, filename: str):
+    """Python's built-in compile (this module's `compile` is ssmc's)."""
+    import builtins
+    return builtins.compile(source, filename, "exec")
+
