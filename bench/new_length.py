@@ -91,7 +91,7 @@ def main(argv=None):
     # one more fresh length, taken apart
     l3 = l - 152
     a3 = cut(args, l3)
-    from ssmc import api
+    from ssmc import kernel as api  # Kernel and its _Meta
     t0 = time.perf_counter()
     arrays, sizes, act = k._bind(a3, {}, None, None)
     meta = api._Meta(tuple(sorted(sizes.items())), str(act), str(k.out_dtype or act))
