@@ -37,15 +37,20 @@ class KernelTarget:
         return (f"expand-groups{{mode=index}},classify,chunk{{size={size},elementwise=sequential,"
                 f"scalar={self.scalar_chunk}}},fuse,dce")
 
-    def emit(self, p, pipeline: str = "") -> str:
+    def schedule(self, p):
         from .kernel_plan import plan_schedule
-        sch = plan_schedule(p, self.name)
+        hit = getattr(self, "_planned", None)
+        if hit is None or hit[0] is not p:  # emit then annotate plan the same program: once
+            hit = self._planned = (p, plan_schedule(p, self.name))
+        return hit[1]
+
+    def emit(self, p, pipeline: str = "") -> str:
+        sch = self.schedule(p)
         return self.emitter(sch.walk, pipeline, schedule=sch).emit()
 
     def annotate(self, p):
         """The IR with a note naming the kernel schedule (and how the segment count is chosen)."""
-        from .kernel_plan import plan_schedule
-        return p.with_instrs(p.instrs, plan_schedule(p, self.name).note())
+        return p.with_instrs(p.instrs, self.schedule(p).note())
 
 
 class LauncherWriter:

@@ -264,6 +264,7 @@ class PallasEmitter(KernelWalk, LauncherWriter):
         for kind, name, v in self.plan.stores:
             if kind in ("decay", "negs"):
                 ref, lay = self.store_ref(kind, name), self.layout_of(name)
+                self.w("# the segment's total so far, in its output block (resident across the segment's chunks)")
                 self.write(ref, lay, f"{self.read(ref, lay)} + {last[v]}")
 
     def end(self):

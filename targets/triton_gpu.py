@@ -257,7 +257,7 @@ class TritonEmitter(KernelWalk, LauncherWriter):
 
     def add_totals(self):
         for var, last, _ in self.total_vars():
-            self.w(f"{var} = {var} + {last}")
+            self.w(f"{var} = {var} + {last}  # the segment's total so far")
 
     def end(self):
         k, body = self.plan, self.body
