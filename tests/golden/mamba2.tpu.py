@@ -159,6 +159,7 @@ def mamba2_segment_states(
     h_upd_w = jnp.where(valid, jnp.exp(h_L_last - h_L), 0.0)  # decay from each step to the chunk's end
     c1 = lax.dot_general((x).astype(MM), ((B) * ((h_upd_w) * dt)[:, None]).astype(MM), (((0,), (0,)), ((), ())), precision=PREC, preferred_element_type=jnp.float32)
     state_h_prev = jnp.exp(h_L_last) * state_h_prev + c1  # the state entering the next chunk
+    # the segment's total so far, in its output block (resident across the segment's chunks)
     h_decay_ref[...] = jnp.broadcast_to(h_decay_ref[0, 0] + h_L_last, (1, 1)).astype(h_decay_ref.dtype)
     h_scr[...] = state_h_prev.astype(h_scr.dtype)
     @pl.when(chunk_id == pl.num_programs(4) - 1)

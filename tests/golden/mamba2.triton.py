@@ -214,7 +214,7 @@ def mamba2_segment_states(
         h_upd_w = tl.where(valid, tl.exp(h_L_last - h_L), 0.0)  # decay from each step to the chunk's end
         c1 = tl.dot(tl.trans(x).to(MM), ((B) * ((h_upd_w) * dt)[:, None]).to(MM), input_precision=PREC)
         state_h_prev = tl.exp(h_L_last) * state_h_prev + c1  # the state entering the next chunk
-        h_L_total = h_L_total + h_L_last
+        h_L_total = h_L_total + h_L_last  # the segment's total so far
     # stage output: the segment's state and totals
     tl.store(h_segment_ptr + i_seg * h_segment_stride_seg + i_b * h_segment_stride_b + i_h * h_segment_stride_h + o_p[:, None] * h_segment_stride_p + o_n * h_segment_stride_n, (state_h_prev).to(h_segment_ptr.dtype.element_ty), mask=((o_p < N_p))[:, None] & (o_n < N_n))
     tl.store(h_decay_ptr + i_seg * h_decay_stride_seg + i_b * h_decay_stride_b + i_h * h_decay_stride_h, (h_L_total).to(h_decay_ptr.dtype.element_ty))

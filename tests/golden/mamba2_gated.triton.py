@@ -237,7 +237,7 @@ def mamba2_gated_segment_states(
         s_upd_w = tl.where(valid, tl.exp(tl.minimum(s_L_last - s_L, 0.0)), 0.0)  # decay from each step to the chunk's end
         c1 = tl.dot(tl.trans(x).to(MM), ((B) * ((s_upd_w) * dt)[:, None]).to(MM), input_precision=PREC)
         state_s_prev = tl.exp(s_L_last) * state_s_prev + c1  # the state entering the next chunk
-        s_L_total = s_L_total + s_L_last
+        s_L_total = s_L_total + s_L_last  # the segment's total so far
     # stage output: the segment's state and totals
     tl.store(s_segment_ptr + i_seg * s_segment_stride_seg + i_b * s_segment_stride_b + i_h * s_segment_stride_h + o_p[:, None] * s_segment_stride_p + o_n * s_segment_stride_n, (state_s_prev).to(s_segment_ptr.dtype.element_ty), mask=((o_p < N_p))[:, None] & (o_n < N_n))
     tl.store(s_decay_ptr + i_seg * s_decay_stride_seg + i_b * s_decay_stride_b + i_h * s_decay_stride_h, (s_L_total).to(s_decay_ptr.dtype.element_ty))
