@@ -311,7 +311,8 @@ def _segment_plans(k: KernelPlan):
     states = replace(k, role="segment_states", state_from="zeros", grid=grid, decl=decl,
                      inputs=[i for i in k.inputs if i.name in need], hoisted=[i for i in k.hoisted if i.name in need],
                      body=[i for i in k.body if i.name in need], post=[], stores=stores, totals=tuple(totals))
-    s_in = [make(s.name, "state", (), c.dims, s.span, state=c.state, array=c.incoming)
+    # kernel (c) starts from S_in: a leaf of its own (named %S.in, so the kernel's variable reads h_in, not h_prev)
+    s_in = [make(f"%{c.state}.in", "state", (), c.dims, s.span, state=c.state, array=c.incoming)
             for s, c in zip(k.states, carries)]
     outputs = replace(k, role="segment_outputs", state_from="segment", grid=grid, decl=decl, states=s_in,
                       stores=[x for x in k.stores if x[0] != "state"])

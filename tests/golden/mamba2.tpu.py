@@ -211,7 +211,7 @@ def mamba2_segment_outputs(
     TRIL = rt.tril(Q)  # [t, s]: s <= t
     valid = (i_seg * seg_chunks + chunk_id) * Q + lax.iota(jnp.int32, Q) < N_t  # steps past the end are padding
     valid_i = valid.astype(jnp.int32)  # masks broadcast as int32 (Mosaic cannot reshape i1 vectors)
-    state_h_prev = h_scr[...]  # the state entering this chunk
+    state_h_in = h_scr[...]  # the state entering this chunk
     x = x_ref[...].astype(jnp.float32)
     dt = dt_ref[:, 0].astype(jnp.float32)
     B = B_ref[...].astype(jnp.float32)
@@ -234,7 +234,7 @@ def mamba2_segment_outputs(
     c4 = lax.dot_general((c3).astype(MM), (x).astype(MM), (((1,), (0,)), ((), ())), precision=PREC, preferred_element_type=jnp.float32)
     y_h_new_in = c4  # in-chunk part
     y_h_new_E = jnp.exp(h_L)  # decay from the chunk's start
-    c5 = lax.dot_general(((C) * y_h_new_E[:, None]).astype(MM), (state_h_prev).astype(MM), (((1,), (1,)), ((), ())), precision=PREC, preferred_element_type=jnp.float32)
+    c5 = lax.dot_general(((C) * y_h_new_E[:, None]).astype(MM), (state_h_in).astype(MM), (((1,), (1,)), ((), ())), precision=PREC, preferred_element_type=jnp.float32)
     y_h_new_st = c5  # state part
     y_h_new = (y_h_new_in + y_h_new_st)
     # stage epilogue
@@ -243,8 +243,8 @@ def mamba2_segment_outputs(
     # stage chunk_state + state_passing (h)
     h_upd_w = jnp.where(valid, jnp.exp(h_L_last - h_L), 0.0)  # decay from each step to the chunk's end
     c6 = lax.dot_general((x).astype(MM), ((B) * ((h_upd_w) * dt)[:, None]).astype(MM), (((0,), (0,)), ((), ())), precision=PREC, preferred_element_type=jnp.float32)
-    state_h_prev = jnp.exp(h_L_last) * state_h_prev + c6  # the state entering the next chunk
-    h_scr[...] = state_h_prev.astype(h_scr.dtype)
+    state_h_in = jnp.exp(h_L_last) * state_h_in + c6  # the state entering the next chunk
+    h_scr[...] = state_h_in.astype(h_scr.dtype)
 
 
 # mm: matmul operand dtype (fp32, or the inputs' bf16/fp16); out_dtype: dtype of the outs

@@ -289,8 +289,8 @@ def mamba2_segment_outputs(
     A = tl.load(A_ptr + i_h * A_stride_h).to(tl.float32)
     D = tl.load(D_ptr + i_h * D_stride_h).to(tl.float32)
     # the state, held on chip for the whole segment (fp32)
-    h_prev = tl.load(h_in_ptr + i_seg * h_in_stride_seg + i_b * h_in_stride_b + i_h * h_in_stride_h + o_p[:, None] * h_in_stride_p + o_n * h_in_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0).to(tl.float32)
-    state_h_prev = h_prev
+    h_in = tl.load(h_in_ptr + i_seg * h_in_stride_seg + i_b * h_in_stride_b + i_h * h_in_stride_h + o_p[:, None] * h_in_stride_p + o_n * h_in_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0).to(tl.float32)
+    state_h_in = h_in
     for c in range(i_seg * seg_chunks, tl.minimum(i_seg * seg_chunks + seg_chunks, (N_t + Q - 1) // Q)):
         tt = c * Q + in_chunk
         valid = tt < N_t
@@ -317,7 +317,7 @@ def mamba2_segment_outputs(
         c4 = tl.dot((c3).to(MM), (x).to(MM), input_precision=PREC)
         y_h_new_in = c4  # in-chunk part
         y_h_new_E = tl.exp(h_L)  # decay from the chunk's start
-        c5 = tl.dot(((C) * y_h_new_E[:, None]).to(MM), tl.trans(state_h_prev).to(MM), input_precision=PREC)
+        c5 = tl.dot(((C) * y_h_new_E[:, None]).to(MM), tl.trans(state_h_in).to(MM), input_precision=PREC)
         y_h_new_st = c5  # state part
         y_h_new = (y_h_new_in + y_h_new_st)
         # stage epilogue
@@ -326,7 +326,7 @@ def mamba2_segment_outputs(
         # stage chunk_state + state_passing (h)
         h_upd_w = tl.where(valid, tl.exp(h_L_last - h_L), 0.0)  # decay from each step to the chunk's end
         c6 = tl.dot(tl.trans(x).to(MM), ((B) * ((h_upd_w) * dt)[:, None]).to(MM), input_precision=PREC)
-        state_h_prev = tl.exp(h_L_last) * state_h_prev + c6  # the state entering the next chunk
+        state_h_in = tl.exp(h_L_last) * state_h_in + c6  # the state entering the next chunk
     # stage output
 
 

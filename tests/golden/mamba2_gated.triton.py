@@ -322,8 +322,8 @@ def mamba2_gated_segment_outputs(
     v3 = tl.exp(A_log)
     A = -(v3)
     # the state, held on chip for the whole segment (fp32)
-    s_prev = tl.load(s_in_ptr + i_seg * s_in_stride_seg + i_b * s_in_stride_b + i_h * s_in_stride_h + o_p[:, None] * s_in_stride_p + o_n * s_in_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0).to(tl.float32)
-    state_s_prev = s_prev
+    s_in = tl.load(s_in_ptr + i_seg * s_in_stride_seg + i_b * s_in_stride_b + i_h * s_in_stride_h + o_p[:, None] * s_in_stride_p + o_n * s_in_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0).to(tl.float32)
+    state_s_in = s_in
     for c in range(i_seg * seg_chunks, tl.minimum(i_seg * seg_chunks + seg_chunks, (N_t + Q - 1) // Q)):
         tt = c * Q + in_chunk
         valid = tt < N_t
@@ -355,7 +355,7 @@ def mamba2_gated_segment_outputs(
         c4 = tl.dot((c3).to(MM), (x).to(MM), input_precision=PREC)
         v17_s_new_in = (c4) * v16  # in-chunk part
         v17_s_new_E = tl.exp(s_L)  # decay from the chunk's start
-        c5 = tl.dot(((C) * v17_s_new_E[:, None]).to(MM), tl.trans(state_s_prev).to(MM), input_precision=PREC)
+        c5 = tl.dot(((C) * v17_s_new_E[:, None]).to(MM), tl.trans(state_s_in).to(MM), input_precision=PREC)
         v17_s_new_st = (c5) * v16  # state part
         v17_s_new = (v17_s_new_in + v17_s_new_st)
         # stage epilogue
@@ -364,7 +364,7 @@ def mamba2_gated_segment_outputs(
         # stage chunk_state + state_passing (s)
         s_upd_w = tl.where(valid, tl.exp(tl.minimum(s_L_last - s_L, 0.0)), 0.0)  # decay from each step to the chunk's end
         c6 = tl.dot(tl.trans(x).to(MM), ((B) * ((s_upd_w) * dt)[:, None]).to(MM), input_precision=PREC)
-        state_s_prev = tl.exp(s_L_last) * state_s_prev + c6  # the state entering the next chunk
+        state_s_in = tl.exp(s_L_last) * state_s_in + c6  # the state entering the next chunk
     # stage output
 
 
