@@ -104,20 +104,25 @@ def out_specs(layout: dict, sizes: dict, out_dtype) -> list[tuple[tuple[int, ...
 # ---- the sequence-parallel schedule -------------------------------------------------------------------------------
 # When is it worth splitting the time axis into segments (kernel_plan.Schedule)? Every segment adds a walk of its
 # chunks without outputs (kernel a) and a short scan, so only when the programs of the one walk leave the device's
-# cores idle, and only where each segment still walks enough chunks to amortise that. The constants, in one place:
-SEG_FILL = 2            # segment while (batch x heads x blocks) programs are fewer than SEG_FILL x the cores
-SEG_MIN_CHUNKS = 8      # every segment walks at least this many chunks
+# cores idle, and only where each segment still walks enough chunks to amortise that. Measured on an H200 (132 SMs;
+# Mamba2 p=64 n=128, bf16, chunk 64; one walk -> best segmented, ms): b=1 h=80 L=65536 5.2 -> 3.0 (12 segments),
+# L=131072 10.7 -> 5.5 (32); b=1 h=24 L=32768 2.8 -> 1.04 (8-16; 33 segments of 15 chunks: 1.36); b=2 h=40
+# L=16384 1.62 -> 1.21 (10); b=2 h=80 (160 programs) L=16384: 1.71 one walk, no segment count faster. The
+# constants, in one place:
+SEG_BELOW = 1.0         # segment only while (batch x heads x blocks) programs are fewer than SEG_BELOW x the cores
+SEG_TARGET = 8          # then aim at programs x segments = SEG_TARGET x the cores (several programs share an SM)
+SEG_MIN_CHUNKS = 32     # every segment walks at least this many chunks
 SEG_MAX = 64            # and no more segments than this (the scan across them runs serially)
 DEFAULT_CORES = 132     # cores assumed where no device says (the interpreters): an H200's SMs
 
 
 def pick_segments(n_chunks: int, programs: int, cores: int) -> int:
     """The number of segments for a walk of `n_chunks` chunks by `programs` programs on `cores` cores: 1 when the
-    programs already fill SEG_FILL waves of cores, else enough segments to fill them, each of at least
-    SEG_MIN_CHUNKS chunks. Mamba2 on an H200 (132 SMs, chunk 64, h=80): b=1 L=65536 -> 4, b=4 L=2048 -> 1."""
-    if programs >= SEG_FILL * cores:
+    programs already occupy the cores, else about SEG_TARGET x cores / programs, each of at least SEG_MIN_CHUNKS
+    chunks. Mamba2 on an H200 (132 SMs, chunk 64, h=80): b=1 L=65536 -> 14, b=4 L=2048 -> 1."""
+    if programs >= SEG_BELOW * cores:
         return 1
-    want = -(-SEG_FILL * cores // max(1, programs))
+    want = -(-SEG_TARGET * cores // max(1, programs))
     return max(1, min(want, n_chunks // SEG_MIN_CHUNKS, SEG_MAX))
 
 
