@@ -221,6 +221,9 @@ class LauncherWriter:
         w(f"# kernel: {k.form} form; grid over ({', '.join(k.grid)}), tile over ({', '.join(k.tile)})"
           + (f", {', '.join(k.split)} blockable" if k.split else ""))
         w(f"# {self.schedule.note()}")
+        for key, dims, src, dst in self.schedule.buffers():
+            shown = ",".join("segment" if d == SEG else d for d in dims)
+            w(f"#   buffer {key}[{shown}] (fp32): {src} -> {dst}")
         w("import jax")
         w("import jax.numpy as jnp")
         w("from jax import lax")

@@ -252,6 +252,19 @@ class Schedule:
     def kernels(self) -> list[KernelPlan]:
         return [k for k in (self.walk, self.segment_states, self.segment_outputs, self.post) if k is not None]
 
+    def buffers(self) -> list[tuple[str, tuple[str, ...], str, str]]:
+        """The intermediate buffers between kernels: (key, dims, written by, read by)."""
+        out = []
+        for k in self.kernels():
+            for kind, key, v in k.stores:
+                if kind == "tmp" and self.post is not None:
+                    out.append((key, k.by()[v].dims, k.role, "post"))
+                elif kind in ("segment", "decay", "negs"):
+                    out.append((key, k.decl[key], k.role, "segment scan"))
+        for c in self.carries:
+            out.append((c.incoming, c.dims, "segment scan", "segment_outputs"))
+        return out
+
     def note(self) -> str:
         if self.segment_states is None:
             return f"schedule: one walk per program ({self.why})"

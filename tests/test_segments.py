@@ -164,7 +164,10 @@ def test_schedule_in_source_and_ir():
     k = ssmc.compile(str(VARIANTS["mamba2"].path), target="tpu", interpret=True)
     assert "schedule: one walk per program, or sequence-parallel segments" in k.ir
     for what in ("def mamba2_segment_states(", "def mamba2_segment_outputs(", "rt.segment_scan(",
-                 "# (a) every program and segment", "# (b) the scan across segments", "# (c) every program"):
+                 "# (a) every program and segment", "# (b) the scan across segments", "# (c) every program",
+                 "#   buffer h:segment[segment,b,h,p,n] (fp32): segment_states -> segment scan",
+                 "#   buffer h:decay[segment,b,h] (fp32): segment_states -> segment scan",
+                 "#   buffer h:in[segment,b,h,p,n] (fp32): segment scan -> segment_outputs"):
         assert what in k.source, what
     seq = ssmc.compile(str(VARIANTS["deltanet"].path), target="triton", interpret=True)
     assert "schedule: one walk per program (sequential form" in seq.ir

@@ -8,6 +8,11 @@
 # schedule: one walk per program, or sequence-parallel segments - (a) segment states from zero + total decays, (b) a scan across segments, (c) segment outputs from the incoming states; the segment count is chosen at call time from the length, the programs and the device's cores (kernel_runtime.pick_segments; compile(..., segments=N) forces it, 1 = one walk)
 # kernel: chunked form; grid over (b, h), tile over (p, n), p blockable
 # schedule: one walk per program, or sequence-parallel segments - (a) segment states from zero + total decays, (b) a scan across segments, (c) segment outputs from the incoming states; the segment count is chosen at call time from the length, the programs and the device's cores (kernel_runtime.pick_segments; compile(..., segments=N) forces it, 1 = one walk)
+#   buffer %17[b,t,h,p] (fp32): walk -> post
+#   buffer s:segment[segment,b,h,p,n] (fp32): segment_states -> segment scan
+#   buffer s:decay[segment,b,h] (fp32): segment_states -> segment scan
+#   buffer %17[b,t,h,p] (fp32): segment_outputs -> post
+#   buffer s:in[segment,b,h,p,n] (fp32): segment scan -> segment_outputs
 import jax
 import jax.numpy as jnp
 from jax import lax
