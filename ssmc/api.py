@@ -62,7 +62,8 @@ def check(spec) -> Program:
 
 
 def compile(spec, target: str = "xla", chunk_size: int | None = None, dump: bool | str = False,
-            cache: bool = True, matmul: str = "auto", interpret: bool = False, out_dtype=None) -> "Kernel":
+            cache: bool = True, matmul: str = "auto", interpret: bool = False, out_dtype=None,
+            segments: int | None = None) -> "Kernel":
     """Compile a spec (text or .ssm path) for a target ("xla", "triton"/"gpu", "tpu"/"pallas_tpu", "auto").
 
     Precision follows the activations: the narrowest floating dtype among the inputs (bf16 x, B, C next to fp32
@@ -71,7 +72,9 @@ def compile(spec, target: str = "xla", chunk_size: int | None = None, dump: bool
     matmul: "auto" feeds bfloat16/float16 activations to the matmuls at their own precision (fp32 accumulation,
     as the hand-written kernels do) and float32 at full precision; "float32" always uses full precision.
     out_dtype: the outs' dtype (default: the activations' dtype); states are float32 (float64 on float64 inputs).
-    interpret: kernel targets only (triton, tpu): run the generated kernels in their CPU interpreter."""
+    interpret: kernel targets only (triton, tpu): run the generated kernels in their CPU interpreter.
+    segments: kernel targets, chunked forms: split the sequence into this many segments (1: one walk); None picks
+    per call from the sizes and the device (targets/kernel_runtime.pick_segments)."""
     from ssmc.passes import parse_pipeline, run_pipeline
     from ssmc.targets import ENTRY_CONTRACT, get_target
 
@@ -92,8 +95,11 @@ def compile(spec, target: str = "xla", chunk_size: int | None = None, dump: bool
     program = lower(parse(text, filename))
     pipeline = tgt.pipeline(chunk_size)
     ir = program.text()
+    if segments is not None and (not isinstance(segments, int) or segments < 1 or not tgt.kernels):
+        raise SSMCError(f"segments must be None or a positive int, for the kernel targets (triton, tpu); got "
+                        f"{segments!r} for target '{tgt.name}'")
     # SSMC_AUTOSCHEDULE decides whether compile attaches a measured schedule (ssmc/autoschedule.py): part of the key
-    mkey = (_SPAN.sub("", ir), tgt.name, pipeline, matmul, bool(interpret), str(out_dtype),
+    mkey = (_SPAN.sub("", ir), tgt.name, pipeline, matmul, bool(interpret), str(out_dtype), segments,
             os.environ.get("SSMC_AUTOSCHEDULE", "1") != "0")
     if cache and dump_dir is None:
         with _LOCK:
@@ -112,6 +118,7 @@ def compile(spec, target: str = "xla", chunk_size: int | None = None, dump: bool
     if not from_disk:
         trace = (lambda name, prog: _log(f"-- IR after {name}\n{prog.text()}")) if level >= 3 else None
         final, texts = run_pipeline(program, parse_pipeline(pipeline), trace)
+        final = tgt.annotate(final)  # the target's notes (the kernel targets' schedule)
         source = tgt.emit(final, pipeline)
         entry = {"source": source, "ir": final.text(), "passes": [list(x) for x in texts],
                  "dot": to_dot(final)}
@@ -126,6 +133,8 @@ def compile(spec, target: str = "xla", chunk_size: int | None = None, dump: bool
         _log(k.ir)
     if level >= 4:
         _log(k.source)
+    if segments is not None:
+        k._opts["segments"] = segments
     from .autoschedule import attach
     attach(k, text, chunk_size, cache)  # CPU default: the faster of chunked / sequential per shape bucket
     if dump_dir is not None:

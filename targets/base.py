@@ -32,7 +32,7 @@ MODULE_IMPORT = "from ssmc.targets.base import ModuleInfo, Param, Result"
 MODULE_NAMES = ("MODULE_INFO", "ModuleInfo", "Param", "Result")
 
 BASE_OPTIONS = ("mm", "out_dtype")      # every entry takes these keywords
-KERNEL_OPTIONS = BASE_OPTIONS + ("interpret",)  # kernel targets: run the kernels in their CPU interpreter
+KERNEL_OPTIONS = BASE_OPTIONS + ("interpret", "segments")  # kernel targets: their CPU interpreter; segments
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +149,10 @@ class Target(abc.ABC):
     def prepare(self, interpret: bool) -> None:
         """Set up what running this target's code needs (e.g. the Triton interpreter); called by compile."""
 
+    def annotate(self, program):
+        """The final IR with the target's own notes (the kernel targets name their schedule); unchanged here."""
+        return program
+
     @property
     def options(self) -> tuple[str, ...]:
         """The keyword options the entry of this target's modules takes."""
@@ -166,7 +170,7 @@ def checked_target(obj, label: str) -> Target:
     for attr, typ in (("kernels", bool), ("float64", bool), ("chunk_multiple", int)):
         if not isinstance(getattr(obj, attr, None), typ):
             bad.append(f"{attr} ({typ.__name__})")
-    for meth in ("pipeline", "emit", "prepare"):
+    for meth in ("pipeline", "emit", "prepare", "annotate"):
         if not callable(getattr(obj, meth, None)):
             bad.append(f"{meth}()")
     if bad:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 
 from .base import KERNEL_OPTIONS, MODULE_IMPORT, MODULE_NAMES, ModuleInfo, Target
-from .kernel_plan import KernelPlan
+from .kernel_plan import SEG, SEG_CHUNKS, KernelPlan, Schedule
 from .kernel_runtime import final_key, runtime_dims, runtime_strides
 from .writer import Names, Writer, py_const, py_name
 
@@ -37,9 +37,20 @@ class KernelTarget(Target):
         return (f"expand-groups{{mode=index}},classify,chunk{{size={size},elementwise=sequential,"
                 f"scalar={self.scalar_chunk}}},fuse,dce")
 
+    def schedule(self, p):
+        from .kernel_plan import plan_schedule
+        hit = getattr(self, "_planned", None)
+        if hit is None or hit[0] is not p:  # emit then annotate plan the same program: once
+            hit = self._planned = (p, plan_schedule(p, self.name))
+        return hit[1]
+
     def emit(self, p, pipeline: str = "") -> str:
-        from .kernel_plan import plan_kernel
-        return self.emitter(plan_kernel(p, self.name), pipeline).emit()
+        sch = self.schedule(p)
+        return self.emitter(sch.walk, pipeline, schedule=sch).emit()
+
+    def annotate(self, p):
+        """The IR with a note naming the kernel schedule (and how the segment count is chosen)."""
+        return p.with_instrs(p.instrs, self.schedule(p).note())
 
 
 class LauncherWriter:
@@ -49,20 +60,41 @@ class LauncherWriter:
     # identifiers the module writes literally: imports and globals, the launcher's keyword options and locals,
     # and (FIXED of each target) the kernel's own; every other identifier comes from the name table
     LAUNCHER_FIXED = MODULE_NAMES + ("jax", "jnp", "lax", "rt", "LAYOUT", "POST_LAYOUT", "mm", "out_dtype",
-                                     "interpret", "arrays", "sizes", "post_arrays")
+                                     "interpret", "arrays", "sizes", "post_arrays", "SEGMENT_STATES_LAYOUT",
+                                     "SEGMENT_OUTPUTS_LAYOUT", "segments", "nseg", "seg_sizes", "seg_arrays")
+    LAYOUT_NAMES = {"walk": "LAYOUT", "rows": "POST_LAYOUT", "segment_states": "SEGMENT_STATES_LAYOUT",
+                    "segment_outputs": "SEGMENT_OUTPUTS_LAYOUT"}
+    KERNEL_SUFFIX = {"rows": "post", "segment_states": "segment_states", "segment_outputs": "segment_outputs"}
     FIXED: tuple[str, ...] = ()
     strides = False  # the kernel addresses memory through per-array strides (constexprs named in LAYOUT)
+    row_kernels = False  # the post-kernel grouped norm runs as a kernel of its own (else in XLA)
+    handle = ""  # what a kernel parameter for an array is called: ptr (Triton), ref (Pallas)
 
-    def __init__(self, plan: KernelPlan, pipeline: str, module: Names | None = None):
+    def __init__(self, plan: KernelPlan, pipeline: str, module: Names | None = None, schedule: Schedule | None = None):
         self.plan, self.pipeline = plan, pipeline
+        self.schedule = schedule or Schedule(walk=plan)
         self.w = Writer()
         # the module's table (globals: the launcher, the kernels; the spec's values), then one scope per function:
         # `pn` for this kernel's code, `lpn` for the launcher's
         self.module = module or Names((), self.LAUNCHER_FIXED + self.FIXED)
         self.entry = self.module.key("entry", plan.p.name)
-        self.kernel_name = self.module.key(("kernel", plan.form), f"{py_name(plan.p.name)}_{plan.form}")
+        suffix = self.KERNEL_SUFFIX.get(plan.role, plan.form)
+        self.kernel_name = self.module.key(("kernel", plan.role), f"{py_name(plan.p.name)}_{suffix}")
+        self.layout_name = self.LAYOUT_NAMES[plan.role]
         self.pn = self.module.scope(plan.p.instrs)
+        if plan.segmented:  # readable names for the segment index and sizes
+            self.pn.get(("dim", "i", SEG), "i_seg")
+            self.pn.get(("dim", "N", SEG), "n_segments")
+            self.pn.get(("dim", "N", SEG_CHUNKS), "seg_chunks")
         self.lpn = self.module.scope([i for i in plan.p.instrs if i.op in ("input", "window", "state")])
+        self.subs: dict[str, LauncherWriter] = {}
+        if module is None:  # the schedule's other kernels: writers of their own, in this module and launcher
+            for k in self.schedule.kernels()[1:]:
+                if k.role == "rows" and not self.row_kernels:
+                    continue  # the post-kernel norm runs in XLA on this target
+                sub = type(self)(k, pipeline, self.module, self.schedule)
+                sub.w, sub.lpn = self.w, self.lpn
+                self.subs[k.role] = sub
 
     # ---- what the kernel reads and writes -------------------------------------------------------------------
     @staticmethod
@@ -75,10 +107,24 @@ class LauncherWriter:
     def store_stem(kind, name) -> str:
         return {"out": name, "state": f"{name}_final"}.get(kind) or py_name(name)
 
+    def leaf_handle(self, leaf) -> str:
+        """The kernel's parameter for a loaded array (Triton's pointer, Pallas' ref): x_ptr, h_prev_ref; an
+        incoming segment state by its buffer (h_in_ptr)."""
+        if leaf.op == "state" and self.plan.segmented:
+            return self.pn.key((self.handle, leaf.attr("array")), f"{py_name(leaf.attr('array'))}_{self.handle}")
+        return self.pn.local(leaf.name, self.handle)
+
+    def store_handle(self, kind, name) -> str:
+        """The kernel's parameter for a stored array: y_ptr, h_final_ref, h_segment_ptr, ..."""
+        key = self.store_key(kind, name)
+        return self.pn.key((self.handle, key), f"{self.store_stem(kind, name)}_{self.handle}")
+
     def store_var(self, kind, name) -> str:
         """The launcher's variable holding a stored array: y, h_final, ..."""
         if kind == "tmp":  # an intermediate value keeps its own identifier
             return self.lpn(name)
+        if kind == "incoming":
+            return self.lpn.key(("store", name), py_name(name))
         return self.lpn.key(("store", self.store_key(kind, name)), self.store_stem(kind, name))
 
     def store_names(self):
@@ -91,16 +137,19 @@ class LauncherWriter:
         return self.pn.dim("BLOCK", d)
 
     def stride_name(self, arr, d) -> str:
-        return self.pn.key(("stride", arr, d), f"{py_name(arr)}_stride_{py_name(d)}")
+        return self.pn.key(("stride", arr, d), f"{py_name(arr)}_stride_{'seg' if d == SEG else py_name(d)}")
 
     def store_dims(self, kind, name, value):
-        return self.plan.decl[name] if kind in ("out", "state") else self.plan.by()[value].dims
+        return self.plan.by()[value].dims if kind == "tmp" else self.plan.decl[name]
+
+    def grid_names(self) -> list[str]:
+        return ["segment" if d == SEG else d for d in self.plan.grid]
 
     def arrays(self) -> dict[str, tuple]:
         """Every array the kernel touches (pointer order) -> its dims in memory."""
         k = self.plan
         out = {}
-        for i in k.inputs + k.states:
+        for i in k.leaves():
             n = i.attr("array") or i.attr("state")
             out[n] = k.decl[n]
         for kind, name, v in k.stores:
@@ -110,7 +159,7 @@ class LauncherWriter:
     def dims(self) -> list[str]:
         """Dims of the arrays the kernel reads or writes (its size constants)."""
         used = {d for ds in self.arrays().values() for d in ds} | set(self.plan.grid) | set(self.plan.group_tile.values())
-        return [d for d in self.plan.p.dims if d in used]
+        return [d for d in self.plan.p.dims if d in used] + ([SEG] if self.plan.segmented else [])
 
     def runtime_args(self) -> list[str]:
         """Sizes the kernel takes as runtime arguments (see kernel_runtime.runtime_dims)."""
@@ -150,13 +199,17 @@ class LauncherWriter:
     def meta_names(self) -> dict:
         """The kernel's size/block/stride parameter names, for the runtime that passes them by keyword (sizes and
         strides that are runtime arguments or computed in the kernel are listed too; the runtime skips them)."""
-        names = {"N": {d: self.size_name(d) for d in self.dims()},
+        names = {"N": {d: self.size_name(d) for d in self.dims() + ([SEG_CHUNKS] if self.plan.segmented else [])},
                  "BLOCK": {d: self.block_name(d) for d in self.plan.tile}}
         if self.strides:
             names["stride"] = {a: {d: self.stride_name(a, d) for d in ds} for a, ds in self.arrays().items()}
         return names
 
     # ---- module ----------------------------------------------------------------------------------------
+    def writers(self) -> list["LauncherWriter"]:
+        """This kernel's writer then the schedule's other kernels', in schedule order."""
+        return [self] + list(self.subs.values())
+
     def emit(self) -> str:
         k, w = self.plan, self.w
         p = k.p
@@ -167,6 +220,10 @@ class LauncherWriter:
                 w(f"# {ln.strip().lstrip('# ')}")
         w(f"# kernel: {k.form} form; grid over ({', '.join(k.grid)}), tile over ({', '.join(k.tile)})"
           + (f", {', '.join(k.split)} blockable" if k.split else ""))
+        w(f"# {self.schedule.note()}")
+        for key, dims, src, dst in self.schedule.buffers():
+            shown = ",".join("segment" if d == SEG else d for d in dims)
+            w(f"#   buffer {key}[{shown}] (fp32): {src} -> {dst}")
         w("import jax")
         w("import jax.numpy as jnp")
         w("from jax import lax")
@@ -175,26 +232,20 @@ class LauncherWriter:
         w(f"from ssmc.targets import {self.runtime} as rt")
         w(MODULE_IMPORT)
         w()
-        leaves = k.inputs + k.states
         params = [(self.lpn(i.name), i.attr("array") or i.attr("state"), i.op, ",".join(k.decl[i.attr("array") or
                                                                                           i.attr("state")]))
                   for i in [x for x in p.instrs if x.op in ("input", "window", "state")]]
         rets = [("out", o.name, o.dims) for o in p.outs] + [("state", s.name, s.dims) for s in p.states]
         w(ModuleInfo.build(self.target, self.entry, params, rets, KERNEL_OPTIONS).source())
-        w(f"LAYOUT = {self.layout()!r}")
-        post = self.post_kernel()
-        if post is not None:
-            w(f"POST_LAYOUT = {post.layout()!r}")
-        w()
-        w()
-        self.kernel()
-        if post is not None:
+        for kw in self.writers():
+            w(f"{kw.layout_name} = {kw.layout()!r}")
+        for kw in self.writers():
             w()
             w()
-            post.kernel()
+            kw.kernel()
         w()
         w()
-        self.launcher(params, leaves, post)
+        self.launcher(params)
         source = w.text()
         self.module.verify(source)
         return source
@@ -203,44 +254,51 @@ class LauncherWriter:
         """The kernel's data layout, for the runtime: sizes, strides, blocks, grid and buffers follow from it."""
         k = self.plan
         return {
-            "form": k.form, "scan": k.scan, "Q": k.Q, "grid": list(k.grid), "tile": list(k.tile),
+            "form": k.form, "role": k.role, "scan": k.scan, "Q": k.Q, "grid": list(k.grid), "tile": list(k.tile),
             "split": list(k.split), "groups": dict(k.group_of), "group_tile": dict(k.group_tile),
             "dims": self.dims(),
-            "inputs": [i.attr("array") or i.attr("state") for i in k.inputs + k.states],
+            "inputs": [i.attr("array") or i.attr("state") for i in k.leaves()],
+            "state_inputs": [i.attr("array") or i.attr("state") for i in k.leaves() if i.op == "state"],
+            "carried": [list(k.decl[s.attr("state")]) for s in k.states],  # the running states (Pallas' scratch)
             "arrays": {a: list(d) for a, d in self.arrays().items()},
             "stores": [[self.store_key(kind, name), kind, list(self.store_dims(kind, name, v))]
                        for kind, name, v in k.stores],
             "names": self.meta_names(),
         }
 
-    def post_kernel(self) -> "LauncherWriter | None":
-        """An emitter of the post-kernel epilogue as a kernel of its own, where the target has one."""
-        return None
-
     def kernel(self):
         raise NotImplementedError
 
-    def launcher(self, params, leaves, post):
-        k, w, entry = self.plan, self.w, self.entry
+    def launch(self, arrays: str, sizes: str):
+        """`outs, = rt.launch(...)`: this kernel over `arrays` (the launcher's dict variable)."""
+        outs = ", ".join(self.store_names())
+        self.w(f"{outs}, = rt.launch({self.kernel_name}, {self.layout_name}, {arrays}, {sizes}, mm=mm, "
+               f"out_dtype=out_dtype, interpret=interpret)")
+
+    def launcher(self, params):
+        k, w, entry, sch = self.plan, self.w, self.entry, self.schedule
         args = "".join(a + ", " for a, *_ in params)
         w("# mm: matmul operand dtype (fp32, or the inputs' bf16/fp16); out_dtype: dtype of the outs")
-        with w.block(f"def {entry}({args}*, mm=jnp.float32, out_dtype=jnp.float32, interpret=False):"):
+        w("# segments: None (chosen per call from the sizes and the device), or a number of segments (1: one walk)")
+        with w.block(f"def {entry}({args}*, mm=jnp.float32, out_dtype=jnp.float32, interpret=False, "
+                     f"segments=None):"):
             by_name = {b: a for a, b, *_ in params}
             self.pre(by_name)
-            given = {i.attr("array") or i.attr("state"): self.lpn(i.name) for i in leaves}
+            given = {i.attr("array") or i.attr("state"): self.lpn(i.name) for i in k.leaves()}
             w(f"arrays = {{{', '.join(f'{n!r}: {by_name.get(n, v)}' for n, v in given.items())}}}")
             w("sizes = rt.dim_sizes(LAYOUT, arrays)")
-            outs = ", ".join(self.store_names())
-            w(f"{outs}, = rt.launch({self.kernel_name}, LAYOUT, arrays, sizes, mm=mm, out_dtype=out_dtype, "
-              f"interpret=interpret)")
+            if sch.segment_states is None:
+                w(f"# {sch.note()}: `segments` does not apply")
+                self.launch("arrays", "sizes")
+            else:
+                self.segmented_launch(by_name)
+            post = self.subs.get("rows")
             if post is not None:
                 # inputs of the program, and the values the main kernel stored (under their own identifiers)
                 names = {i.attr("array"): self.lpn(i.name) for i in post.plan.inputs}
                 w("# stage epilogue: a norm over a group of heads spans programs, so it is a kernel of its own")
                 w(f"post_arrays = {{{', '.join(f'{a!r}: {by_name.get(a, v)}' for a, v in names.items())}}}")
-                outs = ", ".join(post.store_names())
-                w(f"{outs}, = rt.launch({post.kernel_name}, POST_LAYOUT, post_arrays, sizes, mm=mm, "
-                  f"out_dtype=out_dtype, interpret=interpret)")
+                post.launch("post_arrays", "sizes")
             else:
                 self.post()
             res = []
@@ -259,6 +317,32 @@ class LauncherWriter:
                 else:
                     res.append(self.store_var("state", s.name))
             w(f"return {', '.join(res)}")
+
+    def segmented_launch(self, by_name):
+        """The one walk, or (a) segment states, (b) the scan across segments, (c) segment outputs."""
+        w, sch = self.w, self.schedule
+        a, c = self.subs["segment_states"], self.subs["segment_outputs"]
+        w("# the number of segments: from the length, the programs and the device's cores (rt.pick_segments),")
+        w("# or `segments`; segment boundaries fall on chunk boundaries")
+        w("nseg, seg_sizes = rt.segments(LAYOUT, sizes, segments, interpret)")
+        with w.block("if nseg == 1:"):
+            w("# one walk: every program walks the whole sequence")
+            self.launch("arrays", "sizes")
+        with w.block("else:"):
+            w("# (a) every program and segment: the segment's state from a zero state, and its total log-decay")
+            a.launch("arrays", "seg_sizes")
+            w("# (b) the scan across segments: S_in(j) = D(j-1) * S_in(j-1) + S(j-1), from the initial state")
+            incoming = {}
+            for cy in sch.carries:
+                init = by_name[cy.state]
+                s_in = incoming[cy.incoming] = self.store_var("incoming", cy.incoming)
+                negs = a.store_var("negs", cy.negs) if cy.negs else "None"
+                w(f"{s_in}, {self.store_var('state', cy.state)} = rt.segment_scan({init}, "
+                  f"{list(self.plan.decl[cy.state])!r}, {a.store_var('segment', cy.local)}, "
+                  f"{a.store_var('decay', cy.decay)}, {negs}, {list(cy.dims)!r}, {list(cy.decay_dims)!r}, sizes)")
+            w("# (c) every program and segment: its outputs, walking from the state entering the segment")
+            w(f"seg_arrays = {{**arrays, {', '.join(f'{n!r}: {v}' for n, v in incoming.items())}}}")
+            c.launch("seg_arrays", "seg_sizes")
 
     def pre(self, by_name):
         """Causal convs before the kernel (they read the steps before each chunk, from their window state)."""

@@ -12,7 +12,7 @@ kernel as `post` instructions, on values the kernel writes out.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ssmc.errors import TargetError
 from ssmc.ir import ELEMENTWISE_BINARY, ELEMENTWISE_UNARY, Instr, Program, make, union_dims
@@ -23,10 +23,15 @@ from ssmc.passes.chunk_ops import STAGE_OPS, decode
 PRE_OPS = ("conv", "conv.window")
 
 
-@dataclass
+SEG = "~seg"               # the segment dim of the sequence-parallel kernels' grids and buffers (no spec dim has a ~)
+SEG_CHUNKS = "~seg_chunks"  # chunks per segment: a runtime size of the segment kernels
+
+
+@dataclass(frozen=True, kw_only=True)
 class KernelPlan:
+    """One kernel of a schedule: what one program (grid point) loads, computes per chunk / step, and stores."""
     p: Program
-    form: str                                   # "chunked" or "sequential"
+    form: str                                   # "chunked", "sequential" or "rows" (the post-kernel norm)
     scan: str
     Q: int | None                               # chunk length (chunked form)
     grid: tuple[str, ...]                       # one program per index of these dims
@@ -38,10 +43,14 @@ class KernelPlan:
     hoisted: list[Instr]                        # state-free values without the scan dim: computed before the loop
     body: list[Instr]                           # per chunk / per step, in order
     post: list[Instr]                           # after the kernel, over the kernel's written values
-    stores: list[tuple[str, str, tuple]]        # (kind: out|state|tmp, name, IR value) the kernel writes
-    decl: dict[str, tuple[str, ...]] = field(default_factory=dict)  # array/state name -> declared dims
+    stores: list[tuple[str, str, str]]          # (kind, name, IR value) the kernel writes; kind: out | state (final)
+    #                                             | tmp (read after the kernel) | segment | decay | negs (buffers)
+    decl: dict[str, tuple[str, ...]] = field(default_factory=dict)  # array/state/buffer key -> its dims in memory
     pre: list[Instr] = field(default_factory=list)  # before the kernel (causal convs and their windows)
     group_tile: dict[str, str] = field(default_factory=dict)  # h -> g: the tile spans one group's heads (post kernel)
+    role: str = "walk"        # walk (the whole sequence) | segment_states (a) | segment_outputs (c) | rows (post)
+    state_from: str = "input"  # the walk's first state: input (initial states) | zeros | segment (S_in buffers)
+    totals: tuple = ()        # segment_states: (cumsum or cumsign SSA name, key) summed over the segment's chunks
 
     def by(self) -> dict[str, Instr]:
         return self.p.by_name()
@@ -50,6 +59,14 @@ class KernelPlan:
         """A value's axes inside a program: the scan dim (if it has it) then its tile dims."""
         dims = [self.group_of.get(d, d) for d in dims]
         return ((self.scan,) if self.scan in dims else ()) + tuple(d for d in self.tile if d in dims)
+
+    @property
+    def segmented(self) -> bool:
+        return SEG in self.grid
+
+    def leaves(self) -> list[Instr]:
+        """What the kernel loads: inputs, then initial states (unless it starts from zeros)."""
+        return self.inputs + ([] if self.state_from == "zeros" else self.states)
 
 
 def _summed(i: Instr, by) -> set[str]:
@@ -154,8 +171,9 @@ def plan_kernel(p: Program, target: str) -> KernelPlan:
     for v in sorted(used_post - post_names, key=[i.name for i in p.instrs].index):
         if by[v].op not in ("const", "input"):  # inputs reach the post-kernel code directly
             stores.append(("tmp", v, v))
-    return KernelPlan(p, form, scan, Q, grid, tile, split, group_of, inputs, states, hoisted, body, post, stores,
-                      decl, pre)
+    return KernelPlan(p=p, form=form, scan=scan, Q=Q, grid=grid, tile=tile, split=split, group_of=group_of,
+                      inputs=inputs, states=states, hoisted=hoisted, body=body, post=post, stores=stores, decl=decl,
+                      pre=pre)
 
 
 
@@ -197,5 +215,118 @@ def post_kernel_plan(k: KernelPlan) -> KernelPlan | None:
     norm2 = norm.with_attrs(over=(h,) + over, group=None)
     outs = {by[f"out.{o.name}"].args[0]: o.name for o in k.p.outs}
     stores = [("out", outs[i.name], i.name) for i in k.post if i.name in outs]
-    return KernelPlan(k.p, "rows", "~", None, rows + (g,), (h,) + over, (), {}, list(leaves.values()), [],
-                      [norm2] + rest, [], [], stores, decl, [], {h: g})
+    return KernelPlan(p=k.p, form="rows", scan="~", Q=None, grid=rows + (g,), tile=(h,) + over, split=(),
+                      group_of={}, inputs=list(leaves.values()), states=[], hoisted=[norm2] + rest, body=[], post=[],
+                      stores=stores, decl=decl, group_tile={h: g}, role="rows")
+
+
+# ---- the schedule -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class SegmentCarry:
+    """One state's values between the segment kernels: the segment's own state (from zero) and total log-decay
+    (+ count of negative factors, for signed decays) that kernel (a) writes, the incoming state S_in that the scan
+    (b) gives kernel (c). Keys of LAYOUT arrays; dims in memory (a group-indexed state is kept per head)."""
+    state: str
+    dims: tuple[str, ...]             # the state per segment: (SEG,) + its per-head dims
+    decay: str                        # key of the total log-decay buffer
+    decay_dims: tuple[str, ...]       # (SEG,) + grid dims + the decay's tile dims
+    negs: str | None                  # key of the negative-factor count (signed decays), else None
+    local: str                        # key of the segment's state from zero
+    incoming: str                     # key of S_in, kernel (c)'s first state
+
+
+@dataclass(frozen=True, kw_only=True)
+class Schedule:
+    """The kernels of a program, in order, with the buffers between them. Two ways through it:
+    one walk:  walk (every (grid) program walks the whole sequence) -> post (a grouped norm over its outputs)
+    segments:  segment_states (a) -> the scan across segments (b, in the launcher) -> segment_outputs (c) -> post
+    The launcher picks one at call time (kernel_runtime.pick_segments); `segments` is None where the form has no
+    segmented schedule, and `why` says why (it is printed in the source and the IR)."""
+    walk: KernelPlan
+    post: KernelPlan | None = None
+    segment_states: KernelPlan | None = None
+    segment_outputs: KernelPlan | None = None
+    carries: tuple[SegmentCarry, ...] = ()
+    why: str = ""
+
+    def kernels(self) -> list[KernelPlan]:
+        return [k for k in (self.walk, self.segment_states, self.segment_outputs, self.post) if k is not None]
+
+    def buffers(self) -> list[tuple[str, tuple[str, ...], str, str]]:
+        """The intermediate buffers between kernels: (key, dims, written by, read by)."""
+        out = []
+        for k in self.kernels():
+            for kind, key, v in k.stores:
+                if kind == "tmp" and self.post is not None:
+                    out.append((key, k.by()[v].dims, k.role, "post"))
+                elif kind in ("segment", "decay", "negs"):
+                    out.append((key, k.decl[key], k.role, "segment scan"))
+        for c in self.carries:
+            out.append((c.incoming, c.dims, "segment scan", "segment_outputs"))
+        return out
+
+    def note(self) -> str:
+        if self.segment_states is None:
+            return f"schedule: one walk per program ({self.why})"
+        return ("schedule: one walk per program, or sequence-parallel segments - (a) segment states from zero + "
+                "total decays, (b) a scan across segments, (c) segment outputs from the incoming states; the segment "
+                "count is chosen at call time from the length, the programs and the device's cores "
+                "(kernel_runtime.pick_segments; compile(..., segments=N) forces it, 1 = one walk)")
+
+
+def plan_schedule(p: Program, target: str) -> Schedule:
+    walk = plan_kernel(p, target)
+    post = post_kernel_plan(walk)
+    seg = _segment_plans(walk)
+    if isinstance(seg, str):
+        return Schedule(walk=walk, post=post, why=seg)
+    states, outputs, carries = seg
+    return Schedule(walk=walk, post=post, segment_states=states, segment_outputs=outputs, carries=carries)
+
+
+def _segment_plans(k: KernelPlan):
+    """Kernels (a) and (c) of the sequence-parallel schedule, or why there are none. Diagonal decay classes only:
+    a segment's effect on the state entering it is then one decay factor per state entry, exp(total log-decay)."""
+    if k.form != "chunked":
+        return ("sequential form: the state update is not a diagonal decay (or not chunkable), so segments would "
+                "carry a transition matrix; not implemented")
+    by = k.by()
+    updates = {i.attr("state"): i for i in k.body if i.op == "chunk.states"}
+    if set(updates) != {s.attr("state") for s in k.states}:
+        return "a state is not updated by chunk stages"
+    need: set[str] = set()
+    todo = list(i.name for i in updates.values())
+    while todo:
+        n = todo.pop()
+        if n not in need:
+            need.add(n)
+            todo += by[n].args
+    carries, totals, stores, decl = [], [], [], dict(k.decl)
+    for s in k.states:
+        S = s.attr("state")
+        a = decode(updates[S])
+        dims = (SEG,) + tuple(k.group_of.get(d, d) for d in k.decl[S])
+        dd = tuple(x for x in k.tdims(by[a.L].dims) if x != k.scan)
+        decay_dims = (SEG,) + k.grid + dd
+        if not set(decay_dims) <= set(dims):
+            return f"state {S}'s dims {list(k.decl[S])} lack a program dim of its decay"
+        c = SegmentCarry(state=S, dims=dims, decay=f"{S}:decay", decay_dims=decay_dims,
+                         negs=f"{S}:negs" if a.sigma else None, local=f"{S}:segment", incoming=f"{S}:in")
+        carries.append(c)
+        decl.update({c.local: dims, c.incoming: dims, c.decay: decay_dims})
+        stores += [("segment", c.local, S), ("decay", c.decay, f"{a.L}:total")]
+        totals += [a.L] if a.L not in totals else []
+        if a.sigma:
+            decl[c.negs] = decay_dims
+            stores.append(("negs", c.negs, f"{a.sigma}:total"))
+            totals += [a.sigma] if a.sigma not in totals else []
+    grid = k.grid + (SEG,)
+    states = replace(k, role="segment_states", state_from="zeros", grid=grid, decl=decl,
+                     inputs=[i for i in k.inputs if i.name in need], hoisted=[i for i in k.hoisted if i.name in need],
+                     body=[i for i in k.body if i.name in need], post=[], stores=stores, totals=tuple(totals))
+    # kernel (c) starts from S_in: a leaf of its own (named %S.in, so the kernel's variable reads h_in, not h_prev)
+    s_in = [make(f"%{c.state}.in", "state", (), c.dims, s.span, state=c.state, array=c.incoming)
+            for s, c in zip(k.states, carries)]
+    outputs = replace(k, role="segment_outputs", state_from="segment", grid=grid, decl=decl, states=s_in,
+                      stores=[x for x in k.stores if x[0] != "state"])
+    return states, outputs, tuple(carries)

@@ -7,6 +7,7 @@ import math
 import jax.numpy as jnp
 from jax import lax
 
+from .kernel_plan import SEG, SEG_CHUNKS
 from .xla_runtime import causal_conv, conv_window  # noqa: F401  (pre-kernel convs of generated launchers)
 
 
@@ -23,6 +24,8 @@ def runtime_dims(layout: dict) -> list[str]:
     dims = [d for d in layout["grid"] if d not in layout["tile"] and d in used]
     if layout["scan"] in used and layout["scan"] not in dims:
         dims.append(layout["scan"])
+    if SEG in layout["grid"]:  # the segment kernels: chunks per segment
+        dims.append(SEG_CHUNKS)
     return dims
 
 
@@ -96,6 +99,70 @@ def out_specs(layout: dict, sizes: dict, out_dtype) -> list[tuple[tuple[int, ...
     """(shape, dtype) of every buffer the kernel writes: outs in their dtype, final states and intermediates fp32."""
     return [(tuple(sizes[d] for d in dims), out_dtype if kind == "out" else jnp.float32)
             for _, kind, dims in layout["stores"]]
+
+
+# ---- the sequence-parallel schedule -------------------------------------------------------------------------------
+# When is it worth splitting the time axis into segments (kernel_plan.Schedule)? Every segment adds a walk of its
+# chunks without outputs (kernel a) and a short scan, so only when the programs of the one walk leave the device's
+# cores idle, and only where each segment still walks enough chunks to amortise that. Measured on an H200 (132 SMs;
+# Mamba2 p=64 n=128, bf16, chunk 64; one walk -> best segmented, ms): b=1 h=80 L=65536 5.2 -> 3.0 (12 segments),
+# L=131072 10.7 -> 5.5 (32); b=1 h=24 L=32768 2.8 -> 1.04 (8-16; 33 segments of 15 chunks: 1.36); b=2 h=40
+# L=16384 1.62 -> 1.21 (10); b=2 h=80 (160 programs) L=16384: 1.71 one walk, no segment count faster. The
+# constants, in one place:
+SEG_BELOW = 1.0         # segment only while (batch x heads x blocks) programs are fewer than SEG_BELOW x the cores
+SEG_TARGET = 8          # then aim at programs x segments = SEG_TARGET x the cores (several programs share an SM)
+SEG_MIN_CHUNKS = 32     # every segment walks at least this many chunks
+SEG_MAX = 64            # and no more segments than this (the scan across them runs serially)
+DEFAULT_CORES = 132     # cores assumed where no device says (the interpreters): an H200's SMs
+
+
+def pick_segments(n_chunks: int, programs: int, cores: int) -> int:
+    """The number of segments for a walk of `n_chunks` chunks by `programs` programs on `cores` cores: 1 when the
+    programs already occupy the cores, else about SEG_TARGET x cores / programs, each of at least SEG_MIN_CHUNKS
+    chunks. Mamba2 on an H200 (132 SMs, chunk 64, h=80): b=1 L=65536 -> 14, b=4 L=2048 -> 1."""
+    if programs >= SEG_BELOW * cores:
+        return 1
+    want = -(-SEG_TARGET * cores // max(1, programs))
+    return max(1, min(want, n_chunks // SEG_MIN_CHUNKS, SEG_MAX))
+
+
+def segments(layout: dict, sizes: dict, forced: int | None, cores: int) -> tuple[int, dict]:
+    """(number of segments, sizes with the segment count and chunks per segment) of a call: `forced` (the
+    compile option) or pick_segments. Segments cover whole chunks; the last may be shorter. 1: the one walk."""
+    n_chunks = max(1, -(-sizes[layout["scan"]] // layout["Q"])) if layout["Q"] else 1
+    if forced is None:
+        blocks = math.prod(-(-sizes[d] // 64) for d in layout["split"])  # the heuristic's blocks of at most 64
+        n = pick_segments(n_chunks, math.prod(sizes[d] for d in layout["grid"]) * blocks, cores)
+    else:
+        n = forced
+    n = max(1, min(int(n), n_chunks))
+    per = -(-n_chunks // n)
+    n = -(-n_chunks // per)
+    return n, {**sizes, SEG: n, SEG_CHUNKS: per}
+
+
+def segment_scan(init, init_dims, local, decay, negs, dims, decay_dims, sizes):
+    """Step (b): each segment's incoming state and the final state, from the initial state `init` (declared dims
+    `init_dims`), the segments' own states `local` (dims: the segment, then per head) and total log-decays `decay`
+    (+ counts of negative factors `negs`, for signed decays). S_in(0) = init, S_in(j) = D(j-1) S_in(j-1) + S(j-1),
+    D = (-1)^negs exp(decay); the final state is D(last) S_in(last) + S(last). In fp32."""
+    s0 = jnp.asarray(init).astype(jnp.float32)
+    for ax, (d0, d1) in enumerate(zip(init_dims, dims[1:])):
+        if d0 != d1:  # a group-indexed state, kept per head between the segment kernels
+            s0 = jnp.repeat(s0, sizes[d1] // sizes[d0], axis=ax)
+    d = jnp.exp(decay.astype(jnp.float32))
+    if negs is not None:
+        d = d * (1.0 - 2.0 * jnp.mod(negs, 2.0))
+    d = jnp.broadcast_to(align(d, decay_dims, dims), local.shape)
+
+    def step(state, seg):
+        own, dj = seg
+        return dj * state + own, state
+    final, s_in = lax.scan(step, s0, (local.astype(jnp.float32), d))
+    for ax, (d0, d1) in enumerate(zip(init_dims, dims[1:])):
+        if d0 != d1:  # the group's first head
+            final = lax.slice_in_dim(final, 0, sizes[d1], sizes[d1] // sizes[d0], axis=ax)
+    return s_in, final
 
 
 # ---- post-kernel epilogue helpers (jax.numpy) --------------------------------------------------------------------

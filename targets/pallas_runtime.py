@@ -24,6 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from . import kernel_runtime as kr
+from .kernel_plan import SEG, SEG_CHUNKS
 from .kernel_runtime import align, group_rmsnorm, to_declared  # noqa: F401  (used by generated launchers)
 
 dim_sizes = kr.dim_sizes
@@ -31,6 +32,18 @@ dim_sizes = kr.dim_sizes
 
 def __getattr__(name):  # the launcher helpers every kernel target shares (pre-/post-kernel code)
     return getattr(kr, name)
+
+def device_cores(interpret: bool) -> int:
+    """TensorCores of the TPU that a kernel's "parallel" grid axes spread over (1 where no TPU says)."""
+    if not interpret and jax.default_backend() == "tpu":
+        return int(getattr(jax.devices()[0], "num_cores", 1) or 1)
+    return 1
+
+
+def segments(layout, sizes, forced, interpret):
+    """How many segments this call's walk is split into (see kernel_runtime.pick_segments)."""
+    return kr.segments(layout, sizes, forced, device_cores(interpret))
+
 
 SEQ_BLOCK = 128  # time steps per grid step of the sequential form (a multiple of 16: bf16 sublane tiles)
 
@@ -125,6 +138,10 @@ def _from_kernel(y, dims, outer, inner, sizes, scan, Tp, groups):
 
 
 def _index_map(layout, sizes, outer, inner, kind):
+    # the segment kernels walk chunk c of segment j: time block j * (chunks per segment) + c
+    seg = layout["grid"].index(SEG) if SEG in layout["grid"] else None
+    per = sizes.get(SEG_CHUNKS, 1)
+
     grid, groups, scan, split = layout["grid"], layout["groups"], layout["scan"], layout["split"]
     picks = []
     for d in outer:
@@ -146,7 +163,8 @@ def _index_map(layout, sizes, outer, inner, kind):
     def index_map(*ids):
         # lax.div, not //: a signed floor division lowers through sign, which Mosaic lowers only with a TPU attached
         out = [lax.div(ids[j], r) if r != 1 else ids[j] for j, r in picks]
-        out += [ids[src[k]] if k in src else 0 for k in range(n_inner)]
+        time = ids[-1] if seg is None else ids[seg] * per + ids[-1]
+        out += [(time if src[k] == -1 else ids[src[k]]) if k in src else 0 for k in range(n_inner)]
         return tuple(out)
     return index_map
 
@@ -161,19 +179,22 @@ def launch(kernel, layout, arrays, sizes, *, mm, out_dtype, interpret=False):
     T = sizes[scan]
     tb = time_block(layout, T)
     nT = max(1, -(-T // tb))
-    Tp = nT * tb
+    if SEG in layout["grid"]:  # each program walks one segment's chunks; the last segment's may run past the end
+        nT = sizes[SEG_CHUNKS]
+        Tp = sizes[SEG] * nT * tb
+    else:
+        Tp = nT * tb
     blocks = {d: split_block(sizes[d]) if d in layout["split"] else sizes[d] for d in layout["tile"]}
     grid = (tuple(sizes[d] for d in layout["grid"]) + tuple(sizes[d] // blocks[d] for d in layout["split"])
             + (nT,))
     blk = {**blocks, scan: tb}          # extents of a block
     full = {**sizes, scan: Tp}          # extents of the kernel-layout arrays
-    finals = {n for n, kind, _ in layout["stores"] if kind == "state"}
     ins, in_specs = [], []
     for name in layout["inputs"]:
         dims = layout["arrays"][name]
         outer, inner, kind = _layout_of(layout, name)
         # initial states stay in VMEM blocks, like the scratch
-        smem = kind == "scalar" and kr.final_key(name) not in finals
+        smem = kind == "scalar" and name not in layout["state_inputs"]
         ins.append(_to_kernel(jnp.asarray(arrays[name]), dims, outer, inner, kind if smem or kind != "scalar"
                               else "scalar_vmem", sizes, scan, Tp))
         if smem:
@@ -193,8 +214,9 @@ def launch(kernel, layout, arrays, sizes, *, mm, out_dtype, interpret=False):
         block = [None] * len(outer) + _inner_shape(inner, kind, blk)
         out_specs.append(pl.BlockSpec(tuple(block), _index_map(layout, sizes, per_head, inner, kind)))
         outs_meta.append((dims, outer, inner))
-        if kind_ == "state":  # the running state: VMEM scratch, resident across the time axis
-            scratch.append(pltpu.VMEM(tuple(_inner_shape(inner, kind, blk)), jnp.float32))
+    for dims in layout["carried"]:  # the running states: VMEM scratch, resident across the time axis
+        outer, inner, kind = kernel_layout(layout["grid"], layout["tile"], scan, layout["groups"], dims)
+        scratch.append(pltpu.VMEM(tuple(_inner_shape(inner, kind, blk)), jnp.float32))
     if layout["form"] == "sequential":  # fp32 staging of each time block: timed inputs, then timed stores
         for name in layout["inputs"]:
             outer, inner, kind = _layout_of(layout, name)
@@ -204,7 +226,7 @@ def launch(kernel, layout, arrays, sizes, *, mm, out_dtype, interpret=False):
             outer, inner, kind = _layout_of(layout, name)
             if kind_ != "state" and scan in inner:
                 scratch.append(pltpu.VMEM(tuple(_inner_shape(inner, kind, blk)), jnp.float32))
-    meta = {layout["names"]["N"][d]: sizes[d] for d in layout["dims"]}  # by the names the kernel gave them
+    meta = {layout["names"]["N"][d]: sizes[d] for d in layout["names"]["N"]}  # by the names the kernel gave them
     meta.update({layout["names"]["BLOCK"][d]: blocks[d] for d in layout["tile"]})
     meta["Q" if layout["form"] == "chunked" else "TB"] = tb
     mm = jnp.dtype(mm)

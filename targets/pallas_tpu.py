@@ -13,8 +13,12 @@ input (B, C of Mamba2) is read through its BlockSpec's index_map (head i reads g
 from __future__ import annotations
 
 
+from contextlib import contextmanager
+
 from .kernel_body import Dialect, TileEmitter
 from .kernel_launch import KernelTarget, LauncherWriter
+from .kernel_plan import SEG, SEG_CHUNKS
+from .kernel_walk import KernelWalk
 from .pallas_runtime import kernel_layout
 
 
@@ -53,27 +57,30 @@ class PallasTiles(TileEmitter):
         return f"({TileEmitter.bc(expr + '.astype(jnp.int32)', src, to)} != 0)"
 
 
-class PallasEmitter(LauncherWriter):
+class PallasEmitter(KernelWalk, LauncherWriter):
     target = "tpu"
     runtime = "pallas_runtime"
     imports = ("from jax.experimental import pallas as pl",)
+    handle = "ref"
     FIXED = ("pl", "Q", "TB", "MM", "PREC", "chunk_id", "TRIL", "TRIL_STRICT", "valid", "valid_i", "step", "carry",
              "t_i", "_init", "_final")
 
     def layout_of(self, name):
         k = self.plan
-        dims = self.arrays()[name]
-        return kernel_layout(k.grid, k.tile, k.scan, k.group_of, dims)
+        return kernel_layout(k.grid, k.tile, k.scan, k.group_of, self.arrays()[name])
+
+    def carried_layout(self, S):
+        k = self.plan
+        return kernel_layout(k.grid, k.tile, k.scan, k.group_of, k.decl[S])
 
     def kernel(self):
         k, w = self.plan, self.w
-        body = PallasTiles(k, PallasDialect(), w, self.pn)
-        self.body = body
-        ins = [self.ref_of(i) for i in k.inputs + k.states]
+        self.body = PallasTiles(k, PallasDialect(), w, self.pn)
+        ins = [self.ref_of(i) for i in k.leaves()]
         outs = [self.store_ref(kind, n) for kind, n, _ in k.stores]
-        self.scratch = {s: self.pn.local(s, "scr") for kind, s, _ in k.stores if kind == "state"}
-        dims = self.dims()  # the sizes LAYOUT names
-        meta = [self.size_name(d) for d in dims] + [self.block_name(d) for d in k.tile]
+        self.scratch = {s.attr("state"): self.pn.local(s.attr("state"), "scr") for s in k.states}
+        meta = [self.size_name(d) for d in self.dims()] + [self.block_name(d) for d in k.tile]
+        meta += [self.size_name(SEG_CHUNKS)] if k.segmented else []
         meta += ["Q" if k.form == "chunked" else "TB", "MM", "PREC"]
         # sequential form: each time block is staged through fp32 VMEM (one step's row of a 16-bit block is not
         # addressable on its own); same order as the launcher's scratch shapes
@@ -84,24 +91,24 @@ class PallasEmitter(LauncherWriter):
                                                                      f"{self.store_stem(kind, n)}_blk")
                                 for kind, n, v in k.stores if kind != "state" and k.scan in self.store_dims(kind, n, v)})
         scr = list(self.scratch.values()) + list(self.staged.values())
-        with w.block(f"def {self.kernel_name}({', '.join(ins + outs + scr)}, *, "
-                     f"{', '.join(meta)}):"):
-            self.program_ids()
-            self.init_states()
-            self.static_loads_and_values(body)
-            if k.form == "chunked":
-                self.chunk(body)
-            else:
-                self.steps(body)
-            self.final_states()
+        w(f"def {self.kernel_name}(")  # one parameter a line
+        w.level += 1
+        for a in ins + outs + scr + ["*"] + meta:
+            w(f"{a},")
+        w.level -= 1
+        with w.block("):"):
+            if self.role_comment():
+                w(f"# {self.role_comment()}")
+            self.walk()
 
     # ---- program ids ------------------------------------------------------------------------------------
     def program_ids(self):
         k, w = self.plan, self.w
         what = "chunk" if k.form == "chunked" else "block of TB steps"
-        w(f"# one program per ({', '.join(k.grid) or 'whole problem'})"
+        w(f"# one program per ({', '.join(self.grid_names()) or 'whole problem'})"
           + (f" x block of ({', '.join(k.split)})" if k.split else "")
-          + f"; the last grid axis walks the sequence, one {what} per step, in order")
+          + f"; the last grid axis walks the {'segment' if k.segmented else 'sequence'}, one {what} per step, "
+            f"in order")
         pn, N = self.pn, self.size_name
         for j, d in enumerate(k.grid):
             w(f"{pn.dim('i', d)} = pl.program_id({j})")
@@ -117,15 +124,12 @@ class PallasEmitter(LauncherWriter):
         return len(self.plan.grid) + len(self.plan.split)
 
     # ---- loads and stores -------------------------------------------------------------------------------
-    def ref_of(self, leaf) -> str:
-        return self.pn.local(leaf.name, "ref")
+    ref_of = LauncherWriter.leaf_handle
+    store_ref = LauncherWriter.store_handle
 
-    def store_ref(self, kind, name) -> str:
-        return self.pn.key(("ref", self.store_key(kind, name)), f"{self.store_stem(kind, name)}_ref")
-
-    def read(self, ref, name, step: str | None = None, smem: bool = False) -> str:
+    def read(self, ref, lay, step: str | None = None, smem: bool = False) -> str:
         """A block (or, with `step`, one time step of it) as a value of the tile axes the body expects."""
-        outer, inner, kind = self.layout_of(name)
+        outer, inner, kind = lay
         if kind == "scalar" and smem:  # an input of per-program scalars: in SMEM, flattened over its grid dims
             idx, stride = [], ""
             for d in reversed(outer):
@@ -140,8 +144,8 @@ class PallasEmitter(LauncherWriter):
             return f"{ref}[{step}]"
         return {"tcol": f"{ref}[:, 0]", "row": f"{ref}[0, :]", "full": f"{ref}[...]"}[kind]
 
-    def write(self, ref, name, value, step: str | None = None):
-        outer, inner, kind = self.layout_of(name)
+    def write(self, ref, lay, value, step: str | None = None):
+        outer, inner, kind = lay
         if step is not None and self.plan.scan in inner:
             if kind == "tcol":
                 self.w(f"{ref}[pl.ds({step}, 1), :] = jnp.broadcast_to({value}, (1, 1)).astype({ref}.dtype)")
@@ -153,14 +157,14 @@ class PallasEmitter(LauncherWriter):
              "scalar": f"jnp.broadcast_to({value}, (1, 1))"}[kind]
         self.w(f"{ref}[...] = {v}.astype({ref}.dtype)")
 
-    def load(self, leaf, step=None):
+    def load(self, leaf, time=None):
         body = self.body
         name = leaf.attr("array") or leaf.attr("state")
-        ref = self.staged.get(self.ref_of(leaf), self.ref_of(leaf)) if step is not None else self.ref_of(leaf)
-        body.bind(leaf.name, f"{self.read(ref, name, step, smem=leaf.op == 'input')}.astype(jnp.float32)",
-                  body.axes_of(leaf.dims))
+        ref = self.staged.get(self.ref_of(leaf), self.ref_of(leaf)) if time is not None else self.ref_of(leaf)
+        body.bind(leaf.name, f"{self.read(ref, self.layout_of(name), time, smem=leaf.op == 'input')}"
+                             f".astype(jnp.float32)", body.axes_of(leaf.dims))
 
-    def store(self, kind, name, value, step=None):
+    def store(self, kind, name, value, time=None):
         body = self.body
         dims = self.store_dims(kind, name, value)
         axes = body.axes_of(dims)
@@ -168,90 +172,60 @@ class PallasEmitter(LauncherWriter):
         if ax != axes:
             e = body.reorder(e, ax, axes)
         ref = self.store_ref(kind, name)
-        self.write(self.staged.get(ref, ref) if step is not None else ref, self.store_key(kind, name), e, step)
+        self.write(self.staged.get(ref, ref) if time is not None else ref, self.layout_of(self.store_key(kind, name)),
+                   e, time)
 
-    # ---- state ------------------------------------------------------------------------------------------
-    def init_states(self):
+    # ---- the walk's hooks: the state lives in VMEM scratch across the time grid axis ------------------------
+    def begin(self):
         k, w = self.plan, self.w
+        totals = [(kind, name) for kind, name, _ in k.stores if kind in ("decay", "negs")]
         if not k.states:
             return
         w("@pl.when(chunk_id == 0)")
         with w.block("def _init():"):
-            w("# the state starts from the initial state (zeros unless given), in fp32 VMEM scratch")
+            w({"input": "# the state starts from the initial state (zeros unless given), in fp32 VMEM scratch",
+               "zeros": "# the segment's state starts from zero, in fp32 VMEM scratch; its totals from 0",
+               "segment": "# the state starts from the state entering the segment (S_in), in fp32 VMEM scratch"}
+              [k.state_from])
             for s in k.states:
-                S = s.attr("state")
-                w(f"{self.scratch[S]}[...] = {self.ref_of(s)}[...].astype(jnp.float32)")
+                scr = self.scratch[s.attr("state")]
+                w(f"{scr}[...] = " + (f"jnp.zeros({scr}.shape, jnp.float32)" if k.state_from == "zeros"
+                                      else f"{self.ref_of(s)}[...].astype(jnp.float32)"))
+            for kind, name in totals:  # sums over the segment's chunks, in their (resident) output blocks
+                ref = self.store_ref(kind, name)
+                w(f"{ref}[...] = jnp.zeros({ref}.shape, {ref}.dtype)")
+
+    def start_states(self):
+        for s in self.plan.states:
+            self.state_var(s)
 
     def state_value(self, S) -> str:
-        return self.read(self.scratch[S], self.store_key("state", S))
+        return self.read(self.scratch[S], self.carried_layout(S))
 
     def save_states(self):
         for s in self.plan.states:
             S = s.attr("state")
-            self.write(self.scratch[S], self.store_key("state", S), self.body.state_var[S])
+            self.write(self.scratch[S], self.carried_layout(S), self.body.state_var[S])
 
-    def final_states(self):
-        k, w = self.plan, self.w
-        if not k.states:
-            return
-        w(f"@pl.when(chunk_id == pl.num_programs({self.time_axis()}) - 1)")
-        with w.block("def _final():"):
-            w("# stage output: final states")
-            for kind, name, v in k.stores:
-                if kind == "state":
-                    w(f"{self.store_ref(kind, name)}[...] = {self.scratch[name]}[...]")
-
-    def static_loads_and_values(self, body):
-        k, w = self.plan, self.w
-        static = [i for i in k.inputs if k.scan not in i.dims]
-        if static:
-            w("# inputs without the scan dim (their blocks stay resident across the sequence)")
-        for leaf in static:
-            self.load(leaf)
-        for i in k.hoisted:
-            body.instr(i)
-        for kind, name, v in k.stores:  # values without the scan dim that the post-kernel code reads
-            if kind == "tmp" and k.scan not in self.store_dims(kind, name, v) and v in body.vals:
-                self.store(kind, name, v)
-        for s in k.states:
-            S = s.attr("state")
-            body.state_var[S] = self.pn.key(("state", S), f"state_{self.pn(s.name)}")
-            body.vals[s.name] = (body.state_var[S], body.state_axes(S))
-
-    def timed_stores(self, step=None):
-        k = self.plan
-        for kind, name, v in k.stores:
-            if kind != "state" and k.scan in self.store_dims(kind, name, v):
-                self.store(kind, name, v, step)
-
-    def chunk(self, body):
-        k, w = self.plan, self.w
+    @contextmanager
+    def chunk_loop(self):
+        k, w, body = self.plan, self.w, self.body
         w("TRIL = rt.tril(Q)  # [t, s]: s <= t")
         if any(i.op == "chunk.output" and i.attr("when") == "prev" for i in k.body):
             w("TRIL_STRICT = rt.tril(Q, strict=True)  # [t, s]: s < t")
-        w(f"valid = chunk_id * Q + lax.iota(jnp.int32, Q) < {self.size_name(k.scan)}  # steps past the end are padding")
+        chunk = (f"({self.pn.dim('i', SEG)} * {self.size_name(SEG_CHUNKS)} + chunk_id)" if k.segmented
+                 else "chunk_id")
+        w(f"valid = {chunk} * Q + lax.iota(jnp.int32, Q) < {self.size_name(k.scan)}  # steps past the end are padding")
         w("valid_i = valid.astype(jnp.int32)  # masks broadcast as int32 (Mosaic cannot reshape i1 vectors)")
         for s in k.states:
             S = s.attr("state")
             w(f"{body.state_var[S]} = {self.state_value(S)}  # the state entering this chunk")
-        for leaf in (i for i in k.inputs if k.scan in i.dims):
-            self.load(leaf)
-        stage = None
-        for i in k.body:
-            st = i.attr("stage")
-            if st != stage:
-                w(f"# stage {st}")
-                stage = st
-            body.instr(i)
-        self.timed_stores()
-        for i in k.body:
-            if i.op == "chunk.states":
-                w(f"# stage chunk_state + state_passing ({i.attr('state')})")
-                body.state_update(i)
+        yield
         self.save_states()
 
-    def steps(self, body):
-        k, w = self.plan, self.w
+    @contextmanager
+    def step_loop(self):
+        k, w, body = self.plan, self.w, self.body
         svars = [body.state_var[s.attr("state")] for s in k.states]
         carry = ", ".join(svars) + ("," if len(svars) == 1 else "")
         ins = [(r, b) for r, b in self.staged.items() if r in {self.ref_of(i) for i in k.inputs}]
@@ -263,18 +237,7 @@ class PallasEmitter(LauncherWriter):
             if svars:
                 w(f"{carry} = carry")
             w(f"valid = chunk_id * TB + t_i < {self.size_name(k.scan)}  # steps past the end are padding")
-            for leaf in (i for i in k.inputs if k.scan in i.dims):
-                self.load(leaf, "t_i")
-            w("# stage step")
-            for i in k.body:
-                body.instr(i)
-            self.timed_stores("t_i")
-            kept = {v: self.pn.key(("kept", v), f"{v}_kept") for v in svars}
-            for v in svars:
-                w(f"{kept[v]} = {v}")
-            body.step_updates()
-            for v in svars:
-                w(f"{v} = jnp.where(valid, {v}, {kept[v]})  # padding leaves the state as it is")
+            yield
             w(f"return ({carry})" if svars else "return carry")
         init = ", ".join(self.state_value(s.attr("state")) for s in k.states) + ("," if len(svars) == 1 else "")
         if svars:
@@ -285,6 +248,38 @@ class PallasEmitter(LauncherWriter):
         for ref, blk in self.staged.items():
             if (ref, blk) not in ins:
                 w(f"{ref}[...] = {blk}[...].astype({ref}.dtype)")
+
+    def step_update(self):
+        w, body = self.w, self.body
+        svars = [body.state_var[s.attr("state")] for s in self.plan.states]
+        kept = {v: self.pn.key(("kept", v), f"{v}_kept") for v in svars}
+        for v in svars:
+            w(f"{kept[v]} = {v}")
+        body.step_updates()
+        for v in svars:
+            w(f"{v} = jnp.where(valid, {v}, {kept[v]})  # padding leaves the state as it is")
+
+    def add_totals(self):
+        last = {f"{ssa}:total": lst for ssa, (_, lst, _) in zip(self.plan.totals, self.total_vars())}
+        for kind, name, v in self.plan.stores:
+            if kind in ("decay", "negs"):
+                ref, lay = self.store_ref(kind, name), self.layout_of(name)
+                self.w("# the segment's total so far, in its output block (resident across the segment's chunks)")
+                self.write(ref, lay, f"{self.read(ref, lay)} + {last[v]}")
+
+    def end(self):
+        k, w = self.plan, self.w
+        if not k.states:
+            return
+        finals = [(kind, name, v) for kind, name, v in k.stores if kind in ("state", "segment")]
+        if not finals:
+            return  # segment outputs: the scan across segments gives the final states
+        w(f"@pl.when(chunk_id == pl.num_programs({self.time_axis()}) - 1)")
+        with w.block("def _final():"):
+            w("# stage output: final states" if not k.segmented else "# stage output: the segment's state")
+            for kind, name, v in finals:
+                S = v if kind == "segment" else name
+                w(f"{self.store_ref(kind, name)}[...] = {self.scratch[S]}[...]")
 
 
 class PallasTpuTarget(KernelTarget):

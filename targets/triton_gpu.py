@@ -10,9 +10,12 @@ device memory. Sequential programs walk time step by step the same way.
 from __future__ import annotations
 
 
+from contextlib import contextmanager
+
 from .kernel_body import Dialect, TileEmitter
 from .kernel_launch import KernelTarget, LauncherWriter
-from .kernel_plan import post_kernel_plan
+from .kernel_plan import SEG, SEG_CHUNKS
+from .kernel_walk import KernelWalk
 from .writer import py_name
 
 
@@ -70,55 +73,43 @@ class TritonDialect(Dialect):
         return f"({offsets} < {size})"
 
 
-class TritonEmitter(LauncherWriter):
+class TritonEmitter(KernelWalk, LauncherWriter):
     target = "triton"
     runtime = "triton_runtime"
     imports = ("import triton", "import triton.language as tl")
     FIXED = ("triton", "tl", "Q", "MM", "PREC", "pid", "bid", "c", "tt", "ttc", "valid", "t_i", "in_chunk")
     strides = True
-
-    def post_kernel(self):
-        plan = post_kernel_plan(self.plan)
-        if plan is None:
-            return None
-        post = TritonEmitter(plan, self.pipeline, self.module)  # the same module: its own kernel scope
-        post.w, post.lpn = self.w, self.lpn
-        post.kernel_name = self.module.key(("kernel", "post"), f"{py_name(self.plan.p.name)}_post")
-        return post
+    row_kernels = True
+    handle = "ptr"
 
     def kernel(self):
         k, w = self.plan, self.w
-        body = TileEmitter(k, TritonDialect(), w, self.pn)
-        self.body = body
+        self.body = TileEmitter(k, TritonDialect(), w, self.pn)
         # runtime sizes sit between the input and output pointers: jax-triton passes scalars where they stand
         # among the inputs and appends the output pointers
         runtime = self.runtime_args()
-        args = ([self.ptr_of(i) for i in k.inputs + k.states] + runtime
+        args = ([self.ptr_of(i) for i in k.leaves()] + runtime
                 + [self.store_ptr(kd, n) for kd, n, _ in k.stores])
         consts = self.constexprs()
         # no specialisation on the runtime sizes' values (divisibility by 16, == 1): one compile serves all lengths
         w(f"@triton.jit(do_not_specialize={runtime!r})" if runtime else "@triton.jit")
-        sig = ", ".join(args + [f"{c}: tl.constexpr" for c in consts])
-        with w.block(f"def {self.kernel_name}({sig}):"):
+        w(f"def {self.kernel_name}(")  # one parameter a line
+        w.level += 1
+        for a in args + [f"{c}: tl.constexpr" for c in consts]:
+            w(f"{a},")
+        w.level -= 1
+        with w.block("):"):
+            if self.role_comment():
+                w(f"# {self.role_comment()}")
             strides = self.computed_strides()
             if strides:
                 w("# strides spanning a runtime size (batch, heads, length): computed, not compiled in")
             for name, e in strides:
                 w(f"{name} = {e}")
-            self.program_ids()
-            self.offsets()
-            self.hoisted_loads_and_values(body)
-            if k.form == "chunked":
-                self.chunk_loop(body)
-            elif k.form == "sequential":
-                self.step_loop(body)
-            self.store_states(body)
+            self.walk()
 
-    def ptr_of(self, leaf) -> str:
-        return self.pn.local(leaf.name, "ptr")
-
-    def store_ptr(self, kind, name) -> str:
-        return self.pn.key(("ptr", self.store_key(kind, name)), f"{self.store_stem(kind, name)}_ptr")
+    ptr_of = LauncherWriter.leaf_handle
+    store_ptr = LauncherWriter.store_handle
 
     # ---- program ids and offsets ------------------------------------------------------------------------
     def program_ids(self):
@@ -126,7 +117,7 @@ class TritonEmitter(LauncherWriter):
         if k.group_tile:
             (h, g), = k.group_tile.items()
             w(f"# the epilogue after the main kernel: {self.size_name(h)} is the number of heads per group {g}")
-        w(f"# one program per ({', '.join(k.grid) or 'whole problem'})"
+        w(f"# one program per ({', '.join(self.grid_names()) or 'whole problem'})"
           + (f" x block of ({', '.join(k.split)})" if k.split else ""))
         pn, N = self.pn, self.size_name
         if k.grid:
@@ -137,7 +128,7 @@ class TritonEmitter(LauncherWriter):
                     w(f"{pn.dim('i', d)} = {rest}")
                 else:
                     w(f"{pn.dim('i', d)} = {rest} % {N(d)}")
-                    nxt = pn.temp(f"{rest}_{d}")
+                    nxt = pn.temp(f"{rest}_{'seg' if d == SEG else py_name(d)}")
                     w(f"{nxt} = {rest} // {N(d)}")
                     rest = nxt
         if k.split:
@@ -218,79 +209,67 @@ class TritonEmitter(LauncherWriter):
         m = f", mask={' & '.join(mask)}" if mask else ""
         w(f"tl.store({addr}, ({e}).to({ptr}.dtype.element_ty){m})")
 
-    def hoisted_loads_and_values(self, body):
-        k, w = self.plan, self.w
-        static = [i for i in k.inputs if k.scan not in i.dims]
-        if static and k.form != "rows":
-            w("# inputs without the scan dim: loaded once")
-        for leaf in static:
-            self.load(leaf, None)
-        for i in k.hoisted:
-            body.instr(i)
-        if k.states:
-            w("# the state, held on chip for the whole sequence (fp32)")
-        for s in k.states:
-            S = s.attr("state")
-            var = self.pn.key(("state", S), f"state_{self.pn(s.name)}")
-            body.state_var[S] = var
-            self.load(s, None)
-            w(f"{var} = {body.get(s.name)[0]}")
-            body.vals[s.name] = (var, body.state_axes(S))
+    # ---- the walk's hooks ----------------------------------------------------------------------------------
+    def zeros(self, axes) -> str:
+        return f"tl.zeros(({', '.join(self.body.block(a) for a in axes)},), tl.float32)" if axes else "0.0"
 
-    def chunk_loop(self, body):
+    def start_states(self):
+        k, w, body = self.plan, self.w, self.body
+        if k.states:
+            w("# the state, held on chip for the whole " + ("segment" if k.segmented else "sequence") + " (fp32)")
+        for s in k.states:
+            var = self.state_var(s)
+            if k.state_from == "zeros":
+                w(f"{var} = {self.zeros(body.state_axes(s.attr('state')))}  # from a zero state")
+                continue
+            self.load(s, None)
+            w(f"{var} = {self.pn(s.name)}")
+            body.vals[s.name] = (var, body.state_axes(s.attr("state")))
+        for var, _, axes in self.total_vars():
+            w(f"{var} = {self.zeros(axes)}  # summed over the segment's chunks")
+
+    @contextmanager
+    def chunk_loop(self):
         k, w = self.plan, self.w
-        timed = [i for i in k.inputs if k.scan in i.dims]
         NT = self.size_name(k.scan)
-        with w.block(f"for c in range(0, ({NT} + Q - 1) // Q):"):
+        chunks = f"({NT} + Q - 1) // Q"
+        if k.segmented:
+            first = f"{self.pn.dim('i', SEG)} * {self.size_name(SEG_CHUNKS)}"
+            header = f"for c in range({first}, tl.minimum({first} + {self.size_name(SEG_CHUNKS)}, {chunks})):"
+        else:
+            header = f"for c in range(0, {chunks}):"
+        with w.block(header):
             w("tt = c * Q + in_chunk")
             w(f"valid = tt < {NT}")
             w(f"ttc = tl.minimum(tt, {NT} - 1)")
-            for leaf in timed:
-                self.load(leaf, "ttc")
-            self.body_instrs(body)
-            for kind, name, v in k.stores:
-                if kind != "state" and k.scan in self.store_dims(kind, name, v):
-                    self.store(kind, name, v, "ttc")
-            for i in k.body:
-                if i.op == "chunk.states":
-                    w(f"# stage chunk_state + state_passing ({i.attr('state')})")
-                    body.state_update(i)
+            yield
 
-    def step_loop(self, body):
-        k, w = self.plan, self.w
-        timed = [i for i in k.inputs if k.scan in i.dims]
-        with w.block(f"for t_i in range(0, {self.size_name(k.scan)}):"):
-            w("valid = True")
-            for leaf in timed:
-                self.load(leaf, "t_i")
-            w("# stage step")
-            for s in k.states:
-                body.vals[s.name] = (body.state_var[s.attr("state")], body.state_axes(s.attr("state")))
-            for i in k.body:
-                body.instr(i)
-            for kind, name, v in k.stores:
-                if kind != "state" and k.scan in self.store_dims(kind, name, v):
-                    self.store(kind, name, v, "t_i")
-            body.step_updates()
+    def chunk_time(self):
+        return "ttc"
 
-    def body_instrs(self, body):
-        stage = None
-        for i in self.plan.body:
-            s = i.attr("stage")
-            if s != stage:
-                self.w(f"# stage {s}")
-                stage = s
-            body.instr(i)
+    @contextmanager
+    def step_loop(self):
+        with self.w.block(f"for t_i in range(0, {self.size_name(self.plan.scan)}):"):
+            self.w("valid = True")
+            for s in self.plan.states:
+                self.body.vals[s.name] = (self.body.state_var[s.attr("state")], self.body.state_axes(s.attr("state")))
+            yield
 
-    def store_states(self, body):
-        k = self.plan
-        self.w("# stage output: final states" if k.states else "# stage output")
+    def add_totals(self):
+        for var, last, _ in self.total_vars():
+            self.w(f"{var} = {var} + {last}  # the segment's total so far")
+
+    def end(self):
+        k, body = self.plan, self.body
+        finals = [x for x in k.stores if x[0] in ("state", "segment")]
+        self.w({"state": "# stage output: final states", "segment": "# stage output: the segment's state and "
+                "totals"}.get(finals[0][0], "") if finals else "# stage output")
         for kind, name, v in k.stores:
-            if kind == "state":
-                S = name
+            if kind in ("state", "segment"):
+                S = v if kind == "segment" else name
                 body.vals[v] = (body.state_var[S], body.state_axes(S))
                 self.store(kind, name, v, None)
-            elif k.scan not in self.store_dims(kind, name, v):
+            elif kind in ("decay", "negs"):
                 self.store(kind, name, v, None)
 
 

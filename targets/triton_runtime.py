@@ -42,7 +42,9 @@ def candidates(layout: dict, sizes: dict, mm) -> list[dict]:
     qs = [base["Q"]]
     # SSD-like classes: chunk length trades the in-chunk quadratic work against the steps of the state walk; fp32
     # dots at full precision run without tensor cores, where longer chunks only cost
-    if layout["form"] == "chunked" and base["Q"] == 64 and jnp.dtype(mm) != jnp.float32:
+    # (not the segment kernels: (a) and (c) must cut the sequence at the same chunk boundaries)
+    if layout["form"] == "chunked" and base["Q"] == 64 and jnp.dtype(mm) != jnp.float32 and \
+            layout.get("role", "walk") == "walk":
         qs = [64, 128]
     splits = [None] + [32 for _ in layout["split"][:1]]
     out = []
@@ -56,6 +58,29 @@ def candidates(layout: dict, sizes: dict, mm) -> list[dict]:
                 for ns in (1, 2):
                     out.append({"blocks": blocks, "Q": Q, "num_warps": nw, "num_stages": ns})
     return out
+
+
+def device_cores(interpret: bool) -> int:
+    """Streaming multiprocessors of the GPU (jax's device, else torch's); a fixed default in the interpreter."""
+    if not interpret:
+        n = getattr(jax.devices()[0], "core_count", None)
+        if not n:
+            try:
+                import torch
+                n = torch.cuda.get_device_properties(0).multi_processor_count
+            except Exception:
+                n = None
+        if n:
+            return int(n)
+    return kr.DEFAULT_CORES
+
+
+def segments(layout, sizes, forced, interpret):
+    """How many segments this call's walk is split into (see kernel_runtime.pick_segments)."""
+    return kr.segments(layout, sizes, forced, device_cores(interpret))
+
+
+segment_scan = kr.segment_scan
 
 
 def _mm_meta(mm) -> dict:
@@ -112,7 +137,7 @@ def _bucket(layout, sizes) -> str:
     s = {d: n for d, n in sizes.items() if d not in rt}
     if layout["scan"] in rt:
         s["len"] = _pow2(sizes[layout["scan"]])
-    s["programs"] = _pow2(math.prod(sizes[d] for d in rt if d != layout["scan"]))
+    s["programs"] = _pow2(math.prod(sizes[d] for d in rt if d in layout["grid"]))
     return ",".join(f"{d}={s[d]}" for d in sorted(s))
 
 

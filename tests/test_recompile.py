@@ -57,6 +57,11 @@ def jax_triton_key(args, kwargs):
     return tuple(sorted((n, str(v)) for n, v in kwargs.items())), scalars
 
 
+def _walk_object(k):
+    """The @triton.jit object of the one-walk kernel (the module also holds the segment kernels)."""
+    return _jit_objects(k)[getattr(k._module, k._module.ENTRY + "_chunked").fn]
+
+
 def _count_compiles(k, launches):
     objs = _jit_objects(k)
     keys: dict[str, tuple[set, set]] = {}
@@ -75,14 +80,18 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,chunk,calls", CASES, ids=[c[0] for c in CASES])
-def test_new_length_reuses_the_compiled_kernel(sx, rng, launches, name, chunk, calls):
+@pytest.mark.parametrize("name,chunk,calls,segments", [c + (None,) for c in CASES] + [
+    ("mamba2", 8, [{"t": 37}, {"t": 45}, {"t": 100, "b": 3}], 2),  # the segment kernels (a), (c): 2 segments
+], ids=[c[0] for c in CASES] + ["mamba2-segments"])
+def test_new_length_reuses_the_compiled_kernel(sx, rng, launches, name, chunk, calls, segments):
     v = VARIANTS[name]
-    k = ssmc.compile(str(v.path), target="triton", interpret=True, chunk_size=chunk)
+    k = ssmc.compile(str(v.path), target="triton", interpret=True, chunk_size=chunk, segments=segments)
     for dims in calls:
         sx.check(rng, v, dims, True, kernel=k, tol=1e-4, what=f" (triton, {dims})")
     keys = _count_compiles(k, launches)
     assert keys, "no kernel launch was recorded"
+    if segments:
+        assert set(keys) == {f"{k._module.ENTRY}_segment_states", f"{k._module.ENTRY}_segment_outputs"}, keys
     for kname, (tk, jk) in keys.items():
         n = sum(1 for fn, *_ in launches if fn.__name__ == kname)
         assert n == len(calls), (kname, n)
@@ -93,7 +102,7 @@ def test_new_length_reuses_the_compiled_kernel(sx, rng, launches, name, chunk, c
 def test_runtime_sizes_are_not_constexpr():
     """The sizes that vary between calls are plain kernel arguments; tile sizes, blocks and Q stay constexpr."""
     k = ssmc.compile(str(VARIANTS["mamba2"].path), target="triton", interpret=True)
-    (obj,) = _jit_objects(k).values()
+    obj = _walk_object(k)
     from triton.runtime.jit import JITFunction
     params = {p.name: p for p in JITFunction(obj.fn, **obj.kwargs).params}
     for n in ("N_b", "N_t", "N_h"):
@@ -118,7 +127,7 @@ def test_tuned_config_is_keyed_by_shape_bucket(monkeypatch, tmp_path):
 
     monkeypatch.setattr(rt, "_tune", fake_tune)
     k = ssmc.compile(str(VARIANTS["mamba2"].path), target="triton", interpret=True)
-    layout, (obj,) = k._module.LAYOUT, _jit_objects(k).values()
+    layout, obj = k._module.LAYOUT, _walk_object(k)
 
     def config(b, t):
         sizes = {"b": b, "t": t, "h": 4, "p": 8, "g": 2, "n": 8}

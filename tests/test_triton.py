@@ -87,10 +87,11 @@ def test_inside_jit_and_matches_xla(sx, rng):
 
 def test_source_is_readable():
     src = kernel("mamba2").source
-    assert src.count("@triton.jit") == 1
+    # the one walk, and the segment kernels (a) states and (c) outputs of the sequence-parallel schedule
+    assert src.count("@triton.jit") == 3
     for stage in ("# stage prologue", "# stage cumsum", "# stage chunk_output", "# stage chunk_state + state_passing"):
         assert stage in src, stage
-    assert "def mamba2_chunked(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr" in src  # names from the spec
+    assert "def mamba2_chunked(\n    x_ptr,\n    dt_ptr,\n    A_ptr,\n    B_ptr,\n" in src  # names from the spec
     assert "tl.dot(" in src  # in-chunk quadratic part and state contractions on tensor cores
     seq = kernel("deltanet").source
     assert "def deltanet_sequential(" in seq and "for t_i in range(0, N_t):" in seq

@@ -4,7 +4,9 @@
 # classify: not chunkable: S: a contraction of state 'S' is multiplied along the dim it summed, which mixes state entries (non-diagonal) (at 10:11)
 # chunk: sequential scan, not chunkable: S: a contraction of state 'S' is multiplied along the dim it summed, which mixes state entries (non-diagonal) (at 10:11)
 # fuse: 0 elementwise values fused into the stage that consumes them
+# schedule: one walk per program (sequential form: the state update is not a diagonal decay (or not chunkable), so segments would carry a transition matrix; not implemented)
 # kernel: sequential form; grid over (b, h), tile over (dk, dv), dv blockable
+# schedule: one walk per program (sequential form: the state update is not a diagonal decay (or not chunkable), so segments would carry a transition matrix; not implemented)
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -14,7 +16,7 @@ from ssmc.targets import triton_runtime as rt
 from ssmc.targets.base import ModuleInfo, Param, Result
 
 MODULE_INFO = ModuleInfo(
-    target='triton', entry='deltanet', options=('mm', 'out_dtype', 'interpret'),
+    target='triton', entry='deltanet', options=('mm', 'out_dtype', 'interpret', 'segments'),
     params=(
         Param('q', 'q', 'input', ('b', 't', 'h', 'dk')),
         Param('k', 'k', 'input', ('b', 't', 'h', 'dk')),
@@ -27,11 +29,43 @@ MODULE_INFO = ModuleInfo(
         Result('state', 'S', ('b', 'h', 'dk', 'dv')),
     ),
 )
-LAYOUT = {'form': 'sequential', 'scan': 't', 'Q': None, 'grid': ['b', 'h'], 'tile': ['dk', 'dv'], 'split': ['dv'], 'groups': {}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'dk', 'dv'], 'inputs': ['q', 'k', 'v', 'beta', 'S'], 'arrays': {'q': ['b', 't', 'h', 'dk'], 'k': ['b', 't', 'h', 'dk'], 'v': ['b', 't', 'h', 'dv'], 'beta': ['b', 't', 'h'], 'S': ['b', 'h', 'dk', 'dv'], 'o': ['b', 't', 'h', 'dv'], 'S:final': ['b', 'h', 'dk', 'dv']}, 'stores': [['o', 'out', ['b', 't', 'h', 'dv']], ['S:final', 'state', ['b', 'h', 'dk', 'dv']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'dk': 'N_dk', 'dv': 'N_dv'}, 'BLOCK': {'dk': 'BLOCK_dk', 'dv': 'BLOCK_dv'}, 'stride': {'q': {'b': 'q_stride_b', 't': 'q_stride_t', 'h': 'q_stride_h', 'dk': 'q_stride_dk'}, 'k': {'b': 'k_stride_b', 't': 'k_stride_t', 'h': 'k_stride_h', 'dk': 'k_stride_dk'}, 'v': {'b': 'v_stride_b', 't': 'v_stride_t', 'h': 'v_stride_h', 'dv': 'v_stride_dv'}, 'beta': {'b': 'beta_stride_b', 't': 'beta_stride_t', 'h': 'beta_stride_h'}, 'S': {'b': 'S_stride_b', 'h': 'S_stride_h', 'dk': 'S_stride_dk', 'dv': 'S_stride_dv'}, 'o': {'b': 'o_stride_b', 't': 'o_stride_t', 'h': 'o_stride_h', 'dv': 'o_stride_dv'}, 'S:final': {'b': 'S_final_stride_b', 'h': 'S_final_stride_h', 'dk': 'S_final_stride_dk', 'dv': 'S_final_stride_dv'}}}}
+LAYOUT = {'form': 'sequential', 'role': 'walk', 'scan': 't', 'Q': None, 'grid': ['b', 'h'], 'tile': ['dk', 'dv'], 'split': ['dv'], 'groups': {}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'dk', 'dv'], 'inputs': ['q', 'k', 'v', 'beta', 'S'], 'state_inputs': ['S'], 'carried': [['b', 'h', 'dk', 'dv']], 'arrays': {'q': ['b', 't', 'h', 'dk'], 'k': ['b', 't', 'h', 'dk'], 'v': ['b', 't', 'h', 'dv'], 'beta': ['b', 't', 'h'], 'S': ['b', 'h', 'dk', 'dv'], 'o': ['b', 't', 'h', 'dv'], 'S:final': ['b', 'h', 'dk', 'dv']}, 'stores': [['o', 'out', ['b', 't', 'h', 'dv']], ['S:final', 'state', ['b', 'h', 'dk', 'dv']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'dk': 'N_dk', 'dv': 'N_dv'}, 'BLOCK': {'dk': 'BLOCK_dk', 'dv': 'BLOCK_dv'}, 'stride': {'q': {'b': 'q_stride_b', 't': 'q_stride_t', 'h': 'q_stride_h', 'dk': 'q_stride_dk'}, 'k': {'b': 'k_stride_b', 't': 'k_stride_t', 'h': 'k_stride_h', 'dk': 'k_stride_dk'}, 'v': {'b': 'v_stride_b', 't': 'v_stride_t', 'h': 'v_stride_h', 'dv': 'v_stride_dv'}, 'beta': {'b': 'beta_stride_b', 't': 'beta_stride_t', 'h': 'beta_stride_h'}, 'S': {'b': 'S_stride_b', 'h': 'S_stride_h', 'dk': 'S_stride_dk', 'dv': 'S_stride_dv'}, 'o': {'b': 'o_stride_b', 't': 'o_stride_t', 'h': 'o_stride_h', 'dv': 'o_stride_dv'}, 'S:final': {'b': 'S_final_stride_b', 'h': 'S_final_stride_h', 'dk': 'S_final_stride_dk', 'dv': 'S_final_stride_dv'}}}}
 
 
 @triton.jit(do_not_specialize=['N_b', 'N_h', 'N_t'])
-def deltanet_sequential(q_ptr, k_ptr, v_ptr, beta_ptr, S_prev_ptr, N_b, N_h, N_t, o_ptr, S_final_ptr, N_dk: tl.constexpr, N_dv: tl.constexpr, BLOCK_dk: tl.constexpr, BLOCK_dv: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr, q_stride_h: tl.constexpr, q_stride_dk: tl.constexpr, k_stride_h: tl.constexpr, k_stride_dk: tl.constexpr, v_stride_h: tl.constexpr, v_stride_dv: tl.constexpr, beta_stride_h: tl.constexpr, S_stride_h: tl.constexpr, S_stride_dk: tl.constexpr, S_stride_dv: tl.constexpr, o_stride_h: tl.constexpr, o_stride_dv: tl.constexpr, S_final_stride_h: tl.constexpr, S_final_stride_dk: tl.constexpr, S_final_stride_dv: tl.constexpr):
+def deltanet_sequential(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    beta_ptr,
+    S_prev_ptr,
+    N_b,
+    N_h,
+    N_t,
+    o_ptr,
+    S_final_ptr,
+    N_dk: tl.constexpr,
+    N_dv: tl.constexpr,
+    BLOCK_dk: tl.constexpr,
+    BLOCK_dv: tl.constexpr,
+    MM: tl.constexpr,
+    PREC: tl.constexpr,
+    q_stride_h: tl.constexpr,
+    q_stride_dk: tl.constexpr,
+    k_stride_h: tl.constexpr,
+    k_stride_dk: tl.constexpr,
+    v_stride_h: tl.constexpr,
+    v_stride_dv: tl.constexpr,
+    beta_stride_h: tl.constexpr,
+    S_stride_h: tl.constexpr,
+    S_stride_dk: tl.constexpr,
+    S_stride_dv: tl.constexpr,
+    o_stride_h: tl.constexpr,
+    o_stride_dv: tl.constexpr,
+    S_final_stride_h: tl.constexpr,
+    S_final_stride_dk: tl.constexpr,
+    S_final_stride_dv: tl.constexpr,
+):
     # strides spanning a runtime size (batch, heads, length): computed, not compiled in
     q_stride_t = N_h * q_stride_h
     q_stride_b = N_t * q_stride_t
@@ -77,8 +111,10 @@ def deltanet_sequential(q_ptr, k_ptr, v_ptr, beta_ptr, S_prev_ptr, N_b, N_h, N_t
 
 
 # mm: matmul operand dtype (fp32, or the inputs' bf16/fp16); out_dtype: dtype of the outs
-def deltanet(q, k, v, beta, S_prev, *, mm=jnp.float32, out_dtype=jnp.float32, interpret=False):
+# segments: None (chosen per call from the sizes and the device), or a number of segments (1: one walk)
+def deltanet(q, k, v, beta, S_prev, *, mm=jnp.float32, out_dtype=jnp.float32, interpret=False, segments=None):
     arrays = {'q': q, 'k': k, 'v': v, 'beta': beta, 'S': S_prev}
     sizes = rt.dim_sizes(LAYOUT, arrays)
+    # schedule: one walk per program (sequential form: the state update is not a diagonal decay (or not chunkable), so segments would carry a transition matrix; not implemented): `segments` does not apply
     o, S_final, = rt.launch(deltanet_sequential, LAYOUT, arrays, sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
     return o, S_final

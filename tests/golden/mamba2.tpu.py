@@ -5,7 +5,12 @@
 # chunk: chunk-parallel form, chunk length 128 (h: scalar)
 # chunk: decay of h not provably |a| <= 1: exact in-chunk exponents, no clamp (a growing decay may overflow to inf, never clamped)
 # fuse: 2 elementwise values fused into the stage that consumes them
+# schedule: one walk per program, or sequence-parallel segments - (a) segment states from zero + total decays, (b) a scan across segments, (c) segment outputs from the incoming states; the segment count is chosen at call time from the length, the programs and the device's cores (kernel_runtime.pick_segments; compile(..., segments=N) forces it, 1 = one walk)
 # kernel: chunked form; grid over (b, h), tile over (p, n), p blockable
+# schedule: one walk per program, or sequence-parallel segments - (a) segment states from zero + total decays, (b) a scan across segments, (c) segment outputs from the incoming states; the segment count is chosen at call time from the length, the programs and the device's cores (kernel_runtime.pick_segments; compile(..., segments=N) forces it, 1 = one walk)
+#   buffer h:segment[segment,b,h,p,n] (fp32): segment_states -> segment scan
+#   buffer h:decay[segment,b,h] (fp32): segment_states -> segment scan
+#   buffer h:in[segment,b,h,p,n] (fp32): segment scan -> segment_outputs
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -14,7 +19,7 @@ from ssmc.targets import pallas_runtime as rt
 from ssmc.targets.base import ModuleInfo, Param, Result
 
 MODULE_INFO = ModuleInfo(
-    target='tpu', entry='mamba2', options=('mm', 'out_dtype', 'interpret'),
+    target='tpu', entry='mamba2', options=('mm', 'out_dtype', 'interpret', 'segments'),
     params=(
         Param('x', 'x', 'input', ('b', 't', 'h', 'p')),
         Param('dt', 'dt', 'input', ('b', 't', 'h')),
@@ -29,10 +34,35 @@ MODULE_INFO = ModuleInfo(
         Result('state', 'h', ('b', 'h', 'p', 'n')),
     ),
 )
-LAYOUT = {'form': 'chunked', 'scan': 't', 'Q': 128, 'grid': ['b', 'h'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n'], 'inputs': ['x', 'dt', 'A', 'B', 'C', 'D', 'h'], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt': ['b', 't', 'h'], 'A': ['h'], 'B': ['b', 't', 'g', 'n'], 'C': ['b', 't', 'g', 'n'], 'D': ['h'], 'h': ['b', 'h', 'p', 'n'], 'y': ['b', 't', 'h', 'p'], 'h:final': ['b', 'h', 'p', 'n']}, 'stores': [['y', 'out', ['b', 't', 'h', 'p']], ['h:final', 'state', ['b', 'h', 'p', 'n']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}}}
+LAYOUT = {'form': 'chunked', 'role': 'walk', 'scan': 't', 'Q': 128, 'grid': ['b', 'h'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n'], 'inputs': ['x', 'dt', 'A', 'B', 'C', 'D', 'h'], 'state_inputs': ['h'], 'carried': [['b', 'h', 'p', 'n']], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt': ['b', 't', 'h'], 'A': ['h'], 'B': ['b', 't', 'g', 'n'], 'C': ['b', 't', 'g', 'n'], 'D': ['h'], 'h': ['b', 'h', 'p', 'n'], 'y': ['b', 't', 'h', 'p'], 'h:final': ['b', 'h', 'p', 'n']}, 'stores': [['y', 'out', ['b', 't', 'h', 'p']], ['h:final', 'state', ['b', 'h', 'p', 'n']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}}}
+SEGMENT_STATES_LAYOUT = {'form': 'chunked', 'role': 'segment_states', 'scan': 't', 'Q': 128, 'grid': ['b', 'h', '~seg'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n', '~seg'], 'inputs': ['x', 'dt', 'A', 'B'], 'state_inputs': [], 'carried': [['b', 'h', 'p', 'n']], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt': ['b', 't', 'h'], 'A': ['h'], 'B': ['b', 't', 'g', 'n'], 'h:segment': ['~seg', 'b', 'h', 'p', 'n'], 'h:decay': ['~seg', 'b', 'h']}, 'stores': [['h:segment', 'segment', ['~seg', 'b', 'h', 'p', 'n']], ['h:decay', 'decay', ['~seg', 'b', 'h']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n', '~seg': 'n_segments', '~seg_chunks': 'seg_chunks'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}}}
+SEGMENT_OUTPUTS_LAYOUT = {'form': 'chunked', 'role': 'segment_outputs', 'scan': 't', 'Q': 128, 'grid': ['b', 'h', '~seg'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n', '~seg'], 'inputs': ['x', 'dt', 'A', 'B', 'C', 'D', 'h:in'], 'state_inputs': ['h:in'], 'carried': [['b', 'h', 'p', 'n']], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt': ['b', 't', 'h'], 'A': ['h'], 'B': ['b', 't', 'g', 'n'], 'C': ['b', 't', 'g', 'n'], 'D': ['h'], 'h:in': ['~seg', 'b', 'h', 'p', 'n'], 'y': ['b', 't', 'h', 'p']}, 'stores': [['y', 'out', ['b', 't', 'h', 'p']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n', '~seg': 'n_segments', '~seg_chunks': 'seg_chunks'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}}}
 
 
-def mamba2_chunked(x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, h_prev_ref, y_ref, h_final_ref, h_scr, *, N_b, N_t, N_h, N_p, N_g, N_n, BLOCK_p, BLOCK_n, Q, MM, PREC):
+def mamba2_chunked(
+    x_ref,
+    dt_ref,
+    A_ref,
+    B_ref,
+    C_ref,
+    D_ref,
+    h_prev_ref,
+    y_ref,
+    h_final_ref,
+    h_scr,
+    *,
+    N_b,
+    N_t,
+    N_h,
+    N_p,
+    N_g,
+    N_n,
+    BLOCK_p,
+    BLOCK_n,
+    Q,
+    MM,
+    PREC,
+):
     # one program per (b, h) x block of (p); the last grid axis walks the sequence, one chunk per step, in order
     i_b = pl.program_id(0)
     i_h = pl.program_id(1)
@@ -43,7 +73,7 @@ def mamba2_chunked(x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, h_prev_ref, y_ref,
     def _init():
         # the state starts from the initial state (zeros unless given), in fp32 VMEM scratch
         h_scr[...] = h_prev_ref[...].astype(jnp.float32)
-    # inputs without the scan dim (their blocks stay resident across the sequence)
+    # inputs without the scan dim: loaded once
     A = A_ref[i_h].astype(jnp.float32)
     D = D_ref[i_h].astype(jnp.float32)
     TRIL = rt.tril(Q)  # [t, s]: s <= t
@@ -89,9 +119,168 @@ def mamba2_chunked(x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, h_prev_ref, y_ref,
         h_final_ref[...] = h_scr[...]
 
 
+def mamba2_segment_states(
+    x_ref,
+    dt_ref,
+    A_ref,
+    B_ref,
+    h_segment_ref,
+    h_decay_ref,
+    h_scr,
+    *,
+    N_b,
+    N_t,
+    N_h,
+    N_p,
+    N_g,
+    N_n,
+    n_segments,
+    BLOCK_p,
+    BLOCK_n,
+    seg_chunks,
+    Q,
+    MM,
+    PREC,
+):
+    # schedule step (a): this segment's state from a zero state, and its total log-decay; no outputs
+    # one program per (b, h, segment) x block of (p); the last grid axis walks the segment, one chunk per step, in order
+    i_b = pl.program_id(0)
+    i_h = pl.program_id(1)
+    i_seg = pl.program_id(2)
+    j_p = pl.program_id(3)  # block of BLOCK_p along p
+    chunk_id = pl.program_id(4)  # the time block this grid step walks
+    i_g = lax.div(i_h, N_h // N_g)  # head h reads group g
+    @pl.when(chunk_id == 0)
+    def _init():
+        # the segment's state starts from zero, in fp32 VMEM scratch; its totals from 0
+        h_scr[...] = jnp.zeros(h_scr.shape, jnp.float32)
+        h_decay_ref[...] = jnp.zeros(h_decay_ref.shape, h_decay_ref.dtype)
+    # inputs without the scan dim: loaded once
+    A = A_ref[i_h].astype(jnp.float32)
+    TRIL = rt.tril(Q)  # [t, s]: s <= t
+    valid = (i_seg * seg_chunks + chunk_id) * Q + lax.iota(jnp.int32, Q) < N_t  # steps past the end are padding
+    valid_i = valid.astype(jnp.int32)  # masks broadcast as int32 (Mosaic cannot reshape i1 vectors)
+    state_h_prev = h_scr[...]  # the state entering this chunk
+    x = x_ref[...].astype(jnp.float32)
+    dt = dt_ref[:, 0].astype(jnp.float32)
+    B = B_ref[...].astype(jnp.float32)
+    # stage prologue
+    v1 = dt * A
+    h_ell = jnp.maximum(v1, (-69.07755278982137))
+    # stage cumsum
+    h_L_ell = jnp.where(valid, h_ell, 0.0)  # log-decay per step (0 past the end)
+    h_L = rt.cumsum0(h_L_ell)  # summed within the chunk
+    h_L_last = jnp.sum(jnp.where(lax.iota(jnp.int32, Q) == Q - 1, h_L, 0.0), axis=0)  # log-decay across the chunk: the cumsum's last row (exp(last - L) is exactly 1 at the last step)
+    # stage chunk_state
+    # stage chunk_state + state_passing (h)
+    h_upd_w = jnp.where(valid, jnp.exp(h_L_last - h_L), 0.0)  # decay from each step to the chunk's end
+    c1 = lax.dot_general((x).astype(MM), ((B) * ((h_upd_w) * dt)[:, None]).astype(MM), (((0,), (0,)), ((), ())), precision=PREC, preferred_element_type=jnp.float32)
+    state_h_prev = jnp.exp(h_L_last) * state_h_prev + c1  # the state entering the next chunk
+    # the segment's total so far, in its output block (resident across the segment's chunks)
+    h_decay_ref[...] = jnp.broadcast_to(h_decay_ref[0, 0] + h_L_last, (1, 1)).astype(h_decay_ref.dtype)
+    h_scr[...] = state_h_prev.astype(h_scr.dtype)
+    @pl.when(chunk_id == pl.num_programs(4) - 1)
+    def _final():
+        # stage output: the segment's state
+        h_segment_ref[...] = h_scr[...]
+
+
+def mamba2_segment_outputs(
+    x_ref,
+    dt_ref,
+    A_ref,
+    B_ref,
+    C_ref,
+    D_ref,
+    h_in_ref,
+    y_ref,
+    h_scr,
+    *,
+    N_b,
+    N_t,
+    N_h,
+    N_p,
+    N_g,
+    N_n,
+    n_segments,
+    BLOCK_p,
+    BLOCK_n,
+    seg_chunks,
+    Q,
+    MM,
+    PREC,
+):
+    # schedule step (c): this segment's outputs, from the state entering it (S_in)
+    # one program per (b, h, segment) x block of (p); the last grid axis walks the segment, one chunk per step, in order
+    i_b = pl.program_id(0)
+    i_h = pl.program_id(1)
+    i_seg = pl.program_id(2)
+    j_p = pl.program_id(3)  # block of BLOCK_p along p
+    chunk_id = pl.program_id(4)  # the time block this grid step walks
+    i_g = lax.div(i_h, N_h // N_g)  # head h reads group g
+    @pl.when(chunk_id == 0)
+    def _init():
+        # the state starts from the state entering the segment (S_in), in fp32 VMEM scratch
+        h_scr[...] = h_in_ref[...].astype(jnp.float32)
+    # inputs without the scan dim: loaded once
+    A = A_ref[i_h].astype(jnp.float32)
+    D = D_ref[i_h].astype(jnp.float32)
+    TRIL = rt.tril(Q)  # [t, s]: s <= t
+    valid = (i_seg * seg_chunks + chunk_id) * Q + lax.iota(jnp.int32, Q) < N_t  # steps past the end are padding
+    valid_i = valid.astype(jnp.int32)  # masks broadcast as int32 (Mosaic cannot reshape i1 vectors)
+    state_h_in = h_scr[...]  # the state entering this chunk
+    x = x_ref[...].astype(jnp.float32)
+    dt = dt_ref[:, 0].astype(jnp.float32)
+    B = B_ref[...].astype(jnp.float32)
+    C = C_ref[...].astype(jnp.float32)
+    # stage prologue
+    v1 = dt * A
+    h_ell = jnp.maximum(v1, (-69.07755278982137))
+    v12 = D * x
+    # stage cumsum
+    h_L_ell = jnp.where(valid, h_ell, 0.0)  # log-decay per step (0 past the end)
+    h_L = rt.cumsum0(h_L_ell)  # summed within the chunk
+    h_L_last = jnp.sum(jnp.where(lax.iota(jnp.int32, Q) == Q - 1, h_L, 0.0), axis=0)  # log-decay across the chunk: the cumsum's last row (exp(last - L) is exactly 1 at the last step)
+    # stage chunk_state
+    # stage state_passing
+    # stage chunk_output
+    y_h_new_D = jnp.exp(jnp.where((TRIL & valid[None, :]), h_L[:, None] - h_L, -1e30))  # decay from source s to target t, masked s <= t before exp
+    c1 = y_h_new_D * dt
+    c2 = lax.dot_general((C).astype(MM), (B).astype(MM), (((1,), (1,)), ((), ())), precision=PREC, preferred_element_type=jnp.float32)
+    c3 = jnp.where((TRIL & valid[None, :]), (c2) * c1, 0.0)
+    c4 = lax.dot_general((c3).astype(MM), (x).astype(MM), (((1,), (0,)), ((), ())), precision=PREC, preferred_element_type=jnp.float32)
+    y_h_new_in = c4  # in-chunk part
+    y_h_new_E = jnp.exp(h_L)  # decay from the chunk's start
+    c5 = lax.dot_general(((C) * y_h_new_E[:, None]).astype(MM), (state_h_in).astype(MM), (((1,), (1,)), ((), ())), precision=PREC, preferred_element_type=jnp.float32)
+    y_h_new_st = c5  # state part
+    y_h_new = (y_h_new_in + y_h_new_st)
+    # stage epilogue
+    y = y_h_new + v12
+    y_ref[...] = y.astype(y_ref.dtype)
+    # stage chunk_state + state_passing (h)
+    h_upd_w = jnp.where(valid, jnp.exp(h_L_last - h_L), 0.0)  # decay from each step to the chunk's end
+    c6 = lax.dot_general((x).astype(MM), ((B) * ((h_upd_w) * dt)[:, None]).astype(MM), (((0,), (0,)), ((), ())), precision=PREC, preferred_element_type=jnp.float32)
+    state_h_in = jnp.exp(h_L_last) * state_h_in + c6  # the state entering the next chunk
+    h_scr[...] = state_h_in.astype(h_scr.dtype)
+
+
 # mm: matmul operand dtype (fp32, or the inputs' bf16/fp16); out_dtype: dtype of the outs
-def mamba2(x, dt, A, B, C, D, h_prev, *, mm=jnp.float32, out_dtype=jnp.float32, interpret=False):
+# segments: None (chosen per call from the sizes and the device), or a number of segments (1: one walk)
+def mamba2(x, dt, A, B, C, D, h_prev, *, mm=jnp.float32, out_dtype=jnp.float32, interpret=False, segments=None):
     arrays = {'x': x, 'dt': dt, 'A': A, 'B': B, 'C': C, 'D': D, 'h': h_prev}
     sizes = rt.dim_sizes(LAYOUT, arrays)
-    y, h_final, = rt.launch(mamba2_chunked, LAYOUT, arrays, sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
+    # the number of segments: from the length, the programs and the device's cores (rt.pick_segments),
+    # or `segments`; segment boundaries fall on chunk boundaries
+    nseg, seg_sizes = rt.segments(LAYOUT, sizes, segments, interpret)
+    if nseg == 1:
+        # one walk: every program walks the whole sequence
+        y, h_final, = rt.launch(mamba2_chunked, LAYOUT, arrays, sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
+    else:
+        # (a) every program and segment: the segment's state from a zero state, and its total log-decay
+        h_segment, h_decay, = rt.launch(mamba2_segment_states, SEGMENT_STATES_LAYOUT, arrays, seg_sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
+        # (b) the scan across segments: S_in(j) = D(j-1) * S_in(j-1) + S(j-1), from the initial state
+        h_in, h_final = rt.segment_scan(h_prev, ['b', 'h', 'p', 'n'], h_segment, h_decay, None, ['~seg', 'b', 'h', 'p', 'n'], ['~seg', 'b', 'h'], sizes)
+        # (c) every program and segment: its outputs, walking from the state entering the segment
+        seg_arrays = {**arrays, 'h:in': h_in}
+        y, = rt.launch(mamba2_segment_outputs, SEGMENT_OUTPUTS_LAYOUT, seg_arrays, seg_sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
     return y, h_final

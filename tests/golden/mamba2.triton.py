@@ -5,7 +5,12 @@
 # chunk: chunk-parallel form, chunk length 64 (h: scalar)
 # chunk: decay of h not provably |a| <= 1: exact in-chunk exponents, no clamp (a growing decay may overflow to inf, never clamped)
 # fuse: 2 elementwise values fused into the stage that consumes them
+# schedule: one walk per program, or sequence-parallel segments - (a) segment states from zero + total decays, (b) a scan across segments, (c) segment outputs from the incoming states; the segment count is chosen at call time from the length, the programs and the device's cores (kernel_runtime.pick_segments; compile(..., segments=N) forces it, 1 = one walk)
 # kernel: chunked form; grid over (b, h), tile over (p, n), p blockable
+# schedule: one walk per program, or sequence-parallel segments - (a) segment states from zero + total decays, (b) a scan across segments, (c) segment outputs from the incoming states; the segment count is chosen at call time from the length, the programs and the device's cores (kernel_runtime.pick_segments; compile(..., segments=N) forces it, 1 = one walk)
+#   buffer h:segment[segment,b,h,p,n] (fp32): segment_states -> segment scan
+#   buffer h:decay[segment,b,h] (fp32): segment_states -> segment scan
+#   buffer h:in[segment,b,h,p,n] (fp32): segment scan -> segment_outputs
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -15,7 +20,7 @@ from ssmc.targets import triton_runtime as rt
 from ssmc.targets.base import ModuleInfo, Param, Result
 
 MODULE_INFO = ModuleInfo(
-    target='triton', entry='mamba2', options=('mm', 'out_dtype', 'interpret'),
+    target='triton', entry='mamba2', options=('mm', 'out_dtype', 'interpret', 'segments'),
     params=(
         Param('x', 'x', 'input', ('b', 't', 'h', 'p')),
         Param('dt', 'dt', 'input', ('b', 't', 'h')),
@@ -30,11 +35,53 @@ MODULE_INFO = ModuleInfo(
         Result('state', 'h', ('b', 'h', 'p', 'n')),
     ),
 )
-LAYOUT = {'form': 'chunked', 'scan': 't', 'Q': 64, 'grid': ['b', 'h'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n'], 'inputs': ['x', 'dt', 'A', 'B', 'C', 'D', 'h'], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt': ['b', 't', 'h'], 'A': ['h'], 'B': ['b', 't', 'g', 'n'], 'C': ['b', 't', 'g', 'n'], 'D': ['h'], 'h': ['b', 'h', 'p', 'n'], 'y': ['b', 't', 'h', 'p'], 'h:final': ['b', 'h', 'p', 'n']}, 'stores': [['y', 'out', ['b', 't', 'h', 'p']], ['h:final', 'state', ['b', 'h', 'p', 'n']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}, 'stride': {'x': {'b': 'x_stride_b', 't': 'x_stride_t', 'h': 'x_stride_h', 'p': 'x_stride_p'}, 'dt': {'b': 'dt_stride_b', 't': 'dt_stride_t', 'h': 'dt_stride_h'}, 'A': {'h': 'A_stride_h'}, 'B': {'b': 'B_stride_b', 't': 'B_stride_t', 'g': 'B_stride_g', 'n': 'B_stride_n'}, 'C': {'b': 'C_stride_b', 't': 'C_stride_t', 'g': 'C_stride_g', 'n': 'C_stride_n'}, 'D': {'h': 'D_stride_h'}, 'h': {'b': 'h_stride_b', 'h': 'h_stride_h', 'p': 'h_stride_p', 'n': 'h_stride_n'}, 'y': {'b': 'y_stride_b', 't': 'y_stride_t', 'h': 'y_stride_h', 'p': 'y_stride_p'}, 'h:final': {'b': 'h_final_stride_b', 'h': 'h_final_stride_h', 'p': 'h_final_stride_p', 'n': 'h_final_stride_n'}}}}
+LAYOUT = {'form': 'chunked', 'role': 'walk', 'scan': 't', 'Q': 64, 'grid': ['b', 'h'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n'], 'inputs': ['x', 'dt', 'A', 'B', 'C', 'D', 'h'], 'state_inputs': ['h'], 'carried': [['b', 'h', 'p', 'n']], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt': ['b', 't', 'h'], 'A': ['h'], 'B': ['b', 't', 'g', 'n'], 'C': ['b', 't', 'g', 'n'], 'D': ['h'], 'h': ['b', 'h', 'p', 'n'], 'y': ['b', 't', 'h', 'p'], 'h:final': ['b', 'h', 'p', 'n']}, 'stores': [['y', 'out', ['b', 't', 'h', 'p']], ['h:final', 'state', ['b', 'h', 'p', 'n']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}, 'stride': {'x': {'b': 'x_stride_b', 't': 'x_stride_t', 'h': 'x_stride_h', 'p': 'x_stride_p'}, 'dt': {'b': 'dt_stride_b', 't': 'dt_stride_t', 'h': 'dt_stride_h'}, 'A': {'h': 'A_stride_h'}, 'B': {'b': 'B_stride_b', 't': 'B_stride_t', 'g': 'B_stride_g', 'n': 'B_stride_n'}, 'C': {'b': 'C_stride_b', 't': 'C_stride_t', 'g': 'C_stride_g', 'n': 'C_stride_n'}, 'D': {'h': 'D_stride_h'}, 'h': {'b': 'h_stride_b', 'h': 'h_stride_h', 'p': 'h_stride_p', 'n': 'h_stride_n'}, 'y': {'b': 'y_stride_b', 't': 'y_stride_t', 'h': 'y_stride_h', 'p': 'y_stride_p'}, 'h:final': {'b': 'h_final_stride_b', 'h': 'h_final_stride_h', 'p': 'h_final_stride_p', 'n': 'h_final_stride_n'}}}}
+SEGMENT_STATES_LAYOUT = {'form': 'chunked', 'role': 'segment_states', 'scan': 't', 'Q': 64, 'grid': ['b', 'h', '~seg'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n', '~seg'], 'inputs': ['x', 'dt', 'A', 'B'], 'state_inputs': [], 'carried': [['b', 'h', 'p', 'n']], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt': ['b', 't', 'h'], 'A': ['h'], 'B': ['b', 't', 'g', 'n'], 'h:segment': ['~seg', 'b', 'h', 'p', 'n'], 'h:decay': ['~seg', 'b', 'h']}, 'stores': [['h:segment', 'segment', ['~seg', 'b', 'h', 'p', 'n']], ['h:decay', 'decay', ['~seg', 'b', 'h']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n', '~seg': 'n_segments', '~seg_chunks': 'seg_chunks'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}, 'stride': {'x': {'b': 'x_stride_b', 't': 'x_stride_t', 'h': 'x_stride_h', 'p': 'x_stride_p'}, 'dt': {'b': 'dt_stride_b', 't': 'dt_stride_t', 'h': 'dt_stride_h'}, 'A': {'h': 'A_stride_h'}, 'B': {'b': 'B_stride_b', 't': 'B_stride_t', 'g': 'B_stride_g', 'n': 'B_stride_n'}, 'h:segment': {'~seg': 'h_segment_stride_seg', 'b': 'h_segment_stride_b', 'h': 'h_segment_stride_h', 'p': 'h_segment_stride_p', 'n': 'h_segment_stride_n'}, 'h:decay': {'~seg': 'h_decay_stride_seg', 'b': 'h_decay_stride_b', 'h': 'h_decay_stride_h'}}}}
+SEGMENT_OUTPUTS_LAYOUT = {'form': 'chunked', 'role': 'segment_outputs', 'scan': 't', 'Q': 64, 'grid': ['b', 'h', '~seg'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n', '~seg'], 'inputs': ['x', 'dt', 'A', 'B', 'C', 'D', 'h:in'], 'state_inputs': ['h:in'], 'carried': [['b', 'h', 'p', 'n']], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt': ['b', 't', 'h'], 'A': ['h'], 'B': ['b', 't', 'g', 'n'], 'C': ['b', 't', 'g', 'n'], 'D': ['h'], 'h:in': ['~seg', 'b', 'h', 'p', 'n'], 'y': ['b', 't', 'h', 'p']}, 'stores': [['y', 'out', ['b', 't', 'h', 'p']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n', '~seg': 'n_segments', '~seg_chunks': 'seg_chunks'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}, 'stride': {'x': {'b': 'x_stride_b', 't': 'x_stride_t', 'h': 'x_stride_h', 'p': 'x_stride_p'}, 'dt': {'b': 'dt_stride_b', 't': 'dt_stride_t', 'h': 'dt_stride_h'}, 'A': {'h': 'A_stride_h'}, 'B': {'b': 'B_stride_b', 't': 'B_stride_t', 'g': 'B_stride_g', 'n': 'B_stride_n'}, 'C': {'b': 'C_stride_b', 't': 'C_stride_t', 'g': 'C_stride_g', 'n': 'C_stride_n'}, 'D': {'h': 'D_stride_h'}, 'h:in': {'~seg': 'h_in_stride_seg', 'b': 'h_in_stride_b', 'h': 'h_in_stride_h', 'p': 'h_in_stride_p', 'n': 'h_in_stride_n'}, 'y': {'b': 'y_stride_b', 't': 'y_stride_t', 'h': 'y_stride_h', 'p': 'y_stride_p'}}}}
 
 
 @triton.jit(do_not_specialize=['N_b', 'N_h', 'N_t'])
-def mamba2_chunked(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h_prev_ptr, N_b, N_h, N_t, y_ptr, h_final_ptr, N_p: tl.constexpr, N_g: tl.constexpr, N_n: tl.constexpr, BLOCK_p: tl.constexpr, BLOCK_n: tl.constexpr, Q: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr, x_stride_h: tl.constexpr, x_stride_p: tl.constexpr, dt_stride_h: tl.constexpr, A_stride_h: tl.constexpr, B_stride_t: tl.constexpr, B_stride_g: tl.constexpr, B_stride_n: tl.constexpr, C_stride_t: tl.constexpr, C_stride_g: tl.constexpr, C_stride_n: tl.constexpr, D_stride_h: tl.constexpr, h_stride_h: tl.constexpr, h_stride_p: tl.constexpr, h_stride_n: tl.constexpr, y_stride_h: tl.constexpr, y_stride_p: tl.constexpr, h_final_stride_h: tl.constexpr, h_final_stride_p: tl.constexpr, h_final_stride_n: tl.constexpr):
+def mamba2_chunked(
+    x_ptr,
+    dt_ptr,
+    A_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    h_prev_ptr,
+    N_b,
+    N_h,
+    N_t,
+    y_ptr,
+    h_final_ptr,
+    N_p: tl.constexpr,
+    N_g: tl.constexpr,
+    N_n: tl.constexpr,
+    BLOCK_p: tl.constexpr,
+    BLOCK_n: tl.constexpr,
+    Q: tl.constexpr,
+    MM: tl.constexpr,
+    PREC: tl.constexpr,
+    x_stride_h: tl.constexpr,
+    x_stride_p: tl.constexpr,
+    dt_stride_h: tl.constexpr,
+    A_stride_h: tl.constexpr,
+    B_stride_t: tl.constexpr,
+    B_stride_g: tl.constexpr,
+    B_stride_n: tl.constexpr,
+    C_stride_t: tl.constexpr,
+    C_stride_g: tl.constexpr,
+    C_stride_n: tl.constexpr,
+    D_stride_h: tl.constexpr,
+    h_stride_h: tl.constexpr,
+    h_stride_p: tl.constexpr,
+    h_stride_n: tl.constexpr,
+    y_stride_h: tl.constexpr,
+    y_stride_p: tl.constexpr,
+    h_final_stride_h: tl.constexpr,
+    h_final_stride_p: tl.constexpr,
+    h_final_stride_n: tl.constexpr,
+):
     # strides spanning a runtime size (batch, heads, length): computed, not compiled in
     x_stride_t = N_h * x_stride_h
     x_stride_b = N_t * x_stride_t
@@ -103,9 +150,220 @@ def mamba2_chunked(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h_prev_ptr, N_b, N
     tl.store(h_final_ptr + i_b * h_final_stride_b + i_h * h_final_stride_h + o_p[:, None] * h_final_stride_p + o_n * h_final_stride_n, (state_h_prev).to(h_final_ptr.dtype.element_ty), mask=((o_p < N_p))[:, None] & (o_n < N_n))
 
 
+@triton.jit(do_not_specialize=['N_b', 'N_h', 'n_segments', 'N_t', 'seg_chunks'])
+def mamba2_segment_states(
+    x_ptr,
+    dt_ptr,
+    A_ptr,
+    B_ptr,
+    N_b,
+    N_h,
+    n_segments,
+    N_t,
+    seg_chunks,
+    h_segment_ptr,
+    h_decay_ptr,
+    N_p: tl.constexpr,
+    N_g: tl.constexpr,
+    N_n: tl.constexpr,
+    BLOCK_p: tl.constexpr,
+    BLOCK_n: tl.constexpr,
+    Q: tl.constexpr,
+    MM: tl.constexpr,
+    PREC: tl.constexpr,
+    x_stride_h: tl.constexpr,
+    x_stride_p: tl.constexpr,
+    dt_stride_h: tl.constexpr,
+    A_stride_h: tl.constexpr,
+    B_stride_t: tl.constexpr,
+    B_stride_g: tl.constexpr,
+    B_stride_n: tl.constexpr,
+    h_segment_stride_h: tl.constexpr,
+    h_segment_stride_p: tl.constexpr,
+    h_segment_stride_n: tl.constexpr,
+    h_decay_stride_h: tl.constexpr,
+):
+    # schedule step (a): this segment's state from a zero state, and its total log-decay; no outputs
+    # strides spanning a runtime size (batch, heads, length): computed, not compiled in
+    x_stride_t = N_h * x_stride_h
+    x_stride_b = N_t * x_stride_t
+    dt_stride_t = N_h * dt_stride_h
+    dt_stride_b = N_t * dt_stride_t
+    B_stride_b = N_t * B_stride_t
+    h_segment_stride_b = N_h * h_segment_stride_h
+    h_segment_stride_seg = N_b * h_segment_stride_b
+    h_decay_stride_b = N_h * h_decay_stride_h
+    h_decay_stride_seg = N_b * h_decay_stride_b
+    # one program per (b, h, segment) x block of (p)
+    pid = tl.program_id(0)
+    i_seg = pid % n_segments
+    pid_seg = pid // n_segments
+    i_h = pid_seg % N_h
+    pid_seg_h = pid_seg // N_h
+    i_b = pid_seg_h
+    bid = tl.program_id(1)
+    j_p = bid % ((N_p + BLOCK_p - 1) // BLOCK_p)
+    i_g = i_h // (N_h // N_g)  # head h reads group g
+    o_p = j_p * BLOCK_p + tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
+    o_n = tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
+    in_chunk = tl.arange(0, Q)  # positions within a chunk
+    # inputs without the scan dim: loaded once
+    A = tl.load(A_ptr + i_h * A_stride_h).to(tl.float32)
+    # the state, held on chip for the whole segment (fp32)
+    state_h_prev = tl.zeros((BLOCK_p, BLOCK_n,), tl.float32)  # from a zero state
+    h_L_total = 0.0  # summed over the segment's chunks
+    for c in range(i_seg * seg_chunks, tl.minimum(i_seg * seg_chunks + seg_chunks, (N_t + Q - 1) // Q)):
+        tt = c * Q + in_chunk
+        valid = tt < N_t
+        ttc = tl.minimum(tt, N_t - 1)
+        x = tl.load(x_ptr + i_b * x_stride_b + ttc[:, None] * x_stride_t + i_h * x_stride_h + o_p * x_stride_p, mask=(o_p < N_p), other=0.0).to(tl.float32)
+        dt = tl.load(dt_ptr + i_b * dt_stride_b + ttc * dt_stride_t + i_h * dt_stride_h).to(tl.float32)
+        B = tl.load(B_ptr + i_b * B_stride_b + ttc[:, None] * B_stride_t + i_g * B_stride_g + o_n * B_stride_n, mask=(o_n < N_n), other=0.0).to(tl.float32)
+        # stage prologue
+        v1 = dt * A
+        h_ell = tl.maximum(v1, (-69.07755278982137))
+        # stage cumsum
+        h_L_ell = tl.where(valid, h_ell, 0.0)  # log-decay per step (0 past the end)
+        h_L = tl.cumsum(h_L_ell, axis=0)  # summed within the chunk
+        h_L_last = tl.sum(tl.where(in_chunk == Q - 1, h_L, 0.0), axis=0)  # log-decay across the chunk: the cumsum's last row (exp(last - L) is exactly 1 at the last step)
+        # stage chunk_state
+        # stage chunk_state + state_passing (h)
+        h_upd_w = tl.where(valid, tl.exp(h_L_last - h_L), 0.0)  # decay from each step to the chunk's end
+        c1 = tl.dot(tl.trans(x).to(MM), ((B) * ((h_upd_w) * dt)[:, None]).to(MM), input_precision=PREC)
+        state_h_prev = tl.exp(h_L_last) * state_h_prev + c1  # the state entering the next chunk
+        h_L_total = h_L_total + h_L_last  # the segment's total so far
+    # stage output: the segment's state and totals
+    tl.store(h_segment_ptr + i_seg * h_segment_stride_seg + i_b * h_segment_stride_b + i_h * h_segment_stride_h + o_p[:, None] * h_segment_stride_p + o_n * h_segment_stride_n, (state_h_prev).to(h_segment_ptr.dtype.element_ty), mask=((o_p < N_p))[:, None] & (o_n < N_n))
+    tl.store(h_decay_ptr + i_seg * h_decay_stride_seg + i_b * h_decay_stride_b + i_h * h_decay_stride_h, (h_L_total).to(h_decay_ptr.dtype.element_ty))
+
+
+@triton.jit(do_not_specialize=['N_b', 'N_h', 'n_segments', 'N_t', 'seg_chunks'])
+def mamba2_segment_outputs(
+    x_ptr,
+    dt_ptr,
+    A_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    h_in_ptr,
+    N_b,
+    N_h,
+    n_segments,
+    N_t,
+    seg_chunks,
+    y_ptr,
+    N_p: tl.constexpr,
+    N_g: tl.constexpr,
+    N_n: tl.constexpr,
+    BLOCK_p: tl.constexpr,
+    BLOCK_n: tl.constexpr,
+    Q: tl.constexpr,
+    MM: tl.constexpr,
+    PREC: tl.constexpr,
+    x_stride_h: tl.constexpr,
+    x_stride_p: tl.constexpr,
+    dt_stride_h: tl.constexpr,
+    A_stride_h: tl.constexpr,
+    B_stride_t: tl.constexpr,
+    B_stride_g: tl.constexpr,
+    B_stride_n: tl.constexpr,
+    C_stride_t: tl.constexpr,
+    C_stride_g: tl.constexpr,
+    C_stride_n: tl.constexpr,
+    D_stride_h: tl.constexpr,
+    h_in_stride_h: tl.constexpr,
+    h_in_stride_p: tl.constexpr,
+    h_in_stride_n: tl.constexpr,
+    y_stride_h: tl.constexpr,
+    y_stride_p: tl.constexpr,
+):
+    # schedule step (c): this segment's outputs, from the state entering it (S_in)
+    # strides spanning a runtime size (batch, heads, length): computed, not compiled in
+    x_stride_t = N_h * x_stride_h
+    x_stride_b = N_t * x_stride_t
+    dt_stride_t = N_h * dt_stride_h
+    dt_stride_b = N_t * dt_stride_t
+    B_stride_b = N_t * B_stride_t
+    C_stride_b = N_t * C_stride_t
+    h_in_stride_b = N_h * h_in_stride_h
+    h_in_stride_seg = N_b * h_in_stride_b
+    y_stride_t = N_h * y_stride_h
+    y_stride_b = N_t * y_stride_t
+    # one program per (b, h, segment) x block of (p)
+    pid = tl.program_id(0)
+    i_seg = pid % n_segments
+    pid_seg = pid // n_segments
+    i_h = pid_seg % N_h
+    pid_seg_h = pid_seg // N_h
+    i_b = pid_seg_h
+    bid = tl.program_id(1)
+    j_p = bid % ((N_p + BLOCK_p - 1) // BLOCK_p)
+    i_g = i_h // (N_h // N_g)  # head h reads group g
+    o_p = j_p * BLOCK_p + tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
+    o_n = tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
+    in_chunk = tl.arange(0, Q)  # positions within a chunk
+    # inputs without the scan dim: loaded once
+    A = tl.load(A_ptr + i_h * A_stride_h).to(tl.float32)
+    D = tl.load(D_ptr + i_h * D_stride_h).to(tl.float32)
+    # the state, held on chip for the whole segment (fp32)
+    h_in = tl.load(h_in_ptr + i_seg * h_in_stride_seg + i_b * h_in_stride_b + i_h * h_in_stride_h + o_p[:, None] * h_in_stride_p + o_n * h_in_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0).to(tl.float32)
+    state_h_in = h_in
+    for c in range(i_seg * seg_chunks, tl.minimum(i_seg * seg_chunks + seg_chunks, (N_t + Q - 1) // Q)):
+        tt = c * Q + in_chunk
+        valid = tt < N_t
+        ttc = tl.minimum(tt, N_t - 1)
+        x = tl.load(x_ptr + i_b * x_stride_b + ttc[:, None] * x_stride_t + i_h * x_stride_h + o_p * x_stride_p, mask=(o_p < N_p), other=0.0).to(tl.float32)
+        dt = tl.load(dt_ptr + i_b * dt_stride_b + ttc * dt_stride_t + i_h * dt_stride_h).to(tl.float32)
+        B = tl.load(B_ptr + i_b * B_stride_b + ttc[:, None] * B_stride_t + i_g * B_stride_g + o_n * B_stride_n, mask=(o_n < N_n), other=0.0).to(tl.float32)
+        C = tl.load(C_ptr + i_b * C_stride_b + ttc[:, None] * C_stride_t + i_g * C_stride_g + o_n * C_stride_n, mask=(o_n < N_n), other=0.0).to(tl.float32)
+        # stage prologue
+        v1 = dt * A
+        h_ell = tl.maximum(v1, (-69.07755278982137))
+        v12 = D * x
+        # stage cumsum
+        h_L_ell = tl.where(valid, h_ell, 0.0)  # log-decay per step (0 past the end)
+        h_L = tl.cumsum(h_L_ell, axis=0)  # summed within the chunk
+        h_L_last = tl.sum(tl.where(in_chunk == Q - 1, h_L, 0.0), axis=0)  # log-decay across the chunk: the cumsum's last row (exp(last - L) is exactly 1 at the last step)
+        # stage chunk_state
+        # stage state_passing
+        # stage chunk_output
+        y_h_new_D = tl.exp(tl.where(((in_chunk[:, None] >= in_chunk[None, :]) & valid[None, :]), h_L[:, None] - h_L, -1e30))  # decay from source s to target t, masked s <= t before exp
+        c1 = y_h_new_D * dt
+        c2 = tl.dot((C).to(MM), tl.trans(B).to(MM), input_precision=PREC)
+        c3 = tl.where(((in_chunk[:, None] >= in_chunk[None, :]) & valid[None, :]), (c2) * c1, 0.0)
+        c4 = tl.dot((c3).to(MM), (x).to(MM), input_precision=PREC)
+        y_h_new_in = c4  # in-chunk part
+        y_h_new_E = tl.exp(h_L)  # decay from the chunk's start
+        c5 = tl.dot(((C) * y_h_new_E[:, None]).to(MM), tl.trans(state_h_in).to(MM), input_precision=PREC)
+        y_h_new_st = c5  # state part
+        y_h_new = (y_h_new_in + y_h_new_st)
+        # stage epilogue
+        y = y_h_new + v12
+        tl.store(y_ptr + i_b * y_stride_b + ttc[:, None] * y_stride_t + i_h * y_stride_h + o_p * y_stride_p, (y).to(y_ptr.dtype.element_ty), mask=valid[:, None] & (o_p < N_p))
+        # stage chunk_state + state_passing (h)
+        h_upd_w = tl.where(valid, tl.exp(h_L_last - h_L), 0.0)  # decay from each step to the chunk's end
+        c6 = tl.dot(tl.trans(x).to(MM), ((B) * ((h_upd_w) * dt)[:, None]).to(MM), input_precision=PREC)
+        state_h_in = tl.exp(h_L_last) * state_h_in + c6  # the state entering the next chunk
+    # stage output
+
+
 # mm: matmul operand dtype (fp32, or the inputs' bf16/fp16); out_dtype: dtype of the outs
-def mamba2(x, dt, A, B, C, D, h_prev, *, mm=jnp.float32, out_dtype=jnp.float32, interpret=False):
+# segments: None (chosen per call from the sizes and the device), or a number of segments (1: one walk)
+def mamba2(x, dt, A, B, C, D, h_prev, *, mm=jnp.float32, out_dtype=jnp.float32, interpret=False, segments=None):
     arrays = {'x': x, 'dt': dt, 'A': A, 'B': B, 'C': C, 'D': D, 'h': h_prev}
     sizes = rt.dim_sizes(LAYOUT, arrays)
-    y, h_final, = rt.launch(mamba2_chunked, LAYOUT, arrays, sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
+    # the number of segments: from the length, the programs and the device's cores (rt.pick_segments),
+    # or `segments`; segment boundaries fall on chunk boundaries
+    nseg, seg_sizes = rt.segments(LAYOUT, sizes, segments, interpret)
+    if nseg == 1:
+        # one walk: every program walks the whole sequence
+        y, h_final, = rt.launch(mamba2_chunked, LAYOUT, arrays, sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
+    else:
+        # (a) every program and segment: the segment's state from a zero state, and its total log-decay
+        h_segment, h_decay, = rt.launch(mamba2_segment_states, SEGMENT_STATES_LAYOUT, arrays, seg_sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
+        # (b) the scan across segments: S_in(j) = D(j-1) * S_in(j-1) + S(j-1), from the initial state
+        h_in, h_final = rt.segment_scan(h_prev, ['b', 'h', 'p', 'n'], h_segment, h_decay, None, ['~seg', 'b', 'h', 'p', 'n'], ['~seg', 'b', 'h'], sizes)
+        # (c) every program and segment: its outputs, walking from the state entering the segment
+        seg_arrays = {**arrays, 'h:in': h_in}
+        y, = rt.launch(mamba2_segment_outputs, SEGMENT_OUTPUTS_LAYOUT, seg_arrays, seg_sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
     return y, h_final

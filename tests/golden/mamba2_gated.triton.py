@@ -5,7 +5,14 @@
 # chunk: chunk-parallel form, chunk length 64 (s: scalar)
 # chunk: decay of s provably |a| <= 1: in-chunk exponents clamped to <= 0 (bounded=True)
 # fuse: 4 elementwise values fused into the stage that consumes them
+# schedule: one walk per program, or sequence-parallel segments - (a) segment states from zero + total decays, (b) a scan across segments, (c) segment outputs from the incoming states; the segment count is chosen at call time from the length, the programs and the device's cores (kernel_runtime.pick_segments; compile(..., segments=N) forces it, 1 = one walk)
 # kernel: chunked form; grid over (b, h), tile over (p, n), p blockable
+# schedule: one walk per program, or sequence-parallel segments - (a) segment states from zero + total decays, (b) a scan across segments, (c) segment outputs from the incoming states; the segment count is chosen at call time from the length, the programs and the device's cores (kernel_runtime.pick_segments; compile(..., segments=N) forces it, 1 = one walk)
+#   buffer %17[b,t,h,p] (fp32): walk -> post
+#   buffer s:segment[segment,b,h,p,n] (fp32): segment_states -> segment scan
+#   buffer s:decay[segment,b,h] (fp32): segment_states -> segment scan
+#   buffer %17[b,t,h,p] (fp32): segment_outputs -> post
+#   buffer s:in[segment,b,h,p,n] (fp32): segment scan -> segment_outputs
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -15,7 +22,7 @@ from ssmc.targets import triton_runtime as rt
 from ssmc.targets.base import ModuleInfo, Param, Result
 
 MODULE_INFO = ModuleInfo(
-    target='triton', entry='mamba2_gated', options=('mm', 'out_dtype', 'interpret'),
+    target='triton', entry='mamba2_gated', options=('mm', 'out_dtype', 'interpret', 'segments'),
     params=(
         Param('x', 'x', 'input', ('b', 't', 'h', 'p')),
         Param('dt_raw', 'dt_raw', 'input', ('b', 't', 'h')),
@@ -33,12 +40,59 @@ MODULE_INFO = ModuleInfo(
         Result('state', 's', ('b', 'h', 'p', 'n')),
     ),
 )
-LAYOUT = {'form': 'chunked', 'scan': 't', 'Q': 64, 'grid': ['b', 'h'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n'], 'inputs': ['x', 'dt_raw', 'dt_bias', 'A_log', 'B', 'C', 'D', 'z', 's'], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt_raw': ['b', 't', 'h'], 'dt_bias': ['h'], 'A_log': ['h'], 'B': ['b', 't', 'g', 'n'], 'C': ['b', 't', 'g', 'n'], 'D': ['h'], 'z': ['b', 't', 'h', 'p'], 's': ['b', 'h', 'p', 'n'], 's:final': ['b', 'h', 'p', 'n'], '%17': ['b', 't', 'h', 'p']}, 'stores': [['s:final', 'state', ['b', 'h', 'p', 'n']], ['%17', 'tmp', ['b', 't', 'h', 'p']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}, 'stride': {'x': {'b': 'x_stride_b', 't': 'x_stride_t', 'h': 'x_stride_h', 'p': 'x_stride_p'}, 'dt_raw': {'b': 'dt_raw_stride_b', 't': 'dt_raw_stride_t', 'h': 'dt_raw_stride_h'}, 'dt_bias': {'h': 'dt_bias_stride_h'}, 'A_log': {'h': 'A_log_stride_h'}, 'B': {'b': 'B_stride_b', 't': 'B_stride_t', 'g': 'B_stride_g', 'n': 'B_stride_n'}, 'C': {'b': 'C_stride_b', 't': 'C_stride_t', 'g': 'C_stride_g', 'n': 'C_stride_n'}, 'D': {'h': 'D_stride_h'}, 'z': {'b': 'z_stride_b', 't': 'z_stride_t', 'h': 'z_stride_h', 'p': 'z_stride_p'}, 's': {'b': 's_stride_b', 'h': 's_stride_h', 'p': 's_stride_p', 'n': 's_stride_n'}, 's:final': {'b': 's_final_stride_b', 'h': 's_final_stride_h', 'p': 's_final_stride_p', 'n': 's_final_stride_n'}, '%17': {'b': 'v17_stride_b', 't': 'v17_stride_t', 'h': 'v17_stride_h', 'p': 'v17_stride_p'}}}}
-POST_LAYOUT = {'form': 'rows', 'scan': '~', 'Q': None, 'grid': ['b', 't', 'g'], 'tile': ['h', 'p'], 'split': [], 'groups': {}, 'group_tile': {'h': 'g'}, 'dims': ['b', 't', 'h', 'p', 'g'], 'inputs': ['%17', 'norm_w'], 'arrays': {'%17': ['b', 't', 'h', 'p'], 'norm_w': ['h', 'p'], 'y': ['b', 't', 'h', 'p']}, 'stores': [['y', 'out', ['b', 't', 'h', 'p']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g'}, 'BLOCK': {'h': 'BLOCK_h', 'p': 'BLOCK_p'}, 'stride': {'%17': {'b': 'v17_stride_b', 't': 'v17_stride_t', 'h': 'v17_stride_h', 'p': 'v17_stride_p'}, 'norm_w': {'h': 'norm_w_stride_h', 'p': 'norm_w_stride_p'}, 'y': {'b': 'y_stride_b', 't': 'y_stride_t', 'h': 'y_stride_h', 'p': 'y_stride_p'}}}}
+LAYOUT = {'form': 'chunked', 'role': 'walk', 'scan': 't', 'Q': 64, 'grid': ['b', 'h'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n'], 'inputs': ['x', 'dt_raw', 'dt_bias', 'A_log', 'B', 'C', 'D', 'z', 's'], 'state_inputs': ['s'], 'carried': [['b', 'h', 'p', 'n']], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt_raw': ['b', 't', 'h'], 'dt_bias': ['h'], 'A_log': ['h'], 'B': ['b', 't', 'g', 'n'], 'C': ['b', 't', 'g', 'n'], 'D': ['h'], 'z': ['b', 't', 'h', 'p'], 's': ['b', 'h', 'p', 'n'], 's:final': ['b', 'h', 'p', 'n'], '%17': ['b', 't', 'h', 'p']}, 'stores': [['s:final', 'state', ['b', 'h', 'p', 'n']], ['%17', 'tmp', ['b', 't', 'h', 'p']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}, 'stride': {'x': {'b': 'x_stride_b', 't': 'x_stride_t', 'h': 'x_stride_h', 'p': 'x_stride_p'}, 'dt_raw': {'b': 'dt_raw_stride_b', 't': 'dt_raw_stride_t', 'h': 'dt_raw_stride_h'}, 'dt_bias': {'h': 'dt_bias_stride_h'}, 'A_log': {'h': 'A_log_stride_h'}, 'B': {'b': 'B_stride_b', 't': 'B_stride_t', 'g': 'B_stride_g', 'n': 'B_stride_n'}, 'C': {'b': 'C_stride_b', 't': 'C_stride_t', 'g': 'C_stride_g', 'n': 'C_stride_n'}, 'D': {'h': 'D_stride_h'}, 'z': {'b': 'z_stride_b', 't': 'z_stride_t', 'h': 'z_stride_h', 'p': 'z_stride_p'}, 's': {'b': 's_stride_b', 'h': 's_stride_h', 'p': 's_stride_p', 'n': 's_stride_n'}, 's:final': {'b': 's_final_stride_b', 'h': 's_final_stride_h', 'p': 's_final_stride_p', 'n': 's_final_stride_n'}, '%17': {'b': 'v17_stride_b', 't': 'v17_stride_t', 'h': 'v17_stride_h', 'p': 'v17_stride_p'}}}}
+SEGMENT_STATES_LAYOUT = {'form': 'chunked', 'role': 'segment_states', 'scan': 't', 'Q': 64, 'grid': ['b', 'h', '~seg'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n', '~seg'], 'inputs': ['x', 'dt_raw', 'dt_bias', 'A_log', 'B'], 'state_inputs': [], 'carried': [['b', 'h', 'p', 'n']], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt_raw': ['b', 't', 'h'], 'dt_bias': ['h'], 'A_log': ['h'], 'B': ['b', 't', 'g', 'n'], 's:segment': ['~seg', 'b', 'h', 'p', 'n'], 's:decay': ['~seg', 'b', 'h']}, 'stores': [['s:segment', 'segment', ['~seg', 'b', 'h', 'p', 'n']], ['s:decay', 'decay', ['~seg', 'b', 'h']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n', '~seg': 'n_segments', '~seg_chunks': 'seg_chunks'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}, 'stride': {'x': {'b': 'x_stride_b', 't': 'x_stride_t', 'h': 'x_stride_h', 'p': 'x_stride_p'}, 'dt_raw': {'b': 'dt_raw_stride_b', 't': 'dt_raw_stride_t', 'h': 'dt_raw_stride_h'}, 'dt_bias': {'h': 'dt_bias_stride_h'}, 'A_log': {'h': 'A_log_stride_h'}, 'B': {'b': 'B_stride_b', 't': 'B_stride_t', 'g': 'B_stride_g', 'n': 'B_stride_n'}, 's:segment': {'~seg': 's_segment_stride_seg', 'b': 's_segment_stride_b', 'h': 's_segment_stride_h', 'p': 's_segment_stride_p', 'n': 's_segment_stride_n'}, 's:decay': {'~seg': 's_decay_stride_seg', 'b': 's_decay_stride_b', 'h': 's_decay_stride_h'}}}}
+SEGMENT_OUTPUTS_LAYOUT = {'form': 'chunked', 'role': 'segment_outputs', 'scan': 't', 'Q': 64, 'grid': ['b', 'h', '~seg'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n', '~seg'], 'inputs': ['x', 'dt_raw', 'dt_bias', 'A_log', 'B', 'C', 'D', 'z', 's:in'], 'state_inputs': ['s:in'], 'carried': [['b', 'h', 'p', 'n']], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt_raw': ['b', 't', 'h'], 'dt_bias': ['h'], 'A_log': ['h'], 'B': ['b', 't', 'g', 'n'], 'C': ['b', 't', 'g', 'n'], 'D': ['h'], 'z': ['b', 't', 'h', 'p'], 's:in': ['~seg', 'b', 'h', 'p', 'n'], '%17': ['b', 't', 'h', 'p']}, 'stores': [['%17', 'tmp', ['b', 't', 'h', 'p']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n', '~seg': 'n_segments', '~seg_chunks': 'seg_chunks'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}, 'stride': {'x': {'b': 'x_stride_b', 't': 'x_stride_t', 'h': 'x_stride_h', 'p': 'x_stride_p'}, 'dt_raw': {'b': 'dt_raw_stride_b', 't': 'dt_raw_stride_t', 'h': 'dt_raw_stride_h'}, 'dt_bias': {'h': 'dt_bias_stride_h'}, 'A_log': {'h': 'A_log_stride_h'}, 'B': {'b': 'B_stride_b', 't': 'B_stride_t', 'g': 'B_stride_g', 'n': 'B_stride_n'}, 'C': {'b': 'C_stride_b', 't': 'C_stride_t', 'g': 'C_stride_g', 'n': 'C_stride_n'}, 'D': {'h': 'D_stride_h'}, 'z': {'b': 'z_stride_b', 't': 'z_stride_t', 'h': 'z_stride_h', 'p': 'z_stride_p'}, 's:in': {'~seg': 's_in_stride_seg', 'b': 's_in_stride_b', 'h': 's_in_stride_h', 'p': 's_in_stride_p', 'n': 's_in_stride_n'}, '%17': {'b': 'v17_stride_b', 't': 'v17_stride_t', 'h': 'v17_stride_h', 'p': 'v17_stride_p'}}}}
+POST_LAYOUT = {'form': 'rows', 'role': 'rows', 'scan': '~', 'Q': None, 'grid': ['b', 't', 'g'], 'tile': ['h', 'p'], 'split': [], 'groups': {}, 'group_tile': {'h': 'g'}, 'dims': ['b', 't', 'h', 'p', 'g'], 'inputs': ['%17', 'norm_w'], 'state_inputs': [], 'carried': [], 'arrays': {'%17': ['b', 't', 'h', 'p'], 'norm_w': ['h', 'p'], 'y': ['b', 't', 'h', 'p']}, 'stores': [['y', 'out', ['b', 't', 'h', 'p']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g'}, 'BLOCK': {'h': 'BLOCK_h', 'p': 'BLOCK_p'}, 'stride': {'%17': {'b': 'v17_stride_b', 't': 'v17_stride_t', 'h': 'v17_stride_h', 'p': 'v17_stride_p'}, 'norm_w': {'h': 'norm_w_stride_h', 'p': 'norm_w_stride_p'}, 'y': {'b': 'y_stride_b', 't': 'y_stride_t', 'h': 'y_stride_h', 'p': 'y_stride_p'}}}}
 
 
 @triton.jit(do_not_specialize=['N_b', 'N_h', 'N_t'])
-def mamba2_gated_chunked(x_ptr, dt_raw_ptr, dt_bias_ptr, A_log_ptr, B_ptr, C_ptr, D_ptr, z_ptr, s_prev_ptr, N_b, N_h, N_t, s_final_ptr, v17_ptr, N_p: tl.constexpr, N_g: tl.constexpr, N_n: tl.constexpr, BLOCK_p: tl.constexpr, BLOCK_n: tl.constexpr, Q: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr, x_stride_h: tl.constexpr, x_stride_p: tl.constexpr, dt_raw_stride_h: tl.constexpr, dt_bias_stride_h: tl.constexpr, A_log_stride_h: tl.constexpr, B_stride_t: tl.constexpr, B_stride_g: tl.constexpr, B_stride_n: tl.constexpr, C_stride_t: tl.constexpr, C_stride_g: tl.constexpr, C_stride_n: tl.constexpr, D_stride_h: tl.constexpr, z_stride_h: tl.constexpr, z_stride_p: tl.constexpr, s_stride_h: tl.constexpr, s_stride_p: tl.constexpr, s_stride_n: tl.constexpr, s_final_stride_h: tl.constexpr, s_final_stride_p: tl.constexpr, s_final_stride_n: tl.constexpr, v17_stride_h: tl.constexpr, v17_stride_p: tl.constexpr):
+def mamba2_gated_chunked(
+    x_ptr,
+    dt_raw_ptr,
+    dt_bias_ptr,
+    A_log_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    z_ptr,
+    s_prev_ptr,
+    N_b,
+    N_h,
+    N_t,
+    s_final_ptr,
+    v17_ptr,
+    N_p: tl.constexpr,
+    N_g: tl.constexpr,
+    N_n: tl.constexpr,
+    BLOCK_p: tl.constexpr,
+    BLOCK_n: tl.constexpr,
+    Q: tl.constexpr,
+    MM: tl.constexpr,
+    PREC: tl.constexpr,
+    x_stride_h: tl.constexpr,
+    x_stride_p: tl.constexpr,
+    dt_raw_stride_h: tl.constexpr,
+    dt_bias_stride_h: tl.constexpr,
+    A_log_stride_h: tl.constexpr,
+    B_stride_t: tl.constexpr,
+    B_stride_g: tl.constexpr,
+    B_stride_n: tl.constexpr,
+    C_stride_t: tl.constexpr,
+    C_stride_g: tl.constexpr,
+    C_stride_n: tl.constexpr,
+    D_stride_h: tl.constexpr,
+    z_stride_h: tl.constexpr,
+    z_stride_p: tl.constexpr,
+    s_stride_h: tl.constexpr,
+    s_stride_p: tl.constexpr,
+    s_stride_n: tl.constexpr,
+    s_final_stride_h: tl.constexpr,
+    s_final_stride_p: tl.constexpr,
+    s_final_stride_n: tl.constexpr,
+    v17_stride_h: tl.constexpr,
+    v17_stride_p: tl.constexpr,
+):
     # strides spanning a runtime size (batch, heads, length): computed, not compiled in
     x_stride_t = N_h * x_stride_h
     x_stride_b = N_t * x_stride_t
@@ -117,8 +171,247 @@ def mamba2_gated_chunked(x_ptr, dt_raw_ptr, dt_bias_ptr, A_log_ptr, B_ptr, C_ptr
     tl.store(s_final_ptr + i_b * s_final_stride_b + i_h * s_final_stride_h + o_p[:, None] * s_final_stride_p + o_n * s_final_stride_n, (state_s_prev).to(s_final_ptr.dtype.element_ty), mask=((o_p < N_p))[:, None] & (o_n < N_n))
 
 
+@triton.jit(do_not_specialize=['N_b', 'N_h', 'n_segments', 'N_t', 'seg_chunks'])
+def mamba2_gated_segment_states(
+    x_ptr,
+    dt_raw_ptr,
+    dt_bias_ptr,
+    A_log_ptr,
+    B_ptr,
+    N_b,
+    N_h,
+    n_segments,
+    N_t,
+    seg_chunks,
+    s_segment_ptr,
+    s_decay_ptr,
+    N_p: tl.constexpr,
+    N_g: tl.constexpr,
+    N_n: tl.constexpr,
+    BLOCK_p: tl.constexpr,
+    BLOCK_n: tl.constexpr,
+    Q: tl.constexpr,
+    MM: tl.constexpr,
+    PREC: tl.constexpr,
+    x_stride_h: tl.constexpr,
+    x_stride_p: tl.constexpr,
+    dt_raw_stride_h: tl.constexpr,
+    dt_bias_stride_h: tl.constexpr,
+    A_log_stride_h: tl.constexpr,
+    B_stride_t: tl.constexpr,
+    B_stride_g: tl.constexpr,
+    B_stride_n: tl.constexpr,
+    s_segment_stride_h: tl.constexpr,
+    s_segment_stride_p: tl.constexpr,
+    s_segment_stride_n: tl.constexpr,
+    s_decay_stride_h: tl.constexpr,
+):
+    # schedule step (a): this segment's state from a zero state, and its total log-decay; no outputs
+    # strides spanning a runtime size (batch, heads, length): computed, not compiled in
+    x_stride_t = N_h * x_stride_h
+    x_stride_b = N_t * x_stride_t
+    dt_raw_stride_t = N_h * dt_raw_stride_h
+    dt_raw_stride_b = N_t * dt_raw_stride_t
+    B_stride_b = N_t * B_stride_t
+    s_segment_stride_b = N_h * s_segment_stride_h
+    s_segment_stride_seg = N_b * s_segment_stride_b
+    s_decay_stride_b = N_h * s_decay_stride_h
+    s_decay_stride_seg = N_b * s_decay_stride_b
+    # one program per (b, h, segment) x block of (p)
+    pid = tl.program_id(0)
+    i_seg = pid % n_segments
+    pid_seg = pid // n_segments
+    i_h = pid_seg % N_h
+    pid_seg_h = pid_seg // N_h
+    i_b = pid_seg_h
+    bid = tl.program_id(1)
+    j_p = bid % ((N_p + BLOCK_p - 1) // BLOCK_p)
+    i_g = i_h // (N_h // N_g)  # head h reads group g
+    o_p = j_p * BLOCK_p + tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
+    o_n = tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
+    in_chunk = tl.arange(0, Q)  # positions within a chunk
+    # inputs without the scan dim: loaded once
+    dt_bias = tl.load(dt_bias_ptr + i_h * dt_bias_stride_h).to(tl.float32)
+    A_log = tl.load(A_log_ptr + i_h * A_log_stride_h).to(tl.float32)
+    v3 = tl.exp(A_log)
+    A = -(v3)
+    # the state, held on chip for the whole segment (fp32)
+    state_s_prev = tl.zeros((BLOCK_p, BLOCK_n,), tl.float32)  # from a zero state
+    s_L_total = 0.0  # summed over the segment's chunks
+    for c in range(i_seg * seg_chunks, tl.minimum(i_seg * seg_chunks + seg_chunks, (N_t + Q - 1) // Q)):
+        tt = c * Q + in_chunk
+        valid = tt < N_t
+        ttc = tl.minimum(tt, N_t - 1)
+        x = tl.load(x_ptr + i_b * x_stride_b + ttc[:, None] * x_stride_t + i_h * x_stride_h + o_p * x_stride_p, mask=(o_p < N_p), other=0.0).to(tl.float32)
+        dt_raw = tl.load(dt_raw_ptr + i_b * dt_raw_stride_b + ttc * dt_raw_stride_t + i_h * dt_raw_stride_h).to(tl.float32)
+        B = tl.load(B_ptr + i_b * B_stride_b + ttc[:, None] * B_stride_t + i_g * B_stride_g + o_n * B_stride_n, mask=(o_n < N_n), other=0.0).to(tl.float32)
+        # stage prologue
+        v1 = dt_raw + dt_bias
+        dt = (tl.maximum(v1, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(v1))))
+        v5 = dt * A
+        s_ell = tl.maximum(v5, (-69.07755278982137))
+        # stage cumsum
+        s_L_ell = tl.where(valid, s_ell, 0.0)  # log-decay per step (0 past the end)
+        s_L = tl.cumsum(s_L_ell, axis=0)  # summed within the chunk
+        s_L_last = tl.sum(tl.where(in_chunk == Q - 1, s_L, 0.0), axis=0)  # log-decay across the chunk: the cumsum's last row (exp(last - L) is exactly 1 at the last step)
+        # stage chunk_state
+        # stage chunk_state + state_passing (s)
+        s_upd_w = tl.where(valid, tl.exp(tl.minimum(s_L_last - s_L, 0.0)), 0.0)  # decay from each step to the chunk's end
+        c1 = tl.dot(tl.trans(x).to(MM), ((B) * ((s_upd_w) * dt)[:, None]).to(MM), input_precision=PREC)
+        state_s_prev = tl.exp(s_L_last) * state_s_prev + c1  # the state entering the next chunk
+        s_L_total = s_L_total + s_L_last  # the segment's total so far
+    # stage output: the segment's state and totals
+    tl.store(s_segment_ptr + i_seg * s_segment_stride_seg + i_b * s_segment_stride_b + i_h * s_segment_stride_h + o_p[:, None] * s_segment_stride_p + o_n * s_segment_stride_n, (state_s_prev).to(s_segment_ptr.dtype.element_ty), mask=((o_p < N_p))[:, None] & (o_n < N_n))
+    tl.store(s_decay_ptr + i_seg * s_decay_stride_seg + i_b * s_decay_stride_b + i_h * s_decay_stride_h, (s_L_total).to(s_decay_ptr.dtype.element_ty))
+
+
+@triton.jit(do_not_specialize=['N_b', 'N_h', 'n_segments', 'N_t', 'seg_chunks'])
+def mamba2_gated_segment_outputs(
+    x_ptr,
+    dt_raw_ptr,
+    dt_bias_ptr,
+    A_log_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    z_ptr,
+    s_in_ptr,
+    N_b,
+    N_h,
+    n_segments,
+    N_t,
+    seg_chunks,
+    v17_ptr,
+    N_p: tl.constexpr,
+    N_g: tl.constexpr,
+    N_n: tl.constexpr,
+    BLOCK_p: tl.constexpr,
+    BLOCK_n: tl.constexpr,
+    Q: tl.constexpr,
+    MM: tl.constexpr,
+    PREC: tl.constexpr,
+    x_stride_h: tl.constexpr,
+    x_stride_p: tl.constexpr,
+    dt_raw_stride_h: tl.constexpr,
+    dt_bias_stride_h: tl.constexpr,
+    A_log_stride_h: tl.constexpr,
+    B_stride_t: tl.constexpr,
+    B_stride_g: tl.constexpr,
+    B_stride_n: tl.constexpr,
+    C_stride_t: tl.constexpr,
+    C_stride_g: tl.constexpr,
+    C_stride_n: tl.constexpr,
+    D_stride_h: tl.constexpr,
+    z_stride_h: tl.constexpr,
+    z_stride_p: tl.constexpr,
+    s_in_stride_h: tl.constexpr,
+    s_in_stride_p: tl.constexpr,
+    s_in_stride_n: tl.constexpr,
+    v17_stride_h: tl.constexpr,
+    v17_stride_p: tl.constexpr,
+):
+    # schedule step (c): this segment's outputs, from the state entering it (S_in)
+    # strides spanning a runtime size (batch, heads, length): computed, not compiled in
+    x_stride_t = N_h * x_stride_h
+    x_stride_b = N_t * x_stride_t
+    dt_raw_stride_t = N_h * dt_raw_stride_h
+    dt_raw_stride_b = N_t * dt_raw_stride_t
+    B_stride_b = N_t * B_stride_t
+    C_stride_b = N_t * C_stride_t
+    z_stride_t = N_h * z_stride_h
+    z_stride_b = N_t * z_stride_t
+    s_in_stride_b = N_h * s_in_stride_h
+    s_in_stride_seg = N_b * s_in_stride_b
+    v17_stride_t = N_h * v17_stride_h
+    v17_stride_b = N_t * v17_stride_t
+    # one program per (b, h, segment) x block of (p)
+    pid = tl.program_id(0)
+    i_seg = pid % n_segments
+    pid_seg = pid // n_segments
+    i_h = pid_seg % N_h
+    pid_seg_h = pid_seg // N_h
+    i_b = pid_seg_h
+    bid = tl.program_id(1)
+    j_p = bid % ((N_p + BLOCK_p - 1) // BLOCK_p)
+    i_g = i_h // (N_h // N_g)  # head h reads group g
+    o_p = j_p * BLOCK_p + tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
+    o_n = tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
+    in_chunk = tl.arange(0, Q)  # positions within a chunk
+    # inputs without the scan dim: loaded once
+    dt_bias = tl.load(dt_bias_ptr + i_h * dt_bias_stride_h).to(tl.float32)
+    A_log = tl.load(A_log_ptr + i_h * A_log_stride_h).to(tl.float32)
+    D = tl.load(D_ptr + i_h * D_stride_h).to(tl.float32)
+    v3 = tl.exp(A_log)
+    A = -(v3)
+    # the state, held on chip for the whole segment (fp32)
+    s_in = tl.load(s_in_ptr + i_seg * s_in_stride_seg + i_b * s_in_stride_b + i_h * s_in_stride_h + o_p[:, None] * s_in_stride_p + o_n * s_in_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0).to(tl.float32)
+    state_s_in = s_in
+    for c in range(i_seg * seg_chunks, tl.minimum(i_seg * seg_chunks + seg_chunks, (N_t + Q - 1) // Q)):
+        tt = c * Q + in_chunk
+        valid = tt < N_t
+        ttc = tl.minimum(tt, N_t - 1)
+        x = tl.load(x_ptr + i_b * x_stride_b + ttc[:, None] * x_stride_t + i_h * x_stride_h + o_p * x_stride_p, mask=(o_p < N_p), other=0.0).to(tl.float32)
+        dt_raw = tl.load(dt_raw_ptr + i_b * dt_raw_stride_b + ttc * dt_raw_stride_t + i_h * dt_raw_stride_h).to(tl.float32)
+        B = tl.load(B_ptr + i_b * B_stride_b + ttc[:, None] * B_stride_t + i_g * B_stride_g + o_n * B_stride_n, mask=(o_n < N_n), other=0.0).to(tl.float32)
+        C = tl.load(C_ptr + i_b * C_stride_b + ttc[:, None] * C_stride_t + i_g * C_stride_g + o_n * C_stride_n, mask=(o_n < N_n), other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + i_b * z_stride_b + ttc[:, None] * z_stride_t + i_h * z_stride_h + o_p * z_stride_p, mask=(o_p < N_p), other=0.0).to(tl.float32)
+        # stage prologue
+        v1 = dt_raw + dt_bias
+        dt = (tl.maximum(v1, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(v1))))
+        v5 = dt * A
+        v16 = (z) * tl.sigmoid(z)
+        s_ell = tl.maximum(v5, (-69.07755278982137))
+        v11 = D * x
+        v15 = v11 * v16
+        # stage cumsum
+        s_L_ell = tl.where(valid, s_ell, 0.0)  # log-decay per step (0 past the end)
+        s_L = tl.cumsum(s_L_ell, axis=0)  # summed within the chunk
+        s_L_last = tl.sum(tl.where(in_chunk == Q - 1, s_L, 0.0), axis=0)  # log-decay across the chunk: the cumsum's last row (exp(last - L) is exactly 1 at the last step)
+        # stage chunk_state
+        # stage state_passing
+        # stage chunk_output
+        v17_s_new_D = tl.exp(tl.minimum(tl.where(((in_chunk[:, None] >= in_chunk[None, :]) & valid[None, :]), s_L[:, None] - s_L, -1e30), 0.0))  # decay from source s to target t, masked s <= t before exp, exponent clamped to <= 0 (|a| <= 1 proven)
+        c1 = v17_s_new_D * dt
+        c2 = tl.dot((C).to(MM), tl.trans(B).to(MM), input_precision=PREC)
+        c3 = tl.where(((in_chunk[:, None] >= in_chunk[None, :]) & valid[None, :]), (c2) * c1, 0.0)
+        c4 = tl.dot((c3).to(MM), (x).to(MM), input_precision=PREC)
+        v17_s_new_in = (c4) * v16  # in-chunk part
+        v17_s_new_E = tl.exp(s_L)  # decay from the chunk's start
+        c5 = tl.dot(((C) * v17_s_new_E[:, None]).to(MM), tl.trans(state_s_in).to(MM), input_precision=PREC)
+        v17_s_new_st = (c5) * v16  # state part
+        v17_s_new = (v17_s_new_in + v17_s_new_st)
+        # stage epilogue
+        v17 = v17_s_new + v15
+        tl.store(v17_ptr + i_b * v17_stride_b + ttc[:, None] * v17_stride_t + i_h * v17_stride_h + o_p * v17_stride_p, (v17).to(v17_ptr.dtype.element_ty), mask=valid[:, None] & (o_p < N_p))
+        # stage chunk_state + state_passing (s)
+        s_upd_w = tl.where(valid, tl.exp(tl.minimum(s_L_last - s_L, 0.0)), 0.0)  # decay from each step to the chunk's end
+        c6 = tl.dot(tl.trans(x).to(MM), ((B) * ((s_upd_w) * dt)[:, None]).to(MM), input_precision=PREC)
+        state_s_in = tl.exp(s_L_last) * state_s_in + c6  # the state entering the next chunk
+    # stage output
+
+
 @triton.jit(do_not_specialize=['N_b', 'N_t', 'N_g'])
-def mamba2_gated_post(v17_ptr, norm_w_ptr, N_b, N_t, N_g, y_ptr, N_h: tl.constexpr, N_p: tl.constexpr, BLOCK_h: tl.constexpr, BLOCK_p: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr, v17_stride_h: tl.constexpr, v17_stride_p: tl.constexpr, norm_w_stride_h: tl.constexpr, norm_w_stride_p: tl.constexpr, y_stride_h: tl.constexpr, y_stride_p: tl.constexpr):
+def mamba2_gated_post(
+    v17_ptr,
+    norm_w_ptr,
+    N_b,
+    N_t,
+    N_g,
+    y_ptr,
+    N_h: tl.constexpr,
+    N_p: tl.constexpr,
+    BLOCK_h: tl.constexpr,
+    BLOCK_p: tl.constexpr,
+    MM: tl.constexpr,
+    PREC: tl.constexpr,
+    v17_stride_h: tl.constexpr,
+    v17_stride_p: tl.constexpr,
+    norm_w_stride_h: tl.constexpr,
+    norm_w_stride_p: tl.constexpr,
+    y_stride_h: tl.constexpr,
+    y_stride_p: tl.constexpr,
+):
+    # the post-kernel norm over a group of heads
     # strides spanning a runtime size (batch, heads, length): computed, not compiled in
     v17_stride_t = N_g * N_h * v17_stride_h
     v17_stride_b = N_t * v17_stride_t
@@ -139,15 +432,28 @@ def mamba2_gated_post(v17_ptr, norm_w_ptr, N_b, N_t, N_g, y_ptr, N_h: tl.constex
     ms1 = tl.sum(tl.sum(tl.where((o_p < N_p), tl.where(((o_h < N_h))[:, None], v17 * v17, 0.0), 0.0), axis=1), axis=0) / (N_h * N_p)
     v18 = v17 * tl.rsqrt(ms1 + 1e-05)  # rmsnorm over h,p
     y = v18 * norm_w
-    # stage output
     tl.store(y_ptr + i_b * y_stride_b + i_t * y_stride_t + ((i_g * N_h + o_h))[:, None] * y_stride_h + o_p * y_stride_p, (y).to(y_ptr.dtype.element_ty), mask=((o_h < N_h))[:, None] & (o_p < N_p))
 
 
 # mm: matmul operand dtype (fp32, or the inputs' bf16/fp16); out_dtype: dtype of the outs
-def mamba2_gated(x, dt_raw, dt_bias, A_log, B, C, D, z, norm_w, s_prev, *, mm=jnp.float32, out_dtype=jnp.float32, interpret=False):
+# segments: None (chosen per call from the sizes and the device), or a number of segments (1: one walk)
+def mamba2_gated(x, dt_raw, dt_bias, A_log, B, C, D, z, norm_w, s_prev, *, mm=jnp.float32, out_dtype=jnp.float32, interpret=False, segments=None):
     arrays = {'x': x, 'dt_raw': dt_raw, 'dt_bias': dt_bias, 'A_log': A_log, 'B': B, 'C': C, 'D': D, 'z': z, 's': s_prev}
     sizes = rt.dim_sizes(LAYOUT, arrays)
-    s_final, v17, = rt.launch(mamba2_gated_chunked, LAYOUT, arrays, sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
+    # the number of segments: from the length, the programs and the device's cores (rt.pick_segments),
+    # or `segments`; segment boundaries fall on chunk boundaries
+    nseg, seg_sizes = rt.segments(LAYOUT, sizes, segments, interpret)
+    if nseg == 1:
+        # one walk: every program walks the whole sequence
+        s_final, v17, = rt.launch(mamba2_gated_chunked, LAYOUT, arrays, sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
+    else:
+        # (a) every program and segment: the segment's state from a zero state, and its total log-decay
+        s_segment, s_decay, = rt.launch(mamba2_gated_segment_states, SEGMENT_STATES_LAYOUT, arrays, seg_sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
+        # (b) the scan across segments: S_in(j) = D(j-1) * S_in(j-1) + S(j-1), from the initial state
+        s_in, s_final = rt.segment_scan(s_prev, ['b', 'h', 'p', 'n'], s_segment, s_decay, None, ['~seg', 'b', 'h', 'p', 'n'], ['~seg', 'b', 'h'], sizes)
+        # (c) every program and segment: its outputs, walking from the state entering the segment
+        seg_arrays = {**arrays, 's:in': s_in}
+        v17, = rt.launch(mamba2_gated_segment_outputs, SEGMENT_OUTPUTS_LAYOUT, seg_arrays, seg_sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
     # stage epilogue: a norm over a group of heads spans programs, so it is a kernel of its own
     post_arrays = {'%17': v17, 'norm_w': norm_w}
     y, = rt.launch(mamba2_gated_post, POST_LAYOUT, post_arrays, sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)

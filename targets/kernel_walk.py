@@ -1,0 +1,157 @@
+"""The walk of one kernel program over the sequence, written once for every kernel target.
+
+What a program does is the same on Triton and Pallas TPU: load the inputs without the scan dim and compute the
+values that need no time step (once), set up the running state, then per chunk (or per step) load the timed
+inputs, run the IR's stages in order, store the timed results and update the state, and at the end store the final
+state. The targets differ in how each of these is spelled, which are the hooks below: program ids, loads and
+stores (pointer arithmetic vs BlockSpec'd refs), the loop (a Triton `for` over chunks vs Pallas' time grid axis,
+whose running state lives in VMEM scratch between grid steps), and where the state starts and ends.
+
+Roles (kernel_plan.Schedule): `walk` walks the whole sequence from the initial states; `segment_states` (a) walks
+its segment's chunks from a zero state computing only what the state update needs, plus the segment's total
+log-decay (and count of negative decay factors) per state; `segment_outputs` (c) walks its segment from the
+incoming state S_in the scan across segments gave it, writing the outputs; `rows` is the post-kernel norm.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+
+class KernelWalk:
+    """Mixin of a target's kernel writer: `walk()` writes a kernel's body through the target's hooks."""
+
+    plan = body = w = pn = None  # set by the writer
+
+    # ---- hooks (each target) --------------------------------------------------------------------------------
+    def program_ids(self):
+        raise NotImplementedError
+
+    def offsets(self):
+        """Index tiles of the tile dims (Triton's aranges); nothing where blocks place the tiles."""
+
+    def begin(self):
+        """Before anything else runs in a program: where the running state is set up outside the walk."""
+
+    def load(self, leaf, time):
+        raise NotImplementedError
+
+    def store(self, kind, name, value, time):
+        raise NotImplementedError
+
+    def start_states(self):
+        """Bind every state's on-chip variable (body.state_var) before the loop."""
+        raise NotImplementedError
+
+    @contextmanager
+    def chunk_loop(self):
+        """The loop over chunks: code inside runs once per chunk with `valid` set (steps past the end are off)."""
+        raise NotImplementedError
+        yield
+
+    @contextmanager
+    def step_loop(self):
+        raise NotImplementedError
+        yield
+
+    def chunk_time(self):
+        """The time index expression of a chunk's loads and stores (None: the block is the chunk)."""
+        return None
+
+    def add_totals(self):
+        """segment_states: add this chunk's log-decay (and negative factors) to the segment's totals."""
+        raise NotImplementedError
+
+    def step_update(self):
+        self.body.step_updates()
+
+    def end(self):
+        """After the loop: final states (walk), the segment's state and totals (segment_states)."""
+        raise NotImplementedError
+
+    # ---- the walk -------------------------------------------------------------------------------------------
+    def walk(self):
+        k, w, body = self.plan, self.w, self.body
+        self.program_ids()
+        self.offsets()
+        self.begin()
+        static = [i for i in k.inputs if k.scan not in i.dims]
+        if static and k.form != "rows":
+            w("# inputs without the scan dim: loaded once")
+        for leaf in static:
+            self.load(leaf, None)
+        for i in k.hoisted:
+            body.instr(i)
+        for kind, name, v in k.stores:  # results without the scan dim (values of the post-kernel code, outs)
+            if kind in ("out", "tmp") and k.scan not in self.store_dims(kind, name, v) and v in body.vals:
+                self.store(kind, name, v, None)
+        if k.form == "rows":
+            return
+        self.start_states()
+        if k.form == "chunked":
+            with self.chunk_loop():
+                self.chunk_stages(self.chunk_time())
+        else:
+            with self.step_loop():
+                for leaf in self.timed_inputs():
+                    self.load(leaf, "t_i")
+                self.w("# stage step")
+                for i in k.body:
+                    body.instr(i)
+                self.timed_stores("t_i")
+                self.step_update()
+        self.end()
+
+    def timed_inputs(self):
+        return [i for i in self.plan.inputs if self.plan.scan in i.dims]
+
+    def timed_stores(self, time):
+        k = self.plan
+        for kind, name, v in k.stores:
+            if kind in ("out", "tmp") and k.scan in self.store_dims(kind, name, v):
+                self.store(kind, name, v, time)
+
+    def chunk_stages(self, time):
+        """One chunk: timed loads, the IR's stages in order, timed stores, then the fused state update."""
+        k, w, body = self.plan, self.w, self.body
+        for leaf in self.timed_inputs():
+            self.load(leaf, time)
+        stage = None
+        for i in k.body:
+            s = i.attr("stage")
+            if s != stage:
+                w(f"# stage {s}")
+                stage = s
+            body.instr(i)
+        self.timed_stores(time)
+        for i in k.body:
+            if i.op == "chunk.states":
+                w(f"# stage chunk_state + state_passing ({i.attr('state')})")
+                body.state_update(i)
+        if k.totals:
+            self.add_totals()
+
+    # ---- what the hooks share -------------------------------------------------------------------------------
+    def state_var(self, s) -> str:
+        """The variable holding state leaf `s` on chip (registered with the tile body)."""
+        S = s.attr("state")
+        var = self.pn.key(("state", S), f"state_{self.pn(s.name)}")
+        self.body.state_var[S] = var
+        self.body.vals[s.name] = (var, self.body.state_axes(S))
+        return var
+
+    def total_vars(self) -> list[tuple[str, str, tuple]]:
+        """(total's variable, the per-chunk value it sums, its axes) of each segment total."""
+        out = []
+        for ssa in self.plan.totals:
+            axes = tuple(a for a in self.body.sort(self.body.axes_of(self.plan.by()[ssa].dims)) if a != self.plan.scan)
+            var = self.pn.local(ssa, "total")
+            self.body.vals[f"{ssa}:total"] = (var, axes)
+            out.append((var, self.pn.local(ssa, "last"), axes))
+        return out
+
+    def role_comment(self) -> str:
+        k = self.plan
+        return {"segment_states": "schedule step (a): this segment's state from a zero state, and its total "
+                                  "log-decay; no outputs",
+                "segment_outputs": "schedule step (c): this segment's outputs, from the state entering it (S_in)",
+                "rows": "the post-kernel norm over a group of heads"}.get(k.role, "")
