@@ -59,7 +59,7 @@ def jax_triton_key(args, kwargs):
 
 def _walk_object(k):
     """The @triton.jit object of the one-walk kernel (the module also holds the segment kernels)."""
-    return _jit_objects(k)[getattr(k._module, k._module.ENTRY + "_chunked").fn]
+    return _jit_objects(k)[getattr(k._module, k._module.MODULE_INFO.entry + "_chunked").fn]
 
 
 def _count_compiles(k, launches):
@@ -91,7 +91,7 @@ def test_new_length_reuses_the_compiled_kernel(sx, rng, launches, name, chunk, c
     keys = _count_compiles(k, launches)
     assert keys, "no kernel launch was recorded"
     if segments:
-        assert set(keys) == {f"{k._module.ENTRY}_segment_states", f"{k._module.ENTRY}_segment_outputs"}, keys
+        assert set(keys) == {f"{k._module.MODULE_INFO.entry}_segment_states", f"{k._module.MODULE_INFO.entry}_segment_outputs"}, keys
     for kname, (tk, jk) in keys.items():
         n = sum(1 for fn, *_ in launches if fn.__name__ == kname)
         assert n == len(calls), (kname, n)
