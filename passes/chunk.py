@@ -34,11 +34,14 @@ SUB_CLASSES = ("key-wise", "value-wise")
 
 
 def sub_chunk(Q: int, sub: int) -> int:
-    """The sub-chunk length for chunk length Q: the largest divisor of Q that is <= sub (Q itself when Q <= sub:
-    one sub-chunk, the diagonal block only)."""
+    """The sub-chunk length for chunk length Q: the largest divisor of Q that is <= sub, preferring multiples of 8
+    (whole sublane tiles on TPU) when there is one; Q itself (one sub-chunk: the diagonal block only) when Q <= sub
+    or Q has no such divisor of at least 4."""
     if Q <= sub:
         return Q
-    return max(c for c in range(1, sub + 1) if Q % c == 0)
+    divisors = [c for c in range(1, sub + 1) if Q % c == 0]
+    C = max([c for c in divisors if c % 8 == 0] or divisors)
+    return C if C >= min(4, sub) else Q  # sub-chunks of 1-3 steps (Q prime...): the [Q, Q, K] form instead
 LOG_FLOOR = math.log(1e-30)  # log-decays below this are a reset at fp32 resolution (and never -inf)
 
 

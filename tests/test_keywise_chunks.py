@@ -251,3 +251,27 @@ def test_no_q_by_q_by_k_tile():
         # the old form broadcast the cumulative decay to [t, s, k]: L[:, None, :] - L
         assert "S_L[:, None, :] - S_L" not in src, target
         assert ("tl.dot(" if target == "triton" else "lax.dot_general(") in src
+
+
+def test_sub_chunk_length_choice():
+    """The sub-chunk length divides the chunk: the largest divisor up to `sub`, whole sublane tiles (multiples of 8)
+    preferred; a chunk without a divisor of 4 or more keeps the one-block form."""
+    from ssmc.passes.chunk import sub_chunk
+    assert [sub_chunk(q, 16) for q in (8, 16, 24, 32, 48, 64, 30, 23)] == [8, 16, 8, 16, 16, 16, 15, 23]
+    assert sub_chunk(64, 8) == 8 and sub_chunk(32, 4) == 4
+
+
+@pytest.mark.parametrize("name", ["gla", "value_wise"])
+def test_chunk_24_in_sub_chunks_of_8(name, rng):
+    """a chunk length that is not a power of two (24) splits into sub-chunks of 8"""
+    text, make = SPECS[name]
+    text = text if text.lstrip().startswith(("#", "ssm")) else f"ssm {name} {{{text}}}"
+    x, ref = make(rng, 50)
+    k = ssmc.compile(text, chunk_size=24, cache=False)
+    assert "sub=8" in k.ir and "chunk=24" in k.ir
+    S0 = _rn(rng, B, H, K, V, scale=0.5)
+    o_ref, S_ref = ref(S0)
+    if isinstance(o_ref, tuple):
+        o_ref, S_ref = o_ref[0], S_ref[0]
+    o, S = k(**x, initial_state=S0)
+    assert rel_l2(np.asarray(o), o_ref) < TOL and rel_l2(np.asarray(S), S_ref) < TOL
