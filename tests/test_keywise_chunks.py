@@ -222,7 +222,10 @@ def check(name, target, chunk, sub, T, rng, monkeypatch):
 CONFIGS = [(None, None, 37), (32, 8, 45), (32, 16, 45), (64, 16, 100)]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[f"chunk{c}-sub{s}-t{t}" for c, s, t in CONFIGS])
+# the fast set (-m "not slow") keeps the default and 32 / 8 on xla, and the specs of FAST on the interpreters
+@pytest.mark.parametrize("config", [pytest.param(c, marks=() if i < 2 else pytest.mark.slow)
+                                    for i, c in enumerate(CONFIGS)],
+                         ids=[f"chunk{c}-sub{s}-t{t}" for c, s, t in CONFIGS])
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_xla(name, config, rng, monkeypatch):
     check(name, "xla", *config, rng, monkeypatch)
@@ -233,11 +236,15 @@ def test_xla(name, config, rng, monkeypatch):
 KERNEL_CONFIGS = [(32, 16, 45), (64, 16, 70), (32, 8, 37)]
 
 
-@pytest.mark.parametrize("config", [pytest.param(c, marks=() if i == 0 else pytest.mark.slow)
-                                    for i, c in enumerate(KERNEL_CONFIGS)],
-                         ids=[f"chunk{c}-sub{s}-t{t}" for c, s, t in KERNEL_CONFIGS])
-@pytest.mark.parametrize("name", sorted(SPECS))
-@pytest.mark.parametrize("target", ["triton", "tpu"])
+FAST = ("gla", "rwkv6_bonus", "value_wise", "signed_key_wise_bonus", "strong")
+
+
+KERNEL_CASES = [pytest.param(target, name, c, marks=() if (c == KERNEL_CONFIGS[0] and name in FAST) else pytest.mark.slow,
+                             id=f"{target}-{name}-chunk{c[0]}-sub{c[1]}-t{c[2]}")
+                for target in ("triton", "tpu") for name in sorted(SPECS) for c in KERNEL_CONFIGS]
+
+
+@pytest.mark.parametrize("target,name,config", KERNEL_CASES)
 def test_kernels(target, name, config, rng, monkeypatch):
     check(name, target, *config, rng, monkeypatch)
 
