@@ -25,7 +25,23 @@ from .linear import NotLinear
 from .plan import make_plan
 
 # Default chunk length per class (the smallest over a program's states is used).
-DEFAULT_CHUNK = {"identity": 64, "constant": 64, "scalar": 64, "key-wise": 16, "value-wise": 16, "elementwise": 32}
+DEFAULT_CHUNK = {"identity": 64, "constant": 64, "scalar": 64, "key-wise": 64, "value-wise": 64, "elementwise": 32}
+# Key-wise and value-wise decays split each chunk into sub-chunks of this many steps: blocks between two different
+# sub-chunks are matmuls (exponents taken from a reference at a sub-chunk boundary, both <= 0 for |a| <= 1), only
+# the diagonal blocks are computed elementwise ([C, C, K] per sub-chunk, never [Q, Q, K]).
+DEFAULT_SUB = 16
+SUB_CLASSES = ("key-wise", "value-wise")
+
+
+def sub_chunk(Q: int, sub: int) -> int:
+    """The sub-chunk length for chunk length Q: the largest divisor of Q that is <= sub, preferring multiples of 8
+    (whole sublane tiles on TPU) when there is one; Q itself (one sub-chunk: the diagonal block only) when Q <= sub
+    or Q has no such divisor of at least 4."""
+    if Q <= sub:
+        return Q
+    divisors = [c for c in range(1, sub + 1) if Q % c == 0]
+    C = max([c for c in divisors if c % 8 == 0] or divisors)
+    return C if C >= min(4, sub) else Q  # sub-chunks of 1-3 steps (Q prime...): the [Q, Q, K] form instead
 LOG_FLOOR = math.log(1e-30)  # log-decays below this are a reset at fp32 resolution (and never -inf)
 
 
@@ -39,6 +55,8 @@ class Chunk:
     size: int = 0  # 0: the default of the states' classes; 1: sequential scan
     elementwise: str = "chunked"  # or "sequential": how a default-sized elementwise decay is scheduled
     scalar: int = 64  # default chunk length of the identity / constant / scalar classes (a target's choice)
+    keywise: int = DEFAULT_CHUNK["key-wise"]  # default chunk length of the key-wise / value-wise classes
+    sub: int = DEFAULT_SUB  # sub-chunk length of key-wise / value-wise chunks (<= the chunk length)
     name = "chunk"
 
     def run(self, p: Program) -> Program:
@@ -46,6 +64,8 @@ class Chunk:
             return p.with_instrs(p.instrs, note="chunk: sequential scan (chunk size 1 requested)")
         if self.size < 0:
             raise ValueError(f"chunk size must be >= 1, got {self.size}")
+        if self.sub < 1:
+            raise ValueError(f"sub-chunk length must be >= 1, got {self.sub}")
         p, shared = share_state_free(p)
         plan = make_plan(p)
         if not plan.chunkable:
@@ -56,9 +76,10 @@ class Chunk:
             return p.with_instrs(p.instrs, note=f"chunk: sequential scan: elementwise decay of {', '.join(elem)} has no "
                                  f"matmul form, and on this backend walking time once beats the two-pass chunked scan "
                                  f"(pass chunk_size to force it)")
-        defaults = {**DEFAULT_CHUNK, **{k: self.scalar for k in ("identity", "constant", "scalar")}}
+        defaults = {**DEFAULT_CHUNK, **{k: self.scalar for k in ("identity", "constant", "scalar")},
+                    **{k: self.keywise for k in SUB_CLASSES}}
         Q = self.size or min(defaults[sp.klass] for sp in plan.states.values())
-        out = _Rewrite(p, plan, Q).run()
+        out = _Rewrite(p, plan, Q, sub_chunk(Q, self.sub)).run()
         if shared:
             out = out.with_instrs(out.instrs, note=f"chunk: {shared} repeated state-free value(s) computed once")
         return out
@@ -89,8 +110,8 @@ def share_state_free(p: Program) -> tuple[Program, int]:
 
 
 class _Rewrite:
-    def __init__(self, p: Program, plan, Q: int):
-        self.p, self.plan, self.Q = p, plan, Q
+    def __init__(self, p: Program, plan, Q: int, C: int):
+        self.p, self.plan, self.Q, self.C = p, plan, Q, C
         self.an = plan.analysis
         cd = chunk_dim(p.scan)
         k = p.dims.index(p.scan)
@@ -157,7 +178,7 @@ class _Rewrite:
             args, attrs = ChunkArgs(L=L, sigma=sigma, chunks=chunks, enter=enter).encode()
             final = self.emit(f"%{S}.final", "chunk.final", args, sp.dims, span, chunk=Q, state=S, **attrs)
             stage[S] = dict(ell=ell, L=L, sigma=sigma, sgn=step_sgn, enter=enter, u=u, uc=uc, form=form, final=final,
-                            bounded=bd)
+                            bounded=bd, raw_sgn=sgn)
         # readouts
         for name, lin in self.plan.readouts.items():
             r = an.by[name]
@@ -165,11 +186,15 @@ class _Rewrite:
             parts = []
             for k, t in enumerate(lin.terms):
                 s = stage[t.state]
-                args, attrs = ChunkArgs(ell=s["ell"], L=s["L"], sigma=s["sigma"], sgn=s["sgn"], enter=s["enter"],
+                # read before the update with a signed decay: the sign through t-1 is sigma_t / sign(a_t)
+                sgn = s["sgn"] if s["form"] == "scan" or t.when != "prev" or not s["sigma"] else s["raw_sgn"]
+                args, attrs = ChunkArgs(ell=s["ell"], L=s["L"], sigma=s["sigma"], sgn=sgn, enter=s["enter"],
                                         q=t.factors,
                                         qcoef=t.coef, u=s["u"], ucoef=s["uc"]).encode()
                 single = len(lin.terms) == 1 and not lin.rest
                 part_name = name if single else an.namer(f"{name[1:]}.{t.state}.{t.when}")
+                if self.plan.states[t.state].klass in SUB_CLASSES:
+                    attrs["sub"] = self.C  # sub-chunk length of the in-chunk part (C == Q: one diagonal block)
                 parts.append(self.emit(part_name, "chunk.output", args, dims, r.span, chunk=Q, state=t.state,
                                        when=t.when, form=s["form"], bounded=s["bounded"], **attrs))
             for x in lin.rest:
@@ -197,6 +222,9 @@ class _Rewrite:
         body = [i for i in self.out if i.op != "out"]
         classes = ", ".join(f"{sp.name}: {sp.klass}" for sp in self.plan.states.values())
         note = f"chunk: chunk-parallel form, chunk length {Q} ({classes})"
+        if any(sp.klass in SUB_CLASSES for sp in self.plan.states.values()) and self.C < Q:
+            note += (f"\nchunk: key-/value-wise in-chunk part in sub-chunks of {self.C} steps (sub={self.C}): "
+                     f"blocks between sub-chunks are matmuls, diagonal blocks elementwise")
         for S, bd in bounded.items():
             note += (f"\nchunk: decay of {S} provably |a| <= 1: in-chunk exponents clamped to <= 0 (bounded=True)" if bd
                      else f"\nchunk: decay of {S} not provably |a| <= 1: exact in-chunk exponents, no clamp (a growing "

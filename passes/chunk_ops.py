@@ -8,7 +8,11 @@ Stage ops (per state S, chunk length Q along the scan dim, `t#` = chunk index):
   chunk.final   L [sigma] chunks enter        -> [S]      the state after the last step
   chunk.output  ell L [sigma] [sgn] enter q... u... -> [t, ...] q_t · S_t (when=new) or q_t · S_{t-1} (when=prev):
                 in-chunk part Σ_s (q_t · u_s) exp(L_t - L_s) + state part exp(L_t) q_t · S_enter
-`sgn` (the sign of a_t at each step) comes only with form=scan, which walks the steps with a_t = sgn_t exp(ell_t).
+`sgn` (the sign of a_t at each step) comes with form=scan, which walks the steps with a_t = sgn_t exp(ell_t), and
+with a quadratic chunk.output that reads before the update (when=prev) of a signed decay: its target side takes
+the sign through t-1, sigma_t * sign(a_t) (a zero decay counts as positive, as in the cumulative sign).
+`sub` (on chunk.output of key-wise / value-wise states): the sub-chunk length C of the in-chunk part; C < Q splits
+the chunk into Q/C sub-chunks (matmuls between them, diagonal blocks direct), C == Q is the [Q, Q, decay] form.
 `bounded` (on chunk.cumsum, chunk.states, chunk.output): |a| <= 1 is proven (passes/bounds.py), so exponents
 L_t - L_s (s <= t) may be clamped to <= 0; when False every exponent is used as it is (exact for growing decays).
 Positions past the sequence end contribute nothing (log-decay 0, update 0); emitters mask them.

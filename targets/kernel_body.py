@@ -82,6 +82,18 @@ class Dialect:
         """[Q, Q] boolean mask: target t >= source s (t > s when strict)."""
         raise NotImplementedError
 
+    def bdot(self, a, b, ca, cb):
+        """Batched matmul of 3-D tiles over their leading axis, contracting axis ca (1 or 2) of a with axis cb of b
+        -> [batch, a free, b free], fp32 accumulation (the sub-chunk blocks of key-/value-wise chunks)."""
+        raise NotImplementedError
+
+    def reshape(self, x, shape):
+        return f"jnp.reshape({x}, ({', '.join(map(str, shape))},))"
+
+    def iota(self, shape, dim: int) -> str:
+        """int32 index along axis `dim` of a tile of `shape` (broadcastable to it)."""
+        return f"lax.broadcasted_iota(jnp.int32, ({', '.join(map(str, shape))},), {dim})"
+
     def needs_mask(self, d: str) -> bool:
         """Whether tile dim d may be padded past its size inside a program (summing over it needs a mask)."""
         return False
@@ -406,6 +418,33 @@ class TileEmitter:
             ell, eax = self.get(a.ell)
             Lt = self.share(f"{L} - {self.d.where(self.bc('valid', (t,), Lax), self.bc(ell, eax, Lax), '0.0')}",
                             base("Lx"), "log-decay through t-1")
+        sgt = None  # a signed decay's sign on the target side: through t (after the update) or t-1 (before)
+        if a.sigma:
+            sg, sgax = self.get(a.sigma)
+            sgt = self.bc(sg, sgax, Lax)
+            if prev and a.sgn:  # sigma_t / sign(a_t)
+                sn, snax = self.get(a.sgn)
+                neg = f"{self.bc('valid', (t,), Lax)} & ({self.bc(sn, snax, Lax)} < 0)"
+                sgt = self.share(self.d.where(neg, f"-{sgt}", sgt), base("sgt"), "the decay's sign through t-1")
+        q = [self.get(f) for f in a.q]
+        sub = self.sub_plan(i, a, q, out, Lax)
+        if sub is not None:
+            self.w(f"{base('in')} = {self.sub_in_chunk(i, a, sub, q, L, Lt, sgt, base)}  # in-chunk part")
+        else:
+            self.quadratic_in_chunk(i, a, q, out, L, Lt, Lax, dd, sgt, base, prev)
+        E = self.d.UNARY["exp"].format(Lt)
+        if a.sigma:
+            E += f" * {sgt}"
+        Ev = self.share(E, base("E"), "decay from the chunk's start")
+        st = self.contract(q + [(self.state_var[S], self.state_axes(S)), (Ev, Lax)], out)
+        self.w(f"{base('st')} = {st}  # state part")
+        coef = "" if a.qcoef == 1.0 else f"{a.qcoef!r} * "
+        self.bind(i.name, f"{coef}({base('in')} + {base('st')})", out)
+
+    def quadratic_in_chunk(self, i, a, q, out, L, Lt, Lax, dd, sgt, base, prev):
+        """Σ_{s<=t} (q_t·u_s) exp(L_t - L_s) through the [Q, Q, decay dims] decay tile (scalar decays; key-wise
+        chunks of one sub-chunk)."""
+        t = self.k.scan
         s_ax = self.sort((t, SRC) + dd)
         diff = f"{self.bc(Lt, Lax, s_ax)} - {self.bc(L, (SRC,) + dd, s_ax)}"
         mask = self.bc(f"({self.d.causal(prev)} & {self.valid(SRC)})", (t, SRC), s_ax)
@@ -413,10 +452,9 @@ class TileEmitter:
         D = self.d.UNARY["exp"].format(self.clamped(self.d.where(mask, diff, "-1e30"), bounded))
         if a.sigma:
             sg, sgax = self.get(a.sigma)
-            D += f" * {self.bc(sg, sgax, s_ax)} * {self.bc(sg, (SRC,) + dd, s_ax)}"
+            D += f" * {self.bc(sgt, Lax, s_ax)} * {self.bc(sg, (SRC,) + dd, s_ax)}"
         Dv = self.share(D, base("D"), f"decay from source s to target t, masked s {'<' if prev else '<='} t before "
                         f"exp" + (", exponent clamped to <= 0 (|a| <= 1 proven)" if bounded else ""))
-        q = [self.get(f) for f in a.q]
         causal = (f"({self.d.causal(prev)} & {self.valid(SRC)})", (t, SRC), SRC)
         parts = []
         for coef, prod in zip(a.ucoef, a.u):
@@ -431,15 +469,118 @@ class TileEmitter:
             e = self.contract(ops, out, select=causal)
             parts.append(e if coef == 1.0 else f"{coef!r} * {e}")
         self.w(f"{base('in')} = {' + '.join(parts) or '0.0'}  # in-chunk part")
-        E = self.d.UNARY["exp"].format(Lt)
+
+    # ---- sub-chunks (key-wise / value-wise decay) ------------------------------------------------------------
+    def sub_plan(self, i, a, q, out, Lax):
+        """How to run the in-chunk part by sub-chunks of C = `sub` steps, or None for the [Q, Q, decay] form: one
+        contracted tile axis K and one kept axis V besides t; the decay along K (key-wise) or V (value-wise); every
+        query factor over (t, K), every update factor over (s, K) or (s, V)."""
+        C, Q, t = i.attr("sub"), self.k.Q, self.k.scan
+        if not C or C >= Q or self.step_mode:
+            return None
+        dd = tuple(x for x in Lax if x != t)
+        O = tuple(x for x in out if x != t)
+        every = set().union(*(set(ax) for _, ax in q), *(set(self.axes_of(self.by[f].dims)) for p in a.u for f in p),
+                            set(self.state_axes(i.attr("state"))))
+        K = tuple(sorted(every - set(out) - {t, SRC}))
+        if len(O) != 1 or len(K) != 1 or len(dd) != 1 or t not in out or dd[0] not in (K[0], O[0]):
+            return None
+        if any(not set(ax) <= {t, K[0]} for _, ax in q) or not any(K[0] in ax for _, ax in q):
+            return None
+        prods = []
+        for coef, prod in zip(a.ucoef, a.u):
+            src = [self.as_source(f) for f in prod]
+            uk = [(e, ax) for e, ax in src if set(ax) <= {SRC, K[0]}]
+            ur = [(e, ax) for e, ax in src if (e, ax) not in uk and set(ax) <= {SRC, O[0]}]
+            if len(uk) + len(ur) != len(src) or not any(K[0] in ax for _, ax in uk) or \
+                    not any(O[0] in ax for _, ax in ur):
+                return None
+            prods.append((coef, uk, ur))
+        return dict(C=C, n=Q // C, K=K[0], V=O[0], joint=dd[0] == K[0], prods=prods)
+
+    def tile_of(self, ops, axes) -> str:
+        """The product of factors (expression, axes) as one tile over exactly `axes` (broadcast where needed)."""
+        union = self.sort(set().union(*(set(ax) for _, ax in ops)))
+        e = " * ".join(self.bc(x, ax, union) if ax else x for x, ax in ops)
+        return self.hold(self.reorder(e, union, axes) if tuple(union) != tuple(axes) else e)
+
+    def sub_in_chunk(self, i, a, sub, q, L, Lt, sgt, base) -> str:
+        """The in-chunk part by sub-chunks of C steps (n = Q/C of them), tiles [n, C, .] from reshapes. A target t in
+        sub-chunk i and a source s before it: exp(L_t - L_s) = exp(L_t - r_i) exp(r_i - L_s) with r_i = L at the step
+        before sub-chunk i, both exponents <= 0 for |a| <= 1, so the factors go into the operands of one batched
+        matmul per sub-chunk ([C, K] x [K, Q], or [C, Q] x [Q, V] value-wise). The diagonal blocks (s in t's own
+        sub-chunk) are computed directly, [n, C, C, decay] elementwise: never a [Q, Q, K] tile."""
+        D, w, t = self.d, self.w, self.k.scan
+        C, n, K, V = sub["C"], sub["n"], sub["K"], sub["V"]
+        prev = i.attr("when") == "prev"
+        bounded = i.attr("bounded", False)
+        Q = "Q"
+        dd = K if sub["joint"] else V
+        DB, KB, VB = self.block(dd), self.block(K), self.block(V)
+        loc = functools.partial(self.pn.local, i.name)
+        exp = D.UNARY["exp"].format
+        w(f"# sub-chunks of {C} steps (sub={C}): blocks between sub-chunks as batched matmuls, exponents from the step "
+          f"before each target sub-chunk (both <= 0 for |a| <= 1); diagonal blocks [{C}, {C}] direct")
+        L3, Lt3 = loc("L3"), loc("Lt3")
+        w(f"{L3} = {D.reshape(L, (n, C, DB))}")
+        if Lt != L:
+            w(f"{Lt3} = {D.reshape(Lt, (n, C, DB))}")
+        else:
+            Lt3 = L3
+        ell = self.pn.local(a.L, "ell")  # the cumsum's masked per-step log-decay
+        first = f"{D.iota((n, C, DB), 1)} == 0"
+        r = loc("ref")
+        w(f"{r} = {D.sum(D.where(first, f'{L3} - {D.reshape(ell, (n, C, DB))}', '0.0'), 1)}  # r_i: L at the step "
+          f"before sub-chunk i")
+        sig3 = sigs3 = None
         if a.sigma:
-            sg, sgax = self.get(a.sigma)
-            E += f" * {self.bc(sg, sgax, Lax)}"
-        Ev = self.share(E, base("E"), "decay from the chunk's start")
-        st = self.contract(q + [(self.state_var[S], self.state_axes(S)), (Ev, Lax)], out)
-        self.w(f"{base('st')} = {st}  # state part")
-        coef = "" if a.qcoef == 1.0 else f"{a.qcoef!r} * "
-        self.bind(i.name, f"{coef}({base('in')} + {base('st')})", out)
+            sg, _ = self.get(a.sigma)
+            sig3, sigs3 = loc("sig3"), loc("sigs3")
+            w(f"{sig3} = {D.reshape(sgt, (n, C, DB))}  # the decay's sign at the target")
+            w(f"{sigs3} = {D.reshape(sg, (n, C, DB))}  # and at the source")
+        tgt = loc("tgt")
+        w(f"{tgt} = {exp(self.clamped(f'{Lt3} - {r}[:, None, :]', bounded))}"
+          f"{' * ' + sig3 if sig3 else ''}  # exp(L_t - r_i), t in sub-chunk i")
+        before = loc("before")
+        w(f"{before} = {D.iota((n, Q, DB), 1)} < {D.iota((n, Q, DB), 0)} * {C}  # source s before sub-chunk i")
+        src = loc("src")
+        sgs = f" * {self.get(a.sigma)[0]}[None, :, :]" if a.sigma else ""
+        w(f"{src} = {exp(self.clamped(D.where(before, f'{r}[:, None, :] - {L}[None, :, :]', '-1e30'), bounded))}"
+          f"{sgs}  # exp(r_i - L_s), s before sub-chunk i (0 for the others)")
+        cmp = ">" if prev else ">="
+        dg = loc("diag")
+        dmask = f"{D.iota((n, C, C, DB), 1)} {cmp} {D.iota((n, C, C, DB), 2)}"
+        dsig = f" * {sig3}[:, :, None, :] * {sigs3}[:, None, :, :]" if sig3 else ""
+        w(f"{dg} = {exp(self.clamped(D.where(dmask, f'{Lt3}[:, :, None, :] - {L3}[:, None, :, :]', '-1e30'), bounded))}"
+          f"{dsig}  # exp(L_t - L_s), s {'<' if prev else '<='} t in one sub-chunk")
+        bmask = f"{D.iota((n, C, C), 1)} {cmp} {D.iota((n, C, C), 2)}"
+        qt = self.tile_of(q, (t, K))
+        if D.needs_mask(K) and not any(e in self.zero_padded and K in ax for e, ax in q):
+            qt = self.hold(D.where(self.mask(K), qt, "0.0"))  # padded K entries must not reach the sums
+        q3 = self.hold(D.reshape(qt, (n, C, KB)))
+        parts = []
+        for coef, uk, ur in sub["prods"]:
+            ukt = self.tile_of(uk, (SRC, K))
+            urt = self.tile_of(ur, (SRC, V))
+            uk3, ur3 = self.hold(D.reshape(ukt, (n, C, KB))), self.hold(D.reshape(urt, (n, C, VB)))
+            if sub["joint"]:  # key-wise: the decay enters the scores
+                srck = self.hold(D.where(before, f"{ukt}[None, :, :] * {src}", "0.0"))  # select after the product
+                A3 = self.hold(D.bdot(f"{q3} * {tgt}", srck, 2, 2))  # [n, C, Q]
+                off = D.bdot(A3, D.broadcast_to(f"{urt}[None, :, :]", (str(n), Q, VB)), 2, 1)
+                B = self.hold(D.sum(f"{dg} * {q3}[:, :, None, :] * {uk3}[:, None, :, :]", 3))
+                B = self.hold(D.where(bmask, B, "0.0"))
+                e = f"{off} + {D.bdot(B, ur3, 2, 1)}"
+            else:  # value-wise: the decay enters with the values
+                A = self.hold(D.dot(qt, ukt, 1, 1))  # [Q, Q] scores, no decay
+                A = self.hold(D.where(f"{D.iota((Q, Q), 0)} {cmp} {D.iota((Q, Q), 1)}", A, "0.0"))
+                srcv = self.hold(D.where(before, f"{urt}[None, :, :] * {src}", "0.0"))
+                off = f"{D.bdot(D.reshape(A, (n, C, Q)), srcv, 2, 1)} * {tgt}"
+                B = self.hold(D.bdot(q3, uk3, 2, 2))
+                B = self.hold(D.where(bmask, B, "0.0"))
+                e = f"{off} + {D.sum(f'{dg} * {B}[:, :, :, None] * {ur3}[:, None, :, :]', 2)}"
+            e = D.reshape(self.hold(e), (Q, VB))
+            parts.append(e if coef == 1.0 else f"{coef!r} * {e}")
+        return " + ".join(parts)
 
     def clamped(self, x: str, bounded: bool) -> str:
         """An in-chunk exponent: clamped to <= 0 only where |a| <= 1 is proven (rounding), else exact."""

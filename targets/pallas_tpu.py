@@ -31,6 +31,10 @@ class PallasDialect(Dialect):
         return (f"lax.dot_general(({a}).astype(MM), ({b}).astype(MM), ((({ca},), ({cb},)), ((), ())), "
                 f"precision=PREC, preferred_element_type=jnp.float32)")
 
+    def bdot(self, a, b, ca, cb):
+        return (f"lax.dot_general(({a}).astype(MM), ({b}).astype(MM), ((({ca},), ({cb},)), ((0,), (0,))), "
+                f"precision=PREC, preferred_element_type=jnp.float32)")
+
     def cumsum0(self, x, ndim):
         return f"rt.cumsum0({x})"
 

@@ -54,6 +54,18 @@ class TritonDialect(Dialect):
         B = f"({b})" if cb == 0 else f"tl.trans({b})"
         return f"tl.dot({A}.to(MM), {B}.to(MM), input_precision=PREC)"
 
+    def bdot(self, a, b, ca, cb):  # tl.dot on 3-D tiles is batched over the leading axis
+        A = f"({a})" if ca == 2 else f"tl.permute({a}, (0, 2, 1))"
+        B = f"({b})" if cb == 1 else f"tl.permute({b}, (0, 2, 1))"
+        return f"tl.dot({A}.to(MM), {B}.to(MM), input_precision=PREC)"
+
+    def reshape(self, x, shape):
+        return f"tl.reshape({x}, ({', '.join(map(str, shape))},))"
+
+    def iota(self, shape, dim):  # a 1-D range, broadcast by indexing
+        idx = ", ".join(":" if k == dim else "None" for k in range(len(shape)))
+        return f"tl.arange(0, {shape[dim]})[{idx}]"
+
     def permute(self, x, perm):
         return f"tl.trans({x})" if list(perm) == [1, 0] else f"tl.permute({x}, {tuple(perm)})"
 

@@ -37,11 +37,13 @@ class XlaTarget(Target):
     def pipeline(self, chunk_size: int | None) -> str:
         # Measured per backend (docs/benchmarks.md): on CPU one sequential walk beats the two-pass chunked scan
         # for elementwise decay (0.65x) and chunk length 64 is best for SSD; on GPUs the chunked walk wins and
-        # longer SSD chunks (128) amortise XLA's per-chunk passes better.
+        # longer SSD chunks (128) amortise XLA's per-chunk passes better. Key-/value-wise chunks on CPU: 16 steps
+        # in sub-chunks of 4 measured fastest (GLA b=1 t=2048 h=4 dk=dv=64; the diagonal blocks' exps dominate).
         cpu = jax.default_backend() == "cpu"
         elem, scalar = ("sequential", 64) if cpu else ("chunked", 128)
+        keywise = ",keywise=16,sub=4" if cpu else ""
         return (f"expand-groups{{mode=split}},classify,chunk{{size={chunk_size or 0},elementwise={elem},"
-                f"scalar={scalar}}},fuse,dce")
+                f"scalar={scalar}{keywise}}},fuse,dce")
 
     def emit(self, p: Program, pipeline: str = "") -> str:
         return XlaEmitter(p, pipeline).emit()
@@ -551,28 +553,143 @@ class XlaEmitter:
             ell = self.masked(a.ell, "0.0", Ldims)
             Lt = base("Lx")
             self.w(f"{Lt} = {L} - rt.chunk({ell}, {ax - 1}, Q)  # log-decay through t-1")
-        sig = self.n(a.sigma) if a.sigma else None
-        diff = f"jnp.expand_dims({Lt}, {ax + 1}) - jnp.expand_dims({L}, {ax})"
-        mask = f"rt.causal(Q, {prev}, {npost})"
-        D = f"jnp.exp({self.clamped(f'jnp.where({mask}, {diff}, -jnp.inf)', i.attr('bounded', False))})"
-        if sig:
-            D += f" * jnp.expand_dims({sig}, {ax + 1}) * jnp.expand_dims({sig}, {ax})"
-        self.w(f"{base('D')} = {D}  # decay from source s to target t in the chunk, masked s {'<' if prev else '<='} t")
+        sig = sig_t = self.n(a.sigma) if a.sigma else None
+        if sig and prev and a.sgn:  # the target's sign through t-1: sigma_t / sign(a_t)
+            sig_t = base("sgt")
+            sgn = self.masked(a.sgn, "1.0", Ldims)
+            self.w(f"{sig_t} = jnp.where(rt.chunk({sgn}, {ax - 1}, Q) < 0, -{sig}, {sig})  # decay's sign through t-1")
         _, Ll = self.view(a.L)
         tl = self.letter[self.scan]
         Dl = Ll.replace(tl, tl + "s")
         out = "".join((self.letter[self.cd] + tl) if d == self.scan else self.letter[d] for d in i.dims)
-        dstate = f"jnp.exp({Lt})" + (f" * {sig}" if sig else "")
+        dstate = f"jnp.exp({Lt})" + (f" * {sig_t}" if sig else "")
         ev, el = self.n(a.enter), "".join(self.letter[d] for d in self.by[a.enter].dims)
         sdims = set(self.by[a.enter].dims) - {self.cd}
         K = (union_dims(self.by, a.q) | sdims) - set(i.dims)
         joint = bool(K & set(Ldims))  # the decay varies along the contracted dims (key-wise)
-        self.output_ssd(a, base, K, Ldims, Dl, Ll, out, dstate, ev, el, prev, joint)
+        sub = self.sub_chunks(i, K, Ldims, L, Lt, (sig_t, sig), ax, prev, base)
+        if sub is None:  # the whole [Q, Q, decay dims] decay tensor (scalar decays; chunks of one sub-chunk)
+            diff = f"jnp.expand_dims({Lt}, {ax + 1}) - jnp.expand_dims({L}, {ax})"
+            mask = f"rt.causal(Q, {prev}, {npost})"
+            D = f"jnp.exp({self.clamped(f'jnp.where({mask}, {diff}, -jnp.inf)', i.attr('bounded', False))})"
+            if sig:
+                D += f" * jnp.expand_dims({sig_t}, {ax + 1}) * jnp.expand_dims({sig}, {ax})"
+            self.w(f"{base('D')} = {D}  # decay from source s to target t in the chunk, masked s "
+                   f"{'<' if prev else '<='} t")
+        self.output_ssd(a, base, K, Ldims, Dl, Ll, out, dstate, ev, el, prev, joint, sub)
         coef = "" if a.qcoef == 1.0 else f"{a.qcoef!r} * "
         oax = self.ax(i.dims, self.scan)
         self.assign(i, f"{coef}rt.unchunk({base('in')} + {base('st')}, {oax})")
 
-    def output_ssd(self, a, base, K, Ldims, Dl, Ll, out, dstate, ev, el, prev, joint):
+    def sub_chunks(self, i, K, Ldims, L, Lt, sig, ax, prev, base):
+        """Key-wise / value-wise decay with sub-chunks of C < Q steps (the op's `sub`): write the decay factors
+        (xla_runtime's sub_*: target side exp(Lt_t - r_i), source side exp(r_i - L_s) for sources before sub-chunk
+        i, the diagonal blocks exp(Lt_t - L_s)) and return what output_ssd needs to use them; None for the
+        [Q, Q, decay dims] form (no sub-chunks, or a decay along both contracted and kept dims)."""
+        C = i.attr("sub")
+        if not C or C >= self.Q:
+            return None
+        dd = set(Ldims) - {self.scan}
+        if not (dd & K) and not (dd - K):
+            return None
+        q = decode(i).q
+        if not (dd & K) and not any(self.scan in self.by[f].dims and set(self.by[f].dims) & K for f in q):
+            return None  # value-wise scores without the target position (a query constant in time): [Q, Q] form
+        taken = set(self.letter.values()) | {"s"}
+        I, X, Y = [c for c in "ijxyzIJXYZ" + "".join(map(chr, range(97, 123))) if c not in taken][:3]
+        bounded = i.attr("bounded", False)
+        w = self.w
+        _, Ll = self.view(self.by_L(i))
+        tl = self.letter[self.scan]
+        ref, tgt, src, dg = (base(x) for x in ("ref", "tgt", "src", "diag"))
+        sig_t, sig = sig
+        st = f", sig={sig_t}" if sig else ""
+        ss = f", sig={sig}" if sig else ""
+        sd = f", sig={sig_t}, sig_s={sig}" if sig else ""
+        w(f"# sub-chunks of {C} steps: between sub-chunks a matmul whose operands carry exp(L_t - r) and exp(r - L_s) "
+          f"(r: L at the end of the sub-chunk before the target's, both <= 0 for |a| <= 1), diagonal blocks direct")
+        w(f"{ref} = rt.sub_ref({L}, {ax}, {C})  # r: L at the last step before each sub-chunk")
+        w(f"{tgt} = rt.sub_target({Lt}, {ref}, {ax}, {C}, {bounded}{st})  # exp(L_t - r), t in the sub-chunk")
+        w(f"{src} = rt.sub_source({L}, {ref}, {ax}, {C}, {bounded}{ss})  # exp(r - L_s), s before the sub-chunk")
+        w(f"{dg} = rt.sub_diag({Lt}, {L}, {ax}, {C}, {prev}, {bounded}{sd})  # exp(L_t - L_s), s "
+          f"{'<' if prev else '<='} t in one sub-chunk")
+        return dict(C=C, I=I, X=X, Y=Y, tgt=(tgt, Ll.replace(tl, I + X)), src=(src, Ll.replace(tl, I + "s")),
+                    diag=(dg, Ll.replace(tl, I + X + Y)), joint=bool(dd & K))
+
+    def by_L(self, i):
+        return decode(i).L
+
+    def sub_view(self, v, I, X, C, pos=None):
+        """A chunked view (expression, letters) split into sub-chunks: position `pos` (default the target's t)
+        -> (sub-chunk I, step X)."""
+        e, lt = v
+        tl = pos or self.letter[self.scan]
+        if tl not in lt:
+            return v
+        return f"rt.chunk({e}, {lt.index(tl)}, {C})", lt.replace(tl, I + X)
+
+    @staticmethod
+    def mul_sum(out, ops):
+        """rt.mul_sum of (expression, letters) operands: their product summed down to the letters `out`."""
+        lt = "".join(dict.fromkeys(c for _, x in ops for c in x))
+        return f'rt.mul_sum("{out}", "{lt}", {", ".join(f"({e}, {x!r})" for e, x in ops)})'
+
+    @staticmethod
+    def product(views, letters=None):
+        """One (expression, letters) for the product of views (rt.mul when more than one; None for none)."""
+        views = [v for v in views if v is not None]
+        if not views:
+            return None
+        if len(views) == 1:
+            return views[0]
+        lt = letters or "".join(dict.fromkeys(c for _, x in views for c in x))
+        return f'rt.mul("{lt}", {", ".join(f"({x}, {y!r})" for x, y in views)})', lt
+
+    def sub_scores(self, sub, qKv, uKv, Kl, name, off, dia):
+        """Key-wise scores Σ_K q_t k_s exp(L_t - L_s) by sub-chunks: the blocks before the target's sub-chunk as one
+        matmul per target sub-chunk over [C, K] x [K, Q] (exponents folded into the operands), the diagonal blocks
+        [C, C, K] elementwise; returns the scores' letters (as the [Q, Q] form's)."""
+        w, C, I, X, Y = self.w, sub["C"], sub["I"], sub["X"], sub["Y"]
+        qs = self.product([self.sub_view(v, I, X, C) for v in qKv])
+        us = self.product([self.sub_view(v, I, Y, C, "s") for v in uKv])
+        tgt, src, dg = sub["tgt"], sub["src"], sub["diag"]
+        qt = self.product([qs, tgt])
+        us_src = self.product([src] + uKv)  # every source s, per target sub-chunk I
+        offl = "".join(dict.fromkeys(c for c in qt[1] + us_src[1] if c not in Kl))
+        diagl = offl.replace("s", Y)
+        w(f'{off} = rt.einsum("{qt[1]},{us_src[1]}->{offl}", {qt[0]}, {us_src[0]}, mm=mm)  # (q ⊙ exp(L_t - r)) '
+          f'· (k ⊙ exp(r - L_s)), s before the sub-chunk')
+        ops = [v for v in (dg, qs, us) if v is not None]
+        w(f'{dia} = {self.mul_sum(diagl, ops)}  # diagonal blocks')
+        w(f"{name} = rt.unchunk(rt.add_diag({off}, {dia}, {offl.index(I)}, {offl.index('s')}), "
+          f"{offl.index(I)})  # q_t · decay · k_s")
+        return offl.replace(I + X, self.letter[self.scan])
+
+    def sub_apply(self, sub, W, Wl, qv, uv, out, off, dia):
+        """Value-wise: Σ_s W_ts exp(L_t - L_s) v_s, the decay along kept dims: per target sub-chunk a matmul of W's
+        rows with v ⊙ exp(r - L_s) over the sources before it, the rows scaled by exp(L_t - r); the diagonal blocks
+        [C, C, V] elementwise. qv / uv: the target's / source's factors (time dims as chunked views)."""
+        w, C, I, X, Y = self.w, sub["C"], sub["I"], sub["X"], sub["Y"]
+        tl = self.letter[self.scan]
+        Ws = self.sub_view((W, Wl), I, X, C)
+        vsrc = self.product([sub["src"]] + uv)
+        outs = out.replace(tl, I + X)
+        inner = "".join(c for c in outs if c in Ws[1] + vsrc[1])
+        w(f'{off} = rt.einsum("{Ws[1]},{vsrc[1]}->{inner}", {Ws[0]}, {vsrc[0]}, mm=mm)  # W · (v ⊙ exp(r - L_s)), '
+          f's before the sub-chunk')
+        tgt = sub["tgt"]
+        Wd = (f"rt.diag_blocks({Ws[0]}, {Ws[1].index(I)}, {Ws[1].index('s')}, {C})", Ws[1].replace("s", Y))
+        vd = self.product([self.sub_view(v, I, Y, C, "s") for v in uv])
+        ops = [sub["diag"], Wd] + ([vd] if vd else [])
+        dl = "".join(c for c in outs if c in "".join(x for _, x in ops))
+        w(f'{dia} = {self.mul_sum(dl, ops)}  # diagonal blocks')
+        qs = [self.sub_view(v, I, X, C) for v in qv]
+        res = f'rt.mul("{outs}", ({off}, {inner!r}), ({tgt[0]}, {tgt[1]!r})) + rt.mul("{outs}", ({dia}, {dl!r}))'
+        if qs:
+            res = f'rt.mul("{outs}", ({res}, {outs!r}), {", ".join(f"({e}, {x!r})" for e, x in qs)})'
+        return f"rt.unchunk({res}, {outs.index(I)})"
+
+    def output_ssd(self, a, base, K, Ldims, Dl, Ll, out, dstate, ev, el, prev, joint, sub=None):
         """The SSD order: scores = q_t · k_s over the contracted dims (a matmul), then one elementwise pass
         W = scores ⊙ decay ⊙ per-step scales, selected by the causal mask, then W · v over the source positions (a
         matmul) - no tensor larger than [Q, Q, decay dims] per chunk. When the decay varies along the contracted
@@ -594,11 +711,22 @@ class XlaEmitter:
         for k, (coef, prod) in enumerate(zip(a.ucoef, a.u)):
             uK, uS, uR = split(prod)
             uKv, uSv, uRv = ([self.view(f, "s") for f in g] for g in (uK, uS, uR))
-            kin = qKv + ([(base("D"), Dl)] if joint else []) + uKv
-            sl = "".join(dict.fromkeys(c for v in kin for c in v[1] if c not in Kl))
             sname = base(f"scores{k or ''}")
-            w(f'{sname} = rt.einsum("{",".join(v[1] for v in kin)}->{sl}", {", ".join(v[0] for v in kin)}, '
-              f'mm=mm)  # q_t · {"decay · " if joint else ""}k_s')
+            if sub and sub["joint"]:
+                sl = self.sub_scores(sub, qKv, uKv, Kl, sname, base(f"off{k or ''}"), base(f"blocks{k or ''}"))
+            else:
+                kin = qKv + ([(base("D"), Dl)] if joint else []) + uKv
+                sl = "".join(dict.fromkeys(c for v in kin for c in v[1] if c not in Kl))
+                w(f'{sname} = rt.einsum("{",".join(v[1] for v in kin)}->{sl}", {", ".join(v[0] for v in kin)}, '
+                  f'mm=mm)  # q_t · {"decay · " if joint else ""}k_s')
+            if sub and not sub["joint"]:  # value-wise: the decay enters with the values, by sub-chunks
+                wname = base(f"W{k or ''}")
+                w(f'{wname} = rt.causal_select({sname}, "{sl}", "{cl}{tl}s", {prev}, valid)  # s '
+                  f'{"<" if prev else "<="} t')
+                e = self.sub_apply(sub, wname, sl, qSv + qRv, uSv + uRv, out, base(f"off{k or ''}"),
+                                   base(f"blocks{k or ''}"))
+                parts.append(e if coef == 1.0 else f"{coef!r} * {e}")
+                continue
             scale = [(sname, sl)] + ([] if joint else [(base("D"), Dl)]) + list(qSv + uSv)
             Wl = "".join(dict.fromkeys(c for _, lt in scale for c in lt))
             wname = base(f"W{k or ''}")

@@ -185,3 +185,87 @@ def causal_select(x, out: str, cts: str, strict: bool, valid):
     Q = x.shape[out.index(cts[1])]
     m = causal(Q, strict, 0)[None] & (valid.reshape(-1, Q) > 0)[:, None, :]
     return jnp.where(align(m, cts, out), x, 0.0)
+
+
+# ---- sub-chunks of key-wise / value-wise chunks ---------------------------------------------------------------
+# A chunk of Q steps is split into n = Q // C sub-chunks. For a target t in sub-chunk i and a source s in an
+# earlier sub-chunk, exp(L_t - L_s) = exp(L_t - r_i) * exp(r_i - L_s) with the reference r_i = L at the last step
+# before sub-chunk i (the end of sub-chunk i - 1): both exponents are <= 0 when |a| <= 1, so the two factors go
+# into the operands of one matmul without overflow. The rounding of r_i cancels between the two factors.
+
+def _exponent(x, bounded: bool):
+    return jnp.minimum(x, 0.0) if bounded else x
+
+
+def sub_ref(L, ax: int, C: int):
+    """L [..., Q, ...] (in-chunk position at axis ax) -> [..., n, ...]: L at the last step before each sub-chunk
+    of C steps (0 before the first; sub-chunk 0 has no earlier sources, so its reference is never used)."""
+    Q = L.shape[ax]
+    ends = lax.slice_in_dim(L, C - 1, Q, stride=C, axis=ax)
+    zero = jnp.zeros_like(lax.slice_in_dim(ends, 0, 1, axis=ax))
+    return jnp.concatenate([zero, lax.slice_in_dim(ends, 0, Q // C - 1, axis=ax)], axis=ax)
+
+
+def sub_target(Lt, ref, ax: int, C: int, bounded: bool, sig=None):
+    """exp(Lt_t - r_i) for t in sub-chunk i: [..., n, C, ...] (i at ax, the position in the sub-chunk at ax+1),
+    times the decay's cumulative sign at t when it may be negative."""
+    e = jnp.exp(_exponent(chunk(Lt, ax, C) - jnp.expand_dims(ref, ax + 1), bounded))
+    return e if sig is None else e * chunk(sig, ax, C)
+
+
+def sub_source(L, ref, ax: int, C: int, bounded: bool, sig=None):
+    """exp(r_i - L_s) for every source s before sub-chunk i, 0 for the others (masked before exp, so a growing
+    decay never makes inf * 0): [..., n, Q, ...] (target sub-chunk i at ax, source position s at ax+1)."""
+    Q = L.shape[ax]
+    n = Q // C
+    diff = jnp.expand_dims(ref, ax + 1) - jnp.expand_dims(L, ax)
+    m = (jnp.arange(Q)[None, :] < (jnp.arange(n) * C)[:, None]).reshape((n, Q) + (1,) * (L.ndim - ax - 1))
+    e = jnp.exp(_exponent(jnp.where(m, diff, -jnp.inf), bounded))
+    return e if sig is None else e * jnp.expand_dims(sig, ax)
+
+
+def sub_diag(Lt, L, ax: int, C: int, strict: bool, bounded: bool, sig=None, sig_s=None):
+    """exp(Lt_t - L_s) for t and s in the same sub-chunk, s <= t (s < t when strict), else 0 (masked before exp):
+    [..., n, C, C, ...] (sub-chunk at ax, t at ax+1, s at ax+2): the diagonal blocks, computed directly; times the
+    signs sig (target's) and sig_s (source's) of a signed decay."""
+    a, b = chunk(Lt, ax, C), chunk(L, ax, C)
+    diff = jnp.expand_dims(a, ax + 2) - jnp.expand_dims(b, ax + 1)
+    e = jnp.exp(_exponent(jnp.where(causal(C, strict, L.ndim - ax - 1), diff, -jnp.inf), bounded))
+    if sig is None:
+        return e
+    sa, sb = chunk(sig, ax, C), chunk(sig_s, ax, C)
+    return e * jnp.expand_dims(sa, ax + 2) * jnp.expand_dims(sb, ax + 1)
+
+
+def _block_mask(n: int, ndim: int, i_ax: int, j_ax: int):
+    shape = [1] * ndim
+    shape[i_ax] = shape[j_ax] = n
+    eye = jnp.eye(n, dtype=bool)
+    return eye.reshape(shape)
+
+
+def add_diag(A, diag, i_ax: int, s_ax: int):
+    """A [..., n (i), ..., Q (s), ...] plus the diagonal blocks diag [..., n, ..., C, ...] (the source's position in
+    sub-chunk i at s_ax > i_ax): diag lands where s lies in sub-chunk i (a select, so a non-finite entry of one
+    block never reaches another)."""
+    C = diag.shape[s_ax]
+    A5 = chunk(A, s_ax, C)  # s -> (j, y)
+    m = _block_mask(A.shape[i_ax], A5.ndim, i_ax, s_ax)
+    return unchunk(A5 + jnp.where(m, jnp.expand_dims(diag, s_ax), 0.0), s_ax)
+
+
+def diag_blocks(A, i_ax: int, s_ax: int, C: int):
+    """The diagonal blocks of A [..., n (i), ..., Q (s), ...]: [..., n, ..., C, ...] (s in sub-chunk i)."""
+    A5 = chunk(A, s_ax, C)
+    m = _block_mask(A.shape[i_ax], A5.ndim, i_ax, s_ax)
+    return jnp.sum(jnp.where(m, A5, 0.0), axis=s_ax)
+
+
+def mul_sum(out: str, letters: str, *operands):
+    """Σ over the letters not in `out` of the elementwise product of (array, letters) operands (aligned to
+    `letters`): one fused multiply-reduce pass. For the small diagonal blocks, where XLA's CPU dot would first
+    transpose every operand."""
+    x = mul(letters, *operands)
+    summed = tuple(k for k, c in enumerate(letters) if c not in out)
+    x = jnp.sum(x, axis=summed) if summed else x
+    return align(x, "".join(c for c in letters if c in out), out)

@@ -112,6 +112,27 @@ def two_updates_product_decay_nonlinear_epilogue(rng):
 
 
 @case(HEAD + """
+  in q[b,t,h,k], kk[b,t,h,k], vv[b,t,h,v], c[h], w[b,t,h]
+  state S[b,h,k,v]
+  out o[b,t,h,v]
+  o = q·(S + 0.5*kk⊗vv)
+  S = c*exp(-softplus(w))*S + kk⊗vv
+""")
+def signed_decay_read_before_update(rng):
+    """a decay that may be negative, read before the update: the readout's sign runs through t-1, not t"""
+    x = dict(q=_rn(rng, B, T, H, K), kk=_rn(rng, B, T, H, K), vv=_rn(rng, B, T, H, V),
+             c=np.array([-0.9, 0.5, -0.3], np.float32), w=_rn(rng, B, T, H))
+    f = {n: a.astype(np.float64) for n, a in x.items()}
+
+    def step(t, S):
+        u = np.einsum("bhk,bhv->bhkv", f["kk"][:, t], f["vv"][:, t])
+        o = np.einsum("bhk,bhkv->bhv", f["q"][:, t], S + 0.5 * u)
+        a = f["c"][None, :] * np.exp(-np.log1p(np.exp(f["w"][:, t])))
+        return a[..., None, None] * S + u, (o,)
+    return x, step, (B, H, K, V)
+
+
+@case(HEAD + """
   in q[b,t,h,k], kk[b,t,h,k], vv[b,t,h,v], gv[b,t,h,v]
   state S[b,h,k,v]
   out o[b,t,h,v]
