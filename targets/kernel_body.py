@@ -15,6 +15,7 @@ Chunk stages on one chunk (the chunk-parallel SSD form, see passes/chunk_ops.py 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 
@@ -93,6 +94,18 @@ class Dialect:
     def iota(self, shape, dim: int) -> str:
         """int32 index along axis `dim` of a tile of `shape` (broadcastable to it)."""
         return f"lax.broadcasted_iota(jnp.int32, ({', '.join(map(str, shape))},), {dim})"
+
+    # key-/value-wise chunks: a matmul form under a runtime guard (TileEmitter.guarded_in_chunk), for dialects
+    # with a scalar `if` inside kernels; the others take the sub-chunk form unconditionally
+    guarded_subchunks = False
+    GUARD_EXP = 40.0  # the guarded form's exponents stay within +-GUARD_EXP: exp neither overflows nor flushes
+
+    def static_range(self, n: str) -> str:
+        """A loop unrolled when the kernel is compiled (n a compile-time expression)."""
+        return f"range({n})"
+
+    def max(self, x, axis):
+        return f"jnp.max({x}, axis={axis})"
 
     def needs_mask(self, d: str) -> bool:
         """Whether tile dim d may be padded past its size inside a program (summing over it needs a mask)."""
@@ -427,11 +440,12 @@ class TileEmitter:
                 neg = f"{self.bc('valid', (t,), Lax)} & ({self.bc(sn, snax, Lax)} < 0)"
                 sgt = self.share(self.d.where(neg, f"-{sgt}", sgt), base("sgt"), "the decay's sign through t-1")
         q = [self.get(f) for f in a.q]
-        sub = self.sub_plan(i, a, q, out, Lax)
-        if sub is not None:
-            self.w(f"{base('in')} = {self.sub_in_chunk(i, a, sub, q, L, Lt, sgt, base)}  # in-chunk part")
+        shape = self.sub_shape(i, a, q, out, Lax) if self.d.guarded_subchunks else None
+        if shape is not None:
+            with self.guarded_in_chunk(i, a, shape, q, L, Lt, Lax, sgt, base, prev):
+                self.exact_in_chunk(i, a, q, out, L, Lt, Lax, dd, sgt, base, prev)
         else:
-            self.quadratic_in_chunk(i, a, q, out, L, Lt, Lax, dd, sgt, base, prev)
+            self.exact_in_chunk(i, a, q, out, L, Lt, Lax, dd, sgt, base, prev)
         E = self.d.UNARY["exp"].format(Lt)
         if a.sigma:
             E += f" * {sgt}"
@@ -440,6 +454,14 @@ class TileEmitter:
         self.w(f"{base('st')} = {st}  # state part")
         coef = "" if a.qcoef == 1.0 else f"{a.qcoef!r} * "
         self.bind(i.name, f"{coef}({base('in')} + {base('st')})", out)
+
+    def exact_in_chunk(self, i, a, q, out, L, Lt, Lax, dd, sgt, base, prev):
+        """The in-chunk part with every exponent a difference L_t - L_s: by sub-chunks, or the [Q, Q, decay] tile."""
+        sub = self.sub_plan(i, a, q, out, Lax)
+        if sub is not None:
+            self.w(f"{base('in')} = {self.sub_in_chunk(i, a, sub, q, L, Lt, sgt, base)}  # in-chunk part")
+        else:
+            self.quadratic_in_chunk(i, a, q, out, L, Lt, Lax, dd, sgt, base, prev)
 
     def quadratic_in_chunk(self, i, a, q, out, L, Lt, Lax, dd, sgt, base, prev):
         """Σ_{s<=t} (q_t·u_s) exp(L_t - L_s) through the [Q, Q, decay dims] decay tile (scalar decays; key-wise
@@ -475,8 +497,17 @@ class TileEmitter:
         """How to run the in-chunk part by sub-chunks of C = `sub` steps, or None for the [Q, Q, decay] form: one
         contracted tile axis K and one kept axis V besides t; the decay along K (key-wise) or V (value-wise); every
         query factor over (t, K), every update factor over (s, K) or (s, V)."""
-        C, Q, t = i.attr("sub"), self.k.Q, self.k.scan
-        if not C or C >= Q or self.step_mode:
+        C, Q = i.attr("sub"), self.k.Q
+        if not C or C >= Q:
+            return None
+        shape = self.sub_shape(i, a, q, out, Lax)
+        return None if shape is None else dict(shape, C=C, n=Q // C)
+
+    def sub_shape(self, i, a, q, out, Lax):
+        """The in-chunk part's shape when it has the key-/value-wise block form (else None): K, V, joint (the decay
+        along K: key-wise), and per update product its coefficient, (s, K) factors and (s, V) factors."""
+        t = self.k.scan
+        if self.step_mode:
             return None
         dd = tuple(x for x in Lax if x != t)
         O = tuple(x for x in out if x != t)
@@ -496,7 +527,80 @@ class TileEmitter:
                     not any(O[0] in ax for _, ax in ur):
                 return None
             prods.append((coef, uk, ur))
-        return dict(C=C, n=Q // C, K=K[0], V=O[0], joint=dd[0] == K[0], prods=prods)
+        return dict(K=K[0], V=O[0], joint=dd[0] == K[0], prods=prods)
+
+    @contextlib.contextmanager
+    def guarded_in_chunk(self, i, a, shape, q, L, Lt, Lax, sgt, base, prev):
+        """Key-/value-wise in-chunk part as plain matmuls, exact to rounding while every exponent it takes stays
+        within +-GUARD_EXP (checked per chunk at run time); the body of the `with` (the exact form) runs otherwise.
+
+        Each row t takes the reference r = L at the step before its sub-chunk j (C steps). Then
+        exp(L_t - L_s) = exp(L_t - r_j) exp(r_j - L_s) for every source s up to the end of sub-chunk j, so the
+        scores of the rows of sub-chunk j are one [Q, K] x [K, Q] matmul of (q ⊙ exp(L - r)) with
+        (k ⊙ exp(r_j - L_s)) (key-wise), or the values are scaled instead (value-wise): Q/C matmuls per chunk on
+        tensor cores, no [Q, Q, K] or [C, C, K] tile. Within a sub-chunk exp(r_j - L_s) grows (|a| < 1): the guard
+        bounds it, and a chunk whose decay spans more than GUARD_EXP inside a sub-chunk takes the exact form."""
+        D, w, t = self.d, self.w, self.k.scan
+        assert Lax[0] == t and len(Lax) == 2, Lax
+        C = i.attr("sub") or self.k.Q
+        K, V, joint = shape["K"], shape["V"], shape["joint"]
+        loc = functools.partial(self.pn.local, i.name)
+        exp = D.UNARY["exp"].format
+        DB = self.block(Lax[1])
+        pos = self.bc(D.positions(), (t,), Lax)
+        j = loc("j")
+        end = f"({j} * {C} + {C - 1})"
+
+        def ref():  # r_j: L at the step before sub-chunk j (0 for the first: L starts at 0)
+            return D.sum(D.where(f"{pos} == {j} * {C} - 1", L, "0.0"), 0)
+
+        rrow, hi, rj = loc("rrow"), loc("hi"), loc("r")
+        w(f"# sub-chunks of {C} steps as matmuls: each row's exponents from the step before its sub-chunk, both "
+          f"factors within exp(+-{D.GUARD_EXP:g}) (checked here), else the exact form below")
+        w(f"{rrow} = {D.broadcast_to('0.0', ['Q', DB])}")
+        mx = D.BINARY["max"].format
+        w(f"{hi} = {D.max(D.max(rrow, 1), 0)}  # the largest exponent taken (0 so far)")
+        with w.block(f"for {j} in {D.static_range(f'Q // {C}')}:"):
+            w(f"{rj} = {ref()}")
+            w(f"{rrow} += {D.where(f'{pos} // {C} == {j}', f'{rj}[None, :]', '0.0')}")
+            src_hi = D.max(D.max(D.where(f"{pos} <= {end}", f"{rj}[None, :] - {L}", "-1e30"), 0), 0)
+            w(f"{hi} = {mx(hi, src_hi)}  # sources up to the end of sub-chunk {j}")
+        w(f"{hi} = {mx(hi, D.max(D.max(f'{Lt} - {rrow}', 1), 0))}  # targets")
+        ib = base("in")
+        with w.block(f"if {hi} <= {D.GUARD_EXP!r}:"):
+            tgt = f"{exp(f'{Lt} - {rrow}')}" + (f" * {sgt}" if sgt else "")
+            sgs = f" * {self.bc(*self.get(a.sigma), Lax)}" if a.sigma else ""
+            causal = f"({D.causal(prev)} & {self.valid(SRC)})"
+            parts = []
+            qt = self.tile_of(q, (t, K))
+            if D.needs_mask(K) and not any(e in self.zero_padded and K in ax for e, ax in q):
+                qt = self.hold(D.where(self.mask(K), qt, "0.0"))  # padded K entries must not reach the sums
+            for coef, uk, ur in shape["prods"]:
+                ukt, urt = self.tile_of(uk, (SRC, K)), self.tile_of(ur, (SRC, V))
+                acc = loc("acc")
+                src = exp(D.where(f"{pos} <= {end}", f"{rj}[None, :] - {L}", "-1e30")) + sgs
+                if joint:  # key-wise: the decay enters the scores
+                    qx = self.hold(f"{qt} * {tgt}")
+                    w(f"{acc} = {D.broadcast_to('0.0', ['Q', 'Q'])}")
+                    with w.block(f"for {j} in {D.static_range(f'Q // {C}')}:"):
+                        w(f"{rj} = {ref()}")
+                        rows = D.where(f"{pos} // {C} == {j}", qx, "0.0")
+                        w(f"{acc} += {D.dot(rows, f'{ukt} * {src}', 1, 1)}")
+                    A = self.hold(D.where(causal, acc, "0.0"))
+                    e = self.hold(D.dot(A, urt, 1, 0))
+                else:  # value-wise: the decay enters with the values
+                    A = self.hold(D.where(causal, D.dot(qt, ukt, 1, 1), "0.0"))
+                    w(f"{acc} = {D.broadcast_to('0.0', ['Q', self.block(V)])}")
+                    with w.block(f"for {j} in {D.static_range(f'Q // {C}')}:"):
+                        w(f"{rj} = {ref()}")
+                        rows = D.where(f"{pos} // {C} == {j}", A, "0.0")
+                        w(f"{acc} += {D.dot(rows, f'{urt} * {src}', 1, 0)}")
+                    e = self.hold(f"{acc} * {tgt}")
+                parts.append(e if coef == 1.0 else f"{coef!r} * {e}")
+            w(f"{ib} = {' + '.join(parts) or '0.0'}  # in-chunk part")
+        with w.block("else:"):
+            w("# the exact form (a decay spanning more than the guard inside a sub-chunk)")
+            yield
 
     def tile_of(self, ops, axes) -> str:
         """The product of factors (expression, axes) as one tile over exactly `axes` (broadcast where needed)."""

@@ -54,6 +54,14 @@ class TritonDialect(Dialect):
         B = f"({b})" if cb == 0 else f"tl.trans({b})"
         return f"tl.dot({A}.to(MM), {B}.to(MM), input_precision=PREC)"
 
+    guarded_subchunks = True  # scalar `if` in kernels: key-/value-wise chunks as matmuls under a guard
+
+    def static_range(self, n):
+        return f"tl.static_range({n})"
+
+    def max(self, x, axis):
+        return f"tl.max({x}, axis={axis})"
+
     def bdot(self, a, b, ca, cb):  # tl.dot on 3-D tiles is batched over the leading axis
         A = f"({a})" if ca == 2 else f"tl.permute({a}, (0, 2, 1))"
         B = f"({b})" if cb == 1 else f"tl.permute({b}, (0, 2, 1))"
