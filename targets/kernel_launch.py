@@ -27,6 +27,7 @@ class KernelTarget(Target):
     name = ""
     kernels = True          # emits kernels; takes interpret=
     scalar_chunk = 64       # default chunk length of the SSD-like classes
+    keywise_chunk = 64      # default chunk length of key-/value-wise decays (in sub-chunks of 16)
     chunk_multiple = 1      # chunk lengths round up to a multiple of this (1 still means sequential)
     emitter: type = None
 
@@ -35,7 +36,7 @@ class KernelTarget(Target):
         if size > 1:
             size = -(-size // self.chunk_multiple) * self.chunk_multiple
         return (f"expand-groups{{mode=index}},classify,chunk{{size={size},elementwise=sequential,"
-                f"scalar={self.scalar_chunk}}},fuse,dce")
+                f"scalar={self.scalar_chunk},keywise={self.keywise_chunk}}},fuse,dce")
 
     def schedule(self, p):
         from .kernel_plan import plan_schedule

@@ -199,8 +199,9 @@ def check(name, target, chunk, sub, T, rng, monkeypatch):
         text = f"ssm {name} {{{text}}}"
     x, ref = make(rng, T)
     k = compile_sub(text, target, chunk, sub, monkeypatch)
-    # defaults: chunk 64 in sub-chunks of 16; the xla target on CPU 16 in sub-chunks of 4 (measured faster there)
-    Q = chunk or (16 if target == "xla" else 64)
+    # defaults: chunk 64 (triton: 32) in sub-chunks of 16; the xla target on CPU 16 in sub-chunks of 4 (measured
+    # faster there)
+    Q = chunk or {"xla": 16, "triton": 32, "tpu": 64}[target]
     C = sub or (4 if target == "xla" else 16)
     if Q > C:
         assert f"sub={C}" in k.ir, [ln for ln in k.ir.splitlines() if "chunk" in ln][:6]
@@ -287,3 +288,27 @@ def test_chunk_24_in_sub_chunks_of_8(name, rng, monkeypatch):
         o_ref, S_ref = o_ref[0], S_ref[0]
     o, S = k(**x, initial_state=S0)
     assert rel_l2(np.asarray(o), o_ref) < TOL and rel_l2(np.asarray(S), S_ref) < TOL
+
+
+@pytest.mark.parametrize("branch", ["matmul", pytest.param("exact", marks=pytest.mark.slow)])
+def test_triton_guarded_matmul_form(branch, rng, monkeypatch):
+    """Triton runs key-/value-wise chunks as plain [Q, K] x [K, Q] matmuls (each row's exponents from the step
+    before its sub-chunk) under a per-chunk guard on the exponents, and the exact sub-chunk form where the guard
+    fails: both branches match the float64 loops (forced here through the guard's bound), signed decays read before
+    the update included; without the guard the signed spec (log|a| down to the reset floor) is not finite."""
+    from ssmc.targets.triton_gpu import TritonDialect
+    if branch == "exact":
+        monkeypatch.setattr(TritonDialect, "GUARD_EXP", -1.0)
+    for name in ("gla", "value_wise", "signed_key_wise_bonus"):
+        check(name, "triton", 64, 16, 70, rng, monkeypatch)
+    k = ssmc.compile(VARIANTS["gla"].spec_text, target="triton", interpret=True, cache=False)
+    assert "tl.static_range(Q // 16)" in k.source and "<= 40.0:" in k.source
+
+
+def test_triton_guard_is_needed(rng, monkeypatch):
+    """The guard is what keeps the matmul form finite: with its bound lifted, a decay spanning the fp32 range inside
+    a sub-chunk overflows (this test fails if the exact branch were dead code)."""
+    from ssmc.targets.triton_gpu import TritonDialect
+    monkeypatch.setattr(TritonDialect, "GUARD_EXP", 1e30)
+    with pytest.raises(AssertionError, match="non-finite|rel L2"):
+        check("signed_key_wise", "triton", 64, 16, 70, rng, monkeypatch)
