@@ -152,6 +152,8 @@ class Kernel:
     def _call(self, args, kwargs, initial_state, initial_states):
         arrays, sizes, act = self._bind(args, kwargs, initial_state, initial_states)
         meta = _Meta(tuple(sorted(sizes.items())), str(act), str(self.out_dtype or act))
+        if self._target.kernels:
+            self._zero_states(meta, arrays)
         if self._auto is not None:
             return self._auto(meta, arrays)
         return self._jitted(meta, arrays)
@@ -190,6 +192,24 @@ class Kernel:
         else:
             state, args = (args[0], args[1:]) if args else (None, ())
         return _step.step(self, state, args, inputs)
+
+    def _zero_states(self, meta: "_Meta", arrays: dict):
+        """Kernel targets, called eagerly on arrays of one device: a state not given starts from device zeros made
+        once per shape (a state has no scan dim) outside the jitted call. Built inside, the zeros were the only XLA
+        op besides the kernels, and compiling that fusion was most of a new sequence length's first call on a GPU
+        (H200: 72-85 ms to a result with it, 36-41 ms with the state given; bench/new_length.py)."""
+        xs = list(arrays.values())
+        if any(isinstance(x, jax.core.Tracer) or not isinstance(x, jax.Array) for x in xs):
+            return
+        devices = {d for x in xs for d in x.sharding.device_set}
+        if len(devices) != 1:
+            return
+        device, = devices
+        base = meta.dtypes(self.matmul)[0]
+        sizes = dict(meta.sizes)
+        for p in self._info.params:
+            if p.kind == "state" and "state:" + p.name not in arrays:
+                arrays["state:" + p.name] = _zeros(tuple(sizes[d] for d in p.dims), base, device)
 
     def _run(self, meta: "_Meta", arrays: dict):
         """The entry on the bound arrays (traced under jit; meta is static). Every target's entry takes the arrays
@@ -297,6 +317,21 @@ class Kernel:
             if k not in snames:
                 raise ShapeError(f"{self.name}: unknown state '{k}' in initial_states; states are {', '.join(snames)}")
         return {k: v for k, v in initial_states.items() if v is not None}
+
+
+_ZEROS: dict = {}  # (shape, dtype, device) -> a zero device array (immutable: shared by every call)
+_ZEROS_MAX = 16
+
+
+def _zeros(shape, dtype, device) -> jax.Array:
+    key = (shape, str(jnp.dtype(dtype)), device)
+    z = _ZEROS.pop(key, None)
+    if z is None:  # a host-to-device copy: no XLA compile
+        z = jax.device_put(np.zeros(shape, jnp.dtype(dtype)), device)
+    _ZEROS[key] = z  # most recently used last
+    while len(_ZEROS) > _ZEROS_MAX:
+        _ZEROS.pop(next(iter(_ZEROS)))
+    return z
 
 
 @dataclasses.dataclass(frozen=True)

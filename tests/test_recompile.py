@@ -11,6 +11,7 @@ length, of batch x heads): a new size in a known bucket reuses the config withou
 from __future__ import annotations
 
 import jax
+import numpy as np
 import pytest
 
 import ssmc
@@ -145,3 +146,34 @@ def test_tuned_config_is_keyed_by_shape_bucket(monkeypatch, tmp_path):
     config(3, 60)
     config(4, 128)
     assert len(tuned) == 2, tuned
+
+
+def test_absent_state_starts_from_zeros_made_outside_the_jit(rng):
+    """Called eagerly without an initial state, a kernel target's state starts from device zeros made once per shape
+    outside the jitted call (a state has no scan dim): the traced function holds the kernel call and nothing XLA
+    must compile per length (on an H200 that fusion was half of a new length's first call). Same result as zeros
+    given explicitly; under an outer jit the zeros stay inside, as before."""
+    import jax
+    import jax.numpy as jnp
+
+    from ssmc.kernel import _Meta
+    v = VARIANTS["mamba2"]
+    k = ssmc.compile(str(v.path), target="triton", interpret=True, chunk_size=8)
+    b, t, h, p, n, g = 1, 19, 2, 4, 4, 1
+    x = jnp.asarray(rng.standard_normal((b, t, h, p)), jnp.float32)
+    dt = jnp.asarray(rng.uniform(0.1, 0.5, (b, t, h)), jnp.float32)
+    A = jnp.asarray(-rng.uniform(0.5, 1.5, (h,)), jnp.float32)
+    B, C = (jnp.asarray(rng.standard_normal((b, t, g, n)), jnp.float32) for _ in range(2))
+    D = jnp.asarray(rng.standard_normal((h,)), jnp.float32)
+    args = (x, dt, A, B, C, D)
+    arrays, sizes, act = k._bind(args, {}, None, None)
+    meta = _Meta(tuple(sorted(sizes.items())), str(act), str(act))
+    k._zero_states(meta, arrays)
+    assert arrays["state:h"].shape == (b, h, p, n) and not np.any(np.asarray(arrays["state:h"]))
+    jaxpr = str(k._jitted.trace(meta, arrays).jaxpr)
+    assert "broadcast_in_dim" not in jaxpr, jaxpr
+    y0, h0 = k(*args)
+    y1, h1 = k(*args, initial_state=np.zeros((b, h, p, n), np.float32))
+    y2, h2 = jax.jit(lambda *a: k(*a))(*args)
+    for a_, b_ in ((y0, y1), (h0, h1), (y0, y2), (h0, h2)):
+        np.testing.assert_array_equal(np.asarray(a_), np.asarray(b_))
