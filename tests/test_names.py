@@ -137,17 +137,8 @@ def _run_ssd_named(target, rng):
 
 def test_keyword_inputs_named_like_call_options(rng):
     """Inputs named like the call's options are passed by keyword; the options then go through k.apply."""
-    text = """
-ssm m {
-  dims b, t, h, p
-  scan t
-  in self[b,t,h,p], initial_state[b,t,h], A[h], C[b,t,h,p], initial_states[b,t,h]
-  state S[b,h,p]
-  out y[b,t,h]
-  S = exp(initial_state*A)*S + initial_state*self
-  y[b,t,h] = C·S + initial_states
-}
-"""
+    text = apply_renaming(SSD, {"x": "self", "dt": "initial_state", "NAME": "initial_states"})
+    assert "in self[b,t,h,p], initial_state[b,t,h], A[h], C[b,t,h,p], initial_states[b,t,h]" in text
     k = compile_for(text, "xla", 8)
     inp = ssd_inputs(rng)
     S0 = rng.standard_normal((2, 3, 4)).astype(np.float32)
