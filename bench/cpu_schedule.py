@@ -67,6 +67,8 @@ CASES = [
 
 
 def best_of(fns: dict, args, runs: int) -> dict:
+    """Best wall time in ms of each function after a warm-up call, run interleaved (so machine load hits them
+    alike). tests/test_cpu_schedule.py times with it too."""
     for f in fns.values():
         jax.block_until_ready(f(args))
     times = {n: [] for n in fns}

@@ -284,12 +284,18 @@ def _get_with_timeout(c: DiskCache, key: str, seconds: float = 30.0):
     return box["v"]
 
 
-@posix
-def test_fifo_entry_does_not_block(tmp_path):
+def _entry_removed(tmp_path):
+    """A cache with one entry written and its file unlinked, for a test to put something else in its place."""
     c = DiskCache(tmp_path / "c")
     k = cache_key(ir="x")
     c.put(k, ENTRY)
     c.path(k).unlink()
+    return c, k
+
+
+@posix
+def test_fifo_entry_does_not_block(tmp_path):
+    c, k = _entry_removed(tmp_path)
     os.mkfifo(c.path(k), 0o600)
     assert _get_with_timeout(c, k) is None
     c.put(k, ENTRY)  # and a put replaces it
@@ -325,10 +331,7 @@ def test_symlinked_shard_directory_is_not_followed(tmp_path):
 
 @posix
 def test_device_node_entry_is_a_miss(tmp_path):
-    c = DiskCache(tmp_path / "c")
-    k = cache_key(ir="x")
-    c.put(k, ENTRY)
-    c.path(k).unlink()
+    c, k = _entry_removed(tmp_path)
     try:
         os.mknod(c.path(k), 0o600 | stat.S_IFCHR, os.makedev(1, 5))  # /dev/zero's numbers
     except PermissionError:

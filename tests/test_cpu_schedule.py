@@ -10,12 +10,12 @@ its own spec text (a leading comment), so no kernel compiled without measuring i
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pathlib
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -44,17 +44,12 @@ def inputs_for(k, sizes, seed=0):
     return {n: jnp.asarray(v) for n, v in random_inputs(k, sizes, seed=seed, probe=False).items()}
 
 
-def best_of(fns: dict, args, runs: int = 7) -> dict:
-    """Best wall time in ms of each function, run interleaved (so machine load hits them alike)."""
-    for f in fns.values():
-        jax.block_until_ready(f(args))
-    times = {n: [] for n in fns}
-    for _ in range(runs):
-        for n, f in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(args))
-            times[n].append(time.perf_counter() - t0)
-    return {n: min(v) * 1e3 for n, v in times.items()}
+def best_of(fns: dict, args) -> dict:
+    """bench/cpu_schedule.py's timing: best wall time in ms of each function, run interleaved."""
+    spec = importlib.util.spec_from_file_location("bench_cpu_schedule", ROOT / "bench" / "cpu_schedule.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench.best_of(fns, args, runs=7)
 
 
 # GLA at the issue's size (key-wise: chunked was 4.6x slower than sequential there) and a Mamba2 shape

@@ -403,7 +403,8 @@ def test_generated_decays_xla(shape):
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("target", KERNEL_TARGETS)
 def test_generated_decays_kernels(target, shape):
-    @settings(max_examples=5, deadline=None)
+    # 3 examples per interpreter target (the same generator as xla's 8); xla covers the wider search
+    @settings(max_examples=3, deadline=None)
     @given(pr=decay_problems(True))
     def prop(pr):
         check_decays(target, shape, pr)

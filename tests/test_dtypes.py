@@ -82,32 +82,34 @@ def test_mixed_mamba2_runs_at_bf16(rng, target):
     assert rel_l2(np.asarray(h), rh) < 2e-2
 
 
-def test_mixed_xla_dots_are_bf16(rng):
-    """The XLA program's contractions take bf16 operands with fp32 accumulation."""
-    v = VARIANTS["mamba2"]
-    mixed, _ = _mixed(v, rng, MAMBA2_FP32)
-    k = _kernel("mamba2", "xla")
+def _mixed_mamba2_dots(rng, target):
+    """Every contraction in the traced program of Mamba2 on `target` with bf16 activations, fp32 A and D."""
+    mixed, _ = _mixed(VARIANTS["mamba2"], rng, MAMBA2_FP32)
+    k = _kernel("mamba2", target)
     dots = list(_dots(jax.make_jaxpr(lambda kw: k(**kw))(mixed)))
     assert dots, "no contraction found"
+    return dots
+
+
+def _assert_bf16_operands_fp32_result(dots):
     for e in dots:
         assert [x.aval.dtype for x in e.invars] == [jnp.bfloat16] * 2, e
         assert e.outvars[0].aval.dtype == jnp.float32, e
 
 
+def test_mixed_xla_dots_are_bf16(rng):
+    """The XLA program's contractions take bf16 operands with fp32 accumulation."""
+    _assert_bf16_operands_fp32_result(_mixed_mamba2_dots(rng, "xla"))
+
+
 @pytest.mark.slow
 def test_mixed_tpu_kernel_dots_are_bf16(rng):
     """Inside the Pallas kernel (interpreted here) the matmul operands are bf16, accumulation fp32."""
-    v = VARIANTS["mamba2"]
-    mixed, _ = _mixed(v, rng, MAMBA2_FP32)
-    k = _kernel("mamba2", "tpu")
-    dots = list(_dots(jax.make_jaxpr(lambda kw: k(**kw))(mixed)))
-    assert dots, "no contraction found"
+    dots = _mixed_mamba2_dots(rng, "tpu")
     # the in-kernel cumsum is an fp32 triangular matmul by design; every other dot runs on bf16 operands
     mm = [e for e in dots if e.invars[0].aval.dtype != jnp.float32 or e.invars[1].aval.dtype != jnp.float32]
     assert len(mm) >= 3, [str(e) for e in dots]
-    for e in mm:
-        assert [x.aval.dtype for x in e.invars] == [jnp.bfloat16] * 2, e
-        assert e.outvars[0].aval.dtype == jnp.float32, e
+    _assert_bf16_operands_fp32_result(mm)
 
 
 @pytest.mark.parametrize("target", SLOW_KERNELS)

@@ -101,10 +101,33 @@ def _run_ssd(name, target, chunk_size, rng):
     close(got[1], S, what=f"{name} on {target}: final S")
 
 
-@pytest.mark.parametrize("chunk", [16, pytest.param(1, marks=pytest.mark.slow)])
+def _run_ssd_many(names, target, chunk_size, rng):
+    """SSD with one extra input per name, all added to the readout: one kernel checks several names at once (the
+    slow sweeps; each name still has its own generated identifiers, and their mix is a legal spec as well)."""
+    text = SSD.replace("NAME[b,t,h]", ", ".join(f"{n}[b,t,h]" for n in names)).replace("+ NAME", "+ " + " + ".join(names))
+    k = compile_for(text, target, chunk_size)
+    inp = ssd_inputs(rng, t=11 if target != "xla" else 21)
+    extra = {n: rng.standard_normal(inp["NAME"].shape).astype(np.float32) for n in names}
+    S0 = rng.standard_normal((2, 3, 4)).astype(np.float32)
+    got = k.apply({**{n: inp[n] for n in ("x", "dt", "A", "C")}, **extra}, S0)
+    y, S = ssd_reference(**dict(inp, NAME=sum(e.astype(np.float64) for e in extra.values())), S0=S0)
+    close(got[0], y, what=f"{names} on {target}: y")
+    close(got[1], S, what=f"{names} on {target}: final S")
+
+
+def _groups(names, n):
+    return [names[i:i + n] for i in range(0, len(names), n)]
+
+
 @pytest.mark.parametrize("name", GENERATED)
-def test_generated_names_xla(name, chunk, rng):
-    _run_ssd(name, "xla", chunk, rng)
+def test_generated_names_xla(name, rng):
+    _run_ssd(name, "xla", 16, rng)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("names", _groups(GENERATED, 8), ids=lambda g: f"{g[0]}..{g[-1]}")
+def test_generated_names_xla_sequential(names, rng):
+    _run_ssd_many(names, "xla", 1, rng)
 
 
 @pytest.mark.parametrize("target", ["triton", "tpu"])
@@ -115,9 +138,10 @@ def test_generated_names_kernels(name, target, rng):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["triton", "tpu"])
-@pytest.mark.parametrize("name", [n for n in GENERATED if n not in KERNEL_CASES])
-def test_generated_names_kernels_all(name, target, rng):
-    _run_ssd(name, target, 8, rng)
+@pytest.mark.parametrize("names", _groups([n for n in GENERATED if n not in KERNEL_CASES], 8),
+                         ids=lambda g: f"{g[0]}..{g[-1]}")
+def test_generated_names_kernels_all(names, target, rng):
+    _run_ssd_many(names, target, 8, rng)
 
 
 def test_ssm_named_like_a_module():
@@ -137,17 +161,8 @@ def _run_ssd_named(target, rng):
 
 def test_keyword_inputs_named_like_call_options(rng):
     """Inputs named like the call's options are passed by keyword; the options then go through k.apply."""
-    text = """
-ssm m {
-  dims b, t, h, p
-  scan t
-  in self[b,t,h,p], initial_state[b,t,h], A[h], C[b,t,h,p], initial_states[b,t,h]
-  state S[b,h,p]
-  out y[b,t,h]
-  S = exp(initial_state*A)*S + initial_state*self
-  y[b,t,h] = C·S + initial_states
-}
-"""
+    text = apply_renaming(SSD, {"x": "self", "dt": "initial_state", "NAME": "initial_states"})
+    assert "in self[b,t,h,p], initial_state[b,t,h], A[h], C[b,t,h,p], initial_states[b,t,h]" in text
     k = compile_for(text, "xla", 8)
     inp = ssd_inputs(rng)
     S0 = rng.standard_normal((2, 3, 4)).astype(np.float32)

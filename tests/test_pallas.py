@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import ssmc
+from helpers import first_fast
 from reference import VARIANTS
 
 NAMES = list(VARIANTS)
@@ -41,8 +42,7 @@ def _dims(v, **kw):
 
 
 # the fast set (-m "not slow") keeps the first case (several chunks, a partial last one, initial states)
-@pytest.mark.parametrize("case", [pytest.param(c, marks=() if k == 0 else pytest.mark.slow) for k, c in enumerate(CASES)],
-                         ids=[f"chunk{c}-t{t}-{'init' if i else 'zero'}" for c, t, i in CASES])
+@pytest.mark.parametrize("case", first_fast(CASES))
 @pytest.mark.parametrize("name", NAMES)
 def test_fp32_matches_reference(sx, rng, name, case):
     chunk, t, with_init = case

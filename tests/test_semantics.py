@@ -34,6 +34,12 @@ def _error(text) -> SpecError:
     return info.value
 
 
+def _error_at(body, needle, after, *words):
+    """The spec HEAD + body is a SpecError at `needle` (the first after `after`) whose message holds `words`."""
+    text = HEAD + body
+    _assert_at(_error(text), text, needle, after, *words)
+
+
 def _assert_at(err, text, needle, after, *words):
     line, col = _at(text, needle, after)
     assert (err.span.line, err.span.column) == (line, col), str(err)
@@ -47,37 +53,31 @@ def _assert_at(err, text, needle, after, *words):
 
 def test_transition_matrix_with_a_dim_the_state_lacks():
     """S = A·S with A[h,dk,dk2]: dk2 is only A's, so `·` would sum A's rows (rowsum(A)*S) silently."""
-    text = HEAD + """  state S[b,h,dk,dv]
+    _error_at("""  state S[b,h,dk,dv]
   out o[b,t,h,dv]
   S = A·S + k⊗v
   o = q·S
-}"""
-    err = _error(text)
-    _assert_at(err, text, "A·S", "S = ", "'dk2'", "only 'A' [h,dk,dk2]", "'S' [b,h,dk,dv]",
-               "sum(A, over=[dk2])", "shape of 'S' [b,h,dk,dv]")
+}""", "A·S", "S = ", "'dk2'", "only 'A' [h,dk,dk2]", "'S' [b,h,dk,dv]",
+              "sum(A, over=[dk2])", "shape of 'S' [b,h,dk,dv]")
 
 
 def test_out_that_lacks_a_state_dim():
     """out o[b,t,h,dk] = q·S sums dv, which only S has."""
-    text = HEAD + """  state S[b,h,dk,dv]
+    _error_at("""  state S[b,h,dk,dv]
   out o[b,t,h,dk]
   S = S + k⊗v
   o = q·S
-}"""
-    err = _error(text)
-    _assert_at(err, text, "S\n}", "o = q·", "'dv'", "only 'S' [b,h,dk,dv]", "not 'q' [b,t,h,dk]",
-               "sum(S, over=[dv])", "shape of 'o' [b,t,h,dk]")
+}""", "S\n}", "o = q·", "'dv'", "only 'S' [b,h,dk,dv]", "not 'q' [b,t,h,dk]",
+              "sum(S, over=[dv])", "shape of 'o' [b,t,h,dk]")
 
 
 def test_dot_call_and_an_expression_operand():
     """dot(q, 2*S) with the same slip points at the expression operand."""
-    text = HEAD + """  state S[b,h,dk,dv]
+    _error_at("""  state S[b,h,dk,dv]
   out o[b,t,h,dk]
   S = S + k⊗v
   o = dot(q, 2*S)
-}"""
-    err = _error(text)
-    _assert_at(err, text, "2*S", "o = dot", "'dv'", "the operand [b,t,h,dk,dv]", "sum(..., over=[dv])")
+}""", "2*S", "o = dot", "'dv'", "the operand [b,t,h,dk,dv]", "sum(..., over=[dv])")
 
 
 def test_explicit_sum_is_the_way_to_say_it():

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import ssmc
+from helpers import first_fast
 from reference import VARIANTS, rel_l2
 
 NAMES = list(VARIANTS)
@@ -29,8 +30,7 @@ CASES = [(16, 37, True), (None, 70, False), (1, 11, True)]
 
 
 # the fast set (-m "not slow") keeps the first case (several chunks, a partial last one, initial states)
-@pytest.mark.parametrize("case", [pytest.param(c, marks=() if k == 0 else pytest.mark.slow) for k, c in enumerate(CASES)],
-                         ids=[f"chunk{c}-t{t}-{'init' if i else 'zero'}" for c, t, i in CASES])
+@pytest.mark.parametrize("case", first_fast(CASES))
 @pytest.mark.parametrize("name", NAMES)
 def test_fp32_matches_reference(sx, rng, name, case):
     chunk, t, with_init = case

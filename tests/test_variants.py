@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import ssmc
+from helpers import case_id
 from reference import VARIANTS, rel_l2
 
 NAMES = list(VARIANTS)
@@ -26,12 +27,7 @@ CASES = [
 ]
 
 
-def _ids(case):
-    c, t, init = case
-    return f"chunk{c}-t{t}-{'init' if init else 'zero'}"
-
-
-@pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 @pytest.mark.parametrize("name", NAMES)
 def test_fp32_matches_reference(sx, rng, name, case):
     chunk, t, with_init = case
