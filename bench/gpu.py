@@ -408,6 +408,7 @@ def run_one(shape: str, dtype: str, impls, bw_gbps: float | None, repeats: int, 
         except Exception as e:  # noqa: BLE001  (a kernel target that can't be traced under an outer jit)
             emit("note", **base, note=f"{target}: jax.jit(k) failed ({short_error(e)}); timing k directly")
             f = k
+        f.kernel = k  # new_length_times also times the kernel called directly
         return "jax", f, sets, (lambda r: r[0])
 
     def mamba_impl():
@@ -480,14 +481,20 @@ def measure(rec, kind, fn, sets, pick, rel_err, tol, floor_ms, l, repeats):
 def new_length_times(fn, args, l, scan_axis=1) -> dict:
     """Wall time of the first call at two sequence lengths this warm process has not seen (inputs sliced along
     the scan axis of the time-indexed arguments): l - 96 (the same power-of-two bucket) and l // 2 + 40 (another
-    bucket). Everything a new length costs is in it: retrace, any Triton compile or autotune, the run."""
+    bucket). Everything a new length costs is in it: retrace, any Triton compile or autotune, the run. `fn` is the
+    jitted wrapper; where it carries the kernel (`fn.kernel`), the kernel called directly at two more unseen lengths
+    too (no outer jit: the call's own jit holds only the kernels when no state is given)."""
     import jax
     out = {}
-    for key, l2 in (("new_len_same_bucket_ms", l - 96), ("new_len_other_bucket_ms", l // 2 + 40)):
+    runs = [("new_len_same_bucket_ms", fn, l - 96), ("new_len_other_bucket_ms", fn, l // 2 + 40)]
+    k = getattr(fn, "kernel", None)
+    if k is not None:
+        runs += [("new_len_direct_same_bucket_ms", k, l - 104), ("new_len_direct_other_bucket_ms", k, l // 2 + 48)]
+    for key, f, l2 in runs:
         a2 = tuple(a[:, :l2] if getattr(a, "ndim", 0) > scan_axis and a.shape[scan_axis] == l else a for a in args)
         jax.block_until_ready(a2)
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(*a2))
+        jax.block_until_ready(f(*a2))
         out[key] = (time.perf_counter() - t0) * 1e3
     return out
 
@@ -517,7 +524,9 @@ def run_gla(shape: str, impls, bw_gbps: float | None, repeats: int, nsets: int =
     def ssmc_impl(target):
         k = ssmc.compile(GLA_SPEC, target=target)
         an.guard_triton_cache()
-        return "jax", jax.jit(lambda *a: k(*a)[0]), j_sets
+        f = jax.jit(lambda *a: k(*a)[0])
+        f.kernel = k
+        return "jax", f, j_sets
 
     def rel_err(y):
         yt = y if isinstance(y, torch.Tensor) else an.to_torch(y)
@@ -726,6 +735,9 @@ def table(records: list[dict]) -> str:
             if r.get("new_len_same_bucket_ms") is not None:
                 note = (note + f" new length: {r['new_len_same_bucket_ms']:.0f} ms same bucket, "
                         f"{r['new_len_other_bucket_ms']:.0f} ms other bucket").strip()
+            if r.get("new_len_direct_same_bucket_ms") is not None:
+                note += (f"; k(...) directly: {r['new_len_direct_same_bucket_ms']:.0f} / "
+                         f"{r['new_len_direct_other_bucket_ms']:.0f} ms")
             frac = f"{100 * r['frac_floor']:.0f}%" if r.get("frac_floor") else ""
             lines.append(f"| {r['shape']} | {r['dtype']}{'/' + r['state_dtype'] if r.get('state_dtype') else ''}"
                          f" | {r['impl']} | {fmt(r.get('ms'), '.3f')} | {fmt(r.get('ms_loop'), '.3f')} | {ratio} | "
