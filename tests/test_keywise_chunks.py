@@ -297,12 +297,12 @@ def test_triton_guarded_matmul_form(branch, rng, monkeypatch):
     fails: both branches match the float64 loops (forced here through the guard's bound), signed decays read before
     the update included; without the guard the signed spec (log|a| down to the reset floor) is not finite."""
     from ssmc.targets.triton_gpu import TritonDialect
+    k = ssmc.compile(VARIANTS["gla"].spec_text, target="triton", interpret=True, cache=False)
+    assert "tl.static_range(Q // 16)" in k.source and "<= 40.0:" in k.source
     if branch == "exact":
         monkeypatch.setattr(TritonDialect, "GUARD_EXP", -1.0)
     for name in ("gla", "value_wise", "signed_key_wise_bonus"):
         check(name, "triton", 64, 16, 70, rng, monkeypatch)
-    k = ssmc.compile(VARIANTS["gla"].spec_text, target="triton", interpret=True, cache=False)
-    assert "tl.static_range(Q // 16)" in k.source and "<= 40.0:" in k.source
 
 
 def test_triton_guard_is_needed(rng, monkeypatch):
