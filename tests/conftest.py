@@ -113,3 +113,21 @@ def _seed_of(nodeid: str) -> int:
 @pytest.fixture
 def rng(request):
     return np.random.default_rng(_seed_of(request.node.nodeid))
+
+
+# The fast set (`-m "not slow"`, for local runs; CI runs everything) keeps the first FAST_CASES cases of every
+# parametrized test that are not marked slow already; the later cases of long parametrizations (every example x
+# every size x every target) are marked slow here, so each test function and each target keeps fast cases.
+FAST_CASES = 1
+
+
+@pytest.hookimpl(tryfirst=True)  # before the mark plugin deselects by -m
+def pytest_collection_modifyitems(config, items):
+    kept: dict = {}
+    for item in items:
+        if getattr(item, "callspec", None) is None or item.get_closest_marker("slow"):
+            continue
+        key = (str(item.fspath), item.originalname)
+        kept[key] = kept.get(key, 0) + 1
+        if kept[key] > FAST_CASES:
+            item.add_marker(pytest.mark.slow)
