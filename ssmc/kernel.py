@@ -150,10 +150,7 @@ class Kernel:
         return self._call(args, kwargs, None, self._states_arg(initial_states, f"{self.name}.apply"))
 
     def _call(self, args, kwargs, initial_state, initial_states):
-        arrays, sizes, act = self._bind(args, kwargs, initial_state, initial_states)
-        meta = _Meta(tuple(sorted(sizes.items())), str(act), str(self.out_dtype or act))
-        if self._target.kernels:
-            self._zero_states(meta, arrays)
+        meta, arrays = self._bound(args, kwargs, initial_state, initial_states)
         if self._auto is not None:
             return self._auto(meta, arrays)
         return self._jitted(meta, arrays)
@@ -192,6 +189,14 @@ class Kernel:
         else:
             state, args = (args[0], args[1:]) if args else (None, ())
         return _step.step(self, state, args, inputs)
+
+    def _bound(self, args, kwargs, initial_state, initial_states) -> tuple["_Meta", dict]:
+        """What the jitted entry takes for a call: the static meta (sizes, dtypes) and the arrays by name."""
+        arrays, sizes, act = self._bind(args, kwargs, initial_state, initial_states)
+        meta = _Meta(tuple(sorted(sizes.items())), str(act), str(self.out_dtype or act))
+        if self._target.kernels:
+            self._zero_states(meta, arrays)
+        return meta, arrays
 
     def _zero_states(self, meta: "_Meta", arrays: dict):
         """Kernel targets, called eagerly on arrays of one device: a state not given starts from device zeros made
