@@ -551,20 +551,21 @@ class TileEmitter:
         j = loc("j")
         end = f"({j} * {C} + {C - 1})"
 
-        def ref():  # r_j: L at the step before sub-chunk j (0 for the first: L starts at 0)
-            return D.sum(D.where(f"{pos} == {j} * {C} - 1", L, "0.0"), 0)
-
         rrow, hi, rj = loc("rrow"), loc("hi"), loc("r")
+        # in a loop over sub-chunks j: r_j (L at the step before sub-chunk j; 0 for the first, L starts at 0),
+        # the rows of sub-chunk j, and the source exponents r_j - L_s up to the end of sub-chunk j
+        ref = D.sum(D.where(f"{pos} == {j} * {C} - 1", L, "0.0"), 0)
+        in_j = f"{pos} // {C} == {j}"
+        src_e = D.where(f"{pos} <= {end}", f"{rj}[None, :] - {L}", "-1e30")
         w(f"# sub-chunks of {C} steps as matmuls: each row's exponents from the step before its sub-chunk, both "
           f"factors within exp(+-{D.GUARD_EXP:g}) (checked here), else the exact form below")
         w(f"{rrow} = {D.broadcast_to('0.0', ['Q', DB])}")
         mx = D.BINARY["max"].format
         w(f"{hi} = {D.max(D.max(rrow, 1), 0)}  # the largest exponent taken (0 so far)")
         with w.block(f"for {j} in {D.static_range(f'Q // {C}')}:"):
-            w(f"{rj} = {ref()}")
-            w(f"{rrow} += {D.where(f'{pos} // {C} == {j}', f'{rj}[None, :]', '0.0')}")
-            src_hi = D.max(D.max(D.where(f"{pos} <= {end}", f"{rj}[None, :] - {L}", "-1e30"), 0), 0)
-            w(f"{hi} = {mx(hi, src_hi)}  # sources up to the end of sub-chunk {j}")
+            w(f"{rj} = {ref}")
+            w(f"{rrow} += {D.where(in_j, f'{rj}[None, :]', '0.0')}")
+            w(f"{hi} = {mx(hi, D.max(D.max(src_e, 0), 0))}  # sources up to the end of sub-chunk {j}")
         w(f"{hi} = {mx(hi, D.max(D.max(f'{Lt} - {rrow}', 1), 0))}  # targets")
         ib = base("in")
         with w.block(f"if {hi} <= {D.GUARD_EXP!r}:"):
@@ -578,13 +579,13 @@ class TileEmitter:
             for coef, uk, ur in shape["prods"]:
                 ukt, urt = self.tile_of(uk, (SRC, K)), self.tile_of(ur, (SRC, V))
                 acc = loc("acc")
-                src = exp(D.where(f"{pos} <= {end}", f"{rj}[None, :] - {L}", "-1e30")) + sgs
+                src = exp(src_e) + sgs
                 if joint:  # key-wise: the decay enters the scores
                     qx = self.hold(f"{qt} * {tgt}")
                     w(f"{acc} = {D.broadcast_to('0.0', ['Q', 'Q'])}")
                     with w.block(f"for {j} in {D.static_range(f'Q // {C}')}:"):
-                        w(f"{rj} = {ref()}")
-                        rows = D.where(f"{pos} // {C} == {j}", qx, "0.0")
+                        w(f"{rj} = {ref}")
+                        rows = D.where(in_j, qx, "0.0")
                         w(f"{acc} += {D.dot(rows, f'{ukt} * {src}', 1, 1)}")
                     A = self.hold(D.where(causal, acc, "0.0"))
                     e = self.hold(D.dot(A, urt, 1, 0))
@@ -592,8 +593,8 @@ class TileEmitter:
                     A = self.hold(D.where(causal, D.dot(qt, ukt, 1, 1), "0.0"))
                     w(f"{acc} = {D.broadcast_to('0.0', ['Q', self.block(V)])}")
                     with w.block(f"for {j} in {D.static_range(f'Q // {C}')}:"):
-                        w(f"{rj} = {ref()}")
-                        rows = D.where(f"{pos} // {C} == {j}", A, "0.0")
+                        w(f"{rj} = {ref}")
+                        rows = D.where(in_j, A, "0.0")
                         w(f"{acc} += {D.dot(rows, f'{urt} * {src}', 1, 0)}")
                     e = self.hold(f"{acc} * {tgt}")
                 parts.append(e if coef == 1.0 else f"{coef!r} * {e}")
