@@ -120,19 +120,5 @@ def test_doubling_chain_is_kept_whole_not_expanded():
     _check(k, lambda xs: _ref(xs, np.exp, 2.0 ** 9))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", ["mul", "add"])
-def test_compile_time_2000_vs_4000_statements(kind):
-    ssmc.compile(readout_chain(3, kind), cache=False)  # parser built
-
-    def best(n):
-        text = readout_chain(n, kind)
-        times = []
-        for _ in range(2):
-            t0 = time.perf_counter()
-            ssmc.compile(text, cache=False)
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    t1, t2 = best(2000), best(4000)
-    assert t2 < 3.0 * t1, (t1, t2)  # was ~3.3x (mul) and ~3.5x (add) and growing; now ~2x
+# Wall time against spec length is a benchmark (bench/compile_scaling.py): a timed assertion fails on a loaded CI
+# machine. The analysis work counted above is what grew quadratically and does not depend on the load.
