@@ -8,5 +8,6 @@ skip_absent_tpu()  # before anything starts jax's backends: no libtpu start-up n
 from .errors import SSMCError, ShapeError, SpecError, TargetError  # noqa: E402
 from .api import Kernel, check, clear_cache, compile  # noqa: E402
 from .state_cache import StateCache  # noqa: E402
+from .shard import ShardedKernel, shard  # noqa: E402
 
-__all__ = ["compile", "check", "clear_cache", "Kernel", "StateCache", "SSMCError", "SpecError", "ShapeError", "TargetError", "__version__"]
+__all__ = ["compile", "check", "clear_cache", "Kernel", "StateCache", "shard", "ShardedKernel", "SSMCError", "SpecError", "ShapeError", "TargetError", "__version__"]

@@ -216,10 +216,11 @@ class Kernel:
             if p.kind == "state" and "state:" + p.name not in arrays:
                 arrays["state:" + p.name] = _zeros(tuple(sizes[d] for d in p.dims), base, device)
 
-    def _run(self, meta: "_Meta", arrays: dict):
+    def _run(self, meta: "_Meta", arrays: dict, **options):
         """The entry on the bound arrays (traced under jit; meta is static). Every target's entry takes the arrays
         as declared (targets/base.py); here only a missing state becomes zeros, the states enter in the compute
-        dtype and an input wider than it (float64 next to float32 inputs) is narrowed to it."""
+        dtype and an input wider than it (float64 next to float32 inputs) is narrowed to it. `options`: further
+        keyword options of the entry (ssmc.shard passes `across`)."""
         sizes = dict(meta.sizes)
         base, mm, out_dtype = meta.dtypes(self.matmul)
         call = []
@@ -231,7 +232,7 @@ class Kernel:
             if p.kind == "state" or jnp.dtype(x.dtype).itemsize > jnp.dtype(base).itemsize:
                 x = x.astype(base)
             call.append(x)
-        return tuple(self._fn(*call, mm=mm, out_dtype=out_dtype, **self._opts))
+        return tuple(self._fn(*call, mm=mm, out_dtype=out_dtype, **self._opts, **options))
 
     def named_inputs(self, args, kwargs, who: str = "") -> dict:
         """Positional and keyword inputs -> {input name: array}, with errors naming the input."""

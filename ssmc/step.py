@@ -32,8 +32,9 @@ def state_dict(k, state) -> dict:
     return dict(k._states_arg(state, f"{k.name}.step", what="state") or {})
 
 
-def step(k, state, args, kwargs):
-    """See Kernel.step."""
+def step(k, state, args, kwargs, apply=None):
+    """See Kernel.step. `apply(inputs, states)` runs the step kernel (default: its own apply; ssmc.shard passes
+    the step kernel run on a mesh)."""
     given = k.named_inputs(args, kwargs, f"{k.name}.step")
     scan, declared = k.program.scan, dict(k.inputs)
     single = {}  # input -> given without the scan dim (one token)
@@ -55,7 +56,8 @@ def step(k, state, args, kwargs):
         without = ", ".join(n for n, s in single.items() if s)
         raise ShapeError(f"{k.name}.step: inputs {without} come without the scan dim '{scan}' (one token) but "
                          f"{', '.join(n for n, s in single.items() if not s)} with it; give all of them one way")
-    res = step_kernel(k).apply(given, state_dict(k, state) or None)  # any input name, no keyword to meet
+    apply = apply or step_kernel(k).apply
+    res = apply(given, state_dict(k, state) or None)  # any input name, no keyword to meet
     if not any(single.values()):
         return res
     n_out = len(k.outs)

@@ -33,6 +33,10 @@ MODULE_NAMES = ("MODULE_INFO", "ModuleInfo", "Param", "Result")
 
 BASE_OPTIONS = ("mm", "out_dtype")      # every entry takes these keywords
 KERNEL_OPTIONS = BASE_OPTIONS + ("interpret", "segments")  # kernel targets: their CPU interpreter; segments
+# entries that can run one part of a sequence split across devices (ssmc.shard) take `across=`: the mesh axis (or
+# axes) the scan dim is split over, from inside a shard_map; the state entering this device's part then comes from
+# the parts before it (a scan over the parts' own states and total decays)
+ACROSS = "across"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +141,9 @@ class Target(abc.ABC):
     kernels: ClassVar[bool] = False   # emits kernels: the entry takes interpret=, computes in float32 at most
     float64: ClassVar[bool] = False   # computes in float64 when every input is float64 (jax_enable_x64)
     chunk_multiple: ClassVar[int] = 1  # chunk lengths round up to a multiple of this
+    # its interpreter synchronises the devices of a shard_map at every launch, so every device must launch each
+    # kernel (ssmc.shard then never skips a launch on some devices)
+    lockstep_interpreter: ClassVar[bool] = False
 
     @abc.abstractmethod
     def pipeline(self, chunk_size: int | None) -> str:

@@ -8,7 +8,7 @@ instructions (a norm over a group of heads spans programs, so it runs over the k
 from __future__ import annotations
 
 
-from .base import KERNEL_OPTIONS, MODULE_IMPORT, MODULE_NAMES, ModuleInfo, Target
+from .base import ACROSS, KERNEL_OPTIONS, MODULE_IMPORT, MODULE_NAMES, ModuleInfo, Target
 from .kernel_plan import SEG, SEG_CHUNKS, KernelPlan, Schedule
 from .kernel_runtime import final_key, runtime_dims, runtime_strides
 from .writer import Names, Writer, py_const, py_name
@@ -62,7 +62,8 @@ class LauncherWriter:
     # and (FIXED of each target) the kernel's own; every other identifier comes from the name table
     LAUNCHER_FIXED = MODULE_NAMES + ("jax", "jnp", "lax", "rt", "LAYOUT", "POST_LAYOUT", "mm", "out_dtype",
                                      "interpret", "arrays", "sizes", "post_arrays", "SEGMENT_STATES_LAYOUT",
-                                     "SEGMENT_OUTPUTS_LAYOUT", "segments", "nseg", "seg_sizes", "seg_arrays")
+                                     "SEGMENT_OUTPUTS_LAYOUT", "segments", "nseg", "seg_sizes", "seg_arrays",
+                                     "across")
     LAYOUT_NAMES = {"walk": "LAYOUT", "rows": "POST_LAYOUT", "segment_states": "SEGMENT_STATES_LAYOUT",
                     "segment_outputs": "SEGMENT_OUTPUTS_LAYOUT"}
     KERNEL_SUFFIX = {"rows": "post", "segment_states": "segment_states", "segment_outputs": "segment_outputs"}
@@ -237,7 +238,8 @@ class LauncherWriter:
                                                                                           i.attr("state")]))
                   for i in [x for x in p.instrs if x.op in ("input", "window", "state")]]
         rets = [("out", o.name, o.dims) for o in p.outs] + [("state", s.name, s.dims) for s in p.states]
-        w(ModuleInfo.build(self.target, self.entry, params, rets, KERNEL_OPTIONS).source())
+        opts = KERNEL_OPTIONS + ((ACROSS,) if self.schedule.segment_states is not None else ())
+        w(ModuleInfo.build(self.target, self.entry, params, rets, opts).source())
         for kw in self.writers():
             w(f"{kw.layout_name} = {kw.layout()!r}")
         for kw in self.writers():
@@ -281,8 +283,12 @@ class LauncherWriter:
         args = "".join(a + ", " for a, *_ in params)
         w("# mm: matmul operand dtype (fp32, or the inputs' bf16/fp16); out_dtype: dtype of the outs")
         w("# segments: None (chosen per call from the sizes and the device), or a number of segments (1: one walk)")
+        across = sch.segment_states is not None
+        if across:
+            w("# across: None, or the mesh axis this sequence is split over (inside a shard_map, see ssmc.shard):")
+            w("# the segments of every device's part of the sequence then enter one scan")
         with w.block(f"def {entry}({args}*, mm=jnp.float32, out_dtype=jnp.float32, interpret=False, "
-                     f"segments=None):"):
+                     f"segments=None{', across=None' if across else ''}):"):
             by_name = {b: a for a, b, *_ in params}
             self.pre(by_name)
             given = {i.attr("array") or i.attr("state"): self.lpn(i.name) for i in k.leaves()}
@@ -326,13 +332,14 @@ class LauncherWriter:
         w("# the number of segments: from the length, the programs and the device's cores (rt.pick_segments),")
         w("# or `segments`; segment boundaries fall on chunk boundaries")
         w("nseg, seg_sizes = rt.segments(LAYOUT, sizes, segments, interpret)")
-        with w.block("if nseg == 1:"):
+        with w.block("if nseg == 1 and across is None:"):
             w("# one walk: every program walks the whole sequence")
             self.launch("arrays", "sizes")
         with w.block("else:"):
             w("# (a) every program and segment: the segment's state from a zero state, and its total log-decay")
             a.launch("arrays", "seg_sizes")
             w("# (b) the scan across segments: S_in(j) = D(j-1) * S_in(j-1) + S(j-1), from the initial state")
+            w("# (and across the devices' parts of the sequence, when it is split over `across`)")
             incoming = {}
             for cy in sch.carries:
                 init = by_name[cy.state]
@@ -340,7 +347,8 @@ class LauncherWriter:
                 negs = a.store_var("negs", cy.negs) if cy.negs else "None"
                 w(f"{s_in}, {self.store_var('state', cy.state)} = rt.segment_scan({init}, "
                   f"{list(self.plan.decl[cy.state])!r}, {a.store_var('segment', cy.local)}, "
-                  f"{a.store_var('decay', cy.decay)}, {negs}, {list(cy.dims)!r}, {list(cy.decay_dims)!r}, sizes)")
+                  f"{a.store_var('decay', cy.decay)}, {negs}, {list(cy.dims)!r}, {list(cy.decay_dims)!r}, sizes, "
+                  f"across=across)")
             w("# (c) every program and segment: its outputs, walking from the state entering the segment")
             w(f"seg_arrays = {{**arrays, {', '.join(f'{n!r}: {v}' for n, v in incoming.items())}}}")
             c.launch("seg_arrays", "seg_sizes")

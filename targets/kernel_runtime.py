@@ -141,11 +141,20 @@ def segments(layout: dict, sizes: dict, forced: int | None, cores: int) -> tuple
     return n, {**sizes, SEG: n, SEG_CHUNKS: per}
 
 
-def segment_scan(init, init_dims, local, decay, negs, dims, decay_dims, sizes):
+def segment_scan(init, init_dims, local, decay, negs, dims, decay_dims, sizes, across=None):
     """Step (b): each segment's incoming state and the final state, from the initial state `init` (declared dims
     `init_dims`), the segments' own states `local` (dims: the segment, then per head) and total log-decays `decay`
     (+ counts of negative factors `negs`, for signed decays). S_in(0) = init, S_in(j) = D(j-1) S_in(j-1) + S(j-1),
-    D = (-1)^negs exp(decay); the final state is D(last) S_in(last) + S(last). In fp32."""
+    D = (-1)^negs exp(decay); the final state is D(last) S_in(last) + S(last). In fp32.
+    `across`: the mesh axis (or axes) the sequence is split over, inside a shard_map (ssmc.shard): every device's
+    segments are gathered in sequence order, the scan runs over all of them (on every device: the states are small
+    next to the walks), and this device keeps its own segments' incoming states; the final state is the last one's."""
+    if across is not None:
+        n_mine = local.shape[0]
+        gather = lambda x: None if x is None else lax.all_gather(x, across, axis=0, tiled=True)  # noqa: E731
+        local, decay, negs = gather(local), gather(decay), gather(negs)
+        s_in, final = segment_scan(init, init_dims, local, decay, negs, dims, decay_dims, sizes)
+        return lax.dynamic_slice_in_dim(s_in, lax.axis_index(across) * n_mine, n_mine, axis=0), final
     s0 = jnp.asarray(init).astype(jnp.float32)
     for ax, (d0, d1) in enumerate(zip(init_dims, dims[1:])):
         if d0 != d1:  # a group-indexed state, kept per head between the segment kernels

@@ -291,3 +291,4 @@ class PallasTpuTarget(KernelTarget):
     name = "tpu"
     scalar_chunk = 128
     chunk_multiple = 8  # chunks are the kernel's time blocks: a multiple of 8 rows (TPU sublanes)
+    lockstep_interpreter = True  # pltpu.InterpretParams simulates the devices' DMAs and semaphores together

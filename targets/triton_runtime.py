@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import threading
 import time
 
 import jax
@@ -220,6 +221,11 @@ def _fix_interpreter_index():
     ti._patch_lang_tensor = patched
 
 
+# the interpreter patches triton.language's globals for the length of a launch, so launches from several threads
+# (a shard_map over host devices runs its callbacks concurrently) would see each other's patches: one at a time
+_INTERPRETER_LOCK = threading.Lock()
+
+
 def _interpret(kernel, layout, sizes, cfg, ins, specs, mm):
     # Triton 3.6's interpreter gets tl.dot on bf16/fp16 operands wrong (garbage; its casts to bf16 also truncate
     # rather than round), so interpreted kernels feed their matmuls fp32 operands; the GPU runs the real path.
@@ -233,7 +239,8 @@ def _interpret(kernel, layout, sizes, cfg, ins, specs, mm):
         targs = [_to_torch(np.asarray(a)) for a in arrays]
         touts = [torch.empty(s, dtype=_torch_dtype(d)) for s, d in specs]
         fn = InterpretedFunction(getattr(kernel, "fn", kernel))
-        fn[grid](*targs, *kr.runtime_args(layout, sizes), *touts, **meta)
+        with _INTERPRETER_LOCK:
+            fn[grid](*targs, *kr.runtime_args(layout, sizes), *touts, **meta)
         return tuple(_from_torch(t, d) for t, (_, d) in zip(touts, specs))
 
     shapes = tuple(jax.ShapeDtypeStruct(s, d) for s, d in specs)

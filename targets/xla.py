@@ -18,7 +18,7 @@ from ssmc.passes.chunk import chunk_dim
 from ssmc.passes.chunk_ops import STAGE_OPS, decode
 from ssmc.passes.expand_groups import split_name
 
-from .base import BASE_OPTIONS, MODULE_IMPORT, MODULE_NAMES, ModuleInfo, Target
+from .base import ACROSS, BASE_OPTIONS, MODULE_IMPORT, MODULE_NAMES, ModuleInfo, Target
 from .writer import Names, Writer, dim_letters, py_const
 
 UNARY = {"neg": "-{}", "exp": "jnp.exp({})", "log": "jnp.log({})", "softplus": "jax.nn.softplus({})",
@@ -52,7 +52,7 @@ class XlaTarget(Target):
 class XlaEmitter:
     # every identifier the emitted module writes literally (imports, globals, the call's `mm`, the chunked
     # form's sizes, the scan bodies' parameters); everything else comes from the name table
-    FIXED = MODULE_NAMES + ("jax", "jnp", "lax", "rt", "mm", "out_dtype", "ew", "sizes", "T", "Q", "Tp", "nc",
+    FIXED = MODULE_NAMES + ("jax", "jnp", "lax", "rt", "mm", "out_dtype", "across", "ew", "sizes", "T", "Q", "Tp", "nc",
                             "valid", "step", "carry", "xs", "S", "inp", "a", "s", "y_t")
 
     def __init__(self, p: Program, pipeline: str):
@@ -121,14 +121,18 @@ class XlaEmitter:
         decl = {a.name: a.dims for a in p.inputs + p.states + p.outs}
         params += self.shape_params(params, rets, decl)
         info = ModuleInfo.build("xla", entry, [(py, n, op, decl[n]) for py, n, op, _ in params],
-                                [(k, name, decl[name]) for k, name, _, _ in rets], BASE_OPTIONS)
+                                [(k, name, decl[name]) for k, name, _, _ in rets],
+                                BASE_OPTIONS + ((ACROSS,) if self.chunked else ()))
         w(info.source())
         w()
         w()
         w("# mm: the matmul operand dtype (float32, or the inputs' bfloat16/float16; float64 for float64 inputs);")
         w("# accumulation is float32 (float64). out_dtype: the outs' dtype; states come back in the compute dtype.")
+        if self.chunked:
+            w("# across: None, or the mesh axis this sequence is split over (inside a shard_map, see ssmc.shard): the")
+            w("# state entering this device's part then comes from the parts before it")
         with w.block(f"def {entry}({''.join(a + ', ' for a, *_ in params)}*, mm=jnp.float32, "
-                     f"out_dtype=jnp.float32):"):
+                     f"out_dtype=jnp.float32{', across=None' if self.chunked else ''}):"):
             self.entry_prologue(params, rets, decl)
             self.body(rets)
         source = w.text()
@@ -524,8 +528,10 @@ class XlaEmitter:
         with self.w.block(f"def {fn}(S, inp):"):
             self.w("a, s = inp")
             self.w(f"return {bdec} * S + s, S")
-        self.w(f"_, {self.pn(i.name)} = lax.scan({fn}, {S0}, "
-               f"(jnp.moveaxis({dec}, {dax}, 0), jnp.moveaxis({self.n(a.chunks)}, {cax}, 0)))")
+        xs = self.pn.local(i.name, "xs")
+        self.w(f"{xs} = (jnp.moveaxis({dec}, {dax}, 0), jnp.moveaxis({self.n(a.chunks)}, {cax}, 0))")
+        S0 = f"rt.entering({fn}, {S0}, {xs}, across)"  # the initial state, or this device's part's (ssmc.shard)
+        self.w(f"_, {self.pn(i.name)} = lax.scan({fn}, {S0}, {xs})")
         self.assign(i, f"jnp.moveaxis({self.pn(i.name)}, 0, {cax})", "state entering each chunk")
 
     def op_chunk_final(self, i: Instr):

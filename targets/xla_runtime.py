@@ -269,3 +269,23 @@ def mul_sum(out: str, letters: str, *operands):
     summed = tuple(k for k, c in enumerate(letters) if c not in out)
     x = jnp.sum(x, axis=summed) if summed else x
     return align(x, "".join(c for c in letters if c in out), out)
+
+
+def entering(step, init, xs, across):
+    """The state entering this part of the sequence: `init` itself, or, with the sequence split over the mesh axis
+    `across` (inside a shard_map, ssmc.shard), the state the parts before this device's leave. `step(S, (a, s))`
+    is the state passing's step (S -> a * S + s) and `xs` its per-chunk (decays, states from zero): this part's own
+    state from zero and its total decay (the product of its chunks') are gathered from every device, and the chain
+    S_in(j) = D(j-1) * S_in(j-1) + S(j-1) runs from `init` over the parts before this one."""
+    if across is None:
+        return init
+    own, _ = lax.scan(step, jnp.zeros_like(init), xs)
+    total = jnp.prod(xs[0], axis=0)
+    owns, totals = (lax.all_gather(x, across, axis=0) for x in (own, total))
+    me = lax.axis_index(across)
+
+    def chain(S, part):
+        j, a, s = part
+        return jnp.where(j < me, step(S, (a, s))[0], S), None
+    S, _ = lax.scan(chain, init, (jnp.arange(owns.shape[0]), totals, owns))
+    return S

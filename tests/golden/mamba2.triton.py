@@ -20,7 +20,7 @@ from ssmc.targets import triton_runtime as rt
 from ssmc.targets.base import ModuleInfo, Param, Result
 
 MODULE_INFO = ModuleInfo(
-    target='triton', entry='mamba2', options=('mm', 'out_dtype', 'interpret', 'segments'),
+    target='triton', entry='mamba2', options=('mm', 'out_dtype', 'interpret', 'segments', 'across'),
     params=(
         Param('x', 'x', 'input', ('b', 't', 'h', 'p')),
         Param('dt', 'dt', 'input', ('b', 't', 'h')),
@@ -349,20 +349,23 @@ def mamba2_segment_outputs(
 
 # mm: matmul operand dtype (fp32, or the inputs' bf16/fp16); out_dtype: dtype of the outs
 # segments: None (chosen per call from the sizes and the device), or a number of segments (1: one walk)
-def mamba2(x, dt, A, B, C, D, h_prev, *, mm=jnp.float32, out_dtype=jnp.float32, interpret=False, segments=None):
+# across: None, or the mesh axis this sequence is split over (inside a shard_map, see ssmc.shard):
+# the segments of every device's part of the sequence then enter one scan
+def mamba2(x, dt, A, B, C, D, h_prev, *, mm=jnp.float32, out_dtype=jnp.float32, interpret=False, segments=None, across=None):
     arrays = {'x': x, 'dt': dt, 'A': A, 'B': B, 'C': C, 'D': D, 'h': h_prev}
     sizes = rt.dim_sizes(LAYOUT, arrays)
     # the number of segments: from the length, the programs and the device's cores (rt.pick_segments),
     # or `segments`; segment boundaries fall on chunk boundaries
     nseg, seg_sizes = rt.segments(LAYOUT, sizes, segments, interpret)
-    if nseg == 1:
+    if nseg == 1 and across is None:
         # one walk: every program walks the whole sequence
         y, h_final, = rt.launch(mamba2_chunked, LAYOUT, arrays, sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
     else:
         # (a) every program and segment: the segment's state from a zero state, and its total log-decay
         h_segment, h_decay, = rt.launch(mamba2_segment_states, SEGMENT_STATES_LAYOUT, arrays, seg_sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
         # (b) the scan across segments: S_in(j) = D(j-1) * S_in(j-1) + S(j-1), from the initial state
-        h_in, h_final = rt.segment_scan(h_prev, ['b', 'h', 'p', 'n'], h_segment, h_decay, None, ['~seg', 'b', 'h', 'p', 'n'], ['~seg', 'b', 'h'], sizes)
+        # (and across the devices' parts of the sequence, when it is split over `across`)
+        h_in, h_final = rt.segment_scan(h_prev, ['b', 'h', 'p', 'n'], h_segment, h_decay, None, ['~seg', 'b', 'h', 'p', 'n'], ['~seg', 'b', 'h'], sizes, across=across)
         # (c) every program and segment: its outputs, walking from the state entering the segment
         seg_arrays = {**arrays, 'h:in': h_in}
         y, = rt.launch(mamba2_segment_outputs, SEGMENT_OUTPUTS_LAYOUT, seg_arrays, seg_sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)

@@ -12,7 +12,7 @@ from ssmc.targets import xla_runtime as rt
 from ssmc.targets.base import ModuleInfo, Param, Result
 
 MODULE_INFO = ModuleInfo(
-    target='xla', entry='mamba2', options=('mm', 'out_dtype'),
+    target='xla', entry='mamba2', options=('mm', 'out_dtype', 'across'),
     params=(
         Param('x', 'x', 'input', ('b', 't', 'h', 'p')),
         Param('dt', 'dt', 'input', ('b', 't', 'h')),
@@ -31,7 +31,9 @@ MODULE_INFO = ModuleInfo(
 
 # mm: the matmul operand dtype (float32, or the inputs' bfloat16/float16; float64 for float64 inputs);
 # accumulation is float32 (float64). out_dtype: the outs' dtype; states come back in the compute dtype.
-def mamba2(x, dt, A, B, C, D, h_prev, *, mm=jnp.float32, out_dtype=jnp.float32):
+# across: None, or the mesh axis this sequence is split over (inside a shard_map, see ssmc.shard): the
+# state entering this device's part then comes from the parts before it
+def mamba2(x, dt, A, B, C, D, h_prev, *, mm=jnp.float32, out_dtype=jnp.float32, across=None):
     # the arrays come as declared, in any float dtype: cast to the compute dtype `ew` (float32; float64 for
     # float64 inputs) and moved to the IR's layout (h split into (g, h/g), canonical dim order)
     ew = rt.elementwise_dtype(mm)
@@ -70,7 +72,8 @@ def mamba2(x, dt, A, B, C, D, h_prev, *, mm=jnp.float32, out_dtype=jnp.float32):
     def h_enter_step(S, inp):
         a, s = inp
         return a[:, :, :, None, None] * S + s, S
-    _, h_enter = lax.scan(h_enter_step, h_prev, (jnp.moveaxis(h_L_chunk, 1, 0), jnp.moveaxis(h_chunks, 1, 0)))
+    h_enter_xs = (jnp.moveaxis(h_L_chunk, 1, 0), jnp.moveaxis(h_chunks, 1, 0))
+    _, h_enter = lax.scan(h_enter_step, rt.entering(h_enter_step, h_prev, h_enter_xs, across), h_enter_xs)
     h_enter = jnp.moveaxis(h_enter, 0, 1)  # state entering each chunk
     h_final = jnp.take(h_L_chunk, -1, axis=1)[:, :, :, None, None] * jnp.take(h_enter, -1, axis=1) + jnp.take(h_chunks, -1, axis=1)  # state after the last step
 

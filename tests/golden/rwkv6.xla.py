@@ -12,7 +12,7 @@ from ssmc.targets import xla_runtime as rt
 from ssmc.targets.base import ModuleInfo, Param, Result
 
 MODULE_INFO = ModuleInfo(
-    target='xla', entry='rwkv6', options=('mm', 'out_dtype'),
+    target='xla', entry='rwkv6', options=('mm', 'out_dtype', 'across'),
     params=(
         Param('r', 'r', 'input', ('b', 't', 'h', 'dk')),
         Param('k', 'k', 'input', ('b', 't', 'h', 'dk')),
@@ -30,7 +30,9 @@ MODULE_INFO = ModuleInfo(
 
 # mm: the matmul operand dtype (float32, or the inputs' bfloat16/float16; float64 for float64 inputs);
 # accumulation is float32 (float64). out_dtype: the outs' dtype; states come back in the compute dtype.
-def rwkv6(r, k, v, w, u, S_prev, *, mm=jnp.float32, out_dtype=jnp.float32):
+# across: None, or the mesh axis this sequence is split over (inside a shard_map, see ssmc.shard): the
+# state entering this device's part then comes from the parts before it
+def rwkv6(r, k, v, w, u, S_prev, *, mm=jnp.float32, out_dtype=jnp.float32, across=None):
     # the arrays come as declared, in any float dtype: cast to the compute dtype `ew` (float32; float64 for
     # float64 inputs) and moved to the IR's layout (canonical dim order)
     ew = rt.elementwise_dtype(mm)
@@ -68,7 +70,8 @@ def rwkv6(r, k, v, w, u, S_prev, *, mm=jnp.float32, out_dtype=jnp.float32):
     def S_enter_step(S, inp):
         a, s = inp
         return a[:, :, :, None] * S + s, S
-    _, S_enter = lax.scan(S_enter_step, S_prev, (jnp.moveaxis(S_L_chunk, 1, 0), jnp.moveaxis(S_chunks, 1, 0)))
+    S_enter_xs = (jnp.moveaxis(S_L_chunk, 1, 0), jnp.moveaxis(S_chunks, 1, 0))
+    _, S_enter = lax.scan(S_enter_step, rt.entering(S_enter_step, S_prev, S_enter_xs, across), S_enter_xs)
     S_enter = jnp.moveaxis(S_enter, 0, 1)  # state entering each chunk
     S_final = jnp.take(S_L_chunk, -1, axis=1)[:, :, :, None] * jnp.take(S_enter, -1, axis=1) + jnp.take(S_chunks, -1, axis=1)  # state after the last step
 

@@ -1,0 +1,87 @@
+"""ssmc.shard on 4 host CPU devices, every target: sharded over batch, heads (with their groups), both, and the
+sequence over 2 and 4 devices (chunk-parallel parts, and the hand-over of a sequential spec), against the float64
+loops; the outputs' shardings; no gather in the batch/head-sharded HLO; a sharded step; the errors.
+
+The cases run in tests/shard_worker.py, a process of its own (jax fixes the device count when it starts)."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+WORKER = pathlib.Path(__file__).resolve().parent / "shard_worker.py"
+TOL = 1e-4  # fp32 against float64
+
+
+@pytest.fixture(scope="module", params=["xla", "triton", "tpu"])
+def runs(request):
+    target = request.param
+    seed = int(np.random.default_rng().integers(2**31))  # fresh inputs every run; the seed is in the messages
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, str(WORKER), target, str(seed)], env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, f"seed {seed}: " + proc.stderr[-4000:]
+    rows = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    return f"{target} (seed {seed})", rows
+
+
+def _spec_wanted(dims, axes):
+    """The PartitionSpec a result of `dims` must have: its mapped dims over their axes (states have no scan dim:
+    whole along time, on every device of the sequence's axes)."""
+    parts = []
+    for d in dims:
+        ax = axes.get(d)
+        if ax is None:
+            parts.append("None")
+        elif isinstance(ax, str):
+            parts.append(repr(ax))
+        else:
+            parts.append("(" + ", ".join(repr(a) for a in ax) + ")")
+    while parts and parts[-1] == "None":
+        parts.pop()
+    return "P(" + ", ".join(parts) + ")"
+
+
+def test_sharded_calls_match_the_float64_loops(runs):
+    target, rows = runs
+    cases = [r for r in rows if "case" in r]
+    assert len(cases) == 24, f"{target}: {len(cases)} cases ran"
+    modes = set()
+    for r in cases:
+        name, over, axes = r["case"]
+        modes.add(r["mode"])
+        bad = [e for e in r["errors"] if not e < TOL]
+        assert not bad and r["errors"], f"{target} {name} {over} {axes}: errors {r['errors']}"
+        for dims, spec in zip(r["dims"], r["specs"]):
+            want = _spec_wanted(dims, axes)
+            assert spec == want, f"{target} {name} {axes}: result of dims {dims} is sharded {spec}, wanted {want}"
+    assert modes == {"local", "parts", "hand-over"}, modes
+
+
+def test_batch_head_sharding_gathers_nothing(runs):
+    target, rows = runs
+    hlo, = [r["hlo"] for r in rows if "hlo" in r]
+    assert hlo["ops"] > 10, hlo
+    assert hlo["all-gather"] == 0 and hlo["all-to-all"] == 0 and hlo["collective-permute"] == 0, hlo
+
+
+def test_sharded_prefill_then_step(runs):
+    target, rows = runs
+    step, = [r for r in rows if "step" in r]
+    assert all(e < TOL for e in step["step"]), step
+    assert step["specs"] == ["P('x', 'y')", "P('x', 'y')"], step["specs"]
+
+
+def test_errors_name_the_dim(runs):
+    target, rows = runs
+    errors = [r for r in rows if "error" in r]
+    assert len(errors) == 9
+    for r in errors:
+        assert r["message"] is not None, f"{target}: {r['error']} raised nothing"
+        assert r["want"] in r["message"], f"{target}: {r['error']}: {r['message']}"
+        assert r["message"].startswith("ShapeError: ssmc.shard("), r["message"]
