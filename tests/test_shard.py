@@ -50,7 +50,7 @@ def _spec_wanted(dims, axes):
 def test_sharded_calls_match_the_float64_loops(runs):
     target, rows = runs
     cases = [r for r in rows if "case" in r]
-    assert len(cases) == 24, f"{target}: {len(cases)} cases ran"
+    assert len(cases) == (24 if target.startswith("xla") else 8), f"{target}: {len(cases)} cases ran"
     modes = set()
     for r in cases:
         name, over, axes = r["case"]
