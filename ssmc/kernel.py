@@ -97,6 +97,7 @@ class Kernel:
         # keyword options of the entry besides mm / out_dtype (kernel targets: interpret)
         self._opts = {"interpret": interpret} if "interpret" in info.options else {}
         self._jitted = jax.jit(self._run, static_argnums=(0,))
+        self._derivative_fns: dict = {}  # (meta, options) -> the differentiable kernel call (kernel targets)
         self._auto = None  # a measured default schedule (ssmc/autoschedule.py), set by compile
 
     def variant(self, **options) -> "Kernel":
@@ -217,10 +218,56 @@ class Kernel:
                 arrays["state:" + p.name] = _zeros(tuple(sizes[d] for d in p.dims), base, device)
 
     def _run(self, meta: "_Meta", arrays: dict, **options):
-        """The entry on the bound arrays (traced under jit; meta is static). Every target's entry takes the arrays
-        as declared (targets/base.py); here only a missing state becomes zeros, the states enter in the compute
-        dtype and an input wider than it (float64 next to float32 inputs) is narrowed to it. `options`: further
-        keyword options of the entry (ssmc.shard passes `across`)."""
+        """The call on the bound arrays (traced under jit; meta is static), differentiable on every target: the
+        XLA target's generated jnp code is differentiated by jax itself; a kernel target's kernels compute the
+        values and its derivatives come from the same spec compiled for the XLA target (`_derivatives`).
+        `options`: further keyword options of the entry (ssmc.shard passes `across`)."""
+        if not self._target.kernels:
+            return self._entry(meta, arrays, **options)
+        return self._derivatives(meta, tuple(sorted(options.items())))(arrays)
+
+    def _derivatives(self, meta: "_Meta", options: tuple):
+        """The kernel call as a jax.custom_jvp function of the arrays: values from the kernels, tangents (and, by
+        jax's transposition of them, gradients for jax.grad / vjp) from the XLA target's code for the same spec,
+        options and dtypes, which recomputes what it needs from the inputs (nothing per step is saved). Forward
+        and reverse mode both work; the kernels' own derived backward is issue 13's adjoint pass."""
+        key = (meta, options)
+        f = self._derivative_fns.get(key)
+        if f is not None:
+            return f
+        opts = dict(options)
+
+        @jax.custom_jvp
+        def call(arrays):
+            return self._entry(meta, arrays, **opts)
+
+        @call.defjvp
+        def call_jvp(primals, tangents):
+            (arrays,), (dots,) = primals, tangents
+            out = call(arrays)
+            ref = self._reference_kernel()
+            extra = {o: v for o, v in opts.items() if o in ref._info.options}
+            if len(extra) != len(opts):
+                raise SSMCError(f"{self.name}: derivatives of a call with {sorted(set(opts) - set(extra))} need "
+                                f"the xla target's entry to take them too")
+            _, dout = jax.jvp(lambda a: ref._entry(meta, a, **extra), (arrays,), (dots,))
+            return out, tuple(d.astype(o.dtype) for d, o in zip(dout, out))
+
+        self._derivative_fns[key] = call
+        return call
+
+    def _reference_kernel(self) -> "Kernel":
+        """This spec compiled for the XLA target with this kernel's matmul and out_dtype options: what a kernel
+        target differentiates (see _derivatives)."""
+        ref = self.__dict__.get("_xla_kernel")
+        if ref is None:
+            ref = self.__dict__["_xla_kernel"] = self.variant(target="xla", interpret=False)
+        return ref
+
+    def _entry(self, meta: "_Meta", arrays: dict, **options):
+        """The generated entry on the bound arrays. Every target's entry takes the arrays as declared
+        (targets/base.py); here only a missing state becomes zeros, the states enter in the compute dtype and an
+        input wider than it (float64 next to float32 inputs) is narrowed to it."""
         sizes = dict(meta.sizes)
         base, mm, out_dtype = meta.dtypes(self.matmul)
         call = []

@@ -1,5 +1,9 @@
-"""jax.grad through ssmc kernels against central finite differences of the float64 numpy reference."""
+"""jax.grad through ssmc kernels against central finite differences of the float64 numpy reference, on every
+target: the XLA target's code is differentiated by jax; the kernel targets' kernels compute the values and their
+derivatives come from the spec's XLA code (Kernel._derivatives), which these tests check the same way."""
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -33,15 +37,27 @@ def _ref_loss(v, inputs64, init64, wo, ws):
     return sum(float(np.sum(o * w)) for o, w in zip(outs, wo)) + sum(float(np.sum(s * w)) for s, w in zip(states, ws))
 
 
-@pytest.mark.parametrize("name,with_init", CASES, ids=[f"{n}-{'init' if i else 'zero'}" for n, i in CASES])
-def test_grad_matches_finite_differences(sx, rng, name, with_init):
+# on the kernel targets (their interpreters): every decay class, groups, a conv, a sequential spec
+KERNEL_CASES = [("mamba2", True), ("mamba2_conv", False), ("gla", False), ("mamba1", False), ("deltanet", False),
+                ("rwkv6", True)]
+ALL = [("xla", n, i) for n, i in CASES] + [(t, n, i) for t in ("triton", "tpu") for n, i in KERNEL_CASES]
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(name, target):
+    import ssmc
+    return ssmc.compile(str(VARIANTS[name].path), target=target, interpret=target != "xla", chunk_size=CHUNK)
+
+
+@pytest.mark.parametrize("target,name,with_init", ALL, ids=[f"{t}-{n}-{'init' if i else 'zero'}" for t, n, i in ALL])
+def test_grad_matches_finite_differences(sx, rng, target, name, with_init):
     v = VARIANTS[name]
     dims = TINY.get(name, KV_TINY)
     inputs = v.make_inputs(rng, dims)
     init = v.make_initial_states(rng, dims) if with_init else None
     ref_outs, ref_states = v.reference(inputs, init)
     wo, ws = _weights(rng, v, ref_outs, ref_states)
-    k = sx.kernel(name, CHUNK)
+    k = _kernel(name, target)
     wo32 = [jnp.asarray(w, jnp.float32) for w in wo]
     ws32 = [jnp.asarray(w, jnp.float32) for w in ws]
 
@@ -86,3 +102,29 @@ def test_grad_matches_finite_differences(sx, rng, name, with_init):
                       f"fd {np.round(want, 4).tolist()})")
     bad = [r for (key, e), r in zip(errors.items(), report) if not e < TOL]
     assert not bad, f"{name}: gradients differ from finite differences:\n  " + "\n  ".join(bad)
+
+
+@pytest.mark.parametrize("target", ["triton", "tpu"])
+def test_kernel_target_derivatives(rng, target):
+    """On a kernel target: gradients have their primal's dtype (bf16 activations, fp32 parameters), forward mode
+    (jax.jvp) works, and jax.jit / jax.vmap of a grad give the XLA target's gradients."""
+    v = VARIANTS["mamba2"]
+    dims = TINY["mamba2"]
+    inputs = {n: jnp.asarray(a) for n, a in v.make_inputs(rng, dims).items()}
+    k, kx = _kernel("mamba2", target), _kernel("mamba2", "xla")
+    mixed = {n: (a if n in ("A", "D") else a.astype(jnp.bfloat16)) for n, a in inputs.items()}
+    g = jax.grad(lambda i: jnp.sum(k(**i)[0].astype(jnp.float32) ** 2))(mixed)
+    assert {n: str(a.dtype) for n, a in g.items()} == {n: str(a.dtype) for n, a in mixed.items()}
+    assert all(bool(jnp.all(jnp.isfinite(a.astype(jnp.float32)))) and float(jnp.max(jnp.abs(a))) > 0
+               for a in g.values())
+    tangent = {n: jnp.asarray(rng.standard_normal(a.shape), a.dtype) for n, a in inputs.items()}
+    _, jt = jax.jvp(lambda i: k(**i)[0], (inputs,), (tangent,))
+    _, jx = jax.jvp(lambda i: kx(**i)[0], (inputs,), (tangent,))
+    assert rel_l2(np.asarray(jt, np.float64), np.asarray(jx, np.float64)) < 1e-5
+    xs = jnp.stack([inputs["x"], jnp.asarray(rng.standard_normal(inputs["x"].shape), jnp.float32)])
+    rest = {n: a for n, a in inputs.items() if n != "x"}
+
+    def grad_x(kern):
+        return jax.jit(jax.vmap(jax.grad(lambda x: jnp.sum(jnp.sin(kern(x=x, **rest)[0])))))
+    gk, gx = grad_x(k)(xs), grad_x(kx)(xs)
+    assert rel_l2(np.asarray(gk, np.float64), np.asarray(gx, np.float64)) < 1e-5
