@@ -1,6 +1,6 @@
 """ssmc.shard on 4 host CPU devices, every target: sharded over batch, heads (with their groups), both, and the
 sequence over 2 and 4 devices (chunk-parallel parts, and the hand-over of a sequential spec), against the float64
-loops; the outputs' shardings; no gather in the batch/head-sharded HLO; a sharded step; the errors.
+loops; the outputs' shardings; no gather in the batch/head-sharded HLO; a sharded step; gradients; the errors.
 
 The cases run in tests/shard_worker.py, a process of its own (jax fixes the device count when it starts)."""
 from __future__ import annotations
@@ -30,21 +30,15 @@ def runs(request):
     return f"{target} (seed {seed})", rows
 
 
-def _spec_wanted(dims, axes):
+def _spec_wanted(dims, axes) -> str:
     """The PartitionSpec a result of `dims` must have: its mapped dims over their axes (states have no scan dim:
     whole along time, on every device of the sequence's axes)."""
-    parts = []
-    for d in dims:
-        ax = axes.get(d)
-        if ax is None:
-            parts.append("None")
-        elif isinstance(ax, str):
-            parts.append(repr(ax))
-        else:
-            parts.append("(" + ", ".join(repr(a) for a in ax) + ")")
-    while parts and parts[-1] == "None":
+    from jax.sharding import PartitionSpec
+    parts = [axes.get(d) for d in dims]
+    parts = [tuple(a) if isinstance(a, list) else a for a in parts]
+    while parts and parts[-1] is None:
         parts.pop()
-    return "P(" + ", ".join(parts) + ")"
+    return str(PartitionSpec(*parts))
 
 
 def test_sharded_calls_match_the_float64_loops(runs):
@@ -57,6 +51,9 @@ def test_sharded_calls_match_the_float64_loops(runs):
         modes.add(r["mode"])
         bad = [e for e in r["errors"] if not e < TOL]
         assert not bad and r["errors"], f"{target} {name} {over} {axes}: errors {r['errors']}"
+        h_axes = axes.get("h")
+        if h_axes is not None and over.get("g", 2) % (2 if isinstance(h_axes, str) else 4) == 0:
+            axes = {**axes, "g": h_axes}  # whole groups per device: a group dim splits with its heads
         for dims, spec in zip(r["dims"], r["specs"]):
             want = _spec_wanted(dims, axes)
             assert spec == want, f"{target} {name} {axes}: result of dims {dims} is sharded {spec}, wanted {want}"
@@ -85,3 +82,13 @@ def test_errors_name_the_dim(runs):
         assert r["message"] is not None, f"{target}: {r['error']} raised nothing"
         assert r["want"] in r["message"], f"{target}: {r['error']}: {r['message']}"
         assert r["message"].startswith("ShapeError: ssmc.shard("), r["message"]
+
+
+def test_gradients_through_a_sharded_call(runs):
+    """jax.grad through sk (batch/heads, and the sequence over 4 devices) against float64 finite differences."""
+    target, rows = runs
+    grads = [r for r in rows if "grad" in r]
+    assert len(grads) == 2
+    for r in grads:
+        bad = {n: e for n, e in r["errors"].items() if not e < TOL}
+        assert len(r["errors"]) == 6 and not bad, f"{target} {r['grad']}: {r['errors']}"
