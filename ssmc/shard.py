@@ -52,8 +52,10 @@ def shard(k, mesh, axes: dict) -> "ShardedKernel":
 def summed_dims(program) -> dict[str, str]:
     """{dim: why it cannot be split}: the dims some instruction sums over (a contraction, a reduce, a norm's
     `over`, a conv's window), each with the first instruction's op and place. The scan dim is not listed (it
-    splits into parts of the sequence), nor a group dim read at its heads (`expand`)."""
+    splits into parts of the sequence), nor a group dim read at its heads (`expand`), nor the heads a grouped
+    norm spans (they split in whole groups: ShardedKernel._layout)."""
     by = {i.name: i for i in program.instrs}
+    groups = dict(program.groups)  # g -> h
     found: dict[str, str] = {}
 
     def note(d, i):
@@ -69,8 +71,10 @@ def summed_dims(program) -> dict[str, str]:
                 if d not in i.dims:
                     note(d, i)
         if i.op in ("rmsnorm", "reduce"):
+            heads = groups.get(i.attr("group"))  # a grouped norm spans the heads of a group: whole groups split
             for d in i.attr("over") or ():
-                note(d, i)
+                if d != heads:
+                    note(d, i)
     return found
 
 

@@ -89,6 +89,22 @@ def main():
         print(json.dumps({"case": [name, over, axes], "mode": sk.mode, "errors": errs,
                           "specs": [spec_of(r) for r in res],
                           "dims": [list(d) for _, d in k.outs + k.states]}), flush=True)
+    # specs written unlike the examples (tests/test_generated_specs.py: renamed dims, permuted layouts, groups
+    # declared first, a group-indexed state): batch and heads, and batch with the sequence
+    from test_generated_specs import FIXED, _err
+    names = list(FIXED) if target == "xla" else ["layouts-grouped", "gqa-state"]
+    for name in names:
+        case, sizes = FIXED[name]
+        sizes = {**sizes, "t": 20, "h": 4}
+        k = ssmc.compile(case.text, target=target, interpret=target != "xla", chunk_size=CHUNK)
+        inputs = case.base.make_inputs(rng, sizes)
+        init = case.initial_states(rng, sizes)
+        want = case.expected(inputs, init)
+        dn = case.dim_names
+        for axes in ({dn["b"]: "x", dn["h"]: "y"}, {dn["b"]: "x", dn["t"]: "y"}):
+            got = ssmc.shard(k, mesh, axes)(**case.call_args(inputs, init))
+            print(json.dumps({"generated": [name, axes], "errors": [_err(g, w) for g, (_, w) in zip(got, want)],
+                              "results": [len(got), len(want)]}), flush=True)
     # the batch/head-sharded call under jit with sharded inputs: no all-gather in the compiled HLO
     v = VARIANTS["mamba2"]
     k = kernel("mamba2", target)

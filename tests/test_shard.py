@@ -92,3 +92,14 @@ def test_gradients_through_a_sharded_call(runs):
     for r in grads:
         bad = {n: e for n, e in r["errors"].items() if not e < TOL}
         assert len(r["errors"]) == 6 and not bad, f"{target} {r['grad']}: {r['errors']}"
+
+
+def test_specs_written_unlike_the_examples(runs):
+    """Renamed dims, permuted layouts, groups declared first, a group-indexed state: sharded over batch and heads,
+    and batch with the sequence, against the float64 loops."""
+    target, rows = runs
+    gen = [r for r in rows if "generated" in r]
+    assert len(gen) == (12 if target.startswith("xla") else 4), gen
+    for r in gen:
+        assert r["results"][0] == r["results"][1] and r["errors"], r
+        assert all(e < TOL for e in r["errors"]), f"{target} {r['generated']}: {r['errors']}"
