@@ -161,7 +161,7 @@ def _aot_results() -> dict:
                           timeout=900)
     rows = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
     assert rows, f"tpu_aot.py printed no results (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
-    return {(r["name"], r["dtype"]): r for r in rows}
+    return {(r["name"], r["dtype"], r["kind"]): r for r in rows}
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -172,7 +172,19 @@ def _aot_results() -> dict:
 def test_compiles_with_mosaic_for_tpu(name, dtype):
     """With libtpu installed: XLA:TPU and Mosaic compile every example's kernels ahead of time for a v5e device
     (tests/tpu_aot.py), so layouts, relayouts and VMEM addressing are checked too, not only the lowering."""
-    r = _aot_results()[(name, dtype)]
+    r = _aot_results()[(name, dtype, "forward")]
+    assert r["ok"], r["error"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu not installed (pip install 'libtpu==0.0.42.*' compiles for TPU without one)")
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", NAMES)
+def test_backward_compiles_for_tpu(name, dtype):
+    """jax.grad through the tpu target (Pallas kernels for the values, the XLA code's derivatives) compiles for a
+    v5e device ahead of time like the forward."""
+    r = _aot_results()[(name, dtype, "backward")]
     assert r["ok"], r["error"]
 
 

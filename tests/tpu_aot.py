@@ -5,7 +5,7 @@ the `jax.export` lowering check, which stops at Mosaic's MLIR.
 
     python tests/tpu_aot.py [--topology v5e:2x2] [--dtype float32,bfloat16] [--chunk-size N] [--dims h=80,...] [names]
 
-prints one JSON line per (example, dtype): {"name", "dtype", "ok", "error"}. tests/test_pallas.py runs it when
+prints one JSON line per (example, dtype, forward or backward): {"name", "dtype", "kind", "ok", "error"}. tests/test_pallas.py runs it when
 libtpu is installed."""
 from __future__ import annotations
 
@@ -49,15 +49,23 @@ def main(argv=None):
         rng = np.random.default_rng(0)
         inputs, states = v.make_inputs(rng, dims), v.make_initial_states(rng, dims)
         k = ssmc.compile(str(v.path), target="tpu", chunk_size=a.chunk_size, cache=False)
+        def forward(i, s):
+            return k(**i, initial_states=s)
+
+        def backward(i, s):  # gradients of every input and initial state (the kernels' values, XLA's derivatives)
+            def loss(i, s):
+                return sum(jnp.sum(r.astype(jnp.float32)) for r in k(**i, initial_states=s))
+            return jax.grad(loss, argnums=(0, 1))(i, s)
         for dt in a.dtype.split(","):
-            res = {"name": name, "dtype": dt, "ok": True, "error": ""}
-            try:
-                ins = {n: jax.ShapeDtypeStruct(x.shape, jnp.dtype(dt), sharding=rep) for n, x in inputs.items()}
-                sts = {n: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=rep) for n, x in states.items()}
-                jax.jit(lambda i, s: k(**i, initial_states=s)).lower(ins, sts).compile()
-            except Exception as e:  # report, go on with the next
-                res.update(ok=False, error=f"{type(e).__name__}: {str(e)[:2000]}")
-            print(json.dumps(res), flush=True)
+            for kind, f in (("forward", forward), ("backward", backward)):
+                res = {"name": name, "dtype": dt, "kind": kind, "ok": True, "error": ""}
+                try:
+                    ins = {n: jax.ShapeDtypeStruct(x.shape, jnp.dtype(dt), sharding=rep) for n, x in inputs.items()}
+                    sts = {n: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=rep) for n, x in states.items()}
+                    jax.jit(f).lower(ins, sts).compile()
+                except Exception as e:  # report, go on with the next
+                    res.update(ok=False, error=f"{type(e).__name__}: {str(e)[:2000]}")
+                print(json.dumps(res), flush=True)
 
 
 if __name__ == "__main__":
