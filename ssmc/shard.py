@@ -98,6 +98,24 @@ class ShardedKernel:
     def __repr__(self):
         return f"<ssmc.ShardedKernel {self.kernel.name} axes={self.axes} sequence={self.mode}>"
 
+    @property
+    def note(self) -> str:
+        """How the call runs on the mesh, in one line (also the last line of `ir`)."""
+        split = ", ".join(f"{d} over {a if len(a) > 1 else a[0]}" for d, a in self.axes.items())
+        how = {"local": "every device runs its own blocks, no communication",
+               "parts": "the sequence in parts run at once; the state entering each part comes from a scan over "
+                        "the parts' own states and total decays (gathered across the axis)",
+               "hand-over": "the sequence in parts run one after another, each device handing its final states to "
+                            "the next (the spec has no chunk-parallel form"
+                            + (" across devices" if ACROSS in self.kernel._info.options else "") + "): correct, "
+                            "not parallel along the sequence"}[self.mode]
+        return f"shard: {split}: {how}"
+
+    @property
+    def ir(self) -> str:
+        """The kernel's IR with the note saying how it runs on the mesh."""
+        return self.kernel.ir.rstrip("\n") + f"\n# {self.note}\n"
+
     # ---- the mapping ---------------------------------------------------------------------------------------
     def _check_axes(self, axes) -> dict[str, tuple[str, ...]]:
         k, mesh = self.kernel, self.mesh

@@ -86,7 +86,7 @@ def main():
         sk = ssmc.shard(k, mesh, axes)
         res = sk(**kwargs(v, inputs, init))
         errs = [rel_l2(np.asarray(r, np.float64), w) for r, w in zip(res, list(ref_outs) + list(ref_states))]
-        print(json.dumps({"case": [name, over, axes], "mode": sk.mode, "errors": errs,
+        print(json.dumps({"case": [name, over, axes], "mode": sk.mode, "errors": errs, "note": sk.ir.splitlines()[-1],
                           "specs": [spec_of(r) for r in res],
                           "dims": [list(d) for _, d in k.outs + k.states]}), flush=True)
     # specs written unlike the examples (tests/test_generated_specs.py: renamed dims, permuted layouts, groups

@@ -49,6 +49,8 @@ def test_sharded_calls_match_the_float64_loops(runs):
     for r in cases:
         name, over, axes = r["case"]
         modes.add(r["mode"])
+        assert r["note"].startswith("# shard: ") and {"local": "no communication", "parts": "run at once",
+                                                     "hand-over": "one after another"}[r["mode"]] in r["note"], r
         bad = [e for e in r["errors"] if not e < TOL]
         assert not bad and r["errors"], f"{target} {name} {over} {axes}: errors {r['errors']}"
         h_axes = axes.get("h")
