@@ -188,6 +188,11 @@ class ShardedKernel:
                 raise ShapeError(f"{who}: the norm at {norm[0].span} spans each group's {per_group} heads, but "
                                  f"{n} devices hold {per_dev} heads each: use a device count that divides '{g}' "
                                  f"({sizes[g]})")
+            indexed = [n for n, dims in self.states + self.outs if g in dims]
+            if indexed:
+                raise ShapeError(f"{who}: '{indexed[0]}' is indexed by the group dim '{g}', but {n} devices hold "
+                                 f"{per_dev} of each group's {per_group} heads: use a device count that divides "
+                                 f"'{g}' ({sizes[g]}), so each device holds whole groups")
             pick[g] = (h, per_dev, per_group)
         if self.scan in self.axes:
             T = sizes[self.scan] // self._devices(self.axes[self.scan])

@@ -79,7 +79,7 @@ def test_sharded_prefill_then_step(runs):
 def test_errors_name_the_dim(runs):
     target, rows = runs
     errors = [r for r in rows if "error" in r]
-    assert len(errors) == 9
+    assert len(errors) == 10
     for r in errors:
         assert r["message"] is not None, f"{target}: {r['error']} raised nothing"
         assert r["want"] in r["message"], f"{target}: {r['error']}: {r['message']}"
