@@ -42,8 +42,7 @@ CASES += [
 # the interpreters are slow: on triton and tpu, every mode and feature once (the xla target runs every case)
 KERNEL_CASES = [
     ("mamba2", {}, {"b": "x", "h": "y"}), ("mamba2", {}, {"t": ("x", "y")}), ("mamba2_conv", {}, {"b": "x", "t": "y"}),
-    ("gla", {}, {"t": "x"}), ("mamba1", {}, {"t": "x"}), ("deltanet", {}, {"t": "x"}),
-    ("mamba2", {"g": 1}, {"h": "x"}), ("mamba2", {}, {"h": ("x", "y")}),
+    ("gla", {}, {"t": "x"}), ("deltanet", {}, {"t": "x"}), ("mamba2", {}, {"h": ("x", "y")}),
 ]
 ERRORS = [  # (variant, axes, sizes overrides, what the message must name)
     ("mamba2", {"n": "x"}, {}, "'n' cannot be split"),
@@ -93,7 +92,7 @@ def main():
     # specs written unlike the examples (tests/test_generated_specs.py: renamed dims, permuted layouts, groups
     # declared first, a group-indexed state): batch and heads, and batch with the sequence
     from test_generated_specs import FIXED, _err
-    names = list(FIXED) if target == "xla" else ["layouts-grouped", "gqa-state"]
+    names = list(FIXED) if target == "xla" else ["layouts-grouped"]
     for name in names:
         case, sizes = FIXED[name]
         sizes = {**sizes, "t": 20, "h": 4}

@@ -3,7 +3,8 @@ libtpu==0.0.42.*`, the version jax[tpu] pins) describes a TPU topology, and `jax
 against one of its devices runs XLA:TPU and Mosaic ahead of time on this host, layouts and all - stricter than
 the `jax.export` lowering check, which stops at Mosaic's MLIR.
 
-    python tests/tpu_aot.py [--topology v5e:2x2] [--dtype float32,bfloat16] [--chunk-size N] [--dims h=80,...] [names]
+    python tests/tpu_aot.py [--topology v5e:2x2] [--dtype float32,bfloat16] [--chunk-size N] [--dims h=80,...]
+        [--backward mamba2,gla,...] [names]
 
 prints one JSON line per (example, dtype, forward or backward): {"name", "dtype", "kind", "ok", "error"}. tests/test_pallas.py runs it when
 libtpu is installed."""
@@ -29,6 +30,7 @@ def main(argv=None):
     ap.add_argument("--chunk-size", type=int, default=None)
     ap.add_argument("--t", type=int, default=300)
     ap.add_argument("--dims", default="")
+    ap.add_argument("--backward", default="", help="comma-separated examples whose gradient is compiled too")
     a = ap.parse_args(argv)
 
     import jax
@@ -57,7 +59,8 @@ def main(argv=None):
                 return sum(jnp.sum(r.astype(jnp.float32)) for r in k(**i, initial_states=s))
             return jax.grad(loss, argnums=(0, 1))(i, s)
         for dt in a.dtype.split(","):
-            for kind, f in (("forward", forward), ("backward", backward)):
+            kinds = [("forward", forward)] + ([("backward", backward)] if name in a.backward.split(",") else [])
+            for kind, f in kinds:
                 res = {"name": name, "dtype": dt, "kind": kind, "ok": True, "error": ""}
                 try:
                     ins = {n: jax.ShapeDtypeStruct(x.shape, jnp.dtype(dt), sharding=rep) for n, x in inputs.items()}
