@@ -13,6 +13,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "example
 import train  # noqa: E402
 
 
+@pytest.mark.slow  # 35-55 s: the fast set stays under 5 minutes; CI runs it
 def test_short_training_run_learns():
     log = train.train(steps=120, target="xla", batch=32, seed=1, log_every=40, printer=lambda *_: None)
     chance = math.log(32 // 2)
@@ -23,6 +24,7 @@ def test_short_training_run_learns():
     assert log[-1]["tokens_per_s"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["triton"])  # the tpu target's gradients: tests/test_grad.py
 def test_kernel_target_training_follows_xla(target):
     kw = dict(steps=3, layers=1, batch=4, d_model=32, seed=2, log_every=1, printer=lambda *_: None)
