@@ -242,10 +242,9 @@ class ShardedKernel:
             state, args = (args[0], args[1:]) if args else (None, ())
         sk = _step.step_kernel(k)
         axes = {d: a for d, a in self.axes.items() if d != self.scan}
-        stepper = sk.__dict__.setdefault("_sharded", {}).get((id(self.mesh), tuple(sorted(axes.items()))))
-        if stepper is None:
-            stepper = sk.__dict__["_sharded"][(id(self.mesh), tuple(sorted(axes.items())))] = \
-                ShardedKernel(sk, self.mesh, axes)
+        made = sk.__dict__.setdefault("_sharded", {})  # the step kernel on this mesh, made once
+        key = (self.mesh, tuple(sorted(axes.items())))
+        stepper = made.get(key) or made.setdefault(key, ShardedKernel(sk, self.mesh, axes))
         return _step.step(k, state, args, inputs, apply=stepper.apply)
 
     def _call(self, args, kwargs, initial_state, initial_states):
