@@ -23,6 +23,7 @@ from .ir import Program, to_dot
 # activation_dtype and decay_inputs lived here before ssmc/kernel.py: still importable from here
 from .kernel import _FLOATS, Kernel, activation_dtype, decay_inputs  # noqa: F401
 from .semantic import lower
+from ssmc.targets.base import ACROSS
 
 # In-process kernel cache: compile's memo, keyed by the lowered IR (without source positions, so specs that differ
 # only in comments or layout share a kernel) and the options; least recently used dropped beyond MEMORY_KERNELS.
@@ -108,6 +109,7 @@ def compile(spec, target: str = "xla", chunk_size: int | None = None, dump: bool
                 _MEMORY.move_to_end(mkey)
         if hit is not None:
             _warn_unused_chunk_size(hit, chunk_size)
+            _warn_unused_segments(hit, segments)
             return hit
     key = cache_key(ir=ir, target=tgt.name, options=pipeline, version=__version__, contract=ENTRY_CONTRACT,
                     compiler=_compiler_fingerprint(), jax=jax.__version__)
@@ -146,6 +148,7 @@ def compile(spec, target: str = "xla", chunk_size: int | None = None, dump: bool
             while len(_MEMORY) > MEMORY_KERNELS:
                 _MEMORY.popitem(last=False)
     _warn_unused_chunk_size(k, chunk_size)
+    _warn_unused_segments(k, segments)
     return k
 
 
@@ -156,6 +159,15 @@ def _warn_unused_chunk_size(k: "Kernel", chunk_size) -> None:
     if chunk_size is not None and chunk_size > 1 and m:
         warnings.warn(f"ssmc.compile: chunk_size={chunk_size} is ignored for '{k.name}': it is not chunkable and runs "
                       f"as a sequential scan ({m.group(1)})", UserWarning, stacklevel=3)
+
+
+def _warn_unused_segments(k: "Kernel", segments) -> None:
+    """segments=N for a kernel whose schedule has no segments (a sequential form): say it is ignored. The entries
+    with segment kernels are the ones that also take `across` (targets/base.py)."""
+    if segments is not None and segments > 1 and ACROSS not in k._info.options:
+        warnings.warn(f"ssmc.compile: segments={segments} is ignored for '{k.name}' on {k.target}: its kernel "
+                      f"schedule has no segments (the sequential form walks every step in order; see k.ir)",
+                      UserWarning, stacklevel=3)
 
 
 def _out_dtype_option(out_dtype):

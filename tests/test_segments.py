@@ -179,3 +179,16 @@ def test_segments_option_errors():
         ssmc.compile(str(VARIANTS["mamba2"].path), target="triton", interpret=True, segments=0)
     with pytest.raises(ssmc.SSMCError, match="segments"):
         ssmc.compile(str(VARIANTS["mamba2"].path), target="xla", segments=2)
+
+
+
+def test_segments_on_a_schedule_without_segments_warns():
+    """segments=N for a spec whose kernels have no segment schedule (a sequential form) says it is ignored."""
+    for _ in range(2):  # compiled, then from the in-process cache
+        with pytest.warns(UserWarning, match="segments=2 is ignored for 'deltanet'"):
+            k = ssmc.compile(str(VARIANTS["deltanet"].path), target="triton", interpret=True, segments=2)
+    assert "segment_states" not in k.source
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a schedule with segments takes it quietly
+        ssmc.compile(str(VARIANTS["mamba2"].path), target="triton", interpret=True, segments=2)
