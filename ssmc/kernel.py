@@ -133,22 +133,38 @@ class Kernel:
         """k(x, dt, ...) or k(x=..., dt=...): the `in` arrays positionally (declared order) or by name; set the
         initial states with initial_state=array (one state) or initial_states={name: array}. Returns the outs
         then the final states. Where an input is itself named initial_state(s), use k.apply."""
-        names = {n for n, _ in self.inputs}
-        opts = {o: kwargs.pop(o) for o in ("initial_state", "initial_states") if o in kwargs and o not in names}
-        return self._call(args, kwargs, opts.get("initial_state"), opts.get("initial_states"))
+        return self._call(args, kwargs, *self._call_options(kwargs))
 
     def apply(self, inputs, initial_states=None):
         """The call with everything in containers (no keyword can meet an input's name): `inputs` a dict {input
         name: array} or a sequence in declared order; `initial_states` None (zeros), a dict {state name: array},
         a sequence in k.states order, or one array when there is one state."""
+        return self._call(*self._apply_args(inputs, initial_states, f"{self.name}.apply"))
+
+    # how a call, an apply and a step take their arguments apart: shared with ssmc.shard's ShardedKernel
+    def _call_options(self, kwargs) -> tuple:
+        """(initial_state, initial_states) popped from a call's keywords, unless an input has that name."""
+        names = {n for n, _ in self.inputs}
+        opts = {o: kwargs.pop(o) for o in ("initial_state", "initial_states") if o in kwargs and o not in names}
+        return opts.get("initial_state"), opts.get("initial_states")
+
+    def _apply_args(self, inputs, initial_states, who: str) -> tuple:
+        """apply's containers -> (args, kwargs, initial_state, initial_states) as _call takes them."""
         if isinstance(inputs, dict):
             args, kwargs = (), dict(inputs)
         elif isinstance(inputs, (list, tuple)):
             args, kwargs = tuple(inputs), {}
         else:
-            raise ShapeError(f"{self.name}.apply: inputs must be a dict {{name: array}} or a list in declared "
-                             f"order, got {type(inputs).__name__}")
-        return self._call(args, kwargs, None, self._states_arg(initial_states, f"{self.name}.apply"))
+            raise ShapeError(f"{who}: inputs must be a dict {{name: array}} or a list in declared order, got "
+                             f"{type(inputs).__name__}")
+        return args, kwargs, None, self._states_arg(initial_states, who)
+
+    def _step_args(self, args, inputs) -> tuple:
+        """step's (state, args): `state` is the keyword state= when no input has that name, else the first
+        positional argument (popped from `inputs` / `args`)."""
+        if "state" in inputs and "state" not in {n for n, _ in self.inputs}:
+            return inputs.pop("state"), args
+        return (args[0], args[1:]) if args else (None, ())
 
     def _call(self, args, kwargs, initial_state, initial_states):
         meta, arrays = self._bound(args, kwargs, initial_state, initial_states)
@@ -185,10 +201,7 @@ class Kernel:
         prefill of t tokens then s steps equals one call on t + s tokens. See ssmc/step.py.
         k.step(state, *inputs, **inputs): `state` is the first positional argument, or the keyword state= when
         no input is named `state`."""
-        if "state" in inputs and "state" not in {n for n, _ in self.inputs}:
-            state = inputs.pop("state")
-        else:
-            state, args = (args[0], args[1:]) if args else (None, ())
+        state, args = self._step_args(args, inputs)
         return _step.step(self, state, args, inputs)
 
     def _bound(self, args, kwargs, initial_state, initial_states) -> tuple["_Meta", dict]:

@@ -86,6 +86,8 @@ class ShardedKernel:
         self.name = f"{k.name} on mesh {dict(mesh.shape)}"
         self.inputs, self.states, self.outs = k.inputs, k.states, k.outs
         self.scan = k.program.scan
+        # dims of every array a call binds, by its key there (inputs by name, initial states as "state:<name>")
+        self._dims = dict(k.inputs) | {"state:" + n: d for n, d in k.states}
         self.axes = self._check_axes(axes)
         self._groups = dict(k.program.groups)  # g -> h
         self._fns: dict = {}
@@ -219,27 +221,17 @@ class ShardedKernel:
 
     # ---- calling -------------------------------------------------------------------------------------------
     def __call__(self, /, *args, **kwargs):
-        names = {n for n, _ in self.inputs}
-        opts = {o: kwargs.pop(o) for o in ("initial_state", "initial_states") if o in kwargs and o not in names}
-        return self._call(args, kwargs, opts.get("initial_state"), opts.get("initial_states"))
+        return self._call(args, kwargs, *self.kernel._call_options(kwargs))
 
     def apply(self, inputs, initial_states=None):
         """Like Kernel.apply: inputs as a dict or a list in declared order, states as a dict, list or array."""
-        if isinstance(inputs, dict):
-            args, kwargs = (), dict(inputs)
-        else:
-            args, kwargs = tuple(inputs), {}
-        k = self.kernel
-        return self._call(args, kwargs, None, k._states_arg(initial_states, f"{self.name}.apply"))
+        return self._call(*self.kernel._apply_args(inputs, initial_states, f"{self.name}.apply"))
 
     def step(self, /, *args, **inputs):
         """Like Kernel.step, each device stepping its own block (the scan dim is never split for a step)."""
         from . import step as _step
         k = self.kernel
-        if "state" in inputs and "state" not in {n for n, _ in k.inputs}:
-            state = inputs.pop("state")
-        else:
-            state, args = (args[0], args[1:]) if args else (None, ())
+        state, args = k._step_args(args, inputs)
         sk = _step.step_kernel(k)
         axes = {d: a for d, a in self.axes.items() if d != self.scan}
         made = sk.__dict__.setdefault("_sharded", {})  # the step kernel on this mesh, made once
@@ -264,12 +256,9 @@ class ShardedKernel:
         return fn(arrays)
 
     def _build(self, meta, given, mapped, pick):
-        k, info = self.kernel, self.kernel._info
-        dims_of = {p.name if p.kind == "input" else "state:" + p.name: p.dims for p in info.params}
-        dims_of.update({n: d for n, d in k.inputs})  # inputs no result depends on are still passed in
-        dims_of.update({"state:" + n: d for n, d in k.states})
+        info = self.kernel._info
         seq = self.axes.get(self.scan)
-        in_specs = ({n: self._spec(dims_of[n], mapped) for n in given},)
+        in_specs = ({n: self._spec(self._dims[n], mapped) for n in given},)
         out_specs = tuple(self._spec(r.dims, mapped) for r in info.returns)
         body = self._body(meta, mapped, pick, seq)
         f = _shard_map(body, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
@@ -284,7 +273,8 @@ class ShardedKernel:
         def group_slice(arrays):
             for g, (h, per_dev, per_group) in pick.items():
                 gi = lax.axis_index(mapped[h]) * per_dev // per_group
-                for n, dims in list(self._array_dims(arrays).items()):
+                for n in list(arrays):
+                    dims = self._dims[n]
                     if g in dims:
                         arrays[n] = lax.dynamic_slice_in_dim(arrays[n], gi, 1, axis=dims.index(g))
             return arrays
@@ -304,25 +294,17 @@ class ShardedKernel:
             return self._hand_over(meta, arrays, seq, n_out, states)
         return body
 
-    def _array_dims(self, arrays) -> dict:
-        dims = dict(self.inputs) | {"state:" + n: d for n, d in self.states}
-        return {n: dims[n] for n in arrays}
-
     def _windows_from_previous_part(self, arrays, sizes, seq):
         """Every conv window entering a device's part: the previous part's last k-1 inputs (the first part keeps
         the window given, or zeros)."""
         me = lax.axis_index(seq)
         n = self._devices(seq)
-        decl = dict(self.states)
         for state, src in self._windows.items():
-            wdims = decl[state]
+            wdims = self._dims["state:" + state]
             wd = next(d for d in wdims if is_window_dim(d))
-            w = sizes[wd]
-            x = arrays[src]
-            xdims = dict(self.inputs)[src]
+            x, xdims = arrays[src], self._dims[src]
             ax = xdims.index(self.scan)
-            tail = lax.slice_in_dim(x, x.shape[ax] - w, x.shape[ax], axis=ax) if w else \
-                lax.slice_in_dim(x, 0, 0, axis=ax)
+            tail = lax.slice_in_dim(x, x.shape[ax] - sizes[wd], x.shape[ax], axis=ax)  # empty for a width-1 conv
             order = [xdims.index(self.scan if d == wd else d) for d in wdims]
             tail = jnp.transpose(tail, order)
             prev = lax.ppermute(tail, seq, [(i, i + 1) for i in range(n - 1)])
