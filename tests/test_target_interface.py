@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import inspect
 import pathlib
+import re
 import sys
 import types
 
@@ -300,18 +301,8 @@ def test_spec_names_meet_the_module_record(target):
     """Arrays named like the identifiers the module record and the entry's edges write (MODULE_INFO, ModuleInfo,
     Param, Result, ew, sizes) are renamed in the generated code and still compute the spec."""
     names = {"x": "MODULE_INFO", "dt": "ModuleInfo", "A": "Param", "B": "Result", "C": "ew", "D": "sizes"}
-    text = """
-    ssm perm {
-      dims b, t, h, p, n, g
-      scan t
-      group g -> h
-      in MODULE_INFO[t,b,p,h], ModuleInfo[h,b,t], Param[h], Result[b,g,n,t], ew[t,n,b,g], sizes[h]
-      state s[n,h,b,p]
-      out y[p,t,b,h]
-      s = exp(ModuleInfo*Param)*s + ModuleInfo*Result⊗MODULE_INFO
-      y = ew·s + sizes*MODULE_INFO
-    }
-    """
+    text = re.sub(r"\b(x|dt|A|B|C|D)\b", lambda m: names[m.group(1)], PERMUTED)  # PERMUTED with those names
+    assert "in MODULE_INFO[t,b,p,h], ModuleInfo[h,b,t], Param[h], Result[b,g,n,t], ew[t,n,b,g], sizes[h]" in text
     k = ssmc.compile(text, target=target, interpret=target != "xla")
     std, s0 = _inputs(3)
     arrays, s_decl = _declared(std, s0)
