@@ -100,10 +100,11 @@ def core_inputs(params: dict, zxbcdt, cfg: Mamba2Config) -> dict:
             "norm_w": params["norm_w"].reshape(h, p)}
 
 
-def mixer(params: dict, u, cfg: Mamba2Config, state: dict | None = None):
+def mixer(params: dict, u, cfg: Mamba2Config, state: dict | None = None, kernel: ssmc.Kernel | None = None):
     """The Mamba2 mixer: u [b, t, d_model] (kernel call: prefill / full sequence) or u [b, d_model] (one decode
-    step) from `state` ({state name: array} as in core().states, or None for zeros) -> (out, new_state)."""
-    k = core()
+    step) from `state` ({state name: array} as in core().states, or None for zeros) -> (out, new_state).
+    `kernel`: the core compiled otherwise (another target, say); default core()."""
+    k = kernel if kernel is not None else core()
     one = u.ndim == 2
     x = u[:, None] if one else u
     inputs = core_inputs(params, x @ params["in_proj"], cfg)

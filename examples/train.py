@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,10 +25,9 @@ import optax
 
 import ssmc
 
-try:
-    from examples import mamba2_layer as m2
-except ImportError:  # run as a script from examples/
-    import mamba2_layer as m2
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import mamba2_layer as m2  # noqa: E402
+from generate import init_model, rmsnorm  # noqa: E402  (the same model as generate.py: tied embeddings, pre-norm)
 
 
 def make_batch(rng: np.random.Generator, batch: int, pairs: int, vocab: int):
@@ -46,25 +47,13 @@ def make_batch(rng: np.random.Generator, batch: int, pairs: int, vocab: int):
     return jnp.asarray(tokens, jnp.int32), jnp.asarray(target, jnp.int32)
 
 
-def init_model(cfg: m2.Mamba2Config, vocab: int, layers: int, key) -> dict:
-    ks = jax.random.split(key, layers + 1)
-    return {"embed": jax.random.normal(ks[0], (vocab, cfg.d_model)) * 0.1,
-            "layers": [{**m2.init_params(cfg, k), "norm": jnp.ones((cfg.d_model,))} for k in ks[1:]],
-            "norm": jnp.ones((cfg.d_model,))}
-
-
-def rmsnorm(x, w, eps=1e-5):
-    return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + eps) * w
-
-
 def forward(params, tokens, cfg: m2.Mamba2Config, core):
+    """tokens [b, t] -> logits: generate.py's model run over the whole sequence by `core` (no state cache)."""
     x = params["embed"][tokens]
     for lp in params["layers"]:
-        inputs = m2.core_inputs(lp, rmsnorm(x, lp["norm"]) @ lp["in_proj"], cfg)
-        y, *_ = core(**inputs)
-        b, t = tokens.shape
-        x = x + y.reshape(b, t, cfg.d_inner) @ lp["out_proj"]
-    return rmsnorm(x, params["norm"]) @ params["embed"].T  # tied output embedding
+        h, _ = m2.mixer(lp, rmsnorm(x, lp["norm"]), cfg, kernel=core)
+        x = x + h
+    return rmsnorm(x, params["final_norm"]) @ params["embed"].T
 
 
 def loss_fn(params, tokens, target, cfg, core):
