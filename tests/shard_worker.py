@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 
 import ssmc  # noqa: E402
+from helpers import central_differences  # noqa: E402
 from reference import VARIANTS, rel_l2  # noqa: E402
 
 DIMS = {"b": 2, "t": 20, "h": 4, "g": 2, "p": 3, "n": 4, "dk": 3, "dv": 4, "d": 4, "k": 3}
@@ -147,16 +148,8 @@ def main():
         for n, a in inputs.items():
             a64 = {m: b.astype(np.float64) for m, b in inputs.items()}
             idx = rng.choice(a.size, size=min(3, a.size), replace=False)
-            fd = []
-            for i in idx:
-                orig = a64[n].flat[i]
-                a64[n].flat[i] = orig + 1e-3
-                lp = ref_loss(a64)
-                a64[n].flat[i] = orig - 1e-3
-                lm = ref_loss(a64)
-                a64[n].flat[i] = orig
-                fd.append((lp - lm) / 2e-3)
-            errs[n] = rel_l2(np.asarray(grads[n], np.float64).ravel()[idx], np.array(fd))
+            fd = central_differences(lambda: ref_loss(a64), a64, n, idx)
+            errs[n] = rel_l2(np.asarray(grads[n], np.float64).ravel()[idx], fd)
         print(json.dumps({"grad": axes, "errors": errs}), flush=True)
     for name, axes, over, want in ERRORS:
         if name == "gqa":  # a state indexed by the group dim (tests/specgen.py)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import central_differences
 from reference import VARIANTS, rel_l2
 
 T, CHUNK, EPS, N_COORDS, TOL = 10, 4, 1e-3, 5, 1e-2
@@ -75,16 +76,6 @@ def test_grad_matches_finite_differences(sx, rng, target, name, with_init):
     inputs64 = {n: a.astype(np.float64) for n, a in inputs.items()}
     init64 = {n: a.astype(np.float64) for n, a in init.items()} if with_init else None
 
-    def fd(which, n, idx):
-        d = inputs64 if which == "in" else init64
-        orig = d[n].flat[idx]
-        d[n].flat[idx] = orig + EPS
-        lp = _ref_loss(v, inputs64, init64, wo, ws)
-        d[n].flat[idx] = orig - EPS
-        lm = _ref_loss(v, inputs64, init64, wo, ws)
-        d[n].flat[idx] = orig
-        return (lp - lm) / (2 * EPS)
-
     targets = [("in", n, g_inputs[n], inputs64[n]) for n in v.in_names]
     if with_init:
         targets += [("state", n, g_init[n], init64[n]) for n in v.state_names]
@@ -94,7 +85,8 @@ def test_grad_matches_finite_differences(sx, rng, target, name, with_init):
         assert g.shape == a.shape, f"grad of {which} {n}: shape {g.shape} != {a.shape}"
         assert np.all(np.isfinite(g)), f"grad of {which} {n} has non-finite entries"
         idx = rng.choice(a.size, size=min(N_COORDS, a.size), replace=False)
-        want = np.array([fd(which, n, int(i)) for i in idx])
+        want = central_differences(lambda: _ref_loss(v, inputs64, init64, wo, ws),
+                                   inputs64 if which == "in" else init64, n, idx, EPS)
         got = g.ravel()[idx]
         assert np.linalg.norm(want) > 0, f"{which} {n}: zero finite-difference gradient (bad test inputs)"
         errors[f"{which} {n}"] = rel_l2(got, want)
