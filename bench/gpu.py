@@ -97,21 +97,8 @@ JSON_TAG = "@@JSON "
 # ssmc from the working tree (pyproject maps ssmc.passes -> passes/, ssmc.targets -> targets/, ...)
 # ----------------------------------------------------------------------------------------------------------
 
-class _SsmcTreeFinder:
-    """Fallback finder (appended last to sys.meta_path) for an uninstalled checkout: ssmc.passes, ssmc.targets,
-    ssmc.grammar live in top-level folders. An installed (editable) ssmc is found first and wins."""
-    MAP = {"ssmc.passes": "passes", "ssmc.targets": "targets", "ssmc.grammar": "grammar"}
-
-    def find_spec(self, fullname, path=None, target=None):
-        folder = self.MAP.get(fullname)
-        if folder is None:
-            return None
-        init = ROOT / folder / "__init__.py"
-        return importlib.util.spec_from_file_location(fullname, init, submodule_search_locations=[str(init.parent)])
-
-
-if not any(isinstance(f, _SsmcTreeFinder) for f in sys.meta_path):
-    sys.meta_path.append(_SsmcTreeFinder())
+sys.path.insert(0, str(ROOT / "bench"))
+import _tree  # noqa: E402,F401  (ssmc from the working tree)
 
 
 def emit(kind: str, **rec):

@@ -25,6 +25,8 @@ import time
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+import _tree  # noqa: E402,F401  (ssmc from the working tree, installed or not)
 SPEC = str(ROOT / "examples" / "mamba2.ssm")
 CASES = {  # name: (b, L, dim split, how many GPUs)
     "L128K": (1, 131072, "t"),

@@ -116,7 +116,7 @@ class AutoSchedule:
     def bucket(self, meta, arrays) -> str:
         sizes = ",".join(f"{d}={_pow2(n)}" for d, n in meta.sizes)
         dtypes = ",".join(f"{n}:{arrays[n].dtype}" for n in sorted(arrays))
-        return f"{sizes};{dtypes};act={meta.act};out={meta.out}"
+        return f"{sizes};{dtypes};act={meta.act};out={meta.out}" + (f";seqs={meta.seqs}" if meta.seqs else "")
 
     def choose(self, meta, arrays) -> dict:
         b = self.bucket(meta, arrays)
@@ -175,6 +175,8 @@ class AutoSchedule:
                 for n, x in arrays.items():
                     if n.startswith("state:"):
                         syn[n] = jnp.zeros(x.shape, x.dtype)
+                    elif n not in drawn:  # a packed call's offsets
+                        syn[n] = x
                     else:
                         syn[n] = jnp.asarray(drawn[n]).astype(x.dtype)
                 forms = {"chunked": lambda: self.kernel._jitted(meta, syn), "sequential": lambda: seq._jitted(meta, syn)}

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssmc.targets.base import ModuleInfo, Target
+from ssmc.targets.base import CU_SEQLENS, ModuleInfo, Target, packed_batch_dim
 
 from . import step as _step
 from .errors import ShapeError, SSMCError, TargetError
@@ -27,6 +27,7 @@ from .ir import Program
 from .window import derive_sizes, is_window_dim
 
 _LOW = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+CU_KEY = ":cu_seqlens"  # the packed call's offsets among the bound arrays (no spec name has a ':')
 _FLOATS = _LOW + (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
 
 
@@ -132,21 +133,33 @@ class Kernel:
     def __call__(self, /, *args, **kwargs):
         """k(x, dt, ...) or k(x=..., dt=...): the `in` arrays positionally (declared order) or by name; set the
         initial states with initial_state=array (one state) or initial_states={name: array}. Returns the outs
-        then the final states. Where an input is itself named initial_state(s), use k.apply."""
+        then the final states. Where an input is itself named initial_state(s), use k.apply.
+        cu_seqlens=cu (int32 [num_seqs + 1]): packed variable-length sequences, laid end to end along the scan dim
+        of a batch of one; each starts from its own initial state (the states' batch dim has num_seqs entries,
+        zeros by default) and returns its own final state; nothing crosses a boundary (see `packed_dim`)."""
         return self._call(args, kwargs, *self._call_options(kwargs))
 
-    def apply(self, inputs, initial_states=None):
+    def apply(self, inputs, initial_states=None, cu_seqlens=None):
         """The call with everything in containers (no keyword can meet an input's name): `inputs` a dict {input
         name: array} or a sequence in declared order; `initial_states` None (zeros), a dict {state name: array},
-        a sequence in k.states order, or one array when there is one state."""
-        return self._call(*self._apply_args(inputs, initial_states, f"{self.name}.apply"))
+        a sequence in k.states order, or one array when there is one state; `cu_seqlens` as for the call."""
+        return self._call(*self._apply_args(inputs, initial_states, f"{self.name}.apply"), cu_seqlens)
+
+    @property
+    def packed_dim(self) -> str | None:
+        """The dim packed sequences (cu_seqlens=) lie along: the first dim of the first input with the scan dim
+        that every state and every input and out with the scan dim has and no other input has (Mamba2: b). None:
+        the spec takes no packed call (no such dim, or an out without the scan dim)."""
+        return packed_batch_dim(self.program)
 
     # how a call, an apply and a step take their arguments apart: shared with ssmc.shard's ShardedKernel
     def _call_options(self, kwargs) -> tuple:
-        """(initial_state, initial_states) popped from a call's keywords, unless an input has that name."""
+        """(initial_state, initial_states, cu_seqlens) popped from a call's keywords, unless an input has that
+        name."""
         names = {n for n, _ in self.inputs}
-        opts = {o: kwargs.pop(o) for o in ("initial_state", "initial_states") if o in kwargs and o not in names}
-        return opts.get("initial_state"), opts.get("initial_states")
+        keys = ("initial_state", "initial_states", CU_SEQLENS)
+        opts = {o: kwargs.pop(o) for o in keys if o in kwargs and o not in names}
+        return tuple(opts.get(o) for o in keys)
 
     def _apply_args(self, inputs, initial_states, who: str) -> tuple:
         """apply's containers -> (args, kwargs, initial_state, initial_states) as _call takes them."""
@@ -166,8 +179,8 @@ class Kernel:
             return inputs.pop("state"), args
         return (args[0], args[1:]) if args else (None, ())
 
-    def _call(self, args, kwargs, initial_state, initial_states):
-        meta, arrays = self._bound(args, kwargs, initial_state, initial_states)
+    def _call(self, args, kwargs, initial_state, initial_states, cu_seqlens=None):
+        meta, arrays = self._bound(args, kwargs, initial_state, initial_states, cu_seqlens)
         if self._auto is not None:
             return self._auto(meta, arrays)
         return self._jitted(meta, arrays)
@@ -204,10 +217,16 @@ class Kernel:
         state, args = self._step_args(args, inputs)
         return _step.step(self, state, args, inputs)
 
-    def _bound(self, args, kwargs, initial_state, initial_states) -> tuple["_Meta", dict]:
-        """What the jitted entry takes for a call: the static meta (sizes, dtypes) and the arrays by name."""
-        arrays, sizes, act = self._bind(args, kwargs, initial_state, initial_states)
-        meta = _Meta(tuple(sorted(sizes.items())), str(act), str(self.out_dtype or act))
+    def _bound(self, args, kwargs, initial_state, initial_states, cu_seqlens=None) -> tuple["_Meta", dict]:
+        """What the jitted entry takes for a call: the static meta (sizes, dtypes, packed sequences) and the
+        arrays by name (a packed call's offsets under CU_KEY)."""
+        seqs = 0 if cu_seqlens is None else self._packed_count(cu_seqlens)
+        arrays, sizes, act = self._bind(args, kwargs, initial_state, initial_states, seqs)
+        if seqs:
+            self._check_offsets(cu_seqlens, sizes[self.program.scan])
+            arrays[CU_KEY] = jnp.asarray(cu_seqlens) if isinstance(cu_seqlens, jax.Array) else \
+                np.asarray(cu_seqlens).astype(np.int32)
+        meta = _Meta(tuple(sorted(sizes.items())), str(act), str(self.out_dtype or act), seqs)
         if self._target.kernels:
             self._zero_states(meta, arrays)
         return meta, arrays
@@ -225,7 +244,7 @@ class Kernel:
             return
         device, = devices
         base = meta.dtypes(self.matmul)[0]
-        sizes = dict(meta.sizes)
+        sizes = meta.state_sizes(self.packed_dim)
         for p in self._info.params:
             if p.kind == "state" and "state:" + p.name not in arrays:
                 arrays["state:" + p.name] = _zeros(tuple(sizes[d] for d in p.dims), base, device)
@@ -281,8 +300,10 @@ class Kernel:
         """The generated entry on the bound arrays. Every target's entry takes the arrays as declared
         (targets/base.py); here only a missing state becomes zeros, the states enter in the compute dtype and an
         input wider than it (float64 next to float32 inputs) is narrowed to it."""
-        sizes = dict(meta.sizes)
+        sizes = meta.state_sizes(self.packed_dim)
         base, mm, out_dtype = meta.dtypes(self.matmul)
+        if meta.seqs:
+            options = {**options, CU_SEQLENS: arrays[CU_KEY]}
         call = []
         for p in self._info.params:
             x = arrays.get(p.name if p.kind == "input" else "state:" + p.name)
@@ -312,7 +333,42 @@ class Kernel:
             given[k] = v
         return given
 
-    def _bind(self, args, kwargs, initial_state, initial_states):
+    def _packed_count(self, cu) -> int:
+        """The number of sequences of a packed call, checking what needs no values: the spec takes packed calls,
+        cu is a 1-D integer array of at least 2 entries."""
+        if self.packed_dim is None or CU_SEQLENS not in self._info.options:
+            why = ("an out lacks the scan dim" if any(self.program.scan not in d for _, d in self.outs) else
+                   "no dim is shared by every state and every input with the scan dim and absent from the others")
+            raise ShapeError(f"{self.name}: cu_seqlens: this spec takes no packed sequences ({why}), so there is no "
+                             f"batch dim to pack along")
+        if not hasattr(cu, "shape") or not hasattr(cu, "dtype"):
+            cu = np.asarray(cu)
+        if not jnp.issubdtype(jnp.dtype(cu.dtype), jnp.integer):
+            raise ShapeError(f"{self.name}: cu_seqlens has dtype {jnp.dtype(cu.dtype)}; it takes int32 offsets "
+                             f"[num_seqs + 1] (0, end of sequence 1, ..., packed length)")
+        if len(cu.shape) != 1 or cu.shape[0] < 2:
+            raise ShapeError(f"{self.name}: cu_seqlens has shape {tuple(cu.shape)}; it takes offsets [num_seqs + 1] "
+                             f"with at least one sequence (0, end of sequence 1, ..., packed length)")
+        return int(cu.shape[0]) - 1
+
+    def _check_offsets(self, cu, T: int):
+        """The values of concrete offsets (under jax.jit they are traced and cannot be read: fla and mamba_ssm
+        trust them there too): start at 0, never decrease, end at the packed length."""
+        if isinstance(cu, jax.core.Tracer):
+            return
+        c = np.asarray(cu).astype(np.int64)
+        bad = np.nonzero(np.diff(c) < 0)[0]
+        if c[0] != 0:
+            raise ShapeError(f"{self.name}: cu_seqlens[0] is {c[0]}; the offsets start at 0")
+        if bad.size:
+            i = int(bad[0])
+            raise ShapeError(f"{self.name}: cu_seqlens decreases at index {i + 1} ({c[i]} -> {c[i + 1]}); offsets "
+                             f"never decrease (a repeated offset is an empty sequence)")
+        if c[-1] != T:
+            raise ShapeError(f"{self.name}: cu_seqlens ends at {c[-1]} but the packed length (dim "
+                             f"'{self.program.scan}') is {T}")
+
+    def _bind(self, args, kwargs, initial_state, initial_states, seqs: int = 0):
         names = [n for n, _ in self.inputs]
         given = self.named_inputs(args, kwargs)
         missing = [n for n in names if n not in given]
@@ -338,7 +394,23 @@ class Kernel:
             if len(x.shape) != len(dims):
                 raise ShapeError(f"{self.name}: {label} has rank {len(x.shape)} (shape {tuple(x.shape)}) but is "
                                  f"declared {name}[{','.join(dims)}] (rank {len(dims)})")
-            for ax, (d, n) in enumerate(zip(dims, x.shape)):
+            if seqs:  # a packed call: inputs hold one batch entry, states one per sequence
+                bd = self.packed_dim
+                ax = dims.index(bd) if bd in dims else None
+                want = seqs if kind == "state" else 1
+                if ax is not None and x.shape[ax] != want:
+                    raise ShapeError(
+                        f"{self.name}: {label} has {x.shape[ax]} along dim '{bd}' (axis {ax} of "
+                        f"{name}[{','.join(dims)}]) but a packed call (cu_seqlens, {seqs} sequences) takes "
+                        + ("one initial state per sequence" if kind == "state" else
+                           "the sequences end to end along the scan dim in a batch of one"))
+                if ax is not None and kind == "state":  # checked above: bind the rest as for a batch of one
+                    x_shape = tuple(1 if a == ax else n for a, n in enumerate(x.shape))
+                else:
+                    x_shape = tuple(x.shape)
+            else:
+                x_shape = tuple(x.shape)
+            for ax, (d, n) in enumerate(zip(dims, x_shape)):
                 if d in sizes and sizes[d] != n:
                     raise ShapeError(f"{self.name}: dim '{d}' is {sizes[d]} in {where[d]} but {n} in {label} "
                                      f"(axis {ax} of {name}[{','.join(dims)}])")
@@ -405,6 +477,14 @@ class _Meta:
     sizes: tuple
     act: str   # the activations' dtype (activation_dtype)
     out: str   # the outs' dtype
+    seqs: int = 0  # a packed call's number of sequences (0: not packed); sizes then hold a batch of one
+
+    def state_sizes(self, batch: str | None) -> dict:
+        """Dim sizes as the states have them: a packed call's states have one entry per sequence along `batch`."""
+        sizes = dict(self.sizes)
+        if self.seqs and batch is not None:
+            sizes[batch] = self.seqs
+        return sizes
 
     def dtypes(self, matmul: str):
         """(base, mm, out): elementwise math and states in base (fp32; fp64 for fp64 activations), matmul

@@ -239,8 +239,11 @@ class ShardedKernel:
         stepper = made.get(key) or made.setdefault(key, ShardedKernel(sk, self.mesh, axes))
         return _step.step(k, state, args, inputs, apply=stepper.apply)
 
-    def _call(self, args, kwargs, initial_state, initial_states):
+    def _call(self, args, kwargs, initial_state, initial_states, cu_seqlens=None):
         k = self.kernel
+        if cu_seqlens is not None:
+            raise ShapeError(f"{self.name}: cu_seqlens: a sharded kernel takes no packed sequences; call the kernel "
+                             f"itself (packed sequences are one batch entry, nothing to split but time)")
         arrays, sizes, act = k._bind(args, kwargs, initial_state, initial_states)
         mapped, pick = self._layout(sizes)
         local = dict(sizes)

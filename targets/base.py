@@ -37,6 +37,25 @@ KERNEL_OPTIONS = BASE_OPTIONS + ("interpret", "segments")  # kernel targets: the
 # axes) the scan dim is split over, from inside a shard_map; the state entering this device's part then comes from
 # the parts before it (a scan over the parts' own states and total decays)
 ACROSS = "across"
+# entries that can run packed variable-length sequences take `cu_seqlens=`: int32 offsets [num_seqs + 1] of the
+# sequences laid end to end along the scan dim of a batch of one (targets/packed.py)
+CU_SEQLENS = "cu_seqlens"
+
+
+def packed_batch_dim(p) -> str | None:
+    """The dim a packed call (cu_seqlens) puts the sequences along: among the dims every state and every input and
+    out with the scan dim has, and no input without it has, the first in the first timed input's declared order
+    (Mamba2's b; heads are out, A[h] has them). None where there is no such dim or an out lacks the scan dim:
+    then the spec takes no packed call."""
+    timed = [a for a in p.inputs if p.scan in a.dims]
+    if not timed or any(p.scan not in o.dims for o in p.outs):
+        return None
+    others = [a for a in p.inputs if p.scan not in a.dims]
+    for d in timed[0].dims:
+        if d != p.scan and all(d in a.dims for a in timed + list(p.states) + list(p.outs)) \
+                and not any(d in a.dims for a in others):
+            return d
+    return None
 
 
 @dataclasses.dataclass(frozen=True)

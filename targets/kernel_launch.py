@@ -8,7 +8,7 @@ instructions (a norm over a group of heads spans programs, so it runs over the k
 from __future__ import annotations
 
 
-from .base import ACROSS, KERNEL_OPTIONS, MODULE_IMPORT, MODULE_NAMES, ModuleInfo, Target
+from .base import ACROSS, CU_SEQLENS, KERNEL_OPTIONS, MODULE_IMPORT, MODULE_NAMES, ModuleInfo, Target, packed_batch_dim
 from .kernel_plan import SEG, SEG_CHUNKS, KernelPlan, Schedule
 from .kernel_runtime import final_key, runtime_dims, runtime_strides
 from .writer import Names, Writer, py_const, py_name
@@ -63,7 +63,7 @@ class LauncherWriter:
     LAUNCHER_FIXED = MODULE_NAMES + ("jax", "jnp", "lax", "rt", "LAYOUT", "POST_LAYOUT", "mm", "out_dtype",
                                      "interpret", "arrays", "sizes", "post_arrays", "SEGMENT_STATES_LAYOUT",
                                      "SEGMENT_OUTPUTS_LAYOUT", "segments", "nseg", "seg_sizes", "seg_arrays",
-                                     "across")
+                                     "across", "cu_seqlens", "pk")
     LAYOUT_NAMES = {"walk": "LAYOUT", "rows": "POST_LAYOUT", "segment_states": "SEGMENT_STATES_LAYOUT",
                     "segment_outputs": "SEGMENT_OUTPUTS_LAYOUT"}
     KERNEL_SUFFIX = {"rows": "post", "segment_states": "segment_states", "segment_outputs": "segment_outputs"}
@@ -71,6 +71,7 @@ class LauncherWriter:
     strides = False  # the kernel addresses memory through per-array strides (constexprs named in LAYOUT)
     row_kernels = False  # the post-kernel grouped norm runs as a kernel of its own (else in XLA)
     handle = ""  # what a kernel parameter for an array is called: ptr (Triton), ref (Pallas)
+    packed_calls = False  # the walk kernel runs packed sequences (cu_seqlens), one program per sequence
 
     def __init__(self, plan: KernelPlan, pipeline: str, module: Names | None = None, schedule: Schedule | None = None):
         self.plan, self.pipeline = plan, pipeline
@@ -89,6 +90,9 @@ class LauncherWriter:
             self.pn.get(("dim", "N", SEG), "n_segments")
             self.pn.get(("dim", "N", SEG_CHUNKS), "seg_chunks")
         self.lpn = self.module.scope([i for i in plan.p.instrs if i.op in ("input", "window", "state")])
+        # the dim packed sequences lie along, where this kernel walks them (targets/packed.py); None: no packed calls
+        batch = packed_batch_dim(plan.p) if self.packed_calls and plan.role == "walk" else None
+        self.batch = batch if batch in plan.grid else None
         self.subs: dict[str, LauncherWriter] = {}
         if module is None:  # the schedule's other kernels: writers of their own, in this module and launcher
             for k in self.schedule.kernels()[1:]:
@@ -238,7 +242,8 @@ class LauncherWriter:
                                                                                           i.attr("state")]))
                   for i in [x for x in p.instrs if x.op in ("input", "window", "state")]]
         rets = [("out", o.name, o.dims) for o in p.outs] + [("state", s.name, s.dims) for s in p.states]
-        opts = KERNEL_OPTIONS + ((ACROSS,) if self.schedule.segment_states is not None else ())
+        opts = (KERNEL_OPTIONS + ((ACROSS,) if self.schedule.segment_states is not None else ())
+                + ((CU_SEQLENS,) if self.batch else ()))
         w(ModuleInfo.build(self.target, self.entry, params, rets, opts).source())
         for kw in self.writers():
             w(f"{kw.layout_name} = {kw.layout()!r}")
@@ -267,16 +272,18 @@ class LauncherWriter:
             "stores": [[self.store_key(kind, name), kind, list(self.store_dims(kind, name, v))]
                        for kind, name, v in k.stores],
             "names": self.meta_names(),
+            "packed": self.batch,  # the dim packed sequences lie along (None: this kernel takes none)
         }
 
     def kernel(self):
         raise NotImplementedError
 
-    def launch(self, arrays: str, sizes: str):
+    def launch(self, arrays: str, sizes: str, packed: bool = False):
         """`outs, = rt.launch(...)`: this kernel over `arrays` (the launcher's dict variable)."""
         outs = ", ".join(self.store_names())
+        cu = ", cu_seqlens=cu_seqlens" if packed else ""
         self.w(f"{outs}, = rt.launch({self.kernel_name}, {self.layout_name}, {arrays}, {sizes}, mm=mm, "
-               f"out_dtype=out_dtype, interpret=interpret)")
+               f"out_dtype=out_dtype, interpret=interpret{cu})")
 
     def launcher(self, params):
         k, w, entry, sch = self.plan, self.w, self.entry, self.schedule
@@ -287,18 +294,36 @@ class LauncherWriter:
         if across:
             w("# across: None, or the mesh axis this sequence is split over (inside a shard_map, see ssmc.shard):")
             w("# the segments of every device's part of the sequence then enter one scan")
+        if self.batch:
+            w(f"# cu_seqlens: None, or int32 offsets of packed sequences along {k.scan} (a batch of one along "
+              f"{self.batch}): one program")
+            w("# per sequence walks it from its initial state to its final state (targets/packed.py)")
         with w.block(f"def {entry}({args}*, mm=jnp.float32, out_dtype=jnp.float32, interpret=False, "
-                     f"segments=None{', across=None' if across else ''}):"):
+                     f"segments=None{', across=None' if across else ''}{', cu_seqlens=None' if self.batch else ''}):"):
             by_name = {b: a for a, b, *_ in params}
+            if self.batch and k.pre:
+                tsrc = next(i for i in k.p.instrs if i.op == "input" and k.scan in i.dims)
+                arr = tsrc.attr("array")
+                w(f"pk = rt.packing(cu_seqlens, {by_name[arr]}.shape[{k.decl[arr].index(k.scan)}], 1)"
+                  "  # packed sequences: each conv reads its own window")
             self.pre(by_name)
             given = {i.attr("array") or i.attr("state"): self.lpn(i.name) for i in k.leaves()}
             w(f"arrays = {{{', '.join(f'{n!r}: {by_name.get(n, v)}' for n, v in given.items())}}}")
             w("sizes = rt.dim_sizes(LAYOUT, arrays)")
-            if sch.segment_states is None:
-                w(f"# {sch.note()}: `segments` does not apply")
-                self.launch("arrays", "sizes")
+            def walks():
+                if sch.segment_states is None:
+                    w(f"# {sch.note()}: `segments` does not apply")
+                    self.launch("arrays", "sizes")
+                else:
+                    self.segmented_launch(by_name)
+            if self.batch:
+                with w.block("if cu_seqlens is not None:"):
+                    w("# packed sequences: one program per sequence and grid point, no segments")
+                    self.launch("arrays", "sizes", packed=True)
+                with w.block("else:"):
+                    walks()
             else:
-                self.segmented_launch(by_name)
+                walks()
             post = self.subs.get("rows")
             if post is not None:
                 # inputs of the program, and the values the main kernel stored (under their own identifiers)
@@ -360,6 +385,7 @@ class LauncherWriter:
             return
         by = k.by()
         w("# stage prologue (before the kernel): causal convs over the scan dim, with their window states")
+        pk = ""
 
         def arr(a, to):
             i = by[a]
@@ -371,13 +397,16 @@ class LauncherWriter:
             xd = by[x].dims
             win = arr(rest[-1], [d if d != k.scan else by[rest[-1]].attr("dim") for d in xd])
             ax = xd.index(k.scan)
+            if self.batch:  # packed sequences (pk: None for an ordinary call)
+                pk = f", pk, {xd.index(self.batch)}"
             if i.op == "conv":
                 kd = i.attr("k")
                 wt = arr(rest[0], list(xd) + [kd])  # aligned to x, taps last
-                w(f"{self.lpn(i.name)} = rt.causal_conv({arr(x, xd)}, {ax}, {win}, {wt})  # causal conv over "
+                w(f"{self.lpn(i.name)} = rt.causal_conv({arr(x, xd)}, {ax}, {win}, {wt}{pk})  # causal conv over "
                   f"{k.scan}, window {kd}")
             else:
-                w(f"{self.lpn(i.name)} = rt.conv_window({arr(x, xd)}, {ax}, {win})  # the last inputs, carried on")
+                w(f"{self.lpn(i.name)} = rt.conv_window({arr(x, xd)}, {ax}, {win}{', None' + pk if pk else ''})"
+                  "  # the last inputs, carried on")
         for i in k.inputs:
             if by[i.name].op == "conv":
                 by_name[i.attr("array")] = self.lpn(i.name)

@@ -8,7 +8,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from .kernel_plan import SEG, SEG_CHUNKS
-from .xla_runtime import causal_conv, conv_window  # noqa: F401  (pre-kernel convs of generated launchers)
+from .xla_runtime import causal_conv, conv_window, packing  # noqa: F401  (pre-kernel convs of generated launchers)
+
+SEQS = "~seqs"  # a packed call's number of sequences among a launch's sizes (no spec dim has a ~)
 
 
 def final_key(state: str) -> str:
@@ -65,9 +67,26 @@ def tile_sizes(layout: dict, sizes: dict) -> dict:
     return out
 
 
+def packed_sizes(layout: dict, sizes: dict, seqs: int) -> dict:
+    """A walk kernel's sizes for a packed call of `seqs` sequences (0: an ordinary call): the sizes of the call
+    (the inputs' batch of one) with SEQS, from which the grid, the states and their strides take the sequences."""
+    return {**sizes, SEQS: seqs} if seqs else dict(sizes)
+
+
+def array_sizes(layout: dict, sizes: dict, dims) -> dict:
+    """The sizes of an array with `dims`: in a packed call, a state (no scan dim) has one entry per sequence along
+    the batch dim, an array with the scan dim the call's batch of one."""
+    b, seqs = layout.get("packed"), sizes.get(SEQS)
+    if seqs and b in dims and layout["scan"] not in dims:
+        return {**sizes, b: seqs}
+    return sizes
+
+
 def runtime_args(layout: dict, sizes: dict) -> list[int]:
     """The sizes a kernel takes at run time (batch, heads, length; see kernel_launch.runtime_dims), in order."""
     tiles = tile_sizes(layout, sizes)
+    if sizes.get(SEQS):  # the grid's batch: one program per sequence
+        tiles[layout["packed"]] = sizes[SEQS]
     return [int(tiles[d]) for d in runtime_dims(layout)]
 
 
@@ -82,14 +101,14 @@ def constexprs(layout: dict, sizes: dict, blocks: dict, Q: int | None) -> dict:
         meta["Q"] = Q
     for arr, dims in layout["arrays"].items():
         dyn = runtime_strides(dims, rt, layout.get("group_tile", {}))
-        for d, s in row_major_strides(dims, sizes).items():
+        for d, s in row_major_strides(dims, array_sizes(layout, sizes, dims)).items():
             if d not in dyn:
                 meta[names["stride"][arr][d]] = s
     return meta
 
 
 def grid(layout: dict, sizes: dict, blocks: dict) -> tuple[int, ...]:
-    g = math.prod(sizes[d] for d in layout["grid"])
+    g = math.prod(array_sizes(layout, sizes, [layout.get("packed")])[d] for d in layout["grid"])
     if layout["split"]:
         return (g, math.prod(-(-sizes[d] // blocks[d]) for d in layout["split"]))
     return (g,)
@@ -97,7 +116,7 @@ def grid(layout: dict, sizes: dict, blocks: dict) -> tuple[int, ...]:
 
 def out_specs(layout: dict, sizes: dict, out_dtype) -> list[tuple[tuple[int, ...], object]]:
     """(shape, dtype) of every buffer the kernel writes: outs in their dtype, final states and intermediates fp32."""
-    return [(tuple(sizes[d] for d in dims), out_dtype if kind == "out" else jnp.float32)
+    return [(tuple(array_sizes(layout, sizes, dims)[d] for d in dims), out_dtype if kind == "out" else jnp.float32)
             for _, kind, dims in layout["stores"]]
 
 

@@ -97,10 +97,12 @@ class TritonEmitter(KernelWalk, LauncherWriter):
     target = "triton"
     runtime = "triton_runtime"
     imports = ("import triton", "import triton.language as tl")
-    FIXED = ("triton", "tl", "Q", "MM", "PREC", "pid", "bid", "c", "tt", "ttc", "valid", "t_i", "in_chunk")
+    FIXED = ("triton", "tl", "Q", "MM", "PREC", "pid", "bid", "c", "tt", "ttc", "valid", "t_i", "in_chunk",
+             "cu_seqlens_ptr", "PACKED", "seq_start", "seq_len", "row")
     strides = True
     row_kernels = True
     handle = "ptr"
+    packed_calls = True
 
     def kernel(self):
         k, w = self.plan, self.w
@@ -108,9 +110,9 @@ class TritonEmitter(KernelWalk, LauncherWriter):
         # runtime sizes sit between the input and output pointers: jax-triton passes scalars where they stand
         # among the inputs and appends the output pointers
         runtime = self.runtime_args()
-        args = ([self.ptr_of(i) for i in k.leaves()] + runtime
+        args = ([self.ptr_of(i) for i in k.leaves()] + (["cu_seqlens_ptr"] if self.batch else []) + runtime
                 + [self.store_ptr(kd, n) for kd, n, _ in k.stores])
-        consts = self.constexprs()
+        consts = self.constexprs() + (["PACKED"] if self.batch else [])
         # no specialisation on the runtime sizes' values (divisibility by 16, == 1): one compile serves all lengths
         w(f"@triton.jit(do_not_specialize={runtime!r})" if runtime else "@triton.jit")
         w(f"def {self.kernel_name}(")  # one parameter a line
@@ -125,8 +127,20 @@ class TritonEmitter(KernelWalk, LauncherWriter):
             if strides:
                 w("# strides spanning a runtime size (batch, heads, length): computed, not compiled in")
             for name, e in strides:
-                w(f"{name} = {e}")
+                if self.batch and f"{self.size_name(self.batch)} *" in e and self.timed(name):
+                    # packed sequences: arrays with the scan dim hold a batch of one
+                    with w.block("if PACKED:"):
+                        w(f"{name} = {e.replace(self.size_name(self.batch) + ' *', '1 *')}")
+                    with w.block("else:"):
+                        w(f"{name} = {e}")
+                else:
+                    w(f"{name} = {e}")
             self.walk()
+
+    def timed(self, stride: str) -> bool:
+        """Whether a computed stride belongs to an array with the scan dim."""
+        return any(self.stride_name(a, d) == stride for a, ds in self.arrays().items() if self.plan.scan in ds
+                   for d in ds)
 
     ptr_of = LauncherWriter.leaf_handle
     store_ptr = LauncherWriter.store_handle
@@ -141,7 +155,7 @@ class TritonEmitter(KernelWalk, LauncherWriter):
           + (f" x block of ({', '.join(k.split)})" if k.split else ""))
         pn, N = self.pn, self.size_name
         if k.grid:
-            w("pid = tl.program_id(0)")
+            w("pid = tl.program_id(0).to(tl.int64)  # 64-bit offsets: arrays may hold more than 2^31 entries")
             rest = "pid"
             for d in reversed(k.grid):
                 if d == k.grid[0]:
@@ -164,6 +178,18 @@ class TritonEmitter(KernelWalk, LauncherWriter):
         for g, h in k.group_of.items():
             if any(g in ds for ds in self.arrays().values()) and h in k.grid:
                 w(f"{pn.dim('i', g)} = {pn.dim('i', h)} // ({N(h)} // {N(g)})  # head {h} reads group {g}")
+        if self.batch:
+            i_b = pn.dim("i", self.batch)
+            with w.block("if PACKED:"):
+                w(f"# packed sequences: this program walks sequence {i_b}, steps cu[{i_b}] .. cu[{i_b}+1]-1 of the "
+                  "batch of one")
+                w(f"seq_start = tl.load(cu_seqlens_ptr + {i_b}).to(tl.int64)")
+                w(f"seq_len = tl.load(cu_seqlens_ptr + {i_b} + 1) - seq_start")
+                w("row = 0  # the batch entry of the arrays with the scan dim")
+            with w.block("else:"):
+                w("seq_start = pid * 0  # 64-bit, like the offsets it starts")
+                w(f"seq_len = {N(k.scan)}")
+                w(f"row = {i_b}")
 
     def offsets(self):
         k, w = self.plan, self.w
@@ -186,8 +212,14 @@ class TritonEmitter(KernelWalk, LauncherWriter):
             st = self.stride_name(arr, d)
             if d == k.scan:
                 idx = time
-                if k.scan in axes and k.form == "chunked":  # the scan dim, whatever the spec calls it
+                if self.batch:
+                    idx = f"(seq_start + {time})"
+                    if k.scan in axes and k.form == "chunked":
+                        idx = self.body.bc(idx, (k.scan,), axes)
+                elif k.scan in axes and k.form == "chunked":  # the scan dim, whatever the spec calls it
                     idx = self.body.bc(time, (k.scan,), axes)
+            elif self.batch and d == self.batch and k.scan in dims:
+                idx = "row"
             elif d in k.group_tile:  # the tile spans the heads of group i_g
                 g = k.group_tile[d]
                 idx = self.body.bc(f"({pn.dim('i', g)} * {self.size_name(d)} + {pn.dim('o', d)})", (d,), axes)
@@ -251,7 +283,7 @@ class TritonEmitter(KernelWalk, LauncherWriter):
     @contextmanager
     def chunk_loop(self):
         k, w = self.plan, self.w
-        NT = self.size_name(k.scan)
+        NT = "seq_len" if self.batch else self.size_name(k.scan)
         chunks = f"({NT} + Q - 1) // Q"
         if k.segmented:
             first = f"{self.pn.dim('i', SEG)} * {self.size_name(SEG_CHUNKS)}"
@@ -261,7 +293,7 @@ class TritonEmitter(KernelWalk, LauncherWriter):
         with w.block(header):
             w("tt = c * Q + in_chunk")
             w(f"valid = tt < {NT}")
-            w(f"ttc = tl.minimum(tt, {NT} - 1)")
+            w(f"ttc = tl.minimum(tt, {NT} - 1).to(tl.int64)")
             yield
 
     def chunk_time(self):
@@ -269,7 +301,8 @@ class TritonEmitter(KernelWalk, LauncherWriter):
 
     @contextmanager
     def step_loop(self):
-        with self.w.block(f"for t_i in range(0, {self.size_name(self.plan.scan)}):"):
+        NT = "seq_len" if self.batch else self.size_name(self.plan.scan)
+        with self.w.block(f"for t_i in range(0, {NT}):"):
             self.w("valid = True")
             for s in self.plan.states:
                 self.body.vals[s.name] = (self.body.state_var[s.attr("state")], self.body.state_axes(s.attr("state")))

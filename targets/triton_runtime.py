@@ -24,7 +24,7 @@ import numpy as np
 from ssmc.cache import DiskCache, cache_key
 
 from . import kernel_runtime as kr
-from .kernel_runtime import align, causal_conv, conv_window, group_rmsnorm, to_declared  # noqa: F401  (used by generated launchers)
+from .kernel_runtime import align, causal_conv, conv_window, group_rmsnorm, packing, to_declared  # noqa: F401  (used by generated launchers)
 
 dim_sizes = kr.dim_sizes
 _TUNED: dict[str, dict] = {}
@@ -95,8 +95,15 @@ def _mm_meta(mm) -> dict:
     return {"MM": tl.float32, "PREC": "tf32x3"}
 
 
-def launch(kernel, layout, arrays, sizes, *, mm, out_dtype, interpret=False):
+def launch(kernel, layout, arrays, sizes, *, mm, out_dtype, interpret=False, cu_seqlens=None):
+    """The kernel over `arrays`. A walk kernel with layout["packed"] always takes the offsets of packed sequences
+    last among its inputs, and PACKED: with cu_seqlens its grid runs one program per sequence (kr.packed_sizes),
+    else a one-entry placeholder goes in their place."""
     ins = [arrays[n] for n in layout["inputs"]]
+    if layout.get("packed"):
+        seqs = 0 if cu_seqlens is None else int(cu_seqlens.shape[0]) - 1
+        ins.append(jnp.zeros((1,), jnp.int32) if cu_seqlens is None else jnp.asarray(cu_seqlens).astype(jnp.int32))
+        sizes = kr.packed_sizes(layout, sizes, seqs)
     specs = kr.out_specs(layout, sizes, out_dtype)
     if interpret:
         cfg = heuristic(layout, sizes)
@@ -108,6 +115,8 @@ def launch(kernel, layout, arrays, sizes, *, mm, out_dtype, interpret=False):
 def _meta(layout, sizes, cfg, mm):
     meta = kr.constexprs(layout, sizes, cfg["blocks"], cfg["Q"])
     meta.update(_mm_meta(mm))
+    if layout.get("packed"):
+        meta["PACKED"] = bool(sizes.get(kr.SEQS))
     return meta
 
 
@@ -169,6 +178,9 @@ def _tune(kernel, layout, sizes, ins, specs, mm) -> dict:
     rng = np.random.default_rng(0)
     # small positive values keep any decay finite over the whole sequence (no inf/nan while timing)
     real = [jnp.asarray(rng.uniform(1e-3, 1e-2, x.shape).astype(np.float32)).astype(x.dtype) for x in ins]
+    if layout.get("packed"):  # the offsets of packed sequences (maybe traced): equal lengths of the same count
+        n, T = int(ins[-1].shape[0]) - 1, sizes[layout["scan"]]
+        real[-1] = jnp.asarray(np.linspace(0, T, n + 1).astype(np.int32)) if sizes.get(kr.SEQS) else ins[-1]
     best, best_t = None, float("inf")
     for cfg in candidates(layout, sizes, mm):
         f = jax.jit(lambda *a, cfg=cfg: _gpu_call(kernel, layout, sizes, cfg, a, specs, mm))

@@ -18,7 +18,7 @@ from ssmc.passes.chunk import chunk_dim
 from ssmc.passes.chunk_ops import STAGE_OPS, decode
 from ssmc.passes.expand_groups import split_name
 
-from .base import ACROSS, BASE_OPTIONS, MODULE_IMPORT, MODULE_NAMES, ModuleInfo, Target
+from .base import ACROSS, BASE_OPTIONS, CU_SEQLENS, MODULE_IMPORT, MODULE_NAMES, ModuleInfo, Target, packed_batch_dim
 from .writer import Names, Writer, dim_letters, py_const
 
 UNARY = {"neg": "-{}", "exp": "jnp.exp({})", "log": "jnp.log({})", "softplus": "jax.nn.softplus({})",
@@ -52,7 +52,8 @@ class XlaTarget(Target):
 class XlaEmitter:
     # every identifier the emitted module writes literally (imports, globals, the call's `mm`, the chunked
     # form's sizes, the scan bodies' parameters); everything else comes from the name table
-    FIXED = MODULE_NAMES + ("jax", "jnp", "lax", "rt", "mm", "out_dtype", "across", "ew", "sizes", "T", "Q", "Tp", "nc",
+    FIXED = MODULE_NAMES + ("jax", "jnp", "lax", "rt", "mm", "out_dtype", "across", "cu_seqlens", "pk", "ew", "sizes",
+                            "T", "Q", "Tp", "nc",
                             "valid", "step", "carry", "xs", "S", "inp", "a", "s", "y_t")
 
     def __init__(self, p: Program, pipeline: str):
@@ -72,6 +73,7 @@ class XlaEmitter:
         # matmul operand dtype expression: the kernel's `mm`, but float32 inside a step that carries a state, so a
         # recurrence never rounds its state through bfloat16
         self.mm = "mm"
+        self.batch = packed_batch_dim(p)  # the dim packed sequences lie along (None: no cu_seqlens option)
 
     # ---- naming and broadcasting ---------------------------------------------------------------------
     def n(self, ssa: str) -> str:
@@ -122,7 +124,8 @@ class XlaEmitter:
         params += self.shape_params(params, rets, decl)
         info = ModuleInfo.build("xla", entry, [(py, n, op, decl[n]) for py, n, op, _ in params],
                                 [(k, name, decl[name]) for k, name, _, _ in rets],
-                                BASE_OPTIONS + ((ACROSS,) if self.chunked else ()))
+                                BASE_OPTIONS + ((ACROSS,) if self.chunked else ())
+                                + ((CU_SEQLENS,) if self.batch else ()))
         w(info.source())
         w()
         w()
@@ -131,8 +134,14 @@ class XlaEmitter:
         if self.chunked:
             w("# across: None, or the mesh axis this sequence is split over (inside a shard_map, see ssmc.shard): the")
             w("# state entering this device's part then comes from the parts before it")
+        if self.batch:
+            w(f"# cu_seqlens: None, or int32 offsets of packed sequences along {self.scan} (a batch of one along "
+              f"{self.batch}):")
+            w(f"# every sequence runs on its own, from its initial state (index along {self.batch} of the states) "
+              "to its final state")
         with w.block(f"def {entry}({''.join(a + ', ' for a, *_ in params)}*, mm=jnp.float32, "
-                     f"out_dtype=jnp.float32{', across=None' if self.chunked else ''}):"):
+                     f"out_dtype=jnp.float32{', across=None' if self.chunked else ''}"
+                     f"{', cu_seqlens=None' if self.batch else ''}):"):
             self.entry_prologue(params, rets, decl)
             self.body(rets)
         source = w.text()
@@ -265,6 +274,10 @@ class XlaEmitter:
     def sequential_body(self, rets):
         p, w = self.p, self.w
         inner = dep = self.step_values()
+        if self.batch:
+            tsrc = next(i for i in p.instrs if i.op == "input" and self.scan in i.dims)
+            w(f"T = {self.pn(tsrc.name)}.shape[{self.ax(tsrc.dims, self.scan)}]  # sequence length")
+            w("pk = rt.packing(cu_seqlens, T, 1)  # packed sequences: their steps and boundaries (None: one sequence)")
         w("# stage prologue: state-free per-step values no larger than an input, vectorised over time")
         for i in p.instrs:
             if not inner[i.name] and i.op not in ("input", "out", "update"):
@@ -306,8 +319,12 @@ class XlaEmitter:
             length = ""
         finals = ", ".join(self.pn.local(s.name, "final") for s in states) + ("," if states else "")
         ys_names = ", ".join(self.pn(v) for v in outs)
-        w(f"({finals}), ({ys_names}{',' if outs else ''}) = lax.scan(step, ({carry}), ({xs}{',' if used else ''})"
-          f"{length})")
+        scan = f"lax.scan(step, ({carry}), ({xs}{',' if used else ''}){length})"
+        if self.batch:  # packed sequences: each walks from its own initial state (targets/packed.py)
+            baxes = tuple(s.dims.index(self.batch) for s in states)
+            scan = (f"({scan} if pk is None else\n    rt.scan_steps(step, ({carry}), ({xs}{',' if used else ''}), T, "
+                    f"{baxes!r}, pk))")
+        w(f"({finals}), ({ys_names}{',' if outs else ''}) = {scan}")
         for v in outs:
             to = self.p.order(set(self.by[v].dims) | {self.scan})
             w(f"{self.pn(v)} = jnp.moveaxis({self.pn(v)}, 0, {self.ax(to, self.scan)})")
@@ -322,12 +339,17 @@ class XlaEmitter:
     def chunked_body(self, rets):
         p, w, Q = self.p, self.w, self.Q
         w(f"Q = {Q}  # chunk length")
-        w("Tp = -(-T // Q) * Q  # padded to whole chunks; padded steps get log-decay 0 and update 0")
+        if self.batch:
+            w("pk = rt.packing(cu_seqlens, T, Q)  # packed sequences: each moved to start a chunk (None: one sequence)")
+            w("Tp = rt.aligned_length(T, Q, pk)  # whole chunks; padded steps get log-decay 0 and update 0")
+        else:
+            w("Tp = -(-T // Q) * Q  # padded to whole chunks; padded steps get log-decay 0 and update 0")
         w("nc = Tp // Q")
         for i in p.instrs:
             if i.op == "input" and self.scan in i.dims:
-                w(f"{self.pn(i.name)} = rt.pad_time({self.pn(i.name)}, {self.ax(i.dims, self.scan)}, Tp)")
-        w("valid = (jnp.arange(Tp) < T).astype(jnp.float32)")
+                pk = ", pk" if self.batch else ""
+                w(f"{self.pn(i.name)} = rt.pad_time({self.pn(i.name)}, {self.ax(i.dims, self.scan)}, Tp{pk})")
+        w(f"valid = {'rt.valid_steps(T, Tp, pk)' if self.batch else '(jnp.arange(Tp) < T).astype(jnp.float32)'}")
         stage = None
         for i in p.instrs:
             if i.op in ("input", "state", "out", "final"):
@@ -340,7 +362,9 @@ class XlaEmitter:
             self.instr(i)
         res = []
         for k, name, v, dims in rets:
-            res.append(f"rt.crop({self.pn(v)}, {self.ax(dims, self.scan)}, T)" if self.scan in dims else self.pn(v))
+            pk = ", pk" if self.batch else ""
+            res.append(f"rt.crop({self.pn(v)}, {self.ax(dims, self.scan)}, T{pk})" if self.scan in dims
+                       else self.pn(v))
         w()
         self.finish(res, rets)
 
@@ -379,13 +403,15 @@ class XlaEmitter:
         idx = [":" if d in wd else "None" for d in xd] + [":"]
         wk = self.n(w) if wd[-1] == k else f"jnp.moveaxis({self.n(w)}, {self.ax(wd, k)}, -1)"
         wk += f"[{', '.join(idx)}]"
-        self.assign(i, f"rt.causal_conv({self.n(x)}, {self.ax(xd, self.scan)}, {self.n(win)}, {wk})",
+        pk = f", pk, {self.ax(xd, self.batch)}" if self.batch else ""
+        self.assign(i, f"rt.causal_conv({self.n(x)}, {self.ax(xd, self.scan)}, {self.n(win)}, {wk}{pk})",
                     f"causal conv over {self.scan}, window {k}")
 
     def op_conv_window(self, i: Instr):
         x, win = i.args
         T = "T" if self.chunked else "None"  # chunked: x is padded past the sequence length T
-        self.assign(i, f"rt.conv_window({self.n(x)}, {self.ax(self.dims(x), self.scan)}, {self.n(win)}, {T})",
+        pk = f", pk, {self.ax(self.dims(x), self.batch)}" if self.batch else ""
+        self.assign(i, f"rt.conv_window({self.n(x)}, {self.ax(self.dims(x), self.scan)}, {self.n(win)}, {T}{pk})",
                     "the last inputs, carried to the next call")
 
     def op_contract(self, i: Instr):
@@ -530,8 +556,11 @@ class XlaEmitter:
             self.w(f"return {bdec} * S + s, S")
         xs = self.pn.local(i.name, "xs")
         self.w(f"{xs} = (jnp.moveaxis({dec}, {dax}, 0), jnp.moveaxis({self.n(a.chunks)}, {cax}, 0))")
-        S0 = f"rt.entering({fn}, {S0}, {xs}, across)"  # the initial state, or this device's part's (ssmc.shard)
-        self.w(f"_, {self.pn(i.name)} = lax.scan({fn}, {S0}, {xs})")
+        if self.batch:  # packed sequences: restart at each sequence's first chunk (targets/packed.py)
+            self.w(f"{self.pn(i.name)} = rt.pass_states({fn}, {S0}, {xs}, across, {sdims.index(self.batch)}, pk)")
+        else:
+            S0 = f"rt.entering({fn}, {S0}, {xs}, across)"  # the initial state, or this device's part's (ssmc.shard)
+            self.w(f"_, {self.pn(i.name)} = lax.scan({fn}, {S0}, {xs})")
         self.assign(i, f"jnp.moveaxis({self.pn(i.name)}, 0, {cax})", "state entering each chunk")
 
     def op_chunk_final(self, i: Instr):
@@ -541,8 +570,15 @@ class XlaEmitter:
         cax = self.ax(self.by[a.chunks].dims, self.cd)
         dax = ddims.index(self.cd)
         bdec = f"jnp.take({dec}, -1, axis={dax})" + self.b_dims([d for d in ddims if d != self.cd], i.dims)
-        self.assign(i, f"{bdec} * jnp.take({self.n(a.enter)}, -1, axis={cax}) + "
-                       f"jnp.take({self.n(a.chunks)}, -1, axis={cax})", "state after the last step")
+        last = (f"{bdec} * jnp.take({self.n(a.enter)}, -1, axis={cax}) + "
+                f"jnp.take({self.n(a.chunks)}, -1, axis={cax})")
+        if self.batch:  # packed sequences: each one's state leaving its last chunk
+            cdims = self.by[a.chunks].dims
+            every = f"{dec}{self.b_dims(ddims, cdims)} * {self.n(a.enter)} + {self.n(a.chunks)}"
+            init = decode(self.by[a.enter]).init
+            last = (f"({last} if pk is None else\n    rt.finals({every}, {cax}, {self.n(init)}, "
+                    f"{i.dims.index(self.batch)}, pk))")
+        self.assign(i, last, "state after the last step")
 
     def op_chunk_output(self, i: Instr):
         a = decode(i)
@@ -807,7 +843,10 @@ class XlaEmitter:
         self.local_dims = saved
         xs = ", ".join([e for e in exprs if e is not None] + ["rt.steps(valid, 0, Q)"])
         if zero_start:
-            init = f"rt.zeros_per_chunk({self.n(self.state_leaf(i.attr('state')))}, {cax}, nc)"
+            init = self.n(self.state_leaf(i.attr('state')))
+            if self.batch:  # packed sequences: the chunks hold a batch of one
+                init = f"rt.one_row({init}, {[d for d in sdims if d != self.cd].index(self.batch)}, pk)"
+            init = f"rt.zeros_per_chunk({init}, {cax}, nc)"
             w(f"{base}, _ = lax.scan({fn}, {init}, ({xs}))")
             w(f"# {base}: each chunk's final state from zero, walking its steps")
         else:

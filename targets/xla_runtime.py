@@ -4,6 +4,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
+from . import packed
+from .packed import aligned_length, finals, packing, scan_steps, valid_steps  # noqa: F401  (generated code)
+
 
 # ---- the entry's edges: arrays as declared <-> the IR's layout ----------------------------------------------------
 # Dims are comma-joined names; expand-groups splits a grouped dim h into (g, h/g): `split` maps h -> g.
@@ -66,8 +69,11 @@ def from_ir(v, dims: str, declared: str, dtype, split: dict | None = None, full:
     return v
 
 
-def pad_time(x, axis: int, Tp: int):
-    """Pad the scan axis to Tp by repeating the last step (finite values; the padded steps are masked)."""
+def pad_time(x, axis: int, Tp: int, pk=None):
+    """Pad the scan axis to Tp by repeating the last step (finite values; the padded steps are masked); packed
+    sequences (`pk`, targets/packed.py) are moved to the chunk-aligned layout instead."""
+    if pk is not None:
+        return packed.to_aligned(x, axis, pk)
     T = x.shape[axis]
     if T == Tp:
         return x
@@ -123,14 +129,23 @@ def zeros_per_chunk(x, axis: int, nc: int):
     return jnp.zeros(x.shape[:axis] + (nc,) + x.shape[axis:], x.dtype)
 
 
-def crop(x, axis: int, T: int):
+def crop(x, axis: int, T: int, pk=None):
+    """The first T steps along `axis`; packed sequences (`pk`) moved back from the chunk-aligned layout."""
+    if pk is not None:
+        return packed.from_aligned(x, axis, pk)
     return x if x.shape[axis] == T else lax.slice_in_dim(x, 0, T, axis=axis)
 
 
-def causal_conv(x, axis: int, window, w):
+def causal_conv(x, axis: int, window, w, pk=None, bax=None):
     """Causal depthwise conv along `axis`: y[t] = sum_j w[..., j] * xp[t + j] over xp = (window, x) joined
     along `axis`, i.e. the K-1 steps before x come from the window. w is aligned to x (size 1 along `axis`)
-    with the K taps on a trailing axis; K is static, so this is K shifted multiply-adds XLA fuses into one pass."""
+    with the K taps on a trailing axis; K is static, so this is K shifted multiply-adds XLA fuses into one pass.
+    Packed sequences (`pk`; the sequences along `bax` of the window): each sequence reads its own window, on the
+    packed steps or (x longer than the packed length) the chunk-aligned ones."""
+    if pk is not None:
+        aligned = x.shape[axis] == pk["seq_a"].shape[0]
+        seq, pos = (pk["seq_a"], pk["pos_a"]) if aligned else (pk["seq_p"], pk["pos_p"])
+        return packed.causal_conv(x, axis, window, w, bax, seq, pos)
     K, T = w.shape[-1], x.shape[axis]
     xp = jnp.concatenate([window.astype(x.dtype), x], axis=axis)
     y = None
@@ -140,9 +155,11 @@ def causal_conv(x, axis: int, window, w):
     return y
 
 
-def conv_window(x, axis: int, window, T=None):
+def conv_window(x, axis: int, window, T=None, pk=None, bax=None):
     """The last K-1 steps of (window, x[:T]) along `axis`: the window the next call continues from (the old
     window's tail when T < K-1). T defaults to x's length (it is less when x is padded to whole chunks)."""
+    if pk is not None:  # packed sequences: each sequence's own window (the sequences along bax)
+        return packed.conv_window(x, axis, window, bax, pk, x.shape[axis] == pk["seq_a"].shape[0])
     W = window.shape[axis]
     T = x.shape[axis] if T is None else T
     xp = jnp.concatenate([window.astype(x.dtype), x], axis=axis)
@@ -289,3 +306,19 @@ def entering(step, init, xs, across):
         return jnp.where(j < me, step(S, (a, s))[0], S), None
     S, _ = lax.scan(chain, init, (jnp.arange(owns.shape[0]), totals, owns))
     return S
+
+
+def one_row(x, bax: int, pk):
+    """x itself, or for packed sequences (`pk`) its batch axis cut to one entry (the chunks hold one)."""
+    return x if pk is None else packed.one_row(x, bax)
+
+
+def pass_states(step, init, xs, across, bax: int, pk):
+    """The state entering each chunk (chunk axis first): the state passing's lax.scan from `init` (or from the state
+    entering this device's part, see `entering`), or, for packed sequences, restarting at each sequence's first chunk
+    from its own initial state (targets/packed.py)."""
+    if pk is None:
+        return lax.scan(step, entering(step, init, xs, across), xs)[1]
+    if across is not None:
+        raise ValueError("packed sequences (cu_seqlens) cannot also be split across devices")
+    return packed.pass_states(step, init, xs, bax, pk)

@@ -94,7 +94,7 @@ def test_source_is_readable():
     assert "def mamba2_chunked(\n    x_ptr,\n    dt_ptr,\n    A_ptr,\n    B_ptr,\n" in src  # names from the spec
     assert "tl.dot(" in src  # in-chunk quadratic part and state contractions on tensor cores
     seq = kernel("deltanet").source
-    assert "def deltanet_sequential(" in seq and "for t_i in range(0, N_t):" in seq
+    assert "def deltanet_sequential(" in seq and "for t_i in range(0, seq_len):" in seq
 
 
 def test_unsupported_specs_name_the_place():
