@@ -15,7 +15,6 @@ import pytest
 import reference as R
 import ssmc
 from helpers import central_differences
-from specgen import Case
 from ssmc.errors import ShapeError, TargetError
 from test_generated_specs import FIXED
 
