@@ -137,7 +137,7 @@ def _from_kernel(y, dims, outer, inner, sizes, scan, Tp, groups):
     return jnp.transpose(y, order) if order != list(range(len(dims))) else y
 
 
-def _index_map(layout, sizes, outer, inner, kind):
+def _index_map(layout, sizes, outer, inner, kind, whole=None):
     # the segment kernels walk chunk c of segment j: time block j * (chunks per segment) + c
     seg = layout["grid"].index(SEG) if SEG in layout["grid"] else None
     per = sizes.get(SEG_CHUNKS, 1)
@@ -162,7 +162,7 @@ def _index_map(layout, sizes, outer, inner, kind):
 
     def index_map(*ids):
         # lax.div, not //: a signed floor division lowers through sign, which Mosaic lowers only with a TPU attached
-        out = [lax.div(ids[j], r) if r != 1 else ids[j] for j, r in picks]
+        out = [0 if d == whole else (lax.div(ids[j], r) if r != 1 else ids[j]) for d, (j, r) in zip(outer, picks)]
         time = ids[-1] if seg is None else ids[seg] * per + ids[-1]
         out += [(time if src[k] == -1 else ids[src[k]]) if k in src else 0 for k in range(n_inner)]
         return tuple(out)
@@ -174,11 +174,25 @@ def _compiler_params(n_parallel):
     return pltpu.CompilerParams(dimension_semantics=sem)
 
 
-def launch(kernel, layout, arrays, sizes, *, mm, out_dtype, interpret=False):
+def launch(kernel, layout, arrays, sizes, *, mm, out_dtype, interpret=False, cu_seqlens=None):
+    """The kernel over `arrays`. A walk kernel with layout["packed"] takes a table of its time blocks last among
+    its inputs (SMEM int32 [3, blocks]: valid steps, first block of a sequence, the sequence) and PACKED: with
+    cu_seqlens the sequences are laid out block-aligned (targets/packed.py), the walk restarts from a sequence's
+    initial state at its first block and writes its final state at each of its blocks (the last write stays);
+    the states keep all sequences in one block along the batch dim."""
     scan = layout["scan"]
     T = sizes[scan]
     tb = time_block(layout, T)
     nT = max(1, -(-T // tb))
+    pk, seqs = None, 0
+    if layout.get("packed") and cu_seqlens is not None:
+        from .packed import packing, to_aligned
+        pk = packing(cu_seqlens, T, tb)
+        nT = pk["NC"]
+        arrays = {n: (to_aligned(jnp.asarray(x), layout["arrays"][n].index(scan), pk) if scan in layout["arrays"][n]
+                      else x) for n, x in arrays.items()}
+        seqs = int(pk["n"])
+        sizes = {**sizes, scan: nT * tb}
     if SEG in layout["grid"]:  # each program walks one segment's chunks; the last segment's may run past the end
         nT = sizes[SEG_CHUNKS]
         Tp = sizes[SEG] * nT * tb
@@ -190,18 +204,26 @@ def launch(kernel, layout, arrays, sizes, *, mm, out_dtype, interpret=False):
     blk = {**blocks, scan: tb}          # extents of a block
     full = {**sizes, scan: Tp}          # extents of the kernel-layout arrays
     ins, in_specs = [], []
+    b = layout.get("packed")
     for name in layout["inputs"]:
         dims = layout["arrays"][name]
         outer, inner, kind = _layout_of(layout, name)
         # initial states stay in VMEM blocks, like the scratch
         smem = kind == "scalar" and name not in layout["state_inputs"]
+        every = pk is not None and name in layout["state_inputs"] and b in outer  # all sequences' states, one block
         ins.append(_to_kernel(jnp.asarray(arrays[name]), dims, outer, inner, kind if smem or kind != "scalar"
-                              else "scalar_vmem", sizes, scan, Tp))
+                              else "scalar_vmem", _state_sizes(sizes, b, seqs) if every else sizes, scan, Tp))
         if smem:
             in_specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))
         else:
-            block = [None] * len(outer) + _inner_shape(inner, kind, blk)
-            in_specs.append(pl.BlockSpec(tuple(block), _index_map(layout, sizes, outer, inner, kind)))
+            block = [seqs if every and d == b else None for d in outer] + _inner_shape(inner, kind, blk)
+            in_specs.append(pl.BlockSpec(tuple(block), _index_map(layout, sizes, outer, inner, kind,
+                                                                  whole=b if every else None)))
+    if layout.get("packed"):  # the table of time blocks (a one-block placeholder for an ordinary call)
+        table = (jnp.stack([jnp.sum(pk["valid"].reshape(nT, tb), axis=1), pk["first"], pk["seq"]]).astype(jnp.int32)
+                 if pk is not None else jnp.zeros((3, 1), jnp.int32))
+        ins.append(table.reshape(-1))
+        in_specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))
     out_shapes, out_specs, outs_meta, scratch = [], [], [], []
     for name, kind_, dims in layout["stores"]:
         outer, inner, kind = _layout_of(layout, name)
@@ -209,11 +231,14 @@ def launch(kernel, layout, arrays, sizes, *, mm, out_dtype, interpret=False):
         # it, so it is written per head (a block is never revisited) and the group's first head kept below
         per_head = [layout["groups"].get(d, d) for d in outer]
         dtype = out_dtype if kind_ == "out" else jnp.float32
-        shape = tuple(sizes[d] for d in per_head) + tuple(_inner_shape(inner, kind, full))
+        every = pk is not None and kind_ == "state" and b in outer  # every sequence's final state, one block
+        osz = _state_sizes(sizes, b, seqs) if every else sizes
+        shape = tuple(osz[d] for d in per_head) + tuple(_inner_shape(inner, kind, full))
         out_shapes.append(jax.ShapeDtypeStruct(shape, dtype))
-        block = [None] * len(outer) + _inner_shape(inner, kind, blk)
-        out_specs.append(pl.BlockSpec(tuple(block), _index_map(layout, sizes, per_head, inner, kind)))
-        outs_meta.append((dims, outer, inner))
+        block = [seqs if every and d == b else None for d in outer] + _inner_shape(inner, kind, blk)
+        out_specs.append(pl.BlockSpec(tuple(block), _index_map(layout, sizes, per_head, inner, kind,
+                                                               whole=b if every else None)))
+        outs_meta.append((dims, outer, inner, osz))
     for dims in layout["carried"]:  # the running states: VMEM scratch, resident across the time axis
         outer, inner, kind = kernel_layout(layout["grid"], layout["tile"], scan, layout["groups"], dims)
         scratch.append(pltpu.VMEM(tuple(_inner_shape(inner, kind, blk)), jnp.float32))
@@ -232,6 +257,8 @@ def launch(kernel, layout, arrays, sizes, *, mm, out_dtype, interpret=False):
     mm = jnp.dtype(mm)
     meta["MM"] = mm
     meta["PREC"] = lax.Precision.HIGHEST if mm == jnp.float32 else lax.Precision.DEFAULT
+    if layout.get("packed"):
+        meta["PACKED"] = pk is not None
     call = pl.pallas_call(
         functools.partial(kernel, **meta),
         grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shapes, scratch_shapes=scratch,
@@ -239,8 +266,17 @@ def launch(kernel, layout, arrays, sizes, *, mm, out_dtype, interpret=False):
         interpret=pltpu.InterpretParams() if interpret else False,
         name=getattr(kernel, "__name__", "ssmc_kernel"))
     res = _vmappable(call)(*ins)
-    return [_from_kernel(y, dims, outer, inner, sizes, scan, Tp, layout["groups"])
-            for y, (dims, outer, inner) in zip(res, outs_meta)]
+    res = [_from_kernel(y, dims, outer, inner, osz, scan, Tp, layout["groups"])
+           for y, (dims, outer, inner, osz) in zip(res, outs_meta)]
+    if pk is not None:  # timed results back from the block-aligned layout
+        from .packed import from_aligned
+        res = [from_aligned(y, dims.index(scan), pk) if scan in dims else y
+               for y, (dims, *_) in zip(res, outs_meta)]
+    return res
+
+
+def _state_sizes(sizes: dict, b: str, seqs: int) -> dict:
+    return {**sizes, b: seqs}
 
 
 def _vmappable(call):

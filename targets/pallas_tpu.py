@@ -67,7 +67,8 @@ class PallasEmitter(KernelWalk, LauncherWriter):
     imports = ("from jax.experimental import pallas as pl",)
     handle = "ref"
     FIXED = ("pl", "Q", "TB", "MM", "PREC", "chunk_id", "TRIL", "TRIL_STRICT", "valid", "valid_i", "step", "carry",
-             "t_i", "_init", "_final")
+             "t_i", "_init", "_final", "packed_ref", "PACKED", "seq_id", "n_blocks", "_start")
+    packed_calls = True
 
     def layout_of(self, name):
         k = self.plan
@@ -80,12 +81,12 @@ class PallasEmitter(KernelWalk, LauncherWriter):
     def kernel(self):
         k, w = self.plan, self.w
         self.body = PallasTiles(k, PallasDialect(), w, self.pn)
-        ins = [self.ref_of(i) for i in k.leaves()]
+        ins = [self.ref_of(i) for i in k.leaves()] + (["packed_ref"] if self.batch else [])
         outs = [self.store_ref(kind, n) for kind, n, _ in k.stores]
         self.scratch = {s.attr("state"): self.pn.local(s.attr("state"), "scr") for s in k.states}
         meta = [self.size_name(d) for d in self.dims()] + [self.block_name(d) for d in k.tile]
         meta += [self.size_name(SEG_CHUNKS)] if k.segmented else []
-        meta += ["Q" if k.form == "chunked" else "TB", "MM", "PREC"]
+        meta += ["Q" if k.form == "chunked" else "TB", "MM", "PREC"] + (["PACKED"] if self.batch else [])
         # sequential form: each time block is staged through fp32 VMEM (one step's row of a 16-bit block is not
         # addressable on its own); same order as the launcher's scratch shapes
         self.staged = {}
@@ -185,6 +186,35 @@ class PallasEmitter(KernelWalk, LauncherWriter):
         totals = [(kind, name) for kind, name, _ in k.stores if kind in ("decay", "negs")]
         if not k.states:
             return
+        if self.batch:
+            with w.block("if PACKED:"):
+                self.packed_begin()
+            with w.block("else:"):
+                self.first_block(totals)
+        else:
+            self.first_block(totals)
+
+    def packed_begin(self):
+        """Packed sequences: block chunk_id holds steps of sequence seq_id only (packed_ref: per block its valid
+        steps, whether it starts its sequence, the sequence); the state restarts at a sequence's first block."""
+        k, w = self.plan, self.w
+        w(f"n_blocks = pl.num_programs({self.time_axis()})")
+        w("seq_id = packed_ref[2 * n_blocks + chunk_id]  # the sequence this block belongs to")
+        w("@pl.when(chunk_id == 0)")
+        with w.block("def _start():"):
+            w("# an empty sequence ends where it starts: every final state begins as the initial one")
+            for kind, name, _ in k.stores:
+                if kind == "state":
+                    s = next(x for x in k.states if x.attr("state") == name)
+                    w(f"{self.store_ref(kind, name)}[...] = {self.ref_of(s)}[...].astype(jnp.float32)")
+        w("@pl.when(packed_ref[n_blocks + chunk_id] != 0)")
+        with w.block("def _init():"):
+            w("# a sequence's first block: the state starts from that sequence's initial state")
+            for s in k.states:
+                w(f"{self.scratch[s.attr('state')]}[...] = {self.ref_of(s)}.at[seq_id][...].astype(jnp.float32)")
+
+    def first_block(self, totals):
+        k, w = self.plan, self.w
         w("@pl.when(chunk_id == 0)")
         with w.block("def _init():"):
             w({"input": "# the state starts from the initial state (zeros unless given), in fp32 VMEM scratch",
@@ -219,7 +249,10 @@ class PallasEmitter(KernelWalk, LauncherWriter):
             w("TRIL_STRICT = rt.tril(Q, strict=True)  # [t, s]: s < t")
         chunk = (f"({self.pn.dim('i', SEG)} * {self.size_name(SEG_CHUNKS)} + chunk_id)" if k.segmented
                  else "chunk_id")
-        w(f"valid = {chunk} * Q + lax.iota(jnp.int32, Q) < {self.size_name(k.scan)}  # steps past the end are padding")
+        valid = f"{chunk} * Q + lax.iota(jnp.int32, Q) < {self.size_name(k.scan)}"
+        if self.batch:  # packed: the block's own count of steps
+            valid = f"(lax.iota(jnp.int32, Q) < packed_ref[chunk_id]) if PACKED else ({valid})"
+        w(f"valid = {valid}  # steps past the end are padding")
         w("valid_i = valid.astype(jnp.int32)  # masks broadcast as int32 (Mosaic cannot reshape i1 vectors)")
         for s in k.states:
             S = s.attr("state")
@@ -240,7 +273,10 @@ class PallasEmitter(KernelWalk, LauncherWriter):
         with w.block("def step(t_i, carry):"):
             if svars:
                 w(f"{carry} = carry")
-            w(f"valid = chunk_id * TB + t_i < {self.size_name(k.scan)}  # steps past the end are padding")
+            valid = f"chunk_id * TB + t_i < {self.size_name(k.scan)}"
+            if self.batch:  # packed: the block's own count of steps
+                valid = f"(t_i < packed_ref[chunk_id]) if PACKED else ({valid})"
+            w(f"valid = {valid}  # steps past the end are padding")
             yield
             w(f"return ({carry})" if svars else "return carry")
         init = ", ".join(self.state_value(s.attr("state")) for s in k.states) + ("," if len(svars) == 1 else "")
@@ -278,6 +314,18 @@ class PallasEmitter(KernelWalk, LauncherWriter):
         finals = [(kind, name, v) for kind, name, v in k.stores if kind in ("state", "segment")]
         if not finals:
             return  # segment outputs: the scan across segments gives the final states
+        if self.batch:
+            with w.block("if PACKED:"):
+                w("# this sequence's state so far: the write at its last block stays")
+                for kind, name, v in finals:
+                    w(f"{self.store_ref(kind, name)}.at[seq_id][...] = {self.scratch[name]}[...]")
+            with w.block("else:"):
+                self.last_block(finals)
+        else:
+            self.last_block(finals)
+
+    def last_block(self, finals):
+        k, w = self.plan, self.w
         w(f"@pl.when(chunk_id == pl.num_programs({self.time_axis()}) - 1)")
         with w.block("def _final():"):
             w("# stage output: final states" if not k.segmented else "# stage output: the segment's state")

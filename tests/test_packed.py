@@ -15,7 +15,7 @@ import pytest
 import reference as R
 import ssmc
 from helpers import central_differences
-from ssmc.errors import ShapeError, TargetError
+from ssmc.errors import ShapeError
 from test_generated_specs import FIXED
 
 EXAMPLES = ["mamba2", "mamba2_conv", "mamba2_gated", "mamba1", "gla", "retnet", "linear_attention", "rwkv6",
@@ -74,25 +74,35 @@ def check_example(name, target, chunk, lens=LENS, seed=0):
     assert all(e < TOL for e in errs.values()), f"{name} {target} chunk={chunk}: {errs}"
 
 
-@pytest.mark.parametrize("chunk", [4, 1], ids=["chunked", "sequential"])
-@pytest.mark.parametrize("name", EXAMPLES)
+def _fast(*fast):
+    """pytest params: the listed ones in the fast set (-m "not slow"), the others slow."""
+    return lambda values, key=None: [pytest.param(*(v if isinstance(v, tuple) else (v,)),
+                                                  marks=() if v in fast else pytest.mark.slow) for v in values]
+
+
+@pytest.mark.parametrize("name, chunk", _fast(("mamba2", 4), ("mamba1", 1))(
+    [(n, c) for n in EXAMPLES for c in (4, 1)]))
 def test_packed_xla(name, chunk):
     check_example(name, "xla", chunk)
 
 
-@pytest.mark.parametrize("name", EXAMPLES)
-def test_packed_triton(name):
-    check_example(name, "triton", 4)
+@pytest.mark.parametrize("name, target", _fast(("mamba2", "triton"), ("mamba2", "tpu"))(
+    [(n, t) for n in EXAMPLES for t in ("triton", "tpu")]))
+def test_packed_kernels(name, target):
+    """Chunks of 4 (the tpu target rounds them up to 8) or the sequential kernel where the class has no chunks."""
+    check_example(name, target, 4)
 
 
-def test_packed_triton_sequential_and_other_packings():
-    check_example("mamba2", "triton", 1)
-    check_example("mamba2", "triton", 8, lens=[0, 9, 2], seed=1)
-    check_example("gla", "xla", 8, lens=[3], seed=2)
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["triton", "tpu"])
+def test_packed_kernels_sequential_and_other_packings(target):
+    check_example("mamba2", target, 1)
+    check_example("mamba2", target, 8, lens=[0, 9, 2], seed=1)
+    check_example("gla", target, 8, lens=[3], seed=2)
 
 
-@pytest.mark.parametrize("target", ["xla", "triton"])
-@pytest.mark.parametrize("case", ["layouts", "layouts-grouped", "renamed"])
+@pytest.mark.parametrize("case, target", _fast(("layouts", "triton"))(
+    [(c, t) for c in ("layouts", "layouts-grouped", "renamed") for t in ("xla", "triton", "tpu")]))
 def test_packed_specs_written_differently(case, target):
     """Time-major and head-first layouts, permuted states, renamed dims: the sequences lie along the batch dim
     wherever the spec puts it."""
@@ -140,7 +150,7 @@ def test_packed_under_jit_with_traced_offsets():
         assert all(_err(g, w) < TOL for g, w in zip(got, want)), lens
 
 
-@pytest.mark.parametrize("target", ["xla", "triton"])
+@pytest.mark.parametrize("target", _fast("xla")(["xla", "triton", "tpu"]))
 def test_packed_gradients_match_central_differences(target):
     """jax.grad through a packed call against central differences of the per-sequence float64 references."""
     k = ssmc.compile("examples/mamba2.ssm", target=target, chunk_size=4, interpret=target != "xla")
@@ -232,13 +242,14 @@ def test_bad_packed_shapes_are_named():
     k(**inputs, initial_state=init["h"], cu_seqlens=cu)  # the right count runs
 
 
-def test_specs_and_targets_without_packed_calls_say_so():
+def test_specs_without_packed_calls_say_so():
     k = ssmc.compile("ssm s {\n dims t, d\n scan t\n in x[t,d], a[d]\n state h[d]\n out y[t,d]\n"
                      " h = a*h + x\n y = h\n}\n", target="xla")
     assert k.packed_dim is None
     with pytest.raises(ShapeError, match="no packed sequences"):
         k(x=np.ones((4, 2), np.float32), a=np.ones((2,), np.float32), cu_seqlens=np.array([0, 4]))
     inputs, _ = _mamba2_args()
-    kt = ssmc.compile("examples/mamba2.ssm", target="tpu", interpret=True)
-    with pytest.raises(TargetError, match="tpu target's kernels take no packed sequences"):
-        kt(**inputs, cu_seqlens=np.array([0, 3, 8]))
+    k2 = ssmc.compile("examples/mamba2.ssm", target="xla")
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("sp",))
+    with pytest.raises(ShapeError, match="sharded kernel takes no packed sequences"):
+        ssmc.shard(k2, mesh, {"t": "sp"})(**inputs, cu_seqlens=np.array([0, 3, 8]))

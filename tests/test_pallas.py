@@ -162,7 +162,8 @@ def _aot_results() -> dict:
     script = pathlib.Path(__file__).with_name("tpu_aot.py")
     # libtpu takes a lockfile unless told several processes may load it (another test process may hold it)
     env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
-    proc = subprocess.run([sys.executable, str(script), "--t", "100", "--backward", ",".join(BACKWARD)],
+    proc = subprocess.run([sys.executable, str(script), "--t", "100", "--backward", ",".join(BACKWARD),
+                           "--packed", ",".join(PACKED)],
                           capture_output=True, text=True, env=env,
                           timeout=900)
     rows = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -170,10 +171,13 @@ def _aot_results() -> dict:
     return {(r["name"], r["dtype"], r["kind"]): r for r in rows}
 
 
+# packed sequences (cu_seqlens): a chunked SSD, an elementwise (sequential), a key-wise and a non-diagonal class
+PACKED = ("mamba2", "mamba1", "gla", "deltanet")
 # every example's forward, and the gradient (jax.grad through the tpu target: Pallas kernels for the values, the
 # XLA code's derivatives) of BACKWARD's, in both dtypes
 AOT = [(n, d, "forward") for n in NAMES for d in ("float32", "bfloat16")] + \
-      [(n, d, "backward") for n in BACKWARD for d in ("float32", "bfloat16")]
+      [(n, d, "backward") for n in BACKWARD for d in ("float32", "bfloat16")] + \
+      [(n, d, "packed") for n in PACKED for d in ("float32", "bfloat16")]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,

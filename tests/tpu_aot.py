@@ -4,9 +4,9 @@ against one of its devices runs XLA:TPU and Mosaic ahead of time on this host, l
 the `jax.export` lowering check, which stops at Mosaic's MLIR.
 
     python tests/tpu_aot.py [--topology v5e:2x2] [--dtype float32,bfloat16] [--chunk-size N] [--dims h=80,...]
-        [--backward mamba2,gla,...] [names]
+        [--backward mamba2,gla,...] [--packed mamba2,...] [names]
 
-prints one JSON line per (example, dtype, forward or backward): {"name", "dtype", "kind", "ok", "error"}. tests/test_pallas.py runs it when
+prints one JSON line per (example, dtype, forward, backward or packed: a cu_seqlens call of 3 sequences): {"name", "dtype", "kind", "ok", "error"}. tests/test_pallas.py runs it when
 libtpu is installed."""
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ def main(argv=None):
     ap.add_argument("--t", type=int, default=300)
     ap.add_argument("--dims", default="")
     ap.add_argument("--backward", default="", help="comma-separated examples whose gradient is compiled too")
+    ap.add_argument("--packed", default="", help="comma-separated examples whose packed call is compiled too")
     a = ap.parse_args(argv)
 
     import jax
@@ -58,14 +59,24 @@ def main(argv=None):
             def loss(i, s):
                 return sum(jnp.sum(r.astype(jnp.float32)) for r in k(**i, initial_states=s))
             return jax.grad(loss, argnums=(0, 1))(i, s)
+        def packed(i, s, cu):  # 3 sequences packed along the scan dim of a batch of one
+            return k(**i, initial_states=s, cu_seqlens=cu)
+
+        def one_row(n, x):  # an input with the batch dim: a batch of one
+            return (1,) + x.shape[1:] if "b" in dict(k.inputs)[n][:1] else x.shape
+
         for dt in a.dtype.split(","):
             kinds = [("forward", forward)] + ([("backward", backward)] if name in a.backward.split(",") else [])
+            kinds += [("packed", packed)] if name in a.packed.split(",") else []
             for kind, f in kinds:
                 res = {"name": name, "dtype": dt, "kind": kind, "ok": True, "error": ""}
                 try:
-                    ins = {n: jax.ShapeDtypeStruct(x.shape, jnp.dtype(dt), sharding=rep) for n, x in inputs.items()}
-                    sts = {n: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=rep) for n, x in states.items()}
-                    jax.jit(f).lower(ins, sts).compile()
+                    shape = one_row if kind == "packed" else (lambda n, x: x.shape)
+                    ins = {n: jax.ShapeDtypeStruct(shape(n, x), jnp.dtype(dt), sharding=rep) for n, x in inputs.items()}
+                    sts = {n: jax.ShapeDtypeStruct((3,) + x.shape[1:] if kind == "packed" else x.shape, jnp.float32,
+                                                   sharding=rep) for n, x in states.items()}
+                    cu_arg = (jax.ShapeDtypeStruct((4,), jnp.int32, sharding=rep),) if kind == "packed" else ()
+                    jax.jit(f).lower(ins, sts, *cu_arg).compile()
                 except Exception as e:  # report, go on with the next
                     res.update(ok=False, error=f"{type(e).__name__}: {str(e)[:2000]}")
                 print(json.dumps(res), flush=True)
