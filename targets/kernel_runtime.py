@@ -82,6 +82,14 @@ def array_sizes(layout: dict, sizes: dict, dims) -> dict:
     return sizes
 
 
+def needs_64bit_offsets(layout: dict, sizes: dict) -> bool:
+    """Whether some array the kernel reads or writes has 2^31 entries or more (Mamba2 h=80 p=64 at b=1 L=524288:
+    2.7e9), so its element offsets need 64 bits. Measured on an H200: 64-bit offsets everywhere made the L=131072
+    walk 8-13% slower, so kernels take them only where needed (I64)."""
+    return any(math.prod(array_sizes(layout, sizes, dims).get(d, 1) for d in dims) >= 2 ** 31
+               for dims in layout["arrays"].values())
+
+
 def runtime_args(layout: dict, sizes: dict) -> list[int]:
     """The sizes a kernel takes at run time (batch, heads, length; see kernel_launch.runtime_dims), in order."""
     tiles = tile_sizes(layout, sizes)
@@ -165,32 +173,56 @@ def segment_scan(init, init_dims, local, decay, negs, dims, decay_dims, sizes, a
     `init_dims`), the segments' own states `local` (dims: the segment, then per head) and total log-decays `decay`
     (+ counts of negative factors `negs`, for signed decays). S_in(0) = init, S_in(j) = D(j-1) S_in(j-1) + S(j-1),
     D = (-1)^negs exp(decay); the final state is D(last) S_in(last) + S(last). In fp32.
-    `across`: the mesh axis (or axes) the sequence is split over, inside a shard_map (ssmc.shard): every device's
-    segments are gathered in sequence order, the scan runs over all of them (on every device: the states are small
-    next to the walks), and this device keeps its own segments' incoming states; the final state is the last one's."""
-    if across is not None:
-        n_mine = local.shape[0]
-        gather = lambda x: None if x is None else lax.all_gather(x, across, axis=0, tiled=True)  # noqa: E731
-        local, decay, negs = gather(local), gather(decay), gather(negs)
-        s_in, final = segment_scan(init, init_dims, local, decay, negs, dims, decay_dims, sizes)
-        return lax.dynamic_slice_in_dim(s_in, lax.axis_index(across) * n_mine, n_mine, axis=0), final
-    s0 = jnp.asarray(init).astype(jnp.float32)
-    for ax, (d0, d1) in enumerate(zip(init_dims, dims[1:])):
-        if d0 != d1:  # a group-indexed state, kept per head between the segment kernels
-            s0 = jnp.repeat(s0, sizes[d1] // sizes[d0], axis=ax)
-    d = jnp.exp(decay.astype(jnp.float32))
-    if negs is not None:
-        d = d * (1.0 - 2.0 * jnp.mod(negs, 2.0))
-    d = jnp.broadcast_to(align(d, decay_dims, dims), local.shape)
+    `across`: the mesh axis (or axes) the sequence is split over, inside a shard_map (ssmc.shard). Each device
+    scans its own segments from a zero state, which gives its part's own state, and its segments' incoming states
+    are linear in the state entering its part: S_in(j) = S_in^0(j) + P(j) S_part with P(j) = D(0)...D(j-1). So
+    only one (total decay, state) pair per device is gathered, and a scan over those gives the state entering each
+    part and the final state (every device runs it: they are a handful of states)."""
+    s0 = _per_head(jnp.asarray(init).astype(jnp.float32), init_dims, dims, sizes)
+    local = local.astype(jnp.float32)
+    logs = jnp.broadcast_to(align(decay.astype(jnp.float32), decay_dims, dims), local.shape)
+    nn = None if negs is None else jnp.broadcast_to(align(negs.astype(jnp.float32), decay_dims, dims), local.shape)
+    if across is None:
+        s_in, final = _chain(s0, local, _signed(logs, nn))
+        return s_in, _per_group(final, init_dims, dims, sizes)
+    s_in0, own = _chain(jnp.zeros_like(s0), local, _signed(logs, nn))
+    prefix = _signed(jnp.cumsum(logs, 0) - logs, None if nn is None else jnp.cumsum(nn, 0) - nn)
+    total = _signed(jnp.sum(logs, 0), None if nn is None else jnp.sum(nn, 0))
+    owns, totals = (lax.all_gather(x, across, axis=0) for x in (own, total))
+    entering, final = _chain(s0, owns, totals)
+    s_part = lax.dynamic_index_in_dim(entering, lax.axis_index(across), axis=0, keepdims=False)
+    return s_in0 + prefix * s_part[None], _per_group(final, init_dims, dims, sizes)
 
+
+def _chain(s0, own, d):
+    """S_in(0) = s0, S_in(j) = d(j-1) S_in(j-1) + own(j-1) over the leading axis: (every S_in, the state after all)."""
     def step(state, seg):
-        own, dj = seg
-        return dj * state + own, state
-    final, s_in = lax.scan(step, s0, (local.astype(jnp.float32), d))
-    for ax, (d0, d1) in enumerate(zip(init_dims, dims[1:])):
-        if d0 != d1:  # the group's first head
-            final = lax.slice_in_dim(final, 0, sizes[d1], sizes[d1] // sizes[d0], axis=ax)
+        o, dj = seg
+        return dj * state + o, state
+    final, s_in = lax.scan(step, s0, (own, d))
     return s_in, final
+
+
+def _signed(logs, negs):
+    """exp(logs), negated where the count of negative factors is odd."""
+    d = jnp.exp(logs)
+    return d if negs is None else d * (1.0 - 2.0 * jnp.mod(negs, 2.0))
+
+
+def _per_head(s, init_dims, dims, sizes):
+    """A group-indexed state (dims g where the segments have h) repeated per head between the segment kernels."""
+    for ax, (d0, d1) in enumerate(zip(init_dims, dims[1:])):
+        if d0 != d1:
+            s = jnp.repeat(s, sizes[d1] // sizes[d0], axis=ax)
+    return s
+
+
+def _per_group(s, init_dims, dims, sizes):
+    """Back from per head to per group: the group's first head."""
+    for ax, (d0, d1) in enumerate(zip(init_dims, dims[1:])):
+        if d0 != d1:
+            s = lax.slice_in_dim(s, 0, sizes[d1], sizes[d1] // sizes[d0], axis=ax)
+    return s
 
 
 # ---- post-kernel epilogue helpers (jax.numpy) --------------------------------------------------------------------

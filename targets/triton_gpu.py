@@ -98,7 +98,7 @@ class TritonEmitter(KernelWalk, LauncherWriter):
     runtime = "triton_runtime"
     imports = ("import triton", "import triton.language as tl")
     FIXED = ("triton", "tl", "Q", "MM", "PREC", "pid", "bid", "c", "tt", "ttc", "valid", "t_i", "in_chunk",
-             "cu_seqlens_ptr", "PACKED", "seq_start", "seq_len", "row")
+             "cu_seqlens_ptr", "PACKED", "seq_start", "seq_len", "row", "I64")
     strides = True
     row_kernels = True
     handle = "ptr"
@@ -112,7 +112,7 @@ class TritonEmitter(KernelWalk, LauncherWriter):
         runtime = self.runtime_args()
         args = ([self.ptr_of(i) for i in k.leaves()] + (["cu_seqlens_ptr"] if self.batch else []) + runtime
                 + [self.store_ptr(kd, n) for kd, n, _ in k.stores])
-        consts = self.constexprs() + (["PACKED"] if self.batch else [])
+        consts = self.constexprs() + ["I64"] + (["PACKED"] if self.batch else [])
         # no specialisation on the runtime sizes' values (divisibility by 16, == 1): one compile serves all lengths
         w(f"@triton.jit(do_not_specialize={runtime!r})" if runtime else "@triton.jit")
         w(f"def {self.kernel_name}(")  # one parameter a line
@@ -155,7 +155,9 @@ class TritonEmitter(KernelWalk, LauncherWriter):
           + (f" x block of ({', '.join(k.split)})" if k.split else ""))
         pn, N = self.pn, self.size_name
         if k.grid:
-            w("pid = tl.program_id(0).to(tl.int64)  # 64-bit offsets: arrays may hold more than 2^31 entries")
+            w("pid = tl.program_id(0)")
+            with w.block("if I64:"):
+                w("pid = pid.to(tl.int64)  # 64-bit offsets: an array holds 2^31 entries or more")
             rest = "pid"
             for d in reversed(k.grid):
                 if d == k.grid[0]:
@@ -183,11 +185,11 @@ class TritonEmitter(KernelWalk, LauncherWriter):
             with w.block("if PACKED:"):
                 w(f"# packed sequences: this program walks sequence {i_b}, steps cu[{i_b}] .. cu[{i_b}+1]-1 of the "
                   "batch of one")
-                w(f"seq_start = tl.load(cu_seqlens_ptr + {i_b}).to(tl.int64)")
+                w(f"seq_start = tl.load(cu_seqlens_ptr + {i_b}) + pid * 0  # pid's width (I64)")
                 w(f"seq_len = tl.load(cu_seqlens_ptr + {i_b} + 1) - seq_start")
                 w("row = 0  # the batch entry of the arrays with the scan dim")
             with w.block("else:"):
-                w("seq_start = pid * 0  # 64-bit, like the offsets it starts")
+                w("seq_start = pid * 0  # pid's width (I64)")
                 w(f"seq_len = {N(k.scan)}")
                 w(f"row = {i_b}")
 
@@ -293,7 +295,9 @@ class TritonEmitter(KernelWalk, LauncherWriter):
         with w.block(header):
             w("tt = c * Q + in_chunk")
             w(f"valid = tt < {NT}")
-            w(f"ttc = tl.minimum(tt, {NT} - 1).to(tl.int64)")
+            w(f"ttc = tl.minimum(tt, {NT} - 1)")
+            with w.block("if I64:"):
+                w("ttc = ttc.to(tl.int64)")
             yield
 
     def chunk_time(self):

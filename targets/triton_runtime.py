@@ -117,6 +117,7 @@ def _meta(layout, sizes, cfg, mm):
     meta.update(_mm_meta(mm))
     if layout.get("packed"):
         meta["PACKED"] = bool(sizes.get(kr.SEQS))
+    meta["I64"] = kr.needs_64bit_offsets(layout, sizes)
     return meta
 
 

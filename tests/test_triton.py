@@ -38,6 +38,20 @@ def test_fp32_matches_reference(sx, rng, name, case):
     sx.check(rng, v, {"t": t}, with_init, kernel=kernel(name, chunk), tol=FP32_TOL, what=" (triton)")
 
 
+@pytest.mark.parametrize("name, chunk", [("mamba2", 16), ("mamba1", 1)])
+def test_64bit_offsets(sx, rng, monkeypatch, name, chunk):
+    """Arrays of 2^31 entries or more take 64-bit element offsets (I64; the one-GPU Mamba2 run at L=524288 read out
+    of bounds with 32-bit ones): that form of the kernels, forced here on small arrays, computes the same."""
+    from ssmc.targets import kernel_runtime as kr
+    assert kr.needs_64bit_offsets({"arrays": {"x": ["b", "t", "h", "p"]}, "scan": "t"},
+                                  {"b": 1, "t": 524288, "h": 80, "p": 64})
+    assert not kr.needs_64bit_offsets({"arrays": {"x": ["b", "t", "h", "p"]}, "scan": "t"},
+                                      {"b": 1, "t": 131072, "h": 80, "p": 64})
+    monkeypatch.setattr(kr, "needs_64bit_offsets", lambda layout, sizes: True)
+    k = ssmc.compile(str(VARIANTS[name].path), target="triton", interpret=True, chunk_size=chunk, cache=False)
+    sx.check(rng, VARIANTS[name], {"t": 37}, True, kernel=k, tol=FP32_TOL, what=" (triton, I64)")
+
+
 LOW = [("bfloat16", jnp.bfloat16, 3e-2), ("float16", jnp.float16, 1e-2)]
 
 
