@@ -27,6 +27,7 @@ from . import kernel_runtime as kr
 from .kernel_runtime import align, causal_conv, conv_window, group_rmsnorm, packing, to_declared  # noqa: F401  (used by generated launchers)
 
 dim_sizes = kr.dim_sizes
+_NO_SEQS = np.zeros((1,), np.int32)  # an ordinary call's placeholder for the offsets (a constant: no XLA op)
 _TUNED: dict[str, dict] = {}
 
 
@@ -102,7 +103,7 @@ def launch(kernel, layout, arrays, sizes, *, mm, out_dtype, interpret=False, cu_
     ins = [arrays[n] for n in layout["inputs"]]
     if layout.get("packed"):
         seqs = 0 if cu_seqlens is None else int(cu_seqlens.shape[0]) - 1
-        ins.append(jnp.zeros((1,), jnp.int32) if cu_seqlens is None else jnp.asarray(cu_seqlens).astype(jnp.int32))
+        ins.append(_NO_SEQS if cu_seqlens is None else jnp.asarray(cu_seqlens).astype(jnp.int32))
         sizes = kr.packed_sizes(layout, sizes, seqs)
     specs = kr.out_specs(layout, sizes, out_dtype)
     if interpret:

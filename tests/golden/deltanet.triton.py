@@ -16,7 +16,7 @@ from ssmc.targets import triton_runtime as rt
 from ssmc.targets.base import ModuleInfo, Param, Result
 
 MODULE_INFO = ModuleInfo(
-    target='triton', entry='deltanet', options=('mm', 'out_dtype', 'interpret', 'segments'),
+    target='triton', entry='deltanet', options=('mm', 'out_dtype', 'interpret', 'segments', 'cu_seqlens'),
     params=(
         Param('q', 'q', 'input', ('b', 't', 'h', 'dk')),
         Param('k', 'k', 'input', ('b', 't', 'h', 'dk')),
@@ -29,7 +29,7 @@ MODULE_INFO = ModuleInfo(
         Result('state', 'S', ('b', 'h', 'dk', 'dv')),
     ),
 )
-LAYOUT = {'form': 'sequential', 'role': 'walk', 'scan': 't', 'Q': None, 'grid': ['b', 'h'], 'tile': ['dk', 'dv'], 'split': ['dv'], 'groups': {}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'dk', 'dv'], 'inputs': ['q', 'k', 'v', 'beta', 'S'], 'state_inputs': ['S'], 'carried': [['b', 'h', 'dk', 'dv']], 'arrays': {'q': ['b', 't', 'h', 'dk'], 'k': ['b', 't', 'h', 'dk'], 'v': ['b', 't', 'h', 'dv'], 'beta': ['b', 't', 'h'], 'S': ['b', 'h', 'dk', 'dv'], 'o': ['b', 't', 'h', 'dv'], 'S:final': ['b', 'h', 'dk', 'dv']}, 'stores': [['o', 'out', ['b', 't', 'h', 'dv']], ['S:final', 'state', ['b', 'h', 'dk', 'dv']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'dk': 'N_dk', 'dv': 'N_dv'}, 'BLOCK': {'dk': 'BLOCK_dk', 'dv': 'BLOCK_dv'}, 'stride': {'q': {'b': 'q_stride_b', 't': 'q_stride_t', 'h': 'q_stride_h', 'dk': 'q_stride_dk'}, 'k': {'b': 'k_stride_b', 't': 'k_stride_t', 'h': 'k_stride_h', 'dk': 'k_stride_dk'}, 'v': {'b': 'v_stride_b', 't': 'v_stride_t', 'h': 'v_stride_h', 'dv': 'v_stride_dv'}, 'beta': {'b': 'beta_stride_b', 't': 'beta_stride_t', 'h': 'beta_stride_h'}, 'S': {'b': 'S_stride_b', 'h': 'S_stride_h', 'dk': 'S_stride_dk', 'dv': 'S_stride_dv'}, 'o': {'b': 'o_stride_b', 't': 'o_stride_t', 'h': 'o_stride_h', 'dv': 'o_stride_dv'}, 'S:final': {'b': 'S_final_stride_b', 'h': 'S_final_stride_h', 'dk': 'S_final_stride_dk', 'dv': 'S_final_stride_dv'}}}}
+LAYOUT = {'form': 'sequential', 'role': 'walk', 'scan': 't', 'Q': None, 'grid': ['b', 'h'], 'tile': ['dk', 'dv'], 'split': ['dv'], 'groups': {}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'dk', 'dv'], 'inputs': ['q', 'k', 'v', 'beta', 'S'], 'state_inputs': ['S'], 'carried': [['b', 'h', 'dk', 'dv']], 'arrays': {'q': ['b', 't', 'h', 'dk'], 'k': ['b', 't', 'h', 'dk'], 'v': ['b', 't', 'h', 'dv'], 'beta': ['b', 't', 'h'], 'S': ['b', 'h', 'dk', 'dv'], 'o': ['b', 't', 'h', 'dv'], 'S:final': ['b', 'h', 'dk', 'dv']}, 'stores': [['o', 'out', ['b', 't', 'h', 'dv']], ['S:final', 'state', ['b', 'h', 'dk', 'dv']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'dk': 'N_dk', 'dv': 'N_dv'}, 'BLOCK': {'dk': 'BLOCK_dk', 'dv': 'BLOCK_dv'}, 'stride': {'q': {'b': 'q_stride_b', 't': 'q_stride_t', 'h': 'q_stride_h', 'dk': 'q_stride_dk'}, 'k': {'b': 'k_stride_b', 't': 'k_stride_t', 'h': 'k_stride_h', 'dk': 'k_stride_dk'}, 'v': {'b': 'v_stride_b', 't': 'v_stride_t', 'h': 'v_stride_h', 'dv': 'v_stride_dv'}, 'beta': {'b': 'beta_stride_b', 't': 'beta_stride_t', 'h': 'beta_stride_h'}, 'S': {'b': 'S_stride_b', 'h': 'S_stride_h', 'dk': 'S_stride_dk', 'dv': 'S_stride_dv'}, 'o': {'b': 'o_stride_b', 't': 'o_stride_t', 'h': 'o_stride_h', 'dv': 'o_stride_dv'}, 'S:final': {'b': 'S_final_stride_b', 'h': 'S_final_stride_h', 'dk': 'S_final_stride_dk', 'dv': 'S_final_stride_dv'}}}, 'packed': 'b'}
 
 
 @triton.jit(do_not_specialize=['N_b', 'N_h', 'N_t'])
@@ -39,6 +39,7 @@ def deltanet_sequential(
     v_ptr,
     beta_ptr,
     S_prev_ptr,
+    cu_seqlens_ptr,
     N_b,
     N_h,
     N_t,
@@ -65,6 +66,8 @@ def deltanet_sequential(
     S_final_stride_h: tl.constexpr,
     S_final_stride_dk: tl.constexpr,
     S_final_stride_dv: tl.constexpr,
+    I64: tl.constexpr,
+    PACKED: tl.constexpr,
 ):
     # strides spanning a runtime size (batch, heads, length): computed, not compiled in
     q_stride_t = N_h * q_stride_h
@@ -81,22 +84,33 @@ def deltanet_sequential(
     S_final_stride_b = N_h * S_final_stride_h
     # one program per (b, h) x block of (dv)
     pid = tl.program_id(0)
+    if I64:
+        pid = pid.to(tl.int64)  # 64-bit offsets: an array holds 2^31 entries or more
     i_h = pid % N_h
     pid_h = pid // N_h
     i_b = pid_h
     bid = tl.program_id(1)
     j_dv = bid % ((N_dv + BLOCK_dv - 1) // BLOCK_dv)
+    if PACKED:
+        # packed sequences: this program walks sequence i_b, steps cu[i_b] .. cu[i_b+1]-1 of the batch of one
+        seq_start = tl.load(cu_seqlens_ptr + i_b) + pid * 0  # pid's width (I64)
+        seq_len = tl.load(cu_seqlens_ptr + i_b + 1) - seq_start
+        row = 0  # the batch entry of the arrays with the scan dim
+    else:
+        seq_start = pid * 0  # pid's width (I64)
+        seq_len = N_t
+        row = i_b
     o_dk = tl.arange(0, BLOCK_dk)  # entries past N_dk are padding: loaded as 0, never stored
     o_dv = j_dv * BLOCK_dv + tl.arange(0, BLOCK_dv)  # entries past N_dv are padding: loaded as 0, never stored
     # the state, held on chip for the whole sequence (fp32)
     S_prev = tl.load(S_prev_ptr + i_b * S_stride_b + i_h * S_stride_h + o_dk[:, None] * S_stride_dk + o_dv * S_stride_dv, mask=((o_dk < N_dk))[:, None] & (o_dv < N_dv), other=0.0).to(tl.float32)
     state_S_prev = S_prev
-    for t_i in range(0, N_t):
+    for t_i in range(0, seq_len):
         valid = True
-        q = tl.load(q_ptr + i_b * q_stride_b + t_i * q_stride_t + i_h * q_stride_h + o_dk * q_stride_dk, mask=(o_dk < N_dk), other=0.0).to(tl.float32)
-        k = tl.load(k_ptr + i_b * k_stride_b + t_i * k_stride_t + i_h * k_stride_h + o_dk * k_stride_dk, mask=(o_dk < N_dk), other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + i_b * v_stride_b + t_i * v_stride_t + i_h * v_stride_h + o_dv * v_stride_dv, mask=(o_dv < N_dv), other=0.0).to(tl.float32)
-        beta = tl.load(beta_ptr + i_b * beta_stride_b + t_i * beta_stride_t + i_h * beta_stride_h).to(tl.float32)
+        q = tl.load(q_ptr + row * q_stride_b + (seq_start + t_i) * q_stride_t + i_h * q_stride_h + o_dk * q_stride_dk, mask=(o_dk < N_dk), other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + row * k_stride_b + (seq_start + t_i) * k_stride_t + i_h * k_stride_h + o_dk * k_stride_dk, mask=(o_dk < N_dk), other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + row * v_stride_b + (seq_start + t_i) * v_stride_t + i_h * v_stride_h + o_dv * v_stride_dv, mask=(o_dv < N_dv), other=0.0).to(tl.float32)
+        beta = tl.load(beta_ptr + row * beta_stride_b + (seq_start + t_i) * beta_stride_t + i_h * beta_stride_h).to(tl.float32)
         # stage step
         v2 = beta * k
         kS = tl.sum((state_S_prev) * k[:, None], axis=0)
@@ -104,7 +118,7 @@ def deltanet_sequential(
         v4 = v2[:, None] * v3
         S_new = state_S_prev + v4
         o = tl.sum((S_new) * q[:, None], axis=0)
-        tl.store(o_ptr + i_b * o_stride_b + t_i * o_stride_t + i_h * o_stride_h + o_dv * o_stride_dv, (o).to(o_ptr.dtype.element_ty), mask=valid & (o_dv < N_dv))
+        tl.store(o_ptr + row * o_stride_b + (seq_start + t_i) * o_stride_t + i_h * o_stride_h + o_dv * o_stride_dv, (o).to(o_ptr.dtype.element_ty), mask=valid & (o_dv < N_dv))
         state_S_prev = S_new
     # stage output: final states
     tl.store(S_final_ptr + i_b * S_final_stride_b + i_h * S_final_stride_h + o_dk[:, None] * S_final_stride_dk + o_dv * S_final_stride_dv, (state_S_prev).to(S_final_ptr.dtype.element_ty), mask=((o_dk < N_dk))[:, None] & (o_dv < N_dv))
@@ -112,9 +126,15 @@ def deltanet_sequential(
 
 # mm: matmul operand dtype (fp32, or the inputs' bf16/fp16); out_dtype: dtype of the outs
 # segments: None (chosen per call from the sizes and the device), or a number of segments (1: one walk)
-def deltanet(q, k, v, beta, S_prev, *, mm=jnp.float32, out_dtype=jnp.float32, interpret=False, segments=None):
+# cu_seqlens: None, or int32 offsets of packed sequences along t (a batch of one along b): one program
+# per sequence walks it from its initial state to its final state (targets/packed.py)
+def deltanet(q, k, v, beta, S_prev, *, mm=jnp.float32, out_dtype=jnp.float32, interpret=False, segments=None, cu_seqlens=None):
     arrays = {'q': q, 'k': k, 'v': v, 'beta': beta, 'S': S_prev}
     sizes = rt.dim_sizes(LAYOUT, arrays)
-    # schedule: one walk per program (sequential form: the state update is not a diagonal decay (or not chunkable), so segments would carry a transition matrix; not implemented): `segments` does not apply
-    o, S_final, = rt.launch(deltanet_sequential, LAYOUT, arrays, sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
+    if cu_seqlens is not None:
+        # packed sequences: one program per sequence and grid point, no segments
+        o, S_final, = rt.launch(deltanet_sequential, LAYOUT, arrays, sizes, mm=mm, out_dtype=out_dtype, interpret=interpret, cu_seqlens=cu_seqlens)
+    else:
+        # schedule: one walk per program (sequential form: the state update is not a diagonal decay (or not chunkable), so segments would carry a transition matrix; not implemented): `segments` does not apply
+        o, S_final, = rt.launch(deltanet_sequential, LAYOUT, arrays, sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
     return o, S_final

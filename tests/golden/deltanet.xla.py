@@ -11,7 +11,7 @@ from ssmc.targets import xla_runtime as rt
 from ssmc.targets.base import ModuleInfo, Param, Result
 
 MODULE_INFO = ModuleInfo(
-    target='xla', entry='deltanet', options=('mm', 'out_dtype'),
+    target='xla', entry='deltanet', options=('mm', 'out_dtype', 'cu_seqlens'),
     params=(
         Param('q', 'q', 'input', ('b', 't', 'h', 'dk')),
         Param('k', 'k', 'input', ('b', 't', 'h', 'dk')),
@@ -28,7 +28,9 @@ MODULE_INFO = ModuleInfo(
 
 # mm: the matmul operand dtype (float32, or the inputs' bfloat16/float16; float64 for float64 inputs);
 # accumulation is float32 (float64). out_dtype: the outs' dtype; states come back in the compute dtype.
-def deltanet(q, k, v, beta, S_prev, *, mm=jnp.float32, out_dtype=jnp.float32):
+# cu_seqlens: None, or int32 offsets of packed sequences along t (a batch of one along b):
+# every sequence runs on its own, from its initial state (index along b of the states) to its final state
+def deltanet(q, k, v, beta, S_prev, *, mm=jnp.float32, out_dtype=jnp.float32, cu_seqlens=None):
     # the arrays come as declared, in any float dtype: cast to the compute dtype `ew` (float32; float64 for
     # float64 inputs) and moved to the IR's layout (canonical dim order)
     ew = rt.elementwise_dtype(mm)
@@ -37,6 +39,8 @@ def deltanet(q, k, v, beta, S_prev, *, mm=jnp.float32, out_dtype=jnp.float32):
     v = jnp.asarray(v, ew)
     beta = jnp.asarray(beta, ew)
     S_prev = jnp.asarray(S_prev, ew)
+    T = q.shape[1]  # sequence length
+    pk = rt.packing(cu_seqlens, T, 1)  # packed sequences: their steps and boundaries (None: one sequence)
     # stage prologue: state-free per-step values no larger than an input, vectorised over time
     v2 = beta[:, :, :, None] * k
 
@@ -50,7 +54,8 @@ def deltanet(q, k, v, beta, S_prev, *, mm=jnp.float32, out_dtype=jnp.float32):
         S_new = S_prev + v4
         o = rt.einsum("bhd,bhda->bha", q, S_new, mm=jnp.float32)
         return (S_new,), (o,)
-    (S_prev_final,), (o,) = lax.scan(step, (S_prev,), (jnp.moveaxis(k, 1, 0), jnp.moveaxis(v, 1, 0), jnp.moveaxis(v2, 1, 0), jnp.moveaxis(q, 1, 0),))
+    (S_prev_final,), (o,) = (lax.scan(step, (S_prev,), (jnp.moveaxis(k, 1, 0), jnp.moveaxis(v, 1, 0), jnp.moveaxis(v2, 1, 0), jnp.moveaxis(q, 1, 0),)) if pk is None else
+        rt.scan_steps(step, (S_prev,), (jnp.moveaxis(k, 1, 0), jnp.moveaxis(v, 1, 0), jnp.moveaxis(v2, 1, 0), jnp.moveaxis(q, 1, 0),), T, (0,), pk))
     o = jnp.moveaxis(o, 0, 1)
     # the results in their declared layouts
     return (

@@ -11,7 +11,7 @@ from ssmc.targets import xla_runtime as rt
 from ssmc.targets.base import ModuleInfo, Param, Result
 
 MODULE_INFO = ModuleInfo(
-    target='xla', entry='mamba1', options=('mm', 'out_dtype', 'across'),
+    target='xla', entry='mamba1', options=('mm', 'out_dtype', 'across', 'cu_seqlens'),
     params=(
         Param('x', 'x', 'input', ('b', 't', 'd')),
         Param('dt_raw', 'dt_raw', 'input', ('b', 't', 'd')),
@@ -33,7 +33,9 @@ MODULE_INFO = ModuleInfo(
 # accumulation is float32 (float64). out_dtype: the outs' dtype; states come back in the compute dtype.
 # across: None, or the mesh axis this sequence is split over (inside a shard_map, see ssmc.shard): the
 # state entering this device's part then comes from the parts before it
-def mamba1(x, dt_raw, dt_bias, A_log, B, C, D, h_prev, *, mm=jnp.float32, out_dtype=jnp.float32, across=None):
+# cu_seqlens: None, or int32 offsets of packed sequences along t (a batch of one along b):
+# every sequence runs on its own, from its initial state (index along b of the states) to its final state
+def mamba1(x, dt_raw, dt_bias, A_log, B, C, D, h_prev, *, mm=jnp.float32, out_dtype=jnp.float32, across=None, cu_seqlens=None):
     # the arrays come as declared, in any float dtype: cast to the compute dtype `ew` (float32; float64 for
     # float64 inputs) and moved to the IR's layout (canonical dim order)
     ew = rt.elementwise_dtype(mm)
@@ -47,13 +49,14 @@ def mamba1(x, dt_raw, dt_bias, A_log, B, C, D, h_prev, *, mm=jnp.float32, out_dt
     h_prev = jnp.asarray(h_prev, ew)
     T = x.shape[1]  # sequence length
     Q = 32  # chunk length
-    Tp = -(-T // Q) * Q  # padded to whole chunks; padded steps get log-decay 0 and update 0
+    pk = rt.packing(cu_seqlens, T, Q)  # packed sequences: each moved to start a chunk (None: one sequence)
+    Tp = rt.aligned_length(T, Q, pk)  # whole chunks; padded steps get log-decay 0 and update 0
     nc = Tp // Q
-    x = rt.pad_time(x, 1, Tp)
-    dt_raw = rt.pad_time(dt_raw, 1, Tp)
-    B = rt.pad_time(B, 1, Tp)
-    C = rt.pad_time(C, 1, Tp)
-    valid = (jnp.arange(Tp) < T).astype(jnp.float32)
+    x = rt.pad_time(x, 1, Tp, pk)
+    dt_raw = rt.pad_time(dt_raw, 1, Tp, pk)
+    B = rt.pad_time(B, 1, Tp, pk)
+    C = rt.pad_time(C, 1, Tp, pk)
+    valid = rt.valid_steps(T, Tp, pk)
 
     # stage prologue
     v1 = dt_raw + dt_bias
@@ -71,7 +74,7 @@ def mamba1(x, dt_raw, dt_bias, A_log, B, C, D, h_prev, *, mm=jnp.float32, out_dt
     def h_chunks_step(S, xs):
         h_ell, dt, x, B, valid = xs  # this step of every chunk
         return jnp.exp(valid[:, None, None] * h_ell) * S + valid[:, None, None] * (dt[:, :, :, None] * x[:, :, :, None] * B[:, :, None, :]), None
-    h_chunks, _ = lax.scan(h_chunks_step, rt.zeros_per_chunk(h_prev, 1, nc), (rt.steps(h_ell, 1, Q), rt.steps(dt, 1, Q), rt.steps(x, 1, Q), rt.steps(B, 1, Q), rt.steps(valid, 0, Q)))
+    h_chunks, _ = lax.scan(h_chunks_step, rt.zeros_per_chunk(rt.one_row(h_prev, 0, pk), 1, nc), (rt.steps(h_ell, 1, Q), rt.steps(dt, 1, Q), rt.steps(x, 1, Q), rt.steps(B, 1, Q), rt.steps(valid, 0, Q)))
     # h_chunks: each chunk's final state from zero, walking its steps
 
     # stage state_passing
@@ -80,9 +83,10 @@ def mamba1(x, dt_raw, dt_bias, A_log, B, C, D, h_prev, *, mm=jnp.float32, out_dt
         a, s = inp
         return a * S + s, S
     h_enter_xs = (jnp.moveaxis(h_L_chunk, 1, 0), jnp.moveaxis(h_chunks, 1, 0))
-    _, h_enter = lax.scan(h_enter_step, rt.entering(h_enter_step, h_prev, h_enter_xs, across), h_enter_xs)
+    h_enter = rt.pass_states(h_enter_step, h_prev, h_enter_xs, across, 0, pk)
     h_enter = jnp.moveaxis(h_enter, 0, 1)  # state entering each chunk
-    h_final = jnp.take(h_L_chunk, -1, axis=1) * jnp.take(h_enter, -1, axis=1) + jnp.take(h_chunks, -1, axis=1)  # state after the last step
+    h_final = (jnp.take(h_L_chunk, -1, axis=1) * jnp.take(h_enter, -1, axis=1) + jnp.take(h_chunks, -1, axis=1) if pk is None else
+        rt.finals(h_L_chunk * h_enter + h_chunks, 1, h_prev, 0, pk))  # state after the last step
 
     # stage chunk_output
     def y_h_new_step(S, xs):
@@ -97,6 +101,6 @@ def mamba1(x, dt_raw, dt_bias, A_log, B, C, D, h_prev, *, mm=jnp.float32, out_dt
 
     # the results in their declared layouts
     return (
-        jnp.asarray(rt.crop(y, 1, T), out_dtype),
+        jnp.asarray(rt.crop(y, 1, T, pk), out_dtype),
         jnp.asarray(h_final, ew),
     )

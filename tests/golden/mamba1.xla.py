@@ -10,7 +10,7 @@ from ssmc.targets import xla_runtime as rt
 from ssmc.targets.base import ModuleInfo, Param, Result
 
 MODULE_INFO = ModuleInfo(
-    target='xla', entry='mamba1', options=('mm', 'out_dtype'),
+    target='xla', entry='mamba1', options=('mm', 'out_dtype', 'cu_seqlens'),
     params=(
         Param('x', 'x', 'input', ('b', 't', 'd')),
         Param('dt_raw', 'dt_raw', 'input', ('b', 't', 'd')),
@@ -30,7 +30,9 @@ MODULE_INFO = ModuleInfo(
 
 # mm: the matmul operand dtype (float32, or the inputs' bfloat16/float16; float64 for float64 inputs);
 # accumulation is float32 (float64). out_dtype: the outs' dtype; states come back in the compute dtype.
-def mamba1(x, dt_raw, dt_bias, A_log, B, C, D, h_prev, *, mm=jnp.float32, out_dtype=jnp.float32):
+# cu_seqlens: None, or int32 offsets of packed sequences along t (a batch of one along b):
+# every sequence runs on its own, from its initial state (index along b of the states) to its final state
+def mamba1(x, dt_raw, dt_bias, A_log, B, C, D, h_prev, *, mm=jnp.float32, out_dtype=jnp.float32, cu_seqlens=None):
     # the arrays come as declared, in any float dtype: cast to the compute dtype `ew` (float32; float64 for
     # float64 inputs) and moved to the IR's layout (canonical dim order)
     ew = rt.elementwise_dtype(mm)
@@ -42,6 +44,8 @@ def mamba1(x, dt_raw, dt_bias, A_log, B, C, D, h_prev, *, mm=jnp.float32, out_dt
     C = jnp.asarray(C, ew)
     D = jnp.asarray(D, ew)
     h_prev = jnp.asarray(h_prev, ew)
+    T = x.shape[1]  # sequence length
+    pk = rt.packing(cu_seqlens, T, 1)  # packed sequences: their steps and boundaries (None: one sequence)
     # stage prologue: state-free per-step values no larger than an input, vectorised over time
     v1 = dt_raw + dt_bias
     dt = jax.nn.softplus(v1)
@@ -62,7 +66,8 @@ def mamba1(x, dt_raw, dt_bias, A_log, B, C, D, h_prev, *, mm=jnp.float32, out_dt
         v11 = rt.einsum("bn,bdn->bd", C, h_new, mm=jnp.float32)
         y = v11 + v12
         return (h_new,), (y,)
-    (h_prev_final,), (y,) = lax.scan(step, (h_prev,), (jnp.moveaxis(v3, 1, 0), jnp.moveaxis(v8, 1, 0), jnp.moveaxis(B, 1, 0), jnp.moveaxis(C, 1, 0), jnp.moveaxis(v12, 1, 0),))
+    (h_prev_final,), (y,) = (lax.scan(step, (h_prev,), (jnp.moveaxis(v3, 1, 0), jnp.moveaxis(v8, 1, 0), jnp.moveaxis(B, 1, 0), jnp.moveaxis(C, 1, 0), jnp.moveaxis(v12, 1, 0),)) if pk is None else
+        rt.scan_steps(step, (h_prev,), (jnp.moveaxis(v3, 1, 0), jnp.moveaxis(v8, 1, 0), jnp.moveaxis(B, 1, 0), jnp.moveaxis(C, 1, 0), jnp.moveaxis(v12, 1, 0),), T, (0,), pk))
     y = jnp.moveaxis(y, 0, 1)
     # the results in their declared layouts
     return (

@@ -19,7 +19,7 @@ from ssmc.targets import pallas_runtime as rt
 from ssmc.targets.base import ModuleInfo, Param, Result
 
 MODULE_INFO = ModuleInfo(
-    target='tpu', entry='mamba2', options=('mm', 'out_dtype', 'interpret', 'segments', 'across'),
+    target='tpu', entry='mamba2', options=('mm', 'out_dtype', 'interpret', 'segments', 'across', 'cu_seqlens'),
     params=(
         Param('x', 'x', 'input', ('b', 't', 'h', 'p')),
         Param('dt', 'dt', 'input', ('b', 't', 'h')),
@@ -34,9 +34,9 @@ MODULE_INFO = ModuleInfo(
         Result('state', 'h', ('b', 'h', 'p', 'n')),
     ),
 )
-LAYOUT = {'form': 'chunked', 'role': 'walk', 'scan': 't', 'Q': 128, 'grid': ['b', 'h'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n'], 'inputs': ['x', 'dt', 'A', 'B', 'C', 'D', 'h'], 'state_inputs': ['h'], 'carried': [['b', 'h', 'p', 'n']], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt': ['b', 't', 'h'], 'A': ['h'], 'B': ['b', 't', 'g', 'n'], 'C': ['b', 't', 'g', 'n'], 'D': ['h'], 'h': ['b', 'h', 'p', 'n'], 'y': ['b', 't', 'h', 'p'], 'h:final': ['b', 'h', 'p', 'n']}, 'stores': [['y', 'out', ['b', 't', 'h', 'p']], ['h:final', 'state', ['b', 'h', 'p', 'n']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}}}
-SEGMENT_STATES_LAYOUT = {'form': 'chunked', 'role': 'segment_states', 'scan': 't', 'Q': 128, 'grid': ['b', 'h', '~seg'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n', '~seg'], 'inputs': ['x', 'dt', 'A', 'B'], 'state_inputs': [], 'carried': [['b', 'h', 'p', 'n']], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt': ['b', 't', 'h'], 'A': ['h'], 'B': ['b', 't', 'g', 'n'], 'h:segment': ['~seg', 'b', 'h', 'p', 'n'], 'h:decay': ['~seg', 'b', 'h']}, 'stores': [['h:segment', 'segment', ['~seg', 'b', 'h', 'p', 'n']], ['h:decay', 'decay', ['~seg', 'b', 'h']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n', '~seg': 'n_segments', '~seg_chunks': 'seg_chunks'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}}}
-SEGMENT_OUTPUTS_LAYOUT = {'form': 'chunked', 'role': 'segment_outputs', 'scan': 't', 'Q': 128, 'grid': ['b', 'h', '~seg'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n', '~seg'], 'inputs': ['x', 'dt', 'A', 'B', 'C', 'D', 'h:in'], 'state_inputs': ['h:in'], 'carried': [['b', 'h', 'p', 'n']], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt': ['b', 't', 'h'], 'A': ['h'], 'B': ['b', 't', 'g', 'n'], 'C': ['b', 't', 'g', 'n'], 'D': ['h'], 'h:in': ['~seg', 'b', 'h', 'p', 'n'], 'y': ['b', 't', 'h', 'p']}, 'stores': [['y', 'out', ['b', 't', 'h', 'p']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n', '~seg': 'n_segments', '~seg_chunks': 'seg_chunks'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}}}
+LAYOUT = {'form': 'chunked', 'role': 'walk', 'scan': 't', 'Q': 128, 'grid': ['b', 'h'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n'], 'inputs': ['x', 'dt', 'A', 'B', 'C', 'D', 'h'], 'state_inputs': ['h'], 'carried': [['b', 'h', 'p', 'n']], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt': ['b', 't', 'h'], 'A': ['h'], 'B': ['b', 't', 'g', 'n'], 'C': ['b', 't', 'g', 'n'], 'D': ['h'], 'h': ['b', 'h', 'p', 'n'], 'y': ['b', 't', 'h', 'p'], 'h:final': ['b', 'h', 'p', 'n']}, 'stores': [['y', 'out', ['b', 't', 'h', 'p']], ['h:final', 'state', ['b', 'h', 'p', 'n']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}}, 'packed': 'b'}
+SEGMENT_STATES_LAYOUT = {'form': 'chunked', 'role': 'segment_states', 'scan': 't', 'Q': 128, 'grid': ['b', 'h', '~seg'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n', '~seg'], 'inputs': ['x', 'dt', 'A', 'B'], 'state_inputs': [], 'carried': [['b', 'h', 'p', 'n']], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt': ['b', 't', 'h'], 'A': ['h'], 'B': ['b', 't', 'g', 'n'], 'h:segment': ['~seg', 'b', 'h', 'p', 'n'], 'h:decay': ['~seg', 'b', 'h']}, 'stores': [['h:segment', 'segment', ['~seg', 'b', 'h', 'p', 'n']], ['h:decay', 'decay', ['~seg', 'b', 'h']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n', '~seg': 'n_segments', '~seg_chunks': 'seg_chunks'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}}, 'packed': None}
+SEGMENT_OUTPUTS_LAYOUT = {'form': 'chunked', 'role': 'segment_outputs', 'scan': 't', 'Q': 128, 'grid': ['b', 'h', '~seg'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n', '~seg'], 'inputs': ['x', 'dt', 'A', 'B', 'C', 'D', 'h:in'], 'state_inputs': ['h:in'], 'carried': [['b', 'h', 'p', 'n']], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt': ['b', 't', 'h'], 'A': ['h'], 'B': ['b', 't', 'g', 'n'], 'C': ['b', 't', 'g', 'n'], 'D': ['h'], 'h:in': ['~seg', 'b', 'h', 'p', 'n'], 'y': ['b', 't', 'h', 'p']}, 'stores': [['y', 'out', ['b', 't', 'h', 'p']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n', '~seg': 'n_segments', '~seg_chunks': 'seg_chunks'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}}, 'packed': None}
 
 
 def mamba2_chunked(
@@ -47,6 +47,7 @@ def mamba2_chunked(
     C_ref,
     D_ref,
     h_prev_ref,
+    packed_ref,
     y_ref,
     h_final_ref,
     h_scr,
@@ -62,6 +63,7 @@ def mamba2_chunked(
     Q,
     MM,
     PREC,
+    PACKED,
 ):
     # one program per (b, h) x block of (p); the last grid axis walks the sequence, one chunk per step, in order
     i_b = pl.program_id(0)
@@ -69,15 +71,27 @@ def mamba2_chunked(
     j_p = pl.program_id(2)  # block of BLOCK_p along p
     chunk_id = pl.program_id(3)  # the time block this grid step walks
     i_g = lax.div(i_h, N_h // N_g)  # head h reads group g
-    @pl.when(chunk_id == 0)
-    def _init():
-        # the state starts from the initial state (zeros unless given), in fp32 VMEM scratch
-        h_scr[...] = h_prev_ref[...].astype(jnp.float32)
+    if PACKED:
+        n_blocks = pl.num_programs(3)
+        seq_id = packed_ref[2 * n_blocks + chunk_id]  # the sequence this block belongs to
+        @pl.when(chunk_id == 0)
+        def _start():
+            # an empty sequence ends where it starts: every final state begins as the initial one
+            h_final_ref[...] = h_prev_ref[...].astype(jnp.float32)
+        @pl.when(packed_ref[n_blocks + chunk_id] != 0)
+        def _init():
+            # a sequence's first block: the state starts from that sequence's initial state
+            h_scr[...] = h_prev_ref.at[seq_id][...].astype(jnp.float32)
+    else:
+        @pl.when(chunk_id == 0)
+        def _init():
+            # the state starts from the initial state (zeros unless given), in fp32 VMEM scratch
+            h_scr[...] = h_prev_ref[...].astype(jnp.float32)
     # inputs without the scan dim: loaded once
     A = A_ref[i_h].astype(jnp.float32)
     D = D_ref[i_h].astype(jnp.float32)
     TRIL = rt.tril(Q)  # [t, s]: s <= t
-    valid = chunk_id * Q + lax.iota(jnp.int32, Q) < N_t  # steps past the end are padding
+    valid = (lax.iota(jnp.int32, Q) < packed_ref[chunk_id]) if PACKED else (chunk_id * Q + lax.iota(jnp.int32, Q) < N_t)  # steps past the end are padding
     valid_i = valid.astype(jnp.int32)  # masks broadcast as int32 (Mosaic cannot reshape i1 vectors)
     state_h_prev = h_scr[...]  # the state entering this chunk
     x = x_ref[...].astype(jnp.float32)
@@ -113,10 +127,14 @@ def mamba2_chunked(
     c6 = lax.dot_general((x).astype(MM), ((B) * ((h_upd_w) * dt)[:, None]).astype(MM), (((0,), (0,)), ((), ())), precision=PREC, preferred_element_type=jnp.float32)
     state_h_prev = jnp.exp(h_L_last) * state_h_prev + c6  # the state entering the next chunk
     h_scr[...] = state_h_prev.astype(h_scr.dtype)
-    @pl.when(chunk_id == pl.num_programs(3) - 1)
-    def _final():
-        # stage output: final states
-        h_final_ref[...] = h_scr[...]
+    if PACKED:
+        # this sequence's state so far: the write at its last block stays
+        h_final_ref.at[seq_id][...] = h_scr[...]
+    else:
+        @pl.when(chunk_id == pl.num_programs(3) - 1)
+        def _final():
+            # stage output: final states
+            h_final_ref[...] = h_scr[...]
 
 
 def mamba2_segment_states(
@@ -268,22 +286,28 @@ def mamba2_segment_outputs(
 # segments: None (chosen per call from the sizes and the device), or a number of segments (1: one walk)
 # across: None, or the mesh axis this sequence is split over (inside a shard_map, see ssmc.shard):
 # the segments of every device's part of the sequence then enter one scan
-def mamba2(x, dt, A, B, C, D, h_prev, *, mm=jnp.float32, out_dtype=jnp.float32, interpret=False, segments=None, across=None):
+# cu_seqlens: None, or int32 offsets of packed sequences along t (a batch of one along b): one program
+# per sequence walks it from its initial state to its final state (targets/packed.py)
+def mamba2(x, dt, A, B, C, D, h_prev, *, mm=jnp.float32, out_dtype=jnp.float32, interpret=False, segments=None, across=None, cu_seqlens=None):
     arrays = {'x': x, 'dt': dt, 'A': A, 'B': B, 'C': C, 'D': D, 'h': h_prev}
     sizes = rt.dim_sizes(LAYOUT, arrays)
-    # the number of segments: from the length, the programs and the device's cores (rt.pick_segments),
-    # or `segments`; segment boundaries fall on chunk boundaries
-    nseg, seg_sizes = rt.segments(LAYOUT, sizes, segments, interpret)
-    if nseg == 1 and across is None:
-        # one walk: every program walks the whole sequence
-        y, h_final, = rt.launch(mamba2_chunked, LAYOUT, arrays, sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
+    if cu_seqlens is not None:
+        # packed sequences: one program per sequence and grid point, no segments
+        y, h_final, = rt.launch(mamba2_chunked, LAYOUT, arrays, sizes, mm=mm, out_dtype=out_dtype, interpret=interpret, cu_seqlens=cu_seqlens)
     else:
-        # (a) every program and segment: the segment's state from a zero state, and its total log-decay
-        h_segment, h_decay, = rt.launch(mamba2_segment_states, SEGMENT_STATES_LAYOUT, arrays, seg_sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
-        # (b) the scan across segments: S_in(j) = D(j-1) * S_in(j-1) + S(j-1), from the initial state
-        # (and across the devices' parts of the sequence, when it is split over `across`)
-        h_in, h_final = rt.segment_scan(h_prev, ['b', 'h', 'p', 'n'], h_segment, h_decay, None, ['~seg', 'b', 'h', 'p', 'n'], ['~seg', 'b', 'h'], sizes, across=across)
-        # (c) every program and segment: its outputs, walking from the state entering the segment
-        seg_arrays = {**arrays, 'h:in': h_in}
-        y, = rt.launch(mamba2_segment_outputs, SEGMENT_OUTPUTS_LAYOUT, seg_arrays, seg_sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
+        # the number of segments: from the length, the programs and the device's cores (rt.pick_segments),
+        # or `segments`; segment boundaries fall on chunk boundaries
+        nseg, seg_sizes = rt.segments(LAYOUT, sizes, segments, interpret)
+        if nseg == 1 and across is None:
+            # one walk: every program walks the whole sequence
+            y, h_final, = rt.launch(mamba2_chunked, LAYOUT, arrays, sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
+        else:
+            # (a) every program and segment: the segment's state from a zero state, and its total log-decay
+            h_segment, h_decay, = rt.launch(mamba2_segment_states, SEGMENT_STATES_LAYOUT, arrays, seg_sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
+            # (b) the scan across segments: S_in(j) = D(j-1) * S_in(j-1) + S(j-1), from the initial state
+            # (and across the devices' parts of the sequence, when it is split over `across`)
+            h_in, h_final = rt.segment_scan(h_prev, ['b', 'h', 'p', 'n'], h_segment, h_decay, None, ['~seg', 'b', 'h', 'p', 'n'], ['~seg', 'b', 'h'], sizes, across=across)
+            # (c) every program and segment: its outputs, walking from the state entering the segment
+            seg_arrays = {**arrays, 'h:in': h_in}
+            y, = rt.launch(mamba2_segment_outputs, SEGMENT_OUTPUTS_LAYOUT, seg_arrays, seg_sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
     return y, h_final

@@ -20,7 +20,7 @@ from ssmc.targets import triton_runtime as rt
 from ssmc.targets.base import ModuleInfo, Param, Result
 
 MODULE_INFO = ModuleInfo(
-    target='triton', entry='mamba2', options=('mm', 'out_dtype', 'interpret', 'segments', 'across'),
+    target='triton', entry='mamba2', options=('mm', 'out_dtype', 'interpret', 'segments', 'across', 'cu_seqlens'),
     params=(
         Param('x', 'x', 'input', ('b', 't', 'h', 'p')),
         Param('dt', 'dt', 'input', ('b', 't', 'h')),
@@ -35,9 +35,9 @@ MODULE_INFO = ModuleInfo(
         Result('state', 'h', ('b', 'h', 'p', 'n')),
     ),
 )
-LAYOUT = {'form': 'chunked', 'role': 'walk', 'scan': 't', 'Q': 64, 'grid': ['b', 'h'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n'], 'inputs': ['x', 'dt', 'A', 'B', 'C', 'D', 'h'], 'state_inputs': ['h'], 'carried': [['b', 'h', 'p', 'n']], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt': ['b', 't', 'h'], 'A': ['h'], 'B': ['b', 't', 'g', 'n'], 'C': ['b', 't', 'g', 'n'], 'D': ['h'], 'h': ['b', 'h', 'p', 'n'], 'y': ['b', 't', 'h', 'p'], 'h:final': ['b', 'h', 'p', 'n']}, 'stores': [['y', 'out', ['b', 't', 'h', 'p']], ['h:final', 'state', ['b', 'h', 'p', 'n']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}, 'stride': {'x': {'b': 'x_stride_b', 't': 'x_stride_t', 'h': 'x_stride_h', 'p': 'x_stride_p'}, 'dt': {'b': 'dt_stride_b', 't': 'dt_stride_t', 'h': 'dt_stride_h'}, 'A': {'h': 'A_stride_h'}, 'B': {'b': 'B_stride_b', 't': 'B_stride_t', 'g': 'B_stride_g', 'n': 'B_stride_n'}, 'C': {'b': 'C_stride_b', 't': 'C_stride_t', 'g': 'C_stride_g', 'n': 'C_stride_n'}, 'D': {'h': 'D_stride_h'}, 'h': {'b': 'h_stride_b', 'h': 'h_stride_h', 'p': 'h_stride_p', 'n': 'h_stride_n'}, 'y': {'b': 'y_stride_b', 't': 'y_stride_t', 'h': 'y_stride_h', 'p': 'y_stride_p'}, 'h:final': {'b': 'h_final_stride_b', 'h': 'h_final_stride_h', 'p': 'h_final_stride_p', 'n': 'h_final_stride_n'}}}}
-SEGMENT_STATES_LAYOUT = {'form': 'chunked', 'role': 'segment_states', 'scan': 't', 'Q': 64, 'grid': ['b', 'h', '~seg'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n', '~seg'], 'inputs': ['x', 'dt', 'A', 'B'], 'state_inputs': [], 'carried': [['b', 'h', 'p', 'n']], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt': ['b', 't', 'h'], 'A': ['h'], 'B': ['b', 't', 'g', 'n'], 'h:segment': ['~seg', 'b', 'h', 'p', 'n'], 'h:decay': ['~seg', 'b', 'h']}, 'stores': [['h:segment', 'segment', ['~seg', 'b', 'h', 'p', 'n']], ['h:decay', 'decay', ['~seg', 'b', 'h']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n', '~seg': 'n_segments', '~seg_chunks': 'seg_chunks'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}, 'stride': {'x': {'b': 'x_stride_b', 't': 'x_stride_t', 'h': 'x_stride_h', 'p': 'x_stride_p'}, 'dt': {'b': 'dt_stride_b', 't': 'dt_stride_t', 'h': 'dt_stride_h'}, 'A': {'h': 'A_stride_h'}, 'B': {'b': 'B_stride_b', 't': 'B_stride_t', 'g': 'B_stride_g', 'n': 'B_stride_n'}, 'h:segment': {'~seg': 'h_segment_stride_seg', 'b': 'h_segment_stride_b', 'h': 'h_segment_stride_h', 'p': 'h_segment_stride_p', 'n': 'h_segment_stride_n'}, 'h:decay': {'~seg': 'h_decay_stride_seg', 'b': 'h_decay_stride_b', 'h': 'h_decay_stride_h'}}}}
-SEGMENT_OUTPUTS_LAYOUT = {'form': 'chunked', 'role': 'segment_outputs', 'scan': 't', 'Q': 64, 'grid': ['b', 'h', '~seg'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n', '~seg'], 'inputs': ['x', 'dt', 'A', 'B', 'C', 'D', 'h:in'], 'state_inputs': ['h:in'], 'carried': [['b', 'h', 'p', 'n']], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt': ['b', 't', 'h'], 'A': ['h'], 'B': ['b', 't', 'g', 'n'], 'C': ['b', 't', 'g', 'n'], 'D': ['h'], 'h:in': ['~seg', 'b', 'h', 'p', 'n'], 'y': ['b', 't', 'h', 'p']}, 'stores': [['y', 'out', ['b', 't', 'h', 'p']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n', '~seg': 'n_segments', '~seg_chunks': 'seg_chunks'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}, 'stride': {'x': {'b': 'x_stride_b', 't': 'x_stride_t', 'h': 'x_stride_h', 'p': 'x_stride_p'}, 'dt': {'b': 'dt_stride_b', 't': 'dt_stride_t', 'h': 'dt_stride_h'}, 'A': {'h': 'A_stride_h'}, 'B': {'b': 'B_stride_b', 't': 'B_stride_t', 'g': 'B_stride_g', 'n': 'B_stride_n'}, 'C': {'b': 'C_stride_b', 't': 'C_stride_t', 'g': 'C_stride_g', 'n': 'C_stride_n'}, 'D': {'h': 'D_stride_h'}, 'h:in': {'~seg': 'h_in_stride_seg', 'b': 'h_in_stride_b', 'h': 'h_in_stride_h', 'p': 'h_in_stride_p', 'n': 'h_in_stride_n'}, 'y': {'b': 'y_stride_b', 't': 'y_stride_t', 'h': 'y_stride_h', 'p': 'y_stride_p'}}}}
+LAYOUT = {'form': 'chunked', 'role': 'walk', 'scan': 't', 'Q': 64, 'grid': ['b', 'h'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n'], 'inputs': ['x', 'dt', 'A', 'B', 'C', 'D', 'h'], 'state_inputs': ['h'], 'carried': [['b', 'h', 'p', 'n']], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt': ['b', 't', 'h'], 'A': ['h'], 'B': ['b', 't', 'g', 'n'], 'C': ['b', 't', 'g', 'n'], 'D': ['h'], 'h': ['b', 'h', 'p', 'n'], 'y': ['b', 't', 'h', 'p'], 'h:final': ['b', 'h', 'p', 'n']}, 'stores': [['y', 'out', ['b', 't', 'h', 'p']], ['h:final', 'state', ['b', 'h', 'p', 'n']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}, 'stride': {'x': {'b': 'x_stride_b', 't': 'x_stride_t', 'h': 'x_stride_h', 'p': 'x_stride_p'}, 'dt': {'b': 'dt_stride_b', 't': 'dt_stride_t', 'h': 'dt_stride_h'}, 'A': {'h': 'A_stride_h'}, 'B': {'b': 'B_stride_b', 't': 'B_stride_t', 'g': 'B_stride_g', 'n': 'B_stride_n'}, 'C': {'b': 'C_stride_b', 't': 'C_stride_t', 'g': 'C_stride_g', 'n': 'C_stride_n'}, 'D': {'h': 'D_stride_h'}, 'h': {'b': 'h_stride_b', 'h': 'h_stride_h', 'p': 'h_stride_p', 'n': 'h_stride_n'}, 'y': {'b': 'y_stride_b', 't': 'y_stride_t', 'h': 'y_stride_h', 'p': 'y_stride_p'}, 'h:final': {'b': 'h_final_stride_b', 'h': 'h_final_stride_h', 'p': 'h_final_stride_p', 'n': 'h_final_stride_n'}}}, 'packed': 'b'}
+SEGMENT_STATES_LAYOUT = {'form': 'chunked', 'role': 'segment_states', 'scan': 't', 'Q': 64, 'grid': ['b', 'h', '~seg'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n', '~seg'], 'inputs': ['x', 'dt', 'A', 'B'], 'state_inputs': [], 'carried': [['b', 'h', 'p', 'n']], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt': ['b', 't', 'h'], 'A': ['h'], 'B': ['b', 't', 'g', 'n'], 'h:segment': ['~seg', 'b', 'h', 'p', 'n'], 'h:decay': ['~seg', 'b', 'h']}, 'stores': [['h:segment', 'segment', ['~seg', 'b', 'h', 'p', 'n']], ['h:decay', 'decay', ['~seg', 'b', 'h']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n', '~seg': 'n_segments', '~seg_chunks': 'seg_chunks'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}, 'stride': {'x': {'b': 'x_stride_b', 't': 'x_stride_t', 'h': 'x_stride_h', 'p': 'x_stride_p'}, 'dt': {'b': 'dt_stride_b', 't': 'dt_stride_t', 'h': 'dt_stride_h'}, 'A': {'h': 'A_stride_h'}, 'B': {'b': 'B_stride_b', 't': 'B_stride_t', 'g': 'B_stride_g', 'n': 'B_stride_n'}, 'h:segment': {'~seg': 'h_segment_stride_seg', 'b': 'h_segment_stride_b', 'h': 'h_segment_stride_h', 'p': 'h_segment_stride_p', 'n': 'h_segment_stride_n'}, 'h:decay': {'~seg': 'h_decay_stride_seg', 'b': 'h_decay_stride_b', 'h': 'h_decay_stride_h'}}}, 'packed': None}
+SEGMENT_OUTPUTS_LAYOUT = {'form': 'chunked', 'role': 'segment_outputs', 'scan': 't', 'Q': 64, 'grid': ['b', 'h', '~seg'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n', '~seg'], 'inputs': ['x', 'dt', 'A', 'B', 'C', 'D', 'h:in'], 'state_inputs': ['h:in'], 'carried': [['b', 'h', 'p', 'n']], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt': ['b', 't', 'h'], 'A': ['h'], 'B': ['b', 't', 'g', 'n'], 'C': ['b', 't', 'g', 'n'], 'D': ['h'], 'h:in': ['~seg', 'b', 'h', 'p', 'n'], 'y': ['b', 't', 'h', 'p']}, 'stores': [['y', 'out', ['b', 't', 'h', 'p']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n', '~seg': 'n_segments', '~seg_chunks': 'seg_chunks'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}, 'stride': {'x': {'b': 'x_stride_b', 't': 'x_stride_t', 'h': 'x_stride_h', 'p': 'x_stride_p'}, 'dt': {'b': 'dt_stride_b', 't': 'dt_stride_t', 'h': 'dt_stride_h'}, 'A': {'h': 'A_stride_h'}, 'B': {'b': 'B_stride_b', 't': 'B_stride_t', 'g': 'B_stride_g', 'n': 'B_stride_n'}, 'C': {'b': 'C_stride_b', 't': 'C_stride_t', 'g': 'C_stride_g', 'n': 'C_stride_n'}, 'D': {'h': 'D_stride_h'}, 'h:in': {'~seg': 'h_in_stride_seg', 'b': 'h_in_stride_b', 'h': 'h_in_stride_h', 'p': 'h_in_stride_p', 'n': 'h_in_stride_n'}, 'y': {'b': 'y_stride_b', 't': 'y_stride_t', 'h': 'y_stride_h', 'p': 'y_stride_p'}}}, 'packed': None}
 
 
 @triton.jit(do_not_specialize=['N_b', 'N_h', 'N_t'])
@@ -49,6 +49,7 @@ def mamba2_chunked(
     C_ptr,
     D_ptr,
     h_prev_ptr,
+    cu_seqlens_ptr,
     N_b,
     N_h,
     N_t,
@@ -81,6 +82,8 @@ def mamba2_chunked(
     h_final_stride_h: tl.constexpr,
     h_final_stride_p: tl.constexpr,
     h_final_stride_n: tl.constexpr,
+    I64: tl.constexpr,
+    PACKED: tl.constexpr,
 ):
     # strides spanning a runtime size (batch, heads, length): computed, not compiled in
     x_stride_t = N_h * x_stride_h
@@ -95,12 +98,23 @@ def mamba2_chunked(
     h_final_stride_b = N_h * h_final_stride_h
     # one program per (b, h) x block of (p)
     pid = tl.program_id(0)
+    if I64:
+        pid = pid.to(tl.int64)  # 64-bit offsets: an array holds 2^31 entries or more
     i_h = pid % N_h
     pid_h = pid // N_h
     i_b = pid_h
     bid = tl.program_id(1)
     j_p = bid % ((N_p + BLOCK_p - 1) // BLOCK_p)
     i_g = i_h // (N_h // N_g)  # head h reads group g
+    if PACKED:
+        # packed sequences: this program walks sequence i_b, steps cu[i_b] .. cu[i_b+1]-1 of the batch of one
+        seq_start = tl.load(cu_seqlens_ptr + i_b) + pid * 0  # pid's width (I64)
+        seq_len = tl.load(cu_seqlens_ptr + i_b + 1) - seq_start
+        row = 0  # the batch entry of the arrays with the scan dim
+    else:
+        seq_start = pid * 0  # pid's width (I64)
+        seq_len = N_t
+        row = i_b
     o_p = j_p * BLOCK_p + tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
     o_n = tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
     in_chunk = tl.arange(0, Q)  # positions within a chunk
@@ -110,14 +124,16 @@ def mamba2_chunked(
     # the state, held on chip for the whole sequence (fp32)
     h_prev = tl.load(h_prev_ptr + i_b * h_stride_b + i_h * h_stride_h + o_p[:, None] * h_stride_p + o_n * h_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0).to(tl.float32)
     state_h_prev = h_prev
-    for c in range(0, (N_t + Q - 1) // Q):
+    for c in range(0, (seq_len + Q - 1) // Q):
         tt = c * Q + in_chunk
-        valid = tt < N_t
-        ttc = tl.minimum(tt, N_t - 1)
-        x = tl.load(x_ptr + i_b * x_stride_b + ttc[:, None] * x_stride_t + i_h * x_stride_h + o_p * x_stride_p, mask=(o_p < N_p), other=0.0).to(tl.float32)
-        dt = tl.load(dt_ptr + i_b * dt_stride_b + ttc * dt_stride_t + i_h * dt_stride_h).to(tl.float32)
-        B = tl.load(B_ptr + i_b * B_stride_b + ttc[:, None] * B_stride_t + i_g * B_stride_g + o_n * B_stride_n, mask=(o_n < N_n), other=0.0).to(tl.float32)
-        C = tl.load(C_ptr + i_b * C_stride_b + ttc[:, None] * C_stride_t + i_g * C_stride_g + o_n * C_stride_n, mask=(o_n < N_n), other=0.0).to(tl.float32)
+        valid = tt < seq_len
+        ttc = tl.minimum(tt, seq_len - 1)
+        if I64:
+            ttc = ttc.to(tl.int64)
+        x = tl.load(x_ptr + row * x_stride_b + ((seq_start + ttc))[:, None] * x_stride_t + i_h * x_stride_h + o_p * x_stride_p, mask=(o_p < N_p), other=0.0).to(tl.float32)
+        dt = tl.load(dt_ptr + row * dt_stride_b + (seq_start + ttc) * dt_stride_t + i_h * dt_stride_h).to(tl.float32)
+        B = tl.load(B_ptr + row * B_stride_b + ((seq_start + ttc))[:, None] * B_stride_t + i_g * B_stride_g + o_n * B_stride_n, mask=(o_n < N_n), other=0.0).to(tl.float32)
+        C = tl.load(C_ptr + row * C_stride_b + ((seq_start + ttc))[:, None] * C_stride_t + i_g * C_stride_g + o_n * C_stride_n, mask=(o_n < N_n), other=0.0).to(tl.float32)
         # stage prologue
         v1 = dt * A
         h_ell = tl.maximum(v1, (-69.07755278982137))
@@ -141,7 +157,7 @@ def mamba2_chunked(
         y_h_new = (y_h_new_in + y_h_new_st)
         # stage epilogue
         y = y_h_new + v12
-        tl.store(y_ptr + i_b * y_stride_b + ttc[:, None] * y_stride_t + i_h * y_stride_h + o_p * y_stride_p, (y).to(y_ptr.dtype.element_ty), mask=valid[:, None] & (o_p < N_p))
+        tl.store(y_ptr + row * y_stride_b + ((seq_start + ttc))[:, None] * y_stride_t + i_h * y_stride_h + o_p * y_stride_p, (y).to(y_ptr.dtype.element_ty), mask=valid[:, None] & (o_p < N_p))
         # stage chunk_state + state_passing (h)
         h_upd_w = tl.where(valid, tl.exp(h_L_last - h_L), 0.0)  # decay from each step to the chunk's end
         c6 = tl.dot(tl.trans(x).to(MM), ((B) * ((h_upd_w) * dt)[:, None]).to(MM), input_precision=PREC)
@@ -182,6 +198,7 @@ def mamba2_segment_states(
     h_segment_stride_p: tl.constexpr,
     h_segment_stride_n: tl.constexpr,
     h_decay_stride_h: tl.constexpr,
+    I64: tl.constexpr,
 ):
     # schedule step (a): this segment's state from a zero state, and its total log-decay; no outputs
     # strides spanning a runtime size (batch, heads, length): computed, not compiled in
@@ -196,6 +213,8 @@ def mamba2_segment_states(
     h_decay_stride_seg = N_b * h_decay_stride_b
     # one program per (b, h, segment) x block of (p)
     pid = tl.program_id(0)
+    if I64:
+        pid = pid.to(tl.int64)  # 64-bit offsets: an array holds 2^31 entries or more
     i_seg = pid % n_segments
     pid_seg = pid // n_segments
     i_h = pid_seg % N_h
@@ -216,6 +235,8 @@ def mamba2_segment_states(
         tt = c * Q + in_chunk
         valid = tt < N_t
         ttc = tl.minimum(tt, N_t - 1)
+        if I64:
+            ttc = ttc.to(tl.int64)
         x = tl.load(x_ptr + i_b * x_stride_b + ttc[:, None] * x_stride_t + i_h * x_stride_h + o_p * x_stride_p, mask=(o_p < N_p), other=0.0).to(tl.float32)
         dt = tl.load(dt_ptr + i_b * dt_stride_b + ttc * dt_stride_t + i_h * dt_stride_h).to(tl.float32)
         B = tl.load(B_ptr + i_b * B_stride_b + ttc[:, None] * B_stride_t + i_g * B_stride_g + o_n * B_stride_n, mask=(o_n < N_n), other=0.0).to(tl.float32)
@@ -276,6 +297,7 @@ def mamba2_segment_outputs(
     h_in_stride_n: tl.constexpr,
     y_stride_h: tl.constexpr,
     y_stride_p: tl.constexpr,
+    I64: tl.constexpr,
 ):
     # schedule step (c): this segment's outputs, from the state entering it (S_in)
     # strides spanning a runtime size (batch, heads, length): computed, not compiled in
@@ -291,6 +313,8 @@ def mamba2_segment_outputs(
     y_stride_b = N_t * y_stride_t
     # one program per (b, h, segment) x block of (p)
     pid = tl.program_id(0)
+    if I64:
+        pid = pid.to(tl.int64)  # 64-bit offsets: an array holds 2^31 entries or more
     i_seg = pid % n_segments
     pid_seg = pid // n_segments
     i_h = pid_seg % N_h
@@ -312,6 +336,8 @@ def mamba2_segment_outputs(
         tt = c * Q + in_chunk
         valid = tt < N_t
         ttc = tl.minimum(tt, N_t - 1)
+        if I64:
+            ttc = ttc.to(tl.int64)
         x = tl.load(x_ptr + i_b * x_stride_b + ttc[:, None] * x_stride_t + i_h * x_stride_h + o_p * x_stride_p, mask=(o_p < N_p), other=0.0).to(tl.float32)
         dt = tl.load(dt_ptr + i_b * dt_stride_b + ttc * dt_stride_t + i_h * dt_stride_h).to(tl.float32)
         B = tl.load(B_ptr + i_b * B_stride_b + ttc[:, None] * B_stride_t + i_g * B_stride_g + o_n * B_stride_n, mask=(o_n < N_n), other=0.0).to(tl.float32)
@@ -351,22 +377,28 @@ def mamba2_segment_outputs(
 # segments: None (chosen per call from the sizes and the device), or a number of segments (1: one walk)
 # across: None, or the mesh axis this sequence is split over (inside a shard_map, see ssmc.shard):
 # the segments of every device's part of the sequence then enter one scan
-def mamba2(x, dt, A, B, C, D, h_prev, *, mm=jnp.float32, out_dtype=jnp.float32, interpret=False, segments=None, across=None):
+# cu_seqlens: None, or int32 offsets of packed sequences along t (a batch of one along b): one program
+# per sequence walks it from its initial state to its final state (targets/packed.py)
+def mamba2(x, dt, A, B, C, D, h_prev, *, mm=jnp.float32, out_dtype=jnp.float32, interpret=False, segments=None, across=None, cu_seqlens=None):
     arrays = {'x': x, 'dt': dt, 'A': A, 'B': B, 'C': C, 'D': D, 'h': h_prev}
     sizes = rt.dim_sizes(LAYOUT, arrays)
-    # the number of segments: from the length, the programs and the device's cores (rt.pick_segments),
-    # or `segments`; segment boundaries fall on chunk boundaries
-    nseg, seg_sizes = rt.segments(LAYOUT, sizes, segments, interpret)
-    if nseg == 1 and across is None:
-        # one walk: every program walks the whole sequence
-        y, h_final, = rt.launch(mamba2_chunked, LAYOUT, arrays, sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
+    if cu_seqlens is not None:
+        # packed sequences: one program per sequence and grid point, no segments
+        y, h_final, = rt.launch(mamba2_chunked, LAYOUT, arrays, sizes, mm=mm, out_dtype=out_dtype, interpret=interpret, cu_seqlens=cu_seqlens)
     else:
-        # (a) every program and segment: the segment's state from a zero state, and its total log-decay
-        h_segment, h_decay, = rt.launch(mamba2_segment_states, SEGMENT_STATES_LAYOUT, arrays, seg_sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
-        # (b) the scan across segments: S_in(j) = D(j-1) * S_in(j-1) + S(j-1), from the initial state
-        # (and across the devices' parts of the sequence, when it is split over `across`)
-        h_in, h_final = rt.segment_scan(h_prev, ['b', 'h', 'p', 'n'], h_segment, h_decay, None, ['~seg', 'b', 'h', 'p', 'n'], ['~seg', 'b', 'h'], sizes, across=across)
-        # (c) every program and segment: its outputs, walking from the state entering the segment
-        seg_arrays = {**arrays, 'h:in': h_in}
-        y, = rt.launch(mamba2_segment_outputs, SEGMENT_OUTPUTS_LAYOUT, seg_arrays, seg_sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
+        # the number of segments: from the length, the programs and the device's cores (rt.pick_segments),
+        # or `segments`; segment boundaries fall on chunk boundaries
+        nseg, seg_sizes = rt.segments(LAYOUT, sizes, segments, interpret)
+        if nseg == 1 and across is None:
+            # one walk: every program walks the whole sequence
+            y, h_final, = rt.launch(mamba2_chunked, LAYOUT, arrays, sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
+        else:
+            # (a) every program and segment: the segment's state from a zero state, and its total log-decay
+            h_segment, h_decay, = rt.launch(mamba2_segment_states, SEGMENT_STATES_LAYOUT, arrays, seg_sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
+            # (b) the scan across segments: S_in(j) = D(j-1) * S_in(j-1) + S(j-1), from the initial state
+            # (and across the devices' parts of the sequence, when it is split over `across`)
+            h_in, h_final = rt.segment_scan(h_prev, ['b', 'h', 'p', 'n'], h_segment, h_decay, None, ['~seg', 'b', 'h', 'p', 'n'], ['~seg', 'b', 'h'], sizes, across=across)
+            # (c) every program and segment: its outputs, walking from the state entering the segment
+            seg_arrays = {**arrays, 'h:in': h_in}
+            y, = rt.launch(mamba2_segment_outputs, SEGMENT_OUTPUTS_LAYOUT, seg_arrays, seg_sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
     return y, h_final

@@ -12,7 +12,7 @@ from ssmc.targets import xla_runtime as rt
 from ssmc.targets.base import ModuleInfo, Param, Result
 
 MODULE_INFO = ModuleInfo(
-    target='xla', entry='mamba2', options=('mm', 'out_dtype', 'across'),
+    target='xla', entry='mamba2', options=('mm', 'out_dtype', 'across', 'cu_seqlens'),
     params=(
         Param('x', 'x', 'input', ('b', 't', 'h', 'p')),
         Param('dt', 'dt', 'input', ('b', 't', 'h')),
@@ -33,7 +33,9 @@ MODULE_INFO = ModuleInfo(
 # accumulation is float32 (float64). out_dtype: the outs' dtype; states come back in the compute dtype.
 # across: None, or the mesh axis this sequence is split over (inside a shard_map, see ssmc.shard): the
 # state entering this device's part then comes from the parts before it
-def mamba2(x, dt, A, B, C, D, h_prev, *, mm=jnp.float32, out_dtype=jnp.float32, across=None):
+# cu_seqlens: None, or int32 offsets of packed sequences along t (a batch of one along b):
+# every sequence runs on its own, from its initial state (index along b of the states) to its final state
+def mamba2(x, dt, A, B, C, D, h_prev, *, mm=jnp.float32, out_dtype=jnp.float32, across=None, cu_seqlens=None):
     # the arrays come as declared, in any float dtype: cast to the compute dtype `ew` (float32; float64 for
     # float64 inputs) and moved to the IR's layout (h split into (g, h/g), canonical dim order)
     ew = rt.elementwise_dtype(mm)
@@ -47,13 +49,14 @@ def mamba2(x, dt, A, B, C, D, h_prev, *, mm=jnp.float32, out_dtype=jnp.float32, 
     h_prev = rt.to_ir(h_prev, 'b,h,p,n', 'b,g,h/g,p,n', ew, split={'h': 'g'}, sizes=sizes)
     T = x.shape[1]  # sequence length
     Q = 64  # chunk length
-    Tp = -(-T // Q) * Q  # padded to whole chunks; padded steps get log-decay 0 and update 0
+    pk = rt.packing(cu_seqlens, T, Q)  # packed sequences: each moved to start a chunk (None: one sequence)
+    Tp = rt.aligned_length(T, Q, pk)  # whole chunks; padded steps get log-decay 0 and update 0
     nc = Tp // Q
-    x = rt.pad_time(x, 1, Tp)
-    dt = rt.pad_time(dt, 1, Tp)
-    B = rt.pad_time(B, 1, Tp)
-    C = rt.pad_time(C, 1, Tp)
-    valid = (jnp.arange(Tp) < T).astype(jnp.float32)
+    x = rt.pad_time(x, 1, Tp, pk)
+    dt = rt.pad_time(dt, 1, Tp, pk)
+    B = rt.pad_time(B, 1, Tp, pk)
+    C = rt.pad_time(C, 1, Tp, pk)
+    valid = rt.valid_steps(T, Tp, pk)
 
     # stage prologue
     v1 = dt * A
@@ -73,9 +76,10 @@ def mamba2(x, dt, A, B, C, D, h_prev, *, mm=jnp.float32, out_dtype=jnp.float32, 
         a, s = inp
         return a[:, :, :, None, None] * S + s, S
     h_enter_xs = (jnp.moveaxis(h_L_chunk, 1, 0), jnp.moveaxis(h_chunks, 1, 0))
-    _, h_enter = lax.scan(h_enter_step, rt.entering(h_enter_step, h_prev, h_enter_xs, across), h_enter_xs)
+    h_enter = rt.pass_states(h_enter_step, h_prev, h_enter_xs, across, 0, pk)
     h_enter = jnp.moveaxis(h_enter, 0, 1)  # state entering each chunk
-    h_final = jnp.take(h_L_chunk, -1, axis=1)[:, :, :, None, None] * jnp.take(h_enter, -1, axis=1) + jnp.take(h_chunks, -1, axis=1)  # state after the last step
+    h_final = (jnp.take(h_L_chunk, -1, axis=1)[:, :, :, None, None] * jnp.take(h_enter, -1, axis=1) + jnp.take(h_chunks, -1, axis=1) if pk is None else
+        rt.finals(h_L_chunk[:, :, :, :, None, None] * h_enter + h_chunks, 1, h_prev, 0, pk))  # state after the last step
 
     # stage chunk_output
     y_h_new_D = jnp.exp(jnp.where(rt.causal(Q, False, 2), jnp.expand_dims(h_L, 3) - jnp.expand_dims(h_L, 2), -jnp.inf))  # decay from source s to target t in the chunk, masked s <= t
@@ -90,6 +94,6 @@ def mamba2(x, dt, A, B, C, D, h_prev, *, mm=jnp.float32, out_dtype=jnp.float32, 
 
     # the results in their declared layouts
     return (
-        rt.from_ir(rt.crop(y, 1, T), 'b,t,g,h/g,p', 'b,t,h,p', out_dtype, split={'h': 'g'}),
+        rt.from_ir(rt.crop(y, 1, T, pk), 'b,t,g,h/g,p', 'b,t,h,p', out_dtype, split={'h': 'g'}),
         rt.from_ir(h_final, 'b,g,h/g,p,n', 'b,h,p,n', ew, split={'h': 'g'}),
     )

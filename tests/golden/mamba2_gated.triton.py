@@ -22,7 +22,7 @@ from ssmc.targets import triton_runtime as rt
 from ssmc.targets.base import ModuleInfo, Param, Result
 
 MODULE_INFO = ModuleInfo(
-    target='triton', entry='mamba2_gated', options=('mm', 'out_dtype', 'interpret', 'segments', 'across'),
+    target='triton', entry='mamba2_gated', options=('mm', 'out_dtype', 'interpret', 'segments', 'across', 'cu_seqlens'),
     params=(
         Param('x', 'x', 'input', ('b', 't', 'h', 'p')),
         Param('dt_raw', 'dt_raw', 'input', ('b', 't', 'h')),
@@ -40,10 +40,10 @@ MODULE_INFO = ModuleInfo(
         Result('state', 's', ('b', 'h', 'p', 'n')),
     ),
 )
-LAYOUT = {'form': 'chunked', 'role': 'walk', 'scan': 't', 'Q': 64, 'grid': ['b', 'h'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n'], 'inputs': ['x', 'dt_raw', 'dt_bias', 'A_log', 'B', 'C', 'D', 'z', 's'], 'state_inputs': ['s'], 'carried': [['b', 'h', 'p', 'n']], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt_raw': ['b', 't', 'h'], 'dt_bias': ['h'], 'A_log': ['h'], 'B': ['b', 't', 'g', 'n'], 'C': ['b', 't', 'g', 'n'], 'D': ['h'], 'z': ['b', 't', 'h', 'p'], 's': ['b', 'h', 'p', 'n'], 's:final': ['b', 'h', 'p', 'n'], '%17': ['b', 't', 'h', 'p']}, 'stores': [['s:final', 'state', ['b', 'h', 'p', 'n']], ['%17', 'tmp', ['b', 't', 'h', 'p']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}, 'stride': {'x': {'b': 'x_stride_b', 't': 'x_stride_t', 'h': 'x_stride_h', 'p': 'x_stride_p'}, 'dt_raw': {'b': 'dt_raw_stride_b', 't': 'dt_raw_stride_t', 'h': 'dt_raw_stride_h'}, 'dt_bias': {'h': 'dt_bias_stride_h'}, 'A_log': {'h': 'A_log_stride_h'}, 'B': {'b': 'B_stride_b', 't': 'B_stride_t', 'g': 'B_stride_g', 'n': 'B_stride_n'}, 'C': {'b': 'C_stride_b', 't': 'C_stride_t', 'g': 'C_stride_g', 'n': 'C_stride_n'}, 'D': {'h': 'D_stride_h'}, 'z': {'b': 'z_stride_b', 't': 'z_stride_t', 'h': 'z_stride_h', 'p': 'z_stride_p'}, 's': {'b': 's_stride_b', 'h': 's_stride_h', 'p': 's_stride_p', 'n': 's_stride_n'}, 's:final': {'b': 's_final_stride_b', 'h': 's_final_stride_h', 'p': 's_final_stride_p', 'n': 's_final_stride_n'}, '%17': {'b': 'v17_stride_b', 't': 'v17_stride_t', 'h': 'v17_stride_h', 'p': 'v17_stride_p'}}}}
-SEGMENT_STATES_LAYOUT = {'form': 'chunked', 'role': 'segment_states', 'scan': 't', 'Q': 64, 'grid': ['b', 'h', '~seg'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n', '~seg'], 'inputs': ['x', 'dt_raw', 'dt_bias', 'A_log', 'B'], 'state_inputs': [], 'carried': [['b', 'h', 'p', 'n']], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt_raw': ['b', 't', 'h'], 'dt_bias': ['h'], 'A_log': ['h'], 'B': ['b', 't', 'g', 'n'], 's:segment': ['~seg', 'b', 'h', 'p', 'n'], 's:decay': ['~seg', 'b', 'h']}, 'stores': [['s:segment', 'segment', ['~seg', 'b', 'h', 'p', 'n']], ['s:decay', 'decay', ['~seg', 'b', 'h']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n', '~seg': 'n_segments', '~seg_chunks': 'seg_chunks'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}, 'stride': {'x': {'b': 'x_stride_b', 't': 'x_stride_t', 'h': 'x_stride_h', 'p': 'x_stride_p'}, 'dt_raw': {'b': 'dt_raw_stride_b', 't': 'dt_raw_stride_t', 'h': 'dt_raw_stride_h'}, 'dt_bias': {'h': 'dt_bias_stride_h'}, 'A_log': {'h': 'A_log_stride_h'}, 'B': {'b': 'B_stride_b', 't': 'B_stride_t', 'g': 'B_stride_g', 'n': 'B_stride_n'}, 's:segment': {'~seg': 's_segment_stride_seg', 'b': 's_segment_stride_b', 'h': 's_segment_stride_h', 'p': 's_segment_stride_p', 'n': 's_segment_stride_n'}, 's:decay': {'~seg': 's_decay_stride_seg', 'b': 's_decay_stride_b', 'h': 's_decay_stride_h'}}}}
-SEGMENT_OUTPUTS_LAYOUT = {'form': 'chunked', 'role': 'segment_outputs', 'scan': 't', 'Q': 64, 'grid': ['b', 'h', '~seg'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n', '~seg'], 'inputs': ['x', 'dt_raw', 'dt_bias', 'A_log', 'B', 'C', 'D', 'z', 's:in'], 'state_inputs': ['s:in'], 'carried': [['b', 'h', 'p', 'n']], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt_raw': ['b', 't', 'h'], 'dt_bias': ['h'], 'A_log': ['h'], 'B': ['b', 't', 'g', 'n'], 'C': ['b', 't', 'g', 'n'], 'D': ['h'], 'z': ['b', 't', 'h', 'p'], 's:in': ['~seg', 'b', 'h', 'p', 'n'], '%17': ['b', 't', 'h', 'p']}, 'stores': [['%17', 'tmp', ['b', 't', 'h', 'p']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n', '~seg': 'n_segments', '~seg_chunks': 'seg_chunks'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}, 'stride': {'x': {'b': 'x_stride_b', 't': 'x_stride_t', 'h': 'x_stride_h', 'p': 'x_stride_p'}, 'dt_raw': {'b': 'dt_raw_stride_b', 't': 'dt_raw_stride_t', 'h': 'dt_raw_stride_h'}, 'dt_bias': {'h': 'dt_bias_stride_h'}, 'A_log': {'h': 'A_log_stride_h'}, 'B': {'b': 'B_stride_b', 't': 'B_stride_t', 'g': 'B_stride_g', 'n': 'B_stride_n'}, 'C': {'b': 'C_stride_b', 't': 'C_stride_t', 'g': 'C_stride_g', 'n': 'C_stride_n'}, 'D': {'h': 'D_stride_h'}, 'z': {'b': 'z_stride_b', 't': 'z_stride_t', 'h': 'z_stride_h', 'p': 'z_stride_p'}, 's:in': {'~seg': 's_in_stride_seg', 'b': 's_in_stride_b', 'h': 's_in_stride_h', 'p': 's_in_stride_p', 'n': 's_in_stride_n'}, '%17': {'b': 'v17_stride_b', 't': 'v17_stride_t', 'h': 'v17_stride_h', 'p': 'v17_stride_p'}}}}
-POST_LAYOUT = {'form': 'rows', 'role': 'rows', 'scan': '~', 'Q': None, 'grid': ['b', 't', 'g'], 'tile': ['h', 'p'], 'split': [], 'groups': {}, 'group_tile': {'h': 'g'}, 'dims': ['b', 't', 'h', 'p', 'g'], 'inputs': ['%17', 'norm_w'], 'state_inputs': [], 'carried': [], 'arrays': {'%17': ['b', 't', 'h', 'p'], 'norm_w': ['h', 'p'], 'y': ['b', 't', 'h', 'p']}, 'stores': [['y', 'out', ['b', 't', 'h', 'p']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g'}, 'BLOCK': {'h': 'BLOCK_h', 'p': 'BLOCK_p'}, 'stride': {'%17': {'b': 'v17_stride_b', 't': 'v17_stride_t', 'h': 'v17_stride_h', 'p': 'v17_stride_p'}, 'norm_w': {'h': 'norm_w_stride_h', 'p': 'norm_w_stride_p'}, 'y': {'b': 'y_stride_b', 't': 'y_stride_t', 'h': 'y_stride_h', 'p': 'y_stride_p'}}}}
+LAYOUT = {'form': 'chunked', 'role': 'walk', 'scan': 't', 'Q': 64, 'grid': ['b', 'h'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n'], 'inputs': ['x', 'dt_raw', 'dt_bias', 'A_log', 'B', 'C', 'D', 'z', 's'], 'state_inputs': ['s'], 'carried': [['b', 'h', 'p', 'n']], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt_raw': ['b', 't', 'h'], 'dt_bias': ['h'], 'A_log': ['h'], 'B': ['b', 't', 'g', 'n'], 'C': ['b', 't', 'g', 'n'], 'D': ['h'], 'z': ['b', 't', 'h', 'p'], 's': ['b', 'h', 'p', 'n'], 's:final': ['b', 'h', 'p', 'n'], '%17': ['b', 't', 'h', 'p']}, 'stores': [['s:final', 'state', ['b', 'h', 'p', 'n']], ['%17', 'tmp', ['b', 't', 'h', 'p']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}, 'stride': {'x': {'b': 'x_stride_b', 't': 'x_stride_t', 'h': 'x_stride_h', 'p': 'x_stride_p'}, 'dt_raw': {'b': 'dt_raw_stride_b', 't': 'dt_raw_stride_t', 'h': 'dt_raw_stride_h'}, 'dt_bias': {'h': 'dt_bias_stride_h'}, 'A_log': {'h': 'A_log_stride_h'}, 'B': {'b': 'B_stride_b', 't': 'B_stride_t', 'g': 'B_stride_g', 'n': 'B_stride_n'}, 'C': {'b': 'C_stride_b', 't': 'C_stride_t', 'g': 'C_stride_g', 'n': 'C_stride_n'}, 'D': {'h': 'D_stride_h'}, 'z': {'b': 'z_stride_b', 't': 'z_stride_t', 'h': 'z_stride_h', 'p': 'z_stride_p'}, 's': {'b': 's_stride_b', 'h': 's_stride_h', 'p': 's_stride_p', 'n': 's_stride_n'}, 's:final': {'b': 's_final_stride_b', 'h': 's_final_stride_h', 'p': 's_final_stride_p', 'n': 's_final_stride_n'}, '%17': {'b': 'v17_stride_b', 't': 'v17_stride_t', 'h': 'v17_stride_h', 'p': 'v17_stride_p'}}}, 'packed': 'b'}
+SEGMENT_STATES_LAYOUT = {'form': 'chunked', 'role': 'segment_states', 'scan': 't', 'Q': 64, 'grid': ['b', 'h', '~seg'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n', '~seg'], 'inputs': ['x', 'dt_raw', 'dt_bias', 'A_log', 'B'], 'state_inputs': [], 'carried': [['b', 'h', 'p', 'n']], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt_raw': ['b', 't', 'h'], 'dt_bias': ['h'], 'A_log': ['h'], 'B': ['b', 't', 'g', 'n'], 's:segment': ['~seg', 'b', 'h', 'p', 'n'], 's:decay': ['~seg', 'b', 'h']}, 'stores': [['s:segment', 'segment', ['~seg', 'b', 'h', 'p', 'n']], ['s:decay', 'decay', ['~seg', 'b', 'h']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n', '~seg': 'n_segments', '~seg_chunks': 'seg_chunks'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}, 'stride': {'x': {'b': 'x_stride_b', 't': 'x_stride_t', 'h': 'x_stride_h', 'p': 'x_stride_p'}, 'dt_raw': {'b': 'dt_raw_stride_b', 't': 'dt_raw_stride_t', 'h': 'dt_raw_stride_h'}, 'dt_bias': {'h': 'dt_bias_stride_h'}, 'A_log': {'h': 'A_log_stride_h'}, 'B': {'b': 'B_stride_b', 't': 'B_stride_t', 'g': 'B_stride_g', 'n': 'B_stride_n'}, 's:segment': {'~seg': 's_segment_stride_seg', 'b': 's_segment_stride_b', 'h': 's_segment_stride_h', 'p': 's_segment_stride_p', 'n': 's_segment_stride_n'}, 's:decay': {'~seg': 's_decay_stride_seg', 'b': 's_decay_stride_b', 'h': 's_decay_stride_h'}}}, 'packed': None}
+SEGMENT_OUTPUTS_LAYOUT = {'form': 'chunked', 'role': 'segment_outputs', 'scan': 't', 'Q': 64, 'grid': ['b', 'h', '~seg'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n', '~seg'], 'inputs': ['x', 'dt_raw', 'dt_bias', 'A_log', 'B', 'C', 'D', 'z', 's:in'], 'state_inputs': ['s:in'], 'carried': [['b', 'h', 'p', 'n']], 'arrays': {'x': ['b', 't', 'h', 'p'], 'dt_raw': ['b', 't', 'h'], 'dt_bias': ['h'], 'A_log': ['h'], 'B': ['b', 't', 'g', 'n'], 'C': ['b', 't', 'g', 'n'], 'D': ['h'], 'z': ['b', 't', 'h', 'p'], 's:in': ['~seg', 'b', 'h', 'p', 'n'], '%17': ['b', 't', 'h', 'p']}, 'stores': [['%17', 'tmp', ['b', 't', 'h', 'p']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n', '~seg': 'n_segments', '~seg_chunks': 'seg_chunks'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}, 'stride': {'x': {'b': 'x_stride_b', 't': 'x_stride_t', 'h': 'x_stride_h', 'p': 'x_stride_p'}, 'dt_raw': {'b': 'dt_raw_stride_b', 't': 'dt_raw_stride_t', 'h': 'dt_raw_stride_h'}, 'dt_bias': {'h': 'dt_bias_stride_h'}, 'A_log': {'h': 'A_log_stride_h'}, 'B': {'b': 'B_stride_b', 't': 'B_stride_t', 'g': 'B_stride_g', 'n': 'B_stride_n'}, 'C': {'b': 'C_stride_b', 't': 'C_stride_t', 'g': 'C_stride_g', 'n': 'C_stride_n'}, 'D': {'h': 'D_stride_h'}, 'z': {'b': 'z_stride_b', 't': 'z_stride_t', 'h': 'z_stride_h', 'p': 'z_stride_p'}, 's:in': {'~seg': 's_in_stride_seg', 'b': 's_in_stride_b', 'h': 's_in_stride_h', 'p': 's_in_stride_p', 'n': 's_in_stride_n'}, '%17': {'b': 'v17_stride_b', 't': 'v17_stride_t', 'h': 'v17_stride_h', 'p': 'v17_stride_p'}}}, 'packed': None}
+POST_LAYOUT = {'form': 'rows', 'role': 'rows', 'scan': '~', 'Q': None, 'grid': ['b', 't', 'g'], 'tile': ['h', 'p'], 'split': [], 'groups': {}, 'group_tile': {'h': 'g'}, 'dims': ['b', 't', 'h', 'p', 'g'], 'inputs': ['%17', 'norm_w'], 'state_inputs': [], 'carried': [], 'arrays': {'%17': ['b', 't', 'h', 'p'], 'norm_w': ['h', 'p'], 'y': ['b', 't', 'h', 'p']}, 'stores': [['y', 'out', ['b', 't', 'h', 'p']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g'}, 'BLOCK': {'h': 'BLOCK_h', 'p': 'BLOCK_p'}, 'stride': {'%17': {'b': 'v17_stride_b', 't': 'v17_stride_t', 'h': 'v17_stride_h', 'p': 'v17_stride_p'}, 'norm_w': {'h': 'norm_w_stride_h', 'p': 'norm_w_stride_p'}, 'y': {'b': 'y_stride_b', 't': 'y_stride_t', 'h': 'y_stride_h', 'p': 'y_stride_p'}}}, 'packed': None}
 
 
 @triton.jit(do_not_specialize=['N_b', 'N_h', 'N_t'])
@@ -57,6 +57,7 @@ def mamba2_gated_chunked(
     D_ptr,
     z_ptr,
     s_prev_ptr,
+    cu_seqlens_ptr,
     N_b,
     N_h,
     N_t,
@@ -92,6 +93,8 @@ def mamba2_gated_chunked(
     s_final_stride_n: tl.constexpr,
     v17_stride_h: tl.constexpr,
     v17_stride_p: tl.constexpr,
+    I64: tl.constexpr,
+    PACKED: tl.constexpr,
 ):
     # strides spanning a runtime size (batch, heads, length): computed, not compiled in
     x_stride_t = N_h * x_stride_h
@@ -108,12 +111,23 @@ def mamba2_gated_chunked(
     v17_stride_b = N_t * v17_stride_t
     # one program per (b, h) x block of (p)
     pid = tl.program_id(0)
+    if I64:
+        pid = pid.to(tl.int64)  # 64-bit offsets: an array holds 2^31 entries or more
     i_h = pid % N_h
     pid_h = pid // N_h
     i_b = pid_h
     bid = tl.program_id(1)
     j_p = bid % ((N_p + BLOCK_p - 1) // BLOCK_p)
     i_g = i_h // (N_h // N_g)  # head h reads group g
+    if PACKED:
+        # packed sequences: this program walks sequence i_b, steps cu[i_b] .. cu[i_b+1]-1 of the batch of one
+        seq_start = tl.load(cu_seqlens_ptr + i_b) + pid * 0  # pid's width (I64)
+        seq_len = tl.load(cu_seqlens_ptr + i_b + 1) - seq_start
+        row = 0  # the batch entry of the arrays with the scan dim
+    else:
+        seq_start = pid * 0  # pid's width (I64)
+        seq_len = N_t
+        row = i_b
     o_p = j_p * BLOCK_p + tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
     o_n = tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
     in_chunk = tl.arange(0, Q)  # positions within a chunk
@@ -126,15 +140,17 @@ def mamba2_gated_chunked(
     # the state, held on chip for the whole sequence (fp32)
     s_prev = tl.load(s_prev_ptr + i_b * s_stride_b + i_h * s_stride_h + o_p[:, None] * s_stride_p + o_n * s_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0).to(tl.float32)
     state_s_prev = s_prev
-    for c in range(0, (N_t + Q - 1) // Q):
+    for c in range(0, (seq_len + Q - 1) // Q):
         tt = c * Q + in_chunk
-        valid = tt < N_t
-        ttc = tl.minimum(tt, N_t - 1)
-        x = tl.load(x_ptr + i_b * x_stride_b + ttc[:, None] * x_stride_t + i_h * x_stride_h + o_p * x_stride_p, mask=(o_p < N_p), other=0.0).to(tl.float32)
-        dt_raw = tl.load(dt_raw_ptr + i_b * dt_raw_stride_b + ttc * dt_raw_stride_t + i_h * dt_raw_stride_h).to(tl.float32)
-        B = tl.load(B_ptr + i_b * B_stride_b + ttc[:, None] * B_stride_t + i_g * B_stride_g + o_n * B_stride_n, mask=(o_n < N_n), other=0.0).to(tl.float32)
-        C = tl.load(C_ptr + i_b * C_stride_b + ttc[:, None] * C_stride_t + i_g * C_stride_g + o_n * C_stride_n, mask=(o_n < N_n), other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + i_b * z_stride_b + ttc[:, None] * z_stride_t + i_h * z_stride_h + o_p * z_stride_p, mask=(o_p < N_p), other=0.0).to(tl.float32)
+        valid = tt < seq_len
+        ttc = tl.minimum(tt, seq_len - 1)
+        if I64:
+            ttc = ttc.to(tl.int64)
+        x = tl.load(x_ptr + row * x_stride_b + ((seq_start + ttc))[:, None] * x_stride_t + i_h * x_stride_h + o_p * x_stride_p, mask=(o_p < N_p), other=0.0).to(tl.float32)
+        dt_raw = tl.load(dt_raw_ptr + row * dt_raw_stride_b + (seq_start + ttc) * dt_raw_stride_t + i_h * dt_raw_stride_h).to(tl.float32)
+        B = tl.load(B_ptr + row * B_stride_b + ((seq_start + ttc))[:, None] * B_stride_t + i_g * B_stride_g + o_n * B_stride_n, mask=(o_n < N_n), other=0.0).to(tl.float32)
+        C = tl.load(C_ptr + row * C_stride_b + ((seq_start + ttc))[:, None] * C_stride_t + i_g * C_stride_g + o_n * C_stride_n, mask=(o_n < N_n), other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + row * z_stride_b + ((seq_start + ttc))[:, None] * z_stride_t + i_h * z_stride_h + o_p * z_stride_p, mask=(o_p < N_p), other=0.0).to(tl.float32)
         # stage prologue
         v1 = dt_raw + dt_bias
         dt = (tl.maximum(v1, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(v1))))
@@ -162,7 +178,7 @@ def mamba2_gated_chunked(
         v17_s_new = (v17_s_new_in + v17_s_new_st)
         # stage epilogue
         v17 = v17_s_new + v15
-        tl.store(v17_ptr + i_b * v17_stride_b + ttc[:, None] * v17_stride_t + i_h * v17_stride_h + o_p * v17_stride_p, (v17).to(v17_ptr.dtype.element_ty), mask=valid[:, None] & (o_p < N_p))
+        tl.store(v17_ptr + row * v17_stride_b + ((seq_start + ttc))[:, None] * v17_stride_t + i_h * v17_stride_h + o_p * v17_stride_p, (v17).to(v17_ptr.dtype.element_ty), mask=valid[:, None] & (o_p < N_p))
         # stage chunk_state + state_passing (s)
         s_upd_w = tl.where(valid, tl.exp(tl.minimum(s_L_last - s_L, 0.0)), 0.0)  # decay from each step to the chunk's end
         c6 = tl.dot(tl.trans(x).to(MM), ((B) * ((s_upd_w) * dt)[:, None]).to(MM), input_precision=PREC)
@@ -205,6 +221,7 @@ def mamba2_gated_segment_states(
     s_segment_stride_p: tl.constexpr,
     s_segment_stride_n: tl.constexpr,
     s_decay_stride_h: tl.constexpr,
+    I64: tl.constexpr,
 ):
     # schedule step (a): this segment's state from a zero state, and its total log-decay; no outputs
     # strides spanning a runtime size (batch, heads, length): computed, not compiled in
@@ -219,6 +236,8 @@ def mamba2_gated_segment_states(
     s_decay_stride_seg = N_b * s_decay_stride_b
     # one program per (b, h, segment) x block of (p)
     pid = tl.program_id(0)
+    if I64:
+        pid = pid.to(tl.int64)  # 64-bit offsets: an array holds 2^31 entries or more
     i_seg = pid % n_segments
     pid_seg = pid // n_segments
     i_h = pid_seg % N_h
@@ -242,6 +261,8 @@ def mamba2_gated_segment_states(
         tt = c * Q + in_chunk
         valid = tt < N_t
         ttc = tl.minimum(tt, N_t - 1)
+        if I64:
+            ttc = ttc.to(tl.int64)
         x = tl.load(x_ptr + i_b * x_stride_b + ttc[:, None] * x_stride_t + i_h * x_stride_h + o_p * x_stride_p, mask=(o_p < N_p), other=0.0).to(tl.float32)
         dt_raw = tl.load(dt_raw_ptr + i_b * dt_raw_stride_b + ttc * dt_raw_stride_t + i_h * dt_raw_stride_h).to(tl.float32)
         B = tl.load(B_ptr + i_b * B_stride_b + ttc[:, None] * B_stride_t + i_g * B_stride_g + o_n * B_stride_n, mask=(o_n < N_n), other=0.0).to(tl.float32)
@@ -309,6 +330,7 @@ def mamba2_gated_segment_outputs(
     s_in_stride_n: tl.constexpr,
     v17_stride_h: tl.constexpr,
     v17_stride_p: tl.constexpr,
+    I64: tl.constexpr,
 ):
     # schedule step (c): this segment's outputs, from the state entering it (S_in)
     # strides spanning a runtime size (batch, heads, length): computed, not compiled in
@@ -326,6 +348,8 @@ def mamba2_gated_segment_outputs(
     v17_stride_b = N_t * v17_stride_t
     # one program per (b, h, segment) x block of (p)
     pid = tl.program_id(0)
+    if I64:
+        pid = pid.to(tl.int64)  # 64-bit offsets: an array holds 2^31 entries or more
     i_seg = pid % n_segments
     pid_seg = pid // n_segments
     i_h = pid_seg % N_h
@@ -350,6 +374,8 @@ def mamba2_gated_segment_outputs(
         tt = c * Q + in_chunk
         valid = tt < N_t
         ttc = tl.minimum(tt, N_t - 1)
+        if I64:
+            ttc = ttc.to(tl.int64)
         x = tl.load(x_ptr + i_b * x_stride_b + ttc[:, None] * x_stride_t + i_h * x_stride_h + o_p * x_stride_p, mask=(o_p < N_p), other=0.0).to(tl.float32)
         dt_raw = tl.load(dt_raw_ptr + i_b * dt_raw_stride_b + ttc * dt_raw_stride_t + i_h * dt_raw_stride_h).to(tl.float32)
         B = tl.load(B_ptr + i_b * B_stride_b + ttc[:, None] * B_stride_t + i_g * B_stride_g + o_n * B_stride_n, mask=(o_n < N_n), other=0.0).to(tl.float32)
@@ -410,6 +436,7 @@ def mamba2_gated_post(
     norm_w_stride_p: tl.constexpr,
     y_stride_h: tl.constexpr,
     y_stride_p: tl.constexpr,
+    I64: tl.constexpr,
 ):
     # the post-kernel norm over a group of heads
     # strides spanning a runtime size (batch, heads, length): computed, not compiled in
@@ -420,6 +447,8 @@ def mamba2_gated_post(
     # the epilogue after the main kernel: N_h is the number of heads per group g
     # one program per (b, t, g)
     pid = tl.program_id(0)
+    if I64:
+        pid = pid.to(tl.int64)  # 64-bit offsets: an array holds 2^31 entries or more
     i_g = pid % N_g
     pid_g = pid // N_g
     i_t = pid_g % N_t
@@ -439,24 +468,30 @@ def mamba2_gated_post(
 # segments: None (chosen per call from the sizes and the device), or a number of segments (1: one walk)
 # across: None, or the mesh axis this sequence is split over (inside a shard_map, see ssmc.shard):
 # the segments of every device's part of the sequence then enter one scan
-def mamba2_gated(x, dt_raw, dt_bias, A_log, B, C, D, z, norm_w, s_prev, *, mm=jnp.float32, out_dtype=jnp.float32, interpret=False, segments=None, across=None):
+# cu_seqlens: None, or int32 offsets of packed sequences along t (a batch of one along b): one program
+# per sequence walks it from its initial state to its final state (targets/packed.py)
+def mamba2_gated(x, dt_raw, dt_bias, A_log, B, C, D, z, norm_w, s_prev, *, mm=jnp.float32, out_dtype=jnp.float32, interpret=False, segments=None, across=None, cu_seqlens=None):
     arrays = {'x': x, 'dt_raw': dt_raw, 'dt_bias': dt_bias, 'A_log': A_log, 'B': B, 'C': C, 'D': D, 'z': z, 's': s_prev}
     sizes = rt.dim_sizes(LAYOUT, arrays)
-    # the number of segments: from the length, the programs and the device's cores (rt.pick_segments),
-    # or `segments`; segment boundaries fall on chunk boundaries
-    nseg, seg_sizes = rt.segments(LAYOUT, sizes, segments, interpret)
-    if nseg == 1 and across is None:
-        # one walk: every program walks the whole sequence
-        s_final, v17, = rt.launch(mamba2_gated_chunked, LAYOUT, arrays, sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
+    if cu_seqlens is not None:
+        # packed sequences: one program per sequence and grid point, no segments
+        s_final, v17, = rt.launch(mamba2_gated_chunked, LAYOUT, arrays, sizes, mm=mm, out_dtype=out_dtype, interpret=interpret, cu_seqlens=cu_seqlens)
     else:
-        # (a) every program and segment: the segment's state from a zero state, and its total log-decay
-        s_segment, s_decay, = rt.launch(mamba2_gated_segment_states, SEGMENT_STATES_LAYOUT, arrays, seg_sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
-        # (b) the scan across segments: S_in(j) = D(j-1) * S_in(j-1) + S(j-1), from the initial state
-        # (and across the devices' parts of the sequence, when it is split over `across`)
-        s_in, s_final = rt.segment_scan(s_prev, ['b', 'h', 'p', 'n'], s_segment, s_decay, None, ['~seg', 'b', 'h', 'p', 'n'], ['~seg', 'b', 'h'], sizes, across=across)
-        # (c) every program and segment: its outputs, walking from the state entering the segment
-        seg_arrays = {**arrays, 's:in': s_in}
-        v17, = rt.launch(mamba2_gated_segment_outputs, SEGMENT_OUTPUTS_LAYOUT, seg_arrays, seg_sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
+        # the number of segments: from the length, the programs and the device's cores (rt.pick_segments),
+        # or `segments`; segment boundaries fall on chunk boundaries
+        nseg, seg_sizes = rt.segments(LAYOUT, sizes, segments, interpret)
+        if nseg == 1 and across is None:
+            # one walk: every program walks the whole sequence
+            s_final, v17, = rt.launch(mamba2_gated_chunked, LAYOUT, arrays, sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
+        else:
+            # (a) every program and segment: the segment's state from a zero state, and its total log-decay
+            s_segment, s_decay, = rt.launch(mamba2_gated_segment_states, SEGMENT_STATES_LAYOUT, arrays, seg_sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
+            # (b) the scan across segments: S_in(j) = D(j-1) * S_in(j-1) + S(j-1), from the initial state
+            # (and across the devices' parts of the sequence, when it is split over `across`)
+            s_in, s_final = rt.segment_scan(s_prev, ['b', 'h', 'p', 'n'], s_segment, s_decay, None, ['~seg', 'b', 'h', 'p', 'n'], ['~seg', 'b', 'h'], sizes, across=across)
+            # (c) every program and segment: its outputs, walking from the state entering the segment
+            seg_arrays = {**arrays, 's:in': s_in}
+            v17, = rt.launch(mamba2_gated_segment_outputs, SEGMENT_OUTPUTS_LAYOUT, seg_arrays, seg_sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
     # stage epilogue: a norm over a group of heads spans programs, so it is a kernel of its own
     post_arrays = {'%17': v17, 'norm_w': norm_w}
     y, = rt.launch(mamba2_gated_post, POST_LAYOUT, post_arrays, sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)

@@ -12,7 +12,7 @@ from ssmc.targets import xla_runtime as rt
 from ssmc.targets.base import ModuleInfo, Param, Result
 
 MODULE_INFO = ModuleInfo(
-    target='xla', entry='rwkv6', options=('mm', 'out_dtype', 'across'),
+    target='xla', entry='rwkv6', options=('mm', 'out_dtype', 'across', 'cu_seqlens'),
     params=(
         Param('r', 'r', 'input', ('b', 't', 'h', 'dk')),
         Param('k', 'k', 'input', ('b', 't', 'h', 'dk')),
@@ -32,7 +32,9 @@ MODULE_INFO = ModuleInfo(
 # accumulation is float32 (float64). out_dtype: the outs' dtype; states come back in the compute dtype.
 # across: None, or the mesh axis this sequence is split over (inside a shard_map, see ssmc.shard): the
 # state entering this device's part then comes from the parts before it
-def rwkv6(r, k, v, w, u, S_prev, *, mm=jnp.float32, out_dtype=jnp.float32, across=None):
+# cu_seqlens: None, or int32 offsets of packed sequences along t (a batch of one along b):
+# every sequence runs on its own, from its initial state (index along b of the states) to its final state
+def rwkv6(r, k, v, w, u, S_prev, *, mm=jnp.float32, out_dtype=jnp.float32, across=None, cu_seqlens=None):
     # the arrays come as declared, in any float dtype: cast to the compute dtype `ew` (float32; float64 for
     # float64 inputs) and moved to the IR's layout (canonical dim order)
     ew = rt.elementwise_dtype(mm)
@@ -44,13 +46,14 @@ def rwkv6(r, k, v, w, u, S_prev, *, mm=jnp.float32, out_dtype=jnp.float32, acros
     S_prev = jnp.asarray(S_prev, ew)
     T = r.shape[1]  # sequence length
     Q = 16  # chunk length
-    Tp = -(-T // Q) * Q  # padded to whole chunks; padded steps get log-decay 0 and update 0
+    pk = rt.packing(cu_seqlens, T, Q)  # packed sequences: each moved to start a chunk (None: one sequence)
+    Tp = rt.aligned_length(T, Q, pk)  # whole chunks; padded steps get log-decay 0 and update 0
     nc = Tp // Q
-    r = rt.pad_time(r, 1, Tp)
-    k = rt.pad_time(k, 1, Tp)
-    v = rt.pad_time(v, 1, Tp)
-    w = rt.pad_time(w, 1, Tp)
-    valid = (jnp.arange(Tp) < T).astype(jnp.float32)
+    r = rt.pad_time(r, 1, Tp, pk)
+    k = rt.pad_time(k, 1, Tp, pk)
+    v = rt.pad_time(v, 1, Tp, pk)
+    w = rt.pad_time(w, 1, Tp, pk)
+    valid = rt.valid_steps(T, Tp, pk)
 
     # stage prologue
     v5 = jnp.exp(w)
@@ -71,9 +74,10 @@ def rwkv6(r, k, v, w, u, S_prev, *, mm=jnp.float32, out_dtype=jnp.float32, acros
         a, s = inp
         return a[:, :, :, None] * S + s, S
     S_enter_xs = (jnp.moveaxis(S_L_chunk, 1, 0), jnp.moveaxis(S_chunks, 1, 0))
-    _, S_enter = lax.scan(S_enter_step, rt.entering(S_enter_step, S_prev, S_enter_xs, across), S_enter_xs)
+    S_enter = rt.pass_states(S_enter_step, S_prev, S_enter_xs, across, 0, pk)
     S_enter = jnp.moveaxis(S_enter, 0, 1)  # state entering each chunk
-    S_final = jnp.take(S_L_chunk, -1, axis=1)[:, :, :, None] * jnp.take(S_enter, -1, axis=1) + jnp.take(S_chunks, -1, axis=1)  # state after the last step
+    S_final = (jnp.take(S_L_chunk, -1, axis=1)[:, :, :, None] * jnp.take(S_enter, -1, axis=1) + jnp.take(S_chunks, -1, axis=1) if pk is None else
+        rt.finals(S_L_chunk[:, :, :, :, None] * S_enter + S_chunks, 1, S_prev, 0, pk))  # state after the last step
 
     # stage chunk_output
     o_S_prev_Lx = S_L - rt.chunk(jnp.where(valid[None, :, None, None] > 0, S_ell, 0.0), 1, Q)  # log-decay through t-1
@@ -95,6 +99,6 @@ def rwkv6(r, k, v, w, u, S_prev, *, mm=jnp.float32, out_dtype=jnp.float32, acros
 
     # the results in their declared layouts
     return (
-        jnp.asarray(rt.crop(o, 1, T), out_dtype),
+        jnp.asarray(rt.crop(o, 1, T, pk), out_dtype),
         jnp.asarray(S_final, ew),
     )
