@@ -279,13 +279,22 @@ def diag_blocks(A, i_ax: int, s_ax: int, C: int):
 
 
 def mul_sum(out: str, letters: str, *operands):
-    """Σ over the letters not in `out` of the elementwise product of (array, letters) operands (aligned to
-    `letters`): one fused multiply-reduce pass. For the small diagonal blocks, where XLA's CPU dot would first
-    transpose every operand."""
-    x = mul(letters, *operands)
-    summed = tuple(k for k, c in enumerate(letters) if c not in out)
-    x = jnp.sum(x, axis=summed) if summed else x
-    return align(x, "".join(c for c in letters if c in out), out)
+    """Σ over the letters not in `out` of the elementwise product of (array, letters) operands (the small diagonal
+    blocks of the sub-chunk forms). As one einsum: written as a product then jnp.sum, XLA:CPU (jaxlib 0.10.2)
+    crashed the process (segfault) compiling the fused multiply-reduce of three broadcast operands at some shapes
+    (a value-wise decay's diagonal blocks at batch 2: tests/test_decays.py::test_valuewise_diagonal_blocks_compile)."""
+    arrays, subs, scale = [], [], None
+    for x, lt in operands:
+        x = jnp.asarray(x)
+        if not lt:  # a constant factor
+            scale = x if scale is None else scale * x
+            continue
+        arrays.append(x)
+        subs.append(lt)
+    res = jnp.einsum(f"{','.join(subs)}->{''.join(c for c in letters if c in out)}", *arrays,
+                     precision=lax.Precision.HIGHEST)
+    res = align(res, "".join(c for c in letters if c in out), out)
+    return res if scale is None else res * scale
 
 
 def entering(step, init, xs, across):
