@@ -64,7 +64,7 @@ def _check(sx, name, problem):
 # one test function per variant, so each gets its own examples
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_chunked_equals_sequential_equals_reference(sx, name):
-    @settings(max_examples=4, deadline=None)
+    @settings(max_examples=3, deadline=None)
     @given(problem=problems(name))
     def run(problem):
         _check(sx, name, problem)

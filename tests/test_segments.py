@@ -63,7 +63,6 @@ VARIANT_CASES = [
     ("gla", "triton", 50, 4),               # key-wise decay; 7 chunks -> 4 segments: 2, 2, 2, 1
     ("linear_attention", "tpu", 40, 3),     # two states, no decay; 5 chunks -> 3 segments: 2, 2, 1
     pytest.param("mamba2", "tpu", 61, 3, marks=pytest.mark.slow),   # 8 chunks -> 3 segments: 3, 3, 2
-    pytest.param("gla", "tpu", 40, 2, marks=pytest.mark.slow),
     pytest.param("linear_attention", "triton", 70, 4, marks=pytest.mark.slow),
     pytest.param("mamba2_gated", "triton", 41, 2, marks=pytest.mark.slow),      # + the post-kernel grouped norm
 ]
