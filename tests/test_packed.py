@@ -21,7 +21,6 @@ from test_generated_specs import FIXED
 EXAMPLES = ["mamba2", "mamba2_conv", "mamba2_gated", "mamba1", "gla", "retnet", "linear_attention", "rwkv6",
             "deltanet"]
 LENS = [5, 1, 0, 13, 7]   # a chunk of 4 holds the end of one sequence and the start of the next
-TPU_COVERED = ("retnet", "linear_attention", "rwkv6")  # their classes run on tpu through mamba2 / gla
 TOL = 2e-5
 
 
@@ -88,10 +87,9 @@ def test_packed_xla(name, chunk):
 
 
 @pytest.mark.parametrize("name, target", _fast(("mamba2", "triton"), ("mamba2", "tpu"))(
-    [(n, "triton") for n in EXAMPLES] + [(n, "tpu") for n in EXAMPLES if n not in TPU_COVERED]))
+    [(n, t) for n in EXAMPLES for t in ("triton", "tpu")]))
 def test_packed_kernels(name, target):
-    """Chunks of 4 (the tpu target rounds them up to 8) or the sequential kernel where the class has no chunks.
-    On tpu (the slowest interpreter) one example per decay class and form, the conv and the gated norm."""
+    """Chunks of 4 (the tpu target rounds them up to 8) or the sequential kernel where the class has no chunks."""
     check_example(name, target, 4)
 
 
