@@ -337,8 +337,8 @@ class Kernel:
         """The number of sequences of a packed call, checking what needs no values: the spec takes packed calls,
         cu is a 1-D integer array of at least 2 entries."""
         if self.packed_dim is not None and CU_SEQLENS not in self._info.options:
-            raise TargetError(f"{self.name}: cu_seqlens: the {self.target} target's kernels take no packed sequences "
-                              f"yet; target='xla' and target='triton' do")
+            raise TargetError(f"{self.name}: cu_seqlens: the {self.target} target's generated entry takes no packed "
+                              f"sequences (its MODULE_INFO options lack '{CU_SEQLENS}')")
         if self.packed_dim is None:
             why = ("an out lacks the scan dim" if any(self.program.scan not in d for _, d in self.outs) else
                    "no dim is shared by every state and every input with the scan dim and absent from the others")

@@ -82,6 +82,12 @@ def array_sizes(layout: dict, sizes: dict, dims) -> dict:
     return sizes
 
 
+def grid_sizes(layout: dict, sizes: dict) -> dict:
+    """The sizes the grid runs over: in a packed call one program per sequence along the batch dim (the states'
+    sizes), else the call's."""
+    return array_sizes(layout, sizes, [layout.get("packed")])
+
+
 def needs_64bit_offsets(layout: dict, sizes: dict) -> bool:
     """Whether some array the kernel reads or writes has 2^31 entries or more (Mamba2 h=80 p=64 at b=1 L=524288:
     2.7e9), so its element offsets need 64 bits. Measured on an H200: 64-bit offsets everywhere made the L=131072
@@ -92,9 +98,7 @@ def needs_64bit_offsets(layout: dict, sizes: dict) -> bool:
 
 def runtime_args(layout: dict, sizes: dict) -> list[int]:
     """The sizes a kernel takes at run time (batch, heads, length; see kernel_launch.runtime_dims), in order."""
-    tiles = tile_sizes(layout, sizes)
-    if sizes.get(SEQS):  # the grid's batch: one program per sequence
-        tiles[layout["packed"]] = sizes[SEQS]
+    tiles = tile_sizes(layout, grid_sizes(layout, sizes))
     return [int(tiles[d]) for d in runtime_dims(layout)]
 
 
@@ -116,7 +120,7 @@ def constexprs(layout: dict, sizes: dict, blocks: dict, Q: int | None) -> dict:
 
 
 def grid(layout: dict, sizes: dict, blocks: dict) -> tuple[int, ...]:
-    g = math.prod(array_sizes(layout, sizes, [layout.get("packed")])[d] for d in layout["grid"])
+    g = math.prod(grid_sizes(layout, sizes)[d] for d in layout["grid"])
     if layout["split"]:
         return (g, math.prod(-(-sizes[d] // blocks[d]) for d in layout["split"]))
     return (g,)
