@@ -11,6 +11,7 @@ import re
 from ssmc.errors import SSMCError
 from ssmc.ir import Program, dce, verify
 
+from .adjoint import Adjoint
 from .chunk import Chunk
 from .classify import Classify
 from .expand_groups import ExpandGroups
@@ -25,7 +26,7 @@ class DeadCode:
         return dce(p)
 
 
-PASSES = {cls.name: cls for cls in (ExpandGroups, Classify, Chunk, Fuse, DeadCode)}
+PASSES = {cls.name: cls for cls in (ExpandGroups, Classify, Chunk, Fuse, DeadCode, Adjoint)}
 
 
 def parse_pipeline(text: str) -> list:

@@ -111,30 +111,7 @@ def compile(spec, target: str = "xla", chunk_size: int | None = None, dump: bool
             _warn_unused_chunk_size(hit, chunk_size)
             _warn_unused_segments(hit, segments)
             return hit
-    key = cache_key(ir=ir, target=tgt.name, options=pipeline, version=__version__, contract=ENTRY_CONTRACT,
-                    compiler=_compiler_fingerprint(), jax=jax.__version__)
-    disk = DiskCache() if cache else None
-    entry = disk.get(key) if disk is not None and dump_dir is None else None
-    from_disk = entry is not None and _valid_entry(entry)
-    level = _debug_level()
-    if not from_disk:
-        trace = (lambda name, prog: _log(f"-- IR after {name}\n{prog.text()}")) if level >= 3 else None
-        final, texts = run_pipeline(program, parse_pipeline(pipeline), trace)
-        final = tgt.annotate(final)  # the target's notes (the kernel targets' schedule)
-        source = tgt.emit(final, pipeline)
-        entry = {"source": source, "ir": final.text(), "passes": [list(x) for x in texts],
-                 "dot": to_dot(final)}
-        if disk is not None:
-            disk.put(key, entry)
-    k = Kernel(program, tgt, pipeline, entry, filename, from_disk, time.perf_counter() - t0, matmul,
-               bool(interpret), out_dtype, compiler=compile)
-    if level >= 1:
-        _log(f"ssmc: compiled {k.name} for {k.target} in {k.compile_seconds * 1e3:.1f} ms "
-             f"({'disk cache' if from_disk else 'passes ran'}); pipeline {pipeline}")
-    if level == 2:
-        _log(k.ir)
-    if level >= 4:
-        _log(k.source)
+    k = _build(program, tgt, pipeline, matmul, interpret, out_dtype, cache, dump_dir is None, t0)
     if segments is not None:
         k._opts["segments"] = segments
     from .autoschedule import attach
@@ -149,6 +126,63 @@ def compile(spec, target: str = "xla", chunk_size: int | None = None, dump: bool
                 _MEMORY.popitem(last=False)
     _warn_unused_chunk_size(k, chunk_size)
     _warn_unused_segments(k, segments)
+    return k
+
+
+def _build(program, tgt, pipeline: str, matmul: str, interpret: bool, out_dtype, cache: bool, use_disk: bool,
+           t0: float) -> "Kernel":
+    """Run the pipeline on a lowered program and emit it for a target (or read both from the disk cache)."""
+    from ssmc.passes import parse_pipeline, run_pipeline
+    from ssmc.targets import ENTRY_CONTRACT
+
+    ir = program.text()
+    key = cache_key(ir=ir, target=tgt.name, options=pipeline, version=__version__, contract=ENTRY_CONTRACT,
+                    compiler=_compiler_fingerprint(), jax=jax.__version__)
+    disk = DiskCache() if cache else None
+    entry = disk.get(key) if disk is not None and use_disk else None
+    from_disk = entry is not None and _valid_entry(entry)
+    level = _debug_level()
+    if not from_disk:
+        trace = (lambda name, prog: _log(f"-- IR after {name}\n{prog.text()}")) if level >= 3 else None
+        final, texts = run_pipeline(program, parse_pipeline(pipeline), trace)
+        final = tgt.annotate(final)  # the target's notes (the kernel targets' schedule)
+        source = tgt.emit(final, pipeline)
+        entry = {"source": source, "ir": final.text(), "passes": [list(x) for x in texts],
+                 "dot": to_dot(final)}
+        if disk is not None:
+            disk.put(key, entry)
+    k = Kernel(program, tgt, pipeline, entry, program.filename, from_disk, time.perf_counter() - t0, matmul,
+               bool(interpret), out_dtype, compiler=compile)
+    if level >= 1:
+        _log(f"ssmc: compiled {k.name} for {k.target} in {k.compile_seconds * 1e3:.1f} ms "
+             f"({'disk cache' if from_disk else 'passes ran'}); pipeline {pipeline}")
+    if level == 2:
+        _log(k.ir)
+    if level >= 4:
+        _log(k.source)
+    return k
+
+
+def compile_program(program, target: str, pipeline: str, matmul: str = "auto", interpret: bool = False,
+                    out_dtype=None, cache: bool = True) -> "Kernel":
+    """A program built by a pass rather than parsed (the derived backward's, passes/adjoint.py) through the
+    target's pipeline `pipeline` and emitter; memoized like compile."""
+    from ssmc.targets import get_target
+
+    tgt = get_target(target)
+    tgt.prepare(bool(interpret))
+    out_dtype = _out_dtype_option(out_dtype)
+    mkey = ("program", _SPAN.sub("", program.text()), tgt.name, pipeline, matmul, bool(interpret), str(out_dtype))
+    with _LOCK:
+        hit = _MEMORY.get(mkey)
+    if hit is not None and cache:
+        return hit
+    k = _build(program, tgt, pipeline, matmul, interpret, out_dtype, cache, True, time.perf_counter())
+    if cache:
+        with _LOCK:
+            _MEMORY[mkey] = k
+            while len(_MEMORY) > MEMORY_KERNELS:
+                _MEMORY.popitem(last=False)
     return k
 
 

@@ -166,6 +166,8 @@ def cmd_compile(args, out) -> int:
 
     path = _spec_path(args.file)
     k = ssmc.compile(path, target=args.target, chunk_size=args.chunk_size, dump=args.dump or False)
+    if args.backward:
+        return _emit_backward(k, args, out)
     if args.emit == "ir":
         text = k.ir
     elif args.emit == "passes":
@@ -180,6 +182,24 @@ def cmd_compile(args, out) -> int:
     out.write(text if text.endswith("\n") else text + "\n")
     if args.dump:
         print(f"ssmc: dumped passes and source under {pathlib.Path(args.dump) / k.name}", file=sys.stderr)
+    return 0
+
+
+def _emit_backward(k, args, out) -> int:
+    """--backward: the derived backward programs (passes/adjoint.py) instead of the forward."""
+    from .errors import SSMCError
+    bw = k._derived_backward()
+    if bw is None:
+        raise SSMCError(f"{k.name}: no derived backward: {k.backward_note}")
+    if args.emit == "source":
+        text = bw.source
+    elif args.emit == "passes":
+        text = "\n".join(f"// ===== {name} =====\n{body.rstrip()}\n" for name, body in bw.passes)
+    elif args.emit == "ir":
+        text = "\n".join(f"// ===== adjoint part '{part}' =====\n{kk.ir.rstrip()}\n" for part, kk in bw.kernels.items())
+    else:
+        text = "\n".join(kk.graph_dot() for kk in bw.kernels.values())
+    out.write(text if text.endswith("\n") else text + "\n")
     return 0
 
 
@@ -319,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--chunk-size", type=_positive_int, default=None, help="chunk length (1: sequential scan)")
     c.add_argument("--emit", choices=EMITS, default="ir", help="what to print (default ir)")
     c.add_argument("--dump", metavar="DIR", default=None, help="also write every pass's IR and the source under DIR")
+    c.add_argument("--backward", action="store_true",
+                   help="print the derived backward (the adjoint programs through the same passes) instead")
     c.set_defaults(func=cmd_compile)
 
     c = sub.add_parser("run", help="run chunked and sequential forms on random inputs; compare time and error")

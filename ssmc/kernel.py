@@ -181,9 +181,16 @@ class Kernel:
 
     def _call(self, args, kwargs, initial_state, initial_states, cu_seqlens=None):
         meta, arrays = self._bound(args, kwargs, initial_state, initial_states, cu_seqlens)
-        if self._auto is not None:
-            return self._auto(meta, arrays)
-        return self._jitted(meta, arrays)
+        try:
+            if self._auto is not None:
+                return self._auto(meta, arrays)
+            return self._jitted(meta, arrays)
+        except TypeError as e:  # jax.jvp reaching a kernel call whose derivatives are a custom_vjp
+            if "forward-mode autodiff" not in str(e):
+                raise
+            raise SSMCError(f"{self.name}: forward-mode differentiation (jax.jvp, jax.jacfwd) of a {self.target} "
+                            f"kernel is not supported: its derivatives are the derived backward kernels (reverse "
+                            f"mode: jax.grad, jax.vjp). Use target='xla' for forward mode.") from None
 
     @property
     def schedule(self) -> str:
@@ -268,6 +275,10 @@ class Kernel:
         if f is not None:
             return f
         opts = dict(options)
+        bw = self._derived_backward() if not meta.seqs and not opts else None
+        if bw is not None:
+            f = self._derivative_fns[key] = self._adjoint_call(meta, bw)
+            return f
 
         @jax.custom_jvp
         def call(arrays):
@@ -287,6 +298,57 @@ class Kernel:
 
         self._derivative_fns[key] = call
         return call
+
+    def _adjoint_call(self, meta: "_Meta", bw):
+        """The kernel call as a jax.custom_vjp function: values from the forward kernels, the vector-Jacobian
+        product from the derived backward kernels (ssmc/backward.py). The forward saves only its arguments."""
+        names = [n for n, _ in self.outs] + ["state:" + s for s, _ in self.states]
+
+        @jax.custom_vjp
+        def call(arrays):
+            return self._entry(meta, arrays)
+
+        def fwd(arrays):
+            return call(arrays), arrays
+
+        def bwd(arrays, cts):
+            base = meta.dtypes(self.matmul)[0]
+            g = bw.vjp(meta, arrays, dict(zip(names, cts)), base)
+            return ({n: (g[n] if n in g else jnp.zeros_like(v)).astype(jnp.asarray(v).dtype)
+                     for n, v in arrays.items()},)
+
+        call.defvjp(fwd, bwd)
+        return call
+
+    def _derived_backward(self):
+        """The derived backward (ssmc/backward.py), built on first use; None where the spec has none (a
+        non-diagonal state: its derivatives are the XLA target's), the reason in `backward_note`."""
+        if "_bw" not in self.__dict__:
+            from ssmc.passes.adjoint import NotAdjointable
+
+            from .api import compile_program
+            from .backward import Backward
+            try:
+                self._bw, self.backward_note = Backward(self, compile_program), "derived (passes/adjoint.py)"
+            except NotAdjointable as e:
+                self._bw, self.backward_note = None, f"XLA derivatives: {e}"
+        return self._bw
+
+    @property
+    def backward_source(self) -> str:
+        """The source of the derived backward kernels (the adjoint programs compiled for this target)."""
+        bw = self._derived_backward()
+        if bw is None:
+            raise SSMCError(f"{self.name}: no derived backward ({self.backward_note})")
+        return bw.source
+
+    @property
+    def backward_passes(self) -> list[tuple[str, str]]:
+        """(pass, IR text) of the adjoint programs through this target's pipeline."""
+        bw = self._derived_backward()
+        if bw is None:
+            raise SSMCError(f"{self.name}: no derived backward ({self.backward_note})")
+        return bw.passes
 
     def _reference_kernel(self) -> "Kernel":
         """This spec compiled for the XLA target with this kernel's matmul and out_dtype options: what a kernel

@@ -1,0 +1,146 @@
+"""Forward+backward of the Mamba2 layer on a GPU: ssmc-triton's derived backward kernels (passes/adjoint.py)
+against mamba_ssm's `mamba_chunk_scan_combined` with torch autograd, in one process on the same values.
+
+loss = sum(y * w) with a fixed random w; gradients w.r.t. x, dt, A, B, C, D. Mixed precision as models hold
+the inputs: x, dt, B, C bfloat16, A and D float32 (anchors.make_inputs(dtype="mixed")). Shapes: S1-S3 of
+bench/gpu.py and b=1 L=65536 with S1's heads.
+
+    python3 bench/backward.py [--shapes S1 S2 S3 L64K] [--repeats 20]
+
+Timing: a host loop of 10 back-to-back calls per sample ended by a sync, median (bench/gpu.py's time_jax /
+time_torch_loop); ssmc's is jax.jit(jax.grad(loss)). Peak memory: torch's max_memory_allocated over one
+forward+backward minus the inputs' bytes; ssmc's from XLA's accounting of the compiled forward+backward (temp +
+output bytes: everything besides the inputs, the Triton kernels' buffers included). Gradients: each of ssmc's
+against mamba_ssm's (rel. L2), and both against ssmc-xla's jax.grad in float32 on the same rounded values at the
+smaller shapes. The table is printed and written to $OUT/backward.json when $OUT is set.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+import _tree  # noqa: E402,F401  (ssmc from the working tree, installed or not)
+
+SPEC = str(ROOT / "examples" / "mamba2.ssm")
+SHAPES = {"S1": dict(b=4, l=2048, h=80, p=64, n=128, g=1),
+          "S2": dict(b=4, l=8192, h=80, p=64, n=128, g=1),
+          "S3": dict(b=8, l=4096, h=32, p=64, n=64, g=1),
+          "L64K": dict(b=1, l=65536, h=80, p=64, n=128, g=1)}
+ORDER = ("x", "dt", "A", "B", "C", "D")
+
+
+def rel(a, b) -> float:
+    import torch
+    a, b = a.double(), b.double()
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+
+
+def run_shape(name, s, repeats, check_ref):
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    import anchors as an
+    import gpu
+    import ssmc
+    st = an.make_inputs(s["b"], s["l"], s["h"], s["p"], s["n"], s["g"], "mixed", seed=1)
+    gen = torch.Generator(device="cuda")
+    gen.manual_seed(7)
+    w = torch.randn(s["b"], s["l"], s["h"], s["p"], generator=gen, device="cuda").to(torch.bfloat16)
+    in_bytes = sum(t.numel() * t.element_size() for t in st.values()) + w.numel() * w.element_size()
+    rec = dict(shape=name, **s)
+
+    # ssmc: jax.grad through the triton kernel (its derived backward)
+    k = ssmc.compile(SPEC, target="triton")
+    js = tuple(an.to_jax(st[n]) for n in ORDER)
+    jw = an.to_jax(w)
+
+    def loss(x, dt, A, B, C, D, w):
+        return jnp.sum(k(x, dt, A, B, C, D)[0].astype(jnp.float32) * w.astype(jnp.float32))
+    g = jax.jit(jax.grad(loss, argnums=tuple(range(6))))
+    grads = jax.block_until_ready(g(*js, jw))
+    rec["ssmc_backward"] = k.backward_note
+    ma = g.lower(*js, jw).compile().memory_analysis()
+    rec["ssmc_peak_MB"] = (ma.temp_size_in_bytes + ma.output_size_in_bytes) / 2**20 if ma is not None else None
+    rec["ssmc_ms"] = gpu.time_jax(g, [(*js, jw)], repeats=repeats)
+    fwd = jax.jit(lambda *a: k(*a)[0])
+    rec["ssmc_fwd_ms"] = gpu.time_jax(fwd, [js], repeats=repeats)
+
+    # mamba_ssm: torch autograd through mamba_chunk_scan_combined
+    f = an.mamba_chunk_scan_combined_fn()
+    leaves = [st[n].detach().clone().requires_grad_(True) for n in ORDER]
+
+    def torch_step():
+        for t in leaves:
+            t.grad = None
+        x, dt, A, B, C, D = leaves
+        y = f(x, dt, A, B, C, chunk_size=256, D=D)
+        (y.float() * w.float()).sum().backward()
+        return [t.grad for t in leaves]
+    torch_step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    tg = torch_step()
+    torch.cuda.synchronize()
+    rec["mamba_ssm_peak_MB"] = (torch.cuda.max_memory_allocated() - base + in_bytes) / 2**20
+    rec["mamba_ssm_ms"] = gpu.time_torch_loop(lambda: torch_step(), [()], repeats=repeats)
+    rec["mamba_ssm_fwd_ms"] = gpu.time_torch_loop(
+        lambda: f(*[t.detach() for t in leaves[:5]], chunk_size=256, D=leaves[5].detach()), [()], repeats=repeats)
+    rec["ratio"] = rec["ssmc_ms"] / rec["mamba_ssm_ms"]
+    rec["ssmc_peak_MB"] = None if rec["ssmc_peak_MB"] is None else rec["ssmc_peak_MB"] + in_bytes / 2**20
+    for n, a, b in zip(ORDER, grads, tg):
+        rec[f"err_{n}_vs_mamba_ssm"] = rel(an.to_torch(a).float(), b.float())
+    if check_ref:  # float32 jax.grad of ssmc-xla (matmuls at full precision) on the same rounded values
+        kx = ssmc.compile(SPEC, target="xla", matmul="float32")
+
+        def loss32(x, dt, A, B, C, D, w):
+            return jnp.sum(kx(x, dt, A, B, C, D)[0] * w)
+        ref = jax.jit(jax.grad(loss32, argnums=tuple(range(6))))(*[a.astype(jnp.float32) for a in js],
+                                                                  jw.astype(jnp.float32))
+        for n, a, b, r in zip(ORDER, grads, tg, ref):
+            rr = an.to_torch(r).float()
+            rec[f"err_{n}_ssmc_vs_fp32"] = rel(an.to_torch(a).float(), rr)
+            rec[f"err_{n}_mamba_ssm_vs_fp32"] = rel(b.float(), rr)
+    del grads, tg, leaves
+    torch.cuda.empty_cache()
+    return rec
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--repeats", type=int, default=20)
+    args = ap.parse_args()
+    import anchors as an
+    import jax
+    recs = []
+    for name in args.shapes:
+        try:
+            rec = run_shape(name, SHAPES[name], args.repeats, check_ref=name in ("S1", "S3"))
+        except Exception as e:  # noqa: BLE001
+            rec = dict(shape=name, error=f"{type(e).__name__}: {str(e)[:400]}")
+        recs.append(rec)
+        print(json.dumps(rec), flush=True)
+    print("\nshape | ssmc fwd+bwd ms | mamba_ssm fwd+bwd ms | ratio | ssmc peak MB | mamba_ssm peak MB | "
+          "ssmc fwd ms | mamba_ssm fwd ms")
+    for r in recs:
+        if "error" in r:
+            print(f"{r['shape']} | error: {r['error']}")
+            continue
+        print(f"{r['shape']} | {r['ssmc_ms']:.2f} | {r['mamba_ssm_ms']:.2f} | {r['ratio']:.2f} | "
+              f"{r['ssmc_peak_MB'] or float('nan'):.0f} | {r['mamba_ssm_peak_MB']:.0f} | {r['ssmc_fwd_ms']:.2f} | "
+              f"{r['mamba_ssm_fwd_ms']:.2f}")
+    env = dict(jax=jax.__version__, **an.versions())
+    print(json.dumps(env))
+    if os.environ.get("OUT"):
+        pathlib.Path(os.environ["OUT"], "backward.json").write_text(json.dumps(dict(env=env, records=recs), indent=1))
+
+
+if __name__ == "__main__":
+    main()

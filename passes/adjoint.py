@@ -1,0 +1,332 @@
+"""adjoint: the backward of a step program as step programs the same passes and emitters compile.
+
+For a state with a diagonal recurrence S_t = a_t ⊙ S_{t-1} + Σ_u u_t read by terms r_t = Σ_τ c_τ q_τ · S_t,
+given the readouts' cotangents dr (design-notes "Backward"):
+  * part=dq   the forward recurrence again (same decay, same updates) whose outs are the cotangents of the
+              readouts' query factors: d q_τ = c_τ dr · S (the dims q_τ does not carry summed);
+  * part=adj  the adjoint G_t = a_{t+1} ⊙ G_{t+1} + Σ_τ c_τ q_τ ⊗ dr_t, a forward recurrence of the same decay
+              class over reversed time (the caller flips the timed inputs; the log-decay is shifted one step and
+              0 at the first reversed step; G starts from the final state's cotangent); its outs are the
+              cotangents of the update factors: d f = G · (the other factors). A state whose readouts read it
+              before its update (r_t = q · S_{t-1}) has G_t = a_t ⊙ G_{t+1} + Σ q_{t+1} ⊗ dr_{t+1} instead: no
+              shift, and the update factors' cotangents read G before the step.
+  * part=readouts  the readouts' state terms (Σ_τ c_τ q_τ · S_t), when the outs are a nonlinear function of
+              them (a gated norm): the epilogue's cotangent needs their values first.
+The log-decays' cotangent needs no pass over states: dℓ_t = Σ_{s >= t} (<q_s, dq_s> - <u_s, G_s>) plus
+<S_T, dS_T> (ssmc/backward.py). Every program takes the factors as inputs (evaluated once by the caller, a
+group-indexed factor before its `expand`), so a causal conv or any other prologue is never replayed backwards.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from ssmc.errors import SSMCError
+from ssmc.ir import Array, Instr, Namer, Program, make
+
+from .linear import NotLinear
+from .plan import make_plan
+
+
+class NotAdjointable(SSMCError):
+    """The program has no derived backward (the caller falls back to XLA derivatives); the message says why."""
+
+
+@dataclass
+class Cot:
+    """One out of a derived program: the cotangent of factor `factor` (a value of the forward program), with
+    dims `dims` (the factor's, plus the decay's and batch dims, summed away by the caller), for state `state`."""
+    out: str
+    factor: str
+    dims: tuple[str, ...]
+    state: str
+    sign: float           # +1 for a readout term's query factor, -1 for an update factor (dℓ = <q,dq> - <u,G>)
+    for_decay: bool       # the one factor per term / update whose cotangent gives that term's share of dℓ
+    when: str = "new"
+
+
+@dataclass
+class StateInfo:
+    name: str
+    dims: tuple[str, ...]
+    update_dims: tuple[str, ...]
+    log: str | None       # value (forward program or analysis helper) holding log|a_t|; None: a = 1
+    signs: tuple[str, ...]  # values whose sign the decay carries (empty: a > 0)
+    ldims: tuple[str, ...]  # dims of the log-decay input (the log's dims, with the scan dim in `adj`)
+    when: str             # "new": readouts read S_t; "prev": they read S_{t-1}
+    batch: tuple[str, ...]  # state dims along which the state holds independent sequences (dℓ keeps them)
+
+
+@dataclass
+class Derivation:
+    forward: Program
+    programs: dict[str, Program]
+    inputs: dict[str, dict[str, str]]   # part -> {input array: forward value it holds ("dr:<readout>", "ln:<S>")}
+    cots: dict[str, list[Cot]]          # part -> its cotangent outs
+    states: dict[str, StateInfo]
+    readouts: dict[str, tuple]          # readout value -> (its dims, the R program's out name or None)
+    rest: dict[str, list]               # readout value -> state-free Prods of its linear form
+    helpers: list[Instr]                # analysis helpers (logs of decays, reciprocals) the caller evaluates
+    linear_outs: bool                   # the outs are linear in the readouts (no R program needed)
+    notes: list[str] = field(default_factory=list)
+
+
+def derive(p: Program) -> Derivation:
+    """The derived backward programs of a lowered (pre-pass) step program, or NotAdjointable."""
+    plan = make_plan(p)
+    an = plan.analysis
+    for sp in plan.states.values():
+        if sp.klass == "non-diagonal":
+            raise NotAdjointable(f"state '{sp.name}': {sp.reason or 'non-diagonal transition'}; its backward is the "
+                                 f"XLA target's derivative")
+    scan = p.scan
+    timed = [set(a.dims) for a in p.inputs if scan in a.dims]
+    batch_all = set.intersection(*timed) - {scan} if timed else set()
+    states: dict[str, StateInfo] = {}
+    for sp in plan.states.values():
+        upd = next(i for i in p.instrs if i.op == "update" and i.attr("state") == sp.name)
+        terms = [t for lin in plan.readouts.values() for t in lin.terms if t.state == sp.name]
+        whens = {t.when for t in terms}
+        if len(whens) > 1:
+            raise NotAdjointable(f"state '{sp.name}' is read both before and after its update")
+        log, signs = None, []
+        if sp.decay:
+            logs = []
+            for f in sp.decay:
+                lg, sg = an.log_of(f)
+                logs.append(lg)
+                signs += sg
+            log = logs[0]
+            for other in logs[1:]:
+                log = an.emit("add", (log, other), an.dims_of((log, other)))
+        ld = p.order(an.dims_of((log,)) | {scan}) if log else ()
+        states[sp.name] = StateInfo(sp.name, sp.dims, upd.dims, log, tuple(signs), ld, whens.pop() if whens else "new",
+                                    p.order(set(sp.dims) & batch_all))
+    readouts, rest = {}, {}
+    for r, lin in plan.readouts.items():
+        if any(t.state not in states for t in lin.terms):
+            raise NotAdjointable(f"readout {r} reads an unknown state")
+        readouts[r] = (an.by[r].dims, None)
+        rest[r] = list(lin.rest)
+    linear_outs = True
+    for i in p.instrs:
+        if i.op == "out" and an.dep[i.args[0]]:
+            try:
+                an.lin(i.args[0])
+            except NotLinear:
+                linear_outs = False
+    b = _Builders(p, an, states, plan, scan)
+    d = Derivation(p, {}, {}, {}, states, readouts, rest, [], linear_outs)
+    for part in ("dq", "adj") + (() if linear_outs else ("readouts",)):
+        prog, inputs, cots, outs = b.build(part)
+        d.programs[part], d.inputs[part], d.cots[part] = prog, inputs, cots
+        if part == "readouts":
+            d.readouts = {r: (dims, outs[r]) for r, (dims, _) in readouts.items()}
+    d.helpers = list(an.new)
+    return d
+
+
+_IDENT = re.compile(r"[A-Za-z_]\w*$")
+
+
+class _Builders:
+    def __init__(self, p, an, states, plan, scan):
+        self.p, self.an, self.states, self.plan, self.scan = p, an, states, plan, scan
+
+    def build(self, part: str):
+        p, an, scan = self.p, self.an, self.scan
+        taken = {a.name for a in p.states}  # array names of the new program (identifiers)
+        ssa = Namer({i.name for i in p.instrs} | {i.name for i in an.new})
+        instrs: list[Instr] = []
+        inputs: list[Array] = []
+        held: dict[str, str] = {}  # input array -> what it holds
+        local: dict[str, str] = {}  # forward value -> its name in the new program
+
+        def add(op, args, dims, span=None, hint=None, **attrs) -> str:
+            i = make(ssa(hint), op, args, p.order(dims), span, **attrs)
+            instrs.append(i)
+            return i.name
+
+        def array(hint: str, dims, holds: str, span=None) -> str:
+            name = _fresh(taken, _ident(hint))
+            inputs.append(Array(name, tuple(dims), span))
+            held[name] = holds
+            return add("input", (), dims, span, hint=name, array=name)
+
+        def value(f: str) -> str:
+            """A forward factor in the new program: a constant, the `expand` of a group-indexed input, or an input
+            array holding its value."""
+            if f in local:
+                return local[f]
+            i = an.by[f]
+            if i.op == "const":
+                v = add("const", (), (), None, value=i.attr("value"))
+            elif i.op == "expand":
+                v = add("expand", (value(i.args[0]),), i.dims, i.span, **dict(i.attrs))
+            else:
+                v = array(i.attr("array") or f, i.dims, f, i.span)
+            local[f] = v
+            return v
+
+        def product(coef: float, factors, dims, extra=(), span=None) -> str:
+            """coef * the factors * extra, summed to `dims`, spelled as the frontend spells a spec's products
+            (a chain of binary muls, then one contraction with the last operand, e.g. a state) so the chunk
+            pass finds the same factors in it."""
+            ops = [value(f) for f in factors] + list(extra)
+            if coef != 1.0:
+                ops.insert(0, add("const", (), (), value=float(coef)))
+            have = set().union(*(set(_dims(instrs, o)) for o in ops))
+            if not set(dims) <= have:
+                raise NotAdjointable(f"a product broadcasts along {sorted(set(dims) - have)} (at {span})")
+            acc = ops[0]
+            for k, o in enumerate(ops[1:], 1):
+                both = set(_dims(instrs, acc)) | set(_dims(instrs, o))
+                rest = set().union(*(set(_dims(instrs, x)) for x in ops[k + 1:]))
+                keep = both & (set(dims) | rest)
+                acc = add("mul" if keep == both else "contract", (acc, o), keep, span)
+            if set(_dims(instrs, acc)) != set(dims):
+                acc = add("reduce", (acc,), dims, span, kind="sum",
+                          over=tuple(x for x in _dims(instrs, acc) if x not in dims))
+            return acc
+
+        dr: dict[str, str] = {}
+
+        def cotangent(r: str) -> str:
+            if r not in dr:
+                dims = an.by[r].dims
+                dr[r] = array(f"d{_readable(an.by[r])}", dims, "dr:" + r, an.by[r].span)
+            return dr[r]
+
+        state_vals: dict[str, tuple[str, str]] = {}  # state -> (value before the step, after)
+        cots: list[Cot] = []
+        for s in self.states.values():
+            sp = self.plan.states[s.name]
+            prev = add("state", (), s.dims, None, hint=f"{s.name}.prev", state=s.name)
+            parts = []
+            if s.log is not None:  # a_t = exp(log|a_t|), times the product of the factors' signs where not > 0
+                ln = array(f"log_a_{s.name}", s.ldims, "ln:" + s.name)
+                a = add("exp", (ln,), s.ldims)
+                if s.signs:
+                    a = add("mul", (a, array(f"sign_a_{s.name}", s.ldims, "sign:" + s.name)), s.ldims)
+                parts.append(add("mul", (a, prev), s.update_dims))
+            else:
+                parts.append(prev)
+            if part == "adj":
+                for r, lin in self.plan.readouts.items():
+                    for t in lin.terms:
+                        if t.state == s.name:
+                            parts.append(product(t.coef, t.factors, s.update_dims, (cotangent(r),),
+                                                 an.by[r].span))
+            else:
+                for u in sp.updates:
+                    parts.append(product(u.coef, u.factors, s.update_dims))
+            new = parts[0]
+            for x in parts[1:]:
+                new = add("add", (new, x), s.update_dims, hint=f"{s.name}.new")
+            instrs.append(make(f"update.{s.name}", "update", (new,), s.update_dims, None, state=s.name))
+            state_vals[s.name] = (prev, new)
+        outs: list[Array] = []
+        out_of: dict[str, str] = {}
+
+        def out(value_name: str, hint: str, dims, span=None) -> str:
+            name = _fresh(taken, _ident(hint))
+            outs.append(Array(name, tuple(dims), span))
+            instrs.append(make(f"out.{name}", "out", (value_name,), dims, span, out=name))
+            return name
+
+        if part == "readouts":
+            for r, lin in self.plan.readouts.items():
+                acc = None
+                for t in lin.terms:
+                    prev, new = state_vals[t.state]
+                    v = product(t.coef, t.factors, an.by[r].dims, (new if t.when == "new" else prev,), an.by[r].span)
+                    acc = v if acc is None else add("add", (acc, v), an.by[r].dims)
+                out_of[r] = out(acc, f"{an.by[r].name.lstrip('%')}_terms", an.by[r].dims, an.by[r].span)
+        else:
+            # the cotangent of each factor of each readout term (dq) / update product (adj)
+            items = []
+            if part == "dq":
+                for r, lin in self.plan.readouts.items():
+                    for t in lin.terms:
+                        items.append((t.state, t.coef, t.factors, (cotangent(r),), +1.0, t.when, an.by[r].span))
+            else:
+                for s in self.states.values():
+                    for u in self.plan.states[s.name].updates:
+                        items.append((s.name, u.coef, u.factors, (), -1.0, s.when, None))
+            for state, coef, factors, extra, sign, when, span in items:
+                s = self.states[state]
+                prev, new = state_vals[state]
+                G = new if (part == "dq" and when == "new") or (part == "adj" and s.when == "new") else prev
+                live = [k for k, f in enumerate(factors) if an.by[f].op != "const"]
+                need = set(s.ldims) | set(s.batch) if s.log is not None else set()
+                # dℓ takes <f, d f> over the dims outside the decay's: one factor per term keeps the decay's dims
+                pick = next((k for k in live if need <= set(an.by[factors[k]].dims)), live[0] if live else None)
+                for k in live:
+                    f = factors[k]
+                    others = factors[:k] + factors[k + 1:]
+                    keep = set(an.by[f].dims) | set(s.batch) | {self.scan} | (need if k == pick else set())
+                    have = set(s.dims) | {self.scan} | set().union(*(set(an.by[o].dims) for o in others)) \
+                        | set().union(*(set(_dims(instrs, e)) for e in extra))
+                    keep = p.order(keep & have)
+                    v = product(coef, others, keep, extra + (G,), span)
+                    name = out(v, f"d_{_readable(an.by[f])}", keep, an.by[f].span)
+                    cots.append(Cot(name, f, keep, state, sign, k == pick and need <= set(keep), when))
+                chosen = pick is not None and need <= set(cots[-len(live)+live.index(pick)].dims) if live else False
+                if s.log is not None and not chosen:
+                    raise NotAdjointable(f"state '{state}': no factor of a {'readout term' if sign > 0 else 'update'} "
+                                         f"carries the decay's dims {list(s.ldims)}")
+        used = set().union(*(set(i.dims) for i in instrs))
+        groups = tuple((g, h) for g, h in p.groups if g in used and h in used)
+        prog = Program(f"{p.name}_{part}", tuple(x for x in p.dims if x in used), p.scan, groups, tuple(inputs),
+                       tuple(Array(s.name, s.dims) for s in self.states.values()), tuple(outs), tuple(instrs),
+                       notes=(f"adjoint{{part={part}}} of `ssm {p.name}`: {_WHAT[part]}",), source=p.source,
+                       filename=p.filename)
+        return prog, held, cots, out_of
+
+
+_WHAT = {"dq": "the forward recurrence; outs: the cotangents of the readouts' query factors",
+         "adj": "the adjoint state over reversed time (the caller flips the timed inputs); outs: the cotangents "
+                "of the update factors",
+         "readouts": "the forward recurrence; outs: the readouts' state terms (the epilogue is nonlinear in them)"}
+
+
+def _fresh(taken: set, base: str) -> str:
+    name, k = base, 1
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    taken.add(name)
+    return name
+
+
+def _ident(n: str) -> str:
+    n = n.lstrip("%")
+    return n if _IDENT.match(n) else "v" + re.sub(r"[^0-9A-Za-z_]", "_", n)
+
+
+def _readable(i: Instr) -> str:
+    return _ident(i.attr("array") or i.name)
+
+
+def _dims(instrs, name):
+    for i in reversed(instrs):
+        if i.name == name:
+            return i.dims
+    raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class Adjoint:
+    """The pass form (pipelines, `k.passes`): the named part of the derived backward program."""
+    part: str = "dq"
+    name = "adjoint"
+
+    def run(self, p: Program) -> Program:
+        d = derive(p)
+        if self.part not in d.programs:
+            raise SSMCError(f"adjoint: no part '{self.part}' for '{p.name}' (parts: {', '.join(d.programs)})")
+        return d.programs[self.part]
+
+
+__all__ = ["Adjoint", "Cot", "Derivation", "NotAdjointable", "StateInfo", "derive", "math"]
