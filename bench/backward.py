@@ -83,6 +83,8 @@ def run_shape(name, s, repeats, check_ref):
         (y.float() * w.float()).sum().backward()
         return [t.grad for t in leaves]
     torch_step()
+    for t in leaves:
+        t.grad = None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -112,13 +114,63 @@ def run_shape(name, s, repeats, check_ref):
     return rec
 
 
+def check_examples(seed=0) -> list[dict]:
+    """Every example's gradients through ssmc-triton on this GPU (derived backward where the spec has one)
+    against the full float64 finite-difference gradient of tests/reference.py's loops, on the CPU: small shapes
+    with a partial last chunk, groups, random initial states and cotangents (tests/test_adjoint.py's problem)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import gpu
+    import ssmc
+    R = gpu.load_test_reference()
+    tiny = {"mamba2": {"b": 2, "t": 37, "h": 4, "g": 2, "p": 8, "n": 16},
+            "mamba2_gated": {"b": 1, "t": 37, "h": 4, "g": 2, "p": 8, "n": 16},
+            "mamba2_conv": {"b": 1, "t": 37, "h": 4, "g": 2, "p": 8, "n": 16, "k": 4},
+            "mamba1": {"b": 1, "t": 37, "d": 8, "n": 16}}
+    kv = {"b": 1, "t": 37, "h": 2, "dk": 16, "dv": 16}
+    out = []
+    for name, v in R.VARIANTS.items():
+        rng = np.random.default_rng(seed)
+        dims = tiny.get(name, kv)
+        inputs, init = v.make_inputs(rng, dims), v.make_initial_states(rng, dims)
+        outs, states = v.reference(inputs, init)
+        wo = [rng.standard_normal(o.shape) for o in outs]
+        ws = [rng.standard_normal(x.shape) for x in states]
+        rec = dict(example=name)
+        try:
+            k = ssmc.compile(str(v.path), target="triton", chunk_size=16)
+            w = [jnp.asarray(x, jnp.float32) for x in wo + ws]
+            one = len(v.state_names) == 1
+
+            def loss(i, st):
+                kw = dict(initial_state=st[v.state_names[0]]) if one else dict(initial_states=st)
+                return sum(jnp.sum(r * c) for r, c in zip(k(**i, **kw), w))
+            gi, gs = jax.jit(jax.grad(loss, argnums=(0, 1)))({n: jnp.asarray(a) for n, a in inputs.items()},
+                                                            {n: jnp.asarray(a) for n, a in init.items()})
+            got = {**gi, **{"state:" + n: a for n, a in gs.items()}}
+            want = R.reference_gradients(v, inputs, init, wo, ws)
+            rec["backward"] = k.backward_note
+            rec["max_rel_err"] = max(R.rel_l2(np.asarray(got[n], np.float64), g) for n, g in want.items())
+            rec["ok"] = rec["max_rel_err"] < 1e-4
+        except Exception as e:  # noqa: BLE001
+            rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(json.dumps(rec), flush=True)
+        out.append(rec)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--check-examples", action="store_true", help="first: every example's gradients on the GPU "
+                    "against the float64 references")
     args = ap.parse_args()
     import anchors as an
     import jax
+    checks = check_examples() if args.check_examples else []
     recs = []
     for name in args.shapes:
         try:
@@ -136,10 +188,12 @@ def main():
         print(f"{r['shape']} | {r['ssmc_ms']:.2f} | {r['mamba_ssm_ms']:.2f} | {r['ratio']:.2f} | "
               f"{r['ssmc_peak_MB'] or float('nan'):.0f} | {r['mamba_ssm_peak_MB']:.0f} | {r['ssmc_fwd_ms']:.2f} | "
               f"{r['mamba_ssm_fwd_ms']:.2f}")
-    env = dict(jax=jax.__version__, **an.versions())
+    import torch
+    env = dict(an.versions(), device=torch.cuda.get_device_name(0), jax_backend=jax.default_backend())
     print(json.dumps(env))
     if os.environ.get("OUT"):
-        pathlib.Path(os.environ["OUT"], "backward.json").write_text(json.dumps(dict(env=env, records=recs), indent=1))
+        pathlib.Path(os.environ["OUT"], "backward.json").write_text(
+            json.dumps(dict(env=env, records=recs, checks=checks), indent=1))
 
 
 if __name__ == "__main__":

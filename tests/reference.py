@@ -26,6 +26,32 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 # helpers
 # ----------------------------------------------------------------------------------------------
 
+def reference_gradients(v, inputs: dict, init: dict, wo, ws, eps: float = 1e-6) -> dict:
+    """The full gradient of loss = <outs, wo> + <final states, ws> of variant v's float64 loop by central
+    differences, every coordinate: {input name: grad, "state:<name>": grad} (tests/test_adjoint.py and
+    bench/backward.py's GPU check)."""
+    arrays = {**{n: np.asarray(a, np.float64).copy() for n, a in inputs.items()},
+              **{"state:" + n: np.asarray(a, np.float64).copy() for n, a in init.items()}}
+
+    def loss():
+        outs, states = v.reference({n: arrays[n] for n in inputs}, {n: arrays["state:" + n] for n in init})
+        return sum(float(np.sum(o * w)) for o, w in zip(outs, wo)) + sum(float(np.sum(s * w))
+                                                                         for s, w in zip(states, ws))
+    grads = {}
+    for key, a in arrays.items():
+        g = np.empty(a.size)
+        for i in range(a.size):
+            orig = a.flat[i]
+            a.flat[i] = orig + eps
+            lp = loss()
+            a.flat[i] = orig - eps
+            lm = loss()
+            a.flat[i] = orig
+            g[i] = (lp - lm) / (2 * eps)
+        grads[key] = g.reshape(a.shape)
+    return grads
+
+
 def rel_l2(a, b) -> float:
     """||a - b|| / ||b|| in float64 (b is the reference)."""
     a = np.asarray(a, dtype=np.float64)

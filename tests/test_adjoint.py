@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import ssmc
-from reference import VARIANTS, rel_l2
+from reference import VARIANTS, reference_gradients, rel_l2
 from ssmc.errors import SSMCError
 
 T, CHUNK = 10, 4  # 10 = 4 + 4 + 2 (tpu: 8 + 2): a partial last chunk
@@ -53,30 +53,6 @@ def _problem(rng, name):
     return v, inputs, init, wo, ws
 
 
-def _reference_gradients(v, inputs, init, wo, ws, eps=1e-6) -> dict:
-    """The full gradient of the float64 reference loss by central differences, every coordinate."""
-    arrays = {**{n: a.astype(np.float64).copy() for n, a in inputs.items()},
-              **{"state:" + n: a.astype(np.float64).copy() for n, a in init.items()}}
-
-    def loss():
-        outs, states = v.reference({n: arrays[n] for n in inputs}, {n: arrays["state:" + n] for n in init})
-        return sum(float(np.sum(o * w)) for o, w in zip(outs, wo)) + sum(float(np.sum(s * w))
-                                                                         for s, w in zip(states, ws))
-    grads = {}
-    for key, a in arrays.items():
-        g = np.empty(a.size)
-        for i in range(a.size):
-            orig = a.flat[i]
-            a.flat[i] = orig + eps
-            lp = loss()
-            a.flat[i] = orig - eps
-            lm = loss()
-            a.flat[i] = orig
-            g[i] = (lp - lm) / (2 * eps)
-        grads[key] = g.reshape(a.shape)
-    return grads
-
-
 def _derived_gradients(sx, k, v, inputs, init, wo, ws) -> dict:
     """The kernel's gradients: jax.grad through a kernel target (its derivatives are the derived backward), the
     derived backward called directly on the xla target (whose calls jax differentiates itself)."""
@@ -101,7 +77,7 @@ def test_derived_gradients_match_float64_differences(sx, rng, target, name):
     k = _kernel(name, target)
     assert k.backward_note.startswith("derived") if k._derived_backward() else False, k.backward_note
     got = _derived_gradients(sx, k, v, inputs, init, wo, ws)
-    want = _reference_gradients(v, inputs, init, wo, ws)
+    want = reference_gradients(v, inputs, init, wo, ws)
     assert set(got) >= set(want), sorted(set(want) - set(got))
     bad = []
     for key, g in want.items():
@@ -131,7 +107,7 @@ def test_low_precision_gradients(sx, rng, target):
         res = k(**sx.kwargs(v, i, st))
         return sum(jnp.sum(r.astype(jnp.float32) * c) for r, c in zip(res, w))
     got = jax.grad(loss)(mixed)
-    want = _reference_gradients(v, inputs, init, wo, ws)
+    want = reference_gradients(v, inputs, init, wo, ws)
     for n, g in got.items():
         assert g.dtype == mixed[n].dtype, (n, g.dtype)
         assert rel_l2(np.asarray(g, np.float64), want[n]) < 3e-2, n
