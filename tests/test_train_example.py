@@ -25,7 +25,7 @@ def test_short_training_run_learns():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target", ["triton"])  # the tpu target's gradients: tests/test_grad.py
+@pytest.mark.parametrize("target", ["triton"])  # every target's derived gradients: tests/test_adjoint.py
 def test_kernel_target_training_follows_xla(target):
     kw = dict(steps=2, layers=1, batch=2, d_model=16, seed=2, log_every=1, printer=lambda *_: None)
     want = train.train(target="xla", chunk_size=8, **kw)
