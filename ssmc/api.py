@@ -152,7 +152,7 @@ def _build(program, tgt, pipeline: str, matmul: str, interpret: bool, out_dtype,
         if disk is not None:
             disk.put(key, entry)
     k = Kernel(program, tgt, pipeline, entry, program.filename, from_disk, time.perf_counter() - t0, matmul,
-               bool(interpret), out_dtype, compiler=compile)
+               bool(interpret), out_dtype, compiler=compile, program_compiler=compile_program)
     if level >= 1:
         _log(f"ssmc: compiled {k.name} for {k.target} in {k.compile_seconds * 1e3:.1f} ms "
              f"({'disk cache' if from_disk else 'passes ran'}); pipeline {pipeline}")

@@ -56,7 +56,8 @@ class Kernel:
 
     def __init__(self, program: Program, target: Target, pipeline: str, entry: dict, filename: str,
                  from_disk: bool, compile_seconds: float, matmul: str = "auto", interpret: bool = False,
-                 out_dtype=None, compiler: Callable[..., "Kernel"] | None = None):
+                 out_dtype=None, compiler: Callable[..., "Kernel"] | None = None,
+                 program_compiler: Callable[..., "Kernel"] | None = None):
         self.program = program
         self.matmul = matmul
         self.out_dtype = out_dtype  # None: the outs take the activations' dtype
@@ -64,6 +65,7 @@ class Kernel:
         self.target = target.name
         self._target = target
         self._compiler = compiler  # compile(spec, **options): makes variants of this kernel (see `variant`)
+        self._program_compiler = program_compiler  # compile_program: the derived backward's programs
         self.pipeline = pipeline
         self.source: str = entry["source"]
         self.ir: str = entry["ir"]
@@ -326,10 +328,11 @@ class Kernel:
         if "_bw" not in self.__dict__:
             from ssmc.passes.adjoint import NotAdjointable
 
-            from .api import compile_program
             from .backward import Backward
+            if self._program_compiler is None:
+                raise SSMCError(f"{self.name}: this Kernel was built without a compiler; use ssmc.compile")
             try:
-                self._bw, self.backward_note = Backward(self, compile_program), "derived (passes/adjoint.py)"
+                self._bw, self.backward_note = Backward(self, self._program_compiler), "derived (passes/adjoint.py)"
             except NotAdjointable as e:
                 self._bw, self.backward_note = None, f"XLA derivatives: {e}"
         return self._bw
