@@ -18,7 +18,6 @@ group-indexed factor before its `expand`), so a causal conv or any other prologu
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 
@@ -135,7 +134,7 @@ class _Builders:
         self.p, self.an, self.states, self.plan, self.scan = p, an, states, plan, scan
 
     def build(self, part: str):
-        p, an, scan = self.p, self.an, self.scan
+        p, an = self.p, self.an
         taken = {a.name for a in p.states}  # array names of the new program (identifiers)
         ssa = Namer({i.name for i in p.instrs} | {i.name for i in an.new})
         instrs: list[Instr] = []
@@ -329,4 +328,3 @@ class Adjoint:
         return d.programs[self.part]
 
 
-__all__ = ["Adjoint", "Cot", "Derivation", "NotAdjointable", "StateInfo", "derive", "math"]

@@ -12,11 +12,10 @@ from dataclasses import dataclass, field, replace
 import networkx as nx
 
 from .errors import Span, SSMCError
+from .ops import BINARY, UNARY
 
 # op -> number of operands (None: variadic). Ops introduced by passes are registered by them via OP_ARITY too.
-ELEMENTWISE_UNARY = ("neg", "exp", "log", "softplus", "silu", "sigmoid", "tanh", "sqrt", "rsqrt", "abs",
-                     "log_sigmoid", "sign")
-ELEMENTWISE_BINARY = ("add", "sub", "mul", "div", "pow", "min", "max")
+ELEMENTWISE_UNARY, ELEMENTWISE_BINARY = UNARY, BINARY  # ssmc/ops.py: the table of elementwise ops
 OP_ARITY: dict[str, int | None] = {
     "input": 0, "const": 0, "state": 0,           # leaves: an `in` array, a literal, a state entering the step
     "window": 0,                                  # leaf: a conv window state entering the call (attrs state, k, dim)

@@ -3,8 +3,9 @@
 The derived backward (ssmc/backward.py) runs the recurrences in kernels and the state-free parts around them
 (the prologue that makes decays and update factors from the inputs, the epilogue that makes outs from readouts)
 here, where jax differentiates them: they are elementwise maps, contractions and norms that XLA fuses. Values are
-arrays whose axes are the instruction's dims in order; `Env` holds them by SSA name. One op table below spells
-each op for jnp; ops outside it (chunk stages, states) are not state-free and are refused.
+arrays whose axes are the instruction's dims in order; `Env` holds them by SSA name. Elementwise ops are
+ssmc/ops.py's functions; the others have a method each below; ops that are not state-free (chunk stages, states)
+are refused.
 """
 from __future__ import annotations
 
@@ -13,14 +14,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from .errors import SSMCError
-from .ir import ELEMENTWISE_BINARY, ELEMENTWISE_UNARY, Instr, Program
+from .ir import Instr, Program
+from .ops import ELEMENTWISE
 
-UNARY = {"neg": jnp.negative, "exp": jnp.exp, "log": jnp.log, "softplus": jax.nn.softplus, "silu": jax.nn.silu,
-         "sigmoid": jax.nn.sigmoid, "tanh": jnp.tanh, "sqrt": jnp.sqrt, "rsqrt": lax.rsqrt, "abs": jnp.abs,
-         "log_sigmoid": jax.nn.log_sigmoid, "sign": jnp.sign}
-BINARY = {"add": jnp.add, "sub": jnp.subtract, "mul": jnp.multiply, "div": jnp.divide, "pow": jnp.power,
-          "min": jnp.minimum, "max": jnp.maximum}
-assert set(UNARY) == set(ELEMENTWISE_UNARY) and set(BINARY) == set(ELEMENTWISE_BINARY)
 
 
 class NotEvaluable(SSMCError):
@@ -82,9 +78,9 @@ class Env:
         """Evaluate one state-free instruction from its operands' values."""
         self.by.setdefault(i.name, i)
         fn = getattr(self, "op_" + i.op.replace(".", "_"), None)
-        if i.op in UNARY or i.op in BINARY or i.op == "clamp":
+        if i.op in ELEMENTWISE or i.op == "clamp":
             args = [align(self.v[a], self.dims(a), i.dims) for a in i.args]
-            f = UNARY.get(i.op) or BINARY.get(i.op) or jnp.clip
+            f = ELEMENTWISE[i.op].fn if i.op in ELEMENTWISE else jnp.clip
             self.v[i.name] = f(*args)  # every dim of the result is some operand's: full shape
         elif fn is not None:
             self.v[i.name] = fn(i)

@@ -21,6 +21,7 @@ import re
 
 from ssmc.ir import Instr
 from ssmc.passes.chunk_ops import decode
+from ssmc.ops import spellings
 
 from .kernel_plan import KernelPlan
 from .writer import Names, Writer, py_const
@@ -35,12 +36,8 @@ def dim_id(d: str) -> str:
 
 class Dialect:
     """Spellings of tile operations; targets override what differs from jax.numpy."""
-    UNARY = {"neg": "-({})", "exp": "jnp.exp({})", "log": "jnp.log({})", "softplus": "jax.nn.softplus({})",
-             "silu": "jax.nn.silu({})", "sigmoid": "jax.nn.sigmoid({})", "tanh": "jnp.tanh({})",
-             "sqrt": "jnp.sqrt({})", "rsqrt": "lax.rsqrt({})", "abs": "jnp.abs({})",
-             "log_sigmoid": "jax.nn.log_sigmoid({})", "sign": "jnp.sign({})"}
-    BINARY = {"add": "{} + {}", "sub": "{} - {}", "mul": "{} * {}", "div": "{} / {}",
-              "min": "jnp.minimum({}, {})", "max": "jnp.maximum({}, {})"}
+    UNARY = spellings("jnp", 1)  # ssmc/ops.py
+    BINARY = {k: v for k, v in spellings("jnp", 2).items() if k != "pow"}  # pow: Dialect.pow
 
     def pow(self, a, b, b_const):
         if b_const is not None and float(b_const).is_integer() and 1 <= b_const <= 4:

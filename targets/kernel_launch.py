@@ -8,17 +8,14 @@ instructions (a norm over a group of heads spans programs, so it runs over the k
 from __future__ import annotations
 
 
+from ssmc.ops import spellings
+
 from .base import ACROSS, CU_SEQLENS, KERNEL_OPTIONS, MODULE_IMPORT, MODULE_NAMES, ModuleInfo, Target, packed_batch_dim
 from .kernel_plan import SEG, SEG_CHUNKS, KernelPlan, Schedule
 from .kernel_runtime import final_key, runtime_dims, runtime_strides
 from .writer import Names, Writer, py_const, py_name
 
-POST_UNARY = {"neg": "-{}", "exp": "jnp.exp({})", "log": "jnp.log({})", "softplus": "jax.nn.softplus({})",
-              "silu": "jax.nn.silu({})", "sigmoid": "jax.nn.sigmoid({})", "tanh": "jnp.tanh({})",
-              "sqrt": "jnp.sqrt({})", "rsqrt": "lax.rsqrt({})", "abs": "jnp.abs({})",
-              "log_sigmoid": "jax.nn.log_sigmoid({})", "sign": "jnp.sign({})"}
-POST_BINARY = {"add": "{} + {}", "sub": "{} - {}", "mul": "{} * {}", "div": "{} / {}", "pow": "{} ** {}",
-               "min": "jnp.minimum({}, {})", "max": "jnp.maximum({}, {})"}
+POST_UNARY, POST_BINARY = spellings("jnp", 1), spellings("jnp", 2)  # the launcher's jnp code (ssmc/ops.py)
 
 
 class KernelTarget(Target):

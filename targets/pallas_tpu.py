@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+from ssmc.ops import spellings
+
 from .kernel_body import Dialect, TileEmitter
 from .kernel_launch import KernelTarget, LauncherWriter
 from .kernel_plan import SEG, SEG_CHUNKS
@@ -24,8 +26,7 @@ from .pallas_runtime import kernel_layout
 
 class PallasDialect(Dialect):
     """jax.numpy spellings (the defaults), with what Mosaic lowers for matmuls, causal masks and cumsum."""
-    # jnp.sign's Mosaic lowering asks the attached TPU for its generation (no lowering without one): compare instead
-    UNARY = {**Dialect.UNARY, "sign": "jnp.where({0} > 0, 1.0, jnp.where({0} < 0, -1.0, 0.0))"}
+    UNARY = spellings("pallas", 1)  # ssmc/ops.py (jnp.sign spelled as comparisons: Mosaic)
 
     def dot(self, a, b, ca, cb):
         return (f"lax.dot_general(({a}).astype(MM), ({b}).astype(MM), ((({ca},), ({cb},)), ((), ())), "

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+from ssmc.ops import spellings
+
 from .kernel_body import Dialect, TileEmitter
 from .kernel_launch import KernelTarget, LauncherWriter
 from .kernel_plan import SEG, SEG_CHUNKS
@@ -20,14 +22,7 @@ from .writer import py_name
 
 
 class TritonDialect(Dialect):
-    UNARY = {"neg": "-({})", "exp": "tl.exp({})", "log": "tl.log({})",
-             "softplus": "(tl.maximum({0}, 0.0) + tl.log(1.0 + tl.exp(-tl.abs({0}))))",
-             "silu": "({0}) * tl.sigmoid({0})", "sigmoid": "tl.sigmoid({})",
-             "tanh": "(2.0 * tl.sigmoid(2.0 * ({0})) - 1.0)", "sqrt": "tl.sqrt({})", "rsqrt": "tl.rsqrt({})",
-             "abs": "tl.abs({})", "log_sigmoid": "-(tl.maximum(-({0}), 0.0) + tl.log(1.0 + tl.exp(-tl.abs({0}))))",
-             "sign": "tl.where({0} > 0, 1.0, tl.where({0} < 0, -1.0, 0.0))"}
-    BINARY = {"add": "{} + {}", "sub": "{} - {}", "mul": "{} * {}", "div": "{} / {}",
-              "min": "tl.minimum({}, {})", "max": "tl.maximum({}, {})"}
+    UNARY, BINARY = spellings("triton", 1), spellings("triton", 2)  # ssmc/ops.py
 
     def pow(self, a, b, b_const):
         if b_const is not None and float(b_const).is_integer() and 1 <= b_const <= 4:

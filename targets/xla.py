@@ -14,6 +14,7 @@ import functools
 import jax
 
 from ssmc.ir import Instr, Program, union_dims
+from ssmc.ops import spellings
 from ssmc.passes.chunk import chunk_dim
 from ssmc.passes.chunk_ops import STAGE_OPS, decode
 from ssmc.passes.expand_groups import split_name
@@ -21,12 +22,7 @@ from ssmc.passes.expand_groups import split_name
 from .base import ACROSS, BASE_OPTIONS, CU_SEQLENS, MODULE_IMPORT, MODULE_NAMES, ModuleInfo, Target, packed_batch_dim
 from .writer import Names, Writer, dim_letters, py_const
 
-UNARY = {"neg": "-{}", "exp": "jnp.exp({})", "log": "jnp.log({})", "softplus": "jax.nn.softplus({})",
-         "silu": "jax.nn.silu({})", "sigmoid": "jax.nn.sigmoid({})", "tanh": "jnp.tanh({})", "sqrt": "jnp.sqrt({})",
-         "rsqrt": "lax.rsqrt({})", "abs": "jnp.abs({})", "log_sigmoid": "jax.nn.log_sigmoid({})",
-         "sign": "jnp.sign({})"}
-BINARY = {"add": "{} + {}", "sub": "{} - {}", "mul": "{} * {}", "div": "{} / {}", "pow": "{} ** {}",
-          "min": "jnp.minimum({}, {})", "max": "jnp.maximum({}, {})"}
+UNARY, BINARY = spellings("jnp", 1), spellings("jnp", 2)  # ssmc/ops.py
 
 
 class XlaTarget(Target):

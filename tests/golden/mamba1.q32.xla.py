@@ -61,7 +61,7 @@ def mamba1(x, dt_raw, dt_bias, A_log, B, C, D, h_prev, *, mm=jnp.float32, out_dt
     # stage prologue
     v1 = dt_raw + dt_bias
     dt = jax.nn.softplus(v1)
-    v3 = -dt
+    v3 = -(dt)
     v4 = jnp.exp(A_log)
     v5 = v3[:, :, :, None] * v4
     h_ell = jnp.maximum(v5, (-69.07755278982137))

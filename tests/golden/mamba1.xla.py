@@ -49,7 +49,7 @@ def mamba1(x, dt_raw, dt_bias, A_log, B, C, D, h_prev, *, mm=jnp.float32, out_dt
     # stage prologue: state-free per-step values no larger than an input, vectorised over time
     v1 = dt_raw + dt_bias
     dt = jax.nn.softplus(v1)
-    v3 = -dt
+    v3 = -(dt)
     v4 = jnp.exp(A_log)
     v8 = dt * x
     v12 = D * x

@@ -57,7 +57,7 @@ def rwkv6(r, k, v, w, u, S_prev, *, mm=jnp.float32, out_dtype=jnp.float32, acros
 
     # stage prologue
     v5 = jnp.exp(w)
-    v6 = -v5
+    v6 = -(v5)
     S_ell = jnp.maximum(v6, (-69.07755278982137))
     v11 = rt.einsum("hd,bthd,btha,bthd->btha", u, k, v, r, mm=mm)
 
