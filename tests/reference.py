@@ -26,6 +26,27 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 # helpers
 # ----------------------------------------------------------------------------------------------
 
+def central_differences(loss, arrays: dict, name: str, idx, eps: float = 1e-3) -> np.ndarray:
+    """d loss() / d arrays[name].flat[i] for every i in idx, by central differences: `loss` takes no arguments and
+    reads `arrays` (float64), whose entry is perturbed in place and restored."""
+    out = []
+    a = arrays[name]
+    for i in idx:
+        orig = a.flat[i]
+        a.flat[i] = orig + eps
+        lp = loss()
+        a.flat[i] = orig - eps
+        lm = loss()
+        a.flat[i] = orig
+        out.append((lp - lm) / (2 * eps))
+    return np.array(out)
+
+
+def full_gradient(loss, arrays: dict, eps: float = 1e-6) -> dict:
+    """Every coordinate of every array's central difference (tiny problems only)."""
+    return {k: central_differences(loss, arrays, k, range(a.size), eps).reshape(a.shape) for k, a in arrays.items()}
+
+
 def reference_gradients(v, inputs: dict, init: dict, wo, ws, eps: float = 1e-6) -> dict:
     """The full gradient of loss = <outs, wo> + <final states, ws> of variant v's float64 loop by central
     differences, every coordinate: {input name: grad, "state:<name>": grad} (tests/test_adjoint.py and
@@ -37,19 +58,7 @@ def reference_gradients(v, inputs: dict, init: dict, wo, ws, eps: float = 1e-6) 
         outs, states = v.reference({n: arrays[n] for n in inputs}, {n: arrays["state:" + n] for n in init})
         return sum(float(np.sum(o * w)) for o, w in zip(outs, wo)) + sum(float(np.sum(s * w))
                                                                          for s, w in zip(states, ws))
-    grads = {}
-    for key, a in arrays.items():
-        g = np.empty(a.size)
-        for i in range(a.size):
-            orig = a.flat[i]
-            a.flat[i] = orig + eps
-            lp = loss()
-            a.flat[i] = orig - eps
-            lm = loss()
-            a.flat[i] = orig
-            g[i] = (lp - lm) / (2 * eps)
-        grads[key] = g.reshape(a.shape)
-    return grads
+    return full_gradient(loss, arrays, eps)
 
 
 def rel_l2(a, b) -> float:

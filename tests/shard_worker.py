@@ -25,8 +25,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 
 import ssmc  # noqa: E402
-from helpers import central_differences  # noqa: E402
-from reference import VARIANTS, rel_l2  # noqa: E402
+from reference import VARIANTS, central_differences, rel_l2  # noqa: E402
 
 DIMS = {"b": 2, "t": 20, "h": 4, "g": 2, "p": 3, "n": 4, "dk": 3, "dv": 4, "d": 4, "k": 3}
 CHUNK = 4

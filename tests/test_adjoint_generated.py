@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import ssmc
 import specgen
-from reference import rel_l2
+from reference import full_gradient, rel_l2
 
 BASES = ["mamba2", "mamba2_gated", "gla", "retnet", "linear_attention"]
 TARGETS = {"xla": ([None, 1, 4], 1), "triton": ([None, 1, 8], 1), "tpu": ([None, 8], 1)}
@@ -28,19 +28,7 @@ def _fd(case, inputs, init, w, eps=1e-6) -> dict:
     def loss():
         res = case.expected({n: arrays[n] for n in inputs}, {n: arrays["state:" + n] for n in init})
         return sum(float(np.sum(r * c)) for (_, r), c in zip(res, w))
-    out = {}
-    for key, a in arrays.items():
-        g = np.empty(a.size)
-        for i in range(a.size):
-            o = a.flat[i]
-            a.flat[i] = o + eps
-            lp = loss()
-            a.flat[i] = o - eps
-            lm = loss()
-            a.flat[i] = o
-            g[i] = (lp - lm) / (2 * eps)
-        out[key] = g.reshape(a.shape)
-    return out
+    return full_gradient(loss, arrays, eps)
 
 
 def check_gradients(case, sizes, target, chunk, seed):

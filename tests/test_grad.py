@@ -11,8 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import central_differences
-from reference import VARIANTS, rel_l2
+from reference import VARIANTS, central_differences, rel_l2
 from ssmc.errors import SSMCError
 
 T, CHUNK, EPS, N_COORDS, TOL = 10, 4, 1e-3, 5, 1e-2

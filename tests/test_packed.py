@@ -14,7 +14,7 @@ import pytest
 
 import reference as R
 import ssmc
-from helpers import central_differences
+from reference import central_differences
 from ssmc.errors import ShapeError
 from test_generated_specs import FIXED
 
