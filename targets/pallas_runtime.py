@@ -221,8 +221,13 @@ def launch(kernel, layout, arrays, sizes, *, mm, out_dtype, interpret=False, cu_
             in_specs.append(pl.BlockSpec(tuple(block), _index_map(layout, sizes, outer, inner, kind,
                                                                   whole=b if every else None)))
     if layout.get("packed"):  # the table of time blocks (a one-block placeholder for an ordinary call)
-        table = (jnp.stack([jnp.sum(pk["valid"].reshape(nT, tb), axis=1), pk["first"], pk["seq"]]).astype(jnp.int32)
-                 if pk is not None else np.zeros((3, 1), np.int32))  # a constant: no XLA op
+        table = np.zeros((3, 1), np.int32)  # a constant: no XLA op
+        if pk is not None:
+            # every block writes its sequence's final state: the blocks past the last used one (no steps) belong
+            # to the last sequence with steps, whose state they hold, not to a trailing empty sequence
+            last_used = pk["seq"][jnp.max(jnp.where(pk["used"], jnp.arange(nT), 0))]
+            seq = jnp.where(pk["used"], pk["seq"], last_used)
+            table = jnp.stack([jnp.sum(pk["valid"].reshape(nT, tb), axis=1), pk["first"], seq]).astype(jnp.int32)
         ins.append(table.reshape(-1))
         in_specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))
     out_shapes, out_specs, outs_meta, scratch = [], [], [], []

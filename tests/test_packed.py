@@ -112,6 +112,13 @@ def test_random_lengths(name, target):
     check_example(name, target, 8, lens=lens, seed=int(rng.integers(1 << 30)))
 
 
+@pytest.mark.parametrize("target", ["xla", "triton", "tpu"])
+def test_trailing_empty_sequences(target):
+    """Empty sequences at the end of the packing keep their initial states (the tpu kernel's blocks past the last
+    step once wrote the previous sequence's state into the last one's final state)."""
+    check_example("gla", target, 8, lens=[3, 1, 0, 0], seed=4)
+
+
 @pytest.mark.parametrize("case, target", _fast(("layouts", "triton"))(
     [(c, "xla") for c in ("layouts", "layouts-grouped", "renamed")] + [("layouts", "triton"), ("layouts-grouped", "tpu")]))
 def test_packed_specs_written_differently(case, target):
