@@ -52,7 +52,7 @@ class StateInfo:
     update_dims: tuple[str, ...]
     log: str | None       # value (forward program or analysis helper) holding log|a_t|; None: a = 1
     signs: tuple[str, ...]  # values whose sign the decay carries (empty: a > 0)
-    ldims: tuple[str, ...]  # dims of the log-decay input (the log's dims, with the scan dim in `adj`)
+    ldims: tuple[str, ...]  # dims of the log-decay input: the log's, the scan dim and the batch dims
     when: str             # "new": readouts read S_t; "prev": they read S_{t-1}
     batch: tuple[str, ...]  # state dims along which the state holds independent sequences (dℓ keeps them)
 
@@ -99,9 +99,11 @@ def derive(p: Program) -> Derivation:
             log = logs[0]
             for other in logs[1:]:
                 log = an.emit("add", (log, other), an.dims_of((log, other)))
-        ld = p.order(an.dims_of((log,)) | {scan}) if log else ()
+        batch = p.order(set(sp.dims) & batch_all)
+        # the log-decay input carries the scan and batch dims (so packed sequences lie along a dim every input has)
+        ld = p.order(an.dims_of((log,)) | {scan} | set(batch)) if log else ()
         states[sp.name] = StateInfo(sp.name, sp.dims, upd.dims, log, tuple(signs), ld, whens.pop() if whens else "new",
-                                    p.order(set(sp.dims) & batch_all))
+                                    batch)
     readouts, rest = {}, {}
     for r, lin in plan.readouts.items():
         if any(t.state not in states for t in lin.terms):

@@ -33,6 +33,10 @@ class Backward:
         opts = dict(target=kernel.target, matmul=kernel.matmul, interpret=kernel.interpret, out_dtype="float32",
                     pipeline=kernel.pipeline)
         self.kernels = {part: compile_program(prog, **opts) for part, prog in self.d.programs.items()}
+        # packed calls: every derived program takes cu_seqlens along the forward's packed dim; a conv window's
+        # per-sequence replay is not in ir_eval (such calls keep the XLA target's derivatives)
+        self.packable = kernel.packed_dim is not None and not any(i.op == "window" for i in self.p.instrs) and all(
+            k.packed_dim == kernel.packed_dim for k in self.kernels.values())
         self.by = self.p.by_name()
         for i in self.d.helpers:
             self.by.setdefault(i.name, i)
@@ -94,11 +98,16 @@ class Backward:
         return outs, finals
 
     # ---- the vjp -----------------------------------------------------------------------------------------
-    def vjp(self, meta, arrays: dict, cts: dict, dtype):
+    def vjp(self, meta, arrays: dict, cts: dict, dtype, cu=None):
         """Cotangents of `arrays` (inputs by name, initial states as "state:<name>") for cotangents `cts` of the
-        call's results ({out name: array, "state:<name>": array}, declared layouts)."""
+        call's results ({out name: array, "state:<name>": array}, declared layouts). `cu`: a packed call's
+        offsets (the states then hold one entry per sequence along the kernel's packed dim)."""
         p, d, scan = self.p, self.d, self.p.scan
-        sizes = dict(meta.state_sizes(None))
+        sizes = dict(meta.sizes)
+        pd = self.k.packed_dim if cu is not None else None
+        ssz = dict(meta.state_sizes(pd))  # the states' sizes (a packed call: one entry per sequence)
+        time = _Time(sizes[scan], scan, cu)
+        call = {} if cu is None else {"cu_seqlens": cu}
         decl = {a.name: a.dims for a in p.inputs + p.states + p.outs}
         leaves = [i for i in p.instrs if i.op in ("input", "window")]
         key = {i.name: (i.attr("array") if i.op == "input" else "state:" + i.attr("state")) for i in leaves}
@@ -107,7 +116,7 @@ class Backward:
             a = arrays.get(key[i.name])
             name = key[i.name].split(":")[-1]
             if a is None:
-                a = jnp.zeros([sizes[dd] for dd in decl[name]], dtype)
+                a = jnp.zeros([ssz[dd] for dd in decl[name]], dtype)
             xs[i.name] = to_dims(jnp.asarray(a).astype(jnp.promote_types(a.dtype, dtype)), decl[name], i.dims)
         states0 = {s.name: arrays.get("state:" + s.name) for s in d.states.values()}
         # 1. the epilogue's cotangents
@@ -118,12 +127,12 @@ class Backward:
             terms = zeros
         else:
             rk = self.kernels["readouts"]
-            res = rk.apply(self._feed("readouts", env, {}, logs), _init(states0, d.states, decl))
+            res = rk.apply(self._feed("readouts", env, {}, logs), _init(states0, d.states, decl), **call)
             named = dict(zip([n for n, _ in rk.outs], res))
             terms = {r: named[out] for r, (_, out) in d.readouts.items()}
         dy = {o.name: _ct(cts.get(o.name), o.dims, o.dims, sizes, dtype) for o in p.outs}
         windows = [s.name for s in p.states if s.name not in d.states]
-        dwin = {w: _ct(cts.get("state:" + w), decl[w], decl[w], sizes, dtype) for w in windows}
+        dwin = {w: _ct(cts.get("state:" + w), decl[w], decl[w], ssz, dtype) for w in windows}
         by = self.by
 
         def epi(xs_, terms_):
@@ -135,19 +144,22 @@ class Backward:
         dxs_e, dterms = epi_vjp((dy, dwin))
         # 2. the recurrences' adjoints
         dq_k = self.kernels["dq"]
-        res = dq_k.apply(self._feed("dq", env, dterms, logs), _init(states0, d.states, decl))
+        res = dq_k.apply(self._feed("dq", env, dterms, logs), _init(states0, d.states, decl), **call)
         n_out = len(dq_k.outs)
         dq = dict(zip([n for n, _ in dq_k.outs], res[:n_out]))
         finals = dict(zip([n for n, _ in dq_k.states], res[n_out:]))
-        dST = {s: _ct(cts.get("state:" + s), decl[s], d.states[s].dims, sizes, dtype) for s in d.states}
+        dST = {s: _ct(cts.get("state:" + s), decl[s], d.states[s].dims, ssz, dtype) for s in d.states}
         adj_k = self.kernels["adj"]
         flip = self._flipper()
-        feed = self._feed("adj", env, dterms, {s: self._shift(lg, d.states[s]) for s, lg in logs.items()})
+        feed = self._feed("adj", env, dterms, {s: self._shift(lg, d.states[s], time) for s, lg in logs.items()})
+        # reversed time: a packed call's sequences come in reverse order, each reversed (offsets T - cu[::-1])
+        rev = {} if cu is None else {"cu_seqlens": sizes[scan] - jnp.flip(cu)}
+        seqflip = (lambda s, x: x) if cu is None else (lambda s, x: jnp.flip(x, d.states[s].dims.index(pd)))
         res = adj_k.apply({n: flip(n, v, adj_k) for n, v in feed.items()},
-                          {s: dST[s] for s in d.states})
+                          {s: seqflip(s, dST[s]) for s in d.states}, **rev)
         n_out = len(adj_k.outs)
         du = {n: flip(n, v, adj_k, out=True) for n, v in zip([n for n, _ in adj_k.outs], res[:n_out])}
-        G0 = dict(zip([n for n, _ in adj_k.states], res[n_out:]))
+        G0 = {s: seqflip(s, g) for s, g in zip([n for n, _ in adj_k.states], res[n_out:])}
         # 3. the factors' cotangents and the log-decays'
         cot: dict[str, jax.Array] = {}
         dL = {s: None for s in d.states}
@@ -158,27 +170,27 @@ class Backward:
                 cot[c.factor] = cot.get(c.factor, 0) + _to(v, c.dims, fd, sizes)
                 st = d.states[c.state]
                 if c.for_decay and st.log is not None:
-                    ldl = _ldims(p, st)
+                    ldl = st.ldims
                     share = c.sign * to_dims(v * align(env[c.factor], fd, c.dims), c.dims, ldl)
                     if part == "dq" and c.when == "prev":  # a read of S_{t-1}: its share belongs to step t-1
-                        share = _shift_back(share, ldl.index(scan))
+                        share = time.next(share, ldl.index(scan), 0.0)
                     dL[c.state] = share if dL[c.state] is None else dL[c.state] + share
         dlog = {}
         for s, st in d.states.items():
             if st.log is None:
                 continue
-            ldl = _ldims(p, st)
-            last = to_dims(finals[s].astype(jnp.float32) * dST[s], st.dims, tuple(x for x in ldl if x != scan))
-            ax = ldl.index(scan)
-            g = dL[s] + jnp.expand_dims(last, ax) * _onehot_last(sizes[scan], ax, len(ldl))
-            dlog[s] = jnp.flip(jnp.cumsum(jnp.flip(g, ax), axis=ax), ax)
+            ldl = st.ldims
+            rest = tuple(x for x in ldl if x != scan)
+            last = to_dims(finals[s].astype(jnp.float32) * dST[s], st.dims, rest)
+            g = time.at_last(last, rest, ldl, pd)
+            dlog[s] = time.revcumsum(g if dL[s] is None else dL[s] + g, ldl.index(scan))
         # 4. the prologue's vjp
         factors = sorted(cot)
 
         def pro(xs_):
             e = self._env(xs_, sizes)
             return ({f: e[f] for f in factors},
-                    {s: jnp.broadcast_to(align(e[d.states[s].log], by[d.states[s].log].dims, _ldims(p, d.states[s])),
+                    {s: jnp.broadcast_to(align(e[d.states[s].log], by[d.states[s].log].dims, d.states[s].ldims),
                                          dlog[s].shape) for s in dlog})
 
         _, pro_vjp = jax.vjp(pro, xs)
@@ -191,11 +203,11 @@ class Backward:
             grads[key[i.name]] = to_dims(g, i.dims, decl[name])
         for s, st in d.states.items():
             g = G0[s].astype(jnp.float32)
-            if st.when == "new" and st.log is not None:
-                a0 = jnp.exp(lax_index(logs[s][0], st.ldims.index(scan), 0))
+            if st.when == "new" and st.log is not None:  # dS_0 = a_0 G_0 (a sequence's first step)
+                a0, a0_dims = time.first(jnp.exp(logs[s][0]), st.ldims, pd)
                 if st.signs:
-                    a0 = a0 * lax_index(logs[s][1], st.ldims.index(scan), 0)
-                g = g * align(a0, tuple(x for x in st.ldims if x != scan), st.dims)
+                    a0 = a0 * time.first(logs[s][1], st.ldims, pd)[0]
+                g = g * align(a0, a0_dims, st.dims)
             grads["state:" + s] = to_dims(g, st.dims, decl[s])
         return grads
 
@@ -213,15 +225,13 @@ class Backward:
                 sg = sg * jnp.broadcast_to(align(jnp.sign(env[s]), self.by[s].dims, st.ldims), full)
         return lg, sg
 
-    def _shift(self, log, st):
-        """The adjoint's decay at reversed step t is a_{t+1} (1 past the end) for reads after the update."""
+    def _shift(self, log, st, time):
+        """The adjoint's decay at reversed step t is a_{t+1} (1 past a sequence's end) for reads after the update."""
         if log is None or st.when == "prev":
             return log
         ax = st.ldims.index(self.p.scan)
         lg, sg = log
-        lg = _shift_forward(lg, ax, 0.0)
-        sg = None if sg is None else _shift_forward(sg, ax, 1.0)
-        return lg, sg
+        return time.next(lg, ax, 0.0), None if sg is None else time.next(sg, ax, 1.0)
 
     def _feed(self, part, env, dterms, logs) -> dict:
         out = {}
@@ -246,30 +256,63 @@ class Backward:
         return flip
 
 
-def lax_index(x, axis, i):
-    return jax.lax.index_in_dim(x, i, axis=axis, keepdims=False)
+class _Time:
+    """Where sequences start and end along the scan dim: each batch row one sequence of all T steps, or packed
+    sequences at offsets `cu` (in a batch of one; their states lie along the packed dim)."""
 
+    def __init__(self, T: int, scan: str, cu=None):
+        self.T, self.scan, self.cu = T, scan, cu
+        if cu is not None:
+            cu = jnp.asarray(cu, jnp.int32)
+            self.cu = cu
+            t = jnp.arange(T)
+            self.end = cu[1:][jnp.searchsorted(cu[1:], t, side="right")]  # one past each step's sequence
+            self.lens = cu[1:] - cu[:-1]
 
-def _ldims(p, st):
-    """The dims of a state's log-decay cotangent: the log's dims, the scan dim and the state's batch dims."""
-    return p.order(set(st.ldims) | set(st.batch) | {p.scan})
+    def next(self, x, ax, fill):
+        """y[t] = x[t+1] within a sequence, `fill` at each sequence's last step."""
+        pad = jnp.full_like(jax.lax.slice_in_dim(x, 0, 1, axis=ax), fill)
+        y = jnp.concatenate([jax.lax.slice_in_dim(x, 1, x.shape[ax], axis=ax), pad], axis=ax)
+        if self.cu is None:
+            return y
+        shape = [1] * x.ndim
+        shape[ax] = self.T
+        return jnp.where((jnp.arange(self.T) == self.end - 1).reshape(shape), fill, y)
 
+    def revcumsum(self, x, ax):
+        """Sum over the steps from t to the end of t's sequence."""
+        r = jnp.flip(jnp.cumsum(jnp.flip(x, ax), axis=ax), ax)
+        if self.cu is None:
+            return r
+        rp = jnp.concatenate([r, jnp.zeros_like(jax.lax.slice_in_dim(r, 0, 1, axis=ax))], axis=ax)
+        return r - jnp.take(rp, self.end, axis=ax)
 
-def _shift_forward(x, ax, fill):
-    """y[t] = x[t+1], fill at the last step."""
-    pad = jnp.full_like(jax.lax.slice_in_dim(x, 0, 1, axis=ax), fill)
-    return jnp.concatenate([jax.lax.slice_in_dim(x, 1, x.shape[ax], axis=ax), pad], axis=ax)
+    def at_last(self, last, last_dims, dims, pd):
+        """`last` (dims without the scan dim; packed: one entry per sequence along pd) placed at each sequence's
+        last step of an array over `dims`, zero elsewhere."""
+        scan = self.scan
+        if self.cu is None:
+            onehot = (jnp.arange(self.T) == self.T - 1).astype(jnp.float32)
+            return align(last, last_dims, dims) * align(onehot, (scan,), dims)
+        ax = last_dims.index(pd)
+        lm = jnp.moveaxis(last, ax, 0)
+        lm = jnp.where((self.lens > 0).reshape((-1,) + (1,) * (lm.ndim - 1)), lm, 0.0)
+        out = jnp.zeros((self.T,) + lm.shape[1:], lm.dtype).at[jnp.maximum(self.cu[1:] - 1, 0)].add(lm)
+        rest = tuple(x for x in last_dims if x != pd)
+        return align(out, (scan,) + rest, dims)
 
-
-def _shift_back(x, ax):
-    """y[t] = x[t+1], 0 at the last step (a share at step t+1 credited to step t)."""
-    return _shift_forward(x, ax, 0.0)
-
-
-def _onehot_last(T, ax, ndim):
-    shape = [1] * ndim
-    shape[ax] = T
-    return (jnp.arange(T) == T - 1).astype(jnp.float32).reshape(shape)
+    def first(self, x, dims, pd):
+        """x at each sequence's first step: (array, its dims). Packed: one entry per sequence along pd (an empty
+        sequence's is 1: its state passes through)."""
+        scan_ax = dims.index(self.scan)
+        if self.cu is None:
+            return jax.lax.index_in_dim(x, 0, axis=scan_ax, keepdims=False), dims[:scan_ax] + dims[scan_ax + 1:]
+        v = jnp.take(x, jnp.minimum(self.cu[:-1], self.T - 1), axis=scan_ax)
+        shape = [1] * v.ndim
+        shape[scan_ax] = -1
+        v = jnp.where((self.lens > 0).reshape(shape), v, 1.0)
+        v = jnp.squeeze(v, dims.index(pd))
+        return v, tuple(pd if k == scan_ax else d for k, d in enumerate(dims) if d != pd)
 
 
 def _to(v, src, dst, sizes):

@@ -277,7 +277,9 @@ class Kernel:
         if f is not None:
             return f
         opts = dict(options)
-        bw = self._derived_backward() if not meta.seqs and not opts else None
+        bw = self._derived_backward() if not opts else None
+        if bw is not None and meta.seqs and not bw.packable:
+            bw = None
         if bw is not None:
             f = self._derivative_fns[key] = self._adjoint_call(meta, bw)
             return f
@@ -315,8 +317,8 @@ class Kernel:
 
         def bwd(arrays, cts):
             base = meta.dtypes(self.matmul)[0]
-            g = bw.vjp(meta, arrays, dict(zip(names, cts)), base)
-            return ({n: (g[n] if n in g else jnp.zeros_like(v)).astype(jnp.asarray(v).dtype)
+            g = bw.vjp(meta, arrays, dict(zip(names, cts)), base, cu=arrays.get(CU_KEY))
+            return ({n: None if n == CU_KEY else (g[n] if n in g else jnp.zeros_like(v)).astype(jnp.asarray(v).dtype)
                      for n, v in arrays.items()},)
 
         call.defvjp(fwd, bwd)

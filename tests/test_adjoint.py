@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import ssmc
-from reference import VARIANTS, reference_gradients, rel_l2
+from reference import VARIANTS, full_gradient, reference_gradients, rel_l2
 from ssmc.errors import SSMCError
 
 T, CHUNK = 10, 4  # 10 = 4 + 4 + 2 (tpu: 8 + 2): a partial last chunk
@@ -32,9 +32,8 @@ TINY = {
 }
 KV_TINY = {"b": 1, "t": T, "h": 2, "dk": 3, "dv": 4}
 DERIVED = [n for n in VARIANTS if n != "deltanet"]  # deltanet's transition is non-diagonal: XLA derivatives
-FAST = {("xla", "mamba2"), ("xla", "rwkv6"), ("triton", "mamba2")}
-CASES = [pytest.param(t, n, id=f"{t}-{n}", marks=() if (t, n) in FAST else pytest.mark.slow)
-         for t in ("xla", "triton", "tpu") for n in DERIVED]
+# conftest.py keeps the first cases of the parametrization in the fast set, the others slow
+CASES = [pytest.param(t, n, id=f"{t}-{n}") for t in ("xla", "triton", "tpu") for n in DERIVED]
 
 
 @functools.lru_cache(maxsize=None)
@@ -167,3 +166,47 @@ def test_non_diagonal_spec_says_why():
     assert k._derived_backward() is None and "non-diagonal" in k.backward_note
     with pytest.raises(SSMCError, match="no derived backward"):
         k.backward_source
+
+
+PACKED = [pytest.param("xla", "gla"), pytest.param("triton", "rwkv6", marks=pytest.mark.slow),
+          pytest.param("tpu", "retnet", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("target,name", PACKED)
+def test_packed_derived_gradients(sx, rng, target, name):
+    """A packed call (cu_seqlens, an empty and a one-step sequence among them) differentiated by the derived
+    backward: the adjoint walks the reversed packing (offsets T - cu[::-1]), the log-decays' sums restart per
+    sequence. Against the full float64 finite-difference gradient of the reference run per sequence."""
+    from test_packed import _offsets, expected_example
+    v = VARIANTS[name]
+    lens = [4, 0, 1, 6]
+    k = _kernel(name, target)
+    inputs = v.make_inputs(rng, {**KV_TINY, "t": sum(lens)})
+    init = v.make_initial_states(rng, {**KV_TINY, "b": len(lens)})
+    outs = expected_example(k, name, inputs, init, lens)
+    w = [rng.standard_normal(np.shape(o)) for o in outs]
+    cu = _offsets(lens)
+    ins = {n: jnp.asarray(a) for n, a in inputs.items()}
+    st = {n: jnp.asarray(a) for n, a in init.items()}
+    w32 = [jnp.asarray(x, jnp.float32) for x in w]
+    if target == "xla":
+        meta, arrays = k._bound((), dict(ins), None, st, cu)
+        names = [n for n, _ in k.outs] + ["state:" + s for s, _ in k.states]
+        got = k._derived_backward().vjp(meta, arrays, dict(zip(names, w32)), jnp.float32, cu=jnp.asarray(cu))
+    else:
+        assert k._derived_backward().packable
+
+        def loss(i, s):
+            return sum(jnp.sum(r * c) for r, c in zip(k.apply(i, s, cu_seqlens=cu), w32))
+        gi, gs = jax.grad(loss, argnums=(0, 1))(ins, st)
+        got = {**gi, **{"state:" + n: a for n, a in gs.items()}}
+    arrays64 = {**{n: np.asarray(a, np.float64).copy() for n, a in inputs.items()},
+                **{"state:" + n: np.asarray(a, np.float64).copy() for n, a in init.items()}}
+
+    def ref_loss():
+        res = expected_example(k, name, {n: arrays64[n] for n in inputs}, {n: arrays64["state:" + n] for n in init},
+                               lens)
+        return sum(float(np.sum(r * c)) for r, c in zip(res, w))
+    want = full_gradient(ref_loss, arrays64)
+    bad = {n: e for n, g in want.items() if not (e := rel_l2(np.asarray(got[n], np.float64), g)) < 1e-4}
+    assert not bad, f"{name} packed on {target}: {bad}"
