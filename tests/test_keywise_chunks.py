@@ -219,8 +219,8 @@ def check(name, target, chunk, sub, T, rng, monkeypatch):
 
 # (chunk, sub, T): the default (one partial chunk of 64 in sub-chunks of 16; xla on CPU: three chunks of 16 in
 # sub-chunks of 4, the last partial), two chunks of 32 in sub-chunks of 8 and
-# 16 with a partial last one, and 64 / 16 over two chunks
-CONFIGS = [(None, None, 37), (32, 8, 45), (32, 16, 45), (64, 16, 100)]
+# 16 with a partial last one
+CONFIGS = [(None, None, 37), (32, 8, 45), (32, 16, 45)]
 
 
 # the fast set (-m "not slow") keeps the default and 32 / 8 on xla, and the specs of FAST on the interpreters
