@@ -19,7 +19,7 @@ group-indexed factor before its `expand`), so a causal conv or any other prologu
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ssmc.errors import SSMCError
 from ssmc.ir import Array, Instr, Namer, Program, make
@@ -68,7 +68,7 @@ class Derivation:
     rest: dict[str, list]               # readout value -> state-free Prods of its linear form
     helpers: list[Instr]                # analysis helpers (logs of decays, reciprocals) the caller evaluates
     linear_outs: bool                   # the outs are linear in the readouts (no R program needed)
-    notes: list[str] = field(default_factory=list)
+    dep: dict[str, bool]                # forward value -> whether it depends on a state
 
 
 def derive(p: Program) -> Derivation:
@@ -117,8 +117,8 @@ def derive(p: Program) -> Derivation:
                 an.lin(i.args[0])
             except NotLinear:
                 linear_outs = False
-    b = _Builders(p, an, states, plan, scan)
-    d = Derivation(p, {}, {}, {}, states, readouts, rest, [], linear_outs)
+    b = _Builders(p, an, states, plan)
+    d = Derivation(p, {}, {}, {}, states, readouts, rest, [], linear_outs, dict(an.dep))
     for part in ("dq", "adj") + (() if linear_outs else ("readouts",)):
         prog, inputs, cots, outs = b.build(part)
         d.programs[part], d.inputs[part], d.cots[part] = prog, inputs, cots
@@ -132,14 +132,15 @@ _IDENT = re.compile(r"[A-Za-z_]\w*$")
 
 
 class _Builders:
-    def __init__(self, p, an, states, plan, scan):
-        self.p, self.an, self.states, self.plan, self.scan = p, an, states, plan, scan
+    def __init__(self, p, an, states, plan):
+        self.p, self.an, self.states, self.plan, self.scan = p, an, states, plan, p.scan
 
     def build(self, part: str):
         p, an = self.p, self.an
         taken = {a.name for a in p.states}  # array names of the new program (identifiers)
         ssa = Namer({i.name for i in p.instrs} | {i.name for i in an.new})
         instrs: list[Instr] = []
+        dims_of: dict[str, tuple] = {}  # value -> its dims, as instructions are added
         inputs: list[Array] = []
         held: dict[str, str] = {}  # input array -> what it holds
         local: dict[str, str] = {}  # forward value -> its name in the new program
@@ -147,6 +148,7 @@ class _Builders:
         def add(op, args, dims, span=None, hint=None, **attrs) -> str:
             i = make(ssa(hint), op, args, p.order(dims), span, **attrs)
             instrs.append(i)
+            dims_of[i.name] = i.dims
             return i.name
 
         def array(hint: str, dims, holds: str, span=None) -> str:
@@ -177,18 +179,18 @@ class _Builders:
             ops = [value(f) for f in factors] + list(extra)
             if coef != 1.0:
                 ops.insert(0, add("const", (), (), value=float(coef)))
-            have = set().union(*(set(_dims(instrs, o)) for o in ops))
+            have = set().union(*(set(dims_of[o]) for o in ops))
             if not set(dims) <= have:
                 raise NotAdjointable(f"a product broadcasts along {sorted(set(dims) - have)} (at {span})")
             acc = ops[0]
             for k, o in enumerate(ops[1:], 1):
-                both = set(_dims(instrs, acc)) | set(_dims(instrs, o))
-                rest = set().union(*(set(_dims(instrs, x)) for x in ops[k + 1:]))
+                both = set(dims_of[acc]) | set(dims_of[o])
+                rest = set().union(*(set(dims_of[x]) for x in ops[k + 1:]))
                 keep = both & (set(dims) | rest)
                 acc = add("mul" if keep == both else "contract", (acc, o), keep, span)
-            if set(_dims(instrs, acc)) != set(dims):
+            if set(dims_of[acc]) != set(dims):
                 acc = add("reduce", (acc,), dims, span, kind="sum",
-                          over=tuple(x for x in _dims(instrs, acc) if x not in dims))
+                          over=tuple(x for x in dims_of[acc] if x not in dims))
             return acc
 
         dr: dict[str, str] = {}
@@ -263,17 +265,18 @@ class _Builders:
                 need = set(s.ldims) | set(s.batch) if s.log is not None else set()
                 # dℓ takes <f, d f> over the dims outside the decay's: one factor per term keeps the decay's dims
                 pick = next((k for k in live if need <= set(an.by[factors[k]].dims)), live[0] if live else None)
+                chosen = False  # the picked factor's cotangent keeps the decay's dims
                 for k in live:
                     f = factors[k]
                     others = factors[:k] + factors[k + 1:]
                     keep = set(an.by[f].dims) | set(s.batch) | {self.scan} | (need if k == pick else set())
                     have = set(s.dims) | {self.scan} | set().union(*(set(an.by[o].dims) for o in others)) \
-                        | set().union(*(set(_dims(instrs, e)) for e in extra))
+                        | set().union(*(set(dims_of[e]) for e in extra))
                     keep = p.order(keep & have)
                     v = product(coef, others, keep, extra + (G,), span)
                     name = out(v, f"d_{_readable(an.by[f])}", keep, an.by[f].span)
                     cots.append(Cot(name, f, keep, state, sign, k == pick and need <= set(keep), when))
-                chosen = pick is not None and need <= set(cots[-len(live)+live.index(pick)].dims) if live else False
+                    chosen = chosen or cots[-1].for_decay
                 if s.log is not None and not chosen:
                     raise NotAdjointable(f"state '{state}': no factor of a {'readout term' if sign > 0 else 'update'} "
                                          f"carries the decay's dims {list(s.ldims)}")
@@ -308,13 +311,6 @@ def _ident(n: str) -> str:
 
 def _readable(i: Instr) -> str:
     return _ident(i.attr("array") or i.name)
-
-
-def _dims(instrs, name):
-    for i in reversed(instrs):
-        if i.name == name:
-            return i.dims
-    raise KeyError(name)
 
 
 @dataclass(frozen=True)

@@ -76,8 +76,7 @@ def compile(spec, target: str = "xla", chunk_size: int | None = None, dump: bool
     interpret: kernel targets only (triton, tpu): run the generated kernels in their CPU interpreter.
     segments: kernel targets, chunked forms: split the sequence into this many segments (1: one walk); None picks
     per call from the sizes and the device (targets/kernel_runtime.pick_segments)."""
-    from ssmc.passes import parse_pipeline, run_pipeline
-    from ssmc.targets import ENTRY_CONTRACT, get_target
+    from ssmc.targets import get_target
 
     if matmul not in ("auto", "float32"):
         raise SSMCError(f"matmul must be 'auto' or 'float32', got {matmul!r}")
@@ -102,15 +101,11 @@ def compile(spec, target: str = "xla", chunk_size: int | None = None, dump: bool
     # SSMC_AUTOSCHEDULE decides whether compile attaches a measured schedule (ssmc/autoschedule.py): part of the key
     mkey = (_SPAN.sub("", ir), tgt.name, pipeline, matmul, bool(interpret), str(out_dtype), segments,
             os.environ.get("SSMC_AUTOSCHEDULE", "1") != "0")
-    if cache and dump_dir is None:
-        with _LOCK:
-            hit = _MEMORY.get(mkey)
-            if hit is not None:
-                _MEMORY.move_to_end(mkey)
-        if hit is not None:
-            _warn_unused_chunk_size(hit, chunk_size)
-            _warn_unused_segments(hit, segments)
-            return hit
+    hit = _memo_get(mkey) if cache and dump_dir is None else None
+    if hit is not None:
+        _warn_unused_chunk_size(hit, chunk_size)
+        _warn_unused_segments(hit, segments)
+        return hit
     k = _build(program, tgt, pipeline, matmul, interpret, out_dtype, cache, dump_dir is None, t0)
     if segments is not None:
         k._opts["segments"] = segments
@@ -119,11 +114,7 @@ def compile(spec, target: str = "xla", chunk_size: int | None = None, dump: bool
     if dump_dir is not None:
         k.dump(dump_dir)
     if cache:
-        with _LOCK:
-            _MEMORY[mkey] = k
-            _MEMORY.move_to_end(mkey)
-            while len(_MEMORY) > MEMORY_KERNELS:
-                _MEMORY.popitem(last=False)
+        _memo_put(mkey, k)
     _warn_unused_chunk_size(k, chunk_size)
     _warn_unused_segments(k, segments)
     return k
@@ -173,17 +164,30 @@ def compile_program(program, target: str, pipeline: str, matmul: str = "auto", i
     tgt.prepare(bool(interpret))
     out_dtype = _out_dtype_option(out_dtype)
     mkey = ("program", _SPAN.sub("", program.text()), tgt.name, pipeline, matmul, bool(interpret), str(out_dtype))
-    with _LOCK:
-        hit = _MEMORY.get(mkey)
-    if hit is not None and cache:
+    hit = _memo_get(mkey) if cache else None
+    if hit is not None:
         return hit
     k = _build(program, tgt, pipeline, matmul, interpret, out_dtype, cache, True, time.perf_counter())
     if cache:
-        with _LOCK:
-            _MEMORY[mkey] = k
-            while len(_MEMORY) > MEMORY_KERNELS:
-                _MEMORY.popitem(last=False)
+        _memo_put(mkey, k)
     return k
+
+
+def _memo_get(mkey):
+    """The in-process kernel memo (an LRU of MEMORY_KERNELS kernels): the kernel under mkey, now most recent."""
+    with _LOCK:
+        hit = _MEMORY.get(mkey)
+        if hit is not None:
+            _MEMORY.move_to_end(mkey)
+    return hit
+
+
+def _memo_put(mkey, k) -> None:
+    with _LOCK:
+        _MEMORY[mkey] = k
+        _MEMORY.move_to_end(mkey)
+        while len(_MEMORY) > MEMORY_KERNELS:
+            _MEMORY.popitem(last=False)
 
 
 def _warn_unused_chunk_size(k: "Kernel", chunk_size) -> None:

@@ -60,22 +60,13 @@ class Backward:
         for i in self.p.instrs:
             if i.op in ("input", "window"):
                 env.set(i.name, xs[i.name])
-            elif i.op in ("state", "update", "out", "final") or self._dep(i.name):
+            elif i.op in ("state", "update", "out", "final") or self.d.dep[i.name]:
                 continue
             else:
                 env.run(i)
         for i in self.d.helpers:
             env.run(i)
         return env
-
-    def _dep(self, name) -> bool:
-        dep = self.__dict__.get("_depmap")
-        if dep is None:
-            dep = {}
-            for i in self.p.instrs:
-                dep[i.name] = i.op == "state" or any(dep[a] for a in i.args)
-            self._depmap = dep
-        return dep[name]
 
     def _epilogue(self, xs, terms, sizes):
         """(outs, window finals) from the inputs and the readouts' state terms."""
