@@ -26,6 +26,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 import _tree  # noqa: E402,F401  (ssmc from the working tree, installed or not)
 
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")   # jax and torch share the GPU
+
 SPEC = str(ROOT / "examples" / "mamba2.ssm")
 SHAPES = {"S1": dict(b=4, l=2048, h=80, p=64, n=128, g=1),
           "S2": dict(b=4, l=8192, h=80, p=64, n=128, g=1),
@@ -40,7 +42,7 @@ def rel(a, b) -> float:
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
 
 
-def run_shape(name, s, repeats, check_ref):
+def run_shape(name, s, repeats, check_ref, profile=False):
     import jax
     import jax.numpy as jnp
     import torch
@@ -62,12 +64,16 @@ def run_shape(name, s, repeats, check_ref):
 
     def loss(x, dt, A, B, C, D, w):
         return jnp.sum(k(x, dt, A, B, C, D)[0].astype(jnp.float32) * w.astype(jnp.float32))
-    g = jax.jit(jax.grad(loss, argnums=tuple(range(6))))
-    grads = jax.block_until_ready(g(*js, jw))
+    # value_and_grad: the loss needs the forward's y, as in training (jax.grad alone would let XLA drop the
+    # forward kernel, whose value the gradient does not use)
+    g = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6))))
+    _, grads = jax.block_until_ready(g(*js, jw))
     rec["ssmc_backward"] = k.backward_note
     ma = g.lower(*js, jw).compile().memory_analysis()
     rec["ssmc_peak_MB"] = (ma.temp_size_in_bytes + ma.output_size_in_bytes) / 2**20 if ma is not None else None
     rec["ssmc_ms"] = gpu.time_jax(g, [(*js, jw)], repeats=repeats)
+    if profile:
+        rec["ssmc_kernels"] = kernel_times(lambda: g(*js, jw))
     fwd = jax.jit(lambda *a: k(*a)[0])
     rec["ssmc_fwd_ms"] = gpu.time_jax(fwd, [js], repeats=repeats)
 
@@ -94,6 +100,8 @@ def run_shape(name, s, repeats, check_ref):
     rec["mamba_ssm_ms"] = gpu.time_torch_loop(lambda: torch_step(), [()], repeats=repeats)
     rec["mamba_ssm_fwd_ms"] = gpu.time_torch_loop(
         lambda: f(*[t.detach() for t in leaves[:5]], chunk_size=256, D=leaves[5].detach()), [()], repeats=repeats)
+    if profile:
+        rec["mamba_ssm_kernels"] = kernel_times(torch_step, sync=lambda o: torch.cuda.synchronize())
     rec["ratio"] = rec["ssmc_ms"] / rec["mamba_ssm_ms"]
     rec["ssmc_peak_MB"] = None if rec["ssmc_peak_MB"] is None else rec["ssmc_peak_MB"] + in_bytes / 2**20
     for n, a, b in zip(ORDER, grads, tg):
@@ -112,6 +120,77 @@ def run_shape(name, s, repeats, check_ref):
     del grads, tg, leaves
     torch.cuda.empty_cache()
     return rec
+
+
+def kernel_times(f, calls=5, top=14, sync=None) -> list:
+    """Per GPU kernel: (name, calls per step, us per step) over `calls` steps of f, from torch's profiler (CUPTI
+    records every kernel the process launches: XLA's fusions and the Triton kernels jax runs included)."""
+    import jax
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    sync = sync or jax.block_until_ready
+    sync(f())
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            out = f()
+        sync(out)
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if us:
+            rows.append((e.key[:90], e.count / calls, us / calls))
+    rows.sort(key=lambda r: -r[2])
+    total = sum(r[2] for r in rows)
+    print(f"  kernels per step: {total:.0f} us in all", flush=True)
+    for name, n, us in rows[:top]:
+        print(f"  {us:9.1f} us  x{n:4.1f}  {name}", flush=True)
+    return [dict(name=n, calls=c, us=u) for n, c, u in rows[:top]] + [dict(name="(all)", us=total)]
+
+
+def parts(name, s, repeats) -> list[dict]:
+    """Each derived kernel of the Mamba2 layer (dq, adj) alone at one shape, on the dtypes the backward feeds it
+    (x, B, C, dt, dy bf16; log-decays fp32), for each segment count and out dtype: where the backward's time
+    goes, and what the launcher's choices cost."""
+    import jax
+    import jax.numpy as jnp
+
+    import gpu
+    import ssmc
+    from ssmc.api import compile_program
+    k = ssmc.compile(SPEC, target="triton")
+    bw = k._derived_backward()
+    sizes = dict(b=s["b"], t=s["l"], h=s["h"], p=s["p"], n=s["n"], g=s["g"])
+    key = jax.random.PRNGKey(0)
+    out = []
+    for part, prog in bw.d.programs.items():
+        ins = {}
+        for n, dims in bw.kernels[part].inputs:
+            key, sub = jax.random.split(key)
+            shape = [sizes[d] for d in dims]
+            if n.startswith("log_a"):
+                ins[n] = -jax.random.uniform(sub, shape, jnp.float32, 1e-3, 0.3)
+            elif n == "dt":
+                ins[n] = jax.random.uniform(sub, shape, jnp.float32, 1e-3, 0.1).astype(jnp.bfloat16)
+            else:
+                ins[n] = jax.random.normal(sub, shape, jnp.float32).astype(jnp.bfloat16)
+        for od in ("float32", "bfloat16"):
+            for seg in (None, 2, 4, 8):
+                kk = compile_program(prog, target="triton", pipeline=k.pipeline, out_dtype=od, cache=False)
+                if seg is not None:
+                    kk._opts["segments"] = seg
+                f = jax.jit(lambda i, kk=kk: kk.apply(i))
+                rec = dict(shape=name, part=part, out_dtype=od, segments=seg)
+                try:
+                    rec["ms"] = gpu.time_jax(f, [(ins,)], repeats=repeats)
+                except Exception as e:  # noqa: BLE001
+                    rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                print(json.dumps(rec), flush=True)
+                out.append(rec)
+    from ssmc.targets import triton_runtime as tr
+    for kk, v in list(tr._TUNED.items())[-12:]:
+        print("tuned", kk[:100], v, flush=True)
+    return out
 
 
 def check_examples(seed=0) -> list[dict]:
@@ -167,14 +246,21 @@ def main():
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--check-examples", action="store_true", help="first: every example's gradients on the GPU "
                     "against the float64 references")
+    ap.add_argument("--parts", nargs="*", default=[], choices=list(SHAPES), help="time each derived kernel "
+                    "alone at these shapes, by segment count and out dtype (and nothing else)")
+    ap.add_argument("--profile", action="store_true", help="per-kernel times of ssmc's forward+backward")
     args = ap.parse_args()
     import anchors as an
     import jax
+    if args.parts:
+        for name in args.parts:
+            parts(name, SHAPES[name], args.repeats)
+        return
     checks = check_examples() if args.check_examples else []
     recs = []
     for name in args.shapes:
         try:
-            rec = run_shape(name, SHAPES[name], args.repeats, check_ref=name in ("S1", "S3"))
+            rec = run_shape(name, SHAPES[name], args.repeats, check_ref=name in ("S1", "S3"), profile=args.profile)
         except Exception as e:  # noqa: BLE001
             rec = dict(shape=name, error=f"{type(e).__name__}: {str(e)[:400]}")
         recs.append(rec)

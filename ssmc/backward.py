@@ -110,6 +110,13 @@ class Backward:
                 a = jnp.zeros([ssz[dd] for dd in decl[name]], dtype)
             xs[i.name] = to_dims(jnp.asarray(a).astype(jnp.promote_types(a.dtype, dtype)), decl[name], i.dims)
         states0 = {s.name: arrays.get("state:" + s.name) for s in d.states.values()}
+        # the kernels' matmul operands keep the forward's precision: an input fed to them as is goes in its own
+        # dtype (bf16 x, B, C stay bf16), the readouts' cotangents in the activations' dtype (bf16 dots with
+        # fp32 accumulation, as the forward); computed factors and log-decays stay fp32
+        mm = meta.dtypes(self.k.matmul)[1]
+        own = {i.name: jnp.dtype(arrays[key[i.name]].dtype) for i in leaves if i.op == "input" and key[i.name] in arrays}
+        low = {n: dt for n, dt in own.items() if dt.itemsize < jnp.dtype(dtype).itemsize}
+        feed_dt = (low, None if mm == jnp.dtype(dtype) else mm)
         # 1. the epilogue's cotangents
         zeros = {r: jnp.zeros([sizes[x] for x in dims], dtype) for r, (dims, _) in d.readouts.items()}
         env = self._env(xs, sizes)
@@ -118,7 +125,7 @@ class Backward:
             terms = zeros
         else:
             rk = self.kernels["readouts"]
-            res = rk.apply(self._feed("readouts", env, {}, logs), _init(states0, d.states, decl), **call)
+            res = rk.apply(self._feed("readouts", env, {}, logs, feed_dt), _init(states0, d.states, decl), **call)
             named = dict(zip([n for n, _ in rk.outs], res))
             terms = {r: named[out] for r, (_, out) in d.readouts.items()}
         dy = {o.name: _ct(cts.get(o.name), o.dims, o.dims, sizes, dtype) for o in p.outs}
@@ -135,14 +142,15 @@ class Backward:
         dxs_e, dterms = epi_vjp((dy, dwin))
         # 2. the recurrences' adjoints
         dq_k = self.kernels["dq"]
-        res = dq_k.apply(self._feed("dq", env, dterms, logs), _init(states0, d.states, decl), **call)
+        res = dq_k.apply(self._feed("dq", env, dterms, logs, feed_dt), _init(states0, d.states, decl), **call)
         n_out = len(dq_k.outs)
         dq = dict(zip([n for n, _ in dq_k.outs], res[:n_out]))
         finals = dict(zip([n for n, _ in dq_k.states], res[n_out:]))
         dST = {s: _ct(cts.get("state:" + s), decl[s], d.states[s].dims, ssz, dtype) for s in d.states}
         adj_k = self.kernels["adj"]
         flip = self._flipper()
-        feed = self._feed("adj", env, dterms, {s: self._shift(lg, d.states[s], time) for s, lg in logs.items()})
+        feed = self._feed("adj", env, dterms, {s: self._shift(lg, d.states[s], time) for s, lg in logs.items()},
+                          feed_dt)
         # reversed time: a packed call's sequences come in reverse order, each reversed (offsets T - cu[::-1])
         rev = {} if cu is None else {"cu_seqlens": sizes[scan] - jnp.flip(cu)}
         seqflip = (lambda s, x: x) if cu is None else (lambda s, x: jnp.flip(x, d.states[s].dims.index(pd)))
@@ -224,12 +232,17 @@ class Backward:
         lg, sg = log
         return time.next(lg, ax, 0.0), None if sg is None else time.next(sg, ax, 1.0)
 
-    def _feed(self, part, env, dterms, logs) -> dict:
+    def _feed(self, part, env, dterms, logs, dts) -> dict:
+        """The `part` program's inputs. dts: ({input instruction: its array's own narrower dtype}, the
+        activations' matmul dtype or None)."""
+        low, mm = dts
         out = {}
         for name, holds in self.d.inputs[part].items():
             kind, _, what = holds.partition(":")
             if kind == "dr":
-                out[name] = dterms[what]
+                out[name] = dterms[what] if mm is None else dterms[what].astype(mm)
+            elif holds in low:
+                out[name] = env[holds].astype(low[holds])  # exact: it was widened from this dtype
             elif kind == "ln":
                 out[name] = logs[what][0]
             elif kind == "sign":

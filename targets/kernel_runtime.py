@@ -141,17 +141,21 @@ def out_specs(layout: dict, sizes: dict, out_dtype) -> list[tuple[tuple[int, ...
 # L=16384 1.62 -> 1.21 (10); b=2 h=80 (160 programs) L=16384: 1.71 one walk, no segment count faster. The
 # constants, in one place:
 SEG_BELOW = 1.0         # segment only while (batch x heads x blocks) programs are fewer than SEG_BELOW x the cores
+SEG_BELOW_WHOLE = 3.0   # the same for a walk with no split dim: each program holds its whole state tile, so fewer
+                        # fit on an SM (H200, Mamba2's derived adjoint walk at b=4 h=80 L=8192, 320 programs: one
+                        # walk 4.72 ms, 2/4/8 segments 3.86/3.77/3.87; its dq walk, split in two, 640 programs: one
+                        # walk 1.79 ms, 2 segments 2.00)
 SEG_TARGET = 8          # then aim at programs x segments = SEG_TARGET x the cores (several programs share an SM)
 SEG_MIN_CHUNKS = 32     # every segment walks at least this many chunks
 SEG_MAX = 64            # and no more segments than this (the scan across them runs serially)
 DEFAULT_CORES = 132     # cores assumed where no device says (the interpreters): an H200's SMs
 
 
-def pick_segments(n_chunks: int, programs: int, cores: int) -> int:
+def pick_segments(n_chunks: int, programs: int, cores: int, below: float = SEG_BELOW) -> int:
     """The number of segments for a walk of `n_chunks` chunks by `programs` programs on `cores` cores: 1 when the
     programs already occupy the cores, else about SEG_TARGET x cores / programs, each of at least SEG_MIN_CHUNKS
     chunks. Mamba2 on an H200 (132 SMs, chunk 64, h=80): b=1 L=65536 -> 14, b=4 L=2048 -> 1."""
-    if programs >= SEG_BELOW * cores:
+    if programs >= below * cores:
         return 1
     want = -(-SEG_TARGET * cores // max(1, programs))
     return max(1, min(want, n_chunks // SEG_MIN_CHUNKS, SEG_MAX))
@@ -163,7 +167,8 @@ def segments(layout: dict, sizes: dict, forced: int | None, cores: int) -> tuple
     n_chunks = max(1, -(-sizes[layout["scan"]] // layout["Q"])) if layout["Q"] else 1
     if forced is None:
         blocks = math.prod(-(-sizes[d] // 64) for d in layout["split"])  # the heuristic's blocks of at most 64
-        n = pick_segments(n_chunks, math.prod(sizes[d] for d in layout["grid"]) * blocks, cores)
+        n = pick_segments(n_chunks, math.prod(sizes[d] for d in layout["grid"]) * blocks, cores,
+                          SEG_BELOW if layout["split"] else SEG_BELOW_WHOLE)
     else:
         n = forced
     n = max(1, min(int(n), n_chunks))

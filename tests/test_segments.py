@@ -141,6 +141,12 @@ def test_pick_segments_heuristic():
     assert pick_segments(SEG_MIN_CHUNKS + 3, 1, 132) == 1
     n = pick_segments(100, 1, 132)
     assert 1 < n and 100 // n >= SEG_MIN_CHUNKS
+    # a walk whose programs hold the whole state tile (no split dim: the derived adjoint) segments below 3x the
+    # cores: b=4 L=8192 h=80 -> 320 programs, 128 chunks -> 4 segments; b=4 L=2048 still walks once (32 chunks)
+    from ssmc.targets.kernel_runtime import SEG_BELOW_WHOLE
+    assert pick_segments(8192 // 64, 4 * 80, 132) == 1
+    assert pick_segments(8192 // 64, 4 * 80, 132, SEG_BELOW_WHOLE) == 4
+    assert pick_segments(2048 // 64, 4 * 80, 132, SEG_BELOW_WHOLE) == 1
 
 
 def test_segments_of_a_call():
