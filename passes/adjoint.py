@@ -5,8 +5,8 @@ given the readouts' cotangents dr (design-notes "Backward"):
   * part=dq   the forward recurrence again (same decay, same updates) whose outs are the cotangents of the
               readouts' query factors: d q_τ = c_τ dr · S (the dims q_τ does not carry summed);
   * part=adj  the adjoint G_t = a_{t+1} ⊙ G_{t+1} + Σ_τ c_τ q_τ ⊗ dr_t, a forward recurrence of the same decay
-              class over reversed time (the caller flips the timed inputs; the log-decay is shifted one step and
-              0 at the first reversed step; G starts from the final state's cotangent); its outs are the
+              class over reversed time (a reverse-time program, Program.reverse; the log-decay is shifted one
+              step and 0 at the first reversed step; G starts from the final state's cotangent); its outs are the
               cotangents of the update factors: d f = G · (the other factors). A state whose readouts read it
               before its update (r_t = q · S_{t-1}) has G_t = a_t ⊙ G_{t+1} + Σ q_{t+1} ⊗ dr_{t+1} instead: no
               shift, and the update factors' cotangents read G before the step.
@@ -285,12 +285,12 @@ class _Builders:
         prog = Program(f"{p.name}_{part}", tuple(x for x in p.dims if x in used), p.scan, groups, tuple(inputs),
                        tuple(Array(s.name, s.dims) for s in self.states.values()), tuple(outs), tuple(instrs),
                        notes=(f"adjoint{{part={part}}} of `ssm {p.name}`: {_WHAT[part]}",), source=p.source,
-                       filename=p.filename)
+                       filename=p.filename, reverse=part == "adj")
         return prog, held, cots, out_of
 
 
 _WHAT = {"dq": "the forward recurrence; outs: the cotangents of the readouts' query factors",
-         "adj": "the adjoint state over reversed time (the caller flips the timed inputs); outs: the cotangents "
+         "adj": "the adjoint state over reversed time (scan reverse); outs: the cotangents "
                 "of the update factors",
          "readouts": "the forward recurrence; outs: the readouts' state terms (the epilogue is nonlinear in them)"}
 

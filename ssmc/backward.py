@@ -148,17 +148,14 @@ class Backward:
         finals = dict(zip([n for n, _ in dq_k.states], res[n_out:]))
         dST = {s: _ct(cts.get("state:" + s), decl[s], d.states[s].dims, ssz, dtype) for s in d.states}
         adj_k = self.kernels["adj"]
-        flip = self._flipper()
         feed = self._feed("adj", env, dterms, {s: self._shift(lg, d.states[s], time) for s, lg in logs.items()},
                           feed_dt)
-        # reversed time: a packed call's sequences come in reverse order, each reversed (offsets T - cu[::-1])
-        rev = {} if cu is None else {"cu_seqlens": sizes[scan] - jnp.flip(cu)}
-        seqflip = (lambda s, x: x) if cu is None else (lambda s, x: jnp.flip(x, d.states[s].dims.index(pd)))
-        res = adj_k.apply({n: flip(n, v, adj_k) for n, v in feed.items()},
-                          {s: seqflip(s, dST[s]) for s in d.states}, **rev)
+        # a reverse-time program: its walk starts at each sequence's last step (in place on triton; elsewhere
+        # the call flips the timed arrays around the kernels, Kernel._entry)
+        res = adj_k.apply(feed, {s: dST[s] for s in d.states}, **call)
         n_out = len(adj_k.outs)
-        du = {n: flip(n, v, adj_k, out=True) for n, v in zip([n for n, _ in adj_k.outs], res[:n_out])}
-        G0 = {s: seqflip(s, g) for s, g in zip([n for n, _ in adj_k.states], res[n_out:])}
+        du = dict(zip([n for n, _ in adj_k.outs], res[:n_out]))
+        G0 = dict(zip([n for n, _ in adj_k.states], res[n_out:]))
         # 3. the factors' cotangents and the log-decays'
         cot: dict[str, jax.Array] = {}
         dL = {s: None for s in d.states}
@@ -250,14 +247,6 @@ class Backward:
             else:
                 out[name] = env[holds]
         return out
-
-    def _flipper(self):
-        scan = self.p.scan
-
-        def flip(name, v, kern, out=False):
-            dims = dict(kern.outs if out else kern.inputs)[name]
-            return jnp.flip(v, dims.index(scan)) if scan in dims else v
-        return flip
 
 
 class _Time:

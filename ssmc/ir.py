@@ -86,6 +86,7 @@ class Program:
     notes: tuple[str, ...] = ()           # decisions passes made and why (printed as comments)
     source: str = field(default="", compare=False, repr=False)
     filename: str = field(default="<spec>", compare=False, repr=False)
+    reverse: bool = False                 # the scan walks from the last step to the first (the derived adjoint's)
 
     # ---- lookups -------------------------------------------------------------------------------------
     def by_name(self) -> dict[str, Instr]:
@@ -144,7 +145,7 @@ def print_program(p: Program) -> str:
     def arrs(kind, xs):
         return [f"  {kind} " + ", ".join(f"{a.name}[{','.join(a.dims)}]" for a in xs)] if xs else []
 
-    lines = [f"ssm {p.name} {{", f"  dims {', '.join(p.dims)}", f"  scan {p.scan}"]
+    lines = [f"ssm {p.name} {{", f"  dims {', '.join(p.dims)}", f"  scan {p.scan}" + (" reverse" if p.reverse else "")]
     lines += [f"  group {g} -> {h}" for g, h in p.groups]
     lines += arrs("in", p.inputs) + arrs("state", p.states) + arrs("out", p.outs)
     lines += [f"  # {n}" for n in p.notes]

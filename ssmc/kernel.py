@@ -367,6 +367,11 @@ class Kernel:
         """The generated entry on the bound arrays. Every target's entry takes the arrays as declared
         (targets/base.py); here only a missing state becomes zeros, the states enter in the compute dtype and an
         input wider than it (float64 next to float32 inputs) is narrowed to it."""
+        if self.program.reverse and not self._target.reverse_scan:
+            return self._entry_flipped(meta, arrays, **options)
+        return self._entry_walk(meta, arrays, **options)
+
+    def _entry_walk(self, meta: "_Meta", arrays: dict, **options):
         sizes = meta.state_sizes(self.packed_dim)
         base, mm, out_dtype = meta.dtypes(self.matmul)
         if meta.seqs:
@@ -381,6 +386,25 @@ class Kernel:
                 x = x.astype(base)
             call.append(x)
         return tuple(self._fn(*call, mm=mm, out_dtype=out_dtype, **self._opts, **options))
+
+    def _entry_flipped(self, meta: "_Meta", arrays: dict, **options):
+        """A reverse-time program (Program.reverse) on a target whose kernels walk forward only: the forward walk
+        of the timed arrays flipped along the scan dim, its timed outs flipped back. A packed call's sequences then
+        come in reverse order, each reversed: offsets T - cu[::-1], and the states' entries along the packed dim
+        reversed in and out."""
+        scan, pd = self.program.scan, (self.packed_dim if meta.seqs else None)
+
+        def flip(x, dims):
+            if scan in dims:
+                return jnp.flip(x, dims.index(scan))
+            return jnp.flip(x, dims.index(pd)) if pd in dims else x
+        decl = {n: d for n, d in self.inputs} | {"state:" + n: d for n, d in self.states}
+        flipped = {n: flip(jnp.asarray(x), decl[n]) for n, x in arrays.items() if n != CU_KEY}
+        if meta.seqs:
+            cu = arrays[CU_KEY]
+            flipped[CU_KEY] = dict(meta.sizes)[scan] - (jnp.flip(cu) if isinstance(cu, jax.Array) else cu[::-1])
+        res = self._entry_walk(meta, flipped, **options)  # this target's code walks forward
+        return tuple(flip(r, d) for r, (_, d) in zip(res, list(self.outs) + list(self.states)))
 
     def named_inputs(self, args, kwargs, who: str = "") -> dict:
         """Positional and keyword inputs -> {input name: array}, with errors naming the input."""

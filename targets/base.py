@@ -163,6 +163,9 @@ class Target(abc.ABC):
     # its interpreter synchronises the devices of a shard_map at every launch, so every device must launch each
     # kernel (ssmc.shard then never skips a launch on some devices)
     lockstep_interpreter: ClassVar[bool] = False
+    # its kernels walk a reverse-time program (Program.reverse) in place; elsewhere the call flips the timed arrays
+    # around the kernels (Kernel._entry)
+    reverse_scan: ClassVar[bool] = False
 
     @abc.abstractmethod
     def pipeline(self, chunk_size: int | None) -> str:

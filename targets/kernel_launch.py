@@ -8,6 +8,7 @@ instructions (a norm over a group of heads spans programs, so it runs over the k
 from __future__ import annotations
 
 
+from ssmc.errors import TargetError
 from ssmc.ops import spellings
 
 from .base import ACROSS, CU_SEQLENS, KERNEL_OPTIONS, MODULE_IMPORT, MODULE_NAMES, ModuleInfo, Target, packed_batch_dim
@@ -44,6 +45,9 @@ class KernelTarget(Target):
 
     def emit(self, p, pipeline: str = "") -> str:
         sch = self.schedule(p)
+        if p.reverse and self.reverse_scan and sch.walk.pre:
+            # the launcher's causal convs run over forward time before the kernel; a derived program has none
+            raise TargetError(f"{p.name}: a reverse-time program with a causal conv has no {self.name} kernel")
         return self.emitter(sch.walk, pipeline, schedule=sch).emit()
 
     def annotate(self, p):

@@ -208,6 +208,8 @@ class TritonEmitter(KernelWalk, LauncherWriter):
         for d in dims:
             st = self.stride_name(arr, d)
             if d == k.scan:
+                if k.p.reverse:  # a reverse-time program: its step t is the sequence's step NT-1-t
+                    time = f"({'seq_len' if self.batch else self.size_name(k.scan)} - 1 - {time})"
                 idx = time
                 if self.batch:
                     idx = f"(seq_start + {time})"
@@ -328,6 +330,7 @@ class TritonEmitter(KernelWalk, LauncherWriter):
 class TritonTarget(KernelTarget):
     emitter = TritonEmitter
     name = "triton"
+    reverse_scan = True  # a reverse-time program's walk reads step NT-1-t at its step t (TritonEmitter.address)
     # GLA on an H200 (bench/schedule_sweep.py, segmented): chunks of 32 ran b4 L4096 h8 dk=dv=128 in 0.85 ms against
     # 1.64 ms at 64, and h16 dk=dv=64 equally (0.55 ms)
     keywise_chunk = 32

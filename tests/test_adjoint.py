@@ -175,8 +175,7 @@ PACKED = [pytest.param("xla", "gla"), pytest.param("triton", "rwkv6", marks=pyte
 @pytest.mark.parametrize("target,name", PACKED)
 def test_packed_derived_gradients(sx, rng, target, name):
     """A packed call (cu_seqlens, an empty and a one-step sequence among them) differentiated by the derived
-    backward: the adjoint walks the reversed packing (offsets T - cu[::-1]), the log-decays' sums restart per
-    sequence. Against the full float64 finite-difference gradient of the reference run per sequence."""
+    backward: the adjoint walks each sequence from its last step, the log-decays' sums restart per sequence. Against the full float64 finite-difference gradient of the reference run per sequence."""
     from test_packed import _offsets, expected_example
     v = VARIANTS[name]
     lens = [4, 0, 1, 6]
@@ -210,3 +209,49 @@ def test_packed_derived_gradients(sx, rng, target, name):
     want = full_gradient(ref_loss, arrays64)
     bad = {n: e for n, g in want.items() if not (e := rel_l2(np.asarray(got[n], np.float64), g)) < 1e-4}
     assert not bad, f"{name} packed on {target}: {bad}"
+
+
+REVERSE = [pytest.param(t, n, id=f"{t}-{n}") for t, n in (("triton", "mamba2"), ("tpu", "gla"), ("xla", "rwkv6"))]
+
+
+@pytest.mark.parametrize("target,name", REVERSE)
+def test_reverse_time_program(rng, target, name):
+    """Program.reverse (the adjoint's scan direction): walked in place by the triton kernels, flipped around the
+    kernels elsewhere. A spec's program made reverse-time must give the reference run on each sequence's steps in
+    reverse order (outs flipped back), for an ordinary call and a packed one (an empty sequence among them)."""
+    from dataclasses import replace
+
+    from test_packed import _offsets, expected_example
+
+    from ssmc.api import compile_program
+    v = VARIANTS[name]
+    k = _kernel(name, target)
+    kr = compile_program(replace(k.program, reverse=True), target=target, pipeline=k.pipeline,
+                         interpret=target != "xla")
+    assert "scan t reverse" in kr.ir
+    scan, decl = k.program.scan, dict(k.inputs) | dict(k.outs)
+
+    def flip(x, dims, cu=None):  # each sequence's steps in reverse order
+        if scan not in dims:
+            return x
+        ax = dims.index(scan)
+        if cu is None:
+            return np.flip(x, ax)
+        parts = [np.flip(np.take(x, np.arange(a, b), axis=ax), ax) for a, b in zip(cu[:-1], cu[1:])]
+        return np.concatenate(parts, axis=ax)
+    dims = TINY.get(name, KV_TINY)
+    inputs, init = v.make_inputs(rng, dims), v.make_initial_states(rng, dims)
+    want_o, want_s = v.reference({n: flip(a, decl[n]) for n, a in inputs.items()}, init)
+    got = kr.apply({n: jnp.asarray(a) for n, a in inputs.items()}, {n: jnp.asarray(a) for n, a in init.items()})
+    for g, w, n in zip(got, [flip(o, d) for o, (_, d) in zip(want_o, k.outs)] + list(want_s),
+                       [n for n, _ in k.outs + k.states]):
+        assert rel_l2(np.asarray(g, np.float64), w) < 2e-5, n
+    lens = [3, 0, 6, 1]
+    cu = _offsets(lens)
+    inputs = v.make_inputs(rng, {**dims, "b": 1, "t": sum(lens)})
+    init = v.make_initial_states(rng, {**dims, "b": len(lens)})
+    want = expected_example(k, name, {n: flip(a, decl[n], cu) for n, a in inputs.items()}, init, lens)
+    got = kr.apply({n: jnp.asarray(a) for n, a in inputs.items()}, {n: jnp.asarray(a) for n, a in init.items()},
+                   cu_seqlens=cu)
+    for g, w, (n, d) in zip(got, want, k.outs + k.states):
+        assert rel_l2(np.asarray(g, np.float64), flip(w, d, cu)) < 2e-5, n
