@@ -172,6 +172,8 @@ def einsum(eq: str, *ops, mm=jnp.float32):
     kernels do, and the result is float32. mm=float64 (float64 inputs): full precision in float64."""
     if jnp.dtype(mm) in (jnp.float32, jnp.float64):
         return jnp.einsum(eq, *ops, precision=lax.Precision.HIGHEST)
+    if len(ops) == 1:  # a sum, not a matmul: its fp32 terms are not rounded to mm (the kernels' tl.sum neither)
+        return jnp.einsum(eq, ops[0].astype(jnp.promote_types(ops[0].dtype, jnp.float32)))
     return jnp.einsum(eq, *(o.astype(mm) for o in ops), preferred_element_type=jnp.float32)
 
 
