@@ -413,6 +413,77 @@ def test_generated_decays_kernels(target, shape):
     prop()
 
 
+# ---- issue 13: the derived backward over generated decays ---------------------------------------------------
+
+def check_decay_gradients(target: str, shape: str, pr: dict):
+    """jax.grad through the kernel (the derived backward; on xla called directly) against the full float64
+    finite-difference gradient of `loop`, every input and the initial state. Exact zeros are left out: a raw
+    decay a_t = 0 has no log-decay, so its own gradient there is 0 instead of <G_t, S_{t-1}> (README, Training)."""
+    import jax
+    import jax.numpy as jnp
+
+    from reference import full_gradient
+    rng = np.random.default_rng(pr["seed"])
+    B, T, H, K, V = (pr[d] for d in "BTHKV")
+    ashape = {"scalar": (B, T, H), "constant": (H,), "keywise": (B, T, H, K)}[shape]
+    a = decays(rng, pr["kind"], ashape, pr["via_exp"])
+    x, S0, ref = problem(rng, shape, a, B=B, T=T, H=H, K=K, V=V, via_exp=pr["via_exp"])
+    k = kernel(spec(shape, pr["via_exp"]), target, pr["chunk"])
+    wo, ws = rng.standard_normal(ref[0].shape), rng.standard_normal(ref[1].shape)
+    xs = {n: jnp.asarray(v) for n, v in x.items()}
+    if target == "xla":
+        meta, arrays = k._bound((), dict(xs), jnp.asarray(S0), None)
+        g = k._derived_backward().vjp(meta, arrays, {"o": jnp.asarray(wo, jnp.float32),
+                                                      "state:S": jnp.asarray(ws, jnp.float32)}, jnp.float32)
+        got = {**{n: g[n] for n in x}, "S0": g["state:S"]}
+    else:
+        def loss(i, s0):
+            o, S = k(**i, initial_state=s0)
+            return jnp.sum(o * wo.astype(np.float32)) + jnp.sum(S * ws.astype(np.float32))
+        gx, gs = jax.grad(loss, argnums=(0, 1))(xs, jnp.asarray(S0))
+        got = {**gx, "S0": gs}
+    arrs = {**{n: np.asarray(v, np.float64).copy() for n, v in x.items()}, "S0": np.asarray(S0, np.float64).copy()}
+
+    def ref_loss():
+        af = np.exp(arrs["g"]) if pr["via_exp"] else arrs["a"]
+        o, S = loop(arrs["q"], arrs["kk"], arrs["vv"], full_decay(shape, af, B, T, H, K), arrs["S0"])
+        return float(np.sum(o * wo) + np.sum(S * ws))
+    want = full_gradient(ref_loss, arrs)
+    bad = {n: e for n, w in want.items() if not (e := _err(got[n], w)) < 2e-4}
+    assert not bad, f"{target} {shape} {pr}: {bad}"
+
+
+@st.composite
+def gradient_problems(draw):
+    pr = draw(decay_problems(True))
+    # no exact zeros (above); growing decays on short sequences only, so the FD reference stays well-conditioned
+    kind = draw(st.sampled_from([k for k in KINDS if k != "zero"]))
+    return dict(pr, kind=kind, B=1, T=min(pr["T"], 12), H=min(pr["H"], 2), K=min(pr["K"], 3), V=min(pr["V"], 3),
+                chunk=pr["chunk"] if pr["chunk"] > 1 else 4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_derived_gradients_over_decays_xla(shape):
+    @settings(max_examples=3, deadline=None)
+    @given(pr=gradient_problems())
+    def prop(pr):
+        check_decay_gradients("xla", shape, pr)
+
+    prop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+def test_derived_gradients_over_decays_kernels(target):
+    @settings(max_examples=2, deadline=None)
+    @given(pr=gradient_problems(), shape=st.sampled_from(list(SHAPES)))
+    def prop(pr, shape):
+        check_decay_gradients(target, shape, pr)
+
+    prop()
+
+
 VALUEWISE = """
 ssm valuewise {
   dims b, t, h, dk, dv
