@@ -33,9 +33,9 @@ class Backward:
         opts = dict(target=kernel.target, matmul=kernel.matmul, interpret=kernel.interpret, out_dtype="float32",
                     pipeline=kernel.pipeline)
         self.kernels = {part: compile_program(prog, **opts) for part, prog in self.d.programs.items()}
-        # packed calls: every derived program takes cu_seqlens along the forward's packed dim; a conv window's
-        # per-sequence replay is not in ir_eval (such calls keep the XLA target's derivatives)
-        self.packable = kernel.packed_dim is not None and not any(i.op == "window" for i in self.p.instrs) and all(
+        # packed calls: every derived program takes cu_seqlens along the forward's packed dim (a causal conv is
+        # evaluated per sequence by ir_eval, from each sequence's window)
+        self.packable = kernel.packed_dim is not None and all(
             k.packed_dim == kernel.packed_dim for k in self.kernels.values())
         self.by = self.p.by_name()
         for i in self.d.helpers:
@@ -52,10 +52,10 @@ class Backward:
                 for name, text in k.passes]
 
     # ---- evaluation of the state-free parts ---------------------------------------------------------------
-    def _env(self, xs: dict, sizes: dict) -> Env:
+    def _env(self, xs: dict, sizes: dict, packed=None) -> Env:
         """Every state-free value of the forward program (and the analysis helpers) from the inputs `xs` (forward
         input / window instruction name -> array in the IR layout)."""
-        env = Env(self.p, sizes)
+        env = Env(self.p, sizes, packed)
         env.by.update(self.by)
         for i in self.p.instrs:
             if i.op in ("input", "window"):
@@ -68,9 +68,9 @@ class Backward:
             env.run(i)
         return env
 
-    def _epilogue(self, xs, terms, sizes):
+    def _epilogue(self, xs, terms, sizes, packed=None):
         """(outs, window finals) from the inputs and the readouts' state terms."""
-        env = self._env(xs, sizes)
+        env = self._env(xs, sizes, packed)
         for r, (dims, _) in self.d.readouts.items():
             v = terms[r]
             for prod in self.d.rest[r]:
@@ -119,7 +119,8 @@ class Backward:
         feed_dt = (low, None if mm == jnp.dtype(dtype) else mm)
         # 1. the epilogue's cotangents
         zeros = {r: jnp.zeros([sizes[x] for x in dims], dtype) for r, (dims, _) in d.readouts.items()}
-        env = self._env(xs, sizes)
+        packed = None if cu is None else (cu, pd)  # a packed call's convs restart per sequence
+        env = self._env(xs, sizes, packed)
         logs = {s: self._log(env, st, sizes) for s, st in d.states.items()}
         if d.linear_outs:
             terms = zeros
@@ -134,7 +135,7 @@ class Backward:
         by = self.by
 
         def epi(xs_, terms_):
-            outs, finals = self._epilogue(xs_, terms_, sizes)
+            outs, finals = self._epilogue(xs_, terms_, sizes, packed)
             return ({o.name: to_dims(outs[o.name], by[_out_value(p, o.name)].dims, o.dims) for o in p.outs},
                     {w: to_dims(finals[w], _final_dims(p, w), decl[w]) for w in windows})
 
@@ -184,7 +185,7 @@ class Backward:
         factors = sorted(cot)
 
         def pro(xs_):
-            e = self._env(xs_, sizes)
+            e = self._env(xs_, sizes, packed)
             return ({f: e[f] for f in factors},
                     {s: jnp.broadcast_to(align(e[d.states[s].log], by[d.states[s].log].dims, d.states[s].ldims),
                                          dlog[s].shape) for s in dlog})

@@ -57,10 +57,17 @@ def contract(args, dims_of, out, precision=lax.Precision.HIGHEST):
 class Env:
     """Values of a program's instructions by name (jnp arrays with axes = the instruction's dims)."""
 
-    def __init__(self, p: Program, sizes: dict):
+    def __init__(self, p: Program, sizes: dict, packed: tuple | None = None):
+        """packed: (offsets, the packed dim) of a packed call: a causal conv then restarts at every sequence, from
+        that sequence's window (targets/packed.py, as the xla target's packed code)."""
         self.p, self.sizes = p, sizes
         self.by = p.by_name()
         self.v: dict[str, jax.Array] = {}
+        self.pk = self.pdim = None
+        if packed is not None:
+            from ssmc.targets.packed import packing
+            cu, self.pdim = packed
+            self.pk = packing(cu, sizes[p.scan], 1)
 
     def dims(self, name):
         return self.by[name].dims
@@ -133,8 +140,13 @@ class Env:
         x, w, win = i.args
         k, ax = i.attr("k"), i.dims.index(i.attr("over"))
         xv = align(self.v[x], self.dims(x), i.dims)
-        xp = jnp.concatenate([self._window(win, i.dims).astype(xv.dtype), xv], axis=ax)
         wv = align(self.v[w], self.dims(w), i.dims + (k,))
+        if self.pk is not None:  # every sequence from its own window
+            from ssmc.targets.packed import causal_conv
+            xv = jnp.broadcast_to(xv, [self.sizes[d] for d in i.dims])
+            return causal_conv(xv, ax, self._window(win, i.dims), wv, i.dims.index(self.pdim), self.pk["seq_p"],
+                               self.pk["pos_p"])
+        xp = jnp.concatenate([self._window(win, i.dims).astype(xv.dtype), xv], axis=ax)
         T = xv.shape[ax]
         y = 0.0
         for j in range(self.sizes[k]):
@@ -148,5 +160,9 @@ class Env:
         ax = tl.index(self.p.scan)
         xv = align(self.v[x], self.dims(x), tl)
         wv = self._window(win, tl)
+        if self.pk is not None:  # each sequence's last K-1 inputs
+            from ssmc.targets.packed import conv_window
+            xv = jnp.broadcast_to(xv, [self.sizes[d] for d in tl])
+            return conv_window(xv, ax, wv, tl.index(self.pdim), self.pk, aligned=False)
         W, T = wv.shape[ax], xv.shape[ax]
         return lax.slice_in_dim(jnp.concatenate([wv.astype(xv.dtype), xv], axis=ax), T, T + W, axis=ax)

@@ -169,19 +169,23 @@ def test_non_diagonal_spec_says_why():
 
 
 PACKED = [pytest.param("xla", "gla"), pytest.param("triton", "rwkv6", marks=pytest.mark.slow),
-          pytest.param("tpu", "retnet", marks=pytest.mark.slow)]
+          pytest.param("tpu", "retnet", marks=pytest.mark.slow),
+          pytest.param("triton", "mamba2_conv", marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("target,name", PACKED)
 def test_packed_derived_gradients(sx, rng, target, name):
     """A packed call (cu_seqlens, an empty and a one-step sequence among them) differentiated by the derived
-    backward: the adjoint walks each sequence from its last step, the log-decays' sums restart per sequence. Against the full float64 finite-difference gradient of the reference run per sequence."""
+    backward: the adjoint walks each sequence from its last step, the log-decays' sums restart per sequence, and a
+    causal conv restarts from each sequence's window (ir_eval's packed conv). Against the full float64
+    finite-difference gradient of the reference run per sequence."""
     from test_packed import _offsets, expected_example
     v = VARIANTS[name]
     lens = [4, 0, 1, 6]
     k = _kernel(name, target)
-    inputs = v.make_inputs(rng, {**KV_TINY, "t": sum(lens)})
-    init = v.make_initial_states(rng, {**KV_TINY, "b": len(lens)})
+    dims = TINY.get(name, KV_TINY)
+    inputs = v.make_inputs(rng, {**dims, "b": 1, "t": sum(lens)})
+    init = v.make_initial_states(rng, {**dims, "b": len(lens)})
     outs = expected_example(k, name, inputs, init, lens)
     w = [rng.standard_normal(np.shape(o)) for o in outs]
     cu = _offsets(lens)
