@@ -232,10 +232,14 @@ class _Builders:
         outs: list[Array] = []
         out_of: dict[str, str] = {}
 
-        def out(value_name: str, hint: str, dims, span=None) -> str:
+        def out(value_name: str, hint: str, dims, span=None, fp32=False) -> str:
+            """An out of the derived program. fp32: kept in float32 whatever the activations' dtype (the
+            values the decays' cotangents and the nonlinear epilogue are computed from: sums that cancel);
+            the others come out in the activations' dtype, as a forward's outs."""
             name = _fresh(taken, _ident(hint))
             outs.append(Array(name, tuple(dims), span))
-            instrs.append(make(f"out.{name}", "out", (value_name,), dims, span, out=name))
+            instrs.append(make(f"out.{name}", "out", (value_name,), dims, span, out=name,
+                               **({"fp32": True} if fp32 else {})))
             return name
 
         if part == "readouts":
@@ -245,7 +249,7 @@ class _Builders:
                     prev, new = state_vals[t.state]
                     v = product(t.coef, t.factors, an.by[r].dims, (new if t.when == "new" else prev,), an.by[r].span)
                     acc = v if acc is None else add("add", (acc, v), an.by[r].dims)
-                out_of[r] = out(acc, f"{an.by[r].name.lstrip('%')}_terms", an.by[r].dims, an.by[r].span)
+                out_of[r] = out(acc, f"{an.by[r].name.lstrip('%')}_terms", an.by[r].dims, an.by[r].span, fp32=True)
         else:
             # the cotangent of each factor of each readout term (dq) / update product (adj)
             items = []
@@ -274,8 +278,9 @@ class _Builders:
                         | set().union(*(set(dims_of[e]) for e in extra))
                     keep = p.order(keep & have)
                     v = product(coef, others, keep, extra + (G,), span)
-                    name = out(v, f"d_{_readable(an.by[f])}", keep, an.by[f].span)
-                    cots.append(Cot(name, f, keep, state, sign, k == pick and need <= set(keep), when))
+                    for_decay = k == pick and need <= set(keep)
+                    name = out(v, f"d_{_readable(an.by[f])}", keep, an.by[f].span, fp32=for_decay and s.log is not None)
+                    cots.append(Cot(name, f, keep, state, sign, for_decay, when))
                     chosen = chosen or cots[-1].for_decay
                 if s.log is not None and not chosen:
                     raise NotAdjointable(f"state '{state}': no factor of a {'readout term' if sign > 0 else 'update'} "

@@ -30,7 +30,7 @@ class Backward:
         self.k = kernel
         self.d = derive(kernel.program)
         self.p: Program = kernel.program
-        opts = dict(target=kernel.target, matmul=kernel.matmul, interpret=kernel.interpret, out_dtype="float32",
+        opts = dict(target=kernel.target, matmul=kernel.matmul, interpret=kernel.interpret, out_dtype=None,
                     pipeline=kernel.pipeline)
         self.kernels = {part: compile_program(prog, **opts) for part, prog in self.d.programs.items()}
         # packed calls: every derived program takes cu_seqlens along the forward's packed dim (a causal conv is

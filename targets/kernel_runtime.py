@@ -127,9 +127,15 @@ def grid(layout: dict, sizes: dict, blocks: dict) -> tuple[int, ...]:
 
 
 def out_specs(layout: dict, sizes: dict, out_dtype) -> list[tuple[tuple[int, ...], object]]:
-    """(shape, dtype) of every buffer the kernel writes: outs in their dtype, final states and intermediates fp32."""
-    return [(tuple(array_sizes(layout, sizes, dims)[d] for d in dims), out_dtype if kind == "out" else jnp.float32)
-            for _, kind, dims in layout["stores"]]
+    """(shape, dtype) of every buffer the kernel writes: outs in their dtype (those in LAYOUT's fp32_outs in fp32),
+    final states and intermediates fp32."""
+    return [(tuple(array_sizes(layout, sizes, dims)[d] for d in dims), out_dtype_of(layout, name, kind, out_dtype))
+            for name, kind, dims in layout["stores"]]
+
+
+def out_dtype_of(layout: dict, name: str, kind: str, out_dtype):
+    """A stored buffer's dtype: an out's is out_dtype unless LAYOUT keeps it in fp32; everything else fp32."""
+    return out_dtype if kind == "out" and name not in layout.get("fp32_outs", ()) else jnp.float32
 
 
 # ---- the sequence-parallel schedule -------------------------------------------------------------------------------

@@ -236,7 +236,7 @@ def launch(kernel, layout, arrays, sizes, *, mm, out_dtype, interpret=False, cu_
         # a group-indexed result (a GQA state S[b,g,..]) of programs over heads: every head of the group computes
         # it, so it is written per head (a block is never revisited) and the group's first head kept below
         per_head = [layout["groups"].get(d, d) for d in outer]
-        dtype = out_dtype if kind_ == "out" else jnp.float32
+        dtype = kr.out_dtype_of(layout, name, kind_, out_dtype)
         every = pk is not None and kind_ == "state" and b in outer  # every sequence's final state, one block
         osz = _state_sizes(sizes, b, seqs) if every else sizes
         shape = tuple(osz[d] for d in per_head) + tuple(_inner_shape(inner, kind, full))

@@ -215,7 +215,8 @@ class XlaEmitter:
             full = self.result_dims(dims, decl[name])
             # a result constant along some declared dims is broadcast along them (full: its dims with those)
             bcast = f", full={','.join(full)!r}, sizes={self.sizes}" if set(full) - set(dims) else ""
-            dtype = "out_dtype" if k == "out" else "ew"
+            keep32 = k == "out" and self.p.by_name()[f"out.{name}"].attr("fp32")  # a derived decay cotangent
+            dtype = "out_dtype" if k == "out" and not keep32 else "ew"
             if tuple(dims) == tuple(decl[name]):  # already as declared
                 out.append(f"jnp.asarray({e}, {dtype})")
             else:

@@ -259,3 +259,26 @@ def test_reverse_time_program(rng, target, name):
                    cu_seqlens=cu)
     for g, w, (n, d) in zip(got, want, k.outs + k.states):
         assert rel_l2(np.asarray(g, np.float64), flip(w, d, cu)) < 2e-5, n
+
+
+@pytest.mark.parametrize("target", ["xla", "triton"])
+def test_derived_outs_dtypes(target):
+    """With bf16 activations the derived kernels' outs come out in bf16 (as a forward's outs), except those the
+    decays' cotangents are summed from (IR attr fp32), which a reverse cumsum of cancelling terms needs in fp32."""
+    k = _kernel("mamba2", target)
+    bw = k._derived_backward()
+    sizes = dict(b=1, t=T, h=4, g=2, p=3, n=4)
+    key = jax.random.PRNGKey(0)
+    for part, kk in bw.kernels.items():
+        ins = {}
+        for n, dims in kk.inputs:
+            key, sub = jax.random.split(key)
+            x = jax.random.normal(sub, [sizes[d] for d in dims], jnp.float32)
+            ins[n] = -jnp.abs(x) if n.startswith("log_a") else x.astype(jnp.bfloat16)
+        res = kk.apply(ins)
+        by = kk.program.by_name()
+        for (name, _), r in zip(kk.outs, res):
+            want = jnp.float32 if by[f"out.{name}"].attr("fp32") else jnp.bfloat16
+            assert r.dtype == want, (part, name, r.dtype)
+    assert {n for n, _ in bw.kernels["adj"].outs if bw.kernels["adj"].program.by_name()[f"out.{n}"].attr("fp32")} \
+        == {"d_dt"}
