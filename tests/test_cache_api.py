@@ -68,10 +68,14 @@ def test_same_spec_twice_is_same_object_and_fast():
     k1 = ssmc.compile(spec, chunk_size=8, cache=False)  # passes, emission and module load
     miss = time.perf_counter() - t0
     k1 = ssmc.compile(spec, chunk_size=8)
-    t0 = time.perf_counter()
-    k2 = ssmc.compile(spec, chunk_size=8)
-    hit = time.perf_counter() - t0  # parse and lower only (the key is the IR); relative, for a loaded machine
-    assert hit < 0.3 * miss, (hit, miss)
+    hits = []
+    for _ in range(5):  # the fastest of five: another process' load only ever adds time (CI runs two workers)
+        t0 = time.perf_counter()
+        k2 = ssmc.compile(spec, chunk_size=8)
+        hits.append(time.perf_counter() - t0)  # parse and lower only (the key is the IR); relative to the miss
+        assert k2 is k1
+    hit = min(hits)
+    assert hit < 0.3 * miss, (hits, miss)
     assert k2 is k1
     assert ssmc.compile(spec, chunk_size=4) is not k1
 
