@@ -271,6 +271,13 @@ def main():
             rec = dict(shape=name, error=f"{type(e).__name__}: {str(e)[:400]}")
         recs.append(rec)
         print(json.dumps(rec), flush=True)
+        # a short line per shape (the JSON above can be long), and the file written so far: a run cut off by a
+        # time limit keeps every finished shape
+        print("SUMMARY", name, {k: (round(v, 5) if isinstance(v, float) else v) for k, v in rec.items()
+                                if not k.endswith("_kernels")}, flush=True)
+        if os.environ.get("OUT"):
+            pathlib.Path(os.environ["OUT"], "backward.json").write_text(
+                json.dumps(dict(records=recs, checks=checks), indent=1))
     print("\nshape | ssmc fwd+bwd ms | mamba_ssm fwd+bwd ms | ratio | ssmc peak MB | mamba_ssm peak MB | "
           "ssmc fwd ms | mamba_ssm fwd ms")
     for r in recs:
