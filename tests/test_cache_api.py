@@ -62,22 +62,20 @@ def results(k):
     return [np.asarray(r) for r in k(**inputs())]
 
 
-def test_same_spec_twice_is_same_object_and_fast():
+def test_same_spec_twice_is_same_object_without_rebuilding(monkeypatch):
+    """A memo hit returns the same kernel without running the passes, the emitter or the module load (`_build`);
+    another key builds. (Counted, not timed: timing a 10 ms hit against a 12-27 ms miss on a loaded 2-core machine
+    failed by noise; compile time is bench/compile_time.py's.)"""
+    import ssmc.api as api
     spec = unique_spec("memo")
-    t0 = time.perf_counter()
-    k1 = ssmc.compile(spec, chunk_size=8, cache=False)  # passes, emission and module load
-    miss = time.perf_counter() - t0
     k1 = ssmc.compile(spec, chunk_size=8)
-    hits = []
-    for _ in range(5):  # the fastest of five: another process' load only ever adds time (CI runs two workers)
-        t0 = time.perf_counter()
-        k2 = ssmc.compile(spec, chunk_size=8)
-        hits.append(time.perf_counter() - t0)  # parse and lower only (the key is the IR); relative to the miss
-        assert k2 is k1
-    hit = min(hits)
-    assert hit < 0.3 * miss, (hits, miss)
-    assert k2 is k1
-    assert ssmc.compile(spec, chunk_size=4) is not k1
+    built = []
+    real = api._build
+    monkeypatch.setattr(api, "_build", lambda *a, **kw: built.append(a[1].name) or real(*a, **kw))
+    k2 = ssmc.compile(spec, chunk_size=8)
+    assert k2 is k1 and not built
+    k3 = ssmc.compile(spec, chunk_size=4)
+    assert k3 is not k1 and built == [k1.target]
 
 
 def test_comment_only_differences_share_one_kernel():
