@@ -255,10 +255,9 @@ class _Time:
     sequences at offsets `cu` (in a batch of one; their states lie along the packed dim)."""
 
     def __init__(self, T: int, scan: str, cu=None):
-        self.T, self.scan, self.cu = T, scan, cu
+        self.T, self.scan = T, scan
+        self.cu = cu = None if cu is None else jnp.asarray(cu, jnp.int32)
         if cu is not None:
-            cu = jnp.asarray(cu, jnp.int32)
-            self.cu = cu
             t = jnp.arange(T)
             self.end = cu[1:][jnp.searchsorted(cu[1:], t, side="right")]  # one past each step's sequence
             self.lens = cu[1:] - cu[:-1]

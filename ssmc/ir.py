@@ -92,6 +92,11 @@ class Program:
     def by_name(self) -> dict[str, Instr]:
         return {i.name: i for i in self.instrs}
 
+    def fp32_outs(self) -> tuple[str, ...]:
+        """Outs kept in float32 whatever the call's out dtype (attr fp32 on the out: the derived backward's decay
+        cotangents and readout terms, passes/adjoint.py); every target's emitter honours it."""
+        return tuple(i.attr("out") for i in self.instrs if i.op == "out" and i.attr("fp32"))
+
     def users(self) -> dict[str, list[Instr]]:
         u: dict[str, list[Instr]] = {i.name: [] for i in self.instrs}
         for i in self.instrs:

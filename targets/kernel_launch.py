@@ -274,13 +274,8 @@ class LauncherWriter:
                        for kind, name, v in k.stores],
             "names": self.meta_names(),
             "packed": self.batch,  # the dim packed sequences lie along (None: this kernel takes none)
-            **({"fp32_outs": fp32} if (fp32 := self.fp32_outs()) else {}),
+            **({"fp32_outs": list(fp32)} if (fp32 := self.plan.p.fp32_outs()) else {}),
         }
-
-    def fp32_outs(self) -> list[str]:
-        """Outs kept in float32 whatever out_dtype is (a derived backward's decay cotangents: IR attr fp32)."""
-        by = self.plan.by()
-        return [o.name for o in self.plan.p.outs if by[f"out.{o.name}"].attr("fp32")]
 
     def kernel(self):
         raise NotImplementedError
@@ -341,11 +336,11 @@ class LauncherWriter:
             else:
                 self.post()
             res = []
-            by = k.by()
+            by, fp32 = k.by(), k.p.fp32_outs()
             for o in k.p.outs:
                 v = by[f"out.{o.name}"].args[0]
                 if post is None and any(i.name == v for i in k.post):
-                    dt = "jnp.float32" if o.name in self.fp32_outs() else "out_dtype"
+                    dt = "jnp.float32" if o.name in fp32 else "out_dtype"
                     res.append(f"rt.to_declared({self.lpn(v)}, {list(by[v].dims)!r}, {list(o.dims)!r}, {dt})")
                 else:
                     res.append(self.store_var("out", o.name))

@@ -210,13 +210,13 @@ class XlaEmitter:
     def finish(self, res: list[str], rets):
         """The entry's return: each result moved back to its declared layout, outs in out_dtype, states in ew."""
         decl = {a.name: a.dims for a in self.p.outs + self.p.states}
+        fp32 = self.p.fp32_outs()  # a derived backward's decay cotangents
         out = []
         for e, (k, name, _, dims) in zip(res, rets):
             full = self.result_dims(dims, decl[name])
             # a result constant along some declared dims is broadcast along them (full: its dims with those)
             bcast = f", full={','.join(full)!r}, sizes={self.sizes}" if set(full) - set(dims) else ""
-            keep32 = k == "out" and self.p.by_name()[f"out.{name}"].attr("fp32")  # a derived decay cotangent
-            dtype = "out_dtype" if k == "out" and not keep32 else "ew"
+            dtype = "out_dtype" if k == "out" and name not in fp32 else "ew"
             if tuple(dims) == tuple(decl[name]):  # already as declared
                 out.append(f"jnp.asarray({e}, {dtype})")
             else:

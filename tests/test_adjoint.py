@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import ssmc
+from helpers import derived_gradients
 from reference import VARIANTS, full_gradient, reference_gradients, rel_l2
 from ssmc.errors import SSMCError
 
@@ -64,10 +65,7 @@ def _derived_gradients(sx, k, v, inputs, init, wo, ws) -> dict:
             return sum(jnp.sum(r * c) for r, c in zip(res, w))
         gi, gs = jax.grad(loss, argnums=(0, 1))(ins, st)
         return {**gi, **{"state:" + n: a for n, a in gs.items()}}
-    bw = k._derived_backward()
-    meta, arrays = k._bound((), dict(ins), None, st)
-    names = [n for n, _ in k.outs] + ["state:" + s for s, _ in k.states]
-    return bw.vjp(meta, arrays, dict(zip(names, w)), jnp.float32)
+    return derived_gradients(k, ins, st, w)
 
 
 @pytest.mark.parametrize("target,name", CASES)
@@ -189,20 +187,9 @@ def test_packed_derived_gradients(sx, rng, target, name):
     outs = expected_example(k, name, inputs, init, lens)
     w = [rng.standard_normal(np.shape(o)) for o in outs]
     cu = _offsets(lens)
-    ins = {n: jnp.asarray(a) for n, a in inputs.items()}
-    st = {n: jnp.asarray(a) for n, a in init.items()}
-    w32 = [jnp.asarray(x, jnp.float32) for x in w]
-    if target == "xla":
-        meta, arrays = k._bound((), dict(ins), None, st, cu)
-        names = [n for n, _ in k.outs] + ["state:" + s for s, _ in k.states]
-        got = k._derived_backward().vjp(meta, arrays, dict(zip(names, w32)), jnp.float32, cu=jnp.asarray(cu))
-    else:
-        assert k._derived_backward().packable
-
-        def loss(i, s):
-            return sum(jnp.sum(r * c) for r, c in zip(k.apply(i, s, cu_seqlens=cu), w32))
-        gi, gs = jax.grad(loss, argnums=(0, 1))(ins, st)
-        got = {**gi, **{"state:" + n: a for n, a in gs.items()}}
+    assert k._derived_backward().packable
+    got = derived_gradients(k, {n: jnp.asarray(a) for n, a in inputs.items()},
+                            {n: jnp.asarray(a) for n, a in init.items()}, w, cu)
     arrays64 = {**{n: np.asarray(a, np.float64).copy() for n, a in inputs.items()},
                 **{"state:" + n: np.asarray(a, np.float64).copy() for n, a in init.items()}}
 
@@ -276,9 +263,7 @@ def test_derived_outs_dtypes(target):
             x = jax.random.normal(sub, [sizes[d] for d in dims], jnp.float32)
             ins[n] = -jnp.abs(x) if n.startswith("log_a") else x.astype(jnp.bfloat16)
         res = kk.apply(ins)
-        by = kk.program.by_name()
         for (name, _), r in zip(kk.outs, res):
-            want = jnp.float32 if by[f"out.{name}"].attr("fp32") else jnp.bfloat16
+            want = jnp.float32 if name in kk.program.fp32_outs() else jnp.bfloat16
             assert r.dtype == want, (part, name, r.dtype)
-    assert {n for n, _ in bw.kernels["adj"].outs if bw.kernels["adj"].program.by_name()[f"out.{n}"].attr("fp32")} \
-        == {"d_dt"}
+    assert bw.kernels["adj"].program.fp32_outs() == ("d_dt",)
