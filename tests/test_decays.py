@@ -419,9 +419,9 @@ def check_decay_gradients(target: str, shape: str, pr: dict):
     """jax.grad through the kernel (the derived backward; on xla called directly) against the full float64
     finite-difference gradient of `loop`, every input and the initial state. Exact zeros are left out: a raw
     decay a_t = 0 has no log-decay, so its own gradient there is 0 instead of <G_t, S_{t-1}> (README, Training)."""
-    import jax
     import jax.numpy as jnp
 
+    from helpers import derived_gradients
     from reference import full_gradient
     rng = np.random.default_rng(pr["seed"])
     B, T, H, K, V = (pr[d] for d in "BTHKV")
@@ -430,18 +430,8 @@ def check_decay_gradients(target: str, shape: str, pr: dict):
     x, S0, ref = problem(rng, shape, a, B=B, T=T, H=H, K=K, V=V, via_exp=pr["via_exp"])
     k = kernel(spec(shape, pr["via_exp"]), target, pr["chunk"])
     wo, ws = rng.standard_normal(ref[0].shape), rng.standard_normal(ref[1].shape)
-    xs = {n: jnp.asarray(v) for n, v in x.items()}
-    if target == "xla":
-        meta, arrays = k._bound((), dict(xs), jnp.asarray(S0), None)
-        g = k._derived_backward().vjp(meta, arrays, {"o": jnp.asarray(wo, jnp.float32),
-                                                      "state:S": jnp.asarray(ws, jnp.float32)}, jnp.float32)
-        got = {**{n: g[n] for n in x}, "S0": g["state:S"]}
-    else:
-        def loss(i, s0):
-            o, S = k(**i, initial_state=s0)
-            return jnp.sum(o * wo.astype(np.float32)) + jnp.sum(S * ws.astype(np.float32))
-        gx, gs = jax.grad(loss, argnums=(0, 1))(xs, jnp.asarray(S0))
-        got = {**gx, "S0": gs}
+    g = derived_gradients(k, {n: jnp.asarray(v) for n, v in x.items()}, {"S": jnp.asarray(S0)}, [wo, ws])
+    got = {**{n: g[n] for n in x}, "S0": g["state:S"]}
     arrs = {**{n: np.asarray(v, np.float64).copy() for n, v in x.items()}, "S0": np.asarray(S0, np.float64).copy()}
 
     def ref_loss():
@@ -456,8 +446,10 @@ def check_decay_gradients(target: str, shape: str, pr: dict):
 @st.composite
 def gradient_problems(draw):
     pr = draw(decay_problems(True))
-    # no exact zeros (above); growing decays on short sequences only, so the FD reference stays well-conditioned
-    kind = draw(st.sampled_from([k for k in KINDS if k != "zero"]))
+    # no exact zeros (above), and no strong raw decays: d a_t = dℓ_t / a_t, where dℓ_t (a reverse cumsum of terms
+    # that cancel, computed in fp32) has an absolute error near 1e-7, so d a's relative error grows as 1e-7 / |a|
+    # (3.7e-4 at |a| ~ 1e-3; README, Training). Strong decays given as exp(g) stay: d g = dℓ has no division.
+    kind = draw(st.sampled_from([k for k in KINDS if k != "zero" and (pr["via_exp"] or k != "strong")]))
     return dict(pr, kind=kind, B=1, T=min(pr["T"], 12), H=min(pr["H"], 2), K=min(pr["K"], 3), V=min(pr["V"], 3),
                 chunk=pr["chunk"] if pr["chunk"] > 1 else 4)
 
