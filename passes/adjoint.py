@@ -43,6 +43,9 @@ class Cot:
     sign: float           # +1 for a readout term's query factor, -1 for an update factor (dℓ = <q,dq> - <u,G>)
     for_decay: bool       # the one factor per term / update whose cotangent gives that term's share of dℓ
     when: str = "new"
+    share: str | None = None  # the out holding <factor, cotangent> over the log-decay's dims (fp32), when the
+    #                           cotangent has more dims than those (dC[b,t,h,n] of a decay over [b,t,h])
+    share_dims: tuple[str, ...] = ()
 
 
 @dataclass
@@ -279,8 +282,21 @@ class _Builders:
                     keep = p.order(keep & have)
                     v = product(coef, others, keep, extra + (G,), span)
                     for_decay = k == pick and need <= set(keep)
-                    name = out(v, f"d_{_readable(an.by[f])}", keep, an.by[f].span, fp32=for_decay and s.log is not None)
-                    cots.append(Cot(name, f, keep, state, sign, for_decay, when))
+                    decay_src = for_decay and s.log is not None
+                    over = tuple(x for x in keep if x not in need)
+                    share, sd = None, ()
+                    if decay_src and over:
+                        # this term's share of dℓ, <f, d f> summed over the dims outside the decay's, in the kernel
+                        # from the fp32 cotangent (an epilogue of it: passes/plan.py `post`), so the cotangent
+                        # itself goes out in the activations' dtype
+                        fv = value(f)
+                        prod = add("mul", (fv, v), set(dims_of[fv]) | set(keep), span)
+                        sd = p.order(need & set(dims_of[prod]))
+                        red = add("reduce", (prod,), sd, span, kind="sum",
+                                  over=tuple(x for x in dims_of[prod] if x not in need))
+                        share = out(red, f"share_{_readable(an.by[f])}", sd, span, fp32=True)
+                    name = out(v, f"d_{_readable(an.by[f])}", keep, an.by[f].span, fp32=decay_src and not over)
+                    cots.append(Cot(name, f, keep, state, sign, for_decay, when, share, sd))
                     chosen = chosen or cots[-1].for_decay
                 if s.log is not None and not chosen:
                     raise NotAdjointable(f"state '{state}': no factor of a {'readout term' if sign > 0 else 'update'} "

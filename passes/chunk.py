@@ -209,11 +209,12 @@ class _Rewrite:
             if i.op == "out":
                 self.out.append(i)
                 continue
-            try:
-                an.lin(i.name)
-                continue  # linear: part of an update or a readout
-            except NotLinear:
-                pass
+            if i.name not in self.plan.post:  # (a post value: computed from its readouts, below)
+                try:
+                    an.lin(i.name)
+                    continue  # linear: part of an update or a readout
+                except NotLinear:
+                    pass
             self.emit(i.name, i.op, i.args, set(i.dims) | {scan}, i.span, **dict(i.attrs))
         for S, s in stage.items():
             self.emit(f"final.{S}", "final", (s["final"],), self.plan.states[S].dims, None, state=S)

@@ -36,6 +36,9 @@ class Plan:
     chunkable: bool
     reason: str
     analysis: Analysis
+    # linear state-dependent values computed from readouts by state-free elementwise math (z = y * w with y an
+    # out too; the derived dq program's <C, dC>): an epilogue of those readouts, not chunked a second time
+    post: frozenset = frozenset()
 
 
 def make_plan(p: Program) -> Plan:
@@ -76,12 +79,16 @@ def make_plan(p: Program) -> Plan:
     reads: dict[str, set[str]] = {}  # value -> the states it depends on
     for i in p.instrs:
         reads[i.name] = {i.attr("state")} if i.op == "state" else set().union(*(reads.get(a, ()) for a in i.args))
+    post: set[str] = set()
     for i in p.instrs:
         if not an.dep[i.name] or i.op in ("update", "out", "state"):
             continue
         try:
             lin = an.lin(i.name)
         except NotLinear:
+            continue
+        if i.op in _POST_OPS and all(a in readouts or a in post for a in i.args if an.dep[a]):
+            post.add(i.name)
             continue
         # a readout is a maximal linear value: an out, or the operand of something nonlinear in the states
         consumers = users.get(i.name, [])
@@ -118,7 +125,10 @@ def make_plan(p: Program) -> Plan:
             continue
         sp.klass = classify(sp, scan)
     reason = "; ".join(reasons)
-    return Plan(states, readouts, not reasons, reason, an)
+    return Plan(states, readouts, not reasons, reason, an, frozenset(post))
+
+
+_POST_OPS = ("mul", "contract", "div", "add", "sub", "neg")  # linear in their state-dependent operands
 
 
 def classify(sp: StatePlan, scan: str) -> str:

@@ -168,7 +168,10 @@ class Backward:
                 st = d.states[c.state]
                 if c.for_decay and st.log is not None:
                     ldl = st.ldims
-                    share = c.sign * to_dims(v * align(env[c.factor], fd, c.dims), c.dims, ldl)
+                    if c.share:  # summed in the kernel
+                        share = c.sign * to_dims(vals[c.share].astype(jnp.float32), c.share_dims, ldl)
+                    else:
+                        share = c.sign * to_dims(v * align(env[c.factor], fd, c.dims), c.dims, ldl)
                     if part == "dq" and c.when == "prev":  # a read of S_{t-1}: its share belongs to step t-1
                         share = time.next(share, ldl.index(scan), 0.0)
                     dL[c.state] = share if dL[c.state] is None else dL[c.state] + share

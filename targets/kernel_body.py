@@ -447,7 +447,13 @@ class TileEmitter:
         if a.sigma:
             E += f" * {sgt}"
         Ev = self.share(E, base("E"), "decay from the chunk's start")
-        st = self.contract(q + [(self.state_var[S], self.state_axes(S)), (Ev, Lax)], out)
+        # per-row scales (the decay from the chunk's start, dt: axes within the out's) multiply the contraction's
+        # result in fp32, not its operand: readouts that differ only in them share one matmul with the state
+        # (Mamba2's adjoint: d x = dt * (B·G) and d dt = Σ x * (B·G))
+        ops = q + [(Ev, Lax)]
+        scales = [o for o in ops if set(o[1]) <= set(out)]
+        st = self.contract([o for o in ops if o not in scales] + [(self.state_var[S], self.state_axes(S))], out)
+        st = " * ".join([f"({st})" if scales else st] + [self.bc(e, ax, out) for e, ax in scales])
         self.w(f"{base('st')} = {st}  # state part")
         coef = "" if a.qcoef == 1.0 else f"{a.qcoef!r} * "
         self.bind(i.name, f"{coef}({base('in')} + {base('st')})", out)

@@ -267,3 +267,9 @@ def test_derived_outs_dtypes(target):
             want = jnp.float32 if name in kk.program.fp32_outs() else jnp.bfloat16
             assert r.dtype == want, (part, name, r.dtype)
     assert bw.kernels["adj"].program.fp32_outs() == ("d_dt",)
+    # dC[b,t,h,n] has more dims than the decay [b,t,h]: its share of dℓ, <C, dC> per (b,t,h), is summed in the
+    # kernel from the fp32 value (an epilogue of dC's readout, not a second chunked readout) and dC goes out bf16
+    dq = bw.kernels["dq"].program
+    assert len(dq.fp32_outs()) == 1 and dq.fp32_outs()[0].startswith("share_"), dq.fp32_outs()
+    assert bw.kernels["dq"].ir.count("chunk.output") == 1, bw.kernels["dq"].ir
+    assert [c.share for c in bw.d.cots["dq"] if c.share] == list(dq.fp32_outs())

@@ -116,8 +116,8 @@ def mamba2_chunked(
     c4 = lax.dot_general((c3).astype(MM), (x).astype(MM), (((1,), (0,)), ((), ())), precision=PREC, preferred_element_type=jnp.float32)
     y_h_new_in = c4  # in-chunk part
     y_h_new_E = jnp.exp(h_L)  # decay from the chunk's start
-    c5 = lax.dot_general(((C) * y_h_new_E[:, None]).astype(MM), (state_h_prev).astype(MM), (((1,), (1,)), ((), ())), precision=PREC, preferred_element_type=jnp.float32)
-    y_h_new_st = c5  # state part
+    c5 = lax.dot_general((C).astype(MM), (state_h_prev).astype(MM), (((1,), (1,)), ((), ())), precision=PREC, preferred_element_type=jnp.float32)
+    y_h_new_st = (c5) * y_h_new_E[:, None]  # state part
     y_h_new = (y_h_new_in + y_h_new_st)
     # stage epilogue
     y = y_h_new + v12
@@ -269,8 +269,8 @@ def mamba2_segment_outputs(
     c4 = lax.dot_general((c3).astype(MM), (x).astype(MM), (((1,), (0,)), ((), ())), precision=PREC, preferred_element_type=jnp.float32)
     y_h_new_in = c4  # in-chunk part
     y_h_new_E = jnp.exp(h_L)  # decay from the chunk's start
-    c5 = lax.dot_general(((C) * y_h_new_E[:, None]).astype(MM), (state_h_in).astype(MM), (((1,), (1,)), ((), ())), precision=PREC, preferred_element_type=jnp.float32)
-    y_h_new_st = c5  # state part
+    c5 = lax.dot_general((C).astype(MM), (state_h_in).astype(MM), (((1,), (1,)), ((), ())), precision=PREC, preferred_element_type=jnp.float32)
+    y_h_new_st = (c5) * y_h_new_E[:, None]  # state part
     y_h_new = (y_h_new_in + y_h_new_st)
     # stage epilogue
     y = y_h_new + v12

@@ -152,8 +152,8 @@ def mamba2_chunked(
         c4 = tl.dot((c3).to(MM), (x).to(MM), input_precision=PREC)
         y_h_new_in = c4  # in-chunk part
         y_h_new_E = tl.exp(h_L)  # decay from the chunk's start
-        c5 = tl.dot(((C) * y_h_new_E[:, None]).to(MM), tl.trans(state_h_prev).to(MM), input_precision=PREC)
-        y_h_new_st = c5  # state part
+        c5 = tl.dot((C).to(MM), tl.trans(state_h_prev).to(MM), input_precision=PREC)
+        y_h_new_st = (c5) * y_h_new_E[:, None]  # state part
         y_h_new = (y_h_new_in + y_h_new_st)
         # stage epilogue
         y = y_h_new + v12
@@ -360,8 +360,8 @@ def mamba2_segment_outputs(
         c4 = tl.dot((c3).to(MM), (x).to(MM), input_precision=PREC)
         y_h_new_in = c4  # in-chunk part
         y_h_new_E = tl.exp(h_L)  # decay from the chunk's start
-        c5 = tl.dot(((C) * y_h_new_E[:, None]).to(MM), tl.trans(state_h_in).to(MM), input_precision=PREC)
-        y_h_new_st = c5  # state part
+        c5 = tl.dot((C).to(MM), tl.trans(state_h_in).to(MM), input_precision=PREC)
+        y_h_new_st = (c5) * y_h_new_E[:, None]  # state part
         y_h_new = (y_h_new_in + y_h_new_st)
         # stage epilogue
         y = y_h_new + v12

@@ -173,8 +173,8 @@ def mamba2_gated_chunked(
         c4 = tl.dot((c3).to(MM), (x).to(MM), input_precision=PREC)
         v17_s_new_in = (c4) * v16  # in-chunk part
         v17_s_new_E = tl.exp(s_L)  # decay from the chunk's start
-        c5 = tl.dot(((C) * v17_s_new_E[:, None]).to(MM), tl.trans(state_s_prev).to(MM), input_precision=PREC)
-        v17_s_new_st = (c5) * v16  # state part
+        c5 = tl.dot((C).to(MM), tl.trans(state_s_prev).to(MM), input_precision=PREC)
+        v17_s_new_st = (c5) * v16 * v17_s_new_E[:, None]  # state part
         v17_s_new = (v17_s_new_in + v17_s_new_st)
         # stage epilogue
         v17 = v17_s_new + v15
@@ -403,8 +403,8 @@ def mamba2_gated_segment_outputs(
         c4 = tl.dot((c3).to(MM), (x).to(MM), input_precision=PREC)
         v17_s_new_in = (c4) * v16  # in-chunk part
         v17_s_new_E = tl.exp(s_L)  # decay from the chunk's start
-        c5 = tl.dot(((C) * v17_s_new_E[:, None]).to(MM), tl.trans(state_s_in).to(MM), input_precision=PREC)
-        v17_s_new_st = (c5) * v16  # state part
+        c5 = tl.dot((C).to(MM), tl.trans(state_s_in).to(MM), input_precision=PREC)
+        v17_s_new_st = (c5) * v16 * v17_s_new_E[:, None]  # state part
         v17_s_new = (v17_s_new_in + v17_s_new_st)
         # stage epilogue
         v17 = v17_s_new + v15
