@@ -34,6 +34,7 @@ SHAPES = {"S1": dict(b=4, l=2048, h=80, p=64, n=128, g=1),
           "S3": dict(b=8, l=4096, h=32, p=64, n=64, g=1),
           "L64K": dict(b=1, l=65536, h=80, p=64, n=128, g=1)}
 ORDER = ("x", "dt", "A", "B", "C", "D")
+BACKWARD_MATMUL = ("float32", "auto")  # compile's backward_matmul: the default, then the bf16-dot backward
 
 
 def rel(a, b) -> float:
@@ -57,23 +58,29 @@ def run_shape(name, s, repeats, check_ref, profile=False):
     in_bytes = sum(t.numel() * t.element_size() for t in st.values()) + w.numel() * w.element_size()
     rec = dict(shape=name, **s)
 
-    # ssmc: jax.grad through the triton kernel (its derived backward)
-    k = ssmc.compile(SPEC, target="triton")
+    # ssmc: jax.grad through the triton kernel (its derived backward), with the backward's dots at full precision
+    # (the default) and in bf16 (backward_matmul="auto": faster, the decays' gradient loses precision)
     js = tuple(an.to_jax(st[n]) for n in ORDER)
     jw = an.to_jax(w)
+    all_grads = {}
+    for bm in BACKWARD_MATMUL:
+        k = ssmc.compile(SPEC, target="triton", backward_matmul=bm)
+        tag = "ssmc" if bm == "float32" else "ssmc_bf16bwd"
 
-    def loss(x, dt, A, B, C, D, w):
-        return jnp.sum(k(x, dt, A, B, C, D)[0].astype(jnp.float32) * w.astype(jnp.float32))
-    # value_and_grad: the loss needs the forward's y, as in training (jax.grad alone would let XLA drop the
-    # forward kernel, whose value the gradient does not use)
-    g = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6))))
-    _, grads = jax.block_until_ready(g(*js, jw))
-    rec["ssmc_backward"] = k.backward_note
-    ma = g.lower(*js, jw).compile().memory_analysis()
-    rec["ssmc_peak_MB"] = (ma.temp_size_in_bytes + ma.output_size_in_bytes) / 2**20 if ma is not None else None
-    rec["ssmc_ms"] = gpu.time_jax(g, [(*js, jw)], repeats=repeats)
-    if profile:
-        rec["ssmc_kernels"] = kernel_times(lambda: g(*js, jw))
+        def loss(x, dt, A, B, C, D, w, k=k):
+            return jnp.sum(k(x, dt, A, B, C, D)[0].astype(jnp.float32) * w.astype(jnp.float32))
+        # value_and_grad: the loss needs the forward's y, as in training (jax.grad alone would let XLA drop the
+        # forward kernel, whose value the gradient does not use)
+        g = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6))))
+        _, all_grads[tag] = jax.block_until_ready(g(*js, jw))
+        rec["ssmc_backward"] = k.backward_note
+        ma = g.lower(*js, jw).compile().memory_analysis()
+        rec[f"{tag}_peak_MB"] = (ma.temp_size_in_bytes + ma.output_size_in_bytes) / 2**20 + in_bytes / 2**20 \
+            if ma is not None else None
+        rec[f"{tag}_ms"] = gpu.time_jax(g, [(*js, jw)], repeats=repeats)
+        if profile:
+            rec[f"{tag}_kernels"] = kernel_times(lambda g=g: g(*js, jw))
+        del g
     fwd = jax.jit(lambda *a: k(*a)[0])
     rec["ssmc_fwd_ms"] = gpu.time_jax(fwd, [js], repeats=repeats)
 
@@ -102,10 +109,10 @@ def run_shape(name, s, repeats, check_ref, profile=False):
         lambda: f(*[t.detach() for t in leaves[:5]], chunk_size=256, D=leaves[5].detach()), [()], repeats=repeats)
     if profile:
         rec["mamba_ssm_kernels"] = kernel_times(torch_step, sync=lambda o: torch.cuda.synchronize())
-    rec["ratio"] = rec["ssmc_ms"] / rec["mamba_ssm_ms"]
-    rec["ssmc_peak_MB"] = None if rec["ssmc_peak_MB"] is None else rec["ssmc_peak_MB"] + in_bytes / 2**20
-    for n, a, b in zip(ORDER, grads, tg):
-        rec[f"err_{n}_vs_mamba_ssm"] = rel(an.to_torch(a).float(), b.float())
+    for tag, grads in all_grads.items():
+        rec[f"{tag}_ratio"] = rec[f"{tag}_ms"] / rec["mamba_ssm_ms"]
+        for n, a, b in zip(ORDER, grads, tg):
+            rec[f"err_{n}_{tag}_vs_mamba_ssm"] = rel(an.to_torch(a).float(), b.float())
     if check_ref:  # float32 jax.grad of ssmc-xla (matmuls at full precision) on the same rounded values
         kx = ssmc.compile(SPEC, target="xla", matmul="float32")
 
@@ -113,11 +120,12 @@ def run_shape(name, s, repeats, check_ref, profile=False):
             return jnp.sum(kx(x, dt, A, B, C, D)[0] * w)
         ref = jax.jit(jax.grad(loss32, argnums=tuple(range(6))))(*[a.astype(jnp.float32) for a in js],
                                                                   jw.astype(jnp.float32))
-        for n, a, b, r in zip(ORDER, grads, tg, ref):
-            rr = an.to_torch(r).float()
-            rec[f"err_{n}_ssmc_vs_fp32"] = rel(an.to_torch(a).float(), rr)
-            rec[f"err_{n}_mamba_ssm_vs_fp32"] = rel(b.float(), rr)
-    del grads, tg, leaves
+        for k_, n in enumerate(ORDER):
+            rr = an.to_torch(ref[k_]).float()
+            for tag, grads in all_grads.items():
+                rec[f"err_{n}_{tag}_vs_fp32"] = rel(an.to_torch(grads[k_]).float(), rr)
+            rec[f"err_{n}_mamba_ssm_vs_fp32"] = rel(tg[k_].float(), rr)
+    del all_grads, tg, leaves
     torch.cuda.empty_cache()
     return rec
 
@@ -278,15 +286,17 @@ def main():
         if os.environ.get("OUT"):
             pathlib.Path(os.environ["OUT"], "backward.json").write_text(
                 json.dumps(dict(records=recs, checks=checks), indent=1))
-    print("\nshape | ssmc fwd+bwd ms | mamba_ssm fwd+bwd ms | ratio | ssmc peak MB | mamba_ssm peak MB | "
-          "ssmc fwd ms | mamba_ssm fwd ms")
+    print("\nshape | backward dots | ssmc fwd+bwd ms | mamba_ssm fwd+bwd ms | ratio | ssmc peak MB | mamba_ssm peak MB "
+          "| dA err ssmc / mamba_ssm")
     for r in recs:
         if "error" in r:
             print(f"{r['shape']} | error: {r['error']}")
             continue
-        print(f"{r['shape']} | {r['ssmc_ms']:.2f} | {r['mamba_ssm_ms']:.2f} | {r['ratio']:.2f} | "
-              f"{r['ssmc_peak_MB'] or float('nan'):.0f} | {r['mamba_ssm_peak_MB']:.0f} | {r['ssmc_fwd_ms']:.2f} | "
-              f"{r['mamba_ssm_fwd_ms']:.2f}")
+        for tag, dots in (("ssmc", "fp32"), ("ssmc_bf16bwd", "bf16")):
+            if f"{tag}_ms" in r:
+                print(f"{r['shape']} | {dots} | {r[f'{tag}_ms']:.2f} | {r['mamba_ssm_ms']:.2f} | "
+                      f"{r[f'{tag}_ratio']:.2f} | {r[f'{tag}_peak_MB'] or float('nan'):.0f} | "
+                      f"{r['mamba_ssm_peak_MB']:.0f} | {r[f'err_A_{tag}_vs_mamba_ssm']:.1e}")
     import torch
     env = dict(an.versions(), device=torch.cuda.get_device_name(0), jax_backend=jax.default_backend())
     print(json.dumps(env))

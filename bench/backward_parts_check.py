@@ -24,6 +24,8 @@ def main():
     ap.add_argument("--shape", default="S1", choices=list(SHAPES))
     ap.add_argument("--autotune", default="1")
     ap.add_argument("--interpret", action="store_true", help="Triton's interpreter on the CPU (small shapes)")
+    ap.add_argument("--matmul", default="auto", help="the kernels' matmul operands: auto (the activations' dtype) or "
+                    "float32")
     args = ap.parse_args()
     os.environ["SSMC_AUTOTUNE"] = args.autotune
     import jax
@@ -42,7 +44,7 @@ def main():
     w = jnp.asarray(rng.standard_normal((s["b"], s["l"], s["h"], s["p"])), jnp.float32)
     spec = (ROOT / "examples" / "mamba2.ssm").read_text()
     from ssmc.api import compile_program
-    k = ssmc.compile(spec, target="triton", interpret=args.interpret)
+    k = ssmc.compile(spec, target="triton", interpret=args.interpret, matmul=args.matmul)
     kx = ssmc.compile(spec, target="xla", matmul="float32")
     bw = k._derived_backward()
     rec = {}
@@ -75,8 +77,8 @@ def main():
     for n, r in zip(order, ref):
         a = np.asarray(grads[n], np.float64)
         r = np.asarray(r, np.float64)
-        print(f"{args.shape} autotune={args.autotune} grad {n}: rel {np.linalg.norm(a - r) / np.linalg.norm(r):.3e}",
-              flush=True)
+        err = np.linalg.norm(a - r) / np.linalg.norm(r)
+        print(f"{args.shape} autotune={args.autotune} matmul={args.matmul} grad {n}: rel {err:.3e}", flush=True)
 
 
 if __name__ == "__main__":

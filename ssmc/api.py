@@ -64,7 +64,7 @@ def check(spec) -> Program:
 
 def compile(spec, target: str = "xla", chunk_size: int | None = None, dump: bool | str = False,
             cache: bool = True, matmul: str = "auto", interpret: bool = False, out_dtype=None,
-            segments: int | None = None) -> "Kernel":
+            segments: int | None = None, backward_matmul: str = "float32") -> "Kernel":
     """Compile a spec (text or .ssm path) for a target ("xla", "triton"/"gpu", "tpu"/"pallas_tpu", "auto").
 
     Precision follows the activations: the narrowest floating dtype among the inputs (bf16 x, B, C next to fp32
@@ -75,11 +75,16 @@ def compile(spec, target: str = "xla", chunk_size: int | None = None, dump: bool
     out_dtype: the outs' dtype (default: the activations' dtype); states are float32 (float64 on float64 inputs).
     interpret: kernel targets only (triton, tpu): run the generated kernels in their CPU interpreter.
     segments: kernel targets, chunked forms: split the sequence into this many segments (1: one walk); None picks
-    per call from the sizes and the device (targets/kernel_runtime.pick_segments)."""
+    per call from the sizes and the device (targets/kernel_runtime.pick_segments).
+    backward_matmul: the derived backward kernels' matmul operands (kernel targets under jax.grad), as `matmul`.
+    "float32" (default): full precision. The decays' gradient (dA, ddt) is a reverse cumulative sum of terms that
+    cancel, and with bf16 operands it is off by O(1) relative at L=2048 (README, Training); "auto" runs the
+    backward's dots in bf16, faster, with that loss in dA / ddt (the other gradients are as bf16 as the forward)."""
     from ssmc.targets import get_target
 
-    if matmul not in ("auto", "float32"):
-        raise SSMCError(f"matmul must be 'auto' or 'float32', got {matmul!r}")
+    for opt, v in (("matmul", matmul), ("backward_matmul", backward_matmul)):
+        if v not in ("auto", "float32"):
+            raise SSMCError(f"{opt} must be 'auto' or 'float32', got {v!r}")
     out_dtype = _out_dtype_option(out_dtype)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise SSMCError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
@@ -100,13 +105,14 @@ def compile(spec, target: str = "xla", chunk_size: int | None = None, dump: bool
                         f"{segments!r} for target '{tgt.name}'")
     # SSMC_AUTOSCHEDULE decides whether compile attaches a measured schedule (ssmc/autoschedule.py): part of the key
     mkey = (_SPAN.sub("", ir), tgt.name, pipeline, matmul, bool(interpret), str(out_dtype), segments,
-            os.environ.get("SSMC_AUTOSCHEDULE", "1") != "0")
+            os.environ.get("SSMC_AUTOSCHEDULE", "1") != "0", backward_matmul)
     hit = _memo_get(mkey) if cache and dump_dir is None else None
     if hit is not None:
         _warn_unused_chunk_size(hit, chunk_size)
         _warn_unused_segments(hit, segments)
         return hit
     k = _build(program, tgt, pipeline, matmul, interpret, out_dtype, cache, dump_dir is None, t0)
+    k.backward_matmul = backward_matmul
     if segments is not None:
         k._opts["segments"] = segments
     from .autoschedule import attach

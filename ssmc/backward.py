@@ -30,7 +30,9 @@ class Backward:
         self.k = kernel
         self.d = derive(kernel.program)
         self.p: Program = kernel.program
-        opts = dict(target=kernel.target, matmul=kernel.matmul, interpret=kernel.interpret, out_dtype=None,
+        # the backward's dots at full precision by default (compile's backward_matmul): the decays' cotangent is
+        # a sum of terms that cancel, which bf16 operands leave O(1) off
+        opts = dict(target=kernel.target, matmul=kernel.backward_matmul, interpret=kernel.interpret, out_dtype=None,
                     pipeline=kernel.pipeline)
         self.kernels = {part: compile_program(prog, **opts) for part, prog in self.d.programs.items()}
         # packed calls: every derived program takes cu_seqlens along the forward's packed dim (a causal conv is
@@ -113,7 +115,7 @@ class Backward:
         # the kernels' matmul operands keep the forward's precision: an input fed to them as is goes in its own
         # dtype (bf16 x, B, C stay bf16), the readouts' cotangents in the activations' dtype (bf16 dots with
         # fp32 accumulation, as the forward); computed factors and log-decays stay fp32
-        mm = meta.dtypes(self.k.matmul)[1]
+        mm = meta.dtypes(self.k.backward_matmul)[1]
         own = {i.name: jnp.dtype(arrays[key[i.name]].dtype) for i in leaves if i.op == "input" and key[i.name] in arrays}
         low = {n: dt for n, dt in own.items() if dt.itemsize < jnp.dtype(dtype).itemsize}
         feed_dt = (low, None if mm == jnp.dtype(dtype) else mm)

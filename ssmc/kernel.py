@@ -60,6 +60,7 @@ class Kernel:
                  program_compiler: Callable[..., "Kernel"] | None = None):
         self.program = program
         self.matmul = matmul
+        self.backward_matmul = "float32"  # the derived backward kernels' (compile's option)
         self.out_dtype = out_dtype  # None: the outs take the activations' dtype
         self.interpret = interpret
         self.target = target.name
@@ -109,7 +110,8 @@ class Kernel:
         memo makes a repeated request cheap."""
         if self._compiler is None:
             raise SSMCError(f"{self.name}: this Kernel was built without a compiler; use ssmc.compile")
-        opts = dict(target=self.target, matmul=self.matmul, interpret=self.interpret, out_dtype=self.out_dtype)
+        opts = dict(target=self.target, matmul=self.matmul, interpret=self.interpret, out_dtype=self.out_dtype,
+                    backward_matmul=self.backward_matmul)
         return self._compiler(self.program.source, **(opts | options))
 
     def __repr__(self):
