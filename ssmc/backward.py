@@ -116,7 +116,8 @@ class Backward:
         # dtype (bf16 x, B, C stay bf16), the readouts' cotangents in the activations' dtype (bf16 dots with
         # fp32 accumulation, as the forward); computed factors and log-decays stay fp32
         mm = meta.dtypes(self.k.backward_matmul)[1]
-        own = {i.name: jnp.dtype(arrays[key[i.name]].dtype) for i in leaves if i.op == "input" and key[i.name] in arrays}
+        own = {i.name: jnp.dtype(arrays[key[i.name]].dtype) for i in leaves
+               if i.op == "input" and key[i.name] in arrays}
         low = {n: dt for n, dt in own.items() if dt.itemsize < jnp.dtype(dtype).itemsize}
         feed_dt = (low, None if mm == jnp.dtype(dtype) else mm)
         # 1. the epilogue's cotangents
