@@ -181,10 +181,11 @@ def fla_gla(q, k, v, g):
 
 
 def to_jax(t):
-    """torch CUDA tensor -> jax array on the GPU (DLPack, zero copy; numpy round trip as fallback)."""
+    """torch tensor -> jax array on its device (DLPack, zero copy; numpy round trip as fallback)."""
     import jax.numpy as jnp
     import torch
-    torch.cuda.synchronize()
+    if t.is_cuda:
+        torch.cuda.synchronize()
     try:
         return jnp.from_dlpack(t.contiguous())
     except Exception:  # noqa: BLE001  (older/odd combinations: go through the host, exactly)

@@ -34,7 +34,8 @@ SHAPES = {"S1": dict(b=4, l=2048, h=80, p=64, n=128, g=1),
           "S3": dict(b=8, l=4096, h=32, p=64, n=64, g=1),
           "L64K": dict(b=1, l=65536, h=80, p=64, n=128, g=1)}
 ORDER = ("x", "dt", "A", "B", "C", "D")
-BACKWARD_MATMUL = ("float32", "auto")  # compile's backward_matmul: the default, then the bf16-dot backward
+# compile's backward_matmul -> (record key prefix, label): the default, then the bf16-dot backward
+BACKWARD_MATMUL = {"float32": ("ssmc", "fp32"), "auto": ("ssmc_bf16bwd", "bf16")}
 
 
 def rel(a, b) -> float:
@@ -63,9 +64,8 @@ def run_shape(name, s, repeats, check_ref, profile=False):
     js = tuple(an.to_jax(st[n]) for n in ORDER)
     jw = an.to_jax(w)
     all_grads = {}
-    for bm in BACKWARD_MATMUL:
+    for bm, (tag, _) in BACKWARD_MATMUL.items():
         k = ssmc.compile(SPEC, target="triton", backward_matmul=bm)
-        tag = "ssmc" if bm == "float32" else "ssmc_bf16bwd"
 
         def loss(x, dt, A, B, C, D, w, k=k):
             return jnp.sum(k(x, dt, A, B, C, D)[0].astype(jnp.float32) * w.astype(jnp.float32))
@@ -287,12 +287,12 @@ def main():
             pathlib.Path(os.environ["OUT"], "backward.json").write_text(
                 json.dumps(dict(records=recs, checks=checks), indent=1))
     print("\nshape | backward dots | ssmc fwd+bwd ms | mamba_ssm fwd+bwd ms | ratio | ssmc peak MB | mamba_ssm peak MB "
-          "| dA err ssmc / mamba_ssm")
+          "| dA err vs mamba_ssm")
     for r in recs:
         if "error" in r:
             print(f"{r['shape']} | error: {r['error']}")
             continue
-        for tag, dots in (("ssmc", "fp32"), ("ssmc_bf16bwd", "bf16")):
+        for tag, dots in BACKWARD_MATMUL.values():
             if f"{tag}_ms" in r:
                 print(f"{r['shape']} | {dots} | {r[f'{tag}_ms']:.2f} | {r['mamba_ssm_ms']:.2f} | "
                       f"{r[f'{tag}_ratio']:.2f} | {r[f'{tag}_peak_MB'] or float('nan'):.0f} | "

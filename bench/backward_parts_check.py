@@ -38,8 +38,7 @@ def main():
     st = an.make_inputs(s["b"], s["l"], s["h"], s["p"], s["n"], s["g"], "mixed", seed=1,
                         device="cpu" if args.interpret else "cuda")
     order = ("x", "dt", "A", "B", "C", "D")
-    ins = {n: (jnp.asarray(st[n].float().numpy()).astype(str(st[n].dtype).split(".")[-1]) if args.interpret
-               else an.to_jax(st[n])) for n in order}
+    ins = {n: an.to_jax(st[n]) for n in order}
     rng = np.random.default_rng(7)
     w = jnp.asarray(rng.standard_normal((s["b"], s["l"], s["h"], s["p"])), jnp.float32)
     spec = (ROOT / "examples" / "mamba2.ssm").read_text()
@@ -66,9 +65,9 @@ def main():
         i32 = None if init is None else {n: jnp.asarray(v, jnp.float32) for n, v in init.items()}
         ref = kp.apply(f32, i32)
         names = [n for n, _ in kp.outs] + ["final:" + n for n, _ in kp.states]
-        for n, a, r in zip(names, res, ref):
-            a, r = np.asarray(a, np.float64), np.asarray(r, np.float64)
-            print(f"{args.shape} autotune={args.autotune} {part}.{n} dtype={res[names.index(n)].dtype} "
+        for n, got, r in zip(names, res, ref):
+            a, r = np.asarray(got, np.float64), np.asarray(r, np.float64)
+            print(f"{args.shape} autotune={args.autotune} {part}.{n} dtype={got.dtype} "
                   f"err={np.abs(a - r).max() / max(np.abs(r).max(), 1e-30):.3e} "
                   f"rel2={np.linalg.norm(a - r) / max(np.linalg.norm(r), 1e-30):.3e}", flush=True)
     def loss32(*a):

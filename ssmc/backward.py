@@ -112,9 +112,9 @@ class Backward:
                 a = jnp.zeros([ssz[dd] for dd in decl[name]], dtype)
             xs[i.name] = to_dims(jnp.asarray(a).astype(jnp.promote_types(a.dtype, dtype)), decl[name], i.dims)
         states0 = {s.name: arrays.get("state:" + s.name) for s in d.states.values()}
-        # the kernels' matmul operands keep the forward's precision: an input fed to them as is goes in its own
-        # dtype (bf16 x, B, C stay bf16), the readouts' cotangents in the activations' dtype (bf16 dots with
-        # fp32 accumulation, as the forward); computed factors and log-decays stay fp32
+        # an input fed to the kernels as is goes in its own dtype (bf16 x, B, C stay bf16 in memory), the readouts'
+        # cotangents in the backward's matmul dtype (backward_matmul: fp32, or the activations' bf16 with "auto");
+        # computed factors and log-decays stay fp32
         mm = meta.dtypes(self.k.backward_matmul)[1]
         own = {i.name: jnp.dtype(arrays[key[i.name]].dtype) for i in leaves
                if i.op == "input" and key[i.name] in arrays}
