@@ -17,10 +17,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ssmc.errors import SSMCError
 from ssmc.ir import Instr, Program, make
 
 from . import bounds
-from .chunk_ops import ChunkArgs
+from .chunk_ops import STEP_CHUNK_OPS, ChunkArgs
 from .linear import NotLinear
 from .plan import make_plan
 
@@ -45,6 +46,11 @@ def sub_chunk(Q: int, sub: int) -> int:
 LOG_FLOOR = math.log(1e-30)  # log-decays below this are a reset at fp32 resolution (and never -inf)
 
 
+class NeedsChunks(SSMCError):
+    """A program with step-level chunk ops (`pairs`, `enter`: the derived backward's) is not chunked; the caller
+    (ssmc/backward.py) derives the form without them."""
+
+
 def chunk_dim(scan: str) -> str:
     """The chunk-index dim of the scan dim t: `t#` (no spec can name it)."""
     return f"{scan}#"
@@ -60,6 +66,15 @@ class Chunk:
     name = "chunk"
 
     def run(self, p: Program) -> Program:
+        out = self._run(p)
+        if not any(i.op.startswith("chunk.") for i in out.instrs):
+            marked = [i for i in out.instrs if i.op in STEP_CHUNK_OPS]
+            if marked:
+                raise NeedsChunks(f"chunk: '{marked[0].op}' ({marked[0].name}) needs the chunked form, and "
+                                  f"'{p.name}' runs as a sequential scan: {out.notes[-1] if out.notes else ''}")
+        return out
+
+    def _run(self, p: Program) -> Program:
         if self.size == 1:
             return p.with_instrs(p.instrs, note="chunk: sequential scan (chunk size 1 requested)")
         if self.size < 0:
@@ -115,7 +130,7 @@ class _Rewrite:
         self.an = plan.analysis
         cd = chunk_dim(p.scan)
         k = p.dims.index(p.scan)
-        self.dims = p.dims[:k] + (cd,) + p.dims[k:]
+        self.dims = p.dims if cd in p.dims else p.dims[:k] + (cd,) + p.dims[k:]
         self.cd = cd
         self.out: list[Instr] = []
         self.memo: dict = {}  # intervals of values (passes/bounds.py)
@@ -179,35 +194,25 @@ class _Rewrite:
             final = self.emit(f"%{S}.final", "chunk.final", args, sp.dims, span, chunk=Q, state=S, **attrs)
             stage[S] = dict(ell=ell, L=L, sigma=sigma, sgn=step_sgn, enter=enter, u=u, uc=uc, form=form, final=final,
                             bounded=bd, raw_sgn=sgn)
-        # readouts
-        for name, lin in self.plan.readouts.items():
-            r = an.by[name]
-            dims = set(r.dims) | {scan}
-            parts = []
-            for k, t in enumerate(lin.terms):
-                s = stage[t.state]
-                # read before the update with a signed decay: the sign through t-1 is sigma_t / sign(a_t)
-                sgn = s["sgn"] if s["form"] == "scan" or t.when != "prev" or not s["sigma"] else s["raw_sgn"]
-                args, attrs = ChunkArgs(ell=s["ell"], L=s["L"], sigma=s["sigma"], sgn=sgn, enter=s["enter"],
-                                        q=t.factors,
-                                        qcoef=t.coef, u=s["u"], ucoef=s["uc"]).encode()
-                single = len(lin.terms) == 1 and not lin.rest
-                part_name = name if single else an.namer(f"{name[1:]}.{t.state}.{t.when}")
-                if self.plan.states[t.state].klass in SUB_CLASSES:
-                    attrs["sub"] = self.C  # sub-chunk length of the in-chunk part (C == Q: one diagonal block)
-                parts.append(self.emit(part_name, "chunk.output", args, dims, r.span, chunk=Q, state=t.state,
-                                       when=t.when, form=s["form"], bounded=s["bounded"], **attrs))
-            for x in lin.rest:
-                parts.append(self.product(x, r.span))
-            acc = parts[0]
-            for k, part in enumerate(parts[1:]):
-                acc = self.emit(name if k == len(parts) - 2 else None, "add", (acc, part), dims, r.span)
+        # readouts (one whose only users are `pairs` ops is emitted by them, part by part)
+        users = p.users()
+        for name in self.plan.readouts:
+            us = users.get(name, [])
+            if not (us and all(u.op == "pairs" for u in us)):
+                self.readout(name, stage, name)
         # epilogue: nonlinear state-dependent values, computed from readouts
+        alias: dict[str, str] = {}  # an `enter` op -> its state's chunk.pass value
         for i in p.instrs:
             if not an.dep[i.name] or i.op in ("update", "state") or i.name in self.plan.readouts:
                 continue
             if i.op == "out":
                 self.out.append(i)
+                continue
+            if i.op == "pairs":
+                self.readout(i.args[0], stage, i.name, i.attr("part"))
+                continue
+            if i.op == "enter":
+                alias[i.name] = stage[self.an.by[i.args[0]].attr("state")]["enter"]
                 continue
             if i.name not in self.plan.post:  # (a post value: computed from its readouts, below)
                 try:
@@ -220,6 +225,8 @@ class _Rewrite:
             self.emit(f"final.{S}", "final", (s["final"],), self.plan.states[S].dims, None, state=S)
         # out sinks of state-free values come along with `free`'s order; keep all sinks last
         outs = [i for i in p.instrs if i.op == "out"]
+        outs = [make(i.name, "out", (alias[i.args[0]],), i.dims, i.span, **dict(i.attrs)) if i.args[0] in alias else i
+                for i in outs]
         body = [i for i in self.out if i.op != "out"]
         classes = ", ".join(f"{sp.name}: {sp.klass}" for sp in self.plan.states.values())
         note = f"chunk: chunk-parallel form, chunk length {Q} ({classes})"
@@ -231,6 +238,38 @@ class _Rewrite:
                      else f"\nchunk: decay of {S} not provably |a| <= 1: exact in-chunk exponents, no clamp (a growing "
                           f"decay may overflow to inf, never clamped)")
         return p.with_instrs(body + outs, note=note, dims=self.dims)
+
+    def readout(self, name: str, stage: dict, result: str, part: str | None = None) -> None:
+        """Readout `name` (a plan readout) as chunk.output ops (one per term, plus its state-free products),
+        summed into `result`; `part`: only that part of each term (chunk_ops: state, straddle)."""
+        an, scan, Q = self.an, self.p.scan, self.Q
+        r, lin = an.by[name], self.plan.readouts[name]
+        dims = set(r.dims) | {scan}
+        parts = []
+        for t in lin.terms:
+            s = stage[t.state]
+            if part and (self.plan.states[t.state].klass != "scalar" or t.when != "new" or s["sigma"]):
+                raise SSMCError(f"chunk: part={part} of readout {name} needs a scalar positive decay read after "
+                                f"the update (state '{t.state}': {self.plan.states[t.state].klass}, when={t.when})")
+            # read before the update with a signed decay: the sign through t-1 is sigma_t / sign(a_t)
+            sgn = s["sgn"] if s["form"] == "scan" or t.when != "prev" or not s["sigma"] else s["raw_sgn"]
+            args, attrs = ChunkArgs(ell=s["ell"], L=s["L"], sigma=s["sigma"], sgn=sgn, enter=s["enter"], q=t.factors,
+                                    qcoef=t.coef, u=s["u"], ucoef=s["uc"]).encode()
+            single = len(lin.terms) == 1 and not lin.rest
+            part_name = result if single else an.namer(f"{result[1:]}.{t.state}.{t.when}")
+            if self.plan.states[t.state].klass in SUB_CLASSES:
+                attrs["sub"] = self.C  # sub-chunk length of the in-chunk part (C == Q: one diagonal block)
+            if part:
+                attrs["part"] = part
+            parts.append(self.emit(part_name, "chunk.output", args, dims, r.span, chunk=Q, state=t.state,
+                                   when=t.when, form=s["form"], bounded=s["bounded"], **attrs))
+        if part and lin.rest:
+            raise SSMCError(f"chunk: part={part} of readout {name}, which has state-free terms")
+        for x in lin.rest:
+            parts.append(self.product(x, r.span))
+        acc = parts[0]
+        for k, p in enumerate(parts[1:]):
+            acc = self.emit(result if k == len(parts) - 2 else None, "add", (acc, p), dims, r.span)
 
     def logdecay(self, sp) -> tuple[str, str | None]:
         an = self.an

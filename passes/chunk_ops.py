@@ -16,6 +16,17 @@ the chunk into Q/C sub-chunks (matmuls between them, diagonal blocks direct), C 
 `bounded` (on chunk.cumsum, chunk.states, chunk.output): |a| <= 1 is proven (passes/bounds.py), so exponents
 L_t - L_s (s <= t) may be clamped to <= 0; when False every exponent is used as it is (exact for growing decays).
 Positions past the sequence end contribute nothing (log-decay 0, update 0); emitters mask them.
+`part` (on chunk.output of a scalar decay, when=new): "state" keeps only the state part exp(L_t) q_t · S_enter;
+"straddle" only the in-chunk pairs around each row i, Σ_{t >= i} Σ_{s < i} M[t, s] with M[t, s] the in-chunk
+summand of row t from source s (the derived backward's decay gradient a_i <S_{i-1}, G_i>, passes/adjoint.py).
+Both are times qcoef; t and s lie in i's chunk and inside the sequence. Emitters compute "state" for any quadratic
+chunk.output read after the update (no in-chunk part at all), "straddle" for a positive decay without state dims
+(identity / constant / scalar class, no sigma, no sub-chunks) whose out dims are the decay's dims and the scan dim
+(all else contracted), as R = M @ U, U[s, i] = [s < i], then Σ_{t >= i} R[t, i], in fp32; else a TargetError.
+
+Step-level ops of the derived backward that only this pass lowers (a program with them has no sequential form):
+  pairs r {part}   a readout r's `part` (state / straddle) relative to the chunks: chunk.output{part}
+  enter S.prev     [t#, S]: the state entering each chunk (chunk.pass's value), an out of the derived programs
 """
 from __future__ import annotations
 
@@ -24,8 +35,9 @@ from dataclasses import dataclass
 from ssmc.ir import OP_ARITY, Instr
 
 STAGE_OPS = ("chunk.cumsum", "chunk.cumsign", "chunk.states", "chunk.pass", "chunk.final", "chunk.output")
-OP_ARITY.update({"chunk.cumsum": 1, "chunk.cumsign": 1, "chunk.states": None, "chunk.pass": None,
-                 "chunk.final": None, "chunk.output": None, "final": 1})
+STEP_CHUNK_OPS = ("pairs", "enter")
+OP_ARITY.update({"pairs": 1, "enter": 1, "chunk.cumsum": 1, "chunk.cumsign": 1, "chunk.states": None,
+                 "chunk.pass": None, "chunk.final": None, "chunk.output": None, "final": 1})
 STAGE_OF = {"chunk.cumsum": "cumsum", "chunk.cumsign": "cumsum", "chunk.states": "chunk_state",
             "chunk.pass": "state_passing", "chunk.final": "state_passing", "chunk.output": "chunk_output"}
 

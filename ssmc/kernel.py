@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssmc.targets.base import CU_SEQLENS, ModuleInfo, Target, packed_batch_dim
+from ssmc.passes.chunk import chunk_dim
+from ssmc.targets.base import CU_SEQLENS, ModuleInfo, Target, chunk_outs, packed_batch_dim
 
 from . import step as _step
 from .errors import ShapeError, SSMCError, TargetError
@@ -60,7 +61,7 @@ class Kernel:
                  program_compiler: Callable[..., "Kernel"] | None = None):
         self.program = program
         self.matmul = matmul
-        self.backward_matmul = "float32"  # the derived backward kernels' (compile's option)
+        self.backward_matmul = "auto"  # the derived backward kernels' (compile's option)
         self.out_dtype = out_dtype  # None: the outs take the activations' dtype
         self.interpret = interpret
         self.target = target.name
@@ -335,6 +336,11 @@ class Kernel:
             from .backward import Backward
             if self._program_compiler is None:
                 raise SSMCError(f"{self.name}: this Kernel was built without a compiler; use ssmc.compile")
+            indexed = chunk_outs(self.program)
+            if indexed:  # (the derived backward's own programs return such outs; they are not differentiated)
+                self._bw, self.backward_note = None, (f"XLA derivatives: out '{indexed[0]}' is indexed by chunk, "
+                                                      f"which the derived backward does not differentiate")
+                return self._bw
             try:
                 self._bw, self.backward_note = Backward(self, self._program_compiler), "derived (passes/adjoint.py)"
             except NotAdjointable as e:
@@ -395,8 +401,11 @@ class Kernel:
         come in reverse order, each reversed: offsets T - cu[::-1], and the states' entries along the packed dim
         reversed in and out."""
         scan, pd = self.program.scan, (self.packed_dim if meta.seqs else None)
+        cd = chunk_dim(scan)
 
         def flip(x, dims):
+            if cd in dims:  # an out indexed by chunk: the walk's k-th chunk is chunk nc-1-k (base.chunk_outs)
+                x = jnp.flip(x, dims.index(cd))
             if scan in dims:
                 return jnp.flip(x, dims.index(scan))
             return jnp.flip(x, dims.index(pd)) if pd in dims else x
@@ -429,6 +438,11 @@ class Kernel:
     def _packed_count(self, cu) -> int:
         """The number of sequences of a packed call, checking what needs no values: the spec takes packed calls,
         cu is a 1-D integer array of at least 2 entries."""
+        indexed = chunk_outs(self.program)
+        if indexed:
+            raise ShapeError(f"{self.name}: cu_seqlens: out '{indexed[0]}' is indexed by chunk (dim "
+                             f"'{chunk_dim(self.program.scan)}'); packed sequences (cu_seqlens) with outs indexed "
+                             f"by chunk are not supported: call each sequence on its own")
         if self.packed_dim is not None and CU_SEQLENS not in self._info.options:
             raise TargetError(f"{self.name}: cu_seqlens: the {self.target} target's generated entry takes no packed "
                               f"sequences (its MODULE_INFO options lack '{CU_SEQLENS}')")
@@ -516,7 +530,14 @@ class Kernel:
                 floats[name] = dt
             arrays[name if kind == "input" else "state:" + name] = x
         derive_sizes(self.name, self.program, sizes, where)  # conv windows: size(k) - 1
+        cd = chunk_dim(self.program.scan)
+        Q = self._info.chunk  # outs indexed by chunk (dim t#): ceil(T / Q) chunks (targets/base.py chunk_outs)
+        if cd in self.program.dims and Q and self.program.scan in sizes:
+            sizes[cd] = -(-sizes[self.program.scan] // Q)
+            where[cd] = f"the chunks of {Q} steps of dim '{self.program.scan}'"
         for d in self.program.dims:
+            if d == cd and not Q:  # a chunk-index dim no result has: no size to know
+                continue
             if d not in sizes:
                 raise ShapeError(f"{self.name}: dim '{d}' appears in no input; pass an initial state to set its size")
         for g, h in self.program.groups:

@@ -11,6 +11,12 @@ float dtype (the entry moves them into the layout and dtype it computes in); the
 declared layouts, the outs in `out_dtype`, the states in float32 (float64 where the target computes float64).
 `mm` is the matmul operand dtype. `Kernel` (ssmc/kernel.py) reads MODULE_INFO by attribute and checks it once,
 when the module loads (`ModuleInfo.check`), so a broken module fails there and not inside a call.
+
+An out may be indexed by chunk (`chunk_outs`: the chunk-index dim t# of a chunked program, e.g. the state entering
+each chunk): t# has ceil(T / Q) entries, Q the chunk length MODULE_INFO records (`chunk`), entry c the chunk over
+steps [c*Q, (c+1)*Q). A reverse-time program walks from the last step and stores its k-th chunk at entry nc-1-k
+(where Q divides T, entry c again covers forward steps [c*Q, (c+1)*Q)). A sequential program has no such out, and a
+packed call (cu_seqlens) of a program with one is refused.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import inspect
 from typing import ClassVar
 
 from ssmc.errors import SSMCError, TargetError
+from ssmc.passes.chunk import chunk_dim
 
 # Part of every disk-cache key of generated code (ssmc/api.py): bump it when the entry contract changes, so that
 # modules written under an older contract are never loaded (the code fingerprint catches edits in a checkout; this
@@ -40,6 +47,34 @@ ACROSS = "across"
 # entries that can run packed variable-length sequences take `cu_seqlens=`: int32 offsets [num_seqs + 1] of the
 # sequences laid end to end along the scan dim of a batch of one (targets/packed.py)
 CU_SEQLENS = "cu_seqlens"
+
+
+def chunk_outs(p) -> tuple[str, ...]:
+    """The declared outs of program `p` indexed by chunk: those with the chunk-index dim `t#` of the scan dim t
+    (passes/chunk.py chunk_dim), e.g. the state entering each chunk; `t#` has ceil(T / Q) entries, Q the chunk length
+    of the chunked program. Chunk 0 is the first one walked (a reverse-time program walks from its last step: see
+    the targets' notes on reverse programs)."""
+    cd = chunk_dim(p.scan)
+    return tuple(o.name for o in p.outs if cd in o.dims)
+
+
+def check_chunk_outs(p, target: str) -> int:
+    """The chunk length Q of the chunked program `p` when it has outs indexed by chunk (chunk_outs), else 0; a
+    program with such outs and no chunked form (a sequential scan) raises SSMCError: it has no chunks to index."""
+    names = chunk_outs(p)
+    if not names:
+        return 0
+    Q = next((i.attr("chunk") for i in p.instrs if i.op.startswith("chunk.") and i.attr("chunk")), None)
+    if not Q:
+        why = next((n.split("\n")[0] for n in reversed(p.notes) if n.startswith("chunk:")), "")
+        raise SSMCError(f"{p.name}: out '{names[0]}' is indexed by chunk (dim '{chunk_dim(p.scan)}'), but the "
+                        f"program runs as a sequential scan on the {target} target, which has no chunks"
+                        + (f" ({why})" if why else ""))
+    by = p.by_name()
+    for n in names:
+        if f"out.{n}" not in by:
+            raise SSMCError(f"{p.name}: out '{n}' (indexed by chunk) has no `out` instruction in the chunked program")
+    return int(Q)
 
 
 def packed_batch_dim(p) -> str | None:
@@ -90,19 +125,25 @@ class ModuleInfo:
     params: tuple[Param, ...]
     returns: tuple[Result, ...]     # the outs in declared order, then the final states in declared order
     options: tuple[str, ...]        # the keyword options the entry takes
+    # the chunk length Q where some out is indexed by chunk (dim `t#`, ceil(T / Q) entries: chunk_outs); 0 where none
+    # is (and then not written into the module)
+    chunk: int = 0
 
     @classmethod
-    def build(cls, target: str, entry: str, params, returns, options) -> "ModuleInfo":
+    def build(cls, target: str, entry: str, params, returns, options, chunk: int = 0) -> "ModuleInfo":
         """From plain tuples: params (py, name, kind, dims), returns (kind, name, dims), dims a sequence or a
         comma-joined str; the IR's leaf kinds map to input / state (a conv window is a state)."""
         ps = tuple(Param(py, name, "input" if kind == "input" else "state", _dims(dims))
                    for py, name, kind, dims in params)
-        return cls(target, entry, ps, tuple(Result(k, n, _dims(d)) for k, n, d in returns), tuple(options))
+        return cls(target, entry, ps, tuple(Result(k, n, _dims(d)) for k, n, d in returns), tuple(options),
+                   int(chunk))
 
     def source(self) -> str:
         """The assignment an emitter writes into the generated module (one param / result a line)."""
         rows = ["MODULE_INFO = ModuleInfo(",
                 f"    target={self.target!r}, entry={self.entry!r}, options={self.options!r},",
+                *([f"    chunk={self.chunk!r},  # the chunk length: outs indexed by chunk have ceil(T / chunk) entries"]
+                  if self.chunk else []),
                 "    params=(",
                 *(f"        {p!r}," for p in self.params),
                 "    ),",
@@ -147,6 +188,12 @@ class ModuleInfo:
         if [(r.kind, r.name, r.dims) for r in self.returns] != rets:
             raise SSMCError(f"{where}: MODULE_INFO returns {[(r.kind, r.name, r.dims) for r in self.returns]}, "
                             f"the spec declares {rets}")
+        # an out indexed by chunk (a dim `t#`; no spec dim has a '#') has ceil(T / chunk) entries along it: the
+        # record must say the chunk length its entry was generated for
+        indexed = [n for n, d in outs if any(x.endswith("#") for x in d)]
+        if indexed and not (isinstance(self.chunk, int) and self.chunk > 0):
+            raise SSMCError(f"{where}: out '{indexed[0]}' is indexed by chunk, but MODULE_INFO gives no chunk length "
+                            f"(chunk={self.chunk!r})")
         return fn
 
 

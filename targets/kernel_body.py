@@ -19,6 +19,7 @@ import contextlib
 import functools
 import re
 
+from ssmc.errors import TargetError
 from ssmc.ir import Instr
 from ssmc.passes.chunk_ops import decode
 from ssmc.ops import spellings
@@ -282,12 +283,11 @@ class TileEmitter:
                 e = self.sum_axes(sel(e, a, set(a) & summed), a, set(a) & summed)
                 a = tuple(x for x in a if x not in summed)
                 return self.reorder(e, a, out)
-            pair = None
-            for x in sorted(summed):
-                holders = [j for j, (_, a) in enumerate(ops) if x in a]
-                if len(holders) == 2:
-                    pair = (holders, x)
-                    break
+            pairs = [(h, x) for x in sorted(summed) for h in [[j for j, (_, a) in enumerate(ops) if x in a]]
+                     if len(h) == 2]
+            # a matmul another readout already computed is reused (Mamba2's dq: <C ⊗ dy, S> takes dy @ S from dC)
+            pair = next((c for c in pairs if select is None and self.dot_of(ops, summed, *c) in self.shared),
+                        pairs[0] if pairs else None)
             if pair is None:  # nothing to contract yet: multiply the two operands that share the most axes
                 j1, j2 = max(((i, j) for i in range(len(ops)) for j in range(i + 1, len(ops))),
                              key=lambda ij: len(set(ops[ij[0]][1]) & set(ops[ij[1]][1])))
@@ -311,6 +311,18 @@ class TileEmitter:
                 e = self.hold(e)
                 res = tuple(y for y in union if y not in k)
             ops = [o for j, o in enumerate(ops) if j not in (j1, j2)] + [(e, res)]
+
+    def dot_of(self, ops, summed, js, x) -> str | None:
+        """The matmul contract() would write for operands js over axis x (None: not one matmul)."""
+        (ea, aa), (eb, ab) = ops[js[0]], ops[js[1]]
+        k = {x} | {y for y in set(aa) & set(ab) if y in summed and sum(y in b for _, b in ops) == 2}
+        fa, fb = [y for y in aa if y not in k], [y for y in ab if y not in k]
+        if not (len(k) == 1 and len(aa) == 2 and len(ab) == 2 and len(fa) == 1 and len(fb) == 1 and fa != fb
+                and self.d.can_dot(aa + ab)):
+            return None
+        if self.sort((fa[0], fb[0])) != (fa[0], fb[0]):
+            (ea, aa), (eb, ab) = (eb, ab), (ea, aa)
+        return self.d.dot(ea, eb, aa.index(x), ab.index(x))
 
     def hold(self, e: str) -> str:
         """Name a sub-expression (keeps the generated lines short and readable)."""
@@ -437,11 +449,19 @@ class TileEmitter:
                 neg = f"{self.bc('valid', (t,), Lax)} & ({self.bc(sn, snax, Lax)} < 0)"
                 sgt = self.share(self.d.where(neg, f"-{sgt}", sgt), base("sgt"), "the decay's sign through t-1")
         q = [self.get(f) for f in a.q]
-        shape = self.sub_shape(i, a, q, out, Lax) if self.d.guarded_subchunks else None
+        part = i.attr("part")  # None: the whole value; "state" / "straddle": one part of it (passes/chunk_ops.py)
+        if part is not None:
+            self.check_part(i, a, part, out, Lax)
+        coef = "" if a.qcoef == 1.0 else f"{a.qcoef!r} * "
+        if part == "straddle":
+            self.quadratic_in_chunk(i, a, q, out, L, Lt, Lax, dd, sgt, base, prev, straddle=True)
+            self.bind(i.name, f"{coef}{base('straddle')}", out)
+            return
+        shape = self.sub_shape(i, a, q, out, Lax) if self.d.guarded_subchunks and part is None else None
         if shape is not None:
             with self.guarded_in_chunk(i, a, shape, q, L, Lt, Lax, sgt, base, prev):
                 self.exact_in_chunk(i, a, q, out, L, Lt, Lax, dd, sgt, base, prev)
-        else:
+        elif part is None:
             self.exact_in_chunk(i, a, q, out, L, Lt, Lax, dd, sgt, base, prev)
         E = self.d.UNARY["exp"].format(Lt)
         if a.sigma:
@@ -455,8 +475,32 @@ class TileEmitter:
         st = self.contract([o for o in ops if o not in scales] + [(self.state_var[S], self.state_axes(S))], out)
         st = " * ".join([f"({st})" if scales else st] + [self.bc(e, ax, out) for e, ax in scales])
         self.w(f"{base('st')} = {st}  # state part")
-        coef = "" if a.qcoef == 1.0 else f"{a.qcoef!r} * "
-        self.bind(i.name, f"{coef}({base('in')} + {base('st')})", out)
+        if part == "state":
+            self.bind(i.name, f"{coef}{base('st')}", out)
+        else:
+            self.bind(i.name, f"{coef}({base('in')} + {base('st')})", out)
+
+    def check_part(self, i: Instr, a, part: str, out, Lax):
+        """A chunk.output `part` the kernel body computes, else a TargetError naming what is missing: "state" for
+        any chunked chunk.output read after the update; "straddle" for a scalar positive decay (no state dim in the
+        decay's tile axes, no sign) whose out is the decay's dims and the scan dim (every tile dim contracted)."""
+        t = self.k.scan
+        where = f"kernel targets: chunk.output {i.name} (state {i.attr('state')}) part={part}"
+        if part not in ("state", "straddle"):
+            raise TargetError(f"{where}: unknown part (known: state, straddle)")
+        if self.step_mode or i.attr("form") == "scan" or i.attr("when") != "new":
+            raise TargetError(f"{where}: needs the chunked quadratic form read after the update (when=new), got "
+                              f"form={i.attr('form')}, when={i.attr('when')}")
+        if part != "straddle":
+            return
+        st = next((x for x in self.k.p.instrs if x.op == "chunk.states" and x.attr("state") == i.attr("state")), None)
+        klass = st.attr("klass") if st is not None else None
+        if klass not in ("identity", "constant", "scalar") or a.sigma or tuple(Lax) != (t,):
+            raise TargetError(f"{where}: needs a scalar positive decay (identity, constant or scalar class, no "
+                              f"sign), got class {klass}{' with a sign' if a.sigma else ''}")
+        if tuple(out) != (t,):
+            raise TargetError(f"{where}: needs out dims that are the decay's dims and the scan dim, every other dim "
+                              f"contracted; out {list(i.dims)} keeps tile dims {[x for x in out if x != t]}")
 
     def exact_in_chunk(self, i, a, q, out, L, Lt, Lax, dd, sgt, base, prev):
         """The in-chunk part with every exponent a difference L_t - L_s: by sub-chunks, or the [Q, Q, decay] tile."""
@@ -466,9 +510,9 @@ class TileEmitter:
         else:
             self.quadratic_in_chunk(i, a, q, out, L, Lt, Lax, dd, sgt, base, prev)
 
-    def quadratic_in_chunk(self, i, a, q, out, L, Lt, Lax, dd, sgt, base, prev):
+    def quadratic_in_chunk(self, i, a, q, out, L, Lt, Lax, dd, sgt, base, prev, straddle=False):
         """Σ_{s<=t} (q_t·u_s) exp(L_t - L_s) through the [Q, Q, decay dims] decay tile (scalar decays; key-wise
-        chunks of one sub-chunk)."""
+        chunks of one sub-chunk). straddle: part=straddle instead (`straddle_pairs`), from the summands M[t, s]."""
         t = self.k.scan
         s_ax = self.sort((t, SRC) + dd)
         diff = f"{self.bc(Lt, Lax, s_ax)} - {self.bc(L, (SRC,) + dd, s_ax)}"
@@ -491,9 +535,27 @@ class TileEmitter:
             if scales:
                 Dk = self.hold(" * ".join([Dk] + [self.bc(e, ax, s_ax) for e, ax in scales]))
             ops = [o for o in ops if o not in scales] + [(Dk, s_ax)]
-            e = self.contract(ops, out, select=causal)
+            e = self.contract(ops, (t, SRC) if straddle else out, select=None if straddle else causal)
             parts.append(e if coef == 1.0 else f"{coef!r} * {e}")
+        if straddle:
+            return self.straddle_pairs(parts, base)
         self.w(f"{base('in')} = {' + '.join(parts) or '0.0'}  # in-chunk part")
+
+    def straddle_pairs(self, parts, base):
+        """part=straddle (check_part: a scalar decay, out over t only): W_i = Σ_{t >= i, t valid} Σ_{s < i} M[t, s]
+        from the in-chunk summands M = Σ parts ([t, s] tiles, selected s <= t, both steps valid, after every
+        factor). A pair (s, t) counts for s < i <= t, i.e. [s < i] - [t < i]: W_i = Σ_{j < i} (colsum_j - rowsum_j),
+        two reductions of the tile and an exclusive cumsum (no matmul, no [Q, Q] constant). The subtraction cancels
+        only in-chunk pairs, each the same fp32 number on both sides."""
+        D, t = self.d, self.k.scan
+        ts = (t, SRC)
+        mask = f"({D.causal(False)} & {self.valid(SRC)}) & {self.bc('valid', (t,), ts)}"
+        M = base("M")
+        self.w(f"{M} = {D.where(mask, ' + '.join(parts) or '0.0', '0.0')}  # in-chunk summands M[t, s], s <= t, "
+               f"both steps valid")
+        d = base("d")
+        self.w(f"{d} = {D.sum(M, 0)} - {D.sum(M, 1)}  # per step j: pairs from j (column) minus pairs into j (row)")
+        self.w(f"{base('straddle')} = {D.cumsum0(d, 1)} - {d}  # Σ_(j < i): the pairs s < i <= t")
 
     # ---- sub-chunks (key-wise / value-wise decay) ------------------------------------------------------------
     def sub_plan(self, i, a, q, out, Lax):

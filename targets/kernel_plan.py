@@ -19,6 +19,8 @@ from ssmc.ir import ELEMENTWISE_BINARY, ELEMENTWISE_UNARY, Instr, Program, make,
 from ssmc.passes.chunk import chunk_dim
 from ssmc.passes.chunk_ops import STAGE_OPS, decode
 
+from .base import check_chunk_outs, chunk_outs
+
 
 PRE_OPS = ("conv", "conv.window")
 
@@ -90,7 +92,22 @@ def _group_norms_without_heads(p: Program) -> Program:
     return p if all(a is b for a, b in zip(instrs, p.instrs)) else p.with_instrs(instrs)
 
 
+def _check_chunk_outs(p: Program, target: str) -> None:
+    """Outs indexed by chunk (dim t#) need the chunked form (base.check_chunk_outs), and on the kernel targets they
+    are the state entering each chunk (a chunk.pass value): the walk stores its on-chip state at each chunk's start
+    (kernel_walk.chunk_stores); other per-chunk values never leave the kernel."""
+    check_chunk_outs(p, target)
+    by = p.by_name()
+    for name in chunk_outs(p):
+        v = by[by[f"out.{name}"].args[0]]
+        if v.op != "chunk.pass":
+            raise TargetError(f"{target} target: out '{name}' is indexed by chunk but is {v.name} ({v.op}); the "
+                              f"kernels store only the state entering each chunk (chunk.pass) per chunk: use "
+                              f"target='xla'")
+
+
 def plan_kernel(p: Program, target: str) -> KernelPlan:
+    _check_chunk_outs(p, target)
     p = _group_norms_without_heads(p)
     by = p.by_name()
     scan, cd = p.scan, chunk_dim(p.scan)

@@ -7,6 +7,8 @@ import math
 import jax.numpy as jnp
 from jax import lax
 
+from ssmc.passes.chunk import chunk_dim
+
 from .kernel_plan import SEG, SEG_CHUNKS
 from .xla_runtime import causal_conv, conv_window, packing  # noqa: F401  (pre-kernel convs of generated launchers)
 
@@ -26,6 +28,8 @@ def runtime_dims(layout: dict) -> list[str]:
     dims = [d for d in layout["grid"] if d not in layout["tile"] and d in used]
     if layout["scan"] in used and layout["scan"] not in dims:
         dims.append(layout["scan"])
+    if chunk_dim(layout["scan"]) in used:  # outs indexed by chunk: the number of chunks follows the length
+        dims.append(chunk_dim(layout["scan"]))
     if SEG in layout["grid"]:  # the segment kernels: chunks per segment
         dims.append(SEG_CHUNKS)
     return dims
@@ -39,10 +43,14 @@ def runtime_strides(dims, runtime, group_tile: dict) -> list[str]:
 
 
 def dim_sizes(layout: dict, arrays: dict) -> dict[str, int]:
+    """Dim sizes from the arrays' shapes; the chunk-index dim t# (outs indexed by chunk) has ceil(T / Q)."""
     sizes: dict[str, int] = {}
     for name, x in arrays.items():
         for d, n in zip(layout["arrays"][name], x.shape):
             sizes.setdefault(d, int(n))
+    cd = chunk_dim(layout["scan"])
+    if cd in layout["dims"] and layout["scan"] in sizes and layout.get("Q"):
+        sizes[cd] = -(-sizes[layout["scan"]] // layout["Q"])
     return sizes
 
 

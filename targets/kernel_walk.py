@@ -11,10 +11,16 @@ Roles (kernel_plan.Schedule): `walk` walks the whole sequence from the initial s
 its segment's chunks from a zero state computing only what the state update needs, plus the segment's total
 log-decay (and count of negative decay factors) per state; `segment_outputs` (c) walks its segment from the
 incoming state S_in the scan across segments gave it, writing the outputs; `rows` is the post-kernel norm.
+
+Outs indexed by chunk (dim `t#`, targets/base.py chunk_outs: the state entering each chunk) are stored inside the
+chunk loop before the chunk's state update, from the on-chip state variable, at the chunk's index (`chunk_stores`):
+by the walk and by the segment outputs walk (c), at the global chunk index; segment states walk (a) stores none.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
+
+from ssmc.passes.chunk import chunk_dim
 
 
 class KernelWalk:
@@ -123,12 +129,31 @@ class KernelWalk:
                 stage = s
             body.instr(i)
         self.timed_stores(time)
+        self.chunk_stores(time)
         for i in k.body:
             if i.op == "chunk.states":
                 w(f"# stage chunk_state + state_passing ({i.attr('state')})")
                 body.state_update(i)
         if k.totals:
             self.add_totals()
+
+    def chunk_index_stores(self) -> list[tuple[str, str, str]]:
+        """The stores of outs indexed by chunk (dim t#): (kind, name, IR value), the value a chunk.pass."""
+        cd = chunk_dim(self.plan.scan)
+        return [(kind, name, v) for kind, name, v in self.plan.stores
+                if kind == "out" and cd in self.store_dims(kind, name, v)]
+
+    def chunk_stores(self, time):
+        """Outs indexed by chunk: the state entering this chunk (its on-chip variable, before the chunk's state
+        update) stored at this chunk's index along t# (the target's store addresses it)."""
+        k, body = self.plan, self.body
+        stores = self.chunk_index_stores()
+        if stores:
+            self.w("# outs indexed by chunk: the state entering this chunk")
+        for kind, name, v in stores:
+            S = k.by()[v].attr("state")
+            body.vals[v] = (body.state_var[S], body.state_axes(S))
+            self.store(kind, name, v, time)
 
     # ---- what the hooks share -------------------------------------------------------------------------------
     def state_var(self, s) -> str:

@@ -24,6 +24,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from ssmc.passes.chunk import chunk_dim
+
 from . import kernel_runtime as kr
 from .kernel_plan import SEG, SEG_CHUNKS
 from .kernel_runtime import align, group_rmsnorm, to_declared  # noqa: F401  (used by generated launchers)
@@ -52,7 +54,8 @@ SEQ_BLOCK = 128  # time steps per grid step of the sequential form (a multiple o
 # ---- the kernel-side layout of an array (shared with the emitter) ------------------------------------------------
 def kernel_layout(grid, tile, scan, groups: dict, dims) -> tuple[list, list, str]:
     """(outer dims, inner dims, kind) of an array with declared `dims` inside the kernel's call.
-    outer: grid dims (or the group dim standing for its head dim), in grid order, squeezed out of the block;
+    outer: grid dims (or the group dim standing for its head dim), in grid order, then the chunk-index dim t# of an
+    out indexed by chunk (its block index is the time block's), squeezed out of the block;
     inner: the scan dim then tile dims (the block); kind: how the inner part is shaped in memory:
     "full" (rank >= 2 as is), "tcol" ([t, 1]), "row" ([1, d]), "scalar" (no inner dims)."""
     h_to_g = {h: g for g, h in groups.items()}
@@ -62,6 +65,8 @@ def kernel_layout(grid, tile, scan, groups: dict, dims) -> tuple[list, list, str
             outer.append(d)
         elif d in h_to_g and h_to_g[d] in dims:
             outer.append(h_to_g[d])
+    if chunk_dim(scan) in dims:
+        outer.append(chunk_dim(scan))
     inner = ([scan] if scan in dims else []) + [d for d in tile if d in dims]
     if len(inner) >= 2:
         kind = "full"
@@ -126,11 +131,16 @@ def _to_kernel(x, dims, outer, inner, kind, sizes, scan, Tp):
 
 def _from_kernel(y, dims, outer, inner, sizes, scan, Tp, groups):
     """Kernel-layout output -> declared dims (unit dims dropped, padding cut; a group dim's value written per head
-    is taken from the group's first head)."""
+    is taken from the group's first head; an out indexed by chunk cut to its chunks, from those of the padded
+    length Tp)."""
     for ax, d in enumerate(outer):
         if d in groups:
             y = lax.slice_in_dim(y, 0, sizes[groups[d]], sizes[groups[d]] // sizes[d], axis=ax)
-    y = y.reshape(tuple(sizes[d] for d in outer) + tuple(Tp if d == scan else sizes[d] for d in inner))
+    cd = chunk_dim(scan)
+    ext = {**sizes, cd: y.shape[outer.index(cd)]} if cd in outer else sizes
+    y = y.reshape(tuple(ext[d] for d in outer) + tuple(Tp if d == scan else sizes[d] for d in inner))
+    if cd in outer and ext[cd] != sizes[cd]:
+        y = lax.slice_in_dim(y, 0, sizes[cd], axis=outer.index(cd))
     if scan in inner and Tp != sizes[scan]:
         y = lax.slice_in_dim(y, 0, sizes[scan], axis=len(outer))
     cur = outer + inner
@@ -146,7 +156,9 @@ def _index_map(layout, sizes, outer, inner, kind, whole=None):
     grid, groups, scan, split = layout["grid"], layout["groups"], layout["scan"], layout["split"]
     picks = []
     for d in outer:
-        if d in groups:  # a group dim: head i reads group i // (H/G)
+        if d == chunk_dim(scan):  # an out indexed by chunk: the time block's chunk
+            picks.append(None)
+        elif d in groups:  # a group dim: head i reads group i // (H/G)
             h = groups[d]
             picks.append((grid.index(h), sizes[h] // sizes[d]))
         else:
@@ -163,8 +175,9 @@ def _index_map(layout, sizes, outer, inner, kind, whole=None):
 
     def index_map(*ids):
         # lax.div, not //: a signed floor division lowers through sign, which Mosaic lowers only with a TPU attached
-        out = [0 if d == whole else (lax.div(ids[j], r) if r != 1 else ids[j]) for d, (j, r) in zip(outer, picks)]
         time = ids[-1] if seg is None else ids[seg] * per + ids[-1]
+        out = [time if pick is None else 0 if d == whole else (lax.div(ids[pick[0]], pick[1]) if pick[1] != 1
+                                                               else ids[pick[0]]) for d, pick in zip(outer, picks)]
         out += [(time if src[k] == -1 else ids[src[k]]) if k in src else 0 for k in range(n_inner)]
         return tuple(out)
     return index_map
@@ -239,7 +252,9 @@ def launch(kernel, layout, arrays, sizes, *, mm, out_dtype, interpret=False, cu_
         dtype = kr.out_dtype_of(layout, name, kind_, out_dtype)
         every = pk is not None and kind_ == "state" and b in outer  # every sequence's final state, one block
         osz = _state_sizes(sizes, b, seqs) if every else sizes
-        shape = tuple(osz[d] for d in per_head) + tuple(_inner_shape(inner, kind, full))
+        # an out indexed by chunk: one entry per time block of the padded length (cut to the chunks below)
+        ext = {**osz, chunk_dim(scan): Tp // tb}
+        shape = tuple(ext[d] for d in per_head) + tuple(_inner_shape(inner, kind, full))
         out_shapes.append(jax.ShapeDtypeStruct(shape, dtype))
         block = [seqs if every and d == b else None for d in outer] + _inner_shape(inner, kind, blk)
         out_specs.append(pl.BlockSpec(tuple(block), _index_map(layout, sizes, per_head, inner, kind,

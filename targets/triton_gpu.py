@@ -13,6 +13,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from ssmc.ops import spellings
+from ssmc.passes.chunk import chunk_dim
 
 from .kernel_body import Dialect, TileEmitter
 from .kernel_launch import KernelTarget, LauncherWriter
@@ -219,6 +220,8 @@ class TritonEmitter(KernelWalk, LauncherWriter):
                     idx = self.body.bc(time, (k.scan,), axes)
             elif self.batch and d == self.batch and k.scan in dims:
                 idx = "row"
+            elif d == chunk_dim(k.scan):  # an out indexed by chunk: this chunk's index (chunk_loop)
+                idx = pn.dim("i", d)
             elif d in k.group_tile:  # the tile spans the heads of group i_g
                 g = k.group_tile[d]
                 idx = self.body.bc(f"({pn.dim('i', g)} * {self.size_name(d)} + {pn.dim('o', d)})", (d,), axes)
@@ -295,6 +298,17 @@ class TritonEmitter(KernelWalk, LauncherWriter):
             w(f"ttc = tl.minimum(tt, {NT} - 1)")
             with w.block("if I64:"):
                 w("ttc = ttc.to(tl.int64)")
+            if self.chunk_index_stores():  # outs indexed by chunk: where this chunk's entry goes along t#
+                cd = chunk_dim(k.scan)
+                i_c = self.pn.dim("i", cd)
+                if k.p.reverse:  # the walk's k-th chunk (from the last step) is chunk nc-1-k
+                    w(f"{i_c} = {self.size_name(cd)} - 1 - c  # the walk's chunk c covers the steps of chunk "
+                      f"{self.size_name(cd)}-1-c")
+                else:
+                    w(f"{i_c} = c  # this chunk's index along {cd}" + (" (c counts from the sequence's start)"
+                                                                       if k.segmented else ""))
+                with w.block("if I64:"):
+                    w(f"{i_c} = tl.cast({i_c}, tl.int64)")
             yield
 
     def chunk_time(self):

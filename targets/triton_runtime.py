@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ssmc.cache import DiskCache, cache_key
+from ssmc.passes.chunk import chunk_dim
 
 from . import kernel_runtime as kr
 from .kernel_runtime import align, causal_conv, conv_window, group_rmsnorm, packing, to_declared  # noqa: F401  (used by generated launchers)
@@ -45,8 +46,9 @@ def candidates(layout: dict, sizes: dict, mm) -> list[dict]:
     # SSD-like classes: chunk length trades the in-chunk quadratic work against the steps of the state walk; fp32
     # dots at full precision run without tensor cores, where longer chunks only cost
     # (not the segment kernels: (a) and (c) must cut the sequence at the same chunk boundaries)
+    # (nor a kernel with outs indexed by chunk: their number of chunks is fixed by the compiled chunk length)
     if layout["form"] == "chunked" and base["Q"] == 64 and jnp.dtype(mm) != jnp.float32 and \
-            layout.get("role", "walk") == "walk":
+            layout.get("role", "walk") == "walk" and chunk_dim(layout["scan"]) not in layout["dims"]:
         qs = [64, 128]
     splits = [None] + [32 for _ in layout["split"][:1]]
     out = []
