@@ -44,7 +44,7 @@ def rel(a, b) -> float:
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
 
 
-def run_shape(name, s, repeats, check_ref, profile=False):
+def run_shape(name, s, repeats, check_ref, profile=False, matmuls=tuple(BACKWARD_MATMUL)):
     import jax
     import jax.numpy as jnp
     import torch
@@ -65,6 +65,8 @@ def run_shape(name, s, repeats, check_ref, profile=False):
     jw = an.to_jax(w)
     all_grads = {}
     for bm, (tag, _) in BACKWARD_MATMUL.items():
+        if bm not in matmuls:
+            continue
         k = ssmc.compile(SPEC, target="triton", backward_matmul=bm)
 
         def loss(x, dt, A, B, C, D, w, k=k):
@@ -156,48 +158,46 @@ def kernel_times(f, calls=5, top=14, sync=None) -> list:
     return [dict(name=n, calls=c, us=u) for n, c, u in rows[:top]] + [dict(name="(all)", us=total)]
 
 
-def parts(name, s, repeats) -> list[dict]:
+def parts(name, s, repeats, matmul="auto") -> list[dict]:
     """Each derived kernel of the Mamba2 layer (dq, adj) alone at one shape, on the dtypes the backward feeds it
-    (x, B, C, dt, dy bf16; log-decays fp32), for each segment count and out dtype: where the backward's time
-    goes, and what the launcher's choices cost."""
+    (x, B, C, dt, dy bf16; log-decays fp32), for both forms of the decay gradient (the per-chunk pieces, and the
+    cancelling sums without them): where the backward's time goes, and what the per-chunk pieces cost."""
     import jax
     import jax.numpy as jnp
 
     import gpu
     import ssmc
     from ssmc.api import compile_program
-    k = ssmc.compile(SPEC, target="triton")
-    bw = k._derived_backward()
+    from ssmc.backward import Backward
+    k = ssmc.compile(SPEC, target="triton", backward_matmul=matmul)
     sizes = dict(b=s["b"], t=s["l"], h=s["h"], p=s["p"], n=s["n"], g=s["g"])
-    key = jax.random.PRNGKey(0)
     out = []
-    for part, prog in bw.d.programs.items():
-        ins = {}
-        for n, dims in bw.kernels[part].inputs:
-            key, sub = jax.random.split(key)
-            shape = [sizes[d] for d in dims]
-            if n.startswith("log_a"):
-                ins[n] = -jax.random.uniform(sub, shape, jnp.float32, 1e-3, 0.3)
-            elif n == "dt":
-                ins[n] = jax.random.uniform(sub, shape, jnp.float32, 1e-3, 0.1).astype(jnp.bfloat16)
-            else:
-                ins[n] = jax.random.normal(sub, shape, jnp.float32).astype(jnp.bfloat16)
-        for od in ("float32", "bfloat16"):
-            for seg in (None, 2, 4, 8):
-                kk = compile_program(prog, target="triton", pipeline=k.pipeline, out_dtype=od, cache=False)
-                if seg is not None:
-                    kk._opts["segments"] = seg
-                f = jax.jit(lambda i, kk=kk: kk.apply(i))
-                rec = dict(shape=name, part=part, out_dtype=od, segments=seg)
-                try:
-                    rec["ms"] = gpu.time_jax(f, [(ins,)], repeats=repeats)
-                except Exception as e:  # noqa: BLE001
-                    rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-                print(json.dumps(rec), flush=True)
-                out.append(rec)
+    for pairs in (True, False):
+        bw = Backward(k, compile_program, pairs=pairs)
+        sizes["t#"] = -(-s["l"] // bw.Q) if bw.Q else 0
+        key = jax.random.PRNGKey(0)
+        for part, kk in bw.kernels.items():
+            ins = {}
+            for n, dims in kk.inputs:
+                key, sub = jax.random.split(key)
+                shape = [sizes[d] for d in dims]
+                if n.startswith("log_a"):
+                    ins[n] = -jax.random.uniform(sub, shape, jnp.float32, 1e-3, 0.3)
+                elif n == "dt":
+                    ins[n] = jax.random.uniform(sub, shape, jnp.float32, 1e-3, 0.1).astype(jnp.bfloat16)
+                else:
+                    ins[n] = jax.random.normal(sub, shape, jnp.float32).astype(jnp.bfloat16)
+            f = jax.jit(lambda i, kk=kk: kk.apply(i))
+            rec = dict(shape=name, part=part, per_chunk=pairs, matmul=matmul)
+            try:
+                rec["ms"] = gpu.time_jax(f, [(ins,)], repeats=repeats)
+            except Exception as e:  # noqa: BLE001
+                rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            print(json.dumps(rec), flush=True)
+            out.append(rec)
     from ssmc.targets import triton_runtime as tr
-    for kk, v in list(tr._TUNED.items())[-12:]:
-        print("tuned", kk[:100], v, flush=True)
+    for kk, v in list(tr._TUNED.items())[-8:]:
+        print("tuned", str(kk)[:160], v, flush=True)
     return out
 
 
@@ -263,6 +263,8 @@ def main():
     ap.add_argument("--parts", nargs="*", default=[], choices=list(SHAPES), help="time each derived kernel "
                     "alone at these shapes, by segment count and out dtype (and nothing else)")
     ap.add_argument("--profile", action="store_true", help="per-kernel times of ssmc's forward+backward")
+    ap.add_argument("--backward-matmul", nargs="+", default=list(BACKWARD_MATMUL), choices=list(BACKWARD_MATMUL),
+                    help="the backward settings to time (compile's backward_matmul)")
     args = ap.parse_args()
     import anchors as an
     import jax
@@ -274,7 +276,8 @@ def main():
     recs = []
     for name in args.shapes:
         try:
-            rec = run_shape(name, SHAPES[name], args.repeats, check_ref=name in ("S1", "S3"), profile=args.profile)
+            rec = run_shape(name, SHAPES[name], args.repeats, check_ref=name in ("S1", "S3"), profile=args.profile,
+                           matmuls=args.backward_matmul)
         except Exception as e:  # noqa: BLE001
             rec = dict(shape=name, error=f"{type(e).__name__}: {str(e)[:400]}")
         recs.append(rec)

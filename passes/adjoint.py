@@ -12,8 +12,14 @@ given the readouts' cotangents dr (design-notes "Backward"):
               shift, and the update factors' cotangents read G before the step.
   * part=readouts  the readouts' state terms (Σ_τ c_τ q_τ · S_t), when the outs are a nonlinear function of
               them (a gated norm): the epilogue's cotangent needs their values first.
-The log-decays' cotangent needs no pass over states: dℓ_t = Σ_{s >= t} (<q_s, dq_s> - <u_s, G_s>) plus
-<S_T, dS_T> (ssmc/backward.py). Every program takes the factors as inputs (evaluated once by the caller, a
+The log-decays' cotangent dℓ_t = a_t <S_{t-1}, G_t>: for a scalar positive decay read after its update (Mamba2,
+RetNet) the programs give it per chunk without cancellation (`pairs`): dq the entering state's reads in the chunk
+(X_t = exp(L_t) <q_t ⊗ dr_t, S_enter>, the state part of <q_t, dq_t>) and the in-chunk pairs s < i <= t (W_i),
+adj the chunk's updates read after it (Y_s, the state part of <u_s, G_s>), both the states entering each chunk
+(their product gives the pairs across the chunk), and ssmc/backward.py sums
+dℓ_i = Σ_{t >= i} X_t + W_i + Σ_{s < i} Y_s + exp(Σ ℓ) <S_enter, G_enter> within each chunk. Otherwise (and where
+the programs are not chunked) dℓ_t = Σ_{s >= t} (<q_s, dq_s> - <u_s, G_s>) plus <S_T, dS_T>: a sum whose terms
+cancel, exact only with fp32 dots. Every program takes the factors as inputs (evaluated once by the caller, a
 group-indexed factor before its `expand`), so a causal conv or any other prologue is never replayed backwards.
 """
 from __future__ import annotations
@@ -23,6 +29,8 @@ from dataclasses import dataclass
 
 from ssmc.errors import SSMCError
 from ssmc.ir import Array, Instr, Namer, Program, make
+
+from .chunk import chunk_dim
 
 from .linear import NotLinear
 from .plan import make_plan
@@ -58,6 +66,7 @@ class StateInfo:
     ldims: tuple[str, ...]  # dims of the log-decay input: the log's, the scan dim and the batch dims
     when: str             # "new": readouts read S_t; "prev": they read S_{t-1}
     batch: tuple[str, ...]  # state dims along which the state holds independent sequences (dℓ keeps them)
+    pairs: dict | None = None  # the per-chunk form's outs (read, straddle, upd, enter_dq, enter_adj), or None
 
 
 @dataclass
@@ -74,8 +83,9 @@ class Derivation:
     dep: dict[str, bool]                # forward value -> whether it depends on a state
 
 
-def derive(p: Program) -> Derivation:
-    """The derived backward programs of a lowered (pre-pass) step program, or NotAdjointable."""
+def derive(p: Program, pairs: bool = True) -> Derivation:
+    """The derived backward programs of a lowered (pre-pass) step program, or NotAdjointable. pairs: the per-chunk
+    form of the decay gradient for the states that have it (the programs then need the chunked form)."""
     plan = make_plan(p)
     an = plan.analysis
     for sp in plan.states.values():
@@ -105,8 +115,10 @@ def derive(p: Program) -> Derivation:
         batch = p.order(set(sp.dims) & batch_all)
         # the log-decay input carries the scan and batch dims (so packed sequences lie along a dim every input has)
         ld = p.order(an.dims_of((log,)) | {scan} | set(batch)) if log else ()
-        states[sp.name] = StateInfo(sp.name, sp.dims, upd.dims, log, tuple(signs), ld, whens.pop() if whens else "new",
-                                    batch)
+        when = whens.pop() if whens else "new"
+        per_chunk = pairs and log is not None and not signs and sp.klass == "scalar" and when == "new" and terms
+        states[sp.name] = StateInfo(sp.name, sp.dims, upd.dims, log, tuple(signs), ld, when, batch,
+                                    {} if per_chunk else None)
     readouts, rest = {}, {}
     for r, lin in plan.readouts.items():
         if any(t.state not in states for t in lin.terms):
@@ -264,6 +276,7 @@ class _Builders:
                 for s in self.states.values():
                     for u in self.plan.states[s.name].updates:
                         items.append((s.name, u.coef, u.factors, (), -1.0, s.when, None))
+            shares: dict[str, list] = {}  # state -> (factor, its cotangent, dims) whose <f, d f> sum to <q, dq>
             for state, coef, factors, extra, sign, when, span in items:
                 s = self.states[state]
                 prev, new = state_vals[state]
@@ -281,7 +294,10 @@ class _Builders:
                         | set().union(*(set(dims_of[e]) for e in extra))
                     keep = p.order(keep & have)
                     v = product(coef, others, keep, extra + (G,), span)
-                    for_decay = k == pick and need <= set(keep)
+                    if s.pairs is not None and k == pick and need <= set(keep):
+                        # <f, d f> over the decay's dims: this term's (update's) reads of G (S) in the per-chunk form
+                        shares.setdefault(state, []).append((f, v, keep))
+                    for_decay = k == pick and need <= set(keep) and s.pairs is None
                     decay_src = for_decay and s.log is not None
                     over = tuple(x for x in keep if x not in need)
                     share, sd = None, ()
@@ -295,19 +311,69 @@ class _Builders:
                         red = add("reduce", (prod,), sd, span, kind="sum",
                                   over=tuple(x for x in dims_of[prod] if x not in need))
                         share = out(red, f"share_{_readable(an.by[f])}", sd, span, fp32=True)
-                    name = out(v, f"d_{_readable(an.by[f])}", keep, an.by[f].span, fp32=decay_src and not over)
+                    # a cotangent over the decay's dims only (d dt) is small: fp32, it meets dℓ in the same sum
+                    small = s.log is not None and set(keep) <= set(s.ldims)
+                    name = out(v, f"d_{_readable(an.by[f])}", keep, an.by[f].span,
+                               fp32=(decay_src and not over) or small)
                     cots.append(Cot(name, f, keep, state, sign, for_decay, when, share, sd))
                     chosen = chosen or cots[-1].for_decay
-                if s.log is not None and not chosen:
+                if s.log is not None and s.pairs is None and not chosen:
                     raise NotAdjointable(f"state '{state}': no factor of a {'readout term' if sign > 0 else 'update'} "
                                          f"carries the decay's dims {list(s.ldims)}")
+        if part != "readouts":
+            for s in self.states.values():
+                if s.pairs is not None:
+                    self.pairs_outs(part, s, state_vals[s.name], shares.get(s.name, []), value, product, cotangent,
+                                    add, out, instrs)
         used = set().union(*(set(i.dims) for i in instrs))
         groups = tuple((g, h) for g, h in p.groups if g in used and h in used)
-        prog = Program(f"{p.name}_{part}", tuple(x for x in p.dims if x in used), p.scan, groups, tuple(inputs),
+        pdims = tuple(x for x in p.dims if x in used)
+        if chunk_dim(self.scan) in used:
+            k = pdims.index(self.scan)
+            pdims = pdims[:k] + (chunk_dim(self.scan),) + pdims[k:]
+        prog = Program(f"{p.name}_{part}", pdims, p.scan, groups, tuple(inputs),
                        tuple(Array(s.name, s.dims) for s in self.states.values()), tuple(outs), tuple(instrs),
                        notes=(f"adjoint{{part={part}}} of `ssm {p.name}`: {_WHAT[part]}",), source=p.source,
                        filename=p.filename, reverse=part == "adj")
         return prog, held, cots, out_of
+
+
+    def pairs_outs(self, part, s, vals, shares, value, product, cotangent, add, out, instrs):
+        """The per-chunk decay gradient's outs of state `s` (module docstring): dq the state part of <q ⊗ dr, S_t>
+        and its straddling in-chunk pairs, adj the state part of <u, G_t>, both the entering states. A state part
+        comes from the cotangent readouts the program has anyway (<f, d f> with d f's state part: no other matmul
+        with the state); the straddle needs the readout contracted to the decay's dims."""
+        prev, new = vals
+        ld = s.ldims
+
+        def total(vs):
+            acc = None
+            for v in vs:
+                acc = v if acc is None else add("add", (acc, v), ld)
+            return acc
+        states = []
+        for f, v, keep in shares:
+            st = add("pairs", (v,), keep, part="state")
+            fv = value(f)
+            prod = add("mul", (fv, st), set(self.an.by[f].dims) | set(keep))
+            over = tuple(x for x in self.p.order(set(self.an.by[f].dims) | set(keep)) if x not in ld)
+            states.append(add("reduce", (prod,), ld, kind="sum", over=over) if over else prod)
+        if not states:
+            raise NotAdjointable(f"state '{s.name}': no factor of a {'readout term' if part == 'dq' else 'update'} "
+                                 f"carries the decay's dims {list(ld)}")
+        s.pairs["read" if part == "dq" else "upd"] = out(total(states), f"dl_{'read' if part == 'dq' else 'upd'}_"
+                                                         f"{s.name}", ld, fp32=True)
+        if part == "dq":
+            terms = [product(t.coef, t.factors, ld, (cotangent(r), new), self.an.by[r].span)
+                     for r, lin in self.plan.readouts.items() for t in lin.terms if t.state == s.name]
+            v = add("pairs", (total(terms),), ld, part="straddle")
+            s.pairs["straddle"] = out(v, f"dl_straddle_{s.name}", ld, fp32=True)
+        cd = chunk_dim(self.scan)
+        order = [d for x in self.p.dims for d in ((cd, x) if x == self.scan else (x,))]
+        edims = tuple(sorted(s.dims + (cd,), key=order.index))
+        e = make(f"%{s.name}.enter_{part}", "enter", (prev,), edims, None, state=s.name)
+        instrs.append(e)
+        s.pairs[f"enter_{part}"] = out(e.name, f"{s.name}_enter", edims)
 
 
 _WHAT = {"dq": "the forward recurrence; outs: the cotangents of the readouts' query factors",

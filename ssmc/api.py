@@ -64,7 +64,7 @@ def check(spec) -> Program:
 
 def compile(spec, target: str = "xla", chunk_size: int | None = None, dump: bool | str = False,
             cache: bool = True, matmul: str = "auto", interpret: bool = False, out_dtype=None,
-            segments: int | None = None, backward_matmul: str = "float32") -> "Kernel":
+            segments: int | None = None, backward_matmul: str = "auto") -> "Kernel":
     """Compile a spec (text or .ssm path) for a target ("xla", "triton"/"gpu", "tpu"/"pallas_tpu", "auto").
 
     Precision follows the activations: the narrowest floating dtype among the inputs (bf16 x, B, C next to fp32
@@ -76,10 +76,10 @@ def compile(spec, target: str = "xla", chunk_size: int | None = None, dump: bool
     interpret: kernel targets only (triton, tpu): run the generated kernels in their CPU interpreter.
     segments: kernel targets, chunked forms: split the sequence into this many segments (1: one walk); None picks
     per call from the sizes and the device (targets/kernel_runtime.pick_segments).
-    backward_matmul: the derived backward kernels' matmul operands (kernel targets under jax.grad), as `matmul`.
-    "float32" (default): full precision. The decays' gradient (dA, ddt) is a reverse cumulative sum of terms that
-    cancel, and with bf16 operands it is off by O(1) relative at L=2048 (README, Training); "auto" runs the
-    backward's dots in bf16, faster, with that loss in dA / ddt (the other gradients are as bf16 as the forward)."""
+    backward_matmul: the derived backward kernels' matmul operands (kernel targets under jax.grad), as `matmul`:
+    "auto" (default) the activations' dtype (bf16 dots for bf16 activations, as the forward's), "float32" full
+    precision (fp32 operands, several times slower on tensor cores). The decays' gradient is summed per chunk from
+    terms that never cancel (passes/adjoint.py), so bf16 dots keep it as accurate as the hand-written kernels'."""
     from ssmc.targets import get_target
 
     for opt, v in (("matmul", matmul), ("backward_matmul", backward_matmul)):

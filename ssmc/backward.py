@@ -7,7 +7,9 @@ A call's vector-Jacobian product, for cotangents of the outs (dy) and of the fin
      terms come first from the `readouts` program) and of the inputs it reads directly (D in D*x);
   2. the `dq` program (the forward recurrence) gives the cotangents of the readout terms' query factors and the
      final states S_T; the `adj` program, over reversed time from dS_T, those of the update factors and G_0;
-  3. the log-decays' cotangent is a reverse cumulative sum of <q, dq> - <u, G> (+ <S_T, dS_T> at the last step);
+  3. the log-decays' cotangent: per chunk from the programs' `pairs` outs (passes/adjoint.py; no term cancels
+     another, so bf16 dots keep it exact to rounding), or else a reverse cumulative sum of <q, dq> - <u, G>
+     (+ <S_T, dS_T> at the last step), whose terms cancel;
   4. jax differentiates the prologue (inputs -> factors and log-decays) with those cotangents; the initial
      states' cotangent is a_0 ⊙ G_0.
 Nothing per step is saved by the forward: the backward recomputes from the inputs (per-chunk states live only
@@ -15,9 +17,12 @@ inside the kernels).
 """
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 
+from .errors import SSMCError
 from .ir import Program
 from .ir_eval import Env, align, contract, to_dims
 
@@ -25,23 +30,61 @@ from .ir_eval import Env, align, contract, to_dims
 class Backward:
     """The derived backward kernels of one forward kernel (built once, on first use)."""
 
-    def __init__(self, kernel, compile_program):
+    def __init__(self, kernel, compile_program, pairs: bool = True, matmul: str | None = None):
         from ssmc.passes.adjoint import derive
+        from ssmc.passes.chunk import NeedsChunks
         self.k = kernel
-        self.d = derive(kernel.program)
         self.p: Program = kernel.program
-        # the backward's dots at full precision by default (compile's backward_matmul): the decays' cotangent is
-        # a sum of terms that cancel, which bf16 operands leave O(1) off
-        opts = dict(target=kernel.target, matmul=kernel.backward_matmul, interpret=kernel.interpret, out_dtype=None,
-                    pipeline=kernel.pipeline)
-        self.kernels = {part: compile_program(prog, **opts) for part, prog in self.d.programs.items()}
+        self._compile = compile_program
+        self.d = derive(kernel.program, pairs)
+        try:
+            self.kernels = self._build(matmul)
+        except NeedsChunks:  # not chunked (chunk size 1, a sequential schedule): the form whose sum cancels
+            self.d = derive(kernel.program, False)
+            self.kernels = self._build(matmul)
+        self.pairs = any(st.pairs for st in self.d.states.values())
+        # the chunk length of the per-chunk decay gradient (dq's and adj's chunks must be the same)
+        Qs = {int(q) for part in ("dq", "adj")
+              for q in re.findall(r"chunk\.cumsum .*?chunk=(\d+)", self.kernels[part].ir)}
+        if self.pairs and len(Qs) != 1:
+            raise SSMCError(f"{self.p.name}: the derived dq and adj programs have different chunk lengths {sorted(Qs)}")
+        self.Q = Qs.pop() if self.pairs else None
+        self._flat = None  # the form without `pairs` (packed calls), built on first use
         # packed calls: every derived program takes cu_seqlens along the forward's packed dim (a causal conv is
         # evaluated per sequence by ir_eval, from each sequence's window)
-        self.packable = kernel.packed_dim is not None and all(
+        self._packable = kernel.packed_dim is not None and all(
             k.packed_dim == kernel.packed_dim for k in self.kernels.values())
         self.by = self.p.by_name()
         for i in self.d.helpers:
             self.by.setdefault(i.name, i)
+
+    def _build(self, matmul: str | None) -> dict:
+        """The derived programs compiled for the kernel's target. Their dots take `matmul` if given, else compile's
+        backward_matmul ("auto": the activations' dtype, as the forward's) except where a decay's gradient is the
+        sum whose terms cancel (no per-chunk form for it): full precision there, which bf16 operands would leave
+        O(1) off."""
+        k = self.k
+        if matmul is None:
+            cancelling = any(st.log is not None and st.pairs is None for st in self.d.states.values())
+            matmul = "float32" if cancelling else k.backward_matmul
+        self.matmul = matmul
+        opts = dict(target=k.target, matmul=matmul, interpret=k.interpret, out_dtype=None, pipeline=k.pipeline)
+        return {part: self._compile(prog, **opts) for part, prog in self.d.programs.items()}
+
+    @property
+    def packable(self) -> bool:
+        """Whether packed calls (cu_seqlens) have a derived backward: the per-chunk form's chunks cannot align with
+        every sequence, so they take the form without it (built here on first use)."""
+        return self.flat()._packable if self.pairs else self._packable
+
+    def flat(self) -> "Backward":
+        """This backward without the per-chunk decay gradient (passes/adjoint.py derive(pairs=False)); its decay
+        gradient is a sum of terms that cancel, so its dots run at full precision whatever backward_matmul says."""
+        if not self.pairs:
+            return self
+        if self._flat is None:
+            self._flat = Backward(self.k, self._compile, pairs=False, matmul="float32")
+        return self._flat
 
     # ---- inspection -------------------------------------------------------------------------------------
     @property
@@ -95,6 +138,8 @@ class Backward:
         """Cotangents of `arrays` (inputs by name, initial states as "state:<name>") for cotangents `cts` of the
         call's results ({out name: array, "state:<name>": array}, declared layouts). `cu`: a packed call's
         offsets (the states then hold one entry per sequence along the kernel's packed dim)."""
+        if cu is not None and self.pairs:  # chunks cannot align with every packed sequence: the cancelling form
+            return self.flat().vjp(meta, arrays, cts, dtype, cu)
         p, d, scan = self.p, self.d, self.p.scan
         sizes = dict(meta.sizes)
         pd = self.k.packed_dim if cu is not None else None
@@ -115,7 +160,7 @@ class Backward:
         # an input fed to the kernels as is goes in its own dtype (bf16 x, B, C stay bf16 in memory), the readouts'
         # cotangents in the backward's matmul dtype (backward_matmul: fp32, or the activations' bf16 with "auto");
         # computed factors and log-decays stay fp32
-        mm = meta.dtypes(self.k.backward_matmul)[1]
+        mm = meta.dtypes(self.matmul)[1]
         own = {i.name: jnp.dtype(arrays[key[i.name]].dtype) for i in leaves
                if i.op == "input" and key[i.name] in arrays}
         low = {n: dt for n, dt in own.items() if dt.itemsize < jnp.dtype(dtype).itemsize}
@@ -145,10 +190,13 @@ class Backward:
         _, epi_vjp = jax.vjp(epi, xs, terms)
         dxs_e, dterms = epi_vjp((dy, dwin))
         # 2. the recurrences' adjoints
+        T = sizes[scan]
+        Tp = T if not self.pairs else -(-T // self.Q) * self.Q  # the per-chunk form: whole chunks both ways
         dq_k = self.kernels["dq"]
-        res = dq_k.apply(self._feed("dq", env, dterms, logs, feed_dt), _init(states0, d.states, decl), **call)
+        res = dq_k.apply(self._pad("dq", self._feed("dq", env, dterms, logs, feed_dt), Tp),
+                         _init(states0, d.states, decl), **call)
         n_out = len(dq_k.outs)
-        dq = dict(zip([n for n, _ in dq_k.outs], res[:n_out]))
+        dq = self._unpad(dq_k, res[:n_out], T)
         finals = dict(zip([n for n, _ in dq_k.states], res[n_out:]))
         dST = {s: _ct(cts.get("state:" + s), decl[s], d.states[s].dims, ssz, dtype) for s in d.states}
         adj_k = self.kernels["adj"]
@@ -156,15 +204,17 @@ class Backward:
                           feed_dt)
         # a reverse-time program: its walk starts at each sequence's last step (in place on triton; elsewhere
         # the call flips the timed arrays around the kernels, Kernel._entry)
-        res = adj_k.apply(feed, {s: dST[s] for s in d.states}, **call)
+        res = adj_k.apply(self._pad("adj", feed, Tp), {s: dST[s] for s in d.states}, **call)
         n_out = len(adj_k.outs)
-        du = dict(zip([n for n, _ in adj_k.outs], res[:n_out]))
+        du = self._unpad(adj_k, res[:n_out], T)
         G0 = dict(zip([n for n, _ in adj_k.states], res[n_out:]))
         # 3. the factors' cotangents and the log-decays'
         cot: dict[str, jax.Array] = {}
         dL = {s: None for s in d.states}
         for part, vals in (("dq", dq), ("adj", du)):
             for c in d.cots[part]:
+                if c.out not in vals:  # a chunk-indexed out, or the per-chunk form's (below)
+                    continue
                 v = vals[c.out].astype(jnp.float32)
                 fd = by[c.factor].dims
                 cot[c.factor] = cot.get(c.factor, 0) + _to(v, c.dims, fd, sizes)
@@ -181,6 +231,9 @@ class Backward:
         dlog = {}
         for s, st in d.states.items():
             if st.log is None:
+                continue
+            if st.pairs:
+                dlog[s] = self._per_chunk(st, dq, du, logs[s][0], T)
                 continue
             ldl = st.ldims
             rest = tuple(x for x in ldl if x != scan)
@@ -213,6 +266,62 @@ class Backward:
                 g = g * align(a0, a0_dims, st.dims)
             grads["state:" + s] = to_dims(g, st.dims, decl[s])
         return grads
+
+    # ---- the per-chunk decay gradient ------------------------------------------------------------------------
+    def _pad(self, part, feed, Tp):
+        """The timed inputs of a derived program padded to Tp steps (zeros: log-decay 0, no update, no read)."""
+        prog, scan = self.d.programs[part], self.p.scan
+        out = dict(feed)
+        for a in prog.inputs:
+            x = out.get(a.name)
+            if x is not None and scan in a.dims and x.shape[a.dims.index(scan)] != Tp:
+                ax = a.dims.index(scan)
+                pad = [(0, 0)] * x.ndim
+                pad[ax] = (0, Tp - x.shape[ax])
+                out[a.name] = jnp.pad(x, pad)
+        return out
+
+    def _unpad(self, k, res, T):
+        """A derived kernel's outs by name, the timed ones cut back to T steps (the chunk-indexed ones whole)."""
+        scan = self.p.scan
+        return {n: jax.lax.slice_in_dim(r, 0, T, axis=dims.index(scan)) if scan in dims else r
+                for (n, dims), r in zip(k.outs, res)}
+
+    def _per_chunk(self, st, dq, du, lg, T):
+        """dℓ_i = a_i <S_{i-1}, G_i> from the per-chunk pieces (passes/adjoint.py): within each chunk of Q steps
+        Σ_{t >= i} X_t + W_i + Σ_{s < i} Y_s + exp(Σ ℓ over the chunk and the next step) <S_enter, G_enter>."""
+        from ssmc.passes.chunk import chunk_dim
+        scan, Q, ldl = self.p.scan, self.Q, st.ldims
+        ax = ldl.index(scan)
+        f32 = jnp.float32
+        nc = -(-T // Q)
+        Tp = nc * Q
+
+        def chunks(v):  # [.., T, ..] -> [.., nc, Q, ..] (zeros past T)
+            v = v.astype(f32)
+            pad = [(0, 0)] * v.ndim
+            pad[ax] = (0, Tp - T)
+            v = jnp.pad(v, pad)
+            return v.reshape(v.shape[:ax] + (nc, Q) + v.shape[ax + 1:])
+
+        X, Y = chunks(dq[st.pairs["read"]]), chunks(du[st.pairs["upd"]])
+        reads = jnp.flip(jnp.cumsum(jnp.flip(X, ax + 1), axis=ax + 1), ax + 1)  # Σ_{t >= i} within the chunk
+        upds = jnp.cumsum(Y, axis=ax + 1) - Y                                     # Σ_{s < i} within the chunk
+        cd = chunk_dim(scan)
+        edims = dict(self.kernels["dq"].outs)[st.pairs["enter_dq"]]
+        zd = tuple(cd if x == scan else x for x in ldl)
+        Se = dq[st.pairs["enter_dq"]].astype(f32)
+        Ge = to_dims(du[st.pairs["enter_adj"]].astype(f32), dict(self.kernels["adj"].outs)[st.pairs["enter_adj"]],
+                     edims)
+        dot = to_dims(Se * Ge, edims, zd)  # one fused multiply-reduce (an einsum would batch tiny dots)
+        L = chunks(jnp.broadcast_to(lg, dq[st.pairs["read"]].shape))
+        first = jax.lax.slice_in_dim(L, 0, 1, axis=ax + 1)
+        nxt = jnp.concatenate([jax.lax.slice_in_dim(first, 1, nc, axis=ax), jnp.zeros_like(
+            jax.lax.slice_in_dim(first, 0, 1, axis=ax))], axis=ax)   # ℓ at the step after each chunk (0 at the end)
+        across = jnp.exp(jnp.sum(L, axis=ax + 1, keepdims=True) + nxt) * jnp.expand_dims(dot, ax + 1)
+        dl = reads + upds + across
+        dl = dl.reshape(dl.shape[:ax] + (Tp,) + dl.shape[ax + 2:])
+        return jax.lax.slice_in_dim(dl, 0, T, axis=ax) + dq[st.pairs["straddle"]].astype(f32)
 
     # ---- helpers ---------------------------------------------------------------------------------------
     def _log(self, env, st, sizes):

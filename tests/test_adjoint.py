@@ -250,11 +250,14 @@ def test_reverse_time_program(rng, target, name):
 
 @pytest.mark.parametrize("target", ["xla", "triton"])
 def test_derived_outs_dtypes(target):
-    """With bf16 activations the derived kernels' outs come out in bf16 (as a forward's outs), except those the
-    decays' cotangents are summed from (IR attr fp32), which a reverse cumsum of cancelling terms needs in fp32."""
+    """With bf16 activations the derived kernels' outs come out in bf16 (as a forward's outs), except the small ones
+    over the decay's dims (IR attr fp32): the per-chunk pieces of the decay gradient and d dt. The state part and
+    the straddling pairs of <C ⊗ dy, S> are two chunk.output parts of one readout (no full readout computed)."""
     k = _kernel("mamba2", target)
     bw = k._derived_backward()
+    assert bw.pairs and bw.Q == CHUNK * (2 if target == "tpu" else 1)
     sizes = dict(b=1, t=T, h=4, g=2, p=3, n=4)
+    sizes["t#"] = -(-T // bw.Q)
     key = jax.random.PRNGKey(0)
     for part, kk in bw.kernels.items():
         ins = {}
@@ -263,41 +266,61 @@ def test_derived_outs_dtypes(target):
             x = jax.random.normal(sub, [sizes[d] for d in dims], jnp.float32)
             ins[n] = -jnp.abs(x) if n.startswith("log_a") else x.astype(jnp.bfloat16)
         res = kk.apply(ins)
-        for (name, _), r in zip(kk.outs, res):
+        for (name, dims), r in zip(kk.outs, res):
             want = jnp.float32 if name in kk.program.fp32_outs() else jnp.bfloat16
             assert r.dtype == want, (part, name, r.dtype)
-    assert bw.kernels["adj"].program.fp32_outs() == ("d_dt",)
-    # dC[b,t,h,n] has more dims than the decay [b,t,h]: its share of dℓ, <C, dC> per (b,t,h), is summed in the
-    # kernel from the fp32 value (an epilogue of dC's readout, not a second chunked readout) and dC goes out bf16
-    dq = bw.kernels["dq"].program
-    assert len(dq.fp32_outs()) == 1 and dq.fp32_outs()[0].startswith("share_"), dq.fp32_outs()
-    assert bw.kernels["dq"].ir.count("chunk.output") == 1, bw.kernels["dq"].ir
-    assert [c.share for c in bw.d.cots["dq"] if c.share] == list(dq.fp32_outs())
+            assert r.shape == tuple(sizes[d] for d in dims), (part, name, r.shape)
+    assert bw.kernels["adj"].program.fp32_outs() == ("d_dt", "dl_upd_h")
+    assert bw.kernels["dq"].program.fp32_outs() == ("dl_read_h", "dl_straddle_h")
+    ir = bw.kernels["dq"].ir
+    assert ir.count("chunk.output") == 3 and "part=state" in ir and "part=straddle" in ir, ir
+
+
+def test_backward_dots_follow_the_decay_gradient_form():
+    """backward_matmul="auto" runs the derived dots in the activations' dtype where every decay's gradient has the
+    per-chunk form (Mamba2: a scalar positive decay, chunked), and at full precision where a decay's gradient is
+    the sum whose terms cancel (GLA's key-wise decay; any spec run as a sequential scan); packed calls, whose
+    sequences chunks cannot align with, take that form too."""
+    cases = {("mamba2", None): (True, "auto"), ("gla", None): (False, "float32"), ("mamba2", 1): (False, "float32")}
+    for (name, chunk), (pairs, mm) in cases.items():
+        k = ssmc.compile(str(VARIANTS[name].path), target="xla", chunk_size=chunk or CHUNK)
+        bw = k._derived_backward()
+        assert (bw.pairs, bw.matmul) == (pairs, mm), (name, chunk, bw.pairs, bw.matmul)
+        assert bw.flat().pairs is False and bw.flat().matmul == "float32"
 
 
 @pytest.mark.slow
-def test_bf16_decay_gradient_needs_the_full_precision_backward():
-    """The decays' cotangent is a reverse cumulative sum of <q, dq> - <u, G>, whose terms cancel: with bf16 matmul
-    operands in the derived kernels it is far off (backward_matmul="auto"), with the default full-precision
-    backward it is as good as the inputs' rounding allows. Mamba2, bf16 x/dt/B/C and fp32 A/D as models hold them,
-    against the float32 jax.grad of the XLA code at full matmul precision on the same rounded values (the xla
-    target's derived backward, which rounds its bf16 dots as a GPU does; Triton's interpreter computes them in
-    fp32)."""
+def test_bf16_decay_gradient_is_exact_per_chunk():
+    """The decays' cotangent dℓ_i = a_i <S_{i-1}, G_i>, summed per chunk from terms that never cancel (passes/
+    adjoint.py `pairs`), keeps bf16 dots in the derived kernels as accurate as the full-precision ones; the form
+    it replaced, a reverse cumulative sum of <q, dq> - <u, G> over the whole sequence, is far off with them (its
+    terms cancel). Mamba2, bf16 x/dt/B/C and fp32 A/D as models hold them, against the float32 jax.grad of the XLA
+    code at full matmul precision on the same rounded values (the xla target's derived backward, which rounds its
+    bf16 dots as a GPU does; Triton's interpreter computes them in fp32). T = 250: a partial last chunk (padded)."""
+    from ssmc.api import compile_program
+    from ssmc.backward import Backward
     rng = np.random.default_rng(3)
-    T, H, P, N = 256, 2, 32, 64
+    T, H, P, N = 250, 2, 32, 64
     raw = dict(x=rng.standard_normal((1, T, H, P)), dt=np.log1p(np.exp(rng.standard_normal((1, T, H)) - 2)),
                A=-np.exp(2 * rng.uniform(0, 1, H)), B=rng.standard_normal((1, T, 1, N)),
                C=rng.standard_normal((1, T, 1, N)), D=rng.standard_normal(H))
     ins = {n: jnp.asarray(v, jnp.bfloat16 if n in ("x", "dt", "B", "C") else jnp.float32) for n, v in raw.items()}
-    w = rng.standard_normal((1, T, H, P))
+    w = [rng.standard_normal((1, T, H, P)), rng.standard_normal((1, H, P, N))]
     spec = VARIANTS["mamba2"].path
     kx = ssmc.compile(spec, target="xla", matmul="float32")
-    ref = jax.grad(lambda i: jnp.sum(kx.apply(i)[0] * w))({n: v.astype(jnp.float32) for n, v in ins.items()})
+    ref = jax.grad(lambda i: jnp.sum(kx.apply(i)[0] * w[0]) + jnp.sum(kx.apply(i)[1] * w[1]))(
+        {n: v.astype(jnp.float32) for n, v in ins.items()})
     ref = {n: np.asarray(v, np.float64) for n, v in ref.items()}
     errs = {}
     for bm in ("float32", "auto"):
         k = ssmc.compile(spec, target="xla", backward_matmul=bm)
-        g = derived_gradients(k, ins, {}, [w, np.zeros((1, H, P, N))])
+        assert k._derived_backward().pairs
+        g = derived_gradients(k, ins, {}, w)
         errs[bm] = {n: rel_l2(np.asarray(g[n], np.float64), ref[n]) for n in ("A", "dt", "x", "B", "C")}
+    k = ssmc.compile(spec, target="xla", backward_matmul="auto")
+    k._bw = Backward(k, compile_program, pairs=False, matmul="auto")  # the cancelling form, bf16 dots
+    g = derived_gradients(k, ins, {}, w)
+    errs["cancelling"] = {n: rel_l2(np.asarray(g[n], np.float64), ref[n]) for n in ("A", "dt")}
     assert max(errs["float32"].values()) < 5e-3, errs
-    assert errs["auto"]["A"] > 2e-2, errs  # the documented loss of the fast backward (README, Training)
+    assert max(errs["auto"].values()) < 5e-3, errs
+    assert errs["cancelling"]["A"] > 2e-2, errs  # why the per-chunk form exists
