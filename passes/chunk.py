@@ -214,6 +214,11 @@ class _Rewrite:
             if i.op == "enter":
                 alias[i.name] = stage[self.an.by[i.args[0]].attr("state")]["enter"]
                 continue
+            if i.op == "across":
+                S = self.an.by[i.args[1]].attr("state")
+                self.emit(i.name, "chunk.across", (i.args[0], stage[S]["enter"]), set(i.dims) | {scan}, i.span,
+                          chunk=Q, state=S)
+                continue
             if i.name not in self.plan.post:  # (a post value: computed from its readouts, below)
                 try:
                     an.lin(i.name)

@@ -27,6 +27,8 @@ chunk.output read after the update (no in-chunk part at all), "straddle" for a p
 Step-level ops of the derived backward that only this pass lowers (a program with them has no sequential form):
   pairs r {part}   a readout r's `part` (state / straddle) relative to the chunks: chunk.output{part}
   enter S.prev     [t#, S]: the state entering each chunk (chunk.pass's value), an out of the derived programs
+  across X S.prev  [t, decay dims]: Σ over the state dims of X[chunk] * (the state entering the chunk), the same for
+                   every step of a chunk (X: an input indexed by chunk, [t#, S]) -> chunk.across X enter
 """
 from __future__ import annotations
 
@@ -34,12 +36,14 @@ from dataclasses import dataclass
 
 from ssmc.ir import OP_ARITY, Instr
 
-STAGE_OPS = ("chunk.cumsum", "chunk.cumsign", "chunk.states", "chunk.pass", "chunk.final", "chunk.output")
-STEP_CHUNK_OPS = ("pairs", "enter")
-OP_ARITY.update({"pairs": 1, "enter": 1, "chunk.cumsum": 1, "chunk.cumsign": 1, "chunk.states": None,
-                 "chunk.pass": None, "chunk.final": None, "chunk.output": None, "final": 1})
+STAGE_OPS = ("chunk.cumsum", "chunk.cumsign", "chunk.states", "chunk.pass", "chunk.final", "chunk.output",
+             "chunk.across")
+STEP_CHUNK_OPS = ("pairs", "enter", "across")
+OP_ARITY.update({"pairs": 1, "enter": 1, "across": 2, "chunk.across": 2, "chunk.cumsum": 1, "chunk.cumsign": 1,
+                 "chunk.states": None, "chunk.pass": None, "chunk.final": None, "chunk.output": None, "final": 1})
 STAGE_OF = {"chunk.cumsum": "cumsum", "chunk.cumsign": "cumsum", "chunk.states": "chunk_state",
-            "chunk.pass": "state_passing", "chunk.final": "state_passing", "chunk.output": "chunk_output"}
+            "chunk.pass": "state_passing", "chunk.final": "state_passing", "chunk.output": "chunk_output",
+            "chunk.across": "chunk_output"}
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ssmc.passes.chunk import chunk_dim
-from ssmc.targets.base import CU_SEQLENS, ModuleInfo, Target, chunk_outs, packed_batch_dim
+from ssmc.targets.base import CU_SEQLENS, ModuleInfo, Target, chunk_inputs, chunk_outs, packed_batch_dim
 
 from . import step as _step
 from .errors import ShapeError, SSMCError, TargetError
@@ -336,9 +336,10 @@ class Kernel:
             from .backward import Backward
             if self._program_compiler is None:
                 raise SSMCError(f"{self.name}: this Kernel was built without a compiler; use ssmc.compile")
-            indexed = chunk_outs(self.program)
-            if indexed:  # (the derived backward's own programs return such outs; they are not differentiated)
-                self._bw, self.backward_note = None, (f"XLA derivatives: out '{indexed[0]}' is indexed by chunk, "
+            indexed = ([f"out '{n}'" for n in chunk_outs(self.program)]
+                       + [f"input '{n}'" for n in chunk_inputs(self.program)])
+            if indexed:  # (the derived backward's own programs have such outs / inputs; they are not differentiated)
+                self._bw, self.backward_note = None, (f"XLA derivatives: {indexed[0]} is indexed by chunk, "
                                                       f"which the derived backward does not differentiate")
                 return self._bw
             try:
@@ -404,7 +405,7 @@ class Kernel:
         cd = chunk_dim(scan)
 
         def flip(x, dims):
-            if cd in dims:  # an out indexed by chunk: the walk's k-th chunk is chunk nc-1-k (base.chunk_outs)
+            if cd in dims:  # an out / input indexed by chunk: the walk's k-th chunk is chunk nc-1-k (base.chunk_outs)
                 x = jnp.flip(x, dims.index(cd))
             if scan in dims:
                 return jnp.flip(x, dims.index(scan))
@@ -438,11 +439,12 @@ class Kernel:
     def _packed_count(self, cu) -> int:
         """The number of sequences of a packed call, checking what needs no values: the spec takes packed calls,
         cu is a 1-D integer array of at least 2 entries."""
-        indexed = chunk_outs(self.program)
+        indexed = [f"out '{n}'" for n in chunk_outs(self.program)] + [f"input '{n}'"
+                                                                        for n in chunk_inputs(self.program)]
         if indexed:
-            raise ShapeError(f"{self.name}: cu_seqlens: out '{indexed[0]}' is indexed by chunk (dim "
-                             f"'{chunk_dim(self.program.scan)}'); packed sequences (cu_seqlens) with outs indexed "
-                             f"by chunk are not supported: call each sequence on its own")
+            raise ShapeError(f"{self.name}: cu_seqlens: {indexed[0]} is indexed by chunk (dim "
+                             f"'{chunk_dim(self.program.scan)}'); packed sequences (cu_seqlens) with outs or inputs "
+                             f"indexed by chunk are not supported: call each sequence on its own")
         if self.packed_dim is not None and CU_SEQLENS not in self._info.options:
             raise TargetError(f"{self.name}: cu_seqlens: the {self.target} target's generated entry takes no packed "
                               f"sequences (its MODULE_INFO options lack '{CU_SEQLENS}')")
@@ -533,7 +535,12 @@ class Kernel:
         cd = chunk_dim(self.program.scan)
         Q = self._info.chunk  # outs indexed by chunk (dim t#): ceil(T / Q) chunks (targets/base.py chunk_outs)
         if cd in self.program.dims and Q and self.program.scan in sizes:
-            sizes[cd] = -(-sizes[self.program.scan] // Q)
+            nc = -(-sizes[self.program.scan] // Q)
+            if cd in sizes and sizes[cd] != nc:  # an input indexed by chunk: one entry per chunk
+                raise ShapeError(f"{self.name}: dim '{cd}' is {sizes[cd]} in {where[cd]}, but an input indexed by "
+                                 f"chunk has one entry per chunk of {Q} steps: ceil({sizes[self.program.scan]} / {Q}) "
+                                 f"= {nc} for dim '{self.program.scan}' of {sizes[self.program.scan]}")
+            sizes[cd] = nc
             where[cd] = f"the chunks of {Q} steps of dim '{self.program.scan}'"
         for d in self.program.dims:
             if d == cd and not Q:  # a chunk-index dim no result has: no size to know

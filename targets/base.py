@@ -17,6 +17,11 @@ each chunk): t# has ceil(T / Q) entries, Q the chunk length MODULE_INFO records 
 steps [c*Q, (c+1)*Q). A reverse-time program walks from the last step and stores its k-th chunk at entry nc-1-k
 (where Q divides T, entry c again covers forward steps [c*Q, (c+1)*Q)). A sequential program has no such out, and a
 packed call (cu_seqlens) of a program with one is refused.
+
+An input may be indexed by chunk too (`chunk_inputs`, e.g. the forward's states entering each chunk): its t# must
+have ceil(T / Q) entries (the call checks it), entry c read by the chunk over steps [c*Q, (c+1)*Q); a reverse-time
+program's walk reads entry nc-1-k at its k-th chunk, like the stores. Such an input is given as it is (its dtype
+kept in memory, widened to fp32 by the kernels); a sequential program has none, and packed calls refuse it.
 """
 from __future__ import annotations
 
@@ -58,16 +63,26 @@ def chunk_outs(p) -> tuple[str, ...]:
     return tuple(o.name for o in p.outs if cd in o.dims)
 
 
+def chunk_inputs(p) -> tuple[str, ...]:
+    """The `in` arrays of program `p` indexed by chunk (dim `t#`, like chunk_outs): each chunk of the walk reads its
+    own entry (ceil(T / Q) of them; a reverse-time program's k-th chunk from the last step reads entry nc-1-k)."""
+    cd = chunk_dim(p.scan)
+    return tuple(a.name for a in p.inputs if cd in a.dims)
+
+
 def check_chunk_outs(p, target: str) -> int:
-    """The chunk length Q of the chunked program `p` when it has outs indexed by chunk (chunk_outs), else 0; a
-    program with such outs and no chunked form (a sequential scan) raises SSMCError: it has no chunks to index."""
+    """The chunk length Q of the chunked program `p` when it has outs or inputs indexed by chunk (chunk_outs,
+    chunk_inputs), else 0; a program with such arrays and no chunked form (a sequential scan) raises SSMCError: it
+    has no chunks to index."""
     names = chunk_outs(p)
-    if not names:
+    ins = chunk_inputs(p)
+    if not names and not ins:
         return 0
     Q = next((i.attr("chunk") for i in p.instrs if i.op.startswith("chunk.") and i.attr("chunk")), None)
     if not Q:
         why = next((n.split("\n")[0] for n in reversed(p.notes) if n.startswith("chunk:")), "")
-        raise SSMCError(f"{p.name}: out '{names[0]}' is indexed by chunk (dim '{chunk_dim(p.scan)}'), but the "
+        what = f"out '{names[0]}'" if names else f"input '{ins[0]}'"
+        raise SSMCError(f"{p.name}: {what} is indexed by chunk (dim '{chunk_dim(p.scan)}'), but the "
                         f"program runs as a sequential scan on the {target} target, which has no chunks"
                         + (f" ({why})" if why else ""))
     by = p.by_name()
@@ -125,7 +140,8 @@ class ModuleInfo:
     params: tuple[Param, ...]
     returns: tuple[Result, ...]     # the outs in declared order, then the final states in declared order
     options: tuple[str, ...]        # the keyword options the entry takes
-    # the chunk length Q where some out is indexed by chunk (dim `t#`, ceil(T / Q) entries: chunk_outs); 0 where none
+    # the chunk length Q where some out or input is indexed by chunk (dim `t#`, ceil(T / Q) entries: chunk_outs,
+    # chunk_inputs); 0 where none
     # is (and then not written into the module)
     chunk: int = 0
 
@@ -190,9 +206,10 @@ class ModuleInfo:
                             f"the spec declares {rets}")
         # an out indexed by chunk (a dim `t#`; no spec dim has a '#') has ceil(T / chunk) entries along it: the
         # record must say the chunk length its entry was generated for
-        indexed = [n for n, d in outs if any(x.endswith("#") for x in d)]
+        indexed = ([f"out '{n}'" for n, d in outs if any(x.endswith("#") for x in d)]
+                   + [f"input '{p.name}'" for p in self.params if any(x.endswith("#") for x in p.dims)])
         if indexed and not (isinstance(self.chunk, int) and self.chunk > 0):
-            raise SSMCError(f"{where}: out '{indexed[0]}' is indexed by chunk, but MODULE_INFO gives no chunk length "
+            raise SSMCError(f"{where}: {indexed[0]} is indexed by chunk, but MODULE_INFO gives no chunk length "
                             f"(chunk={self.chunk!r})")
         return fn
 

@@ -426,6 +426,15 @@ class TileEmitter:
         sd = next(i for i in self.k.states if i.attr("state") == S).dims
         return self.sort(self.axes_of(sd))
 
+    def op_chunk_across(self, i: Instr):
+        """Σ over the state's tile of an input indexed by chunk (loaded per chunk) times the state entering the
+        chunk (the on-chip state before this chunk's update), the same for every step of the chunk."""
+        x, xax = self.get(i.args[0])
+        S = i.attr("state")
+        z = self.contract([(x, xax), (self.state_var[S], self.state_axes(S))], ())
+        out = self.sort(self.axes_of(i.dims))
+        self.bind(i.name, self.reorder(self.hold(z), (), out), out, "<input, state entering the chunk>")
+
     def op_chunk_output(self, i: Instr):
         a = decode(i)
         S = i.attr("state")

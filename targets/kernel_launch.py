@@ -11,8 +11,8 @@ from __future__ import annotations
 from ssmc.errors import TargetError
 from ssmc.ops import spellings
 
-from .base import (ACROSS, CU_SEQLENS, KERNEL_OPTIONS, MODULE_IMPORT, MODULE_NAMES, ModuleInfo, Target, chunk_outs,
-                   packed_batch_dim)
+from .base import (ACROSS, CU_SEQLENS, KERNEL_OPTIONS, MODULE_IMPORT, MODULE_NAMES, ModuleInfo, Target, chunk_inputs,
+                   chunk_outs, packed_batch_dim)
 from .kernel_plan import SEG, SEG_CHUNKS, KernelPlan, Schedule
 from .kernel_runtime import final_key, runtime_dims, runtime_strides
 from .writer import Names, Writer, py_const, py_name
@@ -246,8 +246,8 @@ class LauncherWriter:
         rets = [("out", o.name, o.dims) for o in p.outs] + [("state", s.name, s.dims) for s in p.states]
         opts = (KERNEL_OPTIONS + ((ACROSS,) if self.schedule.segment_states is not None else ())
                 + ((CU_SEQLENS,) if self.batch else ()))
-        # outs indexed by chunk (dim t#): ceil(T / Q) entries, Q fixed here (the launcher never retunes it)
-        chunk = k.Q if chunk_outs(p) else 0
+        # outs / inputs indexed by chunk (dim t#): ceil(T / Q) entries, Q fixed here (the launcher never retunes it)
+        chunk = k.Q if chunk_outs(p) or chunk_inputs(p) else 0
         w(ModuleInfo.build(self.target, self.entry, params, rets, opts, chunk=chunk).source())
         for kw in self.writers():
             w(f"{kw.layout_name} = {kw.layout()!r}")

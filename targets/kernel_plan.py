@@ -80,6 +80,8 @@ def _summed(i: Instr, by) -> set[str]:
     if i.op == "chunk.output":
         a = decode(i)
         return (union_dims(by, a.q) | set(by[a.enter].dims)) - set(i.dims)
+    if i.op == "chunk.across":
+        return {d for d in by[i.args[1]].dims if d not in i.dims and not d.endswith("#")}  # the state's dims
     return set()
 
 
@@ -93,16 +95,19 @@ def _group_norms_without_heads(p: Program) -> Program:
 
 
 def _check_chunk_outs(p: Program, target: str) -> None:
-    """Outs indexed by chunk (dim t#) need the chunked form (base.check_chunk_outs), and on the kernel targets they
-    are the state entering each chunk (a chunk.pass value): the walk stores its on-chip state at each chunk's start
-    (kernel_walk.chunk_stores); other per-chunk values never leave the kernel."""
+    """Outs and inputs indexed by chunk (dim t#) need the chunked form (base.check_chunk_outs). On the kernel
+    targets an out indexed by chunk is the state entering each chunk (a chunk.pass value: the walk stores its
+    on-chip state at each chunk's start, kernel_walk.chunk_stores) or a per-chunk value the walk computes (from an
+    input indexed by chunk, loaded at each chunk's start, and the entering state): one entry per chunk, no scan dim."""
     check_chunk_outs(p, target)
     by = p.by_name()
+    scan, cd = p.scan, chunk_dim(p.scan)
     for name in chunk_outs(p):
         v = by[by[f"out.{name}"].args[0]]
-        if v.op != "chunk.pass":
-            raise TargetError(f"{target} target: out '{name}' is indexed by chunk but is {v.name} ({v.op}); the "
-                              f"kernels store only the state entering each chunk (chunk.pass) per chunk: use "
+        if v.op != "chunk.pass" and (scan in v.dims or cd not in v.dims):
+            raise TargetError(f"{target} target: out '{name}' is indexed by chunk but is {v.name} ({v.op}, dims "
+                              f"{list(v.dims)}); the kernels store per chunk the state entering each chunk "
+                              f"(chunk.pass) or a value with one entry per chunk (dim {cd}, no {scan}): use "
                               f"target='xla'")
 
 
@@ -165,7 +170,8 @@ def plan_kernel(p: Program, target: str) -> KernelPlan:
     hoisted, body, post = [], [], []
     varies: dict[str, bool] = {}  # depends on the scan position or on a state
     for i in p.instrs:
-        varies[i.name] = (scan in i.dims or i.op in STAGE_OPS + ("state",)
+        # (a value indexed by chunk, from an input indexed by chunk, is computed per chunk: in the body)
+        varies[i.name] = (scan in i.dims or cd in i.dims or i.op in STAGE_OPS + ("state",)
                           or any(varies.get(a, False) for a in i.args))
         if i.op in ("input", "state", "window", "const", "out", "final", "update") + PRE_OPS:
             continue

@@ -15,6 +15,9 @@ incoming state S_in the scan across segments gave it, writing the outputs; `rows
 Outs indexed by chunk (dim `t#`, targets/base.py chunk_outs: the state entering each chunk) are stored inside the
 chunk loop before the chunk's state update, from the on-chip state variable, at the chunk's index (`chunk_stores`):
 by the walk and by the segment outputs walk (c), at the global chunk index; segment states walk (a) stores none.
+Inputs indexed by chunk (`chunk_inputs`: dim `t#`, e.g. the forward's states entering each chunk) are neither
+loaded once nor per step: each chunk loads its own tile at its start (`chunk_loads`), at the same chunk index as
+the stores (a reverse-time program's k-th chunk reads entry nc-1-k); the values computed from them are per chunk.
 """
 from __future__ import annotations
 
@@ -80,7 +83,8 @@ class KernelWalk:
         self.program_ids()
         self.offsets()
         self.begin()
-        static = [i for i in k.inputs if k.scan not in i.dims]
+        cd = chunk_dim(k.scan)
+        static = [i for i in k.inputs if k.scan not in i.dims and cd not in i.dims]
         if static and k.form != "rows":
             w("# inputs without the scan dim: loaded once")
         for leaf in static:
@@ -110,6 +114,29 @@ class KernelWalk:
     def timed_inputs(self):
         return [i for i in self.plan.inputs if self.plan.scan in i.dims]
 
+    def chunk_inputs(self):
+        """Inputs indexed by chunk (dim t#): one tile per chunk, loaded at the chunk's start."""
+        cd = chunk_dim(self.plan.scan)
+        return [i for i in self.plan.inputs if cd in i.dims]
+
+    def chunk_index_used(self) -> bool:
+        """Whether the chunk loop needs this chunk's index along t# (stores or loads indexed by chunk)."""
+        return bool(self.chunk_index_stores() or self.chunk_inputs())
+
+    def chunk_loads(self, time):
+        """Inputs indexed by chunk: this chunk's tile (the target's load addresses it by the chunk index); and
+        the values of the state entering this chunk (chunk.pass: its on-chip variable until the chunk's update)."""
+        k, body = self.plan, self.body
+        loads = self.chunk_inputs()
+        if loads:
+            self.w("# inputs indexed by chunk: this chunk's tile")
+        for leaf in loads:
+            self.load(leaf, time, chunk=True)
+        for i in k.body:
+            if i.op == "chunk.pass" and i.attr("state") in body.state_var:
+                S = i.attr("state")
+                body.vals[i.name] = (body.state_var[S], body.state_axes(S))
+
     def timed_stores(self, time):
         k = self.plan
         for kind, name, v in k.stores:
@@ -121,6 +148,7 @@ class KernelWalk:
         k, w, body = self.plan, self.w, self.body
         for leaf in self.timed_inputs():
             self.load(leaf, time)
+        self.chunk_loads(time)
         stage = None
         for i in k.body:
             s = i.attr("stage")
@@ -151,9 +179,10 @@ class KernelWalk:
         if stores:
             self.w("# outs indexed by chunk: the state entering this chunk")
         for kind, name, v in stores:
-            S = k.by()[v].attr("state")
-            body.vals[v] = (body.state_var[S], body.state_axes(S))
-            self.store(kind, name, v, time)
+            if k.by()[v].op == "chunk.pass":
+                S = k.by()[v].attr("state")
+                body.vals[v] = (body.state_var[S], body.state_axes(S))
+            self.store(kind, name, v, time)  # else a per-chunk value the chunk computed
 
     # ---- what the hooks share -------------------------------------------------------------------------------
     def state_var(self, s) -> str:

@@ -55,7 +55,7 @@ SEQ_BLOCK = 128  # time steps per grid step of the sequential form (a multiple o
 def kernel_layout(grid, tile, scan, groups: dict, dims) -> tuple[list, list, str]:
     """(outer dims, inner dims, kind) of an array with declared `dims` inside the kernel's call.
     outer: grid dims (or the group dim standing for its head dim), in grid order, then the chunk-index dim t# of an
-    out indexed by chunk (its block index is the time block's), squeezed out of the block;
+    out or input indexed by chunk (its block index is the time block's), squeezed out of the block;
     inner: the scan dim then tile dims (the block); kind: how the inner part is shaped in memory:
     "full" (rank >= 2 as is), "tcol" ([t, 1]), "row" ([1, d]), "scalar" (no inner dims)."""
     h_to_g = {h: g for g, h in groups.items()}
@@ -156,7 +156,7 @@ def _index_map(layout, sizes, outer, inner, kind, whole=None):
     grid, groups, scan, split = layout["grid"], layout["groups"], layout["scan"], layout["split"]
     picks = []
     for d in outer:
-        if d == chunk_dim(scan):  # an out indexed by chunk: the time block's chunk
+        if d == chunk_dim(scan):  # an out / input indexed by chunk: the time block's chunk (segments: global)
             picks.append(None)
         elif d in groups:  # a group dim: head i reads group i // (H/G)
             h = groups[d]
@@ -222,10 +222,15 @@ def launch(kernel, layout, arrays, sizes, *, mm, out_dtype, interpret=False, cu_
     for name in layout["inputs"]:
         dims = layout["arrays"][name]
         outer, inner, kind = _layout_of(layout, name)
-        # initial states stay in VMEM blocks, like the scratch
-        smem = kind == "scalar" and name not in layout["state_inputs"]
+        # initial states stay in VMEM blocks, like the scratch; so do inputs indexed by chunk (a block per chunk)
+        by_chunk = chunk_dim(scan) in dims
+        smem = kind == "scalar" and name not in layout["state_inputs"] and not by_chunk
         every = pk is not None and name in layout["state_inputs"] and b in outer  # all sequences' states, one block
-        ins.append(_to_kernel(jnp.asarray(arrays[name]), dims, outer, inner, kind if smem or kind != "scalar"
+        x = jnp.asarray(arrays[name])
+        if by_chunk:  # an input indexed by chunk: one entry per time block of the padded length (zeros past the end)
+            ax = dims.index(chunk_dim(scan))
+            x = jnp.pad(x, [(0, Tp // tb - x.shape[ax]) if a == ax else (0, 0) for a in range(x.ndim)])
+        ins.append(_to_kernel(x, dims, outer, inner, kind if smem or kind != "scalar"
                               else "scalar_vmem", _state_sizes(sizes, b, seqs) if every else sizes, scan, Tp))
         if smem:
             in_specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))

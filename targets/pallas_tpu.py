@@ -163,11 +163,16 @@ class PallasEmitter(KernelWalk, LauncherWriter):
              "scalar": f"jnp.broadcast_to({value}, (1, 1))"}[kind]
         self.w(f"{ref}[...] = {v}.astype({ref}.dtype)")
 
-    def load(self, leaf, time=None):
+    def load(self, leaf, time=None, chunk: bool = False):
+        """A leaf's block as fp32: once, one step of its time block, or (chunk: an input indexed by chunk, in VMEM)
+        this chunk's block, which its BlockSpec picks by the time grid axis (pallas_runtime._index_map)."""
         body = self.body
         name = leaf.attr("array") or leaf.attr("state")
+        if chunk:
+            time = None
         ref = self.staged.get(self.ref_of(leaf), self.ref_of(leaf)) if time is not None else self.ref_of(leaf)
-        body.bind(leaf.name, f"{self.read(ref, self.layout_of(name), time, smem=leaf.op == 'input')}"
+        smem = leaf.op == "input" and not chunk
+        body.bind(leaf.name, f"{self.read(ref, self.layout_of(name), time, smem=smem)}"
                              f".astype(jnp.float32)", body.axes_of(leaf.dims))
 
     def store(self, kind, name, value, time=None):

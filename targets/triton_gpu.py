@@ -220,7 +220,7 @@ class TritonEmitter(KernelWalk, LauncherWriter):
                     idx = self.body.bc(time, (k.scan,), axes)
             elif self.batch and d == self.batch and k.scan in dims:
                 idx = "row"
-            elif d == chunk_dim(k.scan):  # an out indexed by chunk: this chunk's index (chunk_loop)
+            elif d == chunk_dim(k.scan):  # an out / input indexed by chunk: this chunk's index (chunk_loop)
                 idx = pn.dim("i", d)
             elif d in k.group_tile:  # the tile spans the heads of group i_g
                 g = k.group_tile[d]
@@ -232,11 +232,13 @@ class TritonEmitter(KernelWalk, LauncherWriter):
             terms.append(f"{idx} * {st}")
         return " + ".join(terms)
 
-    def load(self, leaf, time):
+    def load(self, leaf, time, chunk: bool = False):
+        """A leaf's tile: once (time None), at this chunk's / step's rows (time), or (chunk: an input indexed by
+        chunk) this chunk's entry along t#."""
         k, body = self.plan, self.body
         name = leaf.attr("array") or leaf.attr("state")
         axes = body.axes_of(leaf.dims)
-        addr = self.address(name, self.ptr_of(leaf), k.decl[name], axes, time)
+        addr = self.address(name, self.ptr_of(leaf), k.decl[name], axes, None if chunk else time)
         mask = [body.bc(body.mask(d), (d,), axes) for d in axes if d in k.tile]
         m = f", mask={' & '.join(mask)}, other=0.0" if mask else ""
         body.bind(leaf.name, f"tl.load({addr}{m}).to(tl.float32)", axes)
@@ -298,7 +300,7 @@ class TritonEmitter(KernelWalk, LauncherWriter):
             w(f"ttc = tl.minimum(tt, {NT} - 1)")
             with w.block("if I64:"):
                 w("ttc = ttc.to(tl.int64)")
-            if self.chunk_index_stores():  # outs indexed by chunk: where this chunk's entry goes along t#
+            if self.chunk_index_used():  # outs / inputs indexed by chunk: this chunk's entry along t#
                 cd = chunk_dim(k.scan)
                 i_c = self.pn.dim("i", cd)
                 if k.p.reverse:  # the walk's k-th chunk (from the last step) is chunk nc-1-k

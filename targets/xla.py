@@ -582,6 +582,20 @@ class XlaEmitter:
                     f"{i.dims.index(self.batch)}, pk))")
         self.assign(i, last, "state after the last step")
 
+    def op_chunk_across(self, i: Instr):
+        """Σ over the state dims of an input indexed by chunk times the state entering the chunk, for every step
+        of the chunk (passes/chunk_ops.py)."""
+        x, e = i.args
+        tl, cl = self.letter[self.scan], self.letter[self.cd]
+        xl = "".join(self.letter[d] for d in self.by[x].dims)
+        el = "".join(self.letter[d] for d in self.by[e].dims)
+        zl = "".join(self.letter[d] for d in self.by[e].dims if d in i.dims or d == self.cd)
+        out = "".join((cl + tl) if d == self.scan else self.letter[d] for d in i.dims)
+        summed = tuple(k for k, c in enumerate(el) if c not in zl)
+        z = f'jnp.sum(rt.mul("{el}", ({self.n(x)}, "{xl}"), ({self.n(e)}, "{el}")), axis={summed})'
+        self.assign(i, f'rt.unchunk(rt.mul("{out}", ({z}, "{zl}"), (jnp.ones((Q,), ew), "{tl}")), '
+                       f'{out.index(cl)})', "<input, state entering the chunk>, at every step of the chunk")
+
     def op_chunk_output(self, i: Instr):
         a = decode(i)
         if i.attr("form") == "scan":

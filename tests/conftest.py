@@ -131,3 +131,17 @@ def pytest_collection_modifyitems(config, items):
         kept[key] = kept.get(key, 0) + 1
         if kept[key] > FAST_CASES:
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    """Names of the kernels every launch ran (both kernel targets' runtimes)."""
+    from ssmc.targets import pallas_runtime, triton_runtime
+    names = []
+    for mod in (triton_runtime, pallas_runtime):
+        def rec(kern, *a, _orig=mod.launch, **kw):
+            fn = getattr(kern, "fn", kern)
+            names.append(getattr(fn, "__name__", str(fn)))
+            return _orig(kern, *a, **kw)
+        monkeypatch.setattr(mod, "launch", rec)
+    return names

@@ -150,20 +150,6 @@ def test_reverse_program(rng, target, Q, T):
     assert rel_l2(np.asarray(enter[:, nc - 1], np.float64), np.asarray(h0, np.float64)) < 1e-6
 
 
-@pytest.fixture
-def launched(monkeypatch):
-    """Names of the kernels every launch ran (both kernel targets' runtimes)."""
-    from ssmc.targets import pallas_runtime, triton_runtime
-    names = []
-    for mod in (triton_runtime, pallas_runtime):
-        def rec(kern, *a, _orig=mod.launch, **kw):
-            fn = getattr(kern, "fn", kern)
-            names.append(getattr(fn, "__name__", str(fn)))
-            return _orig(kern, *a, **kw)
-        monkeypatch.setattr(mod, "launch", rec)
-    return names
-
-
 # 8 chunks (the last one partial) in 3 segments of 3, 3 and 2 chunks
 SEG_CASES = [("triton", False), ("triton", True), ("tpu", False), ("tpu", True)]
 
