@@ -15,12 +15,13 @@ given the readouts' cotangents dr (design-notes "Backward"):
 The log-decays' cotangent dℓ_t = a_t <S_{t-1}, G_t>: for a scalar positive decay read after its update (Mamba2,
 RetNet) the programs give it per chunk without cancellation (`pairs`): dq the entering state's reads in the chunk
 (X_t = exp(L_t) <q_t ⊗ dr_t, S_enter>, the state part of <q_t, dq_t>) and the in-chunk pairs s < i <= t (W_i),
-adj the chunk's updates read after it (Y_s, the state part of <u_s, G_s>), both the states entering each chunk
-(their product gives the pairs across the chunk), and ssmc/backward.py sums
-dℓ_i = Σ_{t >= i} X_t + W_i + Σ_{s < i} Y_s + exp(Σ ℓ) <S_enter, G_enter> within each chunk. Otherwise (and where
-the programs are not chunked) dℓ_t = Σ_{s >= t} (<q_s, dq_s> - <u_s, G_s>) plus <S_T, dS_T>: a sum whose terms
-cancel, exact only with fp32 dots. Every program takes the factors as inputs (evaluated once by the caller, a
-group-indexed factor before its `expand`), so a causal conv or any other prologue is never replayed backwards.
+adj the chunk's updates read after it (Y_s, the state part of <u_s, G_s>) and, from dq's forward states
+entering each chunk (an input indexed by chunk), the pairs across the chunk <S_enter, G_enter>; ssmc/backward.py
+sums dℓ_i = Σ_{t >= i} X_t + W_i + Σ_{s < i} Y_s + exp(Σ ℓ) <S_enter, G_enter> within each chunk. Otherwise
+(and where the programs are not chunked) dℓ_t = Σ_{s >= t} (<q_s, dq_s> - <u_s, G_s>) plus <S_T, dS_T>: a sum
+whose terms cancel, exact only with fp32 dots. Every program takes the factors as inputs (evaluated once by the
+caller, a group-indexed factor before its `expand`), so a causal conv or any other prologue is never replayed
+backwards.
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ class StateInfo:
     ldims: tuple[str, ...]  # dims of the log-decay input: the log's, the scan dim and the batch dims
     when: str             # "new": readouts read S_t; "prev": they read S_{t-1}
     batch: tuple[str, ...]  # state dims along which the state holds independent sequences (dℓ keeps them)
-    pairs: dict | None = None  # the per-chunk form's outs (read, straddle, upd, enter_dq, enter_adj), or None
+    pairs: dict | None = None  # the per-chunk form's outs (read, straddle, enter; upd, across), or None
 
 
 @dataclass
@@ -160,8 +161,11 @@ class _Builders:
         held: dict[str, str] = {}  # input array -> what it holds
         local: dict[str, str] = {}  # forward value -> its name in the new program
 
+        cd = chunk_dim(self.scan)
+        canon = [d for x in p.dims for d in ((cd, x) if x == self.scan else (x,))]  # t# before the scan dim
+
         def add(op, args, dims, span=None, hint=None, **attrs) -> str:
-            i = make(ssa(hint), op, args, p.order(dims), span, **attrs)
+            i = make(ssa(hint), op, args, tuple(d for d in canon if d in set(dims)), span, **attrs)
             instrs.append(i)
             dims_of[i.name] = i.dims
             return i.name
@@ -324,7 +328,7 @@ class _Builders:
             for s in self.states.values():
                 if s.pairs is not None:
                     self.pairs_outs(part, s, state_vals[s.name], shares.get(s.name, []), value, product, cotangent,
-                                    add, out, instrs)
+                                    add, out, array)
         used = set().union(*(set(i.dims) for i in instrs))
         groups = tuple((g, h) for g, h in p.groups if g in used and h in used)
         pdims = tuple(x for x in p.dims if x in used)
@@ -338,9 +342,10 @@ class _Builders:
         return prog, held, cots, out_of
 
 
-    def pairs_outs(self, part, s, vals, shares, value, product, cotangent, add, out, instrs):
-        """The per-chunk decay gradient's outs of state `s` (module docstring): dq the state part of <q ⊗ dr, S_t>
-        and its straddling in-chunk pairs, adj the state part of <u, G_t>, both the entering states. A state part
+    def pairs_outs(self, part, s, vals, shares, value, product, cotangent, add, out, array):
+        """The per-chunk decay gradient's outs of state `s` (module docstring): dq the state part of <q ⊗ dr, S_t>,
+        its straddling in-chunk pairs and the states entering each chunk, adj the state part of <u, G_t> and, from
+        those states (an input indexed by chunk), <S_enter, G_enter> at each step of the chunk. A state part
         comes from the cotangent readouts the program has anyway (<f, d f> with d f's state part: no other matmul
         with the state); the straddle needs the readout contracted to the decay's dims."""
         prev, new = vals
@@ -371,9 +376,13 @@ class _Builders:
         cd = chunk_dim(self.scan)
         order = [d for x in self.p.dims for d in ((cd, x) if x == self.scan else (x,))]
         edims = tuple(sorted(s.dims + (cd,), key=order.index))
-        e = make(f"%{s.name}.enter_{part}", "enter", (prev,), edims, None, state=s.name)
-        instrs.append(e)
-        s.pairs[f"enter_{part}"] = out(e.name, f"{s.name}_enter", edims)
+        if part == "dq":  # the forward states entering each chunk, for adj
+            e = add("enter", (prev,), edims, hint=f"{s.name}.enter_fwd", state=s.name)
+            s.pairs["enter"] = out(e, f"{s.name}_enter", edims)
+        else:  # the pairs across each chunk: <S entering it, G entering it (walking back)>, at each of its steps
+            fwd = array(f"{s.name}_fwd", edims, "enter:" + s.name)
+            z = add("across", (fwd, prev), ld, state=s.name)
+            s.pairs["across"] = out(z, f"dl_across_{s.name}", ld, fp32=True)
 
 
 _WHAT = {"dq": "the forward recurrence; outs: the cotangents of the readouts' query factors",

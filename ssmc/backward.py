@@ -201,7 +201,7 @@ class Backward:
         dST = {s: _ct(cts.get("state:" + s), decl[s], d.states[s].dims, ssz, dtype) for s in d.states}
         adj_k = self.kernels["adj"]
         feed = self._feed("adj", env, dterms, {s: self._shift(lg, d.states[s], time) for s, lg in logs.items()},
-                          feed_dt)
+                          feed_dt, {"enter:" + s: dq[st.pairs["enter"]] for s, st in d.states.items() if st.pairs})
         # a reverse-time program: its walk starts at each sequence's last step (in place on triton; elsewhere
         # the call flips the timed arrays around the kernels, Kernel._entry)
         res = adj_k.apply(self._pad("adj", feed, Tp), {s: dST[s] for s in d.states}, **call)
@@ -290,7 +290,6 @@ class Backward:
     def _per_chunk(self, st, dq, du, lg, T):
         """dℓ_i = a_i <S_{i-1}, G_i> from the per-chunk pieces (passes/adjoint.py): within each chunk of Q steps
         Σ_{t >= i} X_t + W_i + Σ_{s < i} Y_s + exp(Σ ℓ over the chunk and the next step) <S_enter, G_enter>."""
-        from ssmc.passes.chunk import chunk_dim
         scan, Q, ldl = self.p.scan, self.Q, st.ldims
         ax = ldl.index(scan)
         f32 = jnp.float32
@@ -307,18 +306,12 @@ class Backward:
         X, Y = chunks(dq[st.pairs["read"]]), chunks(du[st.pairs["upd"]])
         reads = jnp.flip(jnp.cumsum(jnp.flip(X, ax + 1), axis=ax + 1), ax + 1)  # Σ_{t >= i} within the chunk
         upds = jnp.cumsum(Y, axis=ax + 1) - Y                                     # Σ_{s < i} within the chunk
-        cd = chunk_dim(scan)
-        edims = dict(self.kernels["dq"].outs)[st.pairs["enter_dq"]]
-        zd = tuple(cd if x == scan else x for x in ldl)
-        Se = dq[st.pairs["enter_dq"]].astype(f32)
-        Ge = to_dims(du[st.pairs["enter_adj"]].astype(f32), dict(self.kernels["adj"].outs)[st.pairs["enter_adj"]],
-                     edims)
-        dot = to_dims(Se * Ge, edims, zd)  # one fused multiply-reduce (an einsum would batch tiny dots)
+        Z = chunks(du[st.pairs["across"]])  # <S_enter, G_enter> of each step's chunk
         L = chunks(jnp.broadcast_to(lg, dq[st.pairs["read"]].shape))
         first = jax.lax.slice_in_dim(L, 0, 1, axis=ax + 1)
         nxt = jnp.concatenate([jax.lax.slice_in_dim(first, 1, nc, axis=ax), jnp.zeros_like(
             jax.lax.slice_in_dim(first, 0, 1, axis=ax))], axis=ax)   # ℓ at the step after each chunk (0 at the end)
-        across = jnp.exp(jnp.sum(L, axis=ax + 1, keepdims=True) + nxt) * jnp.expand_dims(dot, ax + 1)
+        across = jnp.exp(jnp.sum(L, axis=ax + 1, keepdims=True) + nxt) * Z
         dl = reads + upds + across
         dl = dl.reshape(dl.shape[:ax] + (Tp,) + dl.shape[ax + 2:])
         return jax.lax.slice_in_dim(dl, 0, T, axis=ax) + dq[st.pairs["straddle"]].astype(f32)
@@ -345,14 +338,16 @@ class Backward:
         lg, sg = log
         return time.next(lg, ax, 0.0), None if sg is None else time.next(sg, ax, 1.0)
 
-    def _feed(self, part, env, dterms, logs, dts) -> dict:
+    def _feed(self, part, env, dterms, logs, dts, given=None) -> dict:
         """The `part` program's inputs. dts: ({input instruction: its array's own narrower dtype}, the
-        activations' matmul dtype or None)."""
+        activations' matmul dtype or None); given: arrays by what they hold (another program's outs)."""
         low, mm = dts
         out = {}
         for name, holds in self.d.inputs[part].items():
             kind, _, what = holds.partition(":")
-            if kind == "dr":
+            if given and holds in given:
+                out[name] = given[holds]
+            elif kind == "dr":
                 out[name] = dterms[what] if mm is None else dterms[what].astype(mm)
             elif holds in low:
                 out[name] = env[holds].astype(low[holds])  # exact: it was widened from this dtype

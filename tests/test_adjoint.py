@@ -270,7 +270,7 @@ def test_derived_outs_dtypes(target):
             want = jnp.float32 if name in kk.program.fp32_outs() else jnp.bfloat16
             assert r.dtype == want, (part, name, r.dtype)
             assert r.shape == tuple(sizes[d] for d in dims), (part, name, r.shape)
-    assert bw.kernels["adj"].program.fp32_outs() == ("d_dt", "dl_upd_h")
+    assert bw.kernels["adj"].program.fp32_outs() == ("d_dt", "dl_upd_h", "dl_across_h")
     assert bw.kernels["dq"].program.fp32_outs() == ("dl_read_h", "dl_straddle_h")
     ir = bw.kernels["dq"].ir
     assert ir.count("chunk.output") == 3 and "part=state" in ir and "part=straddle" in ir, ir
