@@ -150,6 +150,13 @@ _IDENT = re.compile(r"[A-Za-z_]\w*$")
 class _Builders:
     def __init__(self, p, an, states, plan):
         self.p, self.an, self.states, self.plan, self.scan = p, an, states, plan, p.scan
+        cd = chunk_dim(p.scan)
+        self.dims = tuple(d for x in p.dims for d in ((cd, x) if x == p.scan else (x,)))  # t# before the scan dim
+
+    def order(self, dims) -> tuple[str, ...]:
+        """Dims in the derived programs' order: the forward's, with the chunk-index dim t# before the scan dim."""
+        s = set(dims)
+        return tuple(d for d in self.dims if d in s)
 
     def build(self, part: str):
         p, an = self.p, self.an
@@ -161,11 +168,8 @@ class _Builders:
         held: dict[str, str] = {}  # input array -> what it holds
         local: dict[str, str] = {}  # forward value -> its name in the new program
 
-        cd = chunk_dim(self.scan)
-        canon = [d for x in p.dims for d in ((cd, x) if x == self.scan else (x,))]  # t# before the scan dim
-
         def add(op, args, dims, span=None, hint=None, **attrs) -> str:
-            i = make(ssa(hint), op, args, tuple(d for d in canon if d in set(dims)), span, **attrs)
+            i = make(ssa(hint), op, args, self.order(dims), span, **attrs)
             instrs.append(i)
             dims_of[i.name] = i.dims
             return i.name
@@ -331,11 +335,7 @@ class _Builders:
                                     add, out, array)
         used = set().union(*(set(i.dims) for i in instrs))
         groups = tuple((g, h) for g, h in p.groups if g in used and h in used)
-        pdims = tuple(x for x in p.dims if x in used)
-        if chunk_dim(self.scan) in used:
-            k = pdims.index(self.scan)
-            pdims = pdims[:k] + (chunk_dim(self.scan),) + pdims[k:]
-        prog = Program(f"{p.name}_{part}", pdims, p.scan, groups, tuple(inputs),
+        prog = Program(f"{p.name}_{part}", self.order(used), p.scan, groups, tuple(inputs),
                        tuple(Array(s.name, s.dims) for s in self.states.values()), tuple(outs), tuple(instrs),
                        notes=(f"adjoint{{part={part}}} of `ssm {p.name}`: {_WHAT[part]}",), source=p.source,
                        filename=p.filename, reverse=part == "adj")
@@ -373,9 +373,7 @@ class _Builders:
                      for r, lin in self.plan.readouts.items() for t in lin.terms if t.state == s.name]
             v = add("pairs", (total(terms),), ld, part="straddle")
             s.pairs["straddle"] = out(v, f"dl_straddle_{s.name}", ld, fp32=True)
-        cd = chunk_dim(self.scan)
-        order = [d for x in self.p.dims for d in ((cd, x) if x == self.scan else (x,))]
-        edims = tuple(sorted(s.dims + (cd,), key=order.index))
+        edims = self.order(s.dims + (chunk_dim(self.scan),))
         if part == "dq":  # the forward states entering each chunk, for adj
             e = add("enter", (prev,), edims, hint=f"{s.name}.enter_fwd", state=s.name)
             s.pairs["enter"] = out(e, f"{s.name}_enter", edims)

@@ -22,7 +22,8 @@ summand of row t from source s (the derived backward's decay gradient a_i <S_{i-
 Both are times qcoef; t and s lie in i's chunk and inside the sequence. Emitters compute "state" for any quadratic
 chunk.output read after the update (no in-chunk part at all), "straddle" for a positive decay without state dims
 (identity / constant / scalar class, no sigma, no sub-chunks) whose out dims are the decay's dims and the scan dim
-(all else contracted), as R = M @ U, U[s, i] = [s < i], then Σ_{t >= i} R[t, i], in fp32; else a TargetError.
+(all else contracted), in fp32 as Σ_{j < i} (colsum_j - rowsum_j) of M (a pair counts for [s < i] - [t < i]);
+else a TargetError.
 
 Step-level ops of the derived backward that only this pass lowers (a program with them has no sequential form):
   pairs r {part}   a readout r's `part` (state / straddle) relative to the chunks: chunk.output{part}
@@ -96,3 +97,25 @@ def decode(i: Instr) -> ChunkArgs:
     kw["qcoef"] = i.attr("qcoef", 1.0)
     kw["ucoef"] = tuple(i.attr("ucoef", ()))
     return ChunkArgs(**kw)
+
+
+SCALAR_CLASSES = ("identity", "constant", "scalar")  # decays the straddle part takes (a per-step scalar)
+
+
+def part_problem(i: Instr, a: ChunkArgs, instrs) -> str | None:
+    """What chunk.output `i` lacks for its `part` (passes/chunk_ops.py docstring), the same for every emitter, or
+    None; each emitter checks its own layout on top (a straddle's out dims). `instrs`: the program's, where the
+    state's chunk.states says its decay class."""
+    part = i.attr("part")
+    if part not in ("state", "straddle"):
+        return "unknown part (known: state, straddle)"
+    if i.attr("form") == "scan" or i.attr("when") != "new":
+        return (f"needs the chunked quadratic form read after the update (when=new), got form={i.attr('form')}, "
+                f"when={i.attr('when')}")
+    if part == "straddle":
+        st = next((x for x in instrs if x.op == "chunk.states" and x.attr("state") == i.attr("state")), None)
+        klass = st.attr("klass") if st is not None else None
+        if klass not in SCALAR_CLASSES or a.sigma:
+            return (f"needs a scalar positive decay (identity, constant or scalar class, no sign), got class "
+                    f"{klass}{' with a sign' if a.sigma else ''}")
+    return None

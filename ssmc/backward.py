@@ -17,8 +17,6 @@ inside the kernels).
 """
 from __future__ import annotations
 
-import re
-
 import jax
 import jax.numpy as jnp
 
@@ -43,12 +41,12 @@ class Backward:
             self.d = derive(kernel.program, False)
             self.kernels = self._build(matmul)
         self.pairs = any(st.pairs for st in self.d.states.values())
-        # the chunk length of the per-chunk decay gradient (dq's and adj's chunks must be the same)
-        Qs = {int(q) for part in ("dq", "adj")
-              for q in re.findall(r"chunk\.cumsum .*?chunk=(\d+)", self.kernels[part].ir)}
-        if self.pairs and len(Qs) != 1:
+        # the chunk length of the per-chunk decay gradient (dq's and adj's chunks must be the same): both programs
+        # then have values indexed by chunk, whose length their modules record
+        Qs = {self.kernels[part]._info.chunk for part in ("dq", "adj")} if self.pairs else {None}
+        if len(Qs) != 1:
             raise SSMCError(f"{self.p.name}: the derived dq and adj programs have different chunk lengths {sorted(Qs)}")
-        self.Q = Qs.pop() if self.pairs else None
+        self.Q = Qs.pop()
         self._flat = None  # the form without `pairs` (packed calls), built on first use
         # packed calls: every derived program takes cu_seqlens along the forward's packed dim (a causal conv is
         # evaluated per sequence by ir_eval, from each sequence's window)
@@ -213,8 +211,6 @@ class Backward:
         dL = {s: None for s in d.states}
         for part, vals in (("dq", dq), ("adj", du)):
             for c in d.cots[part]:
-                if c.out not in vals:  # a chunk-indexed out, or the per-chunk form's (below)
-                    continue
                 v = vals[c.out].astype(jnp.float32)
                 fd = by[c.factor].dims
                 cot[c.factor] = cot.get(c.factor, 0) + _to(v, c.dims, fd, sizes)

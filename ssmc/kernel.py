@@ -336,8 +336,7 @@ class Kernel:
             from .backward import Backward
             if self._program_compiler is None:
                 raise SSMCError(f"{self.name}: this Kernel was built without a compiler; use ssmc.compile")
-            indexed = ([f"out '{n}'" for n in chunk_outs(self.program)]
-                       + [f"input '{n}'" for n in chunk_inputs(self.program)])
+            indexed = self._chunk_indexed()
             if indexed:  # (the derived backward's own programs have such outs / inputs; they are not differentiated)
                 self._bw, self.backward_note = None, (f"XLA derivatives: {indexed[0]} is indexed by chunk, "
                                                       f"which the derived backward does not differentiate")
@@ -436,11 +435,15 @@ class Kernel:
             given[k] = v
         return given
 
+    def _chunk_indexed(self) -> list[str]:
+        """The outs and inputs indexed by chunk (dim t#: the derived backward's programs), as an error names them."""
+        return ([f"out '{n}'" for n in chunk_outs(self.program)]
+                + [f"input '{n}'" for n in chunk_inputs(self.program)])
+
     def _packed_count(self, cu) -> int:
         """The number of sequences of a packed call, checking what needs no values: the spec takes packed calls,
         cu is a 1-D integer array of at least 2 entries."""
-        indexed = [f"out '{n}'" for n in chunk_outs(self.program)] + [f"input '{n}'"
-                                                                        for n in chunk_inputs(self.program)]
+        indexed = self._chunk_indexed()
         if indexed:
             raise ShapeError(f"{self.name}: cu_seqlens: {indexed[0]} is indexed by chunk (dim "
                              f"'{chunk_dim(self.program.scan)}'); packed sequences (cu_seqlens) with outs or inputs "

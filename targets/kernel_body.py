@@ -21,7 +21,7 @@ import re
 
 from ssmc.errors import TargetError
 from ssmc.ir import Instr
-from ssmc.passes.chunk_ops import decode
+from ssmc.passes.chunk_ops import decode, part_problem
 from ssmc.ops import spellings
 
 from .kernel_plan import KernelPlan
@@ -490,24 +490,19 @@ class TileEmitter:
             self.bind(i.name, f"{coef}({base('in')} + {base('st')})", out)
 
     def check_part(self, i: Instr, a, part: str, out, Lax):
-        """A chunk.output `part` the kernel body computes, else a TargetError naming what is missing: "state" for
-        any chunked chunk.output read after the update; "straddle" for a scalar positive decay (no state dim in the
-        decay's tile axes, no sign) whose out is the decay's dims and the scan dim (every tile dim contracted)."""
+        """A chunk.output `part` the kernel body computes (chunk_ops.part_problem), else a TargetError naming what
+        is missing; a straddle's decay has no tile axis and its out is the scan dim alone in the tile (every tile
+        dim contracted)."""
         t = self.k.scan
         where = f"kernel targets: chunk.output {i.name} (state {i.attr('state')}) part={part}"
-        if part not in ("state", "straddle"):
-            raise TargetError(f"{where}: unknown part (known: state, straddle)")
-        if self.step_mode or i.attr("form") == "scan" or i.attr("when") != "new":
-            raise TargetError(f"{where}: needs the chunked quadratic form read after the update (when=new), got "
-                              f"form={i.attr('form')}, when={i.attr('when')}")
-        if part != "straddle":
-            return
-        st = next((x for x in self.k.p.instrs if x.op == "chunk.states" and x.attr("state") == i.attr("state")), None)
-        klass = st.attr("klass") if st is not None else None
-        if klass not in ("identity", "constant", "scalar") or a.sigma or tuple(Lax) != (t,):
+        problem = "needs the chunked quadratic form, got a sequential step" if self.step_mode else \
+            part_problem(i, a, self.k.p.instrs)
+        if problem:
+            raise TargetError(f"{where}: {problem}")
+        if part == "straddle" and tuple(Lax) != (t,):
             raise TargetError(f"{where}: needs a scalar positive decay (identity, constant or scalar class, no "
-                              f"sign), got class {klass}{' with a sign' if a.sigma else ''}")
-        if tuple(out) != (t,):
+                              f"sign): its decay varies along tile dims {[x for x in Lax if x != t]}")
+        if part == "straddle" and tuple(out) != (t,):
             raise TargetError(f"{where}: needs out dims that are the decay's dims and the scan dim, every other dim "
                               f"contracted; out {list(i.dims)} keeps tile dims {[x for x in out if x != t]}")
 

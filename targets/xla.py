@@ -17,7 +17,7 @@ from ssmc.errors import TargetError
 from ssmc.ir import Instr, Program, union_dims
 from ssmc.ops import spellings
 from ssmc.passes.chunk import chunk_dim
-from ssmc.passes.chunk_ops import STAGE_OPS, decode
+from ssmc.passes.chunk_ops import STAGE_OPS, decode, part_problem
 from ssmc.passes.expand_groups import split_name
 
 from .base import (ACROSS, BASE_OPTIONS, CU_SEQLENS, MODULE_IMPORT, MODULE_NAMES, ModuleInfo, Target, check_chunk_outs,
@@ -645,24 +645,19 @@ class XlaEmitter:
         self.assign(i, f"{coef}rt.unchunk({value}, {oax})")
 
     def check_part(self, i: Instr, a, part: str, K: set):
-        """A chunk.output `part` this emitter computes, else a TargetError naming what is missing: "state" for any
-        quadratic chunk.output read after the update; "straddle" only for a scalar positive decay (a per-step
-        scalar per out index: identity, constant or scalar class, no sign) whose out dims are the decay's dims and
-        the scan dim, every other dim contracted."""
+        """A chunk.output `part` this emitter computes (chunk_ops.part_problem), else a TargetError naming what is
+        missing; a straddle's decay is a per-step scalar per out index (not along a contracted dim) and its out
+        dims are the decay's dims and the scan dim, every other dim contracted."""
         where = f"xla: chunk.output {i.name} (state {i.attr('state')}) part={part}"
-        if part not in ("state", "straddle"):
-            raise TargetError(f"{where}: unknown part (known: state, straddle)")
-        if i.attr("form") == "scan" or i.attr("when") != "new":
-            raise TargetError(f"{where}: needs the quadratic form read after the update (when=new), got "
-                              f"form={i.attr('form')}, when={i.attr('when')}")
+        problem = part_problem(i, a, self.p.instrs)
+        if problem:
+            raise TargetError(f"{where}: {problem}")
         if part != "straddle":
             return
-        st = next((x for x in self.p.instrs if x.op == "chunk.states" and x.attr("state") == i.attr("state")), None)
-        klass = st.attr("klass") if st is not None else None
         small = set(self.by[a.L].dims) - {self.scan}
-        if klass not in ("identity", "constant", "scalar") or K & small or a.sigma:
+        if K & small:
             raise TargetError(f"{where}: needs a scalar positive decay (identity, constant or scalar class, no "
-                              f"sign), got class {klass}{' with a sign' if a.sigma else ''}")
+                              f"sign): its decay varies along contracted dims {sorted(K & small)}")
         # every factor either carries a contracted dim or is a per-step scale (within the decay's dims): nothing
         # is kept along the out beyond the decay's dims (output_ssd's qR / uR are empty)
         rest = [f for f in a.q + tuple(f for prod in a.u for f in prod)
