@@ -14,10 +14,11 @@ given the readouts' cotangents dr (design-notes "Backward"):
               them (a gated norm): the epilogue's cotangent needs their values first.
 The log-decays' cotangent dℓ_t = a_t <S_{t-1}, G_t>: for a scalar positive decay read after its update (Mamba2,
 RetNet) the programs give it per chunk without cancellation (`pairs`): dq the entering state's reads in the chunk
-(X_t = exp(L_t) <q_t ⊗ dr_t, S_enter>, the state part of <q_t, dq_t>) and the in-chunk pairs s < i <= t (W_i),
-adj the chunk's updates read after it (Y_s, the state part of <u_s, G_s>) and, from dq's forward states
-entering each chunk (an input indexed by chunk), the pairs across the chunk <S_enter, G_enter>; ssmc/backward.py
-sums dℓ_i = Σ_{t >= i} X_t + W_i + Σ_{s < i} Y_s + exp(Σ ℓ) <S_enter, G_enter> within each chunk. Otherwise
+(X_t = exp(L_t) <q_t ⊗ dr_t, S_enter>, the state part of <q_t, dq_t>) and the states entering each chunk; adj
+the chunk's updates read after it (Y_s, the state part of <u_s, G_s>), the in-chunk pairs s < i <= t (W_i, from
+the summand tile of <u, G> that adj's d dt already forms: no matmul of its own) and, from dq's entering states
+(an input indexed by chunk), the pairs across the chunk <S_enter, G_enter>; ssmc/backward.py sums
+dℓ_i = Σ_{t >= i} X_t + W_i + Σ_{s < i} Y_s + exp(Σ ℓ) <S_enter, G_enter> within each chunk. Otherwise
 (and where the programs are not chunked) dℓ_t = Σ_{s >= t} (<q_s, dq_s> - <u_s, G_s>) plus <S_T, dS_T>: a sum
 whose terms cancel, exact only with fp32 dots. Every program takes the factors as inputs (evaluated once by the
 caller, a group-indexed factor before its `expand`), so a causal conv or any other prologue is never replayed
@@ -67,7 +68,7 @@ class StateInfo:
     ldims: tuple[str, ...]  # dims of the log-decay input: the log's, the scan dim and the batch dims
     when: str             # "new": readouts read S_t; "prev": they read S_{t-1}
     batch: tuple[str, ...]  # state dims along which the state holds independent sequences (dℓ keeps them)
-    pairs: dict | None = None  # the per-chunk form's outs (read, straddle, enter; upd, across), or None
+    pairs: dict | None = None  # the per-chunk form's outs (dq: read, enter; adj: upd, straddle, across), or None
 
 
 @dataclass
@@ -331,8 +332,8 @@ class _Builders:
         if part != "readouts":
             for s in self.states.values():
                 if s.pairs is not None:
-                    self.pairs_outs(part, s, state_vals[s.name], shares.get(s.name, []), value, product, cotangent,
-                                    add, out, array)
+                    self.pairs_outs(part, s, state_vals[s.name], shares.get(s.name, []), value, product, add, out,
+                                    array)
         used = set().union(*(set(i.dims) for i in instrs))
         groups = tuple((g, h) for g, h in p.groups if g in used and h in used)
         prog = Program(f"{p.name}_{part}", self.order(used), p.scan, groups, tuple(inputs),
@@ -342,12 +343,12 @@ class _Builders:
         return prog, held, cots, out_of
 
 
-    def pairs_outs(self, part, s, vals, shares, value, product, cotangent, add, out, array):
-        """The per-chunk decay gradient's outs of state `s` (module docstring): dq the state part of <q ⊗ dr, S_t>,
-        its straddling in-chunk pairs and the states entering each chunk, adj the state part of <u, G_t> and, from
-        those states (an input indexed by chunk), <S_enter, G_enter> at each step of the chunk. A state part
-        comes from the cotangent readouts the program has anyway (<f, d f> with d f's state part: no other matmul
-        with the state); the straddle needs the readout contracted to the decay's dims."""
+    def pairs_outs(self, part, s, vals, shares, value, product, add, out, array):
+        """The per-chunk decay gradient's outs of state `s` (module docstring). dq: the state part of <q ⊗ dr, S_t>
+        (X) and the states entering each chunk; adj: the state part of <u, G_t> (Y), the in-chunk pairs straddling
+        each step (W, from the summands of <u, G_t> that adj's own cotangent readouts already form) and, from dq's
+        entering states (an input indexed by chunk), <S_enter, G_enter> at each step of the chunk. A state part
+        comes from the cotangent readouts' own matmul with the state."""
         prev, new = vals
         ld = s.ldims
 
@@ -359,8 +360,7 @@ class _Builders:
         states = []
         for f, v, keep in shares:
             st = add("pairs", (v,), keep, part="state")
-            fv = value(f)
-            prod = add("mul", (fv, st), set(self.an.by[f].dims) | set(keep))
+            prod = add("mul", (value(f), st), set(self.an.by[f].dims) | set(keep))
             over = tuple(x for x in self.p.order(set(self.an.by[f].dims) | set(keep)) if x not in ld)
             states.append(add("reduce", (prod,), ld, kind="sum", over=over) if over else prod)
         if not states:
@@ -368,19 +368,26 @@ class _Builders:
                                  f"carries the decay's dims {list(ld)}")
         s.pairs["read" if part == "dq" else "upd"] = out(total(states), f"dl_{'read' if part == 'dq' else 'upd'}_"
                                                          f"{s.name}", ld, fp32=True)
-        if part == "dq":
-            terms = [product(t.coef, t.factors, ld, (cotangent(r), new), self.an.by[r].span)
-                     for r, lin in self.plan.readouts.items() for t in lin.terms if t.state == s.name]
-            v = add("pairs", (total(terms),), ld, part="straddle")
-            s.pairs["straddle"] = out(v, f"dl_straddle_{s.name}", ld, fp32=True)
         edims = self.order(s.dims + (chunk_dim(self.scan),))
         if part == "dq":  # the forward states entering each chunk, for adj
             e = add("enter", (prev,), edims, hint=f"{s.name}.enter_fwd", state=s.name)
             s.pairs["enter"] = out(e, f"{s.name}_enter", edims)
-        else:  # the pairs across each chunk: <S entering it, G entering it (walking back)>, at each of its steps
-            fwd = array(f"{s.name}_fwd", edims, "enter:" + s.name)
-            z = add("across", (fwd, prev), ld, state=s.name)
-            s.pairs["across"] = out(z, f"dl_across_{s.name}", ld, fp32=True)
+            return
+        # the straddle over reversed time: pairs (G's source <= i' < its target) of the summands of <u, G>
+        # (factors over the decay's dims only, dt, multiply the contraction: its matmuls are d dt's own)
+        terms = []
+        for u in self.plan.states[s.name].updates:
+            small = [f for f in u.factors if set(self.an.by[f].dims) <= set(ld)]
+            v = product(u.coef, [f for f in u.factors if f not in small], ld, (new,), None)
+            for f in small:
+                v = add("mul", (value(f), v), ld)
+            terms.append(v)
+        v = add("pairs", (total(terms),), ld, part="straddle")
+        s.pairs["straddle"] = out(v, f"dl_straddle_{s.name}", ld, fp32=True)
+        # the pairs across each chunk: <S entering it, G entering it (walking back)>, at each of its steps
+        fwd = array(f"{s.name}_fwd", edims, "enter:" + s.name)
+        z = add("across", (fwd, prev), ld, state=s.name)
+        s.pairs["across"] = out(z, f"dl_across_{s.name}", ld, fp32=True)
 
 
 _WHAT = {"dq": "the forward recurrence; outs: the cotangents of the readouts' query factors",

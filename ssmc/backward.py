@@ -285,7 +285,9 @@ class Backward:
 
     def _per_chunk(self, st, dq, du, lg, T):
         """dℓ_i = a_i <S_{i-1}, G_i> from the per-chunk pieces (passes/adjoint.py): within each chunk of Q steps
-        Σ_{t >= i} X_t + W_i + Σ_{s < i} Y_s + exp(Σ ℓ over the chunk and the next step) <S_enter, G_enter>."""
+        Σ_{t >= i} X_t + W_i + Σ_{s < i} Y_s + exp(Σ ℓ over the chunk and the next step) <S_enter, G_enter>.
+        adj walks reversed time, so its straddle at step j counts the pairs across j and j + 1: W_i is its value
+        at step i - 1 (0 at a chunk's first step)."""
         scan, Q, ldl = self.p.scan, self.Q, st.ldims
         ax = ldl.index(scan)
         f32 = jnp.float32
@@ -302,15 +304,18 @@ class Backward:
         X, Y = chunks(dq[st.pairs["read"]]), chunks(du[st.pairs["upd"]])
         reads = jnp.flip(jnp.cumsum(jnp.flip(X, ax + 1), axis=ax + 1), ax + 1)  # Σ_{t >= i} within the chunk
         upds = jnp.cumsum(Y, axis=ax + 1) - Y                                     # Σ_{s < i} within the chunk
+        S = chunks(du[st.pairs["straddle"]])
+        W = jnp.concatenate([jnp.zeros_like(jax.lax.slice_in_dim(S, 0, 1, axis=ax + 1)),
+                             jax.lax.slice_in_dim(S, 0, Q - 1, axis=ax + 1)], axis=ax + 1)
         Z = chunks(du[st.pairs["across"]])  # <S_enter, G_enter> of each step's chunk
         L = chunks(jnp.broadcast_to(lg, dq[st.pairs["read"]].shape))
         first = jax.lax.slice_in_dim(L, 0, 1, axis=ax + 1)
         nxt = jnp.concatenate([jax.lax.slice_in_dim(first, 1, nc, axis=ax), jnp.zeros_like(
             jax.lax.slice_in_dim(first, 0, 1, axis=ax))], axis=ax)   # ℓ at the step after each chunk (0 at the end)
         across = jnp.exp(jnp.sum(L, axis=ax + 1, keepdims=True) + nxt) * Z
-        dl = reads + upds + across
+        dl = reads + upds + W + across
         dl = dl.reshape(dl.shape[:ax] + (Tp,) + dl.shape[ax + 2:])
-        return jax.lax.slice_in_dim(dl, 0, T, axis=ax) + dq[st.pairs["straddle"]].astype(f32)
+        return jax.lax.slice_in_dim(dl, 0, T, axis=ax)
 
     # ---- helpers ---------------------------------------------------------------------------------------
     def _log(self, env, st, sizes):

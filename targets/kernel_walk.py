@@ -137,27 +137,48 @@ class KernelWalk:
                 S = i.attr("state")
                 body.vals[i.name] = (body.state_var[S], body.state_axes(S))
 
-    def timed_stores(self, time):
+    def timed_store_list(self) -> list[tuple[str, str, str]]:
         k = self.plan
-        for kind, name, v in k.stores:
-            if kind in ("out", "tmp") and k.scan in self.store_dims(kind, name, v):
-                self.store(kind, name, v, time)
+        return [(kind, name, v) for kind, name, v in k.stores
+                if kind in ("out", "tmp") and k.scan in self.store_dims(kind, name, v)]
+
+    def timed_stores(self, time):
+        for kind, name, v in self.timed_store_list():
+            self.store(kind, name, v, time)
 
     def chunk_stages(self, time):
-        """One chunk: timed loads, the IR's stages in order, timed stores, then the fused state update."""
+        """One chunk: its loads, the IR's stages in order with each timed out stored as soon as it is computed,
+        then the fused state update. The order keeps few tiles live at once (registers): a chunk.across of a
+        tile indexed by chunk and the entering state's store come first, an out's fp32 tile dies at its store."""
         k, w, body = self.plan, self.w, self.body
+        timed = self.timed_store_list()
+
+        def run(i):  # the instruction, then the stores of its value
+            body.instr(i)
+            for kind, name, v in timed:
+                if v == i.name:
+                    self.store(kind, name, v, time)
+        self.chunk_loads(time)
+        early = [i for i in k.body if i.op == "chunk.across" and all(a in body.vals for a in i.args)]
+        for i in early:
+            run(i)
+        self.chunk_stores(time, entering=True)
         for leaf in self.timed_inputs():
             self.load(leaf, time)
-        self.chunk_loads(time)
         stage = None
         for i in k.body:
+            if i in early:
+                continue
             s = i.attr("stage")
             if s != stage:
                 w(f"# stage {s}")
                 stage = s
-            body.instr(i)
-        self.timed_stores(time)
-        self.chunk_stores(time)
+            run(i)
+        done = {i.name for i in k.body}
+        for kind, name, v in timed:
+            if v not in done:  # a value not computed per chunk (an input or a hoisted value)
+                self.store(kind, name, v, time)
+        self.chunk_stores(time, entering=False)
         for i in k.body:
             if i.op == "chunk.states":
                 w(f"# stage chunk_state + state_passing ({i.attr('state')})")
@@ -171,13 +192,16 @@ class KernelWalk:
         return [(kind, name, v) for kind, name, v in self.plan.stores
                 if kind == "out" and cd in self.store_dims(kind, name, v)]
 
-    def chunk_stores(self, time):
+    def chunk_stores(self, time, entering=None):
         """Outs indexed by chunk: the state entering this chunk (its on-chip variable, before the chunk's state
-        update) stored at this chunk's index along t# (the target's store addresses it)."""
+        update) or a per-chunk value the chunk computed, stored at this chunk's index along t# (the target's
+        store addresses it). entering: True only the entering states, False only the others, None all."""
         k, body = self.plan, self.body
-        stores = self.chunk_index_stores()
+        stores = [(kind, name, v) for kind, name, v in self.chunk_index_stores()
+                  if entering is None or (k.by()[v].op == "chunk.pass") == entering]
         if stores:
-            self.w("# outs indexed by chunk: the state entering this chunk")
+            what = "the state entering this chunk" if entering else "values of this chunk"
+            self.w(f"# outs indexed by chunk: {what}")
         for kind, name, v in stores:
             if k.by()[v].op == "chunk.pass":
                 S = k.by()[v].attr("state")

@@ -22,6 +22,8 @@ from .kernel_walk import KernelWalk
 from .writer import py_name
 
 
+_F32 = ".to(tl.float32)"  # how a loaded tile is widened where it is used
+
 class TritonDialect(Dialect):
     UNARY, BINARY = spellings("triton", 1), spellings("triton", 2)  # ssmc/ops.py
 
@@ -46,6 +48,7 @@ class TritonDialect(Dialect):
         return f"tl.floor({x})"
 
     def dot(self, a, b, ca, cb):
+        a, b = (x[:-len(_F32)] if x.endswith(_F32) else x for x in (a, b))  # a loaded tile: no fp32 round trip
         A = f"({a})" if ca == 1 else f"tl.trans({a})"
         B = f"({b})" if cb == 0 else f"tl.trans({b})"
         return f"tl.dot({A}.to(MM), {B}.to(MM), input_precision=PREC)"
@@ -241,7 +244,10 @@ class TritonEmitter(KernelWalk, LauncherWriter):
         addr = self.address(name, self.ptr_of(leaf), k.decl[name], axes, None if chunk else time)
         mask = [body.bc(body.mask(d), (d,), axes) for d in axes if d in k.tile]
         m = f", mask={' & '.join(mask)}, other=0.0" if mask else ""
-        body.bind(leaf.name, f"tl.load({addr}{m}).to(tl.float32)", axes)
+        # the tile stays in its own dtype (a bf16 tile takes half the registers); a use converts it to fp32 where
+        # it is used (elementwise math), a dot takes it as it is (Dialect.dot drops the conversion)
+        var = body.bind(leaf.name, f"tl.load({addr}{m})", axes)
+        body.vals[leaf.name] = (f"{var}{_F32}", body.vals[leaf.name][1])
         body.zero_padded.add(body.get(leaf.name)[0])  # padded entries read as 0: no mask needed in sums
 
     def store(self, kind, name, value, time):
@@ -279,7 +285,7 @@ class TritonEmitter(KernelWalk, LauncherWriter):
                 w(f"{var} = {self.zeros(body.state_axes(s.attr('state')))}  # from a zero state")
                 continue
             self.load(s, None)
-            w(f"{var} = {self.pn(s.name)}")
+            w(f"{var} = {body.get(s.name)[0]}")  # fp32, whatever the initial state's dtype
             body.vals[s.name] = (var, body.state_axes(s.attr("state")))
         for var, _, axes in self.total_vars():
             w(f"{var} = {self.zeros(axes)}  # summed over the segment's chunks")

@@ -103,21 +103,21 @@ def deltanet_sequential(
     o_dk = tl.arange(0, BLOCK_dk)  # entries past N_dk are padding: loaded as 0, never stored
     o_dv = j_dv * BLOCK_dv + tl.arange(0, BLOCK_dv)  # entries past N_dv are padding: loaded as 0, never stored
     # the state, held on chip for the whole sequence (fp32)
-    S_prev = tl.load(S_prev_ptr + i_b * S_stride_b + i_h * S_stride_h + o_dk[:, None] * S_stride_dk + o_dv * S_stride_dv, mask=((o_dk < N_dk))[:, None] & (o_dv < N_dv), other=0.0).to(tl.float32)
-    state_S_prev = S_prev
+    S_prev = tl.load(S_prev_ptr + i_b * S_stride_b + i_h * S_stride_h + o_dk[:, None] * S_stride_dk + o_dv * S_stride_dv, mask=((o_dk < N_dk))[:, None] & (o_dv < N_dv), other=0.0)
+    state_S_prev = S_prev.to(tl.float32)
     for t_i in range(0, seq_len):
         valid = True
-        q = tl.load(q_ptr + row * q_stride_b + (seq_start + t_i) * q_stride_t + i_h * q_stride_h + o_dk * q_stride_dk, mask=(o_dk < N_dk), other=0.0).to(tl.float32)
-        k = tl.load(k_ptr + row * k_stride_b + (seq_start + t_i) * k_stride_t + i_h * k_stride_h + o_dk * k_stride_dk, mask=(o_dk < N_dk), other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + row * v_stride_b + (seq_start + t_i) * v_stride_t + i_h * v_stride_h + o_dv * v_stride_dv, mask=(o_dv < N_dv), other=0.0).to(tl.float32)
-        beta = tl.load(beta_ptr + row * beta_stride_b + (seq_start + t_i) * beta_stride_t + i_h * beta_stride_h).to(tl.float32)
+        q = tl.load(q_ptr + row * q_stride_b + (seq_start + t_i) * q_stride_t + i_h * q_stride_h + o_dk * q_stride_dk, mask=(o_dk < N_dk), other=0.0)
+        k = tl.load(k_ptr + row * k_stride_b + (seq_start + t_i) * k_stride_t + i_h * k_stride_h + o_dk * k_stride_dk, mask=(o_dk < N_dk), other=0.0)
+        v = tl.load(v_ptr + row * v_stride_b + (seq_start + t_i) * v_stride_t + i_h * v_stride_h + o_dv * v_stride_dv, mask=(o_dv < N_dv), other=0.0)
+        beta = tl.load(beta_ptr + row * beta_stride_b + (seq_start + t_i) * beta_stride_t + i_h * beta_stride_h)
         # stage step
-        v2 = beta * k
-        kS = tl.sum((state_S_prev) * k[:, None], axis=0)
-        v3 = v - kS
+        v2 = beta.to(tl.float32) * k.to(tl.float32)
+        kS = tl.sum((state_S_prev) * (k.to(tl.float32))[:, None], axis=0)
+        v3 = v.to(tl.float32) - kS
         v4 = v2[:, None] * v3
         S_new = state_S_prev + v4
-        o = tl.sum((S_new) * q[:, None], axis=0)
+        o = tl.sum((S_new) * (q.to(tl.float32))[:, None], axis=0)
         tl.store(o_ptr + row * o_stride_b + (seq_start + t_i) * o_stride_t + i_h * o_stride_h + o_dv * o_stride_dv, (o).to(o_ptr.dtype.element_ty), mask=valid & (o_dv < N_dv))
         state_S_prev = S_new
     # stage output: final states

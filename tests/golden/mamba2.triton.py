@@ -119,25 +119,25 @@ def mamba2_chunked(
     o_n = tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
     in_chunk = tl.arange(0, Q)  # positions within a chunk
     # inputs without the scan dim: loaded once
-    A = tl.load(A_ptr + i_h * A_stride_h).to(tl.float32)
-    D = tl.load(D_ptr + i_h * D_stride_h).to(tl.float32)
+    A = tl.load(A_ptr + i_h * A_stride_h)
+    D = tl.load(D_ptr + i_h * D_stride_h)
     # the state, held on chip for the whole sequence (fp32)
-    h_prev = tl.load(h_prev_ptr + i_b * h_stride_b + i_h * h_stride_h + o_p[:, None] * h_stride_p + o_n * h_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0).to(tl.float32)
-    state_h_prev = h_prev
+    h_prev = tl.load(h_prev_ptr + i_b * h_stride_b + i_h * h_stride_h + o_p[:, None] * h_stride_p + o_n * h_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0)
+    state_h_prev = h_prev.to(tl.float32)
     for c in range(0, (seq_len + Q - 1) // Q):
         tt = c * Q + in_chunk
         valid = tt < seq_len
         ttc = tl.minimum(tt, seq_len - 1)
         if I64:
             ttc = ttc.to(tl.int64)
-        x = tl.load(x_ptr + row * x_stride_b + ((seq_start + ttc))[:, None] * x_stride_t + i_h * x_stride_h + o_p * x_stride_p, mask=(o_p < N_p), other=0.0).to(tl.float32)
-        dt = tl.load(dt_ptr + row * dt_stride_b + (seq_start + ttc) * dt_stride_t + i_h * dt_stride_h).to(tl.float32)
-        B = tl.load(B_ptr + row * B_stride_b + ((seq_start + ttc))[:, None] * B_stride_t + i_g * B_stride_g + o_n * B_stride_n, mask=(o_n < N_n), other=0.0).to(tl.float32)
-        C = tl.load(C_ptr + row * C_stride_b + ((seq_start + ttc))[:, None] * C_stride_t + i_g * C_stride_g + o_n * C_stride_n, mask=(o_n < N_n), other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * x_stride_b + ((seq_start + ttc))[:, None] * x_stride_t + i_h * x_stride_h + o_p * x_stride_p, mask=(o_p < N_p), other=0.0)
+        dt = tl.load(dt_ptr + row * dt_stride_b + (seq_start + ttc) * dt_stride_t + i_h * dt_stride_h)
+        B = tl.load(B_ptr + row * B_stride_b + ((seq_start + ttc))[:, None] * B_stride_t + i_g * B_stride_g + o_n * B_stride_n, mask=(o_n < N_n), other=0.0)
+        C = tl.load(C_ptr + row * C_stride_b + ((seq_start + ttc))[:, None] * C_stride_t + i_g * C_stride_g + o_n * C_stride_n, mask=(o_n < N_n), other=0.0)
         # stage prologue
-        v1 = dt * A
+        v1 = dt.to(tl.float32) * A.to(tl.float32)
         h_ell = tl.maximum(v1, (-69.07755278982137))
-        v12 = D * x
+        v12 = D.to(tl.float32) * x.to(tl.float32)
         # stage cumsum
         h_L_ell = tl.where(valid, h_ell, 0.0)  # log-decay per step (0 past the end)
         h_L = tl.cumsum(h_L_ell, axis=0)  # summed within the chunk
@@ -146,7 +146,7 @@ def mamba2_chunked(
         # stage state_passing
         # stage chunk_output
         y_h_new_D = tl.exp(tl.where(((in_chunk[:, None] >= in_chunk[None, :]) & valid[None, :]), h_L[:, None] - h_L, -1e30))  # decay from source s to target t, masked s <= t before exp
-        c1 = y_h_new_D * dt
+        c1 = y_h_new_D * dt.to(tl.float32)
         c2 = tl.dot((C).to(MM), tl.trans(B).to(MM), input_precision=PREC)
         c3 = tl.where(((in_chunk[:, None] >= in_chunk[None, :]) & valid[None, :]), (c2) * c1, 0.0)
         c4 = tl.dot((c3).to(MM), (x).to(MM), input_precision=PREC)
@@ -160,7 +160,7 @@ def mamba2_chunked(
         tl.store(y_ptr + row * y_stride_b + ((seq_start + ttc))[:, None] * y_stride_t + i_h * y_stride_h + o_p * y_stride_p, (y).to(y_ptr.dtype.element_ty), mask=valid[:, None] & (o_p < N_p))
         # stage chunk_state + state_passing (h)
         h_upd_w = tl.where(valid, tl.exp(h_L_last - h_L), 0.0)  # decay from each step to the chunk's end
-        c6 = tl.dot(tl.trans(x).to(MM), ((B) * ((h_upd_w) * dt)[:, None]).to(MM), input_precision=PREC)
+        c6 = tl.dot(tl.trans(x).to(MM), ((B.to(tl.float32)) * ((h_upd_w) * dt.to(tl.float32))[:, None]).to(MM), input_precision=PREC)
         state_h_prev = tl.exp(h_L_last) * state_h_prev + c6  # the state entering the next chunk
     # stage output: final states
     tl.store(h_final_ptr + i_b * h_final_stride_b + i_h * h_final_stride_h + o_p[:, None] * h_final_stride_p + o_n * h_final_stride_n, (state_h_prev).to(h_final_ptr.dtype.element_ty), mask=((o_p < N_p))[:, None] & (o_n < N_n))
@@ -227,7 +227,7 @@ def mamba2_segment_states(
     o_n = tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
     in_chunk = tl.arange(0, Q)  # positions within a chunk
     # inputs without the scan dim: loaded once
-    A = tl.load(A_ptr + i_h * A_stride_h).to(tl.float32)
+    A = tl.load(A_ptr + i_h * A_stride_h)
     # the state, held on chip for the whole segment (fp32)
     state_h_prev = tl.zeros((BLOCK_p, BLOCK_n,), tl.float32)  # from a zero state
     h_L_total = 0.0  # summed over the segment's chunks
@@ -237,11 +237,11 @@ def mamba2_segment_states(
         ttc = tl.minimum(tt, N_t - 1)
         if I64:
             ttc = ttc.to(tl.int64)
-        x = tl.load(x_ptr + i_b * x_stride_b + ttc[:, None] * x_stride_t + i_h * x_stride_h + o_p * x_stride_p, mask=(o_p < N_p), other=0.0).to(tl.float32)
-        dt = tl.load(dt_ptr + i_b * dt_stride_b + ttc * dt_stride_t + i_h * dt_stride_h).to(tl.float32)
-        B = tl.load(B_ptr + i_b * B_stride_b + ttc[:, None] * B_stride_t + i_g * B_stride_g + o_n * B_stride_n, mask=(o_n < N_n), other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + i_b * x_stride_b + ttc[:, None] * x_stride_t + i_h * x_stride_h + o_p * x_stride_p, mask=(o_p < N_p), other=0.0)
+        dt = tl.load(dt_ptr + i_b * dt_stride_b + ttc * dt_stride_t + i_h * dt_stride_h)
+        B = tl.load(B_ptr + i_b * B_stride_b + ttc[:, None] * B_stride_t + i_g * B_stride_g + o_n * B_stride_n, mask=(o_n < N_n), other=0.0)
         # stage prologue
-        v1 = dt * A
+        v1 = dt.to(tl.float32) * A.to(tl.float32)
         h_ell = tl.maximum(v1, (-69.07755278982137))
         # stage cumsum
         h_L_ell = tl.where(valid, h_ell, 0.0)  # log-decay per step (0 past the end)
@@ -250,7 +250,7 @@ def mamba2_segment_states(
         # stage chunk_state
         # stage chunk_state + state_passing (h)
         h_upd_w = tl.where(valid, tl.exp(h_L_last - h_L), 0.0)  # decay from each step to the chunk's end
-        c1 = tl.dot(tl.trans(x).to(MM), ((B) * ((h_upd_w) * dt)[:, None]).to(MM), input_precision=PREC)
+        c1 = tl.dot(tl.trans(x).to(MM), ((B.to(tl.float32)) * ((h_upd_w) * dt.to(tl.float32))[:, None]).to(MM), input_precision=PREC)
         state_h_prev = tl.exp(h_L_last) * state_h_prev + c1  # the state entering the next chunk
         h_L_total = h_L_total + h_L_last  # the segment's total so far
     # stage output: the segment's state and totals
@@ -327,25 +327,25 @@ def mamba2_segment_outputs(
     o_n = tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
     in_chunk = tl.arange(0, Q)  # positions within a chunk
     # inputs without the scan dim: loaded once
-    A = tl.load(A_ptr + i_h * A_stride_h).to(tl.float32)
-    D = tl.load(D_ptr + i_h * D_stride_h).to(tl.float32)
+    A = tl.load(A_ptr + i_h * A_stride_h)
+    D = tl.load(D_ptr + i_h * D_stride_h)
     # the state, held on chip for the whole segment (fp32)
-    h_in = tl.load(h_in_ptr + i_seg * h_in_stride_seg + i_b * h_in_stride_b + i_h * h_in_stride_h + o_p[:, None] * h_in_stride_p + o_n * h_in_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0).to(tl.float32)
-    state_h_in = h_in
+    h_in = tl.load(h_in_ptr + i_seg * h_in_stride_seg + i_b * h_in_stride_b + i_h * h_in_stride_h + o_p[:, None] * h_in_stride_p + o_n * h_in_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0)
+    state_h_in = h_in.to(tl.float32)
     for c in range(i_seg * seg_chunks, tl.minimum(i_seg * seg_chunks + seg_chunks, (N_t + Q - 1) // Q)):
         tt = c * Q + in_chunk
         valid = tt < N_t
         ttc = tl.minimum(tt, N_t - 1)
         if I64:
             ttc = ttc.to(tl.int64)
-        x = tl.load(x_ptr + i_b * x_stride_b + ttc[:, None] * x_stride_t + i_h * x_stride_h + o_p * x_stride_p, mask=(o_p < N_p), other=0.0).to(tl.float32)
-        dt = tl.load(dt_ptr + i_b * dt_stride_b + ttc * dt_stride_t + i_h * dt_stride_h).to(tl.float32)
-        B = tl.load(B_ptr + i_b * B_stride_b + ttc[:, None] * B_stride_t + i_g * B_stride_g + o_n * B_stride_n, mask=(o_n < N_n), other=0.0).to(tl.float32)
-        C = tl.load(C_ptr + i_b * C_stride_b + ttc[:, None] * C_stride_t + i_g * C_stride_g + o_n * C_stride_n, mask=(o_n < N_n), other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + i_b * x_stride_b + ttc[:, None] * x_stride_t + i_h * x_stride_h + o_p * x_stride_p, mask=(o_p < N_p), other=0.0)
+        dt = tl.load(dt_ptr + i_b * dt_stride_b + ttc * dt_stride_t + i_h * dt_stride_h)
+        B = tl.load(B_ptr + i_b * B_stride_b + ttc[:, None] * B_stride_t + i_g * B_stride_g + o_n * B_stride_n, mask=(o_n < N_n), other=0.0)
+        C = tl.load(C_ptr + i_b * C_stride_b + ttc[:, None] * C_stride_t + i_g * C_stride_g + o_n * C_stride_n, mask=(o_n < N_n), other=0.0)
         # stage prologue
-        v1 = dt * A
+        v1 = dt.to(tl.float32) * A.to(tl.float32)
         h_ell = tl.maximum(v1, (-69.07755278982137))
-        v12 = D * x
+        v12 = D.to(tl.float32) * x.to(tl.float32)
         # stage cumsum
         h_L_ell = tl.where(valid, h_ell, 0.0)  # log-decay per step (0 past the end)
         h_L = tl.cumsum(h_L_ell, axis=0)  # summed within the chunk
@@ -354,7 +354,7 @@ def mamba2_segment_outputs(
         # stage state_passing
         # stage chunk_output
         y_h_new_D = tl.exp(tl.where(((in_chunk[:, None] >= in_chunk[None, :]) & valid[None, :]), h_L[:, None] - h_L, -1e30))  # decay from source s to target t, masked s <= t before exp
-        c1 = y_h_new_D * dt
+        c1 = y_h_new_D * dt.to(tl.float32)
         c2 = tl.dot((C).to(MM), tl.trans(B).to(MM), input_precision=PREC)
         c3 = tl.where(((in_chunk[:, None] >= in_chunk[None, :]) & valid[None, :]), (c2) * c1, 0.0)
         c4 = tl.dot((c3).to(MM), (x).to(MM), input_precision=PREC)
@@ -368,7 +368,7 @@ def mamba2_segment_outputs(
         tl.store(y_ptr + i_b * y_stride_b + ttc[:, None] * y_stride_t + i_h * y_stride_h + o_p * y_stride_p, (y).to(y_ptr.dtype.element_ty), mask=valid[:, None] & (o_p < N_p))
         # stage chunk_state + state_passing (h)
         h_upd_w = tl.where(valid, tl.exp(h_L_last - h_L), 0.0)  # decay from each step to the chunk's end
-        c6 = tl.dot(tl.trans(x).to(MM), ((B) * ((h_upd_w) * dt)[:, None]).to(MM), input_precision=PREC)
+        c6 = tl.dot(tl.trans(x).to(MM), ((B.to(tl.float32)) * ((h_upd_w) * dt.to(tl.float32))[:, None]).to(MM), input_precision=PREC)
         state_h_in = tl.exp(h_L_last) * state_h_in + c6  # the state entering the next chunk
     # stage output
 

@@ -132,32 +132,32 @@ def mamba2_gated_chunked(
     o_n = tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
     in_chunk = tl.arange(0, Q)  # positions within a chunk
     # inputs without the scan dim: loaded once
-    dt_bias = tl.load(dt_bias_ptr + i_h * dt_bias_stride_h).to(tl.float32)
-    A_log = tl.load(A_log_ptr + i_h * A_log_stride_h).to(tl.float32)
-    D = tl.load(D_ptr + i_h * D_stride_h).to(tl.float32)
-    v3 = tl.exp(A_log)
+    dt_bias = tl.load(dt_bias_ptr + i_h * dt_bias_stride_h)
+    A_log = tl.load(A_log_ptr + i_h * A_log_stride_h)
+    D = tl.load(D_ptr + i_h * D_stride_h)
+    v3 = tl.exp(A_log.to(tl.float32))
     A = -(v3)
     # the state, held on chip for the whole sequence (fp32)
-    s_prev = tl.load(s_prev_ptr + i_b * s_stride_b + i_h * s_stride_h + o_p[:, None] * s_stride_p + o_n * s_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0).to(tl.float32)
-    state_s_prev = s_prev
+    s_prev = tl.load(s_prev_ptr + i_b * s_stride_b + i_h * s_stride_h + o_p[:, None] * s_stride_p + o_n * s_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0)
+    state_s_prev = s_prev.to(tl.float32)
     for c in range(0, (seq_len + Q - 1) // Q):
         tt = c * Q + in_chunk
         valid = tt < seq_len
         ttc = tl.minimum(tt, seq_len - 1)
         if I64:
             ttc = ttc.to(tl.int64)
-        x = tl.load(x_ptr + row * x_stride_b + ((seq_start + ttc))[:, None] * x_stride_t + i_h * x_stride_h + o_p * x_stride_p, mask=(o_p < N_p), other=0.0).to(tl.float32)
-        dt_raw = tl.load(dt_raw_ptr + row * dt_raw_stride_b + (seq_start + ttc) * dt_raw_stride_t + i_h * dt_raw_stride_h).to(tl.float32)
-        B = tl.load(B_ptr + row * B_stride_b + ((seq_start + ttc))[:, None] * B_stride_t + i_g * B_stride_g + o_n * B_stride_n, mask=(o_n < N_n), other=0.0).to(tl.float32)
-        C = tl.load(C_ptr + row * C_stride_b + ((seq_start + ttc))[:, None] * C_stride_t + i_g * C_stride_g + o_n * C_stride_n, mask=(o_n < N_n), other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + row * z_stride_b + ((seq_start + ttc))[:, None] * z_stride_t + i_h * z_stride_h + o_p * z_stride_p, mask=(o_p < N_p), other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * x_stride_b + ((seq_start + ttc))[:, None] * x_stride_t + i_h * x_stride_h + o_p * x_stride_p, mask=(o_p < N_p), other=0.0)
+        dt_raw = tl.load(dt_raw_ptr + row * dt_raw_stride_b + (seq_start + ttc) * dt_raw_stride_t + i_h * dt_raw_stride_h)
+        B = tl.load(B_ptr + row * B_stride_b + ((seq_start + ttc))[:, None] * B_stride_t + i_g * B_stride_g + o_n * B_stride_n, mask=(o_n < N_n), other=0.0)
+        C = tl.load(C_ptr + row * C_stride_b + ((seq_start + ttc))[:, None] * C_stride_t + i_g * C_stride_g + o_n * C_stride_n, mask=(o_n < N_n), other=0.0)
+        z = tl.load(z_ptr + row * z_stride_b + ((seq_start + ttc))[:, None] * z_stride_t + i_h * z_stride_h + o_p * z_stride_p, mask=(o_p < N_p), other=0.0)
         # stage prologue
-        v1 = dt_raw + dt_bias
+        v1 = dt_raw.to(tl.float32) + dt_bias.to(tl.float32)
         dt = (tl.maximum(v1, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(v1))))
         v5 = dt * A
-        v16 = (z) * tl.sigmoid(z)
+        v16 = (z.to(tl.float32)) * tl.sigmoid(z.to(tl.float32))
         s_ell = tl.maximum(v5, (-69.07755278982137))
-        v11 = D * x
+        v11 = D.to(tl.float32) * x.to(tl.float32)
         v15 = v11 * v16
         # stage cumsum
         s_L_ell = tl.where(valid, s_ell, 0.0)  # log-decay per step (0 past the end)
@@ -181,7 +181,7 @@ def mamba2_gated_chunked(
         tl.store(v17_ptr + row * v17_stride_b + ((seq_start + ttc))[:, None] * v17_stride_t + i_h * v17_stride_h + o_p * v17_stride_p, (v17).to(v17_ptr.dtype.element_ty), mask=valid[:, None] & (o_p < N_p))
         # stage chunk_state + state_passing (s)
         s_upd_w = tl.where(valid, tl.exp(tl.minimum(s_L_last - s_L, 0.0)), 0.0)  # decay from each step to the chunk's end
-        c6 = tl.dot(tl.trans(x).to(MM), ((B) * ((s_upd_w) * dt)[:, None]).to(MM), input_precision=PREC)
+        c6 = tl.dot(tl.trans(x).to(MM), ((B.to(tl.float32)) * ((s_upd_w) * dt)[:, None]).to(MM), input_precision=PREC)
         state_s_prev = tl.exp(s_L_last) * state_s_prev + c6  # the state entering the next chunk
     # stage output: final states
     tl.store(s_final_ptr + i_b * s_final_stride_b + i_h * s_final_stride_h + o_p[:, None] * s_final_stride_p + o_n * s_final_stride_n, (state_s_prev).to(s_final_ptr.dtype.element_ty), mask=((o_p < N_p))[:, None] & (o_n < N_n))
@@ -250,9 +250,9 @@ def mamba2_gated_segment_states(
     o_n = tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
     in_chunk = tl.arange(0, Q)  # positions within a chunk
     # inputs without the scan dim: loaded once
-    dt_bias = tl.load(dt_bias_ptr + i_h * dt_bias_stride_h).to(tl.float32)
-    A_log = tl.load(A_log_ptr + i_h * A_log_stride_h).to(tl.float32)
-    v3 = tl.exp(A_log)
+    dt_bias = tl.load(dt_bias_ptr + i_h * dt_bias_stride_h)
+    A_log = tl.load(A_log_ptr + i_h * A_log_stride_h)
+    v3 = tl.exp(A_log.to(tl.float32))
     A = -(v3)
     # the state, held on chip for the whole segment (fp32)
     state_s_prev = tl.zeros((BLOCK_p, BLOCK_n,), tl.float32)  # from a zero state
@@ -263,11 +263,11 @@ def mamba2_gated_segment_states(
         ttc = tl.minimum(tt, N_t - 1)
         if I64:
             ttc = ttc.to(tl.int64)
-        x = tl.load(x_ptr + i_b * x_stride_b + ttc[:, None] * x_stride_t + i_h * x_stride_h + o_p * x_stride_p, mask=(o_p < N_p), other=0.0).to(tl.float32)
-        dt_raw = tl.load(dt_raw_ptr + i_b * dt_raw_stride_b + ttc * dt_raw_stride_t + i_h * dt_raw_stride_h).to(tl.float32)
-        B = tl.load(B_ptr + i_b * B_stride_b + ttc[:, None] * B_stride_t + i_g * B_stride_g + o_n * B_stride_n, mask=(o_n < N_n), other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + i_b * x_stride_b + ttc[:, None] * x_stride_t + i_h * x_stride_h + o_p * x_stride_p, mask=(o_p < N_p), other=0.0)
+        dt_raw = tl.load(dt_raw_ptr + i_b * dt_raw_stride_b + ttc * dt_raw_stride_t + i_h * dt_raw_stride_h)
+        B = tl.load(B_ptr + i_b * B_stride_b + ttc[:, None] * B_stride_t + i_g * B_stride_g + o_n * B_stride_n, mask=(o_n < N_n), other=0.0)
         # stage prologue
-        v1 = dt_raw + dt_bias
+        v1 = dt_raw.to(tl.float32) + dt_bias.to(tl.float32)
         dt = (tl.maximum(v1, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(v1))))
         v5 = dt * A
         s_ell = tl.maximum(v5, (-69.07755278982137))
@@ -278,7 +278,7 @@ def mamba2_gated_segment_states(
         # stage chunk_state
         # stage chunk_state + state_passing (s)
         s_upd_w = tl.where(valid, tl.exp(tl.minimum(s_L_last - s_L, 0.0)), 0.0)  # decay from each step to the chunk's end
-        c1 = tl.dot(tl.trans(x).to(MM), ((B) * ((s_upd_w) * dt)[:, None]).to(MM), input_precision=PREC)
+        c1 = tl.dot(tl.trans(x).to(MM), ((B.to(tl.float32)) * ((s_upd_w) * dt)[:, None]).to(MM), input_precision=PREC)
         state_s_prev = tl.exp(s_L_last) * state_s_prev + c1  # the state entering the next chunk
         s_L_total = s_L_total + s_L_last  # the segment's total so far
     # stage output: the segment's state and totals
@@ -362,32 +362,32 @@ def mamba2_gated_segment_outputs(
     o_n = tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
     in_chunk = tl.arange(0, Q)  # positions within a chunk
     # inputs without the scan dim: loaded once
-    dt_bias = tl.load(dt_bias_ptr + i_h * dt_bias_stride_h).to(tl.float32)
-    A_log = tl.load(A_log_ptr + i_h * A_log_stride_h).to(tl.float32)
-    D = tl.load(D_ptr + i_h * D_stride_h).to(tl.float32)
-    v3 = tl.exp(A_log)
+    dt_bias = tl.load(dt_bias_ptr + i_h * dt_bias_stride_h)
+    A_log = tl.load(A_log_ptr + i_h * A_log_stride_h)
+    D = tl.load(D_ptr + i_h * D_stride_h)
+    v3 = tl.exp(A_log.to(tl.float32))
     A = -(v3)
     # the state, held on chip for the whole segment (fp32)
-    s_in = tl.load(s_in_ptr + i_seg * s_in_stride_seg + i_b * s_in_stride_b + i_h * s_in_stride_h + o_p[:, None] * s_in_stride_p + o_n * s_in_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0).to(tl.float32)
-    state_s_in = s_in
+    s_in = tl.load(s_in_ptr + i_seg * s_in_stride_seg + i_b * s_in_stride_b + i_h * s_in_stride_h + o_p[:, None] * s_in_stride_p + o_n * s_in_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0)
+    state_s_in = s_in.to(tl.float32)
     for c in range(i_seg * seg_chunks, tl.minimum(i_seg * seg_chunks + seg_chunks, (N_t + Q - 1) // Q)):
         tt = c * Q + in_chunk
         valid = tt < N_t
         ttc = tl.minimum(tt, N_t - 1)
         if I64:
             ttc = ttc.to(tl.int64)
-        x = tl.load(x_ptr + i_b * x_stride_b + ttc[:, None] * x_stride_t + i_h * x_stride_h + o_p * x_stride_p, mask=(o_p < N_p), other=0.0).to(tl.float32)
-        dt_raw = tl.load(dt_raw_ptr + i_b * dt_raw_stride_b + ttc * dt_raw_stride_t + i_h * dt_raw_stride_h).to(tl.float32)
-        B = tl.load(B_ptr + i_b * B_stride_b + ttc[:, None] * B_stride_t + i_g * B_stride_g + o_n * B_stride_n, mask=(o_n < N_n), other=0.0).to(tl.float32)
-        C = tl.load(C_ptr + i_b * C_stride_b + ttc[:, None] * C_stride_t + i_g * C_stride_g + o_n * C_stride_n, mask=(o_n < N_n), other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + i_b * z_stride_b + ttc[:, None] * z_stride_t + i_h * z_stride_h + o_p * z_stride_p, mask=(o_p < N_p), other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + i_b * x_stride_b + ttc[:, None] * x_stride_t + i_h * x_stride_h + o_p * x_stride_p, mask=(o_p < N_p), other=0.0)
+        dt_raw = tl.load(dt_raw_ptr + i_b * dt_raw_stride_b + ttc * dt_raw_stride_t + i_h * dt_raw_stride_h)
+        B = tl.load(B_ptr + i_b * B_stride_b + ttc[:, None] * B_stride_t + i_g * B_stride_g + o_n * B_stride_n, mask=(o_n < N_n), other=0.0)
+        C = tl.load(C_ptr + i_b * C_stride_b + ttc[:, None] * C_stride_t + i_g * C_stride_g + o_n * C_stride_n, mask=(o_n < N_n), other=0.0)
+        z = tl.load(z_ptr + i_b * z_stride_b + ttc[:, None] * z_stride_t + i_h * z_stride_h + o_p * z_stride_p, mask=(o_p < N_p), other=0.0)
         # stage prologue
-        v1 = dt_raw + dt_bias
+        v1 = dt_raw.to(tl.float32) + dt_bias.to(tl.float32)
         dt = (tl.maximum(v1, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(v1))))
         v5 = dt * A
-        v16 = (z) * tl.sigmoid(z)
+        v16 = (z.to(tl.float32)) * tl.sigmoid(z.to(tl.float32))
         s_ell = tl.maximum(v5, (-69.07755278982137))
-        v11 = D * x
+        v11 = D.to(tl.float32) * x.to(tl.float32)
         v15 = v11 * v16
         # stage cumsum
         s_L_ell = tl.where(valid, s_ell, 0.0)  # log-decay per step (0 past the end)
@@ -411,7 +411,7 @@ def mamba2_gated_segment_outputs(
         tl.store(v17_ptr + i_b * v17_stride_b + ttc[:, None] * v17_stride_t + i_h * v17_stride_h + o_p * v17_stride_p, (v17).to(v17_ptr.dtype.element_ty), mask=valid[:, None] & (o_p < N_p))
         # stage chunk_state + state_passing (s)
         s_upd_w = tl.where(valid, tl.exp(tl.minimum(s_L_last - s_L, 0.0)), 0.0)  # decay from each step to the chunk's end
-        c6 = tl.dot(tl.trans(x).to(MM), ((B) * ((s_upd_w) * dt)[:, None]).to(MM), input_precision=PREC)
+        c6 = tl.dot(tl.trans(x).to(MM), ((B.to(tl.float32)) * ((s_upd_w) * dt)[:, None]).to(MM), input_precision=PREC)
         state_s_in = tl.exp(s_L_last) * state_s_in + c6  # the state entering the next chunk
     # stage output
 
@@ -456,11 +456,11 @@ def mamba2_gated_post(
     i_b = pid_g_t
     o_h = tl.arange(0, BLOCK_h)  # entries past N_h are padding: loaded as 0, never stored
     o_p = tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
-    v17 = tl.load(v17_ptr + i_b * v17_stride_b + i_t * v17_stride_t + ((i_g * N_h + o_h))[:, None] * v17_stride_h + o_p * v17_stride_p, mask=((o_h < N_h))[:, None] & (o_p < N_p), other=0.0).to(tl.float32)
-    norm_w = tl.load(norm_w_ptr + ((i_g * N_h + o_h))[:, None] * norm_w_stride_h + o_p * norm_w_stride_p, mask=((o_h < N_h))[:, None] & (o_p < N_p), other=0.0).to(tl.float32)
-    ms1 = tl.sum(tl.sum(tl.where((o_p < N_p), tl.where(((o_h < N_h))[:, None], v17 * v17, 0.0), 0.0), axis=1), axis=0) / (N_h * N_p)
-    v18 = v17 * tl.rsqrt(ms1 + 1e-05)  # rmsnorm over h,p
-    y = v18 * norm_w
+    v17 = tl.load(v17_ptr + i_b * v17_stride_b + i_t * v17_stride_t + ((i_g * N_h + o_h))[:, None] * v17_stride_h + o_p * v17_stride_p, mask=((o_h < N_h))[:, None] & (o_p < N_p), other=0.0)
+    norm_w = tl.load(norm_w_ptr + ((i_g * N_h + o_h))[:, None] * norm_w_stride_h + o_p * norm_w_stride_p, mask=((o_h < N_h))[:, None] & (o_p < N_p), other=0.0)
+    ms1 = tl.sum(tl.sum(tl.where((o_p < N_p), tl.where(((o_h < N_h))[:, None], v17.to(tl.float32) * v17.to(tl.float32), 0.0), 0.0), axis=1), axis=0) / (N_h * N_p)
+    v18 = v17.to(tl.float32) * tl.rsqrt(ms1 + 1e-05)  # rmsnorm over h,p
+    y = v18 * norm_w.to(tl.float32)
     tl.store(y_ptr + i_b * y_stride_b + i_t * y_stride_t + ((i_g * N_h + o_h))[:, None] * y_stride_h + o_p * y_stride_p, (y).to(y_ptr.dtype.element_ty), mask=((o_h < N_h))[:, None] & (o_p < N_p))
 
 
