@@ -1,4 +1,5 @@
-"""Golden tests: the IR after every pass and the emitted XLA source, pinned for a few examples.
+"""Golden tests: the IR after every pass and the emitted source (XLA, the kernel targets, a derived backward),
+pinned for a few examples.
 
 Regenerate after an intended change with `SSMC_UPDATE_GOLDEN=1 python -m pytest tests/test_golden.py` and review
 the diff like code.
@@ -49,3 +50,13 @@ KERNEL_CASES = [("mamba2", "triton"), ("deltanet", "triton"), ("mamba2_gated", "
 def test_kernel_source_golden(name, target):
     k = ssmc.compile(ROOT / "examples" / f"{name}.ssm", target=target, cache=False)
     _check(GOLDEN / f"{name}.{target}.py", k.source)
+
+
+# the derived backward (passes/adjoint.py through the same passes and emitter): its programs after every pass, and
+# the Triton kernels of the SSD walk (the per-chunk decay gradient's outs, reversed time)
+@pytest.mark.parametrize("name,target", [("mamba2", "triton")])
+def test_backward_golden(name, target):
+    k = ssmc.compile(ROOT / "examples" / f"{name}.ssm", target=target, cache=False)
+    text = "".join(f"==== {p}\n{t}" for p, t in k.backward_passes)
+    _check(GOLDEN / f"{name}.{target}.backward.passes.ir", text)
+    _check(GOLDEN / f"{name}.{target}.backward.py", k.backward_source)
