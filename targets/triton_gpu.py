@@ -24,6 +24,7 @@ from .writer import py_name
 
 _F32 = ".to(tl.float32)"  # how a loaded tile is widened where it is used
 
+
 class TritonDialect(Dialect):
     UNARY, BINARY = spellings("triton", 1), spellings("triton", 2)  # ssmc/ops.py
 
