@@ -158,10 +158,10 @@ def kernel_times(f, calls=5, top=14, sync=None) -> list:
     return [dict(name=n, calls=c, us=u) for n, c, u in rows[:top]] + [dict(name="(all)", us=total)]
 
 
-def parts(name, s, repeats, matmul="auto") -> list[dict]:
+def parts(name, s, repeats, matmul="auto", cancelling=False) -> list[dict]:
     """Each derived kernel of the Mamba2 layer (dq, adj) alone at one shape, on the dtypes the backward feeds it
-    (x, B, C, dt, dy bf16; log-decays fp32), for both forms of the decay gradient (the per-chunk pieces, and the
-    cancelling sums without them): where the backward's time goes, and what the per-chunk pieces cost."""
+    (x, B, C, dt, dy bf16; log-decays fp32): where the backward's time goes. With `cancelling`, also the kernels of
+    the form without the per-chunk pieces (whose dots then run at full precision, as a call would run them)."""
     import jax
     import jax.numpy as jnp
 
@@ -172,7 +172,7 @@ def parts(name, s, repeats, matmul="auto") -> list[dict]:
     k = ssmc.compile(SPEC, target="triton", backward_matmul=matmul)
     sizes = dict(b=s["b"], t=s["l"], h=s["h"], p=s["p"], n=s["n"], g=s["g"])
     out = []
-    for pairs in (True, False):
+    for pairs in (True, False) if cancelling else (True,):
         bw = Backward(k, compile_program, pairs=pairs)
         sizes["t#"] = -(-s["l"] // bw.Q) if bw.Q else 0
         key = jax.random.PRNGKey(0)
@@ -262,6 +262,8 @@ def main():
                     "against the float64 references")
     ap.add_argument("--parts", nargs="*", default=[], choices=list(SHAPES), help="time each derived kernel "
                     "alone at these shapes, by segment count and out dtype (and nothing else)")
+    ap.add_argument("--parts-cancelling", action="store_true", help="with --parts: also the kernels of the "
+                    "cancelling form (fp32 dots; slow)")
     ap.add_argument("--profile", action="store_true", help="per-kernel times of ssmc's forward+backward")
     ap.add_argument("--backward-matmul", nargs="+", default=list(BACKWARD_MATMUL), choices=list(BACKWARD_MATMUL),
                     help="the backward settings to time (compile's backward_matmul)")
@@ -270,7 +272,7 @@ def main():
     import jax
     if args.parts:
         for name in args.parts:
-            parts(name, SHAPES[name], args.repeats)
+            parts(name, SHAPES[name], args.repeats, cancelling=args.parts_cancelling)
         return
     checks = check_examples() if args.check_examples else []
     recs = []
