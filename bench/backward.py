@@ -163,10 +163,10 @@ def parts(name, s, repeats, matmul="auto", cancelling=False) -> list[dict]:
     (x, B, C, dt, dy bf16; log-decays fp32): where the backward's time goes. With `cancelling`, also the kernels of
     the form without the per-chunk pieces (whose dots then run at full precision, as a call would run them)."""
     import jax
-    import jax.numpy as jnp
 
     import gpu
     import ssmc
+    from kernel_modules import random_input
     from ssmc.api import compile_program
     from ssmc.backward import Backward
     k = ssmc.compile(SPEC, target="triton", backward_matmul=matmul)
@@ -180,13 +180,7 @@ def parts(name, s, repeats, matmul="auto", cancelling=False) -> list[dict]:
             ins = {}
             for n, dims in kk.inputs:
                 key, sub = jax.random.split(key)
-                shape = [sizes[d] for d in dims]
-                if n.startswith("log_a"):
-                    ins[n] = -jax.random.uniform(sub, shape, jnp.float32, 1e-3, 0.3)
-                elif n == "dt":
-                    ins[n] = jax.random.uniform(sub, shape, jnp.float32, 1e-3, 0.1).astype(jnp.bfloat16)
-                else:
-                    ins[n] = jax.random.normal(sub, shape, jnp.float32).astype(jnp.bfloat16)
+                ins[n] = random_input(n, [sizes[d] for d in dims], sub)
             f = jax.jit(lambda i, kk=kk: kk.apply(i))
             rec = dict(shape=name, part=part, per_chunk=pairs, matmul=matmul)
             try:

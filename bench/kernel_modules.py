@@ -32,21 +32,27 @@ def load(path: str):
     return mod
 
 
+def random_input(name: str, shape, key):
+    """A derived program's input as the backward feeds it: log-decays fp32 in [-0.3, -1e-3], dt bf16 in
+    [1e-3, 0.1], anything else bf16 normal (shared with bench/backward.py --parts)."""
+    import jax
+    import jax.numpy as jnp
+    if name.startswith("log_a"):
+        return -jax.random.uniform(key, shape, jnp.float32, 1e-3, 0.3)
+    if name == "dt":
+        return jax.random.uniform(key, shape, jnp.float32, 1e-3, 0.1).astype(jnp.bfloat16)
+    return jax.random.normal(key, shape, jnp.float32).astype(jnp.bfloat16)
+
+
 def inputs(info, sizes, key):
+    """The entry's positional arguments: random_input for the inputs, zero initial states."""
     import jax
     import jax.numpy as jnp
     out = []
     for prm in info.params:
         key, sub = jax.random.split(key)
         shape = [sizes[d] for d in prm.dims]
-        if prm.kind == "state":
-            out.append(jnp.zeros(shape, jnp.float32))
-        elif prm.name.startswith("log_a"):
-            out.append(-jax.random.uniform(sub, shape, jnp.float32, 1e-3, 0.3))
-        elif prm.name == "dt":
-            out.append(jax.random.uniform(sub, shape, jnp.float32, 1e-3, 0.1).astype(jnp.bfloat16))
-        else:
-            out.append(jax.random.normal(sub, shape, jnp.float32).astype(jnp.bfloat16))
+        out.append(jnp.zeros(shape, jnp.float32) if prm.kind == "state" else random_input(prm.name, shape, sub))
     return out
 
 

@@ -77,6 +77,8 @@ def main():
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     args = ap.parse_args()
     import triton.language as tl
+
+    from ssmc.targets.writer import py_name
     sizes = {d: int(v) for d, v in (kv.split("=") for kv in args.sizes.split(",") if kv)}
     act = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}[args.dtype]
     mm = {"bfloat16": tl.bfloat16, "float16": tl.float16, "float32": tl.float32}[args.dtype]
@@ -86,9 +88,9 @@ def main():
         for d, n in sizes.items():
             consts[f"N_{d}"] = n
             consts[f"BLOCK_{d}"] = 1 << max(0, (n - 1).bit_length())
-        wide = {p.name for p in info.params if p.kind == "state" or p.name.startswith("log_a")}
-        wide |= {r.name for r in info.returns if r.kind == "state" or r.name in fp32_outs}
-        wide = {re.sub(r"[^0-9A-Za-z_]", "_", n) for n in wide} | {p.py for p in info.params if p.name in wide}
+        # pointer parameters are named <python name>_ptr (a final state's <state>_final_ptr)
+        wide = {p.py for p in info.params if p.kind == "state" or p.name.startswith("log_a")}
+        wide |= {py_name(r.name) for r in info.returns if r.name in fp32_outs}
 
         def pointer(name, wide=wide):
             base = name[:-len("_ptr")]

@@ -360,8 +360,9 @@ class _Builders:
         states = []
         for f, v, keep in shares:
             st = add("pairs", (v,), keep, part="state")
-            prod = add("mul", (value(f), st), set(self.an.by[f].dims) | set(keep))
-            over = tuple(x for x in self.p.order(set(self.an.by[f].dims) | set(keep)) if x not in ld)
+            both = set(self.an.by[f].dims) | set(keep)
+            prod = add("mul", (value(f), st), both)
+            over = tuple(x for x in self.p.order(both) if x not in ld)
             states.append(add("reduce", (prod,), ld, kind="sum", over=over) if over else prod)
         if not states:
             raise NotAdjointable(f"state '{s.name}': no factor of a {'readout term' if part == 'dq' else 'update'} "

@@ -192,13 +192,13 @@ class KernelWalk:
         return [(kind, name, v) for kind, name, v in self.plan.stores
                 if kind == "out" and cd in self.store_dims(kind, name, v)]
 
-    def chunk_stores(self, time, entering=None):
-        """Outs indexed by chunk: the state entering this chunk (its on-chip variable, before the chunk's state
-        update) or a per-chunk value the chunk computed, stored at this chunk's index along t# (the target's
-        store addresses it). entering: True only the entering states, False only the others, None all."""
+    def chunk_stores(self, time, entering: bool):
+        """Outs indexed by chunk, stored at this chunk's index along t# (the target's store addresses it):
+        entering, the states entering this chunk (their on-chip variables, before the chunk's state update); else
+        the per-chunk values the chunk computed."""
         k, body = self.plan, self.body
         stores = [(kind, name, v) for kind, name, v in self.chunk_index_stores()
-                  if entering is None or (k.by()[v].op == "chunk.pass") == entering]
+                  if (k.by()[v].op == "chunk.pass") == entering]
         if stores:
             what = "the state entering this chunk" if entering else "values of this chunk"
             self.w(f"# outs indexed by chunk: {what}")
