@@ -132,7 +132,7 @@ def run_shape(name, s, repeats, check_ref, profile=False, matmuls=tuple(BACKWARD
     return rec
 
 
-def kernel_times(f, calls=5, top=14, sync=None) -> list:
+def kernel_times(f, calls=5, top=30, sync=None) -> list:
     """Per GPU kernel: (name, calls per step, us per step) over `calls` steps of f, from torch's profiler (CUPTI
     records every kernel the process launches: XLA's fusions and the Triton kernels jax runs included)."""
     import jax

@@ -33,7 +33,7 @@ def kernels(spec: str, backward: bool):
     k = ssmc.compile(spec, target="triton", cache=False)  # source only: nothing runs here
     out = [("forward", k)]
     if backward:
-        out += [(f"backward {part}", kk) for part, kk in k._derived_backward().kernels.items()]
+        out += [(f"{kind} {part}", kk) for kind, part, kk in k._derived_backward().parts()]
     for label, kk in out:
         mod = kk._module
         yield label, mod, mod.MODULE_INFO, set(getattr(mod, "LAYOUT", {}).get("fp32_outs", ()))

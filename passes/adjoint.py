@@ -83,11 +83,15 @@ class Derivation:
     helpers: list[Instr]                # analysis helpers (logs of decays, reciprocals) the caller evaluates
     linear_outs: bool                   # the outs are linear in the readouts (no R program needed)
     dep: dict[str, bool]                # forward value -> whether it depends on a state
+    forward_entering: Program | None = None  # split: the forward program plus the states entering each chunk
 
 
-def derive(p: Program, pairs: bool = True) -> Derivation:
+def derive(p: Program, pairs: bool = True, split: bool = False) -> Derivation:
     """The derived backward programs of a lowered (pre-pass) step program, or NotAdjointable. pairs: the per-chunk
-    form of the decay gradient for the states that have it (the programs then need the chunked form)."""
+    form of the decay gradient for the states that have it (the programs then need the chunked form). split (with
+    pairs, when every state has the per-chunk form): the forward itself stores the states entering each chunk (the
+    `forward` program: the spec's program plus those outs), so `dq` takes them as given and runs every chunk in
+    parallel (a kernel module's `entering` option) instead of walking the sequence again."""
     plan = make_plan(p)
     an = plan.analysis
     for sp in plan.states.values():
@@ -134,7 +138,8 @@ def derive(p: Program, pairs: bool = True) -> Derivation:
                 an.lin(i.args[0])
             except NotLinear:
                 linear_outs = False
-    b = _Builders(p, an, states, plan)
+    split = split and bool(states) and all(st.pairs is not None for st in states.values())
+    b = _Builders(p, an, states, plan, split)
     d = Derivation(p, {}, {}, {}, states, readouts, rest, [], linear_outs, dict(an.dep))
     for part in ("dq", "adj") + (() if linear_outs else ("readouts",)):
         prog, inputs, cots, outs = b.build(part)
@@ -142,6 +147,8 @@ def derive(p: Program, pairs: bool = True) -> Derivation:
         if part == "readouts":
             d.readouts = {r: (dims, outs[r]) for r, (dims, _) in readouts.items()}
     d.helpers = list(an.new)
+    if split:
+        d.forward_entering = b.forward_entering()
     return d
 
 
@@ -149,8 +156,9 @@ _IDENT = re.compile(r"[A-Za-z_]\w*$")
 
 
 class _Builders:
-    def __init__(self, p, an, states, plan):
+    def __init__(self, p, an, states, plan, split=False):
         self.p, self.an, self.states, self.plan, self.scan = p, an, states, plan, p.scan
+        self.split = split  # the states entering each chunk are the forward's outs (forward_entering), not dq's
         cd = chunk_dim(p.scan)
         self.dims = tuple(d for x in p.dims for d in ((cd, x) if x == p.scan else (x,)))  # t# before the scan dim
 
@@ -262,7 +270,7 @@ class _Builders:
             the others come out in the activations' dtype, as a forward's outs."""
             name = _fresh(taken, _ident(hint))
             outs.append(Array(name, tuple(dims), span))
-            instrs.append(make(f"out.{name}", "out", (value_name,), dims, span, out=name,
+            instrs.append(make(f"out.{name}", "out", (value_name,), self.order(dims), span, out=name,
                                **({"fp32": True} if fp32 else {})))
             return name
 
@@ -343,6 +351,35 @@ class _Builders:
         return prog, held, cots, out_of
 
 
+    def enter_dims(self, s) -> tuple[str, ...]:
+        """How the states entering each chunk lie in memory: the chunk index first, then the state's dims (each
+        chunk's state contiguous, as a segment schedule's incoming states: `entering` takes them without a copy)."""
+        return (chunk_dim(self.scan),) + tuple(s.dims)
+
+    def enter_out(self, s, prev, add, out):
+        """The out holding the forward state entering each chunk (dq's)."""
+        e = add("enter", (prev,), s.dims + (chunk_dim(self.scan),), hint=f"{s.name}.enter_fwd", state=s.name)
+        s.pairs["enter"] = out(e, f"{s.name}_enter", self.enter_dims(s))
+
+    def forward_entering(self) -> Program:
+        """The forward program that also stores the states entering each chunk (an out per state, indexed by chunk
+        as dq's would be): what the forward of a differentiated call runs, so the backward need not walk again."""
+        p = self.p
+        taken = {a.name for a in p.inputs + p.states + p.outs}
+        instrs, outs = list(p.instrs), list(p.outs)
+        for s in self.states.values():
+            prev = next(i for i in p.instrs if i.op == "state" and i.attr("state") == s.name)
+            e = make(f"{s.name}.enter_fwd", "enter", (prev.name,), self.order(s.dims + (chunk_dim(self.scan),)),
+                     None, state=s.name)
+            name = _fresh(taken, f"{s.name}_enter")
+            outs.append(Array(name, self.enter_dims(s)))
+            instrs += [e, make(f"out.{name}", "out", (e.name,), e.dims, None, out=name)]
+            s.pairs["enter"] = name
+        return Program(f"{p.name}_fwd", self.dims, p.scan, p.groups, p.inputs, p.states, tuple(outs), tuple(instrs),
+                       notes=p.notes + ("forward of a differentiated call: also stores the states entering each "
+                                        "chunk (the derived backward's dq and adj read them)",),
+                       source=p.source, filename=p.filename)
+
     def pairs_outs(self, part, s, vals, shares, value, product, add, out, array):
         """The per-chunk decay gradient's outs of state `s` (module docstring). dq: the state part of <q ⊗ dr, S_t>
         (X) and the states entering each chunk; adj: the state part of <u, G_t> (Y), the in-chunk pairs straddling
@@ -369,10 +406,9 @@ class _Builders:
                                  f"carries the decay's dims {list(ld)}")
         s.pairs["read" if part == "dq" else "upd"] = out(total(states), f"dl_{'read' if part == 'dq' else 'upd'}_"
                                                          f"{s.name}", ld, fp32=True)
-        edims = self.order(s.dims + (chunk_dim(self.scan),))
-        if part == "dq":  # the forward states entering each chunk, for adj
-            e = add("enter", (prev,), edims, hint=f"{s.name}.enter_fwd", state=s.name)
-            s.pairs["enter"] = out(e, f"{s.name}_enter", edims)
+        if part == "dq":  # the forward states entering each chunk, for adj (unless the forward stores them)
+            if not self.split:
+                self.enter_out(s, prev, add, out)
             return
         # the straddle over reversed time: pairs (G's source <= i' < its target) of the summands of <u, G>
         # (factors over the decay's dims only, dt, multiply the contraction: its matmuls are d dt's own)
@@ -386,7 +422,7 @@ class _Builders:
         v = add("pairs", (total(terms),), ld, part="straddle")
         s.pairs["straddle"] = out(v, f"dl_straddle_{s.name}", ld, fp32=True)
         # the pairs across each chunk: <S entering it, G entering it (walking back)>, at each of its steps
-        fwd = array(f"{s.name}_fwd", edims, "enter:" + s.name)
+        fwd = array(f"{s.name}_fwd", self.enter_dims(s), "enter:" + s.name)
         z = add("across", (fwd, prev), ld, state=s.name)
         s.pairs["across"] = out(z, f"dl_across_{s.name}", ld, fp32=True)
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ssmc.targets.base import ENTERING
+
 from .errors import SSMCError
 from .ir import Program
 from .ir_eval import Env, align, contract, to_dims
@@ -34,16 +36,27 @@ class Backward:
         self.k = kernel
         self.p: Program = kernel.program
         self._compile = compile_program
-        self.d = derive(kernel.program, pairs)
+        # kernel targets: the forward stores the states entering each chunk, and dq runs chunk-parallel from them
+        split = pairs and kernel._target.kernels
+        self.d = derive(kernel.program, pairs, split)
         try:
             self.kernels = self._build(matmul)
         except NeedsChunks:  # not chunked (chunk size 1, a sequential schedule): the form whose sum cancels
             self.d = derive(kernel.program, False)
             self.kernels = self._build(matmul)
+        if self.d.forward_entering is not None and ENTERING not in self.kernels["dq"]._info.options:
+            self.d = derive(kernel.program, pairs)  # dq's schedule has no segments: it stores the states itself
+            self.kernels = self._build(matmul)
+        self.forward_kernel = None  # the forward that also stores the states entering each chunk (split)
+        if self.d.forward_entering is not None:
+            self.forward_kernel = self._compile(
+                self.d.forward_entering, target=kernel.target, matmul=kernel.matmul, interpret=kernel.interpret,
+                out_dtype=kernel.out_dtype, pipeline=kernel.pipeline)
         self.pairs = any(st.pairs for st in self.d.states.values())
-        # the chunk length of the per-chunk decay gradient (dq's and adj's chunks must be the same): both programs
-        # then have values indexed by chunk, whose length their modules record
-        Qs = {self.kernels[part]._info.chunk for part in ("dq", "adj")} if self.pairs else {None}
+        # the chunk length of the per-chunk decay gradient (the chunks of the entering states and adj's must be the
+        # same): both programs then have values indexed by chunk, whose length their modules record
+        Qs = ({(self.forward_kernel or self.kernels["dq"])._info.chunk, self.kernels["adj"]._info.chunk}
+              if self.pairs else {None})
         if len(Qs) != 1:
             raise SSMCError(f"{self.p.name}: the derived dq and adj programs have different chunk lengths {sorted(Qs)}")
         self.Q = Qs.pop()
@@ -85,14 +98,19 @@ class Backward:
         return self._flat
 
     # ---- inspection -------------------------------------------------------------------------------------
+    def parts(self) -> list[tuple[str, str, object]]:
+        """(kind, part, kernel): the forward that stores the states entering each chunk ("forward", "entering"),
+        if any, then the adjoint programs ("adjoint", "dq" / "adj" / "readouts")."""
+        fw = [("forward", "entering", self.forward_kernel)] if self.forward_kernel is not None else []
+        return fw + [("adjoint", part, k) for part, k in self.kernels.items()]
+
     @property
     def source(self) -> str:
-        return "\n\n".join(f"# ==== adjoint part '{part}' ====\n{k.source}" for part, k in self.kernels.items())
+        return "\n\n".join(f"# ==== {kind} part '{part}' ====\n{k.source}" for kind, part, k in self.parts())
 
     @property
     def passes(self) -> list[tuple[str, str]]:
-        return [(f"adjoint{{part={part}}} | {name}", text) for part, k in self.kernels.items()
-                for name, text in k.passes]
+        return [(f"{kind}{{part={part}}} | {name}", text) for kind, part, k in self.parts() for name, text in k.passes]
 
     # ---- evaluation of the state-free parts ---------------------------------------------------------------
     def _env(self, xs: dict, sizes: dict, packed=None) -> Env:
@@ -131,13 +149,28 @@ class Backward:
                 env.run(i)
         return outs, finals
 
+    # ---- the forward of a differentiated call ---------------------------------------------------------------
+    def forward(self, meta, arrays: dict):
+        """(the call's results, the states entering each chunk {state: array} or None): the forward that also
+        stores them where the backward takes them from it (forward_kernel), else the plain forward."""
+        if self.forward_kernel is None or meta.seqs:
+            return self.k._entry(meta, arrays), None
+        fk, n = self.forward_kernel, len(self.k.outs)
+        res = fk._entry(meta, arrays)
+        names = [o for o, _ in fk.outs]
+        entering = {s: res[names.index(st.pairs["enter"])] for s, st in self.d.states.items()}
+        return tuple(res[:n]) + tuple(res[len(names):]), entering
+
     # ---- the vjp -----------------------------------------------------------------------------------------
-    def vjp(self, meta, arrays: dict, cts: dict, dtype, cu=None):
+    def vjp(self, meta, arrays: dict, cts: dict, dtype, cu=None, entering=None):
         """Cotangents of `arrays` (inputs by name, initial states as "state:<name>") for cotangents `cts` of the
         call's results ({out name: array, "state:<name>": array}, declared layouts). `cu`: a packed call's
-        offsets (the states then hold one entry per sequence along the kernel's packed dim)."""
+        offsets (the states then hold one entry per sequence along the kernel's packed dim). `entering`: the
+        states entering each chunk, as `forward` stored them (needed where the forward stores them)."""
         if cu is not None and self.pairs:  # chunks cannot align with every packed sequence: the cancelling form
             return self.flat().vjp(meta, arrays, cts, dtype, cu)
+        if self.forward_kernel is not None and entering is None:
+            _, entering = self.forward(meta, arrays)
         p, d, scan = self.p, self.d, self.p.scan
         sizes = dict(meta.sizes)
         pd = self.k.packed_dim if cu is not None else None
@@ -191,15 +224,20 @@ class Backward:
         T = sizes[scan]
         Tp = T if not self.pairs else -(-T // self.Q) * self.Q  # the per-chunk form: whole chunks both ways
         dq_k = self.kernels["dq"]
-        res = dq_k.apply(self._pad("dq", self._feed("dq", env, dterms, logs, feed_dt), Tp),
-                         _init(states0, d.states, decl), **call)
+        if entering:  # the forward stored the states entering each chunk: dq runs every chunk at once from them
+            res = dq_k.apply(self._pad("dq", self._feed("dq", env, dterms, logs, feed_dt), Tp),
+                             _init(states0, d.states, decl), entering=entering)
+        else:
+            res = dq_k.apply(self._pad("dq", self._feed("dq", env, dterms, logs, feed_dt), Tp),
+                             _init(states0, d.states, decl), **call)
         n_out = len(dq_k.outs)
         dq = self._unpad(dq_k, res[:n_out], T)
-        finals = dict(zip([n for n, _ in dq_k.states], res[n_out:]))
+        entering = entering or {s: dq[st.pairs["enter"]] for s, st in d.states.items() if st.pairs}
+        finals = dict(zip([n for n, _ in dq_k.states], res[n_out:]))  # None when dq ran from `entering`
         dST = {s: _ct(cts.get("state:" + s), decl[s], d.states[s].dims, ssz, dtype) for s in d.states}
         adj_k = self.kernels["adj"]
         feed = self._feed("adj", env, dterms, {s: self._shift(lg, d.states[s], time) for s, lg in logs.items()},
-                          feed_dt, {"enter:" + s: dq[st.pairs["enter"]] for s, st in d.states.items() if st.pairs})
+                          feed_dt, {"enter:" + s: entering[s] for s in entering})
         # a reverse-time program: its walk starts at each sequence's last step (in place on triton; elsewhere
         # the call flips the timed arrays around the kernels, Kernel._entry)
         res = adj_k.apply(self._pad("adj", feed, Tp), {s: dST[s] for s in d.states}, **call)

@@ -196,9 +196,9 @@ def _emit_backward(k, args, out) -> int:
     elif args.emit == "passes":
         text = "\n".join(f"// ===== {name} =====\n{body.rstrip()}\n" for name, body in bw.passes)
     elif args.emit == "ir":
-        text = "\n".join(f"// ===== adjoint part '{part}' =====\n{kk.ir.rstrip()}\n" for part, kk in bw.kernels.items())
+        text = "\n".join(f"// ===== {kind} part '{part}' =====\n{kk.ir.rstrip()}\n" for kind, part, kk in bw.parts())
     else:
-        text = "\n".join(kk.graph_dot() for kk in bw.kernels.values())
+        text = "\n".join(kk.graph_dot() for _, _, kk in bw.parts())
     out.write(text if text.endswith("\n") else text + "\n")
     return 0
 

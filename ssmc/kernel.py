@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ssmc.passes.chunk import chunk_dim
-from ssmc.targets.base import CU_SEQLENS, ModuleInfo, Target, chunk_inputs, chunk_outs, packed_batch_dim
+from ssmc.targets.base import CU_SEQLENS, ENTERING, ModuleInfo, Target, chunk_inputs, chunk_outs, packed_batch_dim
 
 from . import step as _step
 from .errors import ShapeError, SSMCError, TargetError
@@ -29,6 +29,7 @@ from .window import derive_sizes, is_window_dim
 
 _LOW = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 CU_KEY = ":cu_seqlens"  # the packed call's offsets among the bound arrays (no spec name has a ':')
+ENTER_KEY = ":enter:"  # apply(entering=...)'s states entering each chunk, by state, among the bound arrays
 _FLOATS = _LOW + (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
 
 
@@ -102,6 +103,7 @@ class Kernel:
         # keyword options of the entry besides mm / out_dtype (kernel targets: interpret)
         self._opts = {"interpret": interpret} if "interpret" in info.options else {}
         self._jitted = jax.jit(self._run, static_argnums=(0,))
+        self._jitted_entry = jax.jit(self._entry, static_argnums=(0,))  # apply(entering=...)
         self._derivative_fns: dict = {}  # (meta, options) -> the differentiable kernel call (kernel targets)
         self._auto = None  # a measured default schedule (ssmc/autoschedule.py), set by compile
 
@@ -144,11 +146,28 @@ class Kernel:
         zeros by default) and returns its own final state; nothing crosses a boundary (see `packed_dim`)."""
         return self._call(args, kwargs, *self._call_options(kwargs))
 
-    def apply(self, inputs, initial_states=None, cu_seqlens=None):
+    def apply(self, inputs, initial_states=None, cu_seqlens=None, entering=None):
         """The call with everything in containers (no keyword can meet an input's name): `inputs` a dict {input
         name: array} or a sequence in declared order; `initial_states` None (zeros), a dict {state name: array},
-        a sequence in k.states order, or one array when there is one state; `cu_seqlens` as for the call."""
-        return self._call(*self._apply_args(inputs, initial_states, f"{self.name}.apply"), cu_seqlens)
+        a sequence in k.states order, or one array when there is one state; `cu_seqlens` as for the call.
+        `entering` (kernel targets with a segment schedule): {state: the states entering each chunk, [ceil(T/Q),
+        *the state's dims]}, as an earlier walk of the same recurrence stored them (the derived backward's `states`
+        program): every chunk then runs on its own, all in parallel, and the final states come back as None."""
+        if entering is None:
+            return self._call(*self._apply_args(inputs, initial_states, f"{self.name}.apply"), cu_seqlens)
+        if ENTERING not in self._info.options or self.program.reverse:
+            raise SSMCError(f"{self.name}.apply: entering= needs a forward-time kernel with a segment schedule "
+                            f"(a kernel target's chunked walk); this one has none")
+        if cu_seqlens is not None:
+            raise ShapeError(f"{self.name}.apply: entering= and cu_seqlens= cannot be combined")
+        states = dict(zip([s for s, _ in self.states], [None] * len(self.states)))
+        unknown = sorted(set(entering) - set(states))
+        if unknown:
+            raise ShapeError(f"{self.name}.apply: entering: unknown state '{unknown[0]}'; states are "
+                             f"{', '.join(states)}")
+        meta, arrays = self._bound(*self._apply_args(inputs, initial_states, f"{self.name}.apply"))
+        arrays.update({ENTER_KEY + n: jnp.asarray(v) for n, v in entering.items()})
+        return self._jitted_entry(meta, arrays)  # not differentiable: the derived backward's own step
 
     @property
     def packed_dim(self) -> str | None:
@@ -308,7 +327,8 @@ class Kernel:
 
     def _adjoint_call(self, meta: "_Meta", bw):
         """The kernel call as a jax.custom_vjp function: values from the forward kernels, the vector-Jacobian
-        product from the derived backward kernels (ssmc/backward.py). The forward saves only its arguments."""
+        product from the derived backward kernels (ssmc/backward.py). The forward saves its arguments and, on the
+        kernel targets, the states entering each chunk (one per chunk, never per step; Backward.forward)."""
         names = [n for n, _ in self.outs] + ["state:" + s for s, _ in self.states]
 
         @jax.custom_vjp
@@ -316,11 +336,13 @@ class Kernel:
             return self._entry(meta, arrays)
 
         def fwd(arrays):
-            return call(arrays), arrays
+            out, entering = bw.forward(meta, arrays)
+            return out, (arrays, entering)
 
-        def bwd(arrays, cts):
+        def bwd(res, cts):
+            arrays, entering = res
             base = meta.dtypes(self.matmul)[0]
-            g = bw.vjp(meta, arrays, dict(zip(names, cts)), base, cu=arrays.get(CU_KEY))
+            g = bw.vjp(meta, arrays, dict(zip(names, cts)), base, cu=arrays.get(CU_KEY), entering=entering)
             return ({n: None if n == CU_KEY else (g[n] if n in g else jnp.zeros_like(v)).astype(jnp.asarray(v).dtype)
                      for n, v in arrays.items()},)
 
@@ -384,6 +406,9 @@ class Kernel:
         base, mm, out_dtype = meta.dtypes(self.matmul)
         if meta.seqs:
             options = {**options, CU_SEQLENS: arrays[CU_KEY]}
+        entering = {n[len(ENTER_KEY):]: x for n, x in arrays.items() if n.startswith(ENTER_KEY)}
+        if entering:
+            options = {**options, ENTERING: entering}
         call = []
         for p in self._info.params:
             x = arrays.get(p.name if p.kind == "input" else "state:" + p.name)

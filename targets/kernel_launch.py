@@ -11,8 +11,8 @@ from __future__ import annotations
 from ssmc.errors import TargetError
 from ssmc.ops import spellings
 
-from .base import (ACROSS, CU_SEQLENS, KERNEL_OPTIONS, MODULE_IMPORT, MODULE_NAMES, ModuleInfo, Target, chunk_inputs,
-                   chunk_outs, packed_batch_dim)
+from .base import (ACROSS, CU_SEQLENS, ENTERING, KERNEL_OPTIONS, MODULE_IMPORT, MODULE_NAMES, ModuleInfo, Target,
+                   chunk_inputs, chunk_outs, packed_batch_dim)
 from .kernel_plan import SEG, SEG_CHUNKS, KernelPlan, Schedule
 from .kernel_runtime import final_key, runtime_dims, runtime_strides
 from .writer import Names, Writer, py_const, py_name
@@ -65,7 +65,7 @@ class LauncherWriter:
     LAUNCHER_FIXED = MODULE_NAMES + ("jax", "jnp", "lax", "rt", "LAYOUT", "POST_LAYOUT", "mm", "out_dtype",
                                      "interpret", "arrays", "sizes", "post_arrays", "SEGMENT_STATES_LAYOUT",
                                      "SEGMENT_OUTPUTS_LAYOUT", "segments", "nseg", "seg_sizes", "seg_arrays",
-                                     "across", "cu_seqlens", "pk")
+                                     "across", "entering", "cu_seqlens", "pk")
     LAYOUT_NAMES = {"walk": "LAYOUT", "rows": "POST_LAYOUT", "segment_states": "SEGMENT_STATES_LAYOUT",
                     "segment_outputs": "SEGMENT_OUTPUTS_LAYOUT"}
     KERNEL_SUFFIX = {"rows": "post", "segment_states": "segment_states", "segment_outputs": "segment_outputs"}
@@ -244,7 +244,7 @@ class LauncherWriter:
                                                                                           i.attr("state")]))
                   for i in [x for x in p.instrs if x.op in ("input", "window", "state")]]
         rets = [("out", o.name, o.dims) for o in p.outs] + [("state", s.name, s.dims) for s in p.states]
-        opts = (KERNEL_OPTIONS + ((ACROSS,) if self.schedule.segment_states is not None else ())
+        opts = (KERNEL_OPTIONS + ((ACROSS, ENTERING) if self.schedule.segment_states is not None else ())
                 + ((CU_SEQLENS,) if self.batch else ()))
         # outs / inputs indexed by chunk (dim t#): ceil(T / Q) entries, Q fixed here (the launcher never retunes it)
         chunk = k.Q if chunk_outs(p) or chunk_inputs(p) else 0
@@ -299,12 +299,15 @@ class LauncherWriter:
         if across:
             w("# across: None, or the mesh axis this sequence is split over (inside a shard_map, see ssmc.shard):")
             w("# the segments of every device's part of the sequence then enter one scan")
+            w("# entering: None, or {state: the states entering each chunk [t#, *the state's dims]} from an earlier")
+            w("# walk of the same recurrence: each chunk is then a segment of its own, run in parallel (no final state)")
         if self.batch:
             w(f"# cu_seqlens: None, or int32 offsets of packed sequences along {k.scan} (a batch of one along "
               f"{self.batch}): one program")
             w("# per sequence walks it from its initial state to its final state (targets/packed.py)")
         with w.block(f"def {entry}({args}*, mm=jnp.float32, out_dtype=jnp.float32, interpret=False, "
-                     f"segments=None{', across=None' if across else ''}{', cu_seqlens=None' if self.batch else ''}):"):
+                     f"segments=None{', across=None, entering=None' if across else ''}"
+                     f"{', cu_seqlens=None' if self.batch else ''}):"):
             by_name = {b: a for a, b, *_ in params}
             if self.batch and k.pre:
                 tsrc = next(i for i in k.p.instrs if i.op == "input" and k.scan in i.dims)
@@ -362,8 +365,19 @@ class LauncherWriter:
         a, c = self.subs["segment_states"], self.subs["segment_outputs"]
         w("# the number of segments: from the length, the programs and the device's cores (rt.pick_segments),")
         w("# or `segments`; segment boundaries fall on chunk boundaries")
-        w("nseg, seg_sizes = rt.segments(LAYOUT, sizes, segments, interpret)")
-        with w.block("if nseg == 1 and across is None:"):
+        w("nseg, seg_sizes = rt.segments(LAYOUT, sizes, rt.chunk_count(LAYOUT, sizes) if entering is not None "
+          "else segments, interpret)")
+        with w.block("if entering is not None:"):
+            w("# the states entering each chunk are given: (c) alone, one segment per chunk, all in parallel")
+            incoming = {}
+            for cy in sch.carries:
+                s_in = incoming[cy.incoming] = self.store_var("incoming", cy.incoming)
+                w(f"{s_in} = rt.entering_states(entering, {cy.state!r}, {list(self.plan.decl[cy.state])!r}, "
+                  f"{list(cy.dims)!r}, seg_sizes)")
+                w(f"{self.store_var('state', cy.state)} = None  # not computed: no walk reaches the end")
+            w(f"seg_arrays = {{**arrays, {', '.join(f'{n!r}: {v}' for n, v in incoming.items())}}}")
+            c.launch("seg_arrays", "seg_sizes")
+        with w.block("elif nseg == 1 and across is None:"):
             w("# one walk: every program walks the whole sequence")
             self.launch("arrays", "sizes")
         with w.block("else:"):

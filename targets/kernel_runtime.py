@@ -191,6 +191,29 @@ def segments(layout: dict, sizes: dict, forced: int | None, cores: int) -> tuple
     return n, {**sizes, SEG: n, SEG_CHUNKS: per}
 
 
+def chunk_count(layout: dict, sizes: dict) -> int:
+    """The number of chunks of a call (ceil(T / Q))."""
+    return max(1, -(-sizes[layout["scan"]] // layout["Q"]))
+
+
+def entering_states(entering: dict, state: str, state_dims, dims, sizes):
+    """The incoming states of the segments from `entering` {state: [t#, *state_dims]}, the states entering each
+    chunk, when every chunk is a segment (`dims`: the segment, then per head; a group-indexed state repeated per
+    head). Kept in their dtype (the kernel widens them to fp32)."""
+    from ssmc.errors import ShapeError
+    if state not in entering:
+        raise ShapeError(f"entering: no states entering each chunk for state '{state}' (given: {sorted(entering)})")
+    x = jnp.asarray(entering[state])
+    want = (sizes[SEG],) + tuple(sizes[d] for d in state_dims)
+    if tuple(x.shape) != want:
+        raise ShapeError(f"entering['{state}']: shape {tuple(x.shape)}, expected {want} (the call's {sizes[SEG]} "
+                         f"chunks, then the state's dims {list(state_dims)})")
+    for ax, (d0, d1) in enumerate(zip(state_dims, dims[1:]), 1):
+        if d0 != d1:
+            x = jnp.repeat(x, sizes[d1] // sizes[d0], axis=ax)
+    return x
+
+
 def segment_scan(init, init_dims, local, decay, negs, dims, decay_dims, sizes, across=None):
     """Step (b): each segment's incoming state and the final state, from the initial state `init` (declared dims
     `init_dims`), the segments' own states `local` (dims: the segment, then per head) and total log-decays `decay`

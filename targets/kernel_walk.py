@@ -66,6 +66,11 @@ class KernelWalk:
         """The time index expression of a chunk's loads and stores (None: the block is the chunk)."""
         return None
 
+    @contextmanager
+    def update_guard(self, updates: bool):
+        """Around a chunk's state update: a target may skip it where nothing reads the state after it."""
+        yield
+
     def add_totals(self):
         """segment_states: add this chunk's log-decay (and negative factors) to the segment's totals."""
         raise NotImplementedError
@@ -179,8 +184,9 @@ class KernelWalk:
             if v not in done:  # a value not computed per chunk (an input or a hoisted value)
                 self.store(kind, name, v, time)
         self.chunk_stores(time, entering=False)
-        for i in k.body:
-            if i.op == "chunk.states":
+        updates = [i for i in k.body if i.op == "chunk.states"]
+        with self.update_guard(bool(updates)):
+            for i in updates:
                 w(f"# stage chunk_state + state_passing ({i.attr('state')})")
                 body.state_update(i)
         if k.totals:

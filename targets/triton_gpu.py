@@ -98,7 +98,7 @@ class TritonEmitter(KernelWalk, LauncherWriter):
     runtime = "triton_runtime"
     imports = ("import triton", "import triton.language as tl")
     FIXED = ("triton", "tl", "Q", "MM", "PREC", "pid", "bid", "c", "tt", "ttc", "valid", "t_i", "in_chunk",
-             "cu_seqlens_ptr", "PACKED", "seq_start", "seq_len", "row", "I64")
+             "cu_seqlens_ptr", "PACKED", "seq_start", "seq_len", "row", "I64", "seg_end")
     strides = True
     row_kernels = True
     handle = "ptr"
@@ -298,7 +298,9 @@ class TritonEmitter(KernelWalk, LauncherWriter):
         chunks = f"({NT} + Q - 1) // Q"
         if k.segmented:
             first = f"{self.pn.dim('i', SEG)} * {self.size_name(SEG_CHUNKS)}"
-            header = f"for c in range({first}, tl.minimum({first} + {self.size_name(SEG_CHUNKS)}, {chunks})):"
+            w(f"seg_end = tl.minimum({first} + {self.size_name(SEG_CHUNKS)}, {chunks})  # one past the segment's "
+              f"last chunk")
+            header = f"for c in range({first}, seg_end):"
         else:
             header = f"for c in range(0, {chunks}):"
         with w.block(header):
@@ -322,6 +324,16 @@ class TritonEmitter(KernelWalk, LauncherWriter):
 
     def chunk_time(self):
         return "ttc"
+
+    @contextmanager
+    def update_guard(self, updates: bool):
+        """(c) stores no state: the update after a segment's last chunk is dead (with one chunk per segment, as
+        from `entering`, every update is)."""
+        if updates and self.plan.role == "segment_outputs":
+            with self.w.block("if c + 1 < seg_end:  # the state entering the segment's next chunk"):
+                yield
+        else:
+            yield
 
     @contextmanager
     def step_loop(self):

@@ -85,6 +85,8 @@ def segments(layout, sizes, forced, interpret):
 
 
 segment_scan = kr.segment_scan
+chunk_count = kr.chunk_count
+entering_states = kr.entering_states
 
 
 def _mm_meta(mm) -> dict:

@@ -19,7 +19,7 @@ from ssmc.targets import pallas_runtime as rt
 from ssmc.targets.base import ModuleInfo, Param, Result
 
 MODULE_INFO = ModuleInfo(
-    target='tpu', entry='mamba2', options=('mm', 'out_dtype', 'interpret', 'segments', 'across', 'cu_seqlens'),
+    target='tpu', entry='mamba2', options=('mm', 'out_dtype', 'interpret', 'segments', 'across', 'entering', 'cu_seqlens'),
     params=(
         Param('x', 'x', 'input', ('b', 't', 'h', 'p')),
         Param('dt', 'dt', 'input', ('b', 't', 'h')),
@@ -286,9 +286,11 @@ def mamba2_segment_outputs(
 # segments: None (chosen per call from the sizes and the device), or a number of segments (1: one walk)
 # across: None, or the mesh axis this sequence is split over (inside a shard_map, see ssmc.shard):
 # the segments of every device's part of the sequence then enter one scan
+# entering: None, or {state: the states entering each chunk [t#, *the state's dims]} from an earlier
+# walk of the same recurrence: each chunk is then a segment of its own, run in parallel (no final state)
 # cu_seqlens: None, or int32 offsets of packed sequences along t (a batch of one along b): one program
 # per sequence walks it from its initial state to its final state (targets/packed.py)
-def mamba2(x, dt, A, B, C, D, h_prev, *, mm=jnp.float32, out_dtype=jnp.float32, interpret=False, segments=None, across=None, cu_seqlens=None):
+def mamba2(x, dt, A, B, C, D, h_prev, *, mm=jnp.float32, out_dtype=jnp.float32, interpret=False, segments=None, across=None, entering=None, cu_seqlens=None):
     arrays = {'x': x, 'dt': dt, 'A': A, 'B': B, 'C': C, 'D': D, 'h': h_prev}
     sizes = rt.dim_sizes(LAYOUT, arrays)
     if cu_seqlens is not None:
@@ -297,8 +299,14 @@ def mamba2(x, dt, A, B, C, D, h_prev, *, mm=jnp.float32, out_dtype=jnp.float32, 
     else:
         # the number of segments: from the length, the programs and the device's cores (rt.pick_segments),
         # or `segments`; segment boundaries fall on chunk boundaries
-        nseg, seg_sizes = rt.segments(LAYOUT, sizes, segments, interpret)
-        if nseg == 1 and across is None:
+        nseg, seg_sizes = rt.segments(LAYOUT, sizes, rt.chunk_count(LAYOUT, sizes) if entering is not None else segments, interpret)
+        if entering is not None:
+            # the states entering each chunk are given: (c) alone, one segment per chunk, all in parallel
+            h_in = rt.entering_states(entering, 'h', ['b', 'h', 'p', 'n'], ['~seg', 'b', 'h', 'p', 'n'], seg_sizes)
+            h_final = None  # not computed: no walk reaches the end
+            seg_arrays = {**arrays, 'h:in': h_in}
+            y, = rt.launch(mamba2_segment_outputs, SEGMENT_OUTPUTS_LAYOUT, seg_arrays, seg_sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
+        elif nseg == 1 and across is None:
             # one walk: every program walks the whole sequence
             y, h_final, = rt.launch(mamba2_chunked, LAYOUT, arrays, sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
         else:

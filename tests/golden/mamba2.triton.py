@@ -20,7 +20,7 @@ from ssmc.targets import triton_runtime as rt
 from ssmc.targets.base import ModuleInfo, Param, Result
 
 MODULE_INFO = ModuleInfo(
-    target='triton', entry='mamba2', options=('mm', 'out_dtype', 'interpret', 'segments', 'across', 'cu_seqlens'),
+    target='triton', entry='mamba2', options=('mm', 'out_dtype', 'interpret', 'segments', 'across', 'entering', 'cu_seqlens'),
     params=(
         Param('x', 'x', 'input', ('b', 't', 'h', 'p')),
         Param('dt', 'dt', 'input', ('b', 't', 'h')),
@@ -231,7 +231,8 @@ def mamba2_segment_states(
     # the state, held on chip for the whole segment (fp32)
     state_h_prev = tl.zeros((BLOCK_p, BLOCK_n,), tl.float32)  # from a zero state
     h_L_total = 0.0  # summed over the segment's chunks
-    for c in range(i_seg * seg_chunks, tl.minimum(i_seg * seg_chunks + seg_chunks, (N_t + Q - 1) // Q)):
+    seg_end = tl.minimum(i_seg * seg_chunks + seg_chunks, (N_t + Q - 1) // Q)  # one past the segment's last chunk
+    for c in range(i_seg * seg_chunks, seg_end):
         tt = c * Q + in_chunk
         valid = tt < N_t
         ttc = tl.minimum(tt, N_t - 1)
@@ -332,7 +333,8 @@ def mamba2_segment_outputs(
     # the state, held on chip for the whole segment (fp32)
     h_in = tl.load(h_in_ptr + i_seg * h_in_stride_seg + i_b * h_in_stride_b + i_h * h_in_stride_h + o_p[:, None] * h_in_stride_p + o_n * h_in_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0)
     state_h_in = h_in.to(tl.float32)
-    for c in range(i_seg * seg_chunks, tl.minimum(i_seg * seg_chunks + seg_chunks, (N_t + Q - 1) // Q)):
+    seg_end = tl.minimum(i_seg * seg_chunks + seg_chunks, (N_t + Q - 1) // Q)  # one past the segment's last chunk
+    for c in range(i_seg * seg_chunks, seg_end):
         tt = c * Q + in_chunk
         valid = tt < N_t
         ttc = tl.minimum(tt, N_t - 1)
@@ -366,10 +368,11 @@ def mamba2_segment_outputs(
         # stage epilogue
         y = y_h_new + v12
         tl.store(y_ptr + i_b * y_stride_b + ttc[:, None] * y_stride_t + i_h * y_stride_h + o_p * y_stride_p, (y).to(y_ptr.dtype.element_ty), mask=valid[:, None] & (o_p < N_p))
-        # stage chunk_state + state_passing (h)
-        h_upd_w = tl.where(valid, tl.exp(h_L_last - h_L), 0.0)  # decay from each step to the chunk's end
-        c6 = tl.dot(tl.trans(x).to(MM), ((B.to(tl.float32)) * ((h_upd_w) * dt.to(tl.float32))[:, None]).to(MM), input_precision=PREC)
-        state_h_in = tl.exp(h_L_last) * state_h_in + c6  # the state entering the next chunk
+        if c + 1 < seg_end:  # the state entering the segment's next chunk
+            # stage chunk_state + state_passing (h)
+            h_upd_w = tl.where(valid, tl.exp(h_L_last - h_L), 0.0)  # decay from each step to the chunk's end
+            c6 = tl.dot(tl.trans(x).to(MM), ((B.to(tl.float32)) * ((h_upd_w) * dt.to(tl.float32))[:, None]).to(MM), input_precision=PREC)
+            state_h_in = tl.exp(h_L_last) * state_h_in + c6  # the state entering the next chunk
     # stage output
 
 
@@ -377,9 +380,11 @@ def mamba2_segment_outputs(
 # segments: None (chosen per call from the sizes and the device), or a number of segments (1: one walk)
 # across: None, or the mesh axis this sequence is split over (inside a shard_map, see ssmc.shard):
 # the segments of every device's part of the sequence then enter one scan
+# entering: None, or {state: the states entering each chunk [t#, *the state's dims]} from an earlier
+# walk of the same recurrence: each chunk is then a segment of its own, run in parallel (no final state)
 # cu_seqlens: None, or int32 offsets of packed sequences along t (a batch of one along b): one program
 # per sequence walks it from its initial state to its final state (targets/packed.py)
-def mamba2(x, dt, A, B, C, D, h_prev, *, mm=jnp.float32, out_dtype=jnp.float32, interpret=False, segments=None, across=None, cu_seqlens=None):
+def mamba2(x, dt, A, B, C, D, h_prev, *, mm=jnp.float32, out_dtype=jnp.float32, interpret=False, segments=None, across=None, entering=None, cu_seqlens=None):
     arrays = {'x': x, 'dt': dt, 'A': A, 'B': B, 'C': C, 'D': D, 'h': h_prev}
     sizes = rt.dim_sizes(LAYOUT, arrays)
     if cu_seqlens is not None:
@@ -388,8 +393,14 @@ def mamba2(x, dt, A, B, C, D, h_prev, *, mm=jnp.float32, out_dtype=jnp.float32, 
     else:
         # the number of segments: from the length, the programs and the device's cores (rt.pick_segments),
         # or `segments`; segment boundaries fall on chunk boundaries
-        nseg, seg_sizes = rt.segments(LAYOUT, sizes, segments, interpret)
-        if nseg == 1 and across is None:
+        nseg, seg_sizes = rt.segments(LAYOUT, sizes, rt.chunk_count(LAYOUT, sizes) if entering is not None else segments, interpret)
+        if entering is not None:
+            # the states entering each chunk are given: (c) alone, one segment per chunk, all in parallel
+            h_in = rt.entering_states(entering, 'h', ['b', 'h', 'p', 'n'], ['~seg', 'b', 'h', 'p', 'n'], seg_sizes)
+            h_final = None  # not computed: no walk reaches the end
+            seg_arrays = {**arrays, 'h:in': h_in}
+            y, = rt.launch(mamba2_segment_outputs, SEGMENT_OUTPUTS_LAYOUT, seg_arrays, seg_sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
+        elif nseg == 1 and across is None:
             # one walk: every program walks the whole sequence
             y, h_final, = rt.launch(mamba2_chunked, LAYOUT, arrays, sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
         else:

@@ -22,7 +22,7 @@ from ssmc.targets import triton_runtime as rt
 from ssmc.targets.base import ModuleInfo, Param, Result
 
 MODULE_INFO = ModuleInfo(
-    target='triton', entry='mamba2_gated', options=('mm', 'out_dtype', 'interpret', 'segments', 'across', 'cu_seqlens'),
+    target='triton', entry='mamba2_gated', options=('mm', 'out_dtype', 'interpret', 'segments', 'across', 'entering', 'cu_seqlens'),
     params=(
         Param('x', 'x', 'input', ('b', 't', 'h', 'p')),
         Param('dt_raw', 'dt_raw', 'input', ('b', 't', 'h')),
@@ -257,7 +257,8 @@ def mamba2_gated_segment_states(
     # the state, held on chip for the whole segment (fp32)
     state_s_prev = tl.zeros((BLOCK_p, BLOCK_n,), tl.float32)  # from a zero state
     s_L_total = 0.0  # summed over the segment's chunks
-    for c in range(i_seg * seg_chunks, tl.minimum(i_seg * seg_chunks + seg_chunks, (N_t + Q - 1) // Q)):
+    seg_end = tl.minimum(i_seg * seg_chunks + seg_chunks, (N_t + Q - 1) // Q)  # one past the segment's last chunk
+    for c in range(i_seg * seg_chunks, seg_end):
         tt = c * Q + in_chunk
         valid = tt < N_t
         ttc = tl.minimum(tt, N_t - 1)
@@ -370,7 +371,8 @@ def mamba2_gated_segment_outputs(
     # the state, held on chip for the whole segment (fp32)
     s_in = tl.load(s_in_ptr + i_seg * s_in_stride_seg + i_b * s_in_stride_b + i_h * s_in_stride_h + o_p[:, None] * s_in_stride_p + o_n * s_in_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0)
     state_s_in = s_in.to(tl.float32)
-    for c in range(i_seg * seg_chunks, tl.minimum(i_seg * seg_chunks + seg_chunks, (N_t + Q - 1) // Q)):
+    seg_end = tl.minimum(i_seg * seg_chunks + seg_chunks, (N_t + Q - 1) // Q)  # one past the segment's last chunk
+    for c in range(i_seg * seg_chunks, seg_end):
         tt = c * Q + in_chunk
         valid = tt < N_t
         ttc = tl.minimum(tt, N_t - 1)
@@ -409,10 +411,11 @@ def mamba2_gated_segment_outputs(
         # stage epilogue
         v17 = v17_s_new + v15
         tl.store(v17_ptr + i_b * v17_stride_b + ttc[:, None] * v17_stride_t + i_h * v17_stride_h + o_p * v17_stride_p, (v17).to(v17_ptr.dtype.element_ty), mask=valid[:, None] & (o_p < N_p))
-        # stage chunk_state + state_passing (s)
-        s_upd_w = tl.where(valid, tl.exp(tl.minimum(s_L_last - s_L, 0.0)), 0.0)  # decay from each step to the chunk's end
-        c6 = tl.dot(tl.trans(x).to(MM), ((B.to(tl.float32)) * ((s_upd_w) * dt)[:, None]).to(MM), input_precision=PREC)
-        state_s_in = tl.exp(s_L_last) * state_s_in + c6  # the state entering the next chunk
+        if c + 1 < seg_end:  # the state entering the segment's next chunk
+            # stage chunk_state + state_passing (s)
+            s_upd_w = tl.where(valid, tl.exp(tl.minimum(s_L_last - s_L, 0.0)), 0.0)  # decay from each step to the chunk's end
+            c6 = tl.dot(tl.trans(x).to(MM), ((B.to(tl.float32)) * ((s_upd_w) * dt)[:, None]).to(MM), input_precision=PREC)
+            state_s_in = tl.exp(s_L_last) * state_s_in + c6  # the state entering the next chunk
     # stage output
 
 
@@ -468,9 +471,11 @@ def mamba2_gated_post(
 # segments: None (chosen per call from the sizes and the device), or a number of segments (1: one walk)
 # across: None, or the mesh axis this sequence is split over (inside a shard_map, see ssmc.shard):
 # the segments of every device's part of the sequence then enter one scan
+# entering: None, or {state: the states entering each chunk [t#, *the state's dims]} from an earlier
+# walk of the same recurrence: each chunk is then a segment of its own, run in parallel (no final state)
 # cu_seqlens: None, or int32 offsets of packed sequences along t (a batch of one along b): one program
 # per sequence walks it from its initial state to its final state (targets/packed.py)
-def mamba2_gated(x, dt_raw, dt_bias, A_log, B, C, D, z, norm_w, s_prev, *, mm=jnp.float32, out_dtype=jnp.float32, interpret=False, segments=None, across=None, cu_seqlens=None):
+def mamba2_gated(x, dt_raw, dt_bias, A_log, B, C, D, z, norm_w, s_prev, *, mm=jnp.float32, out_dtype=jnp.float32, interpret=False, segments=None, across=None, entering=None, cu_seqlens=None):
     arrays = {'x': x, 'dt_raw': dt_raw, 'dt_bias': dt_bias, 'A_log': A_log, 'B': B, 'C': C, 'D': D, 'z': z, 's': s_prev}
     sizes = rt.dim_sizes(LAYOUT, arrays)
     if cu_seqlens is not None:
@@ -479,8 +484,14 @@ def mamba2_gated(x, dt_raw, dt_bias, A_log, B, C, D, z, norm_w, s_prev, *, mm=jn
     else:
         # the number of segments: from the length, the programs and the device's cores (rt.pick_segments),
         # or `segments`; segment boundaries fall on chunk boundaries
-        nseg, seg_sizes = rt.segments(LAYOUT, sizes, segments, interpret)
-        if nseg == 1 and across is None:
+        nseg, seg_sizes = rt.segments(LAYOUT, sizes, rt.chunk_count(LAYOUT, sizes) if entering is not None else segments, interpret)
+        if entering is not None:
+            # the states entering each chunk are given: (c) alone, one segment per chunk, all in parallel
+            s_in = rt.entering_states(entering, 's', ['b', 'h', 'p', 'n'], ['~seg', 'b', 'h', 'p', 'n'], seg_sizes)
+            s_final = None  # not computed: no walk reaches the end
+            seg_arrays = {**arrays, 's:in': s_in}
+            v17, = rt.launch(mamba2_gated_segment_outputs, SEGMENT_OUTPUTS_LAYOUT, seg_arrays, seg_sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
+        elif nseg == 1 and across is None:
             # one walk: every program walks the whole sequence
             s_final, v17, = rt.launch(mamba2_gated_chunked, LAYOUT, arrays, sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
         else:
