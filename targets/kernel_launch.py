@@ -300,7 +300,8 @@ class LauncherWriter:
             w("# across: None, or the mesh axis this sequence is split over (inside a shard_map, see ssmc.shard):")
             w("# the segments of every device's part of the sequence then enter one scan")
             w("# entering: None, or {state: the states entering each chunk [t#, *the state's dims]} from an earlier")
-            w("# walk of the same recurrence: each chunk is then a segment of its own, run in parallel (no final state)")
+            w("# walk of the same recurrence: each chunk is then a segment of its own, all run in parallel (final")
+            w("# states: None)")
         if self.batch:
             w(f"# cu_seqlens: None, or int32 offsets of packed sequences along {k.scan} (a batch of one along "
               f"{self.batch}): one program")

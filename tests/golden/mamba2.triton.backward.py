@@ -398,7 +398,8 @@ def mamba2_fwd_segment_outputs(
 # across: None, or the mesh axis this sequence is split over (inside a shard_map, see ssmc.shard):
 # the segments of every device's part of the sequence then enter one scan
 # entering: None, or {state: the states entering each chunk [t#, *the state's dims]} from an earlier
-# walk of the same recurrence: each chunk is then a segment of its own, run in parallel (no final state)
+# walk of the same recurrence: each chunk is then a segment of its own, all run in parallel (final
+# states: None)
 def mamba2_fwd(x, dt, A, B, C, D, h_prev, *, mm=jnp.float32, out_dtype=jnp.float32, interpret=False, segments=None, across=None, entering=None):
     arrays = {'x': x, 'dt': dt, 'A': A, 'B': B, 'C': C, 'D': D, 'h': h_prev}
     sizes = rt.dim_sizes(LAYOUT, arrays)
@@ -826,7 +827,8 @@ def mamba2_dq_segment_outputs(
 # across: None, or the mesh axis this sequence is split over (inside a shard_map, see ssmc.shard):
 # the segments of every device's part of the sequence then enter one scan
 # entering: None, or {state: the states entering each chunk [t#, *the state's dims]} from an earlier
-# walk of the same recurrence: each chunk is then a segment of its own, run in parallel (no final state)
+# walk of the same recurrence: each chunk is then a segment of its own, all run in parallel (final
+# states: None)
 # cu_seqlens: None, or int32 offsets of packed sequences along t (a batch of one along b): one program
 # per sequence walks it from its initial state to its final state (targets/packed.py)
 def mamba2_dq(log_a_h, dt_2, B_2, x_2, dy, C_2, h_prev_2, *, mm=jnp.float32, out_dtype=jnp.float32, interpret=False, segments=None, across=None, entering=None, cu_seqlens=None):
@@ -1351,7 +1353,8 @@ def mamba2_adj_segment_outputs(
 # across: None, or the mesh axis this sequence is split over (inside a shard_map, see ssmc.shard):
 # the segments of every device's part of the sequence then enter one scan
 # entering: None, or {state: the states entering each chunk [t#, *the state's dims]} from an earlier
-# walk of the same recurrence: each chunk is then a segment of its own, run in parallel (no final state)
+# walk of the same recurrence: each chunk is then a segment of its own, all run in parallel (final
+# states: None)
 def mamba2_adj(log_a_h, dy, C_2, B_2, x_2, dt_2, h_fwd, h_prev_2, *, mm=jnp.float32, out_dtype=jnp.float32, interpret=False, segments=None, across=None, entering=None):
     arrays = {'log_a_h': log_a_h, 'dy': dy, 'C': C_2, 'B': B_2, 'x': x_2, 'dt': dt_2, 'h_fwd': h_fwd, 'h': h_prev_2}
     sizes = rt.dim_sizes(LAYOUT, arrays)

@@ -381,7 +381,8 @@ def mamba2_segment_outputs(
 # across: None, or the mesh axis this sequence is split over (inside a shard_map, see ssmc.shard):
 # the segments of every device's part of the sequence then enter one scan
 # entering: None, or {state: the states entering each chunk [t#, *the state's dims]} from an earlier
-# walk of the same recurrence: each chunk is then a segment of its own, run in parallel (no final state)
+# walk of the same recurrence: each chunk is then a segment of its own, all run in parallel (final
+# states: None)
 # cu_seqlens: None, or int32 offsets of packed sequences along t (a batch of one along b): one program
 # per sequence walks it from its initial state to its final state (targets/packed.py)
 def mamba2(x, dt, A, B, C, D, h_prev, *, mm=jnp.float32, out_dtype=jnp.float32, interpret=False, segments=None, across=None, entering=None, cu_seqlens=None):

@@ -472,7 +472,8 @@ def mamba2_gated_post(
 # across: None, or the mesh axis this sequence is split over (inside a shard_map, see ssmc.shard):
 # the segments of every device's part of the sequence then enter one scan
 # entering: None, or {state: the states entering each chunk [t#, *the state's dims]} from an earlier
-# walk of the same recurrence: each chunk is then a segment of its own, run in parallel (no final state)
+# walk of the same recurrence: each chunk is then a segment of its own, all run in parallel (final
+# states: None)
 # cu_seqlens: None, or int32 offsets of packed sequences along t (a batch of one along b): one program
 # per sequence walks it from its initial state to its final state (targets/packed.py)
 def mamba2_gated(x, dt_raw, dt_bias, A_log, B, C, D, z, norm_w, s_prev, *, mm=jnp.float32, out_dtype=jnp.float32, interpret=False, segments=None, across=None, entering=None, cu_seqlens=None):
