@@ -17,7 +17,7 @@ import pytest
 import ssmc
 from ssmc import SSMCError, TargetError
 from ssmc import targets as targets_pkg
-from ssmc.targets.base import ACROSS, BASE_OPTIONS, CU_SEQLENS, KERNEL_OPTIONS, ModuleInfo, Target
+from ssmc.targets.base import ACROSS, BASE_OPTIONS, CU_SEQLENS, ENTERING, KERNEL_OPTIONS, ModuleInfo, Target
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TARGETS = ("xla", "triton", "tpu")
@@ -107,8 +107,10 @@ def test_generated_module_describes_its_entry(target):
     info = mod.MODULE_INFO
     assert isinstance(info, ModuleInfo) and info.target == target
     # + across: a chunk-parallel spec's entry runs one part of a sequence split over devices (ssmc.shard);
+    # + entering (kernel targets' segment schedule): the states entering each chunk given, every chunk at once;
     # + cu_seqlens: a spec with a batch dim takes packed sequences
-    assert info.options == targets_pkg.get_target(target).options + (ACROSS, CU_SEQLENS)
+    tgt = targets_pkg.get_target(target)
+    assert info.options == tgt.options + (ACROSS,) + ((ENTERING,) if tgt.kernels else ()) + (CU_SEQLENS,)
     for legacy in ("PARAMS", "RETURNS", "ENTRY"):
         assert legacy not in mod.__dict__, legacy
     fn = getattr(mod, info.entry)
