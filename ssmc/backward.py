@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ssmc.targets.base import ENTERING
+from ssmc.targets.base import ACROSS, ENTERING
 
 from .errors import SSMCError
 from .ir import Program
@@ -149,24 +149,39 @@ class Backward:
                 env.run(i)
         return outs, finals
 
+    def takes(self, options: dict) -> bool:
+        """Whether these kernels differentiate a call with entry `options`: none, or `across` (a part of a sequence
+        split over devices, ssmc.shard) where the forward stores the entering states and every kernel that walks
+        takes `across` (the adjoint's parts chain in reverse device order)."""
+        if not options:
+            return True
+        if set(options) != {ACROSS} or self.forward_kernel is None:
+            return False
+        return all(ACROSS in k._info.options for k in (self.forward_kernel, self.kernels["adj"]))
+
     # ---- the forward of a differentiated call ---------------------------------------------------------------
-    def forward(self, meta, arrays: dict):
+    def forward(self, meta, arrays: dict, across=None):
         """(the call's results, the states entering each chunk {state: array} or None): the forward that also
         stores them where the backward takes them from it (forward_kernel), else the plain forward."""
+        opts = {} if across is None else {ACROSS: across}
         if self.forward_kernel is None or meta.seqs:
-            return self.k._entry(meta, arrays), None
+            return self.k._entry(meta, arrays, **opts), None
         fk, n = self.forward_kernel, len(self.k.outs)
-        res = fk._entry(meta, arrays)
+        res = fk._entry(meta, arrays, **opts)
         names = [o for o, _ in fk.outs]
         entering = {s: res[names.index(st.pairs["enter"])] for s, st in self.d.states.items()}
         return tuple(res[:n]) + tuple(res[len(names):]), entering
 
     # ---- the vjp -----------------------------------------------------------------------------------------
-    def vjp(self, meta, arrays: dict, cts: dict, dtype, cu=None, entering=None):
+    def vjp(self, meta, arrays: dict, cts: dict, dtype, cu=None, entering=None, across=None):
         """Cotangents of `arrays` (inputs by name, initial states as "state:<name>") for cotangents `cts` of the
         call's results ({out name: array, "state:<name>": array}, declared layouts). `cu`: a packed call's
         offsets (the states then hold one entry per sequence along the kernel's packed dim). `entering`: the
-        states entering each chunk, as `forward` stored them (needed where the forward stores them)."""
+        states entering each chunk, as `forward` stored them (needed where the forward stores them). `across`:
+        inside a shard_map, the mesh axis this device's part of the sequence is split over (ssmc.shard, whose
+        final states are the last part's): each device returns its part's share of every cotangent (the initial
+        states' on the first part only), which the shard_map sums over the parts for the inputs without the scan
+        dim."""
         if cu is not None and self.pairs:  # chunks cannot align with every packed sequence: the cancelling form
             return self.flat().vjp(meta, arrays, cts, dtype, cu)
         if self.forward_kernel is not None and entering is None:
@@ -175,7 +190,7 @@ class Backward:
         sizes = dict(meta.sizes)
         pd = self.k.packed_dim if cu is not None else None
         ssz = dict(meta.state_sizes(pd))  # the states' sizes (a packed call: one entry per sequence)
-        time = _Time(sizes[scan], scan, cu)
+        time = _Time(sizes[scan], scan, cu, across)
         call = {} if cu is None else {"cu_seqlens": cu}
         decl = {a.name: a.dims for a in p.inputs + p.states + p.outs}
         leaves = [i for i in p.instrs if i.op in ("input", "window")]
@@ -205,7 +220,10 @@ class Backward:
             terms = zeros
         else:
             rk = self.kernels["readouts"]
-            res = rk.apply(self._feed("readouts", env, {}, logs, feed_dt), _init(states0, d.states, decl), **call)
+            # the forward recurrence again: every chunk at once from the forward's entering states where it has them
+            ropts = ({"entering": entering} if entering and ENTERING in rk._info.options else
+                     {"across": across} if across is not None else call)
+            res = rk.apply(self._feed("readouts", env, {}, logs, feed_dt), _init(states0, d.states, decl), **ropts)
             named = dict(zip([n for n, _ in rk.outs], res))
             terms = {r: named[out] for r, (_, out) in d.readouts.items()}
         dy = {o.name: _ct(cts.get(o.name), o.dims, o.dims, sizes, dtype) for o in p.outs}
@@ -235,12 +253,15 @@ class Backward:
         entering = entering or {s: dq[st.pairs["enter"]] for s, st in d.states.items() if st.pairs}
         finals = dict(zip([n for n, _ in dq_k.states], res[n_out:]))  # None when dq ran from `entering`
         dST = {s: _ct(cts.get("state:" + s), decl[s], d.states[s].dims, ssz, dtype) for s in d.states}
+        if across is not None:  # the final states are the last part's: their cotangent starts every part's chain
+            dST = {s: jax.lax.psum(v, across) for s, v in dST.items()}
         adj_k = self.kernels["adj"]
         feed = self._feed("adj", env, dterms, {s: self._shift(lg, d.states[s], time) for s, lg in logs.items()},
                           feed_dt, {"enter:" + s: entering[s] for s in entering})
         # a reverse-time program: its walk starts at each sequence's last step (in place on triton; elsewhere
         # the call flips the timed arrays around the kernels, Kernel._entry)
-        res = adj_k.apply(self._pad("adj", feed, Tp), {s: dST[s] for s in d.states}, **call)
+        res = adj_k.apply(self._pad("adj", feed, Tp), {s: dST[s] for s in d.states},
+                          **({"across": across} if across is not None else call))
         n_out = len(adj_k.outs)
         du = self._unpad(adj_k, res[:n_out], T)
         G0 = dict(zip([n for n, _ in adj_k.states], res[n_out:]))
@@ -267,7 +288,7 @@ class Backward:
             if st.log is None:
                 continue
             if st.pairs:
-                dlog[s] = self._per_chunk(st, dq, du, logs[s][0], T)
+                dlog[s] = self._per_chunk(st, dq, du, logs[s][0], T, time)
                 continue
             ldl = st.ldims
             rest = tuple(x for x in ldl if x != scan)
@@ -298,6 +319,8 @@ class Backward:
                 if st.signs:
                     a0 = a0 * time.first(logs[s][1], st.ldims, pd)[0]
                 g = g * align(a0, a0_dims, st.dims)
+            if across is not None:  # only the first part starts from the initial states
+                g = jnp.where(jax.lax.axis_index(across) == 0, g, 0.0)
             grads["state:" + s] = to_dims(g, st.dims, decl[s])
         return grads
 
@@ -321,7 +344,7 @@ class Backward:
         return {n: jax.lax.slice_in_dim(r, 0, T, axis=dims.index(scan)) if scan in dims else r
                 for (n, dims), r in zip(k.outs, res)}
 
-    def _per_chunk(self, st, dq, du, lg, T):
+    def _per_chunk(self, st, dq, du, lg, T, time):
         """dℓ_i = a_i <S_{i-1}, G_i> from the per-chunk pieces (passes/adjoint.py): within each chunk of Q steps
         Σ_{t >= i} X_t + W_i + Σ_{s < i} Y_s + exp(Σ ℓ over the chunk and the next step) <S_enter, G_enter>.
         adj walks reversed time, so its straddle at step j counts the pairs across j and j + 1: W_i is its value
@@ -348,8 +371,7 @@ class Backward:
         Z = chunks(du[st.pairs["across"]])  # <S_enter, G_enter> of each step's chunk
         L = chunks(jnp.broadcast_to(lg, dq[st.pairs["read"]].shape))
         first = jax.lax.slice_in_dim(L, 0, 1, axis=ax + 1)
-        nxt = jnp.concatenate([jax.lax.slice_in_dim(first, 1, nc, axis=ax), jnp.zeros_like(
-            jax.lax.slice_in_dim(first, 0, 1, axis=ax))], axis=ax)   # ℓ at the step after each chunk (0 at the end)
+        nxt = time.next(first, ax, 0.0)  # ℓ at the step after each chunk (0 at the end)
         across = jnp.exp(jnp.sum(L, axis=ax + 1, keepdims=True) + nxt) * Z
         dl = reads + upds + W + across
         dl = dl.reshape(dl.shape[:ax] + (Tp,) + dl.shape[ax + 2:])
@@ -401,10 +423,12 @@ class Backward:
 
 class _Time:
     """Where sequences start and end along the scan dim: each batch row one sequence of all T steps, or packed
-    sequences at offsets `cu` (in a batch of one; their states lie along the packed dim)."""
+    sequences at offsets `cu` (in a batch of one; their states lie along the packed dim). `across`: inside a
+    shard_map, the mesh axis the sequence is split over; this device holds one part, and the step after its last
+    is the next part's first."""
 
-    def __init__(self, T: int, scan: str, cu=None):
-        self.T, self.scan = T, scan
+    def __init__(self, T: int, scan: str, cu=None, across=None):
+        self.T, self.scan, self.across = T, scan, across
         self.cu = cu = None if cu is None else jnp.asarray(cu, jnp.int32)
         if cu is not None:
             t = jnp.arange(T)
@@ -414,6 +438,11 @@ class _Time:
     def next(self, x, ax, fill):
         """y[t] = x[t+1] within a sequence, `fill` at each sequence's last step."""
         pad = jnp.full_like(jax.lax.slice_in_dim(x, 0, 1, axis=ax), fill)
+        if self.across is not None:  # the last step's successor is the next part's first (none after the last)
+            n = jax.lax.axis_size(self.across)
+            after = jax.lax.ppermute(jax.lax.slice_in_dim(x, 0, 1, axis=ax), self.across,
+                                     [(i + 1, i) for i in range(n - 1)])
+            pad = jnp.where(jax.lax.axis_index(self.across) == n - 1, pad, after)
         y = jnp.concatenate([jax.lax.slice_in_dim(x, 1, x.shape[ax], axis=ax), pad], axis=ax)
         if self.cu is None:
             return y

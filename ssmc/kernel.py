@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ssmc.passes.chunk import chunk_dim
-from ssmc.targets.base import CU_SEQLENS, ENTERING, ModuleInfo, Target, chunk_inputs, chunk_outs, packed_batch_dim
+from ssmc.targets.base import ACROSS, CU_SEQLENS, ENTERING, ModuleInfo, Target, chunk_inputs, chunk_outs, packed_batch_dim
 
 from . import step as _step
 from .errors import ShapeError, SSMCError, TargetError
@@ -103,7 +103,7 @@ class Kernel:
         # keyword options of the entry besides mm / out_dtype (kernel targets: interpret)
         self._opts = {"interpret": interpret} if "interpret" in info.options else {}
         self._jitted = jax.jit(self._run, static_argnums=(0,))
-        self._jitted_entry = jax.jit(self._entry, static_argnums=(0,))  # apply(entering=...)
+        self._jitted_entry = jax.jit(self._entry, static_argnums=(0,), static_argnames=(ACROSS,))  # apply(entering=)
         self._derivative_fns: dict = {}  # (meta, options) -> the differentiable kernel call (kernel targets)
         self._auto = None  # a measured default schedule (ssmc/autoschedule.py), set by compile
 
@@ -146,13 +146,22 @@ class Kernel:
         zeros by default) and returns its own final state; nothing crosses a boundary (see `packed_dim`)."""
         return self._call(args, kwargs, *self._call_options(kwargs))
 
-    def apply(self, inputs, initial_states=None, cu_seqlens=None, entering=None):
+    def apply(self, inputs, initial_states=None, cu_seqlens=None, entering=None, across=None):
         """The call with everything in containers (no keyword can meet an input's name): `inputs` a dict {input
         name: array} or a sequence in declared order; `initial_states` None (zeros), a dict {state name: array},
         a sequence in k.states order, or one array when there is one state; `cu_seqlens` as for the call.
         `entering` (kernel targets with a segment schedule): {state: the states entering each chunk, [ceil(T/Q),
         *the state's dims]}, as an earlier walk of the same recurrence stored them (the derived backward's `states`
-        program): every chunk then runs on its own, all in parallel, and the final states come back as None."""
+        program): every chunk then runs on its own, all in parallel, and the final states come back as None.
+        `across`: inside a shard_map, the mesh axis (or axes) the scan dim is split over (as ssmc.shard calls an
+        entry; not differentiable, the derived backward's own use)."""
+        if across is not None:
+            if entering is not None or cu_seqlens is not None:
+                raise ShapeError(f"{self.name}.apply: across= takes neither entering= nor cu_seqlens=")
+            if ACROSS not in self._info.options:
+                raise SSMCError(f"{self.name}.apply: across= needs an entry that takes it (a chunked schedule)")
+            meta, arrays = self._bound(*self._apply_args(inputs, initial_states, f"{self.name}.apply"))
+            return self._jitted_entry(meta, arrays, across=across)
         if entering is None:
             return self._call(*self._apply_args(inputs, initial_states, f"{self.name}.apply"), cu_seqlens)
         if ENTERING not in self._info.options or self.program.reverse:
@@ -299,11 +308,11 @@ class Kernel:
         if f is not None:
             return f
         opts = dict(options)
-        bw = self._derived_backward() if not opts else None
-        if bw is not None and meta.seqs and not bw.packable:
+        bw = self._derived_backward()
+        if bw is not None and (meta.seqs and not bw.packable or not bw.takes(opts)):
             bw = None
         if bw is not None:
-            f = self._derivative_fns[key] = self._adjoint_call(meta, bw)
+            f = self._derivative_fns[key] = self._adjoint_call(meta, bw, opts.get(ACROSS))
             return f
 
         @jax.custom_jvp
@@ -325,24 +334,27 @@ class Kernel:
         self._derivative_fns[key] = call
         return call
 
-    def _adjoint_call(self, meta: "_Meta", bw):
+    def _adjoint_call(self, meta: "_Meta", bw, across=None):
         """The kernel call as a jax.custom_vjp function: values from the forward kernels, the vector-Jacobian
         product from the derived backward kernels (ssmc/backward.py). The forward saves its arguments and, on the
-        kernel targets, the states entering each chunk (one per chunk, never per step; Backward.forward)."""
+        kernel targets, the states entering each chunk (one per chunk, never per step; Backward.forward).
+        `across`: inside a shard_map, the mesh axis the sequence is split over (ssmc.shard)."""
         names = [n for n, _ in self.outs] + ["state:" + s for s, _ in self.states]
+        opts = {} if across is None else {ACROSS: across}
 
         @jax.custom_vjp
         def call(arrays):
-            return self._entry(meta, arrays)
+            return self._entry(meta, arrays, **opts)
 
         def fwd(arrays):
-            out, entering = bw.forward(meta, arrays)
+            out, entering = bw.forward(meta, arrays, across)
             return out, (arrays, entering)
 
         def bwd(res, cts):
             arrays, entering = res
             base = meta.dtypes(self.matmul)[0]
-            g = bw.vjp(meta, arrays, dict(zip(names, cts)), base, cu=arrays.get(CU_KEY), entering=entering)
+            g = bw.vjp(meta, arrays, dict(zip(names, cts)), base, cu=arrays.get(CU_KEY), entering=entering,
+                       across=across)
             return ({n: None if n == CU_KEY else (g[n] if n in g else jnp.zeros_like(v)).astype(jnp.asarray(v).dtype)
                      for n, v in arrays.items()},)
 

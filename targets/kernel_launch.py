@@ -394,7 +394,7 @@ class LauncherWriter:
                 w(f"{s_in}, {self.store_var('state', cy.state)} = rt.segment_scan({init}, "
                   f"{list(self.plan.decl[cy.state])!r}, {a.store_var('segment', cy.local)}, "
                   f"{a.store_var('decay', cy.decay)}, {negs}, {list(cy.dims)!r}, {list(cy.decay_dims)!r}, sizes, "
-                  f"across=across)")
+                  f"across=across{', reverse=True' if self.plan.p.reverse else ''})")
             w("# (c) every program and segment: its outputs, walking from the state entering the segment")
             w(f"seg_arrays = {{**arrays, {', '.join(f'{n!r}: {v}' for n, v in incoming.items())}}}")
             c.launch("seg_arrays", "seg_sizes")

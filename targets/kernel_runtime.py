@@ -214,7 +214,7 @@ def entering_states(entering: dict, state: str, state_dims, dims, sizes):
     return x
 
 
-def segment_scan(init, init_dims, local, decay, negs, dims, decay_dims, sizes, across=None):
+def segment_scan(init, init_dims, local, decay, negs, dims, decay_dims, sizes, across=None, reverse=False):
     """Step (b): each segment's incoming state and the final state, from the initial state `init` (declared dims
     `init_dims`), the segments' own states `local` (dims: the segment, then per head) and total log-decays `decay`
     (+ counts of negative factors `negs`, for signed decays). S_in(0) = init, S_in(j) = D(j-1) S_in(j-1) + S(j-1),
@@ -223,7 +223,8 @@ def segment_scan(init, init_dims, local, decay, negs, dims, decay_dims, sizes, a
     scans its own segments from a zero state, which gives its part's own state, and its segments' incoming states
     are linear in the state entering its part: S_in(j) = S_in^0(j) + P(j) S_part with P(j) = D(0)...D(j-1). So
     only one (total decay, state) pair per device is gathered, and a scan over those gives the state entering each
-    part and the final state (every device runs it: they are a handful of states)."""
+    part and the final state (every device runs it: they are a handful of states). `reverse`: a reverse-time
+    program's walk, whose parts come in reverse device order (the last device's part first)."""
     s0 = _per_head(jnp.asarray(init).astype(jnp.float32), init_dims, dims, sizes)
     local = local.astype(jnp.float32)
     logs = jnp.broadcast_to(align(decay.astype(jnp.float32), decay_dims, dims), local.shape)
@@ -235,8 +236,11 @@ def segment_scan(init, init_dims, local, decay, negs, dims, decay_dims, sizes, a
     prefix = _signed(jnp.cumsum(logs, 0) - logs, None if nn is None else jnp.cumsum(nn, 0) - nn)
     total = _signed(jnp.sum(logs, 0), None if nn is None else jnp.sum(nn, 0))
     owns, totals = (lax.all_gather(x, across, axis=0) for x in (own, total))
+    me = lax.axis_index(across)
+    if reverse:  # walk order: the last device's part first
+        owns, totals, me = jnp.flip(owns, 0), jnp.flip(totals, 0), owns.shape[0] - 1 - me
     entering, final = _chain(s0, owns, totals)
-    s_part = lax.dynamic_index_in_dim(entering, lax.axis_index(across), axis=0, keepdims=False)
+    s_part = lax.dynamic_index_in_dim(entering, me, axis=0, keepdims=False)
     return s_in0 + prefix * s_part[None], _per_group(final, init_dims, dims, sizes)
 
 

@@ -140,20 +140,32 @@ def main():
     def ref_loss(ins):
         o, st = v.reference(ins, init)
         return float(np.sum(o[0] * wy) + np.sum(st[0] * wh))
+    def ref_loss_init(st):
+        o, s = v.reference(inputs, st)
+        return float(np.sum(o[0] * wy) + np.sum(s[0] * wh))
     for axes in ({"b": "x", "h": "y"}, {"t": ("x", "y")}):
         sk = ssmc.shard(k, mesh, axes)
 
-        def loss(ins):
-            y, h = sk(**ins, initial_state=init["h"])
+        def loss(ins, h0):
+            y, h = sk(**ins, initial_state=h0)
             return jnp.sum(y * wy.astype(np.float32)) + jnp.sum(h * wh.astype(np.float32))
-        grads = jax.jit(jax.grad(loss))({n: jnp.asarray(a) for n, a in inputs.items()})
+        grads, g0 = jax.jit(jax.grad(loss, argnums=(0, 1)))({n: jnp.asarray(a) for n, a in inputs.items()},
+                                                            jnp.asarray(init["h"]))
         errs = {}
         for n, a in inputs.items():
             a64 = {m: b.astype(np.float64) for m, b in inputs.items()}
             idx = rng.choice(a.size, size=min(3, a.size), replace=False)
             fd = central_differences(lambda: ref_loss(a64), a64, n, idx)
             errs[n] = rel_l2(np.asarray(grads[n], np.float64).ravel()[idx], fd)
-        print(json.dumps({"grad": axes, "errors": errs}), flush=True)
+        st = {"h": np.asarray(init["h"], np.float64)}
+        idx = rng.choice(st["h"].size, size=3, replace=False)
+        errs["initial h"] = rel_l2(np.asarray(g0, np.float64).ravel()[idx],
+                                   central_differences(lambda: ref_loss_init(st), st, "h", idx))
+        # the derived backward kernels, or (xla, or what they do not take) the XLA code's derivatives
+        bw = k._derived_backward() if k._target.kernels else None
+        opts = {"across": ("x", "y")} if "t" in axes else {}
+        print(json.dumps({"grad": axes, "errors": errs, "derived": bool(bw is not None and bw.takes(opts))}),
+              flush=True)
     for name, axes, over, want in ERRORS:
         if name == "gqa":  # a state indexed by the group dim (tests/specgen.py)
             case, sizes = FIXED["gqa-state"]

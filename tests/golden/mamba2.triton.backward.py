@@ -1375,7 +1375,7 @@ def mamba2_adj(log_a_h, dy, C_2, B_2, x_2, dt_2, h_fwd, h_prev_2, *, mm=jnp.floa
         h_segment, h_decay, = rt.launch(mamba2_adj_segment_states, SEGMENT_STATES_LAYOUT, arrays, seg_sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
         # (b) the scan across segments: S_in(j) = D(j-1) * S_in(j-1) + S(j-1), from the initial state
         # (and across the devices' parts of the sequence, when it is split over `across`)
-        h_in, h_final = rt.segment_scan(h_prev_2, ['b', 'h', 'p', 'n'], h_segment, h_decay, None, ['~seg', 'b', 'h', 'p', 'n'], ['~seg', 'b', 'h'], sizes, across=across)
+        h_in, h_final = rt.segment_scan(h_prev_2, ['b', 'h', 'p', 'n'], h_segment, h_decay, None, ['~seg', 'b', 'h', 'p', 'n'], ['~seg', 'b', 'h'], sizes, across=across, reverse=True)
         # (c) every program and segment: its outputs, walking from the state entering the segment
         seg_arrays = {**arrays, 'h:in': h_in}
         d_dt, d_v4, d_x, dl_upd_h, dl_straddle_h, dl_across_h, = rt.launch(mamba2_adj_segment_outputs, SEGMENT_OUTPUTS_LAYOUT, seg_arrays, seg_sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
