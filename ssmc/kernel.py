@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ssmc.passes.chunk import chunk_dim
-from ssmc.targets.base import ACROSS, CU_SEQLENS, ENTERING, ModuleInfo, Target, chunk_inputs, chunk_outs, packed_batch_dim
+from ssmc.targets.base import (ACROSS, CU_SEQLENS, ENTERING, ModuleInfo, Target, chunk_inputs, chunk_outs,
+                               packed_batch_dim)
 
 from . import step as _step
 from .errors import ShapeError, SSMCError, TargetError
