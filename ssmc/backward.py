@@ -185,7 +185,7 @@ class Backward:
         if cu is not None and self.pairs:  # chunks cannot align with every packed sequence: the cancelling form
             return self.flat().vjp(meta, arrays, cts, dtype, cu)
         if self.forward_kernel is not None and entering is None:
-            _, entering = self.forward(meta, arrays)
+            _, entering = self.forward(meta, arrays, across)
         p, d, scan = self.p, self.d, self.p.scan
         sizes = dict(meta.sizes)
         pd = self.k.packed_dim if cu is not None else None

@@ -152,8 +152,8 @@ class Kernel:
         name: array} or a sequence in declared order; `initial_states` None (zeros), a dict {state name: array},
         a sequence in k.states order, or one array when there is one state; `cu_seqlens` as for the call.
         `entering` (kernel targets with a segment schedule): {state: the states entering each chunk, [ceil(T/Q),
-        *the state's dims]}, as an earlier walk of the same recurrence stored them (the derived backward's `states`
-        program): every chunk then runs on its own, all in parallel, and the final states come back as None.
+        *the state's dims]}, as an earlier walk of the same recurrence stored them (the forward of a differentiated
+        call, ssmc/backward.py): every chunk then runs on its own, all in parallel, and the final states come back as None.
         `across`: inside a shard_map, the mesh axis (or axes) the scan dim is split over (as ssmc.shard calls an
         entry; not differentiable, the derived backward's own use)."""
         if across is not None:

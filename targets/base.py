@@ -50,8 +50,8 @@ KERNEL_OPTIONS = BASE_OPTIONS + ("interpret", "segments")  # kernel targets: the
 # the parts before it (a scan over the parts' own states and total decays)
 ACROSS = "across"
 # entries with a segment schedule also take `entering=`: {state: the states entering each chunk [t#, *its dims]},
-# stored by an earlier walk of the same recurrence (the derived backward's `states` program). Every chunk is then a
-# segment of its own: step (c) alone runs all chunks in parallel; the final states come back as None
+# stored by an earlier walk of the same recurrence (the forward of a differentiated call, ssmc/backward.py). Every
+# chunk is then a segment of its own: step (c) alone runs all chunks in parallel; the final states come back as None
 ENTERING = "entering"
 # entries that can run packed variable-length sequences take `cu_seqlens=`: int32 offsets [num_seqs + 1] of the
 # sequences laid end to end along the scan dim of a batch of one (targets/packed.py)

@@ -175,10 +175,15 @@ def pick_segments(n_chunks: int, programs: int, cores: int, below: float = SEG_B
     return max(1, min(want, n_chunks // SEG_MIN_CHUNKS, SEG_MAX))
 
 
+def chunk_count(layout: dict, sizes: dict) -> int:
+    """The number of chunks of a call (ceil(T / Q))."""
+    return max(1, -(-sizes[layout["scan"]] // layout["Q"]))
+
+
 def segments(layout: dict, sizes: dict, forced: int | None, cores: int) -> tuple[int, dict]:
     """(number of segments, sizes with the segment count and chunks per segment) of a call: `forced` (the
     compile option) or pick_segments. Segments cover whole chunks; the last may be shorter. 1: the one walk."""
-    n_chunks = max(1, -(-sizes[layout["scan"]] // layout["Q"])) if layout["Q"] else 1
+    n_chunks = chunk_count(layout, sizes) if layout["Q"] else 1
     if forced is None:
         blocks = math.prod(-(-sizes[d] // 64) for d in layout["split"])  # the heuristic's blocks of at most 64
         n = pick_segments(n_chunks, math.prod(sizes[d] for d in layout["grid"]) * blocks, cores,
@@ -189,11 +194,6 @@ def segments(layout: dict, sizes: dict, forced: int | None, cores: int) -> tuple
     per = -(-n_chunks // n)
     n = -(-n_chunks // per)
     return n, {**sizes, SEG: n, SEG_CHUNKS: per}
-
-
-def chunk_count(layout: dict, sizes: dict) -> int:
-    """The number of chunks of a call (ceil(T / Q))."""
-    return max(1, -(-sizes[layout["scan"]] // layout["Q"]))
 
 
 def entering_states(entering: dict, state: str, state_dims, dims, sizes):
