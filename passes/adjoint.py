@@ -14,10 +14,11 @@ given the readouts' cotangents dr (design-notes "Backward"):
               them (a gated norm): the epilogue's cotangent needs their values first.
 The log-decays' cotangent dℓ_t = a_t <S_{t-1}, G_t>: for a scalar positive decay read after its update (Mamba2,
 RetNet) the programs give it per chunk without cancellation (`pairs`): dq the entering state's reads in the chunk
-(X_t = exp(L_t) <q_t ⊗ dr_t, S_enter>, the state part of <q_t, dq_t>) and the states entering each chunk; adj
-the chunk's updates read after it (Y_s, the state part of <u_s, G_s>), the in-chunk pairs s < i <= t (W_i, from
-the summand tile of <u, G> that adj's d dt already forms: no matmul of its own) and, from dq's entering states
-(an input indexed by chunk), the pairs across the chunk <S_enter, G_enter>; ssmc/backward.py sums
+(X_t = exp(L_t) <q_t ⊗ dr_t, S_enter>, the state part of <q_t, dq_t>) and the states entering each chunk (or,
+with split, the forward stores those: `forward_entering`); adj the chunk's updates read after it (Y_s, the state
+part of <u_s, G_s>), the in-chunk pairs s < i <= t (W_i, from the summand tile of <u, G> that adj's d dt already
+forms: no matmul of its own) and, from the entering states (an input indexed by chunk), the pairs across the
+chunk <S_enter, G_enter>; ssmc/backward.py sums
 dℓ_i = Σ_{t >= i} X_t + W_i + Σ_{s < i} Y_s + exp(Σ ℓ) <S_enter, G_enter> within each chunk. Otherwise
 (and where the programs are not chunked) dℓ_t = Σ_{s >= t} (<q_s, dq_s> - <u_s, G_s>) plus <S_T, dS_T>: a sum
 whose terms cancel, exact only with fp32 dots. Every program takes the factors as inputs (evaluated once by the

@@ -5,15 +5,20 @@ A call's vector-Jacobian product, for cotangents of the outs (dy) and of the fin
   1. the epilogue (outs from the readouts and the inputs) is differentiated by jax over ssmc/ir_eval.py's jnp
      evaluation: its cotangents of the readouts dr (when the outs are nonlinear in the readouts, their state
      terms come first from the `readouts` program) and of the inputs it reads directly (D in D*x);
-  2. the `dq` program (the forward recurrence) gives the cotangents of the readout terms' query factors and the
-     final states S_T; the `adj` program, over reversed time from dS_T, those of the update factors and G_0;
+  2. the `dq` program (the forward recurrence) gives the cotangents of the readout terms' query factors (and,
+     where it walks, the final states S_T); the `adj` program, over reversed time from dS_T, those of the update
+     factors and G_0;
   3. the log-decays' cotangent: per chunk from the programs' `pairs` outs (passes/adjoint.py; no term cancels
      another, so bf16 dots keep it exact to rounding), or else a reverse cumulative sum of <q, dq> - <u, G>
      (+ <S_T, dS_T> at the last step), whose terms cancel;
   4. jax differentiates the prologue (inputs -> factors and log-decays) with those cotangents; the initial
      states' cotangent is a_0 ⊙ G_0.
-Nothing per step is saved by the forward: the backward recomputes from the inputs (per-chunk states live only
-inside the kernels).
+Nothing per step is saved by the forward. On the kernel targets, where every state's decay gradient has the
+per-chunk form, the forward of a differentiated call (`forward`: the spec's program plus the state entering each
+chunk, passes/adjoint.py forward_entering) saves those states, one per chunk; `dq` (and `readouts`) then run every
+chunk at once from them (the modules' `entering=`), and `adj` reads them. Elsewhere `dq` walks and stores them.
+Inside a shard_map over the sequence (`across`) each device differentiates its part: the adjoint's parts chain in
+reverse device order, and the steps after a part's last come from the next device.
 """
 from __future__ import annotations
 
