@@ -39,7 +39,7 @@ CASES = {  # name: (b, L, dim split, how many GPUs)
 H, P, N, G = 80, 64, 128, 1
 
 
-def inputs(b, L, seed, H=H):
+def inputs(b, L, seed):
     import jax
     import jax.numpy as jnp
     ks = jax.random.split(jax.random.PRNGKey(seed), 6)
@@ -62,10 +62,9 @@ def one(case: str, ndev: int, repeats: int, grad: bool = False) -> dict:
 
     import ssmc
     b, L, split = CASES[case]
-    h = H
     k = ssmc.compile(SPEC, target="triton")
     devs = jax.devices()[:ndev]
-    sizes = {"b": b, "t": L, "h": h, "p": P, "n": N, "g": G}
+    sizes = {"b": b, "t": L, "h": H, "p": P, "n": N, "g": G}
     if ndev == 1:
         call = k
         place = lambda name, a: jax.device_put(a, devs[0])  # noqa: E731
@@ -76,13 +75,13 @@ def one(case: str, ndev: int, repeats: int, grad: bool = False) -> dict:
         call = sk = ssmc.shard(k, mesh, {split: axis})
         place = lambda name, a: jax.device_put(a, sk.sharding(name, sizes))  # noqa: E731
         mode = f"{ndev} GPUs, {split} split ({sk.mode})"
-    sets = [{n: place(n, a) for n, a in inputs(b, L, seed, h).items()} for seed in (1, 2)]
+    sets = [{n: place(n, a) for n, a in inputs(b, L, seed).items()} for seed in (1, 2)]
     if grad:  # forward+backward: the loss and the gradients of every input
-        w = place("x", jax.random.normal(jax.random.PRNGKey(7), (b, L, h, P), jnp.bfloat16))
+        w = place("x", jax.random.normal(jax.random.PRNGKey(7), (b, L, H, P), jnp.bfloat16))
 
         def loss(kw):
-            y, h = call(**kw)
-            return jnp.sum(y.astype(jnp.float32) * w.astype(jnp.float32)) + jnp.sum(h)
+            y, final = call(**kw)
+            return jnp.sum(y.astype(jnp.float32) * w.astype(jnp.float32)) + jnp.sum(final)
         run = jax.jit(jax.value_and_grad(loss))
         mode += ", forward+backward"
     else:
@@ -101,14 +100,14 @@ def one(case: str, ndev: int, repeats: int, grad: bool = False) -> dict:
         times.append((time.perf_counter() - t0) / 3 * 1e3)
     peaks = [int((d.memory_stats() or {}).get("peak_bytes_in_use", 0)) for d in devs]
     tag = f"/tmp/multi_{case}_{ndev}{'_grad' if grad else ''}"
-    out = {"case": case, "b": b, "L": L, "devices": ndev, "mode": mode, "ms": statistics.median(times),
+    rec = {"case": case, "b": b, "L": L, "devices": ndev, "mode": mode, "ms": statistics.median(times),
            "ms_min": min(times), "first_call_s": first_s, "peak_GiB": [p / 2**30 for p in peaks]}
     if grad:
         _, g = res
         np.save(f"{tag}_y.npy", np.asarray(jax.device_get(g["x"])).astype(np.float32)[:, -4096:])
         np.save(f"{tag}_h.npy", np.concatenate([np.asarray(jax.device_get(g[n])).astype(np.float32).ravel()
                                                 for n in ("A", "D")]))
-        return out
+        return rec
     y, h = res
     y0 = np.asarray(jax.device_get(y)).astype(np.float32)
     h0 = np.asarray(jax.device_get(h)).astype(np.float32)
@@ -120,7 +119,7 @@ def one(case: str, ndev: int, repeats: int, grad: bool = False) -> dict:
     err = float(np.linalg.norm(y0[:, :2048] - yx) / np.linalg.norm(yx))
     np.save(f"{tag}_y.npy", y0[:, -4096:])
     np.save(f"{tag}_h.npy", h0)
-    return {**out, "err_first2048_vs_xla_fp32": err}
+    return {**rec, "err_first2048_vs_xla_fp32": err}
 
 
 def main():
