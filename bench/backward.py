@@ -159,8 +159,9 @@ def kernel_times(f, calls=5, top=30, sync=None) -> list:
 
 
 def parts(name, s, repeats, matmul="auto", cancelling=False) -> list[dict]:
-    """Each derived kernel of the Mamba2 layer (dq, adj) alone at one shape, on the dtypes the backward feeds it
-    (x, B, C, dt, dy bf16; log-decays fp32): where the backward's time goes. With `cancelling`, also the kernels of
+    """Each derived kernel of the Mamba2 layer (the forward storing the entering states, dq from such states, adj)
+    alone at one shape, on the dtypes the backward feeds it (x, B, C, dt, dy bf16; log-decays fp32): where the
+    backward's time goes. With `cancelling`, also the kernels of
     the form without the per-chunk pieces (whose dots then run at full precision, as a call would run them)."""
     import jax
 
@@ -176,13 +177,19 @@ def parts(name, s, repeats, matmul="auto", cancelling=False) -> list[dict]:
         bw = Backward(k, compile_program, pairs=pairs)
         sizes["t#"] = -(-s["l"] // bw.Q) if bw.Q else 0
         key = jax.random.PRNGKey(0)
-        for part, kk in bw.kernels.items():
+        for kind, part, kk in bw.parts():
             ins = {}
             for n, dims in kk.inputs:
                 key, sub = jax.random.split(key)
                 ins[n] = random_input(n, [sizes[d] for d in dims], sub)
-            f = jax.jit(lambda i, kk=kk: kk.apply(i))
-            rec = dict(shape=name, part=part, per_chunk=pairs, matmul=matmul)
+            opts = {}
+            if part == "dq" and bw.forward_kernel is not None:  # as a call runs it: every chunk from given states
+                opts["entering"] = {}
+                for n, dims in kk.states:
+                    key, sub = jax.random.split(key)
+                    opts["entering"][n] = random_input(n, [sizes["t#"]] + [sizes[d] for d in dims], sub)
+            f = jax.jit(lambda i, kk=kk, opts=opts: kk.apply(i, **opts))
+            rec = dict(shape=name, part=f"{kind} {part}", per_chunk=pairs, matmul=matmul)
             try:
                 rec["ms"] = gpu.time_jax(f, [(ins,)], repeats=repeats)
             except Exception as e:  # noqa: BLE001
