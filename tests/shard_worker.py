@@ -106,9 +106,26 @@ def main():
         want = case.expected(inputs, init)
         dn = case.dim_names
         for axes in ({dn["b"]: "x", dn["h"]: "y"}, {dn["b"]: "x", dn["t"]: "y"}):
-            got = ssmc.shard(k, mesh, axes)(**case.call_args(inputs, init))
+            sk = ssmc.shard(k, mesh, axes)
+            got = sk(**case.call_args(inputs, init))
             print(json.dumps({"generated": [name, axes], "errors": [_err(g, w) for g, (_, w) in zip(got, want)],
                               "results": [len(got), len(want)]}), flush=True)
+        # gradients through the batch + sequence split against the one-device call's (each checked against
+        # float64 differences elsewhere: tests/test_adjoint_generated.py): the kernel targets' derived backward,
+        # chained across the devices, on this spec's own layouts
+        args = case.call_args(inputs, init)
+        ws = [jnp.asarray(rng.standard_normal(np.shape(g)), jnp.float32) for g in got]
+        floats = {n: jnp.asarray(a) for n, a in args.items() if n != "initial_states"}
+
+        def loss(fl, f):
+            return sum(jnp.sum(r.astype(jnp.float32) * w) for r, w in zip(f(**{**args, **fl}), ws))
+        g_sh = jax.jit(jax.grad(lambda fl: loss(fl, sk)))(floats)
+        g_one = jax.jit(jax.grad(lambda fl: loss(fl, k)))(floats)
+        bw = k._derived_backward() if k._target.kernels else None
+        print(json.dumps({"generated_grad": [name, axes], "errors": {n: rel_l2(np.asarray(g_sh[n], np.float64),
+                                                                             np.asarray(g_one[n], np.float64))
+                                                                      for n in floats},
+                          "derived": bool(bw is not None and bw.takes({"across": "y"}))}), flush=True)
     # the batch/head-sharded call under jit with sharded inputs: no all-gather in the compiled HLO
     v = VARIANTS["mamba2"]
     k = kernel("mamba2", target)

@@ -110,3 +110,10 @@ def test_specs_written_unlike_the_examples(runs):
     for r in gen:
         assert r["results"][0] == r["results"][1] and r["errors"], r
         assert all(e < TOL for e in r["errors"]), f"{target} {r['generated']}: {r['errors']}"
+    # gradients through the batch + sequence split (the kernel targets' derived backward across the devices)
+    grads = [r for r in rows if "generated_grad" in r]
+    assert len(grads) == (6 if target.startswith("xla") else 1), grads
+    for r in grads:
+        assert r["errors"] and all(e < TOL for e in r["errors"].values()), f"{target} {r['generated_grad']}: {r}"
+        if not target.startswith("xla"):
+            assert r["derived"], r
