@@ -117,10 +117,10 @@ def main():
         ws = [jnp.asarray(rng.standard_normal(np.shape(g)), jnp.float32) for g in got]
         floats = {n: jnp.asarray(a) for n, a in args.items() if n != "initial_states"}
 
-        def loss(fl, f):
+        def gen_loss(fl, f):
             return sum(jnp.sum(r.astype(jnp.float32) * w) for r, w in zip(f(**{**args, **fl}), ws))
-        g_sh = jax.jit(jax.grad(lambda fl: loss(fl, sk)))(floats)
-        g_one = jax.jit(jax.grad(lambda fl: loss(fl, k)))(floats)
+        g_sh = jax.jit(jax.grad(lambda fl: gen_loss(fl, sk)))(floats)
+        g_one = jax.jit(jax.grad(lambda fl: gen_loss(fl, k)))(floats)
         bw = k._derived_backward() if k._target.kernels else None
         print(json.dumps({"generated_grad": [name, axes], "errors": {n: rel_l2(np.asarray(g_sh[n], np.float64),
                                                                              np.asarray(g_one[n], np.float64))
