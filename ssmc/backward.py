@@ -247,12 +247,9 @@ class Backward:
         T = sizes[scan]
         Tp = T if not self.pairs else -(-T // self.Q) * self.Q  # the per-chunk form: whole chunks both ways
         dq_k = self.kernels["dq"]
-        if entering:  # the forward stored the states entering each chunk: dq runs every chunk at once from them
-            res = dq_k.apply(self._pad("dq", self._feed("dq", env, dterms, logs, feed_dt), Tp),
-                             _init(states0, d.states, decl), entering=entering)
-        else:
-            res = dq_k.apply(self._pad("dq", self._feed("dq", env, dterms, logs, feed_dt), Tp),
-                             _init(states0, d.states, decl), **call)
+        # where the forward stored the states entering each chunk, dq runs every chunk at once from them
+        res = dq_k.apply(self._pad("dq", self._feed("dq", env, dterms, logs, feed_dt), Tp),
+                         _init(states0, d.states, decl), **({"entering": entering} if entering else call))
         n_out = len(dq_k.outs)
         dq = self._unpad(dq_k, res[:n_out], T)
         entering = entering or {s: dq[st.pairs["enter"]] for s, st in d.states.items() if st.pairs}

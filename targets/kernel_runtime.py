@@ -208,10 +208,7 @@ def entering_states(entering: dict, state: str, state_dims, dims, sizes):
     if tuple(x.shape) != want:
         raise ShapeError(f"entering['{state}']: shape {tuple(x.shape)}, expected {want} (the call's {sizes[SEG]} "
                          f"chunks, then the state's dims {list(state_dims)})")
-    for ax, (d0, d1) in enumerate(zip(state_dims, dims[1:]), 1):
-        if d0 != d1:
-            x = jnp.repeat(x, sizes[d1] // sizes[d0], axis=ax)
-    return x
+    return _repeat_groups(x, (SEG,) + tuple(state_dims), dims, sizes)
 
 
 def segment_scan(init, init_dims, local, decay, negs, dims, decay_dims, sizes, across=None, reverse=False):
@@ -261,10 +258,15 @@ def _signed(logs, negs):
 
 def _per_head(s, init_dims, dims, sizes):
     """A group-indexed state (dims g where the segments have h) repeated per head between the segment kernels."""
-    for ax, (d0, d1) in enumerate(zip(init_dims, dims[1:])):
+    return _repeat_groups(s, init_dims, dims[1:], sizes)
+
+
+def _repeat_groups(x, src, dst, sizes):
+    """x over dims `src` repeated along each axis where `dst` (axis by axis) has a head dim for src's group dim."""
+    for ax, (d0, d1) in enumerate(zip(src, dst)):
         if d0 != d1:
-            s = jnp.repeat(s, sizes[d1] // sizes[d0], axis=ax)
-    return s
+            x = jnp.repeat(x, sizes[d1] // sizes[d0], axis=ax)
+    return x
 
 
 def _per_group(s, init_dims, dims, sizes):
