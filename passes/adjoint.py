@@ -150,6 +150,8 @@ def derive(p: Program, pairs: bool = True, split: bool = False) -> Derivation:
     d.helpers = list(an.new)
     if split:
         d.forward_entering = b.forward_entering()
+        walk = d.programs["adj_entering"] = b.states_walk(d.programs["adj"])
+        d.inputs["adj_entering"], d.cots["adj_entering"] = {a.name: d.inputs["adj"][a.name] for a in walk.inputs}, []
     return d
 
 
@@ -380,6 +382,38 @@ class _Builders:
                        notes=p.notes + ("forward of a differentiated call: also stores the states entering each "
                                         "chunk (the derived backward's dq and adj read them)",),
                        source=p.source, filename=p.filename)
+
+    def states_walk(self, prog: Program) -> Program:
+        """`prog`'s recurrence alone (the instructions its state updates need), storing the states entering each
+        chunk: adj's walk over reversed time, so that adj itself then runs every chunk at once from them (its
+        `entering`), as dq does from the forward's."""
+        by = {i.name: i for i in prog.instrs}
+        need, todo = set(), [i.name for i in prog.instrs if i.op in ("update", "state")]
+        while todo:
+            n = todo.pop()
+            if n not in need:
+                need.add(n)
+                todo.extend(by[n].args)
+        instrs = [i for i in prog.instrs if i.name in need]
+        arrays = {i.attr("array") for i in instrs if i.op == "input"}
+        taken = {a.name for a in prog.inputs + prog.states}
+        outs = []
+        for s in self.states.values():
+            prev = next(i for i in instrs if i.op == "state" and i.attr("state") == s.name)
+            e = make(f"{s.name}.enter_adj", "enter", (prev.name,), self.order(s.dims + (chunk_dim(self.scan),)),
+                     None, state=s.name)
+            name = _fresh(taken, f"{s.name}_enter")
+            outs.append(Array(name, self.enter_dims(s)))
+            instrs += [e, make(f"out.{name}", "out", (e.name,), e.dims, None, out=name)]
+            s.pairs["adj_enter"] = name
+        used = set().union(*(set(i.dims) for i in instrs))
+        return Program(f"{self.p.name}_adj_entering", self.order(used), prog.scan,
+                       tuple((g, h) for g, h in prog.groups if g in used and h in used),
+                       tuple(a for a in prog.inputs if a.name in arrays), prog.states, tuple(outs), tuple(instrs),
+                       notes=(f"adjoint{{part=adj_entering}} of `ssm {self.p.name}`: adj's recurrence alone over "
+                              f"reversed time, storing the adjoint states entering each chunk (adj then runs every "
+                              f"chunk at once from them)",),
+                       source=prog.source, filename=prog.filename, reverse=True)
 
     def pairs_outs(self, part, s, vals, shares, value, product, add, out, array):
         """The per-chunk decay gradient's outs of state `s` (module docstring). dq: the state part of <q ⊗ dr, S_t>

@@ -49,8 +49,9 @@ class Backward:
         except NeedsChunks:  # not chunked (chunk size 1, a sequential schedule): the form whose sum cancels
             self.d = derive(kernel.program, False)
             self.kernels = self._build(matmul)
-        if self.d.forward_entering is not None and ENTERING not in self.kernels["dq"]._info.options:
-            self.d = derive(kernel.program, pairs)  # dq's schedule has no segments: it stores the states itself
+        if self.d.forward_entering is not None and not all(
+                ENTERING in self.kernels[part]._info.options for part in ("dq", "adj")):
+            self.d = derive(kernel.program, pairs)  # no segment schedule: dq stores the states itself, adj walks
             self.kernels = self._build(matmul)
         self.forward_kernel = None  # the forward that also stores the states entering each chunk (split)
         if self.d.forward_entering is not None:
@@ -58,12 +59,11 @@ class Backward:
                 self.d.forward_entering, target=kernel.target, matmul=kernel.matmul, interpret=kernel.interpret,
                 out_dtype=kernel.out_dtype, pipeline=kernel.pipeline)
         self.pairs = any(st.pairs for st in self.d.states.values())
-        # the chunk length of the per-chunk decay gradient (the chunks of the entering states and adj's must be the
-        # same): both programs then have values indexed by chunk, whose length their modules record
-        Qs = ({(self.forward_kernel or self.kernels["dq"])._info.chunk, self.kernels["adj"]._info.chunk}
-              if self.pairs else {None})
+        # the chunk length of the per-chunk decay gradient (every part's chunks must be the same): the parts with
+        # values indexed by chunk (the entering states, adj's across) record it in their modules
+        Qs = ({k._info.chunk for _, _, k in self.parts() if k._info.chunk} if self.pairs else {None})
         if len(Qs) != 1:
-            raise SSMCError(f"{self.p.name}: the derived dq and adj programs have different chunk lengths {sorted(Qs)}")
+            raise SSMCError(f"{self.p.name}: the derived backward's parts have different chunk lengths {sorted(Qs)}")
         self.Q = Qs.pop()
         self._flat = None  # the form without `pairs` (packed calls), built on first use
         # packed calls: every derived program takes cu_seqlens along the forward's packed dim (a causal conv is
@@ -262,11 +262,19 @@ class Backward:
                           feed_dt, {"enter:" + s: entering[s] for s in entering})
         # a reverse-time program: its walk starts at each sequence's last step (in place on triton; elsewhere
         # the call flips the timed arrays around the kernels, Kernel._entry)
-        res = adj_k.apply(self._pad("adj", feed, Tp), {s: dST[s] for s in d.states},
-                          **({"across": across} if across is not None else call))
+        walk_opts = {"across": across} if across is not None else call
+        if "adj_entering" in self.kernels:
+            # adj's recurrence alone stores the adjoint states entering each chunk; adj then runs every chunk at once
+            wk = self.kernels["adj_entering"]
+            res = wk.apply(self._pad("adj_entering", feed, Tp), {s: dST[s] for s in d.states}, **walk_opts)
+            G0 = dict(zip([n for n, _ in wk.states], res[len(wk.outs):]))
+            walk_opts = {"entering": {s: res[[o for o, _ in wk.outs].index(st.pairs["adj_enter"])]
+                                      for s, st in d.states.items()}}
+        res = adj_k.apply(self._pad("adj", feed, Tp), {s: dST[s] for s in d.states}, **walk_opts)
         n_out = len(adj_k.outs)
         du = self._unpad(adj_k, res[:n_out], T)
-        G0 = dict(zip([n for n, _ in adj_k.states], res[n_out:]))
+        if "adj_entering" not in self.kernels:
+            G0 = dict(zip([n for n, _ in adj_k.states], res[n_out:]))
         # 3. the factors' cotangents and the log-decays'
         cot: dict[str, jax.Array] = {}
         dL = {s: None for s in d.states}
@@ -330,7 +338,7 @@ class Backward:
     def _pad(self, part, feed, Tp):
         """The timed inputs of a derived program padded to Tp steps (zeros: log-decay 0, no update, no read)."""
         prog, scan = self.d.programs[part], self.p.scan
-        out = dict(feed)
+        out = {a.name: feed[a.name] for a in prog.inputs if a.name in feed}  # (adj_entering takes adj's feed)
         for a in prog.inputs:
             x = out.get(a.name)
             if x is not None and scan in a.dims and x.shape[a.dims.index(scan)] != Tp:

@@ -165,9 +165,9 @@ class Kernel:
             return self._jitted_entry(meta, arrays, across=across)
         if entering is None:
             return self._call(*self._apply_args(inputs, initial_states, f"{self.name}.apply"), cu_seqlens)
-        if ENTERING not in self._info.options or self.program.reverse:
-            raise SSMCError(f"{self.name}.apply: entering= needs a forward-time kernel with a segment schedule "
-                            f"(a kernel target's chunked walk); this one has none")
+        if ENTERING not in self._info.options:
+            raise SSMCError(f"{self.name}.apply: entering= needs a kernel with a segment schedule (a kernel "
+                            f"target's chunked walk); this one has none")
         if cu_seqlens is not None:
             raise ShapeError(f"{self.name}.apply: entering= and cu_seqlens= cannot be combined")
         states = dict(zip([s for s, _ in self.states], [None] * len(self.states)))
@@ -448,6 +448,7 @@ class Kernel:
                 return jnp.flip(x, dims.index(scan))
             return jnp.flip(x, dims.index(pd)) if pd in dims else x
         decl = {n: d for n, d in self.inputs} | {"state:" + n: d for n, d in self.states}
+        decl |= {ENTER_KEY + n: (cd,) + tuple(d) for n, d in self.states}  # apply(entering=): [t#, *state dims]
         flipped = {n: flip(jnp.asarray(x), decl[n]) for n, x in arrays.items() if n != CU_KEY}
         if meta.seqs:
             cu = arrays[CU_KEY]

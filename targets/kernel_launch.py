@@ -74,6 +74,7 @@ class LauncherWriter:
     row_kernels = False  # the post-kernel grouped norm runs as a kernel of its own (else in XLA)
     handle = ""  # what a kernel parameter for an array is called: ptr (Triton), ref (Pallas)
     packed_calls = False  # the walk kernel runs packed sequences (cu_seqlens), one program per sequence
+    reverse_scan = False  # the kernels walk a reverse-time program in place (else the call flips its arrays)
 
     def __init__(self, plan: KernelPlan, pipeline: str, module: Names | None = None, schedule: Schedule | None = None):
         self.plan, self.pipeline = plan, pipeline
@@ -373,8 +374,10 @@ class LauncherWriter:
             incoming = {}
             for cy in sch.carries:
                 s_in = incoming[cy.incoming] = self.store_var("incoming", cy.incoming)
+                # a reverse-time walk (in place) reads them from the last chunk back
+                rev = ", reverse=True" if self.plan.p.reverse and self.reverse_scan else ""
                 w(f"{s_in} = rt.entering_states(entering, {cy.state!r}, {list(self.plan.decl[cy.state])!r}, "
-                  f"{list(cy.dims)!r}, seg_sizes)")
+                  f"{list(cy.dims)!r}, seg_sizes{rev})")
                 w(f"{self.store_var('state', cy.state)} = None  # not computed: no walk reaches the end")
             w(f"seg_arrays = {{**arrays, {', '.join(f'{n!r}: {v}' for n, v in incoming.items())}}}")
             c.launch("seg_arrays", "seg_sizes")

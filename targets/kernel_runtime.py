@@ -196,10 +196,11 @@ def segments(layout: dict, sizes: dict, forced: int | None, cores: int) -> tuple
     return n, {**sizes, SEG: n, SEG_CHUNKS: per}
 
 
-def entering_states(entering: dict, state: str, state_dims, dims, sizes):
+def entering_states(entering: dict, state: str, state_dims, dims, sizes, reverse=False):
     """The incoming states of the segments from `entering` {state: [t#, *state_dims]}, the states entering each
     chunk, when every chunk is a segment (`dims`: the segment, then per head; a group-indexed state repeated per
-    head). Kept in their dtype (the kernel widens them to fp32)."""
+    head). Kept in their dtype (the kernel widens them to fp32). `reverse`: a reverse-time program walked in place,
+    whose k-th segment is chunk nc-1-k (targets/base.py)."""
     from ssmc.errors import ShapeError
     if state not in entering:
         raise ShapeError(f"entering: no states entering each chunk for state '{state}' (given: {sorted(entering)})")
@@ -208,7 +209,7 @@ def entering_states(entering: dict, state: str, state_dims, dims, sizes):
     if tuple(x.shape) != want:
         raise ShapeError(f"entering['{state}']: shape {tuple(x.shape)}, expected {want} (the call's {sizes[SEG]} "
                          f"chunks, then the state's dims {list(state_dims)})")
-    return _repeat_groups(x, (SEG,) + tuple(state_dims), dims, sizes)
+    return _repeat_groups(jnp.flip(x, 0) if reverse else x, (SEG,) + tuple(state_dims), dims, sizes)
 
 
 def segment_scan(init, init_dims, local, decay, negs, dims, decay_dims, sizes, across=None, reverse=False):

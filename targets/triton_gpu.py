@@ -103,6 +103,7 @@ class TritonEmitter(KernelWalk, LauncherWriter):
     row_kernels = True
     handle = "ptr"
     packed_calls = True
+    reverse_scan = True  # a reverse-time program's walk reads step NT-1-t at its step t (address)
 
     def kernel(self):
         k, w = self.plan, self.w
@@ -365,7 +366,7 @@ class TritonEmitter(KernelWalk, LauncherWriter):
 class TritonTarget(KernelTarget):
     emitter = TritonEmitter
     name = "triton"
-    reverse_scan = True  # a reverse-time program's walk reads step NT-1-t at its step t (TritonEmitter.address)
+    reverse_scan = TritonEmitter.reverse_scan
     # GLA on an H200 (bench/schedule_sweep.py, segmented): chunks of 32 ran b4 L4096 h8 dk=dv=128 in 0.85 ms against
     # 1.64 ms at 64, and h16 dk=dv=64 equally (0.55 ms)
     keywise_chunk = 32
