@@ -85,6 +85,7 @@ class Derivation:
     linear_outs: bool                   # the outs are linear in the readouts (no R program needed)
     dep: dict[str, bool]                # forward value -> whether it depends on a state
     forward_entering: Program | None = None  # split: the forward program plus the states entering each chunk
+    pieces: dict[str, dict[str, Program]] | None = None  # split: dq and adj as the programs their kernels run
 
 
 def derive(p: Program, pairs: bool = True, split: bool = False) -> Derivation:
@@ -152,6 +153,7 @@ def derive(p: Program, pairs: bool = True, split: bool = False) -> Derivation:
         d.forward_entering = b.forward_entering()
         walk = d.programs["adj_entering"] = b.states_walk(d.programs["adj"])
         d.inputs["adj_entering"], d.cots["adj_entering"] = {a.name: d.inputs["adj"][a.name] for a in walk.inputs}, []
+        d.pieces = {part: b.pieces(d.programs[part]) for part in ("dq", "adj")}
     return d
 
 
@@ -387,33 +389,33 @@ class _Builders:
         """`prog`'s recurrence alone (the instructions its state updates need), storing the states entering each
         chunk: adj's walk over reversed time, so that adj itself then runs every chunk at once from them (its
         `entering`), as dq does from the forward's."""
-        by = {i.name: i for i in prog.instrs}
-        need, todo = set(), [i.name for i in prog.instrs if i.op in ("update", "state")]
-        while todo:
-            n = todo.pop()
-            if n not in need:
-                need.add(n)
-                todo.extend(by[n].args)
-        instrs = [i for i in prog.instrs if i.name in need]
-        arrays = {i.attr("array") for i in instrs if i.op == "input"}
         taken = {a.name for a in prog.inputs + prog.states}
-        outs = []
+        instrs, outs = [], []
         for s in self.states.values():
-            prev = next(i for i in instrs if i.op == "state" and i.attr("state") == s.name)
+            prev = next(i for i in prog.instrs if i.op == "state" and i.attr("state") == s.name)
             e = make(f"{s.name}.enter_adj", "enter", (prev.name,), self.order(s.dims + (chunk_dim(self.scan),)),
                      None, state=s.name)
             name = _fresh(taken, f"{s.name}_enter")
             outs.append(Array(name, self.enter_dims(s)))
             instrs += [e, make(f"out.{name}", "out", (e.name,), e.dims, None, out=name)]
             s.pairs["adj_enter"] = name
-        used = set().union(*(set(i.dims) for i in instrs))
-        return Program(f"{self.p.name}_adj_entering", self.order(used), prog.scan,
-                       tuple((g, h) for g, h in prog.groups if g in used and h in used),
-                       tuple(a for a in prog.inputs if a.name in arrays), prog.states, tuple(outs), tuple(instrs),
-                       notes=(f"adjoint{{part=adj_entering}} of `ssm {self.p.name}`: adj's recurrence alone over "
-                              f"reversed time, storing the adjoint states entering each chunk (adj then runs every "
-                              f"chunk at once from them)",),
-                       source=prog.source, filename=prog.filename, reverse=True)
+        return _restrict(prog, (), f"{self.p.name}_adj_entering", instrs, outs,
+                         f"adjoint{{part=adj_entering}} of `ssm {self.p.name}`: adj's recurrence alone over reversed "
+                         f"time, storing the adjoint states entering each chunk (adj then runs every chunk at once "
+                         f"from them)")
+
+    def pieces(self, prog: Program) -> dict[str, Program]:
+        """`prog` (run from given entering states: every chunk on its own) as one program per set of state dims
+        its outs keep: an out that keeps p and sums n (Mamba2's dx) and one that keeps n and sums p (dB) then run
+        as kernels blocked along the dim each keeps, instead of one kernel holding every tile at once."""
+        sdims = set().union(*(set(s.dims) - set(s.batch) - set(s.ldims) for s in self.states.values()))
+        groups: dict[tuple, list[str]] = {}
+        for o in prog.outs:
+            groups.setdefault(tuple(d for d in o.dims if d in sdims), []).append(o.name)
+        return {"_".join(kept) or "rest": _restrict(
+            prog, names, f"{prog.name}_{'_'.join(kept) or 'rest'}", (), (),
+            prog.notes[0] + f"; outs {', '.join(names)} (those keeping the state dims {list(kept)}: one of its "
+                            f"kernels run from the entering states)") for kept, names in groups.items()}
 
     def pairs_outs(self, part, s, vals, shares, value, product, add, out, array):
         """The per-chunk decay gradient's outs of state `s` (module docstring). dq: the state part of <q ⊗ dr, S_t>
@@ -466,6 +468,28 @@ _WHAT = {"dq": "the forward recurrence; outs: the cotangents of the readouts' qu
          "adj": "the adjoint state over reversed time (scan reverse); outs: the cotangents "
                 "of the update factors",
          "readouts": "the forward recurrence; outs: the readouts' state terms (the epilogue is nonlinear in them)"}
+
+
+def _restrict(prog: Program, keep_outs, name: str, instrs, outs, note: str) -> Program:
+    """`prog` with only the outs `keep_outs` (plus `outs`, set by the extra `instrs`) and the instructions they and
+    the state updates need, under `name`."""
+    by = {i.name: i for i in prog.instrs}
+    need = set()
+    todo = [i.name for i in prog.instrs if i.op in ("update", "state") or (i.op == "out" and i.attr("out") in keep_outs)]
+    todo += [a for i in instrs for a in i.args]
+    while todo:
+        n = todo.pop()
+        if n not in need and n in by:
+            need.add(n)
+            todo.extend(by[n].args)
+    body = [i for i in prog.instrs if i.name in need] + list(instrs)
+    arrays = {i.attr("array") for i in body if i.op == "input"}
+    used = set().union(*(set(i.dims) for i in body))
+    return Program(name, tuple(d for d in prog.dims if d in used), prog.scan,
+                   tuple((g, h) for g, h in prog.groups if g in used and h in used),
+                   tuple(a for a in prog.inputs if a.name in arrays), prog.states,
+                   tuple(o for o in prog.outs if o.name in keep_outs) + tuple(outs), tuple(body), notes=(note,),
+                   source=prog.source, filename=prog.filename, reverse=prog.reverse)
 
 
 def _fresh(taken: set, base: str) -> str:

@@ -50,7 +50,7 @@ class Backward:
             self.d = derive(kernel.program, False)
             self.kernels = self._build(matmul)
         if self.d.forward_entering is not None and not all(
-                ENTERING in self.kernels[part]._info.options for part in ("dq", "adj")):
+                ENTERING in self.kernels[key]._info.options for part in ("dq", "adj") for key in self.runs[part]):
             self.d = derive(kernel.program, pairs)  # no segment schedule: dq stores the states itself, adj walks
             self.kernels = self._build(matmul)
         self.forward_kernel = None  # the forward that also stores the states entering each chunk (split)
@@ -85,7 +85,15 @@ class Backward:
             matmul = "float32" if cancelling else k.backward_matmul
         self.matmul = matmul
         opts = dict(target=k.target, matmul=matmul, interpret=k.interpret, out_dtype=None, pipeline=k.pipeline)
-        return {part: self._compile(prog, **opts) for part, prog in self.d.programs.items()}
+        # where dq and adj run from given entering states they run as pieces (passes/adjoint.py pieces): one kernel
+        # per set of state dims their outs keep, keyed "<part>:<dims>"
+        self.runs = {part: [part] for part in self.d.programs}
+        progs = dict(self.d.programs)
+        for part, pieces in (self.d.pieces or {}).items():
+            del progs[part]
+            self.runs[part] = [f"{part}:{label}" for label in pieces]
+            progs.update({f"{part}:{label}": prog for label, prog in pieces.items()})
+        return {key: self._compile(prog, **opts) for key, prog in progs.items()}
 
     @property
     def packable(self) -> bool:
@@ -162,7 +170,7 @@ class Backward:
             return True
         if set(options) != {ACROSS} or self.forward_kernel is None:
             return False
-        return all(ACROSS in k._info.options for k in (self.forward_kernel, self.kernels["adj"]))
+        return all(ACROSS in k._info.options for k in (self.forward_kernel, self.kernels["adj_entering"]))
 
     # ---- the forward of a differentiated call ---------------------------------------------------------------
     def forward(self, meta, arrays: dict, across=None):
@@ -246,18 +254,13 @@ class Backward:
         # 2. the recurrences' adjoints
         T = sizes[scan]
         Tp = T if not self.pairs else -(-T // self.Q) * self.Q  # the per-chunk form: whole chunks both ways
-        dq_k = self.kernels["dq"]
         # where the forward stored the states entering each chunk, dq runs every chunk at once from them
-        res = dq_k.apply(self._pad("dq", self._feed("dq", env, dterms, logs, feed_dt), Tp),
-                         _init(states0, d.states, decl), **({"entering": entering} if entering else call))
-        n_out = len(dq_k.outs)
-        dq = self._unpad(dq_k, res[:n_out], T)
+        dq, finals = self._run("dq", self._feed("dq", env, dterms, logs, feed_dt), _init(states0, d.states, decl),
+                               Tp, T, {"entering": entering} if entering else call)
         entering = entering or {s: dq[st.pairs["enter"]] for s, st in d.states.items() if st.pairs}
-        finals = dict(zip([n for n, _ in dq_k.states], res[n_out:]))  # None when dq ran from `entering`
         dST = {s: _ct(cts.get("state:" + s), decl[s], d.states[s].dims, ssz, dtype) for s in d.states}
         if across is not None:  # the final states are the last part's: their cotangent starts every part's chain
             dST = {s: jax.lax.psum(v, across) for s, v in dST.items()}
-        adj_k = self.kernels["adj"]
         feed = self._feed("adj", env, dterms, {s: self._shift(lg, d.states[s], time) for s, lg in logs.items()},
                           feed_dt, {"enter:" + s: entering[s] for s in entering})
         # a reverse-time program: its walk starts at each sequence's last step (in place on triton; elsewhere
@@ -265,16 +268,11 @@ class Backward:
         walk_opts = {"across": across} if across is not None else call
         if "adj_entering" in self.kernels:
             # adj's recurrence alone stores the adjoint states entering each chunk; adj then runs every chunk at once
-            wk = self.kernels["adj_entering"]
-            res = wk.apply(self._pad("adj_entering", feed, Tp), {s: dST[s] for s in d.states}, **walk_opts)
-            G0 = dict(zip([n for n, _ in wk.states], res[len(wk.outs):]))
-            walk_opts = {"entering": {s: res[[o for o, _ in wk.outs].index(st.pairs["adj_enter"])]
-                                      for s, st in d.states.items()}}
-        res = adj_k.apply(self._pad("adj", feed, Tp), {s: dST[s] for s in d.states}, **walk_opts)
-        n_out = len(adj_k.outs)
-        du = self._unpad(adj_k, res[:n_out], T)
-        if "adj_entering" not in self.kernels:
-            G0 = dict(zip([n for n, _ in adj_k.states], res[n_out:]))
+            G, G0 = self._run("adj_entering", feed, dST, Tp, T, walk_opts)
+            walk_opts = {"entering": {s: G[st.pairs["adj_enter"]] for s, st in d.states.items()}}
+            du, _ = self._run("adj", feed, dST, Tp, T, walk_opts)
+        else:
+            du, G0 = self._run("adj", feed, dST, Tp, T, walk_opts)
         # 3. the factors' cotangents and the log-decays'
         cot: dict[str, jax.Array] = {}
         dL = {s: None for s in d.states}
@@ -335,10 +333,22 @@ class Backward:
         return grads
 
     # ---- the per-chunk decay gradient ------------------------------------------------------------------------
-    def _pad(self, part, feed, Tp):
+    def _run(self, part, feed, init, Tp, T, opts) -> tuple[dict, dict]:
+        """({out: array}, {state: final state, None where it ran from given entering states}) of a derived part:
+        each of its kernels (its pieces, where it has them) on its inputs from `feed` padded to Tp steps, and the
+        outs cut back to T."""
+        outs, finals = {}, {}
+        for key in self.runs[part]:
+            k = self.kernels[key]
+            res = k.apply(self._pad(k.program, feed, Tp), init, **opts)
+            outs.update(self._unpad(k, res[:len(k.outs)], T))
+            finals.update(zip([n for n, _ in k.states], res[len(k.outs):]))
+        return outs, finals
+
+    def _pad(self, prog, feed, Tp):
         """The timed inputs of a derived program padded to Tp steps (zeros: log-decay 0, no update, no read)."""
-        prog, scan = self.d.programs[part], self.p.scan
-        out = {a.name: feed[a.name] for a in prog.inputs if a.name in feed}  # (adj_entering takes adj's feed)
+        scan = self.p.scan
+        out = {a.name: feed[a.name] for a in prog.inputs if a.name in feed}  # (a piece takes its part's feed)
         for a in prog.inputs:
             x = out.get(a.name)
             if x is not None and scan in a.dims and x.shape[a.dims.index(scan)] != Tp:

@@ -74,7 +74,9 @@ class LauncherWriter:
     row_kernels = False  # the post-kernel grouped norm runs as a kernel of its own (else in XLA)
     handle = ""  # what a kernel parameter for an array is called: ptr (Triton), ref (Pallas)
     packed_calls = False  # the walk kernel runs packed sequences (cu_seqlens), one program per sequence
-    reverse_scan = False  # the kernels walk a reverse-time program in place (else the call flips its arrays)
+    reverse_scan = False  # the kernels walk a reverse-time program in place (else the call flips its arrays); its
+    # per-segment arrays then lie in forward-time order (segment k of the walk at entry N-1-k), like its outs indexed
+    # by chunk, so the states entering each chunk stored by one walk are another's incoming states as they are
 
     def __init__(self, plan: KernelPlan, pipeline: str, module: Names | None = None, schedule: Schedule | None = None):
         self.plan, self.pipeline = plan, pipeline
@@ -374,10 +376,8 @@ class LauncherWriter:
             incoming = {}
             for cy in sch.carries:
                 s_in = incoming[cy.incoming] = self.store_var("incoming", cy.incoming)
-                # a reverse-time walk (in place) reads them from the last chunk back
-                rev = ", reverse=True" if self.plan.p.reverse and self.reverse_scan else ""
                 w(f"{s_in} = rt.entering_states(entering, {cy.state!r}, {list(self.plan.decl[cy.state])!r}, "
-                  f"{list(cy.dims)!r}, seg_sizes{rev})")
+                  f"{list(cy.dims)!r}, seg_sizes)")
                 w(f"{self.store_var('state', cy.state)} = None  # not computed: no walk reaches the end")
             w(f"seg_arrays = {{**arrays, {', '.join(f'{n!r}: {v}' for n, v in incoming.items())}}}")
             c.launch("seg_arrays", "seg_sizes")
@@ -397,7 +397,8 @@ class LauncherWriter:
                 w(f"{s_in}, {self.store_var('state', cy.state)} = rt.segment_scan({init}, "
                   f"{list(self.plan.decl[cy.state])!r}, {a.store_var('segment', cy.local)}, "
                   f"{a.store_var('decay', cy.decay)}, {negs}, {list(cy.dims)!r}, {list(cy.decay_dims)!r}, sizes, "
-                  f"across=across{', reverse=True' if self.plan.p.reverse else ''})")
+                  f"across=across{', reverse=True' if self.plan.p.reverse else ''}"
+                  f"{', flipped=True' if self.plan.p.reverse and self.reverse_scan else ''})")
             w("# (c) every program and segment: its outputs, walking from the state entering the segment")
             w(f"seg_arrays = {{**arrays, {', '.join(f'{n!r}: {v}' for n, v in incoming.items())}}}")
             c.launch("seg_arrays", "seg_sizes")

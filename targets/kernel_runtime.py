@@ -196,11 +196,10 @@ def segments(layout: dict, sizes: dict, forced: int | None, cores: int) -> tuple
     return n, {**sizes, SEG: n, SEG_CHUNKS: per}
 
 
-def entering_states(entering: dict, state: str, state_dims, dims, sizes, reverse=False):
+def entering_states(entering: dict, state: str, state_dims, dims, sizes):
     """The incoming states of the segments from `entering` {state: [t#, *state_dims]}, the states entering each
     chunk, when every chunk is a segment (`dims`: the segment, then per head; a group-indexed state repeated per
-    head). Kept in their dtype (the kernel widens them to fp32). `reverse`: a reverse-time program walked in place,
-    whose k-th segment is chunk nc-1-k (targets/base.py)."""
+    head). Kept in their dtype (the kernel widens them to fp32)."""
     from ssmc.errors import ShapeError
     if state not in entering:
         raise ShapeError(f"entering: no states entering each chunk for state '{state}' (given: {sorted(entering)})")
@@ -209,10 +208,11 @@ def entering_states(entering: dict, state: str, state_dims, dims, sizes, reverse
     if tuple(x.shape) != want:
         raise ShapeError(f"entering['{state}']: shape {tuple(x.shape)}, expected {want} (the call's {sizes[SEG]} "
                          f"chunks, then the state's dims {list(state_dims)})")
-    return _repeat_groups(jnp.flip(x, 0) if reverse else x, (SEG,) + tuple(state_dims), dims, sizes)
+    return _repeat_groups(x, (SEG,) + tuple(state_dims), dims, sizes)
 
 
-def segment_scan(init, init_dims, local, decay, negs, dims, decay_dims, sizes, across=None, reverse=False):
+def segment_scan(init, init_dims, local, decay, negs, dims, decay_dims, sizes, across=None, reverse=False,
+                 flipped=False):
     """Step (b): each segment's incoming state and the final state, from the initial state `init` (declared dims
     `init_dims`), the segments' own states `local` (dims: the segment, then per head) and total log-decays `decay`
     (+ counts of negative factors `negs`, for signed decays). S_in(0) = init, S_in(j) = D(j-1) S_in(j-1) + S(j-1),
@@ -222,7 +222,14 @@ def segment_scan(init, init_dims, local, decay, negs, dims, decay_dims, sizes, a
     are linear in the state entering its part: S_in(j) = S_in^0(j) + P(j) S_part with P(j) = D(0)...D(j-1). So
     only one (total decay, state) pair per device is gathered, and a scan over those gives the state entering each
     part and the final state (every device runs it: they are a handful of states). `reverse`: a reverse-time
-    program's walk, whose parts come in reverse device order (the last device's part first)."""
+    program's walk, whose parts come in reverse device order (the last device's part first). `flipped`: its
+    kernels walk it in place, and its segments' arrays (these and the incoming states) lie in forward-time order,
+    the walk's first segment last (targets/kernel_launch.py LauncherWriter.reverse_scan)."""
+    if flipped:
+        flip = (lambda x: None if x is None else jnp.flip(x, 0))
+        s_in, final = segment_scan(init, init_dims, flip(local), flip(decay), flip(negs), dims, decay_dims, sizes,
+                                   across, reverse)
+        return flip(s_in), final
     s0 = _per_head(jnp.asarray(init).astype(jnp.float32), init_dims, dims, sizes)
     local = local.astype(jnp.float32)
     logs = jnp.broadcast_to(align(decay.astype(jnp.float32), decay_dims, dims), local.shape)

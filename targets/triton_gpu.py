@@ -227,6 +227,8 @@ class TritonEmitter(KernelWalk, LauncherWriter):
                 idx = "row"
             elif d == chunk_dim(k.scan):  # an out / input indexed by chunk: this chunk's index (chunk_loop)
                 idx = pn.dim("i", d)
+            elif d == SEG and k.p.reverse:  # a reverse walk's k-th segment is entry N-1-k: forward-time order
+                idx = f"({self.size_name(SEG)} - 1 - {pn.dim('i', SEG)})"
             elif d in k.group_tile:  # the tile spans the heads of group i_g
                 g = k.group_tile[d]
                 idx = self.body.bc(f"({pn.dim('i', g)} * {self.size_name(d)} + {pn.dim('o', d)})", (d,), axes)
