@@ -85,7 +85,7 @@ class Derivation:
     linear_outs: bool                   # the outs are linear in the readouts (no R program needed)
     dep: dict[str, bool]                # forward value -> whether it depends on a state
     forward_entering: Program | None = None  # split: the forward program plus the states entering each chunk
-    pieces: dict[str, dict[str, Program]] | None = None  # split: dq and adj as the programs their kernels run
+    pieces: dict[str, dict[str, Program]] | None = None  # split: adj as the programs its kernels run
 
 
 def derive(p: Program, pairs: bool = True, split: bool = False) -> Derivation:
@@ -153,7 +153,7 @@ def derive(p: Program, pairs: bool = True, split: bool = False) -> Derivation:
         d.forward_entering = b.forward_entering()
         walk = d.programs["adj_entering"] = b.states_walk(d.programs["adj"])
         d.inputs["adj_entering"], d.cots["adj_entering"] = {a.name: d.inputs["adj"][a.name] for a in walk.inputs}, []
-        d.pieces = {part: b.pieces(d.programs[part]) for part in ("dq", "adj")}
+        d.pieces = {"adj": b.pieces(d.programs["adj"])}
     return d
 
 

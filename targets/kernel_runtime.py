@@ -186,8 +186,12 @@ def segments(layout: dict, sizes: dict, forced: int | None, cores: int) -> tuple
     n_chunks = chunk_count(layout, sizes) if layout["Q"] else 1
     if forced is None:
         blocks = math.prod(-(-sizes[d] // 64) for d in layout["split"])  # the heuristic's blocks of at most 64
+        # a walk whose only outs are per chunk (the states entering each chunk) does little per chunk besides
+        # its state update: it gains from segments like a walk holding its whole state tile
+        cd = chunk_dim(layout["scan"])
+        states_only = all(cd in dims for _, kind, dims in layout["stores"] if kind == "out")
         n = pick_segments(n_chunks, math.prod(sizes[d] for d in layout["grid"]) * blocks, cores,
-                          SEG_BELOW if layout["split"] else SEG_BELOW_WHOLE)
+                          SEG_BELOW if layout["split"] and not states_only else SEG_BELOW_WHOLE)
     else:
         n = forced
     n = max(1, min(int(n), n_chunks))

@@ -98,7 +98,7 @@ class TritonEmitter(KernelWalk, LauncherWriter):
     runtime = "triton_runtime"
     imports = ("import triton", "import triton.language as tl")
     FIXED = ("triton", "tl", "Q", "MM", "PREC", "pid", "bid", "c", "tt", "ttc", "valid", "t_i", "in_chunk",
-             "cu_seqlens_ptr", "PACKED", "seq_start", "seq_len", "row", "I64", "seg_end")
+             "cu_seqlens_ptr", "PACKED", "seq_start", "seq_len", "row", "I64", "seg_end", "ONE_CHUNK")
     strides = True
     row_kernels = True
     handle = "ptr"
@@ -113,7 +113,8 @@ class TritonEmitter(KernelWalk, LauncherWriter):
         runtime = self.runtime_args()
         args = ([self.ptr_of(i) for i in k.leaves()] + (["cu_seqlens_ptr"] if self.batch else []) + runtime
                 + [self.store_ptr(kd, n) for kd, n, _ in k.stores])
-        consts = self.constexprs() + ["I64"] + (["PACKED"] if self.batch else [])
+        consts = self.constexprs() + ["I64"] + (["PACKED"] if self.batch else []) + (
+            ["ONE_CHUNK"] if self.plan.role == "segment_outputs" else [])
         # no specialisation on the runtime sizes' values (divisibility by 16, == 1): one compile serves all lengths
         w(f"@triton.jit(do_not_specialize={runtime!r})" if runtime else "@triton.jit")
         w(f"def {self.kernel_name}(")  # one parameter a line
@@ -333,7 +334,9 @@ class TritonEmitter(KernelWalk, LauncherWriter):
         """(c) stores no state: the update after a segment's last chunk is dead (with one chunk per segment, as
         from `entering`, every update is)."""
         if updates and self.plan.role == "segment_outputs":
-            with self.w.block("if c + 1 < seg_end:  # the state entering the segment's next chunk"):
+            # ONE_CHUNK (every segment one chunk, as from `entering`): compiled out, its registers never held
+            with self.w.block("if not ONE_CHUNK:"), self.w.block(
+                    "if c + 1 < seg_end:  # the state entering the segment's next chunk"):
                 yield
         else:
             yield

@@ -123,7 +123,14 @@ def _meta(layout, sizes, cfg, mm):
     if layout.get("packed"):
         meta["PACKED"] = bool(sizes.get(kr.SEQS))
     meta["I64"] = kr.needs_64bit_offsets(layout, sizes)
+    if layout.get("role") == "segment_outputs":
+        meta["ONE_CHUNK"] = _one_chunk(sizes)
     return meta
+
+
+def _one_chunk(sizes) -> bool:
+    """Every segment is one chunk (the states entering each chunk given): step (c) then has no state update."""
+    return sizes.get(kr.SEG_CHUNKS) == 1
 
 
 def _gpu_call(kernel, layout, sizes, cfg, ins, specs, mm):
@@ -154,6 +161,8 @@ def _bucket(layout, sizes) -> str:
     if layout["scan"] in rt:
         s["len"] = _pow2(sizes[layout["scan"]])
     s["programs"] = _pow2(math.prod(sizes[d] for d in rt if d in layout["grid"]))
+    if layout.get("role") == "segment_outputs":
+        s["one_chunk"] = _one_chunk(sizes)
     return ",".join(f"{d}={s[d]}" for d in sorted(s))
 
 
