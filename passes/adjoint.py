@@ -475,7 +475,8 @@ def _restrict(prog: Program, keep_outs, name: str, instrs, outs, note: str) -> P
     the state updates need, under `name`."""
     by = {i.name: i for i in prog.instrs}
     need = set()
-    todo = [i.name for i in prog.instrs if i.op in ("update", "state") or (i.op == "out" and i.attr("out") in keep_outs)]
+    todo = [i.name for i in prog.instrs
+            if i.op in ("update", "state") or (i.op == "out" and i.attr("out") in keep_outs)]
     todo += [a for i in instrs for a in i.args]
     while todo:
         n = todo.pop()

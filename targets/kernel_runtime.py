@@ -155,6 +155,8 @@ def out_dtype_of(layout: dict, name: str, kind: str, out_dtype):
 # L=16384 1.62 -> 1.21 (10); b=2 h=80 (160 programs) L=16384: 1.71 one walk, no segment count faster. The
 # constants, in one place:
 SEG_BELOW = 1.0         # segment only while (batch x heads x blocks) programs are fewer than SEG_BELOW x the cores
+                        # (the derived adjoint's state walk storing its states per chunk, b=1 h=80 L=65536, 160
+                        # programs: one walk 1.64 ms, 7 segments 0.62 + 1.23 ms)
 SEG_BELOW_WHOLE = 3.0   # the same for a walk with no split dim: each program holds its whole state tile, so fewer
                         # fit on an SM (H200, Mamba2's derived adjoint walk at b=4 h=80 L=8192, 320 programs: one
                         # walk 4.72 ms, 2/4/8 segments 3.86/3.77/3.87; its dq walk, split in two, 640 programs: one
@@ -186,12 +188,8 @@ def segments(layout: dict, sizes: dict, forced: int | None, cores: int) -> tuple
     n_chunks = chunk_count(layout, sizes) if layout["Q"] else 1
     if forced is None:
         blocks = math.prod(-(-sizes[d] // 64) for d in layout["split"])  # the heuristic's blocks of at most 64
-        # a walk whose only outs are per chunk (the states entering each chunk) does little per chunk besides
-        # its state update: it gains from segments like a walk holding its whole state tile
-        cd = chunk_dim(layout["scan"])
-        states_only = all(cd in dims for _, kind, dims in layout["stores"] if kind == "out")
         n = pick_segments(n_chunks, math.prod(sizes[d] for d in layout["grid"]) * blocks, cores,
-                          SEG_BELOW if layout["split"] and not states_only else SEG_BELOW_WHOLE)
+                          SEG_BELOW if layout["split"] else SEG_BELOW_WHOLE)
     else:
         n = forced
     n = max(1, min(int(n), n_chunks))

@@ -71,3 +71,64 @@ def test_entering_errors(rng):
     kx = ssmc.compile(str(v.path), target="xla", chunk_size=CHUNK)
     with pytest.raises(SSMCError, match="entering= needs"):
         kx.apply(inputs, entering={"h": good})
+
+
+def _adjoint_reference(log_a, dy, C, G_T, Q):
+    """float64 loop of the adjoint recurrence over reversed time, G = exp(ℓ_t) G + C_t ⊗ dy_t (head i reads group
+    i // (h/g)): (the states entering each chunk of the reverse walk, at entry nc-1-k for its k-th chunk from the
+    last step; the state after the first step)."""
+    b, T, h, p = dy.shape
+    g = C.shape[2]
+    nc = -(-T // Q)
+    G = np.asarray(G_T, np.float64).copy()
+    enter = np.zeros((nc,) + G.shape)
+    for r in range(T):  # r: steps walked from the last
+        t = T - 1 - r
+        if r % Q == 0:
+            enter[nc - 1 - r // Q] = G
+        Ct = np.repeat(np.asarray(C[:, t], np.float64), h // g, axis=1)  # [b, h, n]
+        G = np.exp(np.asarray(log_a[:, t], np.float64))[..., None, None] * G \
+            + np.asarray(dy[:, t], np.float64)[..., :, None] * Ct[..., None, :]
+    return enter, G
+
+
+@pytest.mark.parametrize("target,segmented", [("triton", False), ("triton", True),
+                                              pytest.param("tpu", True, marks=pytest.mark.slow)])
+def test_reverse_walk_stores_the_adjoint_states_and_adj_runs_from_them(rng, monkeypatch, target, segmented):
+    """The derived backward's `adj_entering` (a reverse-time walk, in place on triton, flipped around the kernels
+    on tpu) stores the adjoint states entering each chunk: they and its final state must match a float64 loop, in
+    one walk and in segments (whose per-segment arrays a reverse walk in place keeps in forward-time order). The adj
+    pieces, run every chunk at once from those states (`entering=` on reverse-time kernels), must give the outs the
+    whole adj program gives walking the sequence itself."""
+    from ssmc.api import compile_program
+    from ssmc.targets import kernel_runtime
+    if segmented:
+        monkeypatch.setattr(kernel_runtime, "pick_segments", lambda n_chunks, *a, **k: min(3, n_chunks))
+    b, t, h, p, n, g = (1 if target == "tpu" else 2), 29, 4, 4, 8, 2
+    k = ssmc.compile(str(VARIANTS["mamba2"].path), target=target, interpret=True, chunk_size=CHUNK)
+    bw = k._derived_backward()
+    assert bw.runs["adj"] == ["adj:rest", "adj:n", "adj:p"] and "adj_entering" in bw.kernels
+    wk = bw.kernels["adj_entering"]
+    f32 = (lambda *s: np.asarray(rng.standard_normal(s), np.float32))
+    feed = {"log_a_h": -np.abs(f32(b, t, h)) * 0.3, "dy": f32(b, t, h, p), "C": f32(b, t, g, n),
+            "B": f32(b, t, g, n), "x": f32(b, t, h, p), "dt": np.abs(f32(b, t, h)),
+            "h_fwd": f32(-(-t // CHUNK), b, h, p, n)}
+    G_T = f32(b, h, p, n)
+    enter_ref, G0_ref = _adjoint_reference(feed["log_a_h"], feed["dy"], feed["C"], G_T, CHUNK)
+    enter, G0 = wk.apply({a: feed[a] for a, _ in wk.inputs}, G_T)
+    assert rel_l2(np.asarray(enter, np.float64), enter_ref) < TOL
+    assert rel_l2(np.asarray(G0, np.float64), G0_ref) < TOL
+    # the pieces from the stored states against the whole adj program's own walk
+    whole = compile_program(bw.d.programs["adj"], target=target, pipeline=k.pipeline, matmul="float32",
+                            interpret=True, out_dtype=None)
+    ref = whole.apply({a: feed[a] for a, _ in whole.inputs}, G_T)
+    ref = dict(zip([o for o, _ in whole.outs], ref))
+    seen = set()
+    for key in bw.runs["adj"]:
+        pk = bw.kernels[key]
+        res = pk.apply({a: feed[a] for a, _ in pk.inputs}, G_T, entering={"h": np.asarray(enter)})
+        assert all(s is None for s in res[len(pk.outs):])
+        for (o, _), got in zip(pk.outs, res):
+            seen.add(o)
+            assert rel_l2(np.asarray(got, np.float64), np.asarray(ref[o], np.float64)) < TOL, (key, o)
+    assert seen == set(ref) - {"h"}, seen

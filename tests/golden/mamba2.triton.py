@@ -299,6 +299,7 @@ def mamba2_segment_outputs(
     y_stride_h: tl.constexpr,
     y_stride_p: tl.constexpr,
     I64: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
 ):
     # schedule step (c): this segment's outputs, from the state entering it (S_in)
     # strides spanning a runtime size (batch, heads, length): computed, not compiled in
@@ -368,11 +369,12 @@ def mamba2_segment_outputs(
         # stage epilogue
         y = y_h_new + v12
         tl.store(y_ptr + i_b * y_stride_b + ttc[:, None] * y_stride_t + i_h * y_stride_h + o_p * y_stride_p, (y).to(y_ptr.dtype.element_ty), mask=valid[:, None] & (o_p < N_p))
-        if c + 1 < seg_end:  # the state entering the segment's next chunk
-            # stage chunk_state + state_passing (h)
-            h_upd_w = tl.where(valid, tl.exp(h_L_last - h_L), 0.0)  # decay from each step to the chunk's end
-            c6 = tl.dot(tl.trans(x).to(MM), ((B.to(tl.float32)) * ((h_upd_w) * dt.to(tl.float32))[:, None]).to(MM), input_precision=PREC)
-            state_h_in = tl.exp(h_L_last) * state_h_in + c6  # the state entering the next chunk
+        if not ONE_CHUNK:
+            if c + 1 < seg_end:  # the state entering the segment's next chunk
+                # stage chunk_state + state_passing (h)
+                h_upd_w = tl.where(valid, tl.exp(h_L_last - h_L), 0.0)  # decay from each step to the chunk's end
+                c6 = tl.dot(tl.trans(x).to(MM), ((B.to(tl.float32)) * ((h_upd_w) * dt.to(tl.float32))[:, None]).to(MM), input_precision=PREC)
+                state_h_in = tl.exp(h_L_last) * state_h_in + c6  # the state entering the next chunk
     # stage output
 
 

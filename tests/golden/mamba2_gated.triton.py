@@ -332,6 +332,7 @@ def mamba2_gated_segment_outputs(
     v17_stride_h: tl.constexpr,
     v17_stride_p: tl.constexpr,
     I64: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
 ):
     # schedule step (c): this segment's outputs, from the state entering it (S_in)
     # strides spanning a runtime size (batch, heads, length): computed, not compiled in
@@ -411,11 +412,12 @@ def mamba2_gated_segment_outputs(
         # stage epilogue
         v17 = v17_s_new + v15
         tl.store(v17_ptr + i_b * v17_stride_b + ttc[:, None] * v17_stride_t + i_h * v17_stride_h + o_p * v17_stride_p, (v17).to(v17_ptr.dtype.element_ty), mask=valid[:, None] & (o_p < N_p))
-        if c + 1 < seg_end:  # the state entering the segment's next chunk
-            # stage chunk_state + state_passing (s)
-            s_upd_w = tl.where(valid, tl.exp(tl.minimum(s_L_last - s_L, 0.0)), 0.0)  # decay from each step to the chunk's end
-            c6 = tl.dot(tl.trans(x).to(MM), ((B.to(tl.float32)) * ((s_upd_w) * dt)[:, None]).to(MM), input_precision=PREC)
-            state_s_in = tl.exp(s_L_last) * state_s_in + c6  # the state entering the next chunk
+        if not ONE_CHUNK:
+            if c + 1 < seg_end:  # the state entering the segment's next chunk
+                # stage chunk_state + state_passing (s)
+                s_upd_w = tl.where(valid, tl.exp(tl.minimum(s_L_last - s_L, 0.0)), 0.0)  # decay from each step to the chunk's end
+                c6 = tl.dot(tl.trans(x).to(MM), ((B.to(tl.float32)) * ((s_upd_w) * dt)[:, None]).to(MM), input_precision=PREC)
+                state_s_in = tl.exp(s_L_last) * state_s_in + c6  # the state entering the next chunk
     # stage output
 
 
