@@ -159,7 +159,8 @@ def kernel_times(f, calls=5, top=30, sync=None) -> list:
 
 
 def parts(name, s, repeats, matmul="auto", cancelling=False) -> list[dict]:
-    """Each derived kernel of the Mamba2 layer (the forward storing the entering states, dq from such states, adj)
+    """Each derived kernel of the Mamba2 layer (the forward storing the entering states, dq from such states, adj's
+    state walk and its pieces from such states)
     alone at one shape, on the dtypes the backward feeds it (x, B, C, dt, dy bf16; log-decays fp32): where the
     backward's time goes. With `cancelling`, also the kernels of
     the form without the per-chunk pieces (whose dots then run at full precision, as a call would run them)."""
@@ -183,7 +184,8 @@ def parts(name, s, repeats, matmul="auto", cancelling=False) -> list[dict]:
                 key, sub = jax.random.split(key)
                 ins[n] = random_input(n, [sizes[d] for d in dims], sub)
             opts = {}
-            if part == "dq" and bw.forward_kernel is not None:  # as a call runs it: every chunk from given states
+            # as a call runs them: every chunk from given states (dq from the forward's, adj's pieces from adj_entering's)
+            if (part == "dq" or part.startswith("adj:")) and bw.forward_kernel is not None:
                 opts["entering"] = {}
                 for n, dims in kk.states:
                     key, sub = jax.random.split(key)
