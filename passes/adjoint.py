@@ -93,7 +93,8 @@ def derive(p: Program, pairs: bool = True, split: bool = False) -> Derivation:
     form of the decay gradient for the states that have it (the programs then need the chunked form). split (with
     pairs, when every state has the per-chunk form): the forward itself stores the states entering each chunk (the
     `forward` program: the spec's program plus those outs), so `dq` takes them as given and runs every chunk in
-    parallel (a kernel module's `entering` option) instead of walking the sequence again."""
+    parallel (a kernel module's `entering` option) instead of walking the sequence again; likewise `adj_entering`
+    (adj's recurrence alone) stores the adjoint states entering each chunk, and adj runs from them as `pieces`."""
     plan = make_plan(p)
     an = plan.analysis
     for sp in plan.states.values():
@@ -366,20 +367,27 @@ class _Builders:
         e = add("enter", (prev,), s.dims + (chunk_dim(self.scan),), hint=f"{s.name}.enter_fwd", state=s.name)
         s.pairs["enter"] = out(e, f"{s.name}_enter", self.enter_dims(s))
 
-    def forward_entering(self) -> Program:
-        """The forward program that also stores the states entering each chunk (an out per state, indexed by chunk
-        as dq's would be): what the forward of a differentiated call runs, so the backward need not walk again."""
-        p = self.p
-        taken = {a.name for a in p.inputs + p.states + p.outs}
-        instrs, outs = list(p.instrs), list(p.outs)
+    def stored_states(self, prog: Program, key: str, suffix: str) -> tuple[list, list]:
+        """(instrs, outs) storing each state of `prog` entering each chunk, an out per state (recorded in the
+        state's pairs under `key`)."""
+        taken = {a.name for a in prog.inputs + prog.states + prog.outs}
+        instrs, outs = [], []
         for s in self.states.values():
-            prev = next(i for i in p.instrs if i.op == "state" and i.attr("state") == s.name)
-            e = make(f"{s.name}.enter_fwd", "enter", (prev.name,), self.order(s.dims + (chunk_dim(self.scan),)),
+            prev = next(i for i in prog.instrs if i.op == "state" and i.attr("state") == s.name)
+            e = make(f"{s.name}.{suffix}", "enter", (prev.name,), self.order(s.dims + (chunk_dim(self.scan),)),
                      None, state=s.name)
             name = _fresh(taken, f"{s.name}_enter")
             outs.append(Array(name, self.enter_dims(s)))
             instrs += [e, make(f"out.{name}", "out", (e.name,), e.dims, None, out=name)]
-            s.pairs["enter"] = name
+            s.pairs[key] = name
+        return instrs, outs
+
+    def forward_entering(self) -> Program:
+        """The forward program that also stores the states entering each chunk (an out per state, indexed by chunk
+        as dq's would be): what the forward of a differentiated call runs, so the backward need not walk again."""
+        p = self.p
+        instrs, outs = self.stored_states(p, "enter", "enter_fwd")
+        instrs, outs = list(p.instrs) + instrs, list(p.outs) + outs
         return Program(f"{p.name}_fwd", self.dims, p.scan, p.groups, p.inputs, p.states, tuple(outs), tuple(instrs),
                        notes=p.notes + ("forward of a differentiated call: also stores the states entering each "
                                         "chunk (the derived backward's dq and adj read them)",),
@@ -389,16 +397,7 @@ class _Builders:
         """`prog`'s recurrence alone (the instructions its state updates need), storing the states entering each
         chunk: adj's walk over reversed time, so that adj itself then runs every chunk at once from them (its
         `entering`), as dq does from the forward's."""
-        taken = {a.name for a in prog.inputs + prog.states}
-        instrs, outs = [], []
-        for s in self.states.values():
-            prev = next(i for i in prog.instrs if i.op == "state" and i.attr("state") == s.name)
-            e = make(f"{s.name}.enter_adj", "enter", (prev.name,), self.order(s.dims + (chunk_dim(self.scan),)),
-                     None, state=s.name)
-            name = _fresh(taken, f"{s.name}_enter")
-            outs.append(Array(name, self.enter_dims(s)))
-            instrs += [e, make(f"out.{name}", "out", (e.name,), e.dims, None, out=name)]
-            s.pairs["adj_enter"] = name
+        instrs, outs = self.stored_states(prog, "adj_enter", "enter_adj")
         return _restrict(prog, (), f"{self.p.name}_adj_entering", instrs, outs,
                          f"adjoint{{part=adj_entering}} of `ssm {self.p.name}`: adj's recurrence alone over reversed "
                          f"time, storing the adjoint states entering each chunk (adj then runs every chunk at once "

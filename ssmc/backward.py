@@ -16,7 +16,9 @@ A call's vector-Jacobian product, for cotangents of the outs (dy) and of the fin
 Nothing per step is saved by the forward. On the kernel targets, where every state's decay gradient has the
 per-chunk form, the forward of a differentiated call (`forward`: the spec's program plus the state entering each
 chunk, passes/adjoint.py forward_entering) saves those states, one per chunk; `dq` (and `readouts`) then run every
-chunk at once from them (the modules' `entering=`), and `adj` reads them. Elsewhere `dq` walks and stores them.
+chunk at once from them (the modules' `entering=`), and `adj` reads them; `adj`'s recurrence alone
+(`adj_entering`) stores the adjoint states entering each chunk, and `adj` runs every chunk at once from those, as
+pieces (one kernel per set of state dims its outs keep: `runs["adj"]`). Elsewhere `dq` walks and stores them.
 Inside a shard_map over the sequence (`across`) each device differentiates its part: the adjoint's parts chain in
 reverse device order, and the steps after a part's last come from the next device.
 """
