@@ -31,7 +31,7 @@ import re
 from dataclasses import dataclass
 
 from ssmc.errors import SSMCError
-from ssmc.ir import Array, Instr, Namer, Program, make
+from ssmc.ir import Array, Instr, Namer, Program, dce, make
 
 from .chunk import chunk_dim
 
@@ -152,8 +152,7 @@ def derive(p: Program, pairs: bool = True, split: bool = False) -> Derivation:
     d.helpers = list(an.new)
     if split:
         d.forward_entering = b.forward_entering()
-        walk = d.programs["adj_entering"] = b.states_walk(d.programs["adj"])
-        d.inputs["adj_entering"], d.cots["adj_entering"] = {a.name: d.inputs["adj"][a.name] for a in walk.inputs}, []
+        d.programs["adj_entering"] = b.states_walk(d.programs["adj"])  # (its inputs are adj's: adj's feed)
         d.pieces = {"adj": b.pieces(d.programs["adj"])}
     return d
 
@@ -472,17 +471,8 @@ _WHAT = {"dq": "the forward recurrence; outs: the cotangents of the readouts' qu
 def _restrict(prog: Program, keep_outs, name: str, instrs, outs, note: str) -> Program:
     """`prog` with only the outs `keep_outs` (plus `outs`, set by the extra `instrs`) and the instructions they and
     the state updates need, under `name`."""
-    by = {i.name: i for i in prog.instrs}
-    need = set()
-    todo = [i.name for i in prog.instrs
-            if i.op in ("update", "state") or (i.op == "out" and i.attr("out") in keep_outs)]
-    todo += [a for i in instrs for a in i.args]
-    while todo:
-        n = todo.pop()
-        if n not in need and n in by:
-            need.add(n)
-            todo.extend(by[n].args)
-    body = [i for i in prog.instrs if i.name in need] + list(instrs)
+    body = dce(prog.with_instrs([i for i in prog.instrs if i.op != "out" or i.attr("out") in keep_outs]
+                                + list(instrs))).instrs
     arrays = {i.attr("array") for i in body if i.op == "input"}
     used = set().union(*(set(i.dims) for i in body))
     return Program(name, tuple(d for d in prog.dims if d in used), prog.scan,

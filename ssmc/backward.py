@@ -257,24 +257,25 @@ class Backward:
         T = sizes[scan]
         Tp = T if not self.pairs else -(-T // self.Q) * self.Q  # the per-chunk form: whole chunks both ways
         # where the forward stored the states entering each chunk, dq runs every chunk at once from them
-        dq, finals = self._run("dq", self._feed("dq", env, dterms, logs, feed_dt), _init(states0, d.states, decl),
-                               Tp, T, {"entering": entering} if entering else call)
+        dq, finals = self._run("dq", self._pad("dq", self._feed("dq", env, dterms, logs, feed_dt), Tp),
+                               _init(states0, d.states, decl), T, {"entering": entering} if entering else call)
         entering = entering or {s: dq[st.pairs["enter"]] for s, st in d.states.items() if st.pairs}
         dST = {s: _ct(cts.get("state:" + s), decl[s], d.states[s].dims, ssz, dtype) for s in d.states}
         if across is not None:  # the final states are the last part's: their cotangent starts every part's chain
             dST = {s: jax.lax.psum(v, across) for s, v in dST.items()}
-        feed = self._feed("adj", env, dterms, {s: self._shift(lg, d.states[s], time) for s, lg in logs.items()},
-                          feed_dt, {"enter:" + s: entering[s] for s in entering})
+        shifted = {s: self._shift(lg, d.states[s], time) for s, lg in logs.items()}
+        feed = self._pad("adj", self._feed("adj", env, dterms, shifted, feed_dt,
+                                           {"enter:" + s: entering[s] for s in entering}), Tp)
         # a reverse-time program: its walk starts at each sequence's last step (in place on triton; elsewhere
         # the call flips the timed arrays around the kernels, Kernel._entry)
         walk_opts = {"across": across} if across is not None else call
         if "adj_entering" in self.kernels:
             # adj's recurrence alone stores the adjoint states entering each chunk; adj then runs every chunk at once
-            G, G0 = self._run("adj_entering", feed, dST, Tp, T, walk_opts)
+            G, G0 = self._run("adj_entering", feed, dST, T, walk_opts)
             walk_opts = {"entering": {s: G[st.pairs["adj_enter"]] for s, st in d.states.items()}}
-            du, _ = self._run("adj", feed, dST, Tp, T, walk_opts)
+            du, _ = self._run("adj", feed, dST, T, walk_opts)
         else:
-            du, G0 = self._run("adj", feed, dST, Tp, T, walk_opts)
+            du, G0 = self._run("adj", feed, dST, T, walk_opts)
         # 3. the factors' cotangents and the log-decays'
         cot: dict[str, jax.Array] = {}
         dL = {s: None for s in d.states}
@@ -335,22 +336,23 @@ class Backward:
         return grads
 
     # ---- the per-chunk decay gradient ------------------------------------------------------------------------
-    def _run(self, part, feed, init, Tp, T, opts) -> tuple[dict, dict]:
+    def _run(self, part, feed, init, T, opts) -> tuple[dict, dict]:
         """({out: array}, {state: final state, None where it ran from given entering states}) of a derived part:
-        each of its kernels (its pieces, where it has them) on its inputs from `feed` padded to Tp steps, and the
-        outs cut back to T."""
+        each of its kernels (its pieces, where it has them) on its inputs from `feed` (padded: _pad), and the outs
+        cut back to T."""
         outs, finals = {}, {}
         for key in self.runs[part]:
             k = self.kernels[key]
-            res = k.apply(self._pad(k.program, feed, Tp), init, **opts)
+            res = k.apply({a.name: feed[a.name] for a in k.program.inputs}, init, **opts)
             outs.update(self._unpad(k, res[:len(k.outs)], T))
             finals.update(zip([n for n, _ in k.states], res[len(k.outs):]))
         return outs, finals
 
-    def _pad(self, prog, feed, Tp):
-        """The timed inputs of a derived program padded to Tp steps (zeros: log-decay 0, no update, no read)."""
-        scan = self.p.scan
-        out = {a.name: feed[a.name] for a in prog.inputs if a.name in feed}  # (a piece takes its part's feed)
+    def _pad(self, part, feed, Tp):
+        """The timed inputs of a derived program padded to Tp steps (zeros: log-decay 0, no update, no read), once
+        for all its kernels (its pieces, adj's state walk: their inputs are among its own)."""
+        prog, scan = self.d.programs[part], self.p.scan
+        out = dict(feed)
         for a in prog.inputs:
             x = out.get(a.name)
             if x is not None and scan in a.dims and x.shape[a.dims.index(scan)] != Tp:
