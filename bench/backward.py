@@ -44,7 +44,7 @@ def rel(a, b) -> float:
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
 
 
-def run_shape(name, s, repeats, check_ref, profile=False, matmuls=tuple(BACKWARD_MATMUL)):
+def run_shape(name, s, repeats, check_ref, profile=False, matmuls=tuple(BACKWARD_MATMUL), chunks=(None,)):
     import jax
     import jax.numpy as jnp
     import torch
@@ -64,10 +64,11 @@ def run_shape(name, s, repeats, check_ref, profile=False, matmuls=tuple(BACKWARD
     js = tuple(an.to_jax(st[n]) for n in ORDER)
     jw = an.to_jax(w)
     all_grads = {}
-    for bm, (tag, _) in BACKWARD_MATMUL.items():
+    for bm, (tag0, _), q in [(bm, t, q) for bm, t in BACKWARD_MATMUL.items() for q in chunks]:
         if bm not in matmuls:
             continue
-        k = ssmc.compile(SPEC, target="triton", backward_matmul=bm)
+        tag = tag0 if q is None else f"{tag0}_q{q}"  # each chunk length timed side by side
+        k = ssmc.compile(SPEC, target="triton", backward_matmul=bm, chunk_size=q)
 
         def loss(x, dt, A, B, C, D, w, k=k):
             return jnp.sum(k(x, dt, A, B, C, D)[0].astype(jnp.float32) * w.astype(jnp.float32))
@@ -268,6 +269,8 @@ def main():
     ap.add_argument("--parts-cancelling", action="store_true", help="with --parts: also the kernels of the "
                     "cancelling form (fp32 dots; slow)")
     ap.add_argument("--profile", action="store_true", help="per-kernel times of ssmc's forward+backward")
+    ap.add_argument("--chunk-sizes", nargs="+", type=int, default=[None], help="ssmc's chunk lengths to time side "
+                    "by side (default: the compiler's)")
     ap.add_argument("--backward-matmul", nargs="+", default=list(BACKWARD_MATMUL), choices=list(BACKWARD_MATMUL),
                     help="the backward settings to time (compile's backward_matmul)")
     args = ap.parse_args()
@@ -282,7 +285,7 @@ def main():
     for name in args.shapes:
         try:
             rec = run_shape(name, SHAPES[name], args.repeats, check_ref=name in ("S1", "S3"), profile=args.profile,
-                           matmuls=args.backward_matmul)
+                           matmuls=args.backward_matmul, chunks=args.chunk_sizes)
         except Exception as e:  # noqa: BLE001
             rec = dict(shape=name, error=f"{type(e).__name__}: {str(e)[:400]}")
         recs.append(rec)
@@ -300,7 +303,8 @@ def main():
         if "error" in r:
             print(f"{r['shape']} | error: {r['error']}")
             continue
-        for tag, dots in BACKWARD_MATMUL.values():
+        for tag, dots in [(t + ("" if q is None else f"_q{q}"), d + ("" if q is None else f" Q={q}"))
+                          for t, d in BACKWARD_MATMUL.values() for q in args.chunk_sizes]:
             if f"{tag}_ms" in r:
                 print(f"{r['shape']} | {dots} | {r[f'{tag}_ms']:.2f} | {r['mamba_ssm_ms']:.2f} | "
                       f"{r[f'{tag}_ratio']:.2f} | {r[f'{tag}_peak_MB'] or float('nan'):.0f} | "
