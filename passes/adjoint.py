@@ -28,7 +28,7 @@ backwards.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ssmc.errors import SSMCError
 from ssmc.ir import Array, Instr, Namer, Program, dce, make
@@ -86,6 +86,8 @@ class Derivation:
     dep: dict[str, bool]                # forward value -> whether it depends on a state
     forward_entering: Program | None = None  # split: the forward program plus the states entering each chunk
     pieces: dict[str, dict[str, Program]] | None = None  # split: adj as the programs its kernels run
+    sums: dict[str, dict[str, tuple[str, ...]]] = field(default_factory=dict)  # part -> {out: the pieces' outs
+    #                                                                            that sum to it}
 
 
 def derive(p: Program, pairs: bool = True, split: bool = False) -> Derivation:
@@ -153,7 +155,8 @@ def derive(p: Program, pairs: bool = True, split: bool = False) -> Derivation:
     if split:
         d.forward_entering = b.forward_entering()
         d.programs["adj_entering"] = b.states_walk(d.programs["adj"])  # (its inputs are adj's: adj's feed)
-        d.pieces = {"adj": b.pieces(d.programs["adj"])}
+        adj_pieces, d.sums["adj"] = b.pieces(d.programs["adj"])
+        d.pieces = {"adj": adj_pieces}
     return d
 
 
@@ -402,18 +405,93 @@ class _Builders:
                          f"time, storing the adjoint states entering each chunk (adj then runs every chunk at once "
                          f"from them)")
 
-    def pieces(self, prog: Program) -> dict[str, Program]:
+    def pieces(self, prog: Program) -> tuple[dict[str, Program], dict[str, tuple[str, str]]]:
         """`prog` (run from given entering states: every chunk on its own) as one program per set of state dims
         its outs keep: an out that keeps p and sums n (Mamba2's dx) and one that keeps n and sums p (dB) then run
-        as kernels blocked along the dim each keeps, instead of one kernel holding every tile at once."""
+        as kernels blocked along the dim each keeps, instead of one kernel holding every tile at once. The outs
+        that keep no state dim split by what they read: their state parts (d dt's, the decay gradient's upd and
+        across) join the piece whose contraction with the state they share, which then holds the state's tile
+        whole; their in-chunk parts (d dt's, the straddle) form "rest", a piece that reads no state at all.
+        Returns (pieces by label, {out: (its in-chunk out, its state-part out)} for the outs split in two)."""
         sdims = set().union(*(set(s.dims) - set(s.batch) - set(s.ldims) for s in self.states.values()))
+        by = prog.by_name()
+        states = {i.name for i in prog.instrs if i.op == "state"} | {i.args[0] for i in prog.instrs
+                                                                     if i.op == "update"}
         groups: dict[tuple, list[str]] = {}
+        rest: list[tuple[str, str]] = []  # (out, its value) keeping no state dim
         for o in prog.outs:
-            groups.setdefault(tuple(d for d in o.dims if d in sdims), []).append(o.name)
-        return {"_".join(kept) or "rest": _restrict(
-            prog, names, f"{prog.name}_{'_'.join(kept) or 'rest'}", (), (),
-            prog.notes[0] + f"; outs {', '.join(names)} (those keeping the state dims {list(kept)}: one of its "
-                            f"kernels run from the entering states)") for kept, names in groups.items()}
+            kept = tuple(d for d in o.dims if d in sdims)
+            if kept:
+                groups.setdefault(kept, []).append(o.name)
+            else:
+                rest.append((o.name, by[f"out.{o.name}"].args[0]))
+
+        def cone(v):  # the instructions value v is computed from
+            seen, todo = set(), [v]
+            while todo:
+                x = todo.pop()
+                if x not in seen and x in by:
+                    seen.add(x)
+                    todo += list(by[x].args)
+            return [by[x] for x in seen]
+
+        def first_factor_dims(v):
+            """The state dims of the readout's first factor: the emitters contract it with the state first
+            (Mamba2's d dt = Σ x * (B·G), the B·G of d x), so the piece summing those dims shares that matmul."""
+            i = by[v]
+            while i.op == "reduce":
+                i = by[i.args[0]]
+            if i.op == "contract":
+                i = by[next((a for a in i.args if a not in states), i.args[0])]
+            while i.op == "mul":
+                i = by[i.args[0]]
+            return set(i.dims) & sdims
+
+        taken = {a.name for a in prog.inputs + prog.states + prog.outs}
+        host_outs, rest_outs, sums, extra, host = [], [], {}, {"host": [], "rest": []}, None
+        for name, v in rest:
+            ops = cone(v)
+            if any(i.op == "across" or (i.op == "pairs" and i.attr("part") == "state") for i in ops):
+                host_outs.append(name)
+            elif any(i.op == "pairs" for i in ops) or not (states & {i.name for i in ops}):
+                rest_outs.append(name)
+            else:  # a readout of the state: its in-chunk part here, its state part with the host
+                host = host or tuple(d for d in prog.order(sdims - first_factor_dims(v)))
+                o = next(a for a in prog.outs if a.name == name)
+                pair = []
+                for part, where in (("in", "rest"), ("state", "host")):
+                    out_name = _fresh(taken, f"{name}_{part}")
+                    # (the decay gradient's upd already takes the state part of d dt: the same value)
+                    val = next((i for i in prog.instrs if i.op == "pairs" and i.args == (v,)
+                                and i.attr("part") == part), None)
+                    new = [] if val is not None else [make(f"{v}.{part}", "pairs", (v,), by[v].dims, by[v].span,
+                                                           part=part)]
+                    val = val or new[0]
+                    extra[where].append((Array(out_name, o.dims, o.span), new + [
+                        make(f"out.{out_name}", "out", (val.name,), o.dims, o.span, out=out_name, fp32=True)]))
+                    pair.append(out_name)
+                sums[name] = tuple(pair)
+        if host not in groups:
+            host = min(groups, key=lambda kept: (len(kept), kept)) if groups else None
+        if host is None:  # no piece keeps a state dim: one program reads the state whole
+            groups[()] = [n for n, _ in rest]
+            extra, sums = {"host": [], "rest": []}, {}
+        else:
+            groups[host] += host_outs
+            if rest_outs or extra["rest"]:
+                groups[()] = rest_outs
+
+        def piece(kept, names):
+            label = "_".join(kept) or "rest"
+            add = extra["host"] if kept == host else extra["rest"] if not kept else []
+            listed = names + [a.name for a, _ in add]
+            return _restrict(prog, names, f"{prog.name}_{label}", [x for _, ins in add for x in ins],
+                             [a for a, _ in add],
+                             prog.notes[0] + f"; outs {', '.join(listed)} (" + (
+                                 f"those keeping the state dims {list(kept)}" if kept else "the in-chunk parts: no "
+                                 "state read") + (", and the state parts of the outs keeping none" if add and kept
+                                                  else "") + ": one of its kernels run from the entering states)")
+        return {("_".join(kept) or "rest"): piece(kept, names) for kept, names in groups.items()}, sums
 
     def pairs_outs(self, part, s, vals, shares, value, product, add, out, array):
         """The per-chunk decay gradient's outs of state `s` (module docstring). dq: the state part of <q ⊗ dr, S_t>

@@ -17,16 +17,17 @@ the chunk into Q/C sub-chunks (matmuls between them, diagonal blocks direct), C 
 L_t - L_s (s <= t) may be clamped to <= 0; when False every exponent is used as it is (exact for growing decays).
 Positions past the sequence end contribute nothing (log-decay 0, update 0); emitters mask them.
 `part` (on chunk.output of a scalar decay, when=new): "state" keeps only the state part exp(L_t) q_t · S_enter;
-"straddle" only the in-chunk pairs around each row i, Σ_{t >= i} Σ_{s < i} M[t, s] with M[t, s] the in-chunk
+"in" only the in-chunk part (the two sum to the whole value: the derived backward computes them in different
+kernels, the state part where the state's tile is held whole, passes/adjoint.py pieces); "straddle" only the in-chunk pairs around each row i, Σ_{t >= i} Σ_{s < i} M[t, s] with M[t, s] the in-chunk
 summand of row t from source s (the derived backward's decay gradient a_i <S_{i-1}, G_i>, passes/adjoint.py).
-Both are times qcoef; t and s lie in i's chunk and inside the sequence. Emitters compute "state" for any quadratic
-chunk.output read after the update (no in-chunk part at all), "straddle" for a positive decay without state dims
+All are times qcoef; t and s lie in i's chunk and inside the sequence. Emitters compute "state" and "in" for any
+quadratic chunk.output read after the update (no in-chunk part / no state part at all), "straddle" for a positive decay without state dims
 (identity / constant / scalar class, no sigma, no sub-chunks) whose out dims are the decay's dims and the scan dim
 (all else contracted), in fp32 as Σ_{j < i} (colsum_j - rowsum_j) of M (a pair counts for [s < i] - [t < i]);
 else a TargetError.
 
 Step-level ops of the derived backward that only this pass lowers (a program with them has no sequential form):
-  pairs r {part}   a readout r's `part` (state / straddle) relative to the chunks: chunk.output{part}
+  pairs r {part}   a readout r's `part` (state / in / straddle) relative to the chunks: chunk.output{part}
   enter S.prev     [t#, S]: the state entering each chunk (chunk.pass's value), an out of the derived programs
   across X S.prev  [t, decay dims]: Σ over the state dims of X[chunk] * (the state entering the chunk), the same for
                    every step of a chunk (X: an input indexed by chunk, [t#, S]) -> chunk.across X enter
@@ -107,8 +108,8 @@ def part_problem(i: Instr, a: ChunkArgs, instrs) -> str | None:
     None; each emitter checks its own layout on top (a straddle's out dims). `instrs`: the program's, where the
     state's chunk.states says its decay class."""
     part = i.attr("part")
-    if part not in ("state", "straddle"):
-        return "unknown part (known: state, straddle)"
+    if part not in ("state", "in", "straddle"):
+        return "unknown part (known: state, in, straddle)"
     if i.attr("form") == "scan" or i.attr("when") != "new":
         return (f"needs the chunked quadratic form read after the update (when=new), got form={i.attr('form')}, "
                 f"when={i.attr('when')}")

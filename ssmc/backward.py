@@ -346,6 +346,8 @@ class Backward:
             res = k.apply({a.name: feed[a.name] for a in k.program.inputs}, init, **opts)
             outs.update(self._unpad(k, res[:len(k.outs)], T))
             finals.update(zip([n for n, _ in k.states], res[len(k.outs):]))
+        for name, pieces in self.d.sums.get(part, {}).items():  # an out its pieces computed in parts (fp32)
+            outs[name] = sum(outs.pop(x) for x in pieces)
         return outs, finals
 
     def _pad(self, part, feed, Tp):

@@ -458,7 +458,7 @@ class TileEmitter:
                 neg = f"{self.bc('valid', (t,), Lax)} & ({self.bc(sn, snax, Lax)} < 0)"
                 sgt = self.share(self.d.where(neg, f"-{sgt}", sgt), base("sgt"), "the decay's sign through t-1")
         q = [self.get(f) for f in a.q]
-        part = i.attr("part")  # None: the whole value; "state" / "straddle": one part of it (passes/chunk_ops.py)
+        part = i.attr("part")  # None: the whole value; "state" / "in" / "straddle": one part of it (chunk_ops)
         if part is not None:
             self.check_part(i, a, part, out, Lax)
         coef = "" if a.qcoef == 1.0 else f"{a.qcoef!r} * "
@@ -470,8 +470,11 @@ class TileEmitter:
         if shape is not None:
             with self.guarded_in_chunk(i, a, shape, q, L, Lt, Lax, sgt, base, prev):
                 self.exact_in_chunk(i, a, q, out, L, Lt, Lax, dd, sgt, base, prev)
-        elif part is None:
+        elif part != "state":
             self.exact_in_chunk(i, a, q, out, L, Lt, Lax, dd, sgt, base, prev)
+        if part == "in":  # no state part: this kernel need not hold the state's tile for it
+            self.bind(i.name, f"{coef}{base('in')}", out)
+            return
         E = self.d.UNARY["exp"].format(Lt)
         if a.sigma:
             E += f" * {sgt}"

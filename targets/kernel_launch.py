@@ -369,10 +369,10 @@ class LauncherWriter:
         a, c = self.subs["segment_states"], self.subs["segment_outputs"]
         w("# the number of segments: from the length, the programs and the device's cores (rt.pick_segments),")
         w("# or `segments`; segment boundaries fall on chunk boundaries")
-        w("nseg, seg_sizes = rt.segments(LAYOUT, sizes, rt.chunk_count(LAYOUT, sizes) if entering is not None "
-          "else segments, interpret)")
+        w("nseg, seg_sizes = (rt.entering_segments(LAYOUT, sizes, interpret) if entering is not None else "
+          "rt.segments(LAYOUT, sizes, segments, interpret))")
         with w.block("if entering is not None:"):
-            w("# the states entering each chunk are given: (c) alone, one segment per chunk, all in parallel")
+            w("# the states entering each chunk are given: (c) alone, every chunk from its own state, in parallel")
             incoming = {}
             for cy in sch.carries:
                 s_in = incoming[cy.incoming] = self.store_var("incoming", cy.incoming)

@@ -198,19 +198,38 @@ def segments(layout: dict, sizes: dict, forced: int | None, cores: int) -> tuple
     return n, {**sizes, SEG: n, SEG_CHUNKS: per}
 
 
+GIVEN = "~given"  # among a launch's sizes: the number of given states entering each chunk (`entering`)
+
+
+def entering_segments(layout: dict, sizes: dict, chunks_per_program: int = 1) -> tuple[int, dict]:
+    """(number of segments, sizes) of a call from given states entering each chunk: segments of
+    `chunks_per_program` chunks (a target's launcher picks it), each chunk loading its own state."""
+    n_chunks = chunk_count(layout, sizes)
+    per = max(1, min(int(chunks_per_program), n_chunks))
+    n = -(-n_chunks // per)
+    return n, {**sizes, SEG: n, SEG_CHUNKS: per, GIVEN: n_chunks}
+
+
+def given_states(sizes: dict) -> bool:
+    """Whether segment outputs (c) load the state entering each chunk instead of walking from the segment's:
+    states given per chunk (`entering`), or segments of one chunk."""
+    return bool(sizes.get(GIVEN)) or sizes.get(SEG_CHUNKS) == 1
+
+
 def entering_states(entering: dict, state: str, state_dims, dims, sizes):
-    """The incoming states of the segments from `entering` {state: [t#, *state_dims]}, the states entering each
-    chunk, when every chunk is a segment (`dims`: the segment, then per head; a group-indexed state repeated per
-    head). Kept in their dtype (the kernel widens them to fp32)."""
+    """The states entering each chunk from `entering` {state: [t#, *state_dims]}, as segment outputs (c) read
+    them (`dims`: the chunk in the segment dim's place, then per head; a group-indexed state repeated per head).
+    Kept in their dtype (the kernel widens them to fp32)."""
     from ssmc.errors import ShapeError
     if state not in entering:
         raise ShapeError(f"entering: no states entering each chunk for state '{state}' (given: {sorted(entering)})")
     x = jnp.asarray(entering[state])
-    want = (sizes[SEG],) + tuple(sizes[d] for d in state_dims)
+    n = sizes.get(GIVEN, sizes[SEG])
+    want = (n,) + tuple(sizes[d] for d in state_dims)
     if tuple(x.shape) != want:
-        raise ShapeError(f"entering['{state}']: shape {tuple(x.shape)}, expected {want} (the call's {sizes[SEG]} "
+        raise ShapeError(f"entering['{state}']: shape {tuple(x.shape)}, expected {want} (the call's {n} "
                          f"chunks, then the state's dims {list(state_dims)})")
-    return _repeat_groups(x, (SEG,) + tuple(state_dims), dims, sizes)
+    return _repeat_groups(x, (SEG,) + tuple(state_dims), dims, {**sizes, SEG: n})
 
 
 def segment_scan(init, init_dims, local, decay, negs, dims, decay_dims, sizes, across=None, reverse=False,

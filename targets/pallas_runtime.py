@@ -48,6 +48,11 @@ def segments(layout, sizes, forced, interpret):
     return kr.segments(layout, sizes, forced, device_cores(interpret))
 
 
+def entering_segments(layout, sizes, interpret):
+    """Given states entering each chunk: a segment per chunk (its state is the segment's incoming one)."""
+    return kr.entering_segments(layout, sizes, 1)
+
+
 SEQ_BLOCK = 128  # time steps per grid step of the sequential form (a multiple of 16: bf16 sublane tiles)
 
 

@@ -10,7 +10,7 @@ device memory. Sequential programs walk time step by step the same way.
 from __future__ import annotations
 
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 from ssmc.ops import spellings
 from ssmc.passes.chunk import chunk_dim
@@ -98,7 +98,7 @@ class TritonEmitter(KernelWalk, LauncherWriter):
     runtime = "triton_runtime"
     imports = ("import triton", "import triton.language as tl")
     FIXED = ("triton", "tl", "Q", "MM", "PREC", "pid", "bid", "c", "tt", "ttc", "valid", "t_i", "in_chunk",
-             "cu_seqlens_ptr", "PACKED", "seq_start", "seq_len", "row", "I64", "seg_end", "ONE_CHUNK")
+             "cu_seqlens_ptr", "PACKED", "seq_start", "seq_len", "row", "I64", "seg_end", "GIVEN_STATES", "i_enter")
     strides = True
     row_kernels = True
     handle = "ptr"
@@ -114,7 +114,7 @@ class TritonEmitter(KernelWalk, LauncherWriter):
         args = ([self.ptr_of(i) for i in k.leaves()] + (["cu_seqlens_ptr"] if self.batch else []) + runtime
                 + [self.store_ptr(kd, n) for kd, n, _ in k.stores])
         consts = self.constexprs() + ["I64"] + (["PACKED"] if self.batch else []) + (
-            ["ONE_CHUNK"] if self.plan.role == "segment_outputs" else [])
+            ["GIVEN_STATES"] if self.plan.role == "segment_outputs" else [])
         # no specialisation on the runtime sizes' values (divisibility by 16, == 1): one compile serves all lengths
         w(f"@triton.jit(do_not_specialize={runtime!r})" if runtime else "@triton.jit")
         w(f"def {self.kernel_name}(")  # one parameter a line
@@ -228,6 +228,8 @@ class TritonEmitter(KernelWalk, LauncherWriter):
                 idx = "row"
             elif d == chunk_dim(k.scan):  # an out / input indexed by chunk: this chunk's index (chunk_loop)
                 idx = pn.dim("i", d)
+            elif d == SEG and self.per_chunk:  # the states entering each chunk: this chunk's (chunk_loop)
+                idx = "i_enter"
             elif d == SEG and k.p.reverse:  # a reverse walk's k-th segment is entry N-1-k: forward-time order
                 idx = f"({self.size_name(SEG)} - 1 - {pn.dim('i', SEG)})"
             elif d in k.group_tile:  # the tile spans the heads of group i_g
@@ -280,10 +282,20 @@ class TritonEmitter(KernelWalk, LauncherWriter):
     def zeros(self, axes) -> str:
         return f"tl.zeros(({', '.join(self.body.block(a) for a in axes)},), tl.float32)" if axes else "0.0"
 
+    per_chunk = False  # while loading the state entering this chunk (GIVEN_STATES), not the segment's
+
     def start_states(self):
-        k, w, body = self.plan, self.w, self.body
+        k, w = self.plan, self.w
         if k.states:
             w("# the state, held on chip for the whole " + ("segment" if k.segmented else "sequence") + " (fp32)")
+        given = k.states and k.state_from != "zeros" and k.role == "segment_outputs"
+        with w.block("if not GIVEN_STATES:  # (else: loaded at each chunk)") if given else nullcontext():
+            self.load_states()
+        for var, _, axes in self.total_vars():
+            w(f"{var} = {self.zeros(axes)}  # summed over the segment's chunks")
+
+    def load_states(self):
+        k, w, body = self.plan, self.w, self.body
         for s in k.states:
             var = self.state_var(s)
             if k.state_from == "zeros":
@@ -292,8 +304,6 @@ class TritonEmitter(KernelWalk, LauncherWriter):
             self.load(s, None)
             w(f"{var} = {body.get(s.name)[0]}")  # fp32, whatever the initial state's dtype
             body.vals[s.name] = (var, body.state_axes(s.attr("state")))
-        for var, _, axes in self.total_vars():
-            w(f"{var} = {self.zeros(axes)}  # summed over the segment's chunks")
 
     @contextmanager
     def chunk_loop(self):
@@ -324,6 +334,19 @@ class TritonEmitter(KernelWalk, LauncherWriter):
                                                                        if k.segmented else ""))
                 with w.block("if I64:"):
                     w(f"{i_c} = tl.cast({i_c}, tl.int64)")
+            if k.role == "segment_outputs" and k.states and k.state_from != "zeros":
+                # the states entering every chunk are given (from `entering`, or segments of one chunk): each
+                # chunk loads its own, which the loop can fetch ahead (no walk from one chunk to the next)
+                with w.block("if GIVEN_STATES:"):
+                    w(f"i_enter = {'(' + chunks + ') - 1 - c' if k.p.reverse else 'c'}  # this chunk's entry "
+                      f"(forward-time order)")
+                    with w.block("if I64:"):
+                        w("i_enter = tl.cast(i_enter, tl.int64)")
+                    self.per_chunk = True
+                    try:
+                        self.load_states()
+                    finally:
+                        self.per_chunk = False
             yield
 
     def chunk_time(self):
@@ -331,11 +354,11 @@ class TritonEmitter(KernelWalk, LauncherWriter):
 
     @contextmanager
     def update_guard(self, updates: bool):
-        """(c) stores no state: the update after a segment's last chunk is dead (with one chunk per segment, as
-        from `entering`, every update is)."""
+        """(c) stores no state: the update after a segment's last chunk is dead (with the states entering every
+        chunk given, as from `entering`, every update is)."""
         if updates and self.plan.role == "segment_outputs":
-            # ONE_CHUNK (every segment one chunk, as from `entering`): compiled out, its registers never held
-            with self.w.block("if not ONE_CHUNK:"), self.w.block(
+            # GIVEN_STATES (each chunk loads its entering state): compiled out, its registers never held
+            with self.w.block("if not GIVEN_STATES:"), self.w.block(
                     "if c + 1 < seg_end:  # the state entering the segment's next chunk"):
                 yield
         else:

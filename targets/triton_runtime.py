@@ -84,6 +84,21 @@ def segments(layout, sizes, forced, interpret):
     return kr.segments(layout, sizes, forced, device_cores(interpret))
 
 
+# Given states entering each chunk (`entering`): a program takes this many chunks (each loading its own state,
+# which the loop fetches ahead) while the programs still fill the cores this many times over. One chunk per
+# program left the derived backward's kernels latency-bound at b1 L65536 h80 (81920 programs of one chunk).
+GIVEN_CHUNKS_MAX = 4
+GIVEN_WAVES = 16
+
+
+def entering_segments(layout, sizes, interpret):
+    """(segments, sizes) of a call from given states entering each chunk (kernel_runtime.entering_segments)."""
+    progs = math.prod(sizes[d] for d in layout["grid"]) * math.prod(-(-sizes[d] // 64) for d in layout["split"])
+    want = -(-GIVEN_WAVES * device_cores(interpret) // max(1, progs))  # segments that fill the cores
+    per = max(1, min(GIVEN_CHUNKS_MAX, kr.chunk_count(layout, sizes) // max(1, want)))
+    return kr.entering_segments(layout, sizes, per)
+
+
 segment_scan = kr.segment_scan
 chunk_count = kr.chunk_count
 entering_states = kr.entering_states
@@ -124,13 +139,8 @@ def _meta(layout, sizes, cfg, mm):
         meta["PACKED"] = bool(sizes.get(kr.SEQS))
     meta["I64"] = kr.needs_64bit_offsets(layout, sizes)
     if layout.get("role") == "segment_outputs":
-        meta["ONE_CHUNK"] = _one_chunk(sizes)
+        meta["GIVEN_STATES"] = kr.given_states(sizes)
     return meta
-
-
-def _one_chunk(sizes) -> bool:
-    """Every segment is one chunk (the states entering each chunk given): step (c) then has no state update."""
-    return sizes.get(kr.SEG_CHUNKS) == 1
 
 
 def _gpu_call(kernel, layout, sizes, cfg, ins, specs, mm):
@@ -157,12 +167,12 @@ def _bucket(layout, sizes) -> str:
     the number of programs over the runtime grid dims (batch x heads) rounded up to powers of two. Lengths and
     batches within a bucket reuse the config, and so the compiled kernel (the sizes are runtime arguments)."""
     rt = kr.runtime_dims(layout)
-    s = {d: n for d, n in sizes.items() if d not in rt}
+    s = {d: n for d, n in sizes.items() if d not in rt and d != kr.GIVEN}  # (GIVEN follows the length)
     if layout["scan"] in rt:
         s["len"] = _pow2(sizes[layout["scan"]])
     s["programs"] = _pow2(math.prod(sizes[d] for d in rt if d in layout["grid"]))
     if layout.get("role") == "segment_outputs":
-        s["one_chunk"] = _one_chunk(sizes)
+        s["given_states"] = kr.given_states(sizes)
     return ",".join(f"{d}={s[d]}" for d in sorted(s))
 
 

@@ -641,7 +641,8 @@ class XlaEmitter:
         self.output_ssd(a, base, K, Ldims, Dl, Ll, out, dstate, ev, el, prev, joint, sub, part)
         coef = "" if a.qcoef == 1.0 else f"{a.qcoef!r} * "
         oax = self.ax(i.dims, self.scan)
-        value = {None: f"{base('in')} + {base('st')}", "state": base("st"), "straddle": base("straddle")}[part]
+        value = {None: f"{base('in')} + {base('st')}", "state": base("st"), "in": base("in"),
+                 "straddle": base("straddle")}[part]
         self.assign(i, f"{coef}rt.unchunk({value}, {oax})")
 
     def check_part(self, i: Instr, a, part: str, K: set):
@@ -781,7 +782,7 @@ class XlaEmitter:
         matmul) - no tensor larger than [Q, Q, decay dims] per chunk. When the decay varies along the contracted
         dims (joint: key-wise), it enters the scores contraction itself. The mask is a select after every factor,
         so a NaN or inf at a later step (a padded tail) never reaches an earlier row. part: "state" writes only the
-        state part, "straddle" only the straddling pairs (straddle_ssd) instead of the in-chunk and state parts."""
+        state part, "in" only the in-chunk part, "straddle" only the straddling pairs (straddle_ssd) instead of the in-chunk and state parts."""
         w = self.w
         cl, tl = self.letter[self.cd], self.letter[self.scan]
         small = set(Ldims) - {self.scan}
@@ -829,8 +830,10 @@ class XlaEmitter:
             parts.append(e if coef == 1.0 else f"{coef!r} * {e}")
         if part == "straddle":
             return self.straddle_ssd(parts, base, out)
-        if part is None:
+        if part in (None, "in"):
             w(f"{base('in')} = {' + '.join(parts) if parts else '0.0'}  # in-chunk part: W · v over the sources")
+        if part == "in":
+            return
         if joint:  # the decay from the chunk's start varies along the contracted dims: into q first
             views = self.fold_scales([self.view(f) for f in a.q] + [(dstate, Ll), (ev, el)])
             w(f'{base("st")} = rt.einsum("{",".join(v[1] for v in views)}->{out}", {", ".join(v[0] for v in views)}, '

@@ -285,12 +285,14 @@ def test_derived_outs_dtypes(target):
             assert r.shape == tuple(sizes[d] for d in dims), (part, name, r.shape)
     # (the kernel targets run adj as pieces: bw.runs)
     fp32 = {part: {o for key in bw.runs[part] for o in bw.kernels[key].program.fp32_outs()} for part in bw.runs}
-    assert fp32["adj"] == {"d_dt", "dl_upd_h", "dl_straddle_h", "dl_across_h"}, fp32
+    assert fp32["adj"] == ({"d_dt_in", "d_dt_state"} if bw.d.sums else {"d_dt"}) | {
+        "dl_upd_h", "dl_straddle_h", "dl_across_h"}, fp32
     assert fp32["dq"] == {"dl_read_h"}, fp32
     ir = bw.kernels["dq"].ir
     assert ir.count("chunk.output") == 2 and "part=state" in ir and "part=straddle" not in ir, ir
     ir = "\n".join(bw.kernels[key].ir for key in bw.runs["adj"])
     assert ir.count("part=straddle") == 1 and ir.count("part=state") == 1, ir
+    assert ir.count("part=in") == (1 if bw.d.sums else 0), ir  # d dt's in-chunk part, apart from its state part
 
 
 def test_backward_dots_follow_the_decay_gradient_form():

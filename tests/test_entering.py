@@ -40,9 +40,30 @@ def _entering(k, v, inputs, init, T):
     return {s: np.stack([p[j] for p in per]).astype(np.float32) for j, s in enumerate(v.state_names)}
 
 
-@pytest.mark.parametrize("name,target,t", [("mamba2", "triton", 45), ("gla", "triton", 37),
-                                           pytest.param("mamba2", "tpu", 29, marks=pytest.mark.slow)])
-def test_outs_from_given_entering_states(rng, name, target, t):
+def _chunks_per_program(monkeypatch, per) -> list:
+    """Triton's programs take `per` chunks each from given entering states (each chunk loading its own state);
+    returns the list the calls' chunks per program are recorded in."""
+    import jax
+
+    from ssmc.targets import kernel_runtime, triton_runtime
+    jax.clear_caches()  # the launchers pick it while tracing: no trace of an earlier test
+    monkeypatch.setattr(triton_runtime, "GIVEN_WAVES", 0)  # as many chunks per program as allowed
+    monkeypatch.setattr(triton_runtime, "GIVEN_CHUNKS_MAX", per)
+    seen, pick = [], triton_runtime.entering_segments
+
+    def spy(*a, **kw):
+        n, sizes = pick(*a, **kw)
+        seen.append(sizes[kernel_runtime.SEG_CHUNKS])
+        return n, sizes
+    monkeypatch.setattr(triton_runtime, "entering_segments", spy)
+    return seen
+
+
+@pytest.mark.parametrize("name,target,t,per", [("mamba2", "triton", 45, 1), ("mamba2", "triton", 45, 4),
+                                               ("gla", "triton", 37, 1), ("gla", "triton", 37, 3),
+                                               pytest.param("mamba2", "tpu", 29, 1, marks=pytest.mark.slow)])
+def test_outs_from_given_entering_states(rng, monkeypatch, name, target, t, per):
+    seen = _chunks_per_program(monkeypatch, per)
     v = VARIANTS[name]
     dims = {"t": t, "b": 1} if target == "tpu" else {"t": t}  # Pallas' interpreter walks every grid step: b=1
     inputs = v.make_inputs(rng, dims)
@@ -55,6 +76,7 @@ def test_outs_from_given_entering_states(rng, name, target, t):
         got = np.asarray(got, np.float64)
         assert got.shape == ref.shape and rel_l2(got, ref) < TOL, (oname, rel_l2(got, ref))
     assert all(s is None for s in res[len(v.out_names):]), "no walk reaches the end: no final state"
+    assert target != "triton" or seen == [per], seen
 
 
 def test_entering_errors(rng):
@@ -92,22 +114,30 @@ def _adjoint_reference(log_a, dy, C, G_T, Q):
     return enter, G
 
 
-@pytest.mark.parametrize("target,segmented", [("triton", False), ("triton", True),
-                                              pytest.param("tpu", True, marks=pytest.mark.slow)])
-def test_reverse_walk_stores_the_adjoint_states_and_adj_runs_from_them(rng, monkeypatch, target, segmented):
+@pytest.mark.parametrize("target,segmented,per", [("triton", False, 1), ("triton", True, 3),
+                                                  pytest.param("tpu", True, 1, marks=pytest.mark.slow)])
+def test_reverse_walk_stores_the_adjoint_states_and_adj_runs_from_them(rng, monkeypatch, target, segmented, per):
     """The derived backward's `adj_entering` (a reverse-time walk, in place on triton, flipped around the kernels
     on tpu) stores the adjoint states entering each chunk: they and its final state must match a float64 loop, in
     one walk and in segments (whose per-segment arrays a reverse walk in place keeps in forward-time order). The adj
     pieces, run every chunk at once from those states (`entering=` on reverse-time kernels), must give the outs the
-    whole adj program gives walking the sequence itself."""
+    whole adj program gives walking the sequence itself (`per` chunks per program on triton, each from its own
+    state: in a reverse walk the program's k-th chunk is chunk N-1-k)."""
     from ssmc.api import compile_program
+    seen = _chunks_per_program(monkeypatch, per)
     from ssmc.targets import kernel_runtime
     if segmented:
         monkeypatch.setattr(kernel_runtime, "pick_segments", lambda n_chunks, *a, **k: min(3, n_chunks))
     b, t, h, p, n, g = (1 if target == "tpu" else 2), 29, 4, 4, 8, 2
     k = ssmc.compile(str(VARIANTS["mamba2"].path), target=target, interpret=True, chunk_size=CHUNK)
     bw = k._derived_backward()
-    assert bw.runs["adj"] == ["adj:rest", "adj:n", "adj:p"] and "adj_entering" in bw.kernels
+    assert sorted(bw.runs["adj"]) == ["adj:n", "adj:p", "adj:rest"] and "adj_entering" in bw.kernels
+    # d dt in two parts: its state part with d x (which holds the state's tile whole), its in-chunk part in a piece
+    # that reads no state (no state part, no forward states)
+    assert bw.d.sums["adj"] == {"d_dt": ("d_dt_in", "d_dt_state")}, bw.d.sums
+    rest = bw.kernels["adj:rest"]
+    assert "part=in" in rest.ir and "part=state" not in rest.ir and "chunk.across" not in rest.ir, rest.ir
+    assert "d_dt_state" in dict(bw.kernels["adj:p"].outs) and "h_fwd" not in dict(rest.inputs)
     wk = bw.kernels["adj_entering"]
     f32 = (lambda *s: np.asarray(rng.standard_normal(s), np.float32))
     feed = {"log_a_h": -np.abs(f32(b, t, h)) * 0.3, "dy": f32(b, t, h, p), "C": f32(b, t, g, n),
@@ -123,12 +153,15 @@ def test_reverse_walk_stores_the_adjoint_states_and_adj_runs_from_them(rng, monk
                             interpret=True, out_dtype=None)
     ref = whole.apply({a: feed[a] for a, _ in whole.inputs}, G_T)
     ref = dict(zip([o for o, _ in whole.outs], ref))
-    seen = set()
+    got = {}
     for key in bw.runs["adj"]:
         pk = bw.kernels[key]
         res = pk.apply({a: feed[a] for a, _ in pk.inputs}, G_T, entering={"h": np.asarray(enter)})
         assert all(s is None for s in res[len(pk.outs):])
-        for (o, _), got in zip(pk.outs, res):
-            seen.add(o)
-            assert rel_l2(np.asarray(got, np.float64), np.asarray(ref[o], np.float64)) < TOL, (key, o)
-    assert seen == set(ref) - {"h"}, seen
+        got.update({o: np.asarray(r, np.float64) for (o, _), r in zip(pk.outs, res)})
+    for o, parts in bw.d.sums["adj"].items():
+        got[o] = sum(got.pop(x) for x in parts)
+    assert set(got) == set(ref) - {"h"}, set(got)
+    for o, v in got.items():
+        assert rel_l2(v, np.asarray(ref[o], np.float64)) < TOL, o
+    assert target != "triton" or set(seen) == {per}, seen

@@ -300,9 +300,9 @@ def mamba2(x, dt, A, B, C, D, h_prev, *, mm=jnp.float32, out_dtype=jnp.float32, 
     else:
         # the number of segments: from the length, the programs and the device's cores (rt.pick_segments),
         # or `segments`; segment boundaries fall on chunk boundaries
-        nseg, seg_sizes = rt.segments(LAYOUT, sizes, rt.chunk_count(LAYOUT, sizes) if entering is not None else segments, interpret)
+        nseg, seg_sizes = (rt.entering_segments(LAYOUT, sizes, interpret) if entering is not None else rt.segments(LAYOUT, sizes, segments, interpret))
         if entering is not None:
-            # the states entering each chunk are given: (c) alone, one segment per chunk, all in parallel
+            # the states entering each chunk are given: (c) alone, every chunk from its own state, in parallel
             h_in = rt.entering_states(entering, 'h', ['b', 'h', 'p', 'n'], ['~seg', 'b', 'h', 'p', 'n'], seg_sizes)
             h_final = None  # not computed: no walk reaches the end
             seg_arrays = {**arrays, 'h:in': h_in}

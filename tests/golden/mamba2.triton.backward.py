@@ -309,7 +309,7 @@ def mamba2_fwd_segment_outputs(
     h_enter_stride_p: tl.constexpr,
     h_enter_stride_n: tl.constexpr,
     I64: tl.constexpr,
-    ONE_CHUNK: tl.constexpr,
+    GIVEN_STATES: tl.constexpr,
 ):
     # schedule step (c): this segment's outputs, from the state entering it (S_in)
     # strides spanning a runtime size (batch, heads, length): computed, not compiled in
@@ -344,8 +344,9 @@ def mamba2_fwd_segment_outputs(
     A = tl.load(A_ptr + i_h * A_stride_h)
     D = tl.load(D_ptr + i_h * D_stride_h)
     # the state, held on chip for the whole segment (fp32)
-    h_in = tl.load(h_in_ptr + i_seg * h_in_stride_seg + i_b * h_in_stride_b + i_h * h_in_stride_h + o_p[:, None] * h_in_stride_p + o_n * h_in_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0)
-    state_h_in = h_in.to(tl.float32)
+    if not GIVEN_STATES:  # (else: loaded at each chunk)
+        h_in = tl.load(h_in_ptr + i_seg * h_in_stride_seg + i_b * h_in_stride_b + i_h * h_in_stride_h + o_p[:, None] * h_in_stride_p + o_n * h_in_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0)
+        state_h_in = h_in.to(tl.float32)
     seg_end = tl.minimum(i_seg * seg_chunks + seg_chunks, (N_t + Q - 1) // Q)  # one past the segment's last chunk
     for c in range(i_seg * seg_chunks, seg_end):
         tt = c * Q + in_chunk
@@ -356,6 +357,12 @@ def mamba2_fwd_segment_outputs(
         i_tc = c  # this chunk's index along t# (c counts from the sequence's start)
         if I64:
             i_tc = tl.cast(i_tc, tl.int64)
+        if GIVEN_STATES:
+            i_enter = c  # this chunk's entry (forward-time order)
+            if I64:
+                i_enter = tl.cast(i_enter, tl.int64)
+            h_in = tl.load(h_in_ptr + i_enter * h_in_stride_seg + i_b * h_in_stride_b + i_h * h_in_stride_h + o_p[:, None] * h_in_stride_p + o_n * h_in_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0)
+            state_h_in = h_in.to(tl.float32)
         # outs indexed by chunk: the state entering this chunk
         tl.store(h_enter_ptr + i_tc * h_enter_stride_tc + i_b * h_enter_stride_b + i_h * h_enter_stride_h + o_p[:, None] * h_enter_stride_p + o_n * h_enter_stride_n, (state_h_in).to(h_enter_ptr.dtype.element_ty), mask=((o_p < N_p))[:, None] & (o_n < N_n))
         x = tl.load(x_ptr + i_b * x_stride_b + ttc[:, None] * x_stride_t + i_h * x_stride_h + o_p * x_stride_p, mask=(o_p < N_p), other=0.0)
@@ -386,7 +393,7 @@ def mamba2_fwd_segment_outputs(
         # stage epilogue
         y = y_h_new + v12
         tl.store(y_ptr + i_b * y_stride_b + ttc[:, None] * y_stride_t + i_h * y_stride_h + o_p * y_stride_p, (y).to(y_ptr.dtype.element_ty), mask=valid[:, None] & (o_p < N_p))
-        if not ONE_CHUNK:
+        if not GIVEN_STATES:
             if c + 1 < seg_end:  # the state entering the segment's next chunk
                 # stage chunk_state + state_passing (h)
                 h_upd_w = tl.where(valid, tl.exp(h_L_last - h_L), 0.0)  # decay from each step to the chunk's end
@@ -407,9 +414,9 @@ def mamba2_fwd(x, dt, A, B, C, D, h_prev, *, mm=jnp.float32, out_dtype=jnp.float
     sizes = rt.dim_sizes(LAYOUT, arrays)
     # the number of segments: from the length, the programs and the device's cores (rt.pick_segments),
     # or `segments`; segment boundaries fall on chunk boundaries
-    nseg, seg_sizes = rt.segments(LAYOUT, sizes, rt.chunk_count(LAYOUT, sizes) if entering is not None else segments, interpret)
+    nseg, seg_sizes = (rt.entering_segments(LAYOUT, sizes, interpret) if entering is not None else rt.segments(LAYOUT, sizes, segments, interpret))
     if entering is not None:
-        # the states entering each chunk are given: (c) alone, one segment per chunk, all in parallel
+        # the states entering each chunk are given: (c) alone, every chunk from its own state, in parallel
         h_in = rt.entering_states(entering, 'h', ['b', 'h', 'p', 'n'], ['~seg', 'b', 'h', 'p', 'n'], seg_sizes)
         h_final = None  # not computed: no walk reaches the end
         seg_arrays = {**arrays, 'h:in': h_in}
@@ -742,7 +749,7 @@ def mamba2_dq_segment_outputs(
     d_v8_stride_n: tl.constexpr,
     dl_read_h_stride_h: tl.constexpr,
     I64: tl.constexpr,
-    ONE_CHUNK: tl.constexpr,
+    GIVEN_STATES: tl.constexpr,
 ):
     # schedule step (c): this segment's outputs, from the state entering it (S_in)
     # strides spanning a runtime size (batch, heads, length): computed, not compiled in
@@ -776,8 +783,9 @@ def mamba2_dq_segment_outputs(
     o_n = tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
     in_chunk = tl.arange(0, Q)  # positions within a chunk
     # the state, held on chip for the whole segment (fp32)
-    h_in = tl.load(h_in_ptr + i_seg * h_in_stride_seg + i_b * h_in_stride_b + i_h * h_in_stride_h + o_p[:, None] * h_in_stride_p + o_n * h_in_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0)
-    state_h_in = h_in.to(tl.float32)
+    if not GIVEN_STATES:  # (else: loaded at each chunk)
+        h_in = tl.load(h_in_ptr + i_seg * h_in_stride_seg + i_b * h_in_stride_b + i_h * h_in_stride_h + o_p[:, None] * h_in_stride_p + o_n * h_in_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0)
+        state_h_in = h_in.to(tl.float32)
     seg_end = tl.minimum(i_seg * seg_chunks + seg_chunks, (N_t + Q - 1) // Q)  # one past the segment's last chunk
     for c in range(i_seg * seg_chunks, seg_end):
         tt = c * Q + in_chunk
@@ -785,6 +793,12 @@ def mamba2_dq_segment_outputs(
         ttc = tl.minimum(tt, N_t - 1)
         if I64:
             ttc = ttc.to(tl.int64)
+        if GIVEN_STATES:
+            i_enter = c  # this chunk's entry (forward-time order)
+            if I64:
+                i_enter = tl.cast(i_enter, tl.int64)
+            h_in = tl.load(h_in_ptr + i_enter * h_in_stride_seg + i_b * h_in_stride_b + i_h * h_in_stride_h + o_p[:, None] * h_in_stride_p + o_n * h_in_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0)
+            state_h_in = h_in.to(tl.float32)
         log_a_h = tl.load(log_a_h_ptr + i_b * log_a_h_stride_b + ttc * log_a_h_stride_t + i_h * log_a_h_stride_h)
         dt_2 = tl.load(dt_2_ptr + i_b * dt_stride_b + ttc * dt_stride_t + i_h * dt_stride_h)
         B_2 = tl.load(B_2_ptr + i_b * B_stride_b + ttc[:, None] * B_stride_t + i_g * B_stride_g + o_n * B_stride_n, mask=(o_n < N_n), other=0.0)
@@ -817,7 +831,7 @@ def mamba2_dq_segment_outputs(
         v18 = C_2.to(tl.float32) * v16
         v19 = tl.sum(tl.where((o_n < N_n), v18, 0.0), axis=1)
         tl.store(dl_read_h_ptr + i_b * dl_read_h_stride_b + ttc * dl_read_h_stride_t + i_h * dl_read_h_stride_h, (v19).to(dl_read_h_ptr.dtype.element_ty), mask=valid)
-        if not ONE_CHUNK:
+        if not GIVEN_STATES:
             if c + 1 < seg_end:  # the state entering the segment's next chunk
                 # stage chunk_state + state_passing (h)
                 h_upd_w = tl.where(valid, tl.exp(h_L_last - h_L), 0.0)  # decay from each step to the chunk's end
@@ -844,9 +858,9 @@ def mamba2_dq(log_a_h, dt_2, B_2, x_2, dy, C_2, h_prev_2, *, mm=jnp.float32, out
     else:
         # the number of segments: from the length, the programs and the device's cores (rt.pick_segments),
         # or `segments`; segment boundaries fall on chunk boundaries
-        nseg, seg_sizes = rt.segments(LAYOUT, sizes, rt.chunk_count(LAYOUT, sizes) if entering is not None else segments, interpret)
+        nseg, seg_sizes = (rt.entering_segments(LAYOUT, sizes, interpret) if entering is not None else rt.segments(LAYOUT, sizes, segments, interpret))
         if entering is not None:
-            # the states entering each chunk are given: (c) alone, one segment per chunk, all in parallel
+            # the states entering each chunk are given: (c) alone, every chunk from its own state, in parallel
             h_in = rt.entering_states(entering, 'h', ['b', 'h', 'p', 'n'], ['~seg', 'b', 'h', 'p', 'n'], seg_sizes)
             h_final = None  # not computed: no walk reaches the end
             seg_arrays = {**arrays, 'h:in': h_in}
@@ -1127,7 +1141,7 @@ def mamba2_adj_entering_segment_outputs(
     h_enter_stride_p: tl.constexpr,
     h_enter_stride_n: tl.constexpr,
     I64: tl.constexpr,
-    ONE_CHUNK: tl.constexpr,
+    GIVEN_STATES: tl.constexpr,
 ):
     # schedule step (c): this segment's outputs, from the state entering it (S_in)
     # strides spanning a runtime size (batch, heads, length): computed, not compiled in
@@ -1158,8 +1172,9 @@ def mamba2_adj_entering_segment_outputs(
     o_n = j_n * BLOCK_n + tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
     in_chunk = tl.arange(0, Q)  # positions within a chunk
     # the state, held on chip for the whole segment (fp32)
-    h_in = tl.load(h_in_ptr + (n_segments - 1 - i_seg) * h_in_stride_seg + i_b * h_in_stride_b + i_h * h_in_stride_h + o_p[:, None] * h_in_stride_p + o_n * h_in_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0)
-    state_h_in = h_in.to(tl.float32)
+    if not GIVEN_STATES:  # (else: loaded at each chunk)
+        h_in = tl.load(h_in_ptr + (n_segments - 1 - i_seg) * h_in_stride_seg + i_b * h_in_stride_b + i_h * h_in_stride_h + o_p[:, None] * h_in_stride_p + o_n * h_in_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0)
+        state_h_in = h_in.to(tl.float32)
     seg_end = tl.minimum(i_seg * seg_chunks + seg_chunks, (N_t + Q - 1) // Q)  # one past the segment's last chunk
     for c in range(i_seg * seg_chunks, seg_end):
         tt = c * Q + in_chunk
@@ -1170,6 +1185,12 @@ def mamba2_adj_entering_segment_outputs(
         i_tc = N_tc - 1 - c  # the walk's chunk c covers the steps of chunk N_tc-1-c
         if I64:
             i_tc = tl.cast(i_tc, tl.int64)
+        if GIVEN_STATES:
+            i_enter = ((N_t + Q - 1) // Q) - 1 - c  # this chunk's entry (forward-time order)
+            if I64:
+                i_enter = tl.cast(i_enter, tl.int64)
+            h_in = tl.load(h_in_ptr + i_enter * h_in_stride_seg + i_b * h_in_stride_b + i_h * h_in_stride_h + o_p[:, None] * h_in_stride_p + o_n * h_in_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0)
+            state_h_in = h_in.to(tl.float32)
         # outs indexed by chunk: the state entering this chunk
         tl.store(h_enter_ptr + i_tc * h_enter_stride_tc + i_b * h_enter_stride_b + i_h * h_enter_stride_h + o_p[:, None] * h_enter_stride_p + o_n * h_enter_stride_n, (state_h_in).to(h_enter_ptr.dtype.element_ty), mask=((o_p < N_p))[:, None] & (o_n < N_n))
         log_a_h = tl.load(log_a_h_ptr + i_b * log_a_h_stride_b + (N_t - 1 - ttc) * log_a_h_stride_t + i_h * log_a_h_stride_h)
@@ -1183,7 +1204,7 @@ def mamba2_adj_entering_segment_outputs(
         h_L_last = tl.sum(tl.where(in_chunk == Q - 1, h_L, 0.0), axis=0)  # log-decay across the chunk: the cumsum's last row (exp(last - L) is exactly 1 at the last step)
         # stage chunk_state
         # stage state_passing
-        if not ONE_CHUNK:
+        if not GIVEN_STATES:
             if c + 1 < seg_end:  # the state entering the segment's next chunk
                 # stage chunk_state + state_passing (h)
                 h_upd_w = tl.where(valid, tl.exp(h_L_last - h_L), 0.0)  # decay from each step to the chunk's end
@@ -1204,9 +1225,9 @@ def mamba2_adj_entering(log_a_h, dy, C_2, h_prev_2, *, mm=jnp.float32, out_dtype
     sizes = rt.dim_sizes(LAYOUT, arrays)
     # the number of segments: from the length, the programs and the device's cores (rt.pick_segments),
     # or `segments`; segment boundaries fall on chunk boundaries
-    nseg, seg_sizes = rt.segments(LAYOUT, sizes, rt.chunk_count(LAYOUT, sizes) if entering is not None else segments, interpret)
+    nseg, seg_sizes = (rt.entering_segments(LAYOUT, sizes, interpret) if entering is not None else rt.segments(LAYOUT, sizes, segments, interpret))
     if entering is not None:
-        # the states entering each chunk are given: (c) alone, one segment per chunk, all in parallel
+        # the states entering each chunk are given: (c) alone, every chunk from its own state, in parallel
         h_in = rt.entering_states(entering, 'h', ['b', 'h', 'p', 'n'], ['~seg', 'b', 'h', 'p', 'n'], seg_sizes)
         h_final = None  # not computed: no walk reaches the end
         seg_arrays = {**arrays, 'h:in': h_in}
@@ -1224,480 +1245,6 @@ def mamba2_adj_entering(log_a_h, dy, C_2, h_prev_2, *, mm=jnp.float32, out_dtype
         seg_arrays = {**arrays, 'h:in': h_in}
         h_enter, = rt.launch(mamba2_adj_entering_segment_outputs, SEGMENT_OUTPUTS_LAYOUT, seg_arrays, seg_sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
     return h_enter, h_final
-
-
-# ==== adjoint part 'adj:rest' ====
-# Generated by ssmc for `ssm mamba2_adj_rest`, target triton.
-# pass pipeline: expand-groups{mode=index},classify,chunk{size=0,elementwise=sequential,scalar=64,keywise=32},fuse,dce
-# adjoint{part=adj} of `ssm mamba2`: the adjoint state over reversed time (scan reverse); outs: the cotangents of the update factors; outs d_dt, dl_upd_h, dl_straddle_h, dl_across_h (those keeping the state dims []: one of its kernels run from the entering states)
-# expand-groups: group reads stay index maps (no repeat)
-# classify: state h is scalar (decay dims [b,t,h], contracted [p,n], kept [])
-# chunk: chunk-parallel form, chunk length 64 (h: scalar)
-# chunk: decay of h not provably |a| <= 1: exact in-chunk exponents, no clamp (a growing decay may overflow to inf, never clamped)
-# chunk: 1 repeated state-free value(s) computed once
-# fuse: 1 elementwise values fused into the stage that consumes them
-# schedule: one walk per program, or sequence-parallel segments - (a) segment states from zero + total decays, (b) a scan across segments, (c) segment outputs from the incoming states; the segment count is chosen at call time from the length, the programs and the device's cores (kernel_runtime.pick_segments; compile(..., segments=N) forces it, 1 = one walk)
-# kernel: chunked form; grid over (b, h), tile over (p, n)
-# schedule: one walk per program, or sequence-parallel segments - (a) segment states from zero + total decays, (b) a scan across segments, (c) segment outputs from the incoming states; the segment count is chosen at call time from the length, the programs and the device's cores (kernel_runtime.pick_segments; compile(..., segments=N) forces it, 1 = one walk)
-#   buffer h:segment[segment,b,h,p,n] (fp32): segment_states -> segment scan
-#   buffer h:decay[segment,b,h] (fp32): segment_states -> segment scan
-#   buffer h:in[segment,b,h,p,n] (fp32): segment scan -> segment_outputs
-import jax
-import jax.numpy as jnp
-from jax import lax
-import triton
-import triton.language as tl
-from ssmc.targets import triton_runtime as rt
-from ssmc.targets.base import ModuleInfo, Param, Result
-
-MODULE_INFO = ModuleInfo(
-    target='triton', entry='mamba2_adj_rest', options=('mm', 'out_dtype', 'interpret', 'segments', 'across', 'entering'),
-    chunk=64,  # the chunk length: outs indexed by chunk have ceil(T / chunk) entries
-    params=(
-        Param('log_a_h', 'log_a_h', 'input', ('b', 't', 'h')),
-        Param('dy', 'dy', 'input', ('b', 't', 'h', 'p')),
-        Param('C_2', 'C', 'input', ('b', 't', 'g', 'n')),
-        Param('B_2', 'B', 'input', ('b', 't', 'g', 'n')),
-        Param('x_2', 'x', 'input', ('b', 't', 'h', 'p')),
-        Param('dt_2', 'dt', 'input', ('b', 't', 'h')),
-        Param('h_fwd', 'h_fwd', 'input', ('t#', 'b', 'h', 'p', 'n')),
-        Param('h_prev_2', 'h', 'state', ('b', 'h', 'p', 'n')),
-    ),
-    returns=(
-        Result('out', 'd_dt', ('b', 't', 'h')),
-        Result('out', 'dl_upd_h', ('b', 't', 'h')),
-        Result('out', 'dl_straddle_h', ('b', 't', 'h')),
-        Result('out', 'dl_across_h', ('b', 't', 'h')),
-        Result('state', 'h', ('b', 'h', 'p', 'n')),
-    ),
-)
-LAYOUT = {'form': 'chunked', 'role': 'walk', 'scan': 't', 'Q': 64, 'grid': ['b', 'h'], 'tile': ['p', 'n'], 'split': [], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't#', 't', 'h', 'p', 'g', 'n'], 'inputs': ['log_a_h', 'dy', 'C', 'B', 'x', 'dt', 'h_fwd', 'h'], 'state_inputs': ['h'], 'carried': [['b', 'h', 'p', 'n']], 'arrays': {'log_a_h': ['b', 't', 'h'], 'dy': ['b', 't', 'h', 'p'], 'C': ['b', 't', 'g', 'n'], 'B': ['b', 't', 'g', 'n'], 'x': ['b', 't', 'h', 'p'], 'dt': ['b', 't', 'h'], 'h_fwd': ['t#', 'b', 'h', 'p', 'n'], 'h': ['b', 'h', 'p', 'n'], 'd_dt': ['b', 't', 'h'], 'dl_upd_h': ['b', 't', 'h'], 'dl_straddle_h': ['b', 't', 'h'], 'dl_across_h': ['b', 't', 'h'], 'h:final': ['b', 'h', 'p', 'n']}, 'stores': [['d_dt', 'out', ['b', 't', 'h']], ['dl_upd_h', 'out', ['b', 't', 'h']], ['dl_straddle_h', 'out', ['b', 't', 'h']], ['dl_across_h', 'out', ['b', 't', 'h']], ['h:final', 'state', ['b', 'h', 'p', 'n']]], 'names': {'N': {'b': 'N_b', 't#': 'N_tc', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}, 'stride': {'log_a_h': {'b': 'log_a_h_stride_b', 't': 'log_a_h_stride_t', 'h': 'log_a_h_stride_h'}, 'dy': {'b': 'dy_stride_b', 't': 'dy_stride_t', 'h': 'dy_stride_h', 'p': 'dy_stride_p'}, 'C': {'b': 'C_stride_b', 't': 'C_stride_t', 'g': 'C_stride_g', 'n': 'C_stride_n'}, 'B': {'b': 'B_stride_b', 't': 'B_stride_t', 'g': 'B_stride_g', 'n': 'B_stride_n'}, 'x': {'b': 'x_stride_b', 't': 'x_stride_t', 'h': 'x_stride_h', 'p': 'x_stride_p'}, 'dt': {'b': 'dt_stride_b', 't': 'dt_stride_t', 'h': 'dt_stride_h'}, 'h_fwd': {'t#': 'h_fwd_stride_tc', 'b': 'h_fwd_stride_b', 'h': 'h_fwd_stride_h', 'p': 'h_fwd_stride_p', 'n': 'h_fwd_stride_n'}, 'h': {'b': 'h_stride_b', 'h': 'h_stride_h', 'p': 'h_stride_p', 'n': 'h_stride_n'}, 'd_dt': {'b': 'd_dt_stride_b', 't': 'd_dt_stride_t', 'h': 'd_dt_stride_h'}, 'dl_upd_h': {'b': 'dl_upd_h_stride_b', 't': 'dl_upd_h_stride_t', 'h': 'dl_upd_h_stride_h'}, 'dl_straddle_h': {'b': 'dl_straddle_h_stride_b', 't': 'dl_straddle_h_stride_t', 'h': 'dl_straddle_h_stride_h'}, 'dl_across_h': {'b': 'dl_across_h_stride_b', 't': 'dl_across_h_stride_t', 'h': 'dl_across_h_stride_h'}, 'h:final': {'b': 'h_final_stride_b', 'h': 'h_final_stride_h', 'p': 'h_final_stride_p', 'n': 'h_final_stride_n'}}}, 'packed': None, 'fp32_outs': ['d_dt', 'dl_upd_h', 'dl_straddle_h', 'dl_across_h']}
-SEGMENT_STATES_LAYOUT = {'form': 'chunked', 'role': 'segment_states', 'scan': 't', 'Q': 64, 'grid': ['b', 'h', '~seg'], 'tile': ['p', 'n'], 'split': [], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n', '~seg'], 'inputs': ['log_a_h', 'dy', 'C'], 'state_inputs': [], 'carried': [['b', 'h', 'p', 'n']], 'arrays': {'log_a_h': ['b', 't', 'h'], 'dy': ['b', 't', 'h', 'p'], 'C': ['b', 't', 'g', 'n'], 'h:segment': ['~seg', 'b', 'h', 'p', 'n'], 'h:decay': ['~seg', 'b', 'h']}, 'stores': [['h:segment', 'segment', ['~seg', 'b', 'h', 'p', 'n']], ['h:decay', 'decay', ['~seg', 'b', 'h']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n', '~seg': 'n_segments', '~seg_chunks': 'seg_chunks'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}, 'stride': {'log_a_h': {'b': 'log_a_h_stride_b', 't': 'log_a_h_stride_t', 'h': 'log_a_h_stride_h'}, 'dy': {'b': 'dy_stride_b', 't': 'dy_stride_t', 'h': 'dy_stride_h', 'p': 'dy_stride_p'}, 'C': {'b': 'C_stride_b', 't': 'C_stride_t', 'g': 'C_stride_g', 'n': 'C_stride_n'}, 'h:segment': {'~seg': 'h_segment_stride_seg', 'b': 'h_segment_stride_b', 'h': 'h_segment_stride_h', 'p': 'h_segment_stride_p', 'n': 'h_segment_stride_n'}, 'h:decay': {'~seg': 'h_decay_stride_seg', 'b': 'h_decay_stride_b', 'h': 'h_decay_stride_h'}}}, 'packed': None, 'fp32_outs': ['d_dt', 'dl_upd_h', 'dl_straddle_h', 'dl_across_h']}
-SEGMENT_OUTPUTS_LAYOUT = {'form': 'chunked', 'role': 'segment_outputs', 'scan': 't', 'Q': 64, 'grid': ['b', 'h', '~seg'], 'tile': ['p', 'n'], 'split': [], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't#', 't', 'h', 'p', 'g', 'n', '~seg'], 'inputs': ['log_a_h', 'dy', 'C', 'B', 'x', 'dt', 'h_fwd', 'h:in'], 'state_inputs': ['h:in'], 'carried': [['b', 'h', 'p', 'n']], 'arrays': {'log_a_h': ['b', 't', 'h'], 'dy': ['b', 't', 'h', 'p'], 'C': ['b', 't', 'g', 'n'], 'B': ['b', 't', 'g', 'n'], 'x': ['b', 't', 'h', 'p'], 'dt': ['b', 't', 'h'], 'h_fwd': ['t#', 'b', 'h', 'p', 'n'], 'h:in': ['~seg', 'b', 'h', 'p', 'n'], 'd_dt': ['b', 't', 'h'], 'dl_upd_h': ['b', 't', 'h'], 'dl_straddle_h': ['b', 't', 'h'], 'dl_across_h': ['b', 't', 'h']}, 'stores': [['d_dt', 'out', ['b', 't', 'h']], ['dl_upd_h', 'out', ['b', 't', 'h']], ['dl_straddle_h', 'out', ['b', 't', 'h']], ['dl_across_h', 'out', ['b', 't', 'h']]], 'names': {'N': {'b': 'N_b', 't#': 'N_tc', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n', '~seg': 'n_segments', '~seg_chunks': 'seg_chunks'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}, 'stride': {'log_a_h': {'b': 'log_a_h_stride_b', 't': 'log_a_h_stride_t', 'h': 'log_a_h_stride_h'}, 'dy': {'b': 'dy_stride_b', 't': 'dy_stride_t', 'h': 'dy_stride_h', 'p': 'dy_stride_p'}, 'C': {'b': 'C_stride_b', 't': 'C_stride_t', 'g': 'C_stride_g', 'n': 'C_stride_n'}, 'B': {'b': 'B_stride_b', 't': 'B_stride_t', 'g': 'B_stride_g', 'n': 'B_stride_n'}, 'x': {'b': 'x_stride_b', 't': 'x_stride_t', 'h': 'x_stride_h', 'p': 'x_stride_p'}, 'dt': {'b': 'dt_stride_b', 't': 'dt_stride_t', 'h': 'dt_stride_h'}, 'h_fwd': {'t#': 'h_fwd_stride_tc', 'b': 'h_fwd_stride_b', 'h': 'h_fwd_stride_h', 'p': 'h_fwd_stride_p', 'n': 'h_fwd_stride_n'}, 'h:in': {'~seg': 'h_in_stride_seg', 'b': 'h_in_stride_b', 'h': 'h_in_stride_h', 'p': 'h_in_stride_p', 'n': 'h_in_stride_n'}, 'd_dt': {'b': 'd_dt_stride_b', 't': 'd_dt_stride_t', 'h': 'd_dt_stride_h'}, 'dl_upd_h': {'b': 'dl_upd_h_stride_b', 't': 'dl_upd_h_stride_t', 'h': 'dl_upd_h_stride_h'}, 'dl_straddle_h': {'b': 'dl_straddle_h_stride_b', 't': 'dl_straddle_h_stride_t', 'h': 'dl_straddle_h_stride_h'}, 'dl_across_h': {'b': 'dl_across_h_stride_b', 't': 'dl_across_h_stride_t', 'h': 'dl_across_h_stride_h'}}}, 'packed': None, 'fp32_outs': ['d_dt', 'dl_upd_h', 'dl_straddle_h', 'dl_across_h']}
-
-
-@triton.jit(do_not_specialize=['N_b', 'N_h', 'N_t', 'N_tc'])
-def mamba2_adj_rest_chunked(
-    log_a_h_ptr,
-    dy_ptr,
-    C_2_ptr,
-    B_2_ptr,
-    x_2_ptr,
-    dt_2_ptr,
-    h_fwd_ptr,
-    h_prev_2_ptr,
-    N_b,
-    N_h,
-    N_t,
-    N_tc,
-    d_dt_ptr,
-    dl_upd_h_ptr,
-    dl_straddle_h_ptr,
-    dl_across_h_ptr,
-    h_final_ptr,
-    N_p: tl.constexpr,
-    N_g: tl.constexpr,
-    N_n: tl.constexpr,
-    BLOCK_p: tl.constexpr,
-    BLOCK_n: tl.constexpr,
-    Q: tl.constexpr,
-    MM: tl.constexpr,
-    PREC: tl.constexpr,
-    log_a_h_stride_h: tl.constexpr,
-    dy_stride_h: tl.constexpr,
-    dy_stride_p: tl.constexpr,
-    C_stride_t: tl.constexpr,
-    C_stride_g: tl.constexpr,
-    C_stride_n: tl.constexpr,
-    B_stride_t: tl.constexpr,
-    B_stride_g: tl.constexpr,
-    B_stride_n: tl.constexpr,
-    x_stride_h: tl.constexpr,
-    x_stride_p: tl.constexpr,
-    dt_stride_h: tl.constexpr,
-    h_fwd_stride_h: tl.constexpr,
-    h_fwd_stride_p: tl.constexpr,
-    h_fwd_stride_n: tl.constexpr,
-    h_stride_h: tl.constexpr,
-    h_stride_p: tl.constexpr,
-    h_stride_n: tl.constexpr,
-    d_dt_stride_h: tl.constexpr,
-    dl_upd_h_stride_h: tl.constexpr,
-    dl_straddle_h_stride_h: tl.constexpr,
-    dl_across_h_stride_h: tl.constexpr,
-    h_final_stride_h: tl.constexpr,
-    h_final_stride_p: tl.constexpr,
-    h_final_stride_n: tl.constexpr,
-    I64: tl.constexpr,
-):
-    # strides spanning a runtime size (batch, heads, length): computed, not compiled in
-    log_a_h_stride_t = N_h * log_a_h_stride_h
-    log_a_h_stride_b = N_t * log_a_h_stride_t
-    dy_stride_t = N_h * dy_stride_h
-    dy_stride_b = N_t * dy_stride_t
-    C_stride_b = N_t * C_stride_t
-    B_stride_b = N_t * B_stride_t
-    x_stride_t = N_h * x_stride_h
-    x_stride_b = N_t * x_stride_t
-    dt_stride_t = N_h * dt_stride_h
-    dt_stride_b = N_t * dt_stride_t
-    h_fwd_stride_b = N_h * h_fwd_stride_h
-    h_fwd_stride_tc = N_b * h_fwd_stride_b
-    h_stride_b = N_h * h_stride_h
-    d_dt_stride_t = N_h * d_dt_stride_h
-    d_dt_stride_b = N_t * d_dt_stride_t
-    dl_upd_h_stride_t = N_h * dl_upd_h_stride_h
-    dl_upd_h_stride_b = N_t * dl_upd_h_stride_t
-    dl_straddle_h_stride_t = N_h * dl_straddle_h_stride_h
-    dl_straddle_h_stride_b = N_t * dl_straddle_h_stride_t
-    dl_across_h_stride_t = N_h * dl_across_h_stride_h
-    dl_across_h_stride_b = N_t * dl_across_h_stride_t
-    h_final_stride_b = N_h * h_final_stride_h
-    # one program per (b, h)
-    pid = tl.program_id(0)
-    if I64:
-        pid = pid.to(tl.int64)  # 64-bit offsets: an array holds 2^31 entries or more
-    i_h = pid % N_h
-    pid_h = pid // N_h
-    i_b = pid_h
-    i_g = i_h // (N_h // N_g)  # head h reads group g
-    o_p = tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
-    o_n = tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
-    in_chunk = tl.arange(0, Q)  # positions within a chunk
-    # the state, held on chip for the whole sequence (fp32)
-    h_prev_2 = tl.load(h_prev_2_ptr + i_b * h_stride_b + i_h * h_stride_h + o_p[:, None] * h_stride_p + o_n * h_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0)
-    state_h_prev_2 = h_prev_2.to(tl.float32)
-    for c in range(0, (N_t + Q - 1) // Q):
-        tt = c * Q + in_chunk
-        valid = tt < N_t
-        ttc = tl.minimum(tt, N_t - 1)
-        if I64:
-            ttc = ttc.to(tl.int64)
-        i_tc = N_tc - 1 - c  # the walk's chunk c covers the steps of chunk N_tc-1-c
-        if I64:
-            i_tc = tl.cast(i_tc, tl.int64)
-        # inputs indexed by chunk: this chunk's tile
-        h_fwd = tl.load(h_fwd_ptr + i_tc * h_fwd_stride_tc + i_b * h_fwd_stride_b + i_h * h_fwd_stride_h + o_p[:, None] * h_fwd_stride_p + o_n * h_fwd_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0)
-        c1 = tl.sum(tl.sum((state_h_prev_2) * h_fwd.to(tl.float32), axis=1), axis=0)
-        v27 = (tl.zeros((Q,), tl.float32) + c1)  # <input, state entering the chunk>
-        tl.store(dl_across_h_ptr + i_b * dl_across_h_stride_b + (N_t - 1 - ttc) * dl_across_h_stride_t + i_h * dl_across_h_stride_h, (v27).to(dl_across_h_ptr.dtype.element_ty), mask=valid)
-        log_a_h = tl.load(log_a_h_ptr + i_b * log_a_h_stride_b + (N_t - 1 - ttc) * log_a_h_stride_t + i_h * log_a_h_stride_h)
-        dy = tl.load(dy_ptr + i_b * dy_stride_b + ((N_t - 1 - ttc))[:, None] * dy_stride_t + i_h * dy_stride_h + o_p * dy_stride_p, mask=(o_p < N_p), other=0.0)
-        C_2 = tl.load(C_2_ptr + i_b * C_stride_b + ((N_t - 1 - ttc))[:, None] * C_stride_t + i_g * C_stride_g + o_n * C_stride_n, mask=(o_n < N_n), other=0.0)
-        B_2 = tl.load(B_2_ptr + i_b * B_stride_b + ((N_t - 1 - ttc))[:, None] * B_stride_t + i_g * B_stride_g + o_n * B_stride_n, mask=(o_n < N_n), other=0.0)
-        x_2 = tl.load(x_2_ptr + i_b * x_stride_b + ((N_t - 1 - ttc))[:, None] * x_stride_t + i_h * x_stride_h + o_p * x_stride_p, mask=(o_p < N_p), other=0.0)
-        dt_2 = tl.load(dt_2_ptr + i_b * dt_stride_b + (N_t - 1 - ttc) * dt_stride_t + i_h * dt_stride_h)
-        # stage prologue
-        h_ell = tl.maximum(log_a_h.to(tl.float32), (-69.07755278982137))
-        # stage cumsum
-        h_L_ell = tl.where(valid, h_ell, 0.0)  # log-decay per step (0 past the end)
-        h_L = tl.cumsum(h_L_ell, axis=0)  # summed within the chunk
-        h_L_last = tl.sum(tl.where(in_chunk == Q - 1, h_L, 0.0), axis=0)  # log-decay across the chunk: the cumsum's last row (exp(last - L) is exactly 1 at the last step)
-        # stage chunk_state
-        # stage state_passing
-        # stage chunk_output
-        v16_D = tl.exp(tl.where(((in_chunk[:, None] >= in_chunk[None, :]) & valid[None, :]), h_L[:, None] - h_L, -1e30))  # decay from source s to target t, masked s <= t before exp
-        c2 = tl.dot((B_2).to(MM), tl.trans(C_2).to(MM), input_precision=PREC)
-        c3 = tl.dot((x_2).to(MM), tl.trans(dy).to(MM), input_precision=PREC)
-        c4 = tl.where(((in_chunk[:, None] >= in_chunk[None, :]) & valid[None, :]), (c3) * (c2) * v16_D, 0.0)
-        v16_in = tl.sum(c4, axis=1)  # in-chunk part
-        v16_E = tl.exp(h_L)  # decay from the chunk's start
-        c5 = tl.dot((B_2).to(MM), tl.trans(state_h_prev_2).to(MM), input_precision=PREC)
-        v16_st = (tl.sum((c5) * x_2.to(tl.float32), axis=1)) * v16_E  # state part
-        v16 = (v16_in + v16_st)
-        tl.store(d_dt_ptr + i_b * d_dt_stride_b + (N_t - 1 - ttc) * d_dt_stride_t + i_h * d_dt_stride_h, (v16).to(d_dt_ptr.dtype.element_ty), mask=valid)
-        v21_st = (tl.sum((c5) * x_2.to(tl.float32), axis=1)) * v16_E  # state part
-        v21 = v21_st
-        # stage epilogue
-        v22 = dt_2.to(tl.float32) * v21
-        tl.store(dl_upd_h_ptr + i_b * dl_upd_h_stride_b + (N_t - 1 - ttc) * dl_upd_h_stride_t + i_h * dl_upd_h_stride_h, (v22).to(dl_upd_h_ptr.dtype.element_ty), mask=valid)
-        # stage chunk_output
-        c6 = v16_D * (dt_2.to(tl.float32))[:, None]
-        v26_M = tl.where(((in_chunk[:, None] >= in_chunk[None, :]) & valid[None, :]) & valid[:, None], (c3) * (c2) * c6, 0.0)  # in-chunk summands M[t, s], s <= t, both steps valid
-        v26_d = tl.sum(v26_M, axis=0) - tl.sum(v26_M, axis=1)  # per step j: pairs from j (column) minus pairs into j (row)
-        v26_straddle = tl.cumsum(v26_d, axis=0) - v26_d  # Σ_(j < i): the pairs s < i <= t
-        v26 = v26_straddle
-        tl.store(dl_straddle_h_ptr + i_b * dl_straddle_h_stride_b + (N_t - 1 - ttc) * dl_straddle_h_stride_t + i_h * dl_straddle_h_stride_h, (v26).to(dl_straddle_h_ptr.dtype.element_ty), mask=valid)
-        # stage chunk_state + state_passing (h)
-        h_upd_w = tl.where(valid, tl.exp(h_L_last - h_L), 0.0)  # decay from each step to the chunk's end
-        c7 = tl.dot(tl.trans(dy).to(MM), ((C_2.to(tl.float32)) * h_upd_w[:, None]).to(MM), input_precision=PREC)
-        state_h_prev_2 = tl.exp(h_L_last) * state_h_prev_2 + c7  # the state entering the next chunk
-    # stage output: final states
-    tl.store(h_final_ptr + i_b * h_final_stride_b + i_h * h_final_stride_h + o_p[:, None] * h_final_stride_p + o_n * h_final_stride_n, (state_h_prev_2).to(h_final_ptr.dtype.element_ty), mask=((o_p < N_p))[:, None] & (o_n < N_n))
-
-
-@triton.jit(do_not_specialize=['N_b', 'N_h', 'n_segments', 'N_t', 'seg_chunks'])
-def mamba2_adj_rest_segment_states(
-    log_a_h_ptr,
-    dy_ptr,
-    C_2_ptr,
-    N_b,
-    N_h,
-    n_segments,
-    N_t,
-    seg_chunks,
-    h_segment_ptr,
-    h_decay_ptr,
-    N_p: tl.constexpr,
-    N_g: tl.constexpr,
-    N_n: tl.constexpr,
-    BLOCK_p: tl.constexpr,
-    BLOCK_n: tl.constexpr,
-    Q: tl.constexpr,
-    MM: tl.constexpr,
-    PREC: tl.constexpr,
-    log_a_h_stride_h: tl.constexpr,
-    dy_stride_h: tl.constexpr,
-    dy_stride_p: tl.constexpr,
-    C_stride_t: tl.constexpr,
-    C_stride_g: tl.constexpr,
-    C_stride_n: tl.constexpr,
-    h_segment_stride_h: tl.constexpr,
-    h_segment_stride_p: tl.constexpr,
-    h_segment_stride_n: tl.constexpr,
-    h_decay_stride_h: tl.constexpr,
-    I64: tl.constexpr,
-):
-    # schedule step (a): this segment's state from a zero state, and its total log-decay; no outputs
-    # strides spanning a runtime size (batch, heads, length): computed, not compiled in
-    log_a_h_stride_t = N_h * log_a_h_stride_h
-    log_a_h_stride_b = N_t * log_a_h_stride_t
-    dy_stride_t = N_h * dy_stride_h
-    dy_stride_b = N_t * dy_stride_t
-    C_stride_b = N_t * C_stride_t
-    h_segment_stride_b = N_h * h_segment_stride_h
-    h_segment_stride_seg = N_b * h_segment_stride_b
-    h_decay_stride_b = N_h * h_decay_stride_h
-    h_decay_stride_seg = N_b * h_decay_stride_b
-    # one program per (b, h, segment)
-    pid = tl.program_id(0)
-    if I64:
-        pid = pid.to(tl.int64)  # 64-bit offsets: an array holds 2^31 entries or more
-    i_seg = pid % n_segments
-    pid_seg = pid // n_segments
-    i_h = pid_seg % N_h
-    pid_seg_h = pid_seg // N_h
-    i_b = pid_seg_h
-    i_g = i_h // (N_h // N_g)  # head h reads group g
-    o_p = tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
-    o_n = tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
-    in_chunk = tl.arange(0, Q)  # positions within a chunk
-    # the state, held on chip for the whole segment (fp32)
-    state_h_prev_2 = tl.zeros((BLOCK_p, BLOCK_n,), tl.float32)  # from a zero state
-    h_L_total = 0.0  # summed over the segment's chunks
-    seg_end = tl.minimum(i_seg * seg_chunks + seg_chunks, (N_t + Q - 1) // Q)  # one past the segment's last chunk
-    for c in range(i_seg * seg_chunks, seg_end):
-        tt = c * Q + in_chunk
-        valid = tt < N_t
-        ttc = tl.minimum(tt, N_t - 1)
-        if I64:
-            ttc = ttc.to(tl.int64)
-        log_a_h = tl.load(log_a_h_ptr + i_b * log_a_h_stride_b + (N_t - 1 - ttc) * log_a_h_stride_t + i_h * log_a_h_stride_h)
-        dy = tl.load(dy_ptr + i_b * dy_stride_b + ((N_t - 1 - ttc))[:, None] * dy_stride_t + i_h * dy_stride_h + o_p * dy_stride_p, mask=(o_p < N_p), other=0.0)
-        C_2 = tl.load(C_2_ptr + i_b * C_stride_b + ((N_t - 1 - ttc))[:, None] * C_stride_t + i_g * C_stride_g + o_n * C_stride_n, mask=(o_n < N_n), other=0.0)
-        # stage prologue
-        h_ell = tl.maximum(log_a_h.to(tl.float32), (-69.07755278982137))
-        # stage cumsum
-        h_L_ell = tl.where(valid, h_ell, 0.0)  # log-decay per step (0 past the end)
-        h_L = tl.cumsum(h_L_ell, axis=0)  # summed within the chunk
-        h_L_last = tl.sum(tl.where(in_chunk == Q - 1, h_L, 0.0), axis=0)  # log-decay across the chunk: the cumsum's last row (exp(last - L) is exactly 1 at the last step)
-        # stage chunk_state
-        # stage chunk_state + state_passing (h)
-        h_upd_w = tl.where(valid, tl.exp(h_L_last - h_L), 0.0)  # decay from each step to the chunk's end
-        c1 = tl.dot(tl.trans(dy).to(MM), ((C_2.to(tl.float32)) * h_upd_w[:, None]).to(MM), input_precision=PREC)
-        state_h_prev_2 = tl.exp(h_L_last) * state_h_prev_2 + c1  # the state entering the next chunk
-        h_L_total = h_L_total + h_L_last  # the segment's total so far
-    # stage output: the segment's state and totals
-    tl.store(h_segment_ptr + (n_segments - 1 - i_seg) * h_segment_stride_seg + i_b * h_segment_stride_b + i_h * h_segment_stride_h + o_p[:, None] * h_segment_stride_p + o_n * h_segment_stride_n, (state_h_prev_2).to(h_segment_ptr.dtype.element_ty), mask=((o_p < N_p))[:, None] & (o_n < N_n))
-    tl.store(h_decay_ptr + (n_segments - 1 - i_seg) * h_decay_stride_seg + i_b * h_decay_stride_b + i_h * h_decay_stride_h, (h_L_total).to(h_decay_ptr.dtype.element_ty))
-
-
-@triton.jit(do_not_specialize=['N_b', 'N_h', 'n_segments', 'N_t', 'N_tc', 'seg_chunks'])
-def mamba2_adj_rest_segment_outputs(
-    log_a_h_ptr,
-    dy_ptr,
-    C_2_ptr,
-    B_2_ptr,
-    x_2_ptr,
-    dt_2_ptr,
-    h_fwd_ptr,
-    h_in_ptr,
-    N_b,
-    N_h,
-    n_segments,
-    N_t,
-    N_tc,
-    seg_chunks,
-    d_dt_ptr,
-    dl_upd_h_ptr,
-    dl_straddle_h_ptr,
-    dl_across_h_ptr,
-    N_p: tl.constexpr,
-    N_g: tl.constexpr,
-    N_n: tl.constexpr,
-    BLOCK_p: tl.constexpr,
-    BLOCK_n: tl.constexpr,
-    Q: tl.constexpr,
-    MM: tl.constexpr,
-    PREC: tl.constexpr,
-    log_a_h_stride_h: tl.constexpr,
-    dy_stride_h: tl.constexpr,
-    dy_stride_p: tl.constexpr,
-    C_stride_t: tl.constexpr,
-    C_stride_g: tl.constexpr,
-    C_stride_n: tl.constexpr,
-    B_stride_t: tl.constexpr,
-    B_stride_g: tl.constexpr,
-    B_stride_n: tl.constexpr,
-    x_stride_h: tl.constexpr,
-    x_stride_p: tl.constexpr,
-    dt_stride_h: tl.constexpr,
-    h_fwd_stride_h: tl.constexpr,
-    h_fwd_stride_p: tl.constexpr,
-    h_fwd_stride_n: tl.constexpr,
-    h_in_stride_h: tl.constexpr,
-    h_in_stride_p: tl.constexpr,
-    h_in_stride_n: tl.constexpr,
-    d_dt_stride_h: tl.constexpr,
-    dl_upd_h_stride_h: tl.constexpr,
-    dl_straddle_h_stride_h: tl.constexpr,
-    dl_across_h_stride_h: tl.constexpr,
-    I64: tl.constexpr,
-    ONE_CHUNK: tl.constexpr,
-):
-    # schedule step (c): this segment's outputs, from the state entering it (S_in)
-    # strides spanning a runtime size (batch, heads, length): computed, not compiled in
-    log_a_h_stride_t = N_h * log_a_h_stride_h
-    log_a_h_stride_b = N_t * log_a_h_stride_t
-    dy_stride_t = N_h * dy_stride_h
-    dy_stride_b = N_t * dy_stride_t
-    C_stride_b = N_t * C_stride_t
-    B_stride_b = N_t * B_stride_t
-    x_stride_t = N_h * x_stride_h
-    x_stride_b = N_t * x_stride_t
-    dt_stride_t = N_h * dt_stride_h
-    dt_stride_b = N_t * dt_stride_t
-    h_fwd_stride_b = N_h * h_fwd_stride_h
-    h_fwd_stride_tc = N_b * h_fwd_stride_b
-    h_in_stride_b = N_h * h_in_stride_h
-    h_in_stride_seg = N_b * h_in_stride_b
-    d_dt_stride_t = N_h * d_dt_stride_h
-    d_dt_stride_b = N_t * d_dt_stride_t
-    dl_upd_h_stride_t = N_h * dl_upd_h_stride_h
-    dl_upd_h_stride_b = N_t * dl_upd_h_stride_t
-    dl_straddle_h_stride_t = N_h * dl_straddle_h_stride_h
-    dl_straddle_h_stride_b = N_t * dl_straddle_h_stride_t
-    dl_across_h_stride_t = N_h * dl_across_h_stride_h
-    dl_across_h_stride_b = N_t * dl_across_h_stride_t
-    # one program per (b, h, segment)
-    pid = tl.program_id(0)
-    if I64:
-        pid = pid.to(tl.int64)  # 64-bit offsets: an array holds 2^31 entries or more
-    i_seg = pid % n_segments
-    pid_seg = pid // n_segments
-    i_h = pid_seg % N_h
-    pid_seg_h = pid_seg // N_h
-    i_b = pid_seg_h
-    i_g = i_h // (N_h // N_g)  # head h reads group g
-    o_p = tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
-    o_n = tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
-    in_chunk = tl.arange(0, Q)  # positions within a chunk
-    # the state, held on chip for the whole segment (fp32)
-    h_in = tl.load(h_in_ptr + (n_segments - 1 - i_seg) * h_in_stride_seg + i_b * h_in_stride_b + i_h * h_in_stride_h + o_p[:, None] * h_in_stride_p + o_n * h_in_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0)
-    state_h_in = h_in.to(tl.float32)
-    seg_end = tl.minimum(i_seg * seg_chunks + seg_chunks, (N_t + Q - 1) // Q)  # one past the segment's last chunk
-    for c in range(i_seg * seg_chunks, seg_end):
-        tt = c * Q + in_chunk
-        valid = tt < N_t
-        ttc = tl.minimum(tt, N_t - 1)
-        if I64:
-            ttc = ttc.to(tl.int64)
-        i_tc = N_tc - 1 - c  # the walk's chunk c covers the steps of chunk N_tc-1-c
-        if I64:
-            i_tc = tl.cast(i_tc, tl.int64)
-        # inputs indexed by chunk: this chunk's tile
-        h_fwd = tl.load(h_fwd_ptr + i_tc * h_fwd_stride_tc + i_b * h_fwd_stride_b + i_h * h_fwd_stride_h + o_p[:, None] * h_fwd_stride_p + o_n * h_fwd_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0)
-        c1 = tl.sum(tl.sum((state_h_in) * h_fwd.to(tl.float32), axis=1), axis=0)
-        v27 = (tl.zeros((Q,), tl.float32) + c1)  # <input, state entering the chunk>
-        tl.store(dl_across_h_ptr + i_b * dl_across_h_stride_b + (N_t - 1 - ttc) * dl_across_h_stride_t + i_h * dl_across_h_stride_h, (v27).to(dl_across_h_ptr.dtype.element_ty), mask=valid)
-        log_a_h = tl.load(log_a_h_ptr + i_b * log_a_h_stride_b + (N_t - 1 - ttc) * log_a_h_stride_t + i_h * log_a_h_stride_h)
-        dy = tl.load(dy_ptr + i_b * dy_stride_b + ((N_t - 1 - ttc))[:, None] * dy_stride_t + i_h * dy_stride_h + o_p * dy_stride_p, mask=(o_p < N_p), other=0.0)
-        C_2 = tl.load(C_2_ptr + i_b * C_stride_b + ((N_t - 1 - ttc))[:, None] * C_stride_t + i_g * C_stride_g + o_n * C_stride_n, mask=(o_n < N_n), other=0.0)
-        B_2 = tl.load(B_2_ptr + i_b * B_stride_b + ((N_t - 1 - ttc))[:, None] * B_stride_t + i_g * B_stride_g + o_n * B_stride_n, mask=(o_n < N_n), other=0.0)
-        x_2 = tl.load(x_2_ptr + i_b * x_stride_b + ((N_t - 1 - ttc))[:, None] * x_stride_t + i_h * x_stride_h + o_p * x_stride_p, mask=(o_p < N_p), other=0.0)
-        dt_2 = tl.load(dt_2_ptr + i_b * dt_stride_b + (N_t - 1 - ttc) * dt_stride_t + i_h * dt_stride_h)
-        # stage prologue
-        h_ell = tl.maximum(log_a_h.to(tl.float32), (-69.07755278982137))
-        # stage cumsum
-        h_L_ell = tl.where(valid, h_ell, 0.0)  # log-decay per step (0 past the end)
-        h_L = tl.cumsum(h_L_ell, axis=0)  # summed within the chunk
-        h_L_last = tl.sum(tl.where(in_chunk == Q - 1, h_L, 0.0), axis=0)  # log-decay across the chunk: the cumsum's last row (exp(last - L) is exactly 1 at the last step)
-        # stage chunk_state
-        # stage state_passing
-        # stage chunk_output
-        v16_D = tl.exp(tl.where(((in_chunk[:, None] >= in_chunk[None, :]) & valid[None, :]), h_L[:, None] - h_L, -1e30))  # decay from source s to target t, masked s <= t before exp
-        c2 = tl.dot((B_2).to(MM), tl.trans(C_2).to(MM), input_precision=PREC)
-        c3 = tl.dot((x_2).to(MM), tl.trans(dy).to(MM), input_precision=PREC)
-        c4 = tl.where(((in_chunk[:, None] >= in_chunk[None, :]) & valid[None, :]), (c3) * (c2) * v16_D, 0.0)
-        v16_in = tl.sum(c4, axis=1)  # in-chunk part
-        v16_E = tl.exp(h_L)  # decay from the chunk's start
-        c5 = tl.dot((B_2).to(MM), tl.trans(state_h_in).to(MM), input_precision=PREC)
-        v16_st = (tl.sum((c5) * x_2.to(tl.float32), axis=1)) * v16_E  # state part
-        v16 = (v16_in + v16_st)
-        tl.store(d_dt_ptr + i_b * d_dt_stride_b + (N_t - 1 - ttc) * d_dt_stride_t + i_h * d_dt_stride_h, (v16).to(d_dt_ptr.dtype.element_ty), mask=valid)
-        v21_st = (tl.sum((c5) * x_2.to(tl.float32), axis=1)) * v16_E  # state part
-        v21 = v21_st
-        # stage epilogue
-        v22 = dt_2.to(tl.float32) * v21
-        tl.store(dl_upd_h_ptr + i_b * dl_upd_h_stride_b + (N_t - 1 - ttc) * dl_upd_h_stride_t + i_h * dl_upd_h_stride_h, (v22).to(dl_upd_h_ptr.dtype.element_ty), mask=valid)
-        # stage chunk_output
-        c6 = v16_D * (dt_2.to(tl.float32))[:, None]
-        v26_M = tl.where(((in_chunk[:, None] >= in_chunk[None, :]) & valid[None, :]) & valid[:, None], (c3) * (c2) * c6, 0.0)  # in-chunk summands M[t, s], s <= t, both steps valid
-        v26_d = tl.sum(v26_M, axis=0) - tl.sum(v26_M, axis=1)  # per step j: pairs from j (column) minus pairs into j (row)
-        v26_straddle = tl.cumsum(v26_d, axis=0) - v26_d  # Σ_(j < i): the pairs s < i <= t
-        v26 = v26_straddle
-        tl.store(dl_straddle_h_ptr + i_b * dl_straddle_h_stride_b + (N_t - 1 - ttc) * dl_straddle_h_stride_t + i_h * dl_straddle_h_stride_h, (v26).to(dl_straddle_h_ptr.dtype.element_ty), mask=valid)
-        if not ONE_CHUNK:
-            if c + 1 < seg_end:  # the state entering the segment's next chunk
-                # stage chunk_state + state_passing (h)
-                h_upd_w = tl.where(valid, tl.exp(h_L_last - h_L), 0.0)  # decay from each step to the chunk's end
-                c7 = tl.dot(tl.trans(dy).to(MM), ((C_2.to(tl.float32)) * h_upd_w[:, None]).to(MM), input_precision=PREC)
-                state_h_in = tl.exp(h_L_last) * state_h_in + c7  # the state entering the next chunk
-    # stage output
-
-
-# mm: matmul operand dtype (fp32, or the inputs' bf16/fp16); out_dtype: dtype of the outs
-# segments: None (chosen per call from the sizes and the device), or a number of segments (1: one walk)
-# across: None, or the mesh axis this sequence is split over (inside a shard_map, see ssmc.shard):
-# the segments of every device's part of the sequence then enter one scan
-# entering: None, or {state: the states entering each chunk [t#, *the state's dims]} from an earlier
-# walk of the same recurrence: each chunk is then a segment of its own, all run in parallel (final
-# states: None)
-def mamba2_adj_rest(log_a_h, dy, C_2, B_2, x_2, dt_2, h_fwd, h_prev_2, *, mm=jnp.float32, out_dtype=jnp.float32, interpret=False, segments=None, across=None, entering=None):
-    arrays = {'log_a_h': log_a_h, 'dy': dy, 'C': C_2, 'B': B_2, 'x': x_2, 'dt': dt_2, 'h_fwd': h_fwd, 'h': h_prev_2}
-    sizes = rt.dim_sizes(LAYOUT, arrays)
-    # the number of segments: from the length, the programs and the device's cores (rt.pick_segments),
-    # or `segments`; segment boundaries fall on chunk boundaries
-    nseg, seg_sizes = rt.segments(LAYOUT, sizes, rt.chunk_count(LAYOUT, sizes) if entering is not None else segments, interpret)
-    if entering is not None:
-        # the states entering each chunk are given: (c) alone, one segment per chunk, all in parallel
-        h_in = rt.entering_states(entering, 'h', ['b', 'h', 'p', 'n'], ['~seg', 'b', 'h', 'p', 'n'], seg_sizes)
-        h_final = None  # not computed: no walk reaches the end
-        seg_arrays = {**arrays, 'h:in': h_in}
-        d_dt, dl_upd_h, dl_straddle_h, dl_across_h, = rt.launch(mamba2_adj_rest_segment_outputs, SEGMENT_OUTPUTS_LAYOUT, seg_arrays, seg_sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
-    elif nseg == 1 and across is None:
-        # one walk: every program walks the whole sequence
-        d_dt, dl_upd_h, dl_straddle_h, dl_across_h, h_final, = rt.launch(mamba2_adj_rest_chunked, LAYOUT, arrays, sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
-    else:
-        # (a) every program and segment: the segment's state from a zero state, and its total log-decay
-        h_segment, h_decay, = rt.launch(mamba2_adj_rest_segment_states, SEGMENT_STATES_LAYOUT, arrays, seg_sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
-        # (b) the scan across segments: S_in(j) = D(j-1) * S_in(j-1) + S(j-1), from the initial state
-        # (and across the devices' parts of the sequence, when it is split over `across`)
-        h_in, h_final = rt.segment_scan(h_prev_2, ['b', 'h', 'p', 'n'], h_segment, h_decay, None, ['~seg', 'b', 'h', 'p', 'n'], ['~seg', 'b', 'h'], sizes, across=across, reverse=True, flipped=True)
-        # (c) every program and segment: its outputs, walking from the state entering the segment
-        seg_arrays = {**arrays, 'h:in': h_in}
-        d_dt, dl_upd_h, dl_straddle_h, dl_across_h, = rt.launch(mamba2_adj_rest_segment_outputs, SEGMENT_OUTPUTS_LAYOUT, seg_arrays, seg_sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
-    return d_dt, dl_upd_h, dl_straddle_h, dl_across_h, h_final
 
 
 # ==== adjoint part 'adj:n' ====
@@ -1988,7 +1535,7 @@ def mamba2_adj_n_segment_outputs(
     d_v4_stride_h: tl.constexpr,
     d_v4_stride_n: tl.constexpr,
     I64: tl.constexpr,
-    ONE_CHUNK: tl.constexpr,
+    GIVEN_STATES: tl.constexpr,
 ):
     # schedule step (c): this segment's outputs, from the state entering it (S_in)
     # strides spanning a runtime size (batch, heads, length): computed, not compiled in
@@ -2021,8 +1568,9 @@ def mamba2_adj_n_segment_outputs(
     o_n = j_n * BLOCK_n + tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
     in_chunk = tl.arange(0, Q)  # positions within a chunk
     # the state, held on chip for the whole segment (fp32)
-    h_in = tl.load(h_in_ptr + (n_segments - 1 - i_seg) * h_in_stride_seg + i_b * h_in_stride_b + i_h * h_in_stride_h + o_p[:, None] * h_in_stride_p + o_n * h_in_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0)
-    state_h_in = h_in.to(tl.float32)
+    if not GIVEN_STATES:  # (else: loaded at each chunk)
+        h_in = tl.load(h_in_ptr + (n_segments - 1 - i_seg) * h_in_stride_seg + i_b * h_in_stride_b + i_h * h_in_stride_h + o_p[:, None] * h_in_stride_p + o_n * h_in_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0)
+        state_h_in = h_in.to(tl.float32)
     seg_end = tl.minimum(i_seg * seg_chunks + seg_chunks, (N_t + Q - 1) // Q)  # one past the segment's last chunk
     for c in range(i_seg * seg_chunks, seg_end):
         tt = c * Q + in_chunk
@@ -2030,6 +1578,12 @@ def mamba2_adj_n_segment_outputs(
         ttc = tl.minimum(tt, N_t - 1)
         if I64:
             ttc = ttc.to(tl.int64)
+        if GIVEN_STATES:
+            i_enter = ((N_t + Q - 1) // Q) - 1 - c  # this chunk's entry (forward-time order)
+            if I64:
+                i_enter = tl.cast(i_enter, tl.int64)
+            h_in = tl.load(h_in_ptr + i_enter * h_in_stride_seg + i_b * h_in_stride_b + i_h * h_in_stride_h + o_p[:, None] * h_in_stride_p + o_n * h_in_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0)
+            state_h_in = h_in.to(tl.float32)
         log_a_h = tl.load(log_a_h_ptr + i_b * log_a_h_stride_b + (N_t - 1 - ttc) * log_a_h_stride_t + i_h * log_a_h_stride_h)
         dy = tl.load(dy_ptr + i_b * dy_stride_b + ((N_t - 1 - ttc))[:, None] * dy_stride_t + i_h * dy_stride_h + o_p * dy_stride_p, mask=(o_p < N_p), other=0.0)
         C_2 = tl.load(C_2_ptr + i_b * C_stride_b + ((N_t - 1 - ttc))[:, None] * C_stride_t + i_g * C_stride_g + o_n * C_stride_n, mask=(o_n < N_n), other=0.0)
@@ -2055,7 +1609,7 @@ def mamba2_adj_n_segment_outputs(
         v18_st = (c5) * (dt_2.to(tl.float32))[:, None] * v18_E[:, None]  # state part
         v18 = (v18_in + v18_st)
         tl.store(d_v4_ptr + i_b * d_v4_stride_b + ((N_t - 1 - ttc))[:, None] * d_v4_stride_t + i_h * d_v4_stride_h + o_n * d_v4_stride_n, (v18).to(d_v4_ptr.dtype.element_ty), mask=valid[:, None] & (o_n < N_n))
-        if not ONE_CHUNK:
+        if not GIVEN_STATES:
             if c + 1 < seg_end:  # the state entering the segment's next chunk
                 # stage chunk_state + state_passing (h)
                 h_upd_w = tl.where(valid, tl.exp(h_L_last - h_L), 0.0)  # decay from each step to the chunk's end
@@ -2082,9 +1636,9 @@ def mamba2_adj_n(log_a_h, dy, C_2, x_2, dt_2, h_prev_2, *, mm=jnp.float32, out_d
     else:
         # the number of segments: from the length, the programs and the device's cores (rt.pick_segments),
         # or `segments`; segment boundaries fall on chunk boundaries
-        nseg, seg_sizes = rt.segments(LAYOUT, sizes, rt.chunk_count(LAYOUT, sizes) if entering is not None else segments, interpret)
+        nseg, seg_sizes = (rt.entering_segments(LAYOUT, sizes, interpret) if entering is not None else rt.segments(LAYOUT, sizes, segments, interpret))
         if entering is not None:
-            # the states entering each chunk are given: (c) alone, one segment per chunk, all in parallel
+            # the states entering each chunk are given: (c) alone, every chunk from its own state, in parallel
             h_in = rt.entering_states(entering, 'h', ['b', 'h', 'p', 'n'], ['~seg', 'b', 'h', 'p', 'n'], seg_sizes)
             h_final = None  # not computed: no walk reaches the end
             seg_arrays = {**arrays, 'h:in': h_in}
@@ -2107,14 +1661,14 @@ def mamba2_adj_n(log_a_h, dy, C_2, x_2, dt_2, h_prev_2, *, mm=jnp.float32, out_d
 # ==== adjoint part 'adj:p' ====
 # Generated by ssmc for `ssm mamba2_adj_p`, target triton.
 # pass pipeline: expand-groups{mode=index},classify,chunk{size=0,elementwise=sequential,scalar=64,keywise=32},fuse,dce
-# adjoint{part=adj} of `ssm mamba2`: the adjoint state over reversed time (scan reverse); outs: the cotangents of the update factors; outs d_x (those keeping the state dims ['p']: one of its kernels run from the entering states)
+# adjoint{part=adj} of `ssm mamba2`: the adjoint state over reversed time (scan reverse); outs: the cotangents of the update factors; outs d_x, dl_upd_h, dl_across_h, d_dt_state (those keeping the state dims ['p'], and the state parts of the outs keeping none: one of its kernels run from the entering states)
 # expand-groups: group reads stay index maps (no repeat)
-# classify: state h is scalar (decay dims [b,t,h], contracted [n], kept [p])
+# classify: state h is scalar (decay dims [b,t,h], contracted [p,n], kept [p])
 # chunk: chunk-parallel form, chunk length 64 (h: scalar)
 # chunk: decay of h not provably |a| <= 1: exact in-chunk exponents, no clamp (a growing decay may overflow to inf, never clamped)
 # fuse: 1 elementwise values fused into the stage that consumes them
 # schedule: one walk per program, or sequence-parallel segments - (a) segment states from zero + total decays, (b) a scan across segments, (c) segment outputs from the incoming states; the segment count is chosen at call time from the length, the programs and the device's cores (kernel_runtime.pick_segments; compile(..., segments=N) forces it, 1 = one walk)
-# kernel: chunked form; grid over (b, h), tile over (p, n), p blockable
+# kernel: chunked form; grid over (b, h), tile over (p, n)
 # schedule: one walk per program, or sequence-parallel segments - (a) segment states from zero + total decays, (b) a scan across segments, (c) segment outputs from the incoming states; the segment count is chosen at call time from the length, the programs and the device's cores (kernel_runtime.pick_segments; compile(..., segments=N) forces it, 1 = one walk)
 #   buffer h:segment[segment,b,h,p,n] (fp32): segment_states -> segment scan
 #   buffer h:decay[segment,b,h] (fp32): segment_states -> segment scan
@@ -2128,38 +1682,49 @@ from ssmc.targets import triton_runtime as rt
 from ssmc.targets.base import ModuleInfo, Param, Result
 
 MODULE_INFO = ModuleInfo(
-    target='triton', entry='mamba2_adj_p', options=('mm', 'out_dtype', 'interpret', 'segments', 'across', 'entering', 'cu_seqlens'),
+    target='triton', entry='mamba2_adj_p', options=('mm', 'out_dtype', 'interpret', 'segments', 'across', 'entering'),
+    chunk=64,  # the chunk length: outs indexed by chunk have ceil(T / chunk) entries
     params=(
         Param('log_a_h', 'log_a_h', 'input', ('b', 't', 'h')),
         Param('dy', 'dy', 'input', ('b', 't', 'h', 'p')),
         Param('C_2', 'C', 'input', ('b', 't', 'g', 'n')),
         Param('B_2', 'B', 'input', ('b', 't', 'g', 'n')),
+        Param('x_2', 'x', 'input', ('b', 't', 'h', 'p')),
         Param('dt_2', 'dt', 'input', ('b', 't', 'h')),
+        Param('h_fwd', 'h_fwd', 'input', ('t#', 'b', 'h', 'p', 'n')),
         Param('h_prev_2', 'h', 'state', ('b', 'h', 'p', 'n')),
     ),
     returns=(
         Result('out', 'd_x', ('b', 't', 'h', 'p')),
+        Result('out', 'dl_upd_h', ('b', 't', 'h')),
+        Result('out', 'dl_across_h', ('b', 't', 'h')),
+        Result('out', 'd_dt_state', ('b', 't', 'h')),
         Result('state', 'h', ('b', 'h', 'p', 'n')),
     ),
 )
-LAYOUT = {'form': 'chunked', 'role': 'walk', 'scan': 't', 'Q': 64, 'grid': ['b', 'h'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n'], 'inputs': ['log_a_h', 'dy', 'C', 'B', 'dt', 'h'], 'state_inputs': ['h'], 'carried': [['b', 'h', 'p', 'n']], 'arrays': {'log_a_h': ['b', 't', 'h'], 'dy': ['b', 't', 'h', 'p'], 'C': ['b', 't', 'g', 'n'], 'B': ['b', 't', 'g', 'n'], 'dt': ['b', 't', 'h'], 'h': ['b', 'h', 'p', 'n'], 'd_x': ['b', 't', 'h', 'p'], 'h:final': ['b', 'h', 'p', 'n']}, 'stores': [['d_x', 'out', ['b', 't', 'h', 'p']], ['h:final', 'state', ['b', 'h', 'p', 'n']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}, 'stride': {'log_a_h': {'b': 'log_a_h_stride_b', 't': 'log_a_h_stride_t', 'h': 'log_a_h_stride_h'}, 'dy': {'b': 'dy_stride_b', 't': 'dy_stride_t', 'h': 'dy_stride_h', 'p': 'dy_stride_p'}, 'C': {'b': 'C_stride_b', 't': 'C_stride_t', 'g': 'C_stride_g', 'n': 'C_stride_n'}, 'B': {'b': 'B_stride_b', 't': 'B_stride_t', 'g': 'B_stride_g', 'n': 'B_stride_n'}, 'dt': {'b': 'dt_stride_b', 't': 'dt_stride_t', 'h': 'dt_stride_h'}, 'h': {'b': 'h_stride_b', 'h': 'h_stride_h', 'p': 'h_stride_p', 'n': 'h_stride_n'}, 'd_x': {'b': 'd_x_stride_b', 't': 'd_x_stride_t', 'h': 'd_x_stride_h', 'p': 'd_x_stride_p'}, 'h:final': {'b': 'h_final_stride_b', 'h': 'h_final_stride_h', 'p': 'h_final_stride_p', 'n': 'h_final_stride_n'}}}, 'packed': 'b'}
-SEGMENT_STATES_LAYOUT = {'form': 'chunked', 'role': 'segment_states', 'scan': 't', 'Q': 64, 'grid': ['b', 'h', '~seg'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n', '~seg'], 'inputs': ['log_a_h', 'dy', 'C'], 'state_inputs': [], 'carried': [['b', 'h', 'p', 'n']], 'arrays': {'log_a_h': ['b', 't', 'h'], 'dy': ['b', 't', 'h', 'p'], 'C': ['b', 't', 'g', 'n'], 'h:segment': ['~seg', 'b', 'h', 'p', 'n'], 'h:decay': ['~seg', 'b', 'h']}, 'stores': [['h:segment', 'segment', ['~seg', 'b', 'h', 'p', 'n']], ['h:decay', 'decay', ['~seg', 'b', 'h']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n', '~seg': 'n_segments', '~seg_chunks': 'seg_chunks'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}, 'stride': {'log_a_h': {'b': 'log_a_h_stride_b', 't': 'log_a_h_stride_t', 'h': 'log_a_h_stride_h'}, 'dy': {'b': 'dy_stride_b', 't': 'dy_stride_t', 'h': 'dy_stride_h', 'p': 'dy_stride_p'}, 'C': {'b': 'C_stride_b', 't': 'C_stride_t', 'g': 'C_stride_g', 'n': 'C_stride_n'}, 'h:segment': {'~seg': 'h_segment_stride_seg', 'b': 'h_segment_stride_b', 'h': 'h_segment_stride_h', 'p': 'h_segment_stride_p', 'n': 'h_segment_stride_n'}, 'h:decay': {'~seg': 'h_decay_stride_seg', 'b': 'h_decay_stride_b', 'h': 'h_decay_stride_h'}}}, 'packed': None}
-SEGMENT_OUTPUTS_LAYOUT = {'form': 'chunked', 'role': 'segment_outputs', 'scan': 't', 'Q': 64, 'grid': ['b', 'h', '~seg'], 'tile': ['p', 'n'], 'split': ['p'], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n', '~seg'], 'inputs': ['log_a_h', 'dy', 'C', 'B', 'dt', 'h:in'], 'state_inputs': ['h:in'], 'carried': [['b', 'h', 'p', 'n']], 'arrays': {'log_a_h': ['b', 't', 'h'], 'dy': ['b', 't', 'h', 'p'], 'C': ['b', 't', 'g', 'n'], 'B': ['b', 't', 'g', 'n'], 'dt': ['b', 't', 'h'], 'h:in': ['~seg', 'b', 'h', 'p', 'n'], 'd_x': ['b', 't', 'h', 'p']}, 'stores': [['d_x', 'out', ['b', 't', 'h', 'p']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n', '~seg': 'n_segments', '~seg_chunks': 'seg_chunks'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}, 'stride': {'log_a_h': {'b': 'log_a_h_stride_b', 't': 'log_a_h_stride_t', 'h': 'log_a_h_stride_h'}, 'dy': {'b': 'dy_stride_b', 't': 'dy_stride_t', 'h': 'dy_stride_h', 'p': 'dy_stride_p'}, 'C': {'b': 'C_stride_b', 't': 'C_stride_t', 'g': 'C_stride_g', 'n': 'C_stride_n'}, 'B': {'b': 'B_stride_b', 't': 'B_stride_t', 'g': 'B_stride_g', 'n': 'B_stride_n'}, 'dt': {'b': 'dt_stride_b', 't': 'dt_stride_t', 'h': 'dt_stride_h'}, 'h:in': {'~seg': 'h_in_stride_seg', 'b': 'h_in_stride_b', 'h': 'h_in_stride_h', 'p': 'h_in_stride_p', 'n': 'h_in_stride_n'}, 'd_x': {'b': 'd_x_stride_b', 't': 'd_x_stride_t', 'h': 'd_x_stride_h', 'p': 'd_x_stride_p'}}}, 'packed': None}
+LAYOUT = {'form': 'chunked', 'role': 'walk', 'scan': 't', 'Q': 64, 'grid': ['b', 'h'], 'tile': ['p', 'n'], 'split': [], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't#', 't', 'h', 'p', 'g', 'n'], 'inputs': ['log_a_h', 'dy', 'C', 'B', 'x', 'dt', 'h_fwd', 'h'], 'state_inputs': ['h'], 'carried': [['b', 'h', 'p', 'n']], 'arrays': {'log_a_h': ['b', 't', 'h'], 'dy': ['b', 't', 'h', 'p'], 'C': ['b', 't', 'g', 'n'], 'B': ['b', 't', 'g', 'n'], 'x': ['b', 't', 'h', 'p'], 'dt': ['b', 't', 'h'], 'h_fwd': ['t#', 'b', 'h', 'p', 'n'], 'h': ['b', 'h', 'p', 'n'], 'd_x': ['b', 't', 'h', 'p'], 'dl_upd_h': ['b', 't', 'h'], 'dl_across_h': ['b', 't', 'h'], 'd_dt_state': ['b', 't', 'h'], 'h:final': ['b', 'h', 'p', 'n']}, 'stores': [['d_x', 'out', ['b', 't', 'h', 'p']], ['dl_upd_h', 'out', ['b', 't', 'h']], ['dl_across_h', 'out', ['b', 't', 'h']], ['d_dt_state', 'out', ['b', 't', 'h']], ['h:final', 'state', ['b', 'h', 'p', 'n']]], 'names': {'N': {'b': 'N_b', 't#': 'N_tc', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}, 'stride': {'log_a_h': {'b': 'log_a_h_stride_b', 't': 'log_a_h_stride_t', 'h': 'log_a_h_stride_h'}, 'dy': {'b': 'dy_stride_b', 't': 'dy_stride_t', 'h': 'dy_stride_h', 'p': 'dy_stride_p'}, 'C': {'b': 'C_stride_b', 't': 'C_stride_t', 'g': 'C_stride_g', 'n': 'C_stride_n'}, 'B': {'b': 'B_stride_b', 't': 'B_stride_t', 'g': 'B_stride_g', 'n': 'B_stride_n'}, 'x': {'b': 'x_stride_b', 't': 'x_stride_t', 'h': 'x_stride_h', 'p': 'x_stride_p'}, 'dt': {'b': 'dt_stride_b', 't': 'dt_stride_t', 'h': 'dt_stride_h'}, 'h_fwd': {'t#': 'h_fwd_stride_tc', 'b': 'h_fwd_stride_b', 'h': 'h_fwd_stride_h', 'p': 'h_fwd_stride_p', 'n': 'h_fwd_stride_n'}, 'h': {'b': 'h_stride_b', 'h': 'h_stride_h', 'p': 'h_stride_p', 'n': 'h_stride_n'}, 'd_x': {'b': 'd_x_stride_b', 't': 'd_x_stride_t', 'h': 'd_x_stride_h', 'p': 'd_x_stride_p'}, 'dl_upd_h': {'b': 'dl_upd_h_stride_b', 't': 'dl_upd_h_stride_t', 'h': 'dl_upd_h_stride_h'}, 'dl_across_h': {'b': 'dl_across_h_stride_b', 't': 'dl_across_h_stride_t', 'h': 'dl_across_h_stride_h'}, 'd_dt_state': {'b': 'd_dt_state_stride_b', 't': 'd_dt_state_stride_t', 'h': 'd_dt_state_stride_h'}, 'h:final': {'b': 'h_final_stride_b', 'h': 'h_final_stride_h', 'p': 'h_final_stride_p', 'n': 'h_final_stride_n'}}}, 'packed': None, 'fp32_outs': ['dl_upd_h', 'dl_across_h', 'd_dt_state']}
+SEGMENT_STATES_LAYOUT = {'form': 'chunked', 'role': 'segment_states', 'scan': 't', 'Q': 64, 'grid': ['b', 'h', '~seg'], 'tile': ['p', 'n'], 'split': [], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n', '~seg'], 'inputs': ['log_a_h', 'dy', 'C'], 'state_inputs': [], 'carried': [['b', 'h', 'p', 'n']], 'arrays': {'log_a_h': ['b', 't', 'h'], 'dy': ['b', 't', 'h', 'p'], 'C': ['b', 't', 'g', 'n'], 'h:segment': ['~seg', 'b', 'h', 'p', 'n'], 'h:decay': ['~seg', 'b', 'h']}, 'stores': [['h:segment', 'segment', ['~seg', 'b', 'h', 'p', 'n']], ['h:decay', 'decay', ['~seg', 'b', 'h']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n', '~seg': 'n_segments', '~seg_chunks': 'seg_chunks'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}, 'stride': {'log_a_h': {'b': 'log_a_h_stride_b', 't': 'log_a_h_stride_t', 'h': 'log_a_h_stride_h'}, 'dy': {'b': 'dy_stride_b', 't': 'dy_stride_t', 'h': 'dy_stride_h', 'p': 'dy_stride_p'}, 'C': {'b': 'C_stride_b', 't': 'C_stride_t', 'g': 'C_stride_g', 'n': 'C_stride_n'}, 'h:segment': {'~seg': 'h_segment_stride_seg', 'b': 'h_segment_stride_b', 'h': 'h_segment_stride_h', 'p': 'h_segment_stride_p', 'n': 'h_segment_stride_n'}, 'h:decay': {'~seg': 'h_decay_stride_seg', 'b': 'h_decay_stride_b', 'h': 'h_decay_stride_h'}}}, 'packed': None, 'fp32_outs': ['dl_upd_h', 'dl_across_h', 'd_dt_state']}
+SEGMENT_OUTPUTS_LAYOUT = {'form': 'chunked', 'role': 'segment_outputs', 'scan': 't', 'Q': 64, 'grid': ['b', 'h', '~seg'], 'tile': ['p', 'n'], 'split': [], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't#', 't', 'h', 'p', 'g', 'n', '~seg'], 'inputs': ['log_a_h', 'dy', 'C', 'B', 'x', 'dt', 'h_fwd', 'h:in'], 'state_inputs': ['h:in'], 'carried': [['b', 'h', 'p', 'n']], 'arrays': {'log_a_h': ['b', 't', 'h'], 'dy': ['b', 't', 'h', 'p'], 'C': ['b', 't', 'g', 'n'], 'B': ['b', 't', 'g', 'n'], 'x': ['b', 't', 'h', 'p'], 'dt': ['b', 't', 'h'], 'h_fwd': ['t#', 'b', 'h', 'p', 'n'], 'h:in': ['~seg', 'b', 'h', 'p', 'n'], 'd_x': ['b', 't', 'h', 'p'], 'dl_upd_h': ['b', 't', 'h'], 'dl_across_h': ['b', 't', 'h'], 'd_dt_state': ['b', 't', 'h']}, 'stores': [['d_x', 'out', ['b', 't', 'h', 'p']], ['dl_upd_h', 'out', ['b', 't', 'h']], ['dl_across_h', 'out', ['b', 't', 'h']], ['d_dt_state', 'out', ['b', 't', 'h']]], 'names': {'N': {'b': 'N_b', 't#': 'N_tc', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n', '~seg': 'n_segments', '~seg_chunks': 'seg_chunks'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}, 'stride': {'log_a_h': {'b': 'log_a_h_stride_b', 't': 'log_a_h_stride_t', 'h': 'log_a_h_stride_h'}, 'dy': {'b': 'dy_stride_b', 't': 'dy_stride_t', 'h': 'dy_stride_h', 'p': 'dy_stride_p'}, 'C': {'b': 'C_stride_b', 't': 'C_stride_t', 'g': 'C_stride_g', 'n': 'C_stride_n'}, 'B': {'b': 'B_stride_b', 't': 'B_stride_t', 'g': 'B_stride_g', 'n': 'B_stride_n'}, 'x': {'b': 'x_stride_b', 't': 'x_stride_t', 'h': 'x_stride_h', 'p': 'x_stride_p'}, 'dt': {'b': 'dt_stride_b', 't': 'dt_stride_t', 'h': 'dt_stride_h'}, 'h_fwd': {'t#': 'h_fwd_stride_tc', 'b': 'h_fwd_stride_b', 'h': 'h_fwd_stride_h', 'p': 'h_fwd_stride_p', 'n': 'h_fwd_stride_n'}, 'h:in': {'~seg': 'h_in_stride_seg', 'b': 'h_in_stride_b', 'h': 'h_in_stride_h', 'p': 'h_in_stride_p', 'n': 'h_in_stride_n'}, 'd_x': {'b': 'd_x_stride_b', 't': 'd_x_stride_t', 'h': 'd_x_stride_h', 'p': 'd_x_stride_p'}, 'dl_upd_h': {'b': 'dl_upd_h_stride_b', 't': 'dl_upd_h_stride_t', 'h': 'dl_upd_h_stride_h'}, 'dl_across_h': {'b': 'dl_across_h_stride_b', 't': 'dl_across_h_stride_t', 'h': 'dl_across_h_stride_h'}, 'd_dt_state': {'b': 'd_dt_state_stride_b', 't': 'd_dt_state_stride_t', 'h': 'd_dt_state_stride_h'}}}, 'packed': None, 'fp32_outs': ['dl_upd_h', 'dl_across_h', 'd_dt_state']}
 
 
-@triton.jit(do_not_specialize=['N_b', 'N_h', 'N_t'])
+@triton.jit(do_not_specialize=['N_b', 'N_h', 'N_t', 'N_tc'])
 def mamba2_adj_p_chunked(
     log_a_h_ptr,
     dy_ptr,
     C_2_ptr,
     B_2_ptr,
+    x_2_ptr,
     dt_2_ptr,
+    h_fwd_ptr,
     h_prev_2_ptr,
-    cu_seqlens_ptr,
     N_b,
     N_h,
     N_t,
+    N_tc,
     d_x_ptr,
+    dl_upd_h_ptr,
+    dl_across_h_ptr,
+    d_dt_state_ptr,
     h_final_ptr,
     N_p: tl.constexpr,
     N_g: tl.constexpr,
@@ -2178,17 +1743,24 @@ def mamba2_adj_p_chunked(
     B_stride_t: tl.constexpr,
     B_stride_g: tl.constexpr,
     B_stride_n: tl.constexpr,
+    x_stride_h: tl.constexpr,
+    x_stride_p: tl.constexpr,
     dt_stride_h: tl.constexpr,
+    h_fwd_stride_h: tl.constexpr,
+    h_fwd_stride_p: tl.constexpr,
+    h_fwd_stride_n: tl.constexpr,
     h_stride_h: tl.constexpr,
     h_stride_p: tl.constexpr,
     h_stride_n: tl.constexpr,
     d_x_stride_h: tl.constexpr,
     d_x_stride_p: tl.constexpr,
+    dl_upd_h_stride_h: tl.constexpr,
+    dl_across_h_stride_h: tl.constexpr,
+    d_dt_state_stride_h: tl.constexpr,
     h_final_stride_h: tl.constexpr,
     h_final_stride_p: tl.constexpr,
     h_final_stride_n: tl.constexpr,
     I64: tl.constexpr,
-    PACKED: tl.constexpr,
 ):
     # strides spanning a runtime size (batch, heads, length): computed, not compiled in
     log_a_h_stride_t = N_h * log_a_h_stride_h
@@ -2197,48 +1769,56 @@ def mamba2_adj_p_chunked(
     dy_stride_b = N_t * dy_stride_t
     C_stride_b = N_t * C_stride_t
     B_stride_b = N_t * B_stride_t
+    x_stride_t = N_h * x_stride_h
+    x_stride_b = N_t * x_stride_t
     dt_stride_t = N_h * dt_stride_h
     dt_stride_b = N_t * dt_stride_t
+    h_fwd_stride_b = N_h * h_fwd_stride_h
+    h_fwd_stride_tc = N_b * h_fwd_stride_b
     h_stride_b = N_h * h_stride_h
     d_x_stride_t = N_h * d_x_stride_h
     d_x_stride_b = N_t * d_x_stride_t
+    dl_upd_h_stride_t = N_h * dl_upd_h_stride_h
+    dl_upd_h_stride_b = N_t * dl_upd_h_stride_t
+    dl_across_h_stride_t = N_h * dl_across_h_stride_h
+    dl_across_h_stride_b = N_t * dl_across_h_stride_t
+    d_dt_state_stride_t = N_h * d_dt_state_stride_h
+    d_dt_state_stride_b = N_t * d_dt_state_stride_t
     h_final_stride_b = N_h * h_final_stride_h
-    # one program per (b, h) x block of (p)
+    # one program per (b, h)
     pid = tl.program_id(0)
     if I64:
         pid = pid.to(tl.int64)  # 64-bit offsets: an array holds 2^31 entries or more
     i_h = pid % N_h
     pid_h = pid // N_h
     i_b = pid_h
-    bid = tl.program_id(1)
-    j_p = bid % ((N_p + BLOCK_p - 1) // BLOCK_p)
     i_g = i_h // (N_h // N_g)  # head h reads group g
-    if PACKED:
-        # packed sequences: this program walks sequence i_b, steps cu[i_b] .. cu[i_b+1]-1 of the batch of one
-        seq_start = tl.load(cu_seqlens_ptr + i_b) + pid * 0  # pid's width (I64)
-        seq_len = tl.load(cu_seqlens_ptr + i_b + 1) - seq_start
-        row = 0  # the batch entry of the arrays with the scan dim
-    else:
-        seq_start = pid * 0  # pid's width (I64)
-        seq_len = N_t
-        row = i_b
-    o_p = j_p * BLOCK_p + tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
+    o_p = tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
     o_n = tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
     in_chunk = tl.arange(0, Q)  # positions within a chunk
     # the state, held on chip for the whole sequence (fp32)
     h_prev_2 = tl.load(h_prev_2_ptr + i_b * h_stride_b + i_h * h_stride_h + o_p[:, None] * h_stride_p + o_n * h_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0)
     state_h_prev_2 = h_prev_2.to(tl.float32)
-    for c in range(0, (seq_len + Q - 1) // Q):
+    for c in range(0, (N_t + Q - 1) // Q):
         tt = c * Q + in_chunk
-        valid = tt < seq_len
-        ttc = tl.minimum(tt, seq_len - 1)
+        valid = tt < N_t
+        ttc = tl.minimum(tt, N_t - 1)
         if I64:
             ttc = ttc.to(tl.int64)
-        log_a_h = tl.load(log_a_h_ptr + row * log_a_h_stride_b + (seq_start + (seq_len - 1 - ttc)) * log_a_h_stride_t + i_h * log_a_h_stride_h)
-        dy = tl.load(dy_ptr + row * dy_stride_b + ((seq_start + (seq_len - 1 - ttc)))[:, None] * dy_stride_t + i_h * dy_stride_h + o_p * dy_stride_p, mask=(o_p < N_p), other=0.0)
-        C_2 = tl.load(C_2_ptr + row * C_stride_b + ((seq_start + (seq_len - 1 - ttc)))[:, None] * C_stride_t + i_g * C_stride_g + o_n * C_stride_n, mask=(o_n < N_n), other=0.0)
-        B_2 = tl.load(B_2_ptr + row * B_stride_b + ((seq_start + (seq_len - 1 - ttc)))[:, None] * B_stride_t + i_g * B_stride_g + o_n * B_stride_n, mask=(o_n < N_n), other=0.0)
-        dt_2 = tl.load(dt_2_ptr + row * dt_stride_b + (seq_start + (seq_len - 1 - ttc)) * dt_stride_t + i_h * dt_stride_h)
+        i_tc = N_tc - 1 - c  # the walk's chunk c covers the steps of chunk N_tc-1-c
+        if I64:
+            i_tc = tl.cast(i_tc, tl.int64)
+        # inputs indexed by chunk: this chunk's tile
+        h_fwd = tl.load(h_fwd_ptr + i_tc * h_fwd_stride_tc + i_b * h_fwd_stride_b + i_h * h_fwd_stride_h + o_p[:, None] * h_fwd_stride_p + o_n * h_fwd_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0)
+        c1 = tl.sum(tl.sum((state_h_prev_2) * h_fwd.to(tl.float32), axis=1), axis=0)
+        v27 = (tl.zeros((Q,), tl.float32) + c1)  # <input, state entering the chunk>
+        tl.store(dl_across_h_ptr + i_b * dl_across_h_stride_b + (N_t - 1 - ttc) * dl_across_h_stride_t + i_h * dl_across_h_stride_h, (v27).to(dl_across_h_ptr.dtype.element_ty), mask=valid)
+        log_a_h = tl.load(log_a_h_ptr + i_b * log_a_h_stride_b + (N_t - 1 - ttc) * log_a_h_stride_t + i_h * log_a_h_stride_h)
+        dy = tl.load(dy_ptr + i_b * dy_stride_b + ((N_t - 1 - ttc))[:, None] * dy_stride_t + i_h * dy_stride_h + o_p * dy_stride_p, mask=(o_p < N_p), other=0.0)
+        C_2 = tl.load(C_2_ptr + i_b * C_stride_b + ((N_t - 1 - ttc))[:, None] * C_stride_t + i_g * C_stride_g + o_n * C_stride_n, mask=(o_n < N_n), other=0.0)
+        B_2 = tl.load(B_2_ptr + i_b * B_stride_b + ((N_t - 1 - ttc))[:, None] * B_stride_t + i_g * B_stride_g + o_n * B_stride_n, mask=(o_n < N_n), other=0.0)
+        x_2 = tl.load(x_2_ptr + i_b * x_stride_b + ((N_t - 1 - ttc))[:, None] * x_stride_t + i_h * x_stride_h + o_p * x_stride_p, mask=(o_p < N_p), other=0.0)
+        dt_2 = tl.load(dt_2_ptr + i_b * dt_stride_b + (N_t - 1 - ttc) * dt_stride_t + i_h * dt_stride_h)
         # stage prologue
         h_ell = tl.maximum(log_a_h.to(tl.float32), (-69.07755278982137))
         # stage cumsum
@@ -2249,20 +1829,26 @@ def mamba2_adj_p_chunked(
         # stage state_passing
         # stage chunk_output
         v20_D = tl.exp(tl.where(((in_chunk[:, None] >= in_chunk[None, :]) & valid[None, :]), h_L[:, None] - h_L, -1e30))  # decay from source s to target t, masked s <= t before exp
-        c1 = v20_D * (dt_2.to(tl.float32))[:, None]
-        c2 = tl.dot((B_2).to(MM), tl.trans(C_2).to(MM), input_precision=PREC)
-        c3 = tl.where(((in_chunk[:, None] >= in_chunk[None, :]) & valid[None, :]), (c2) * c1, 0.0)
-        c4 = tl.dot((c3).to(MM), (dy).to(MM), input_precision=PREC)
-        v20_in = c4  # in-chunk part
+        c2 = v20_D * (dt_2.to(tl.float32))[:, None]
+        c3 = tl.dot((B_2).to(MM), tl.trans(C_2).to(MM), input_precision=PREC)
+        c4 = tl.where(((in_chunk[:, None] >= in_chunk[None, :]) & valid[None, :]), (c3) * c2, 0.0)
+        c5 = tl.dot((c4).to(MM), (dy).to(MM), input_precision=PREC)
+        v20_in = c5  # in-chunk part
         v20_E = tl.exp(h_L)  # decay from the chunk's start
-        c5 = tl.dot((B_2).to(MM), tl.trans(state_h_prev_2).to(MM), input_precision=PREC)
-        v20_st = (c5) * (dt_2.to(tl.float32))[:, None] * v20_E[:, None]  # state part
+        c6 = tl.dot((B_2).to(MM), tl.trans(state_h_prev_2).to(MM), input_precision=PREC)
+        v20_st = (c6) * (dt_2.to(tl.float32))[:, None] * v20_E[:, None]  # state part
         v20 = (v20_in + v20_st)
-        tl.store(d_x_ptr + row * d_x_stride_b + ((seq_start + (seq_len - 1 - ttc)))[:, None] * d_x_stride_t + i_h * d_x_stride_h + o_p * d_x_stride_p, (v20).to(d_x_ptr.dtype.element_ty), mask=valid[:, None] & (o_p < N_p))
+        tl.store(d_x_ptr + i_b * d_x_stride_b + ((N_t - 1 - ttc))[:, None] * d_x_stride_t + i_h * d_x_stride_h + o_p * d_x_stride_p, (v20).to(d_x_ptr.dtype.element_ty), mask=valid[:, None] & (o_p < N_p))
+        v21_st = (tl.sum((c6) * x_2.to(tl.float32), axis=1)) * v20_E  # state part
+        v21 = v21_st
+        tl.store(d_dt_state_ptr + i_b * d_dt_state_stride_b + (N_t - 1 - ttc) * d_dt_state_stride_t + i_h * d_dt_state_stride_h, (v21).to(d_dt_state_ptr.dtype.element_ty), mask=valid)
+        # stage epilogue
+        v22 = dt_2.to(tl.float32) * v21
+        tl.store(dl_upd_h_ptr + i_b * dl_upd_h_stride_b + (N_t - 1 - ttc) * dl_upd_h_stride_t + i_h * dl_upd_h_stride_h, (v22).to(dl_upd_h_ptr.dtype.element_ty), mask=valid)
         # stage chunk_state + state_passing (h)
         h_upd_w = tl.where(valid, tl.exp(h_L_last - h_L), 0.0)  # decay from each step to the chunk's end
-        c6 = tl.dot(tl.trans(dy).to(MM), ((C_2.to(tl.float32)) * h_upd_w[:, None]).to(MM), input_precision=PREC)
-        state_h_prev_2 = tl.exp(h_L_last) * state_h_prev_2 + c6  # the state entering the next chunk
+        c7 = tl.dot(tl.trans(dy).to(MM), ((C_2.to(tl.float32)) * h_upd_w[:, None]).to(MM), input_precision=PREC)
+        state_h_prev_2 = tl.exp(h_L_last) * state_h_prev_2 + c7  # the state entering the next chunk
     # stage output: final states
     tl.store(h_final_ptr + i_b * h_final_stride_b + i_h * h_final_stride_h + o_p[:, None] * h_final_stride_p + o_n * h_final_stride_n, (state_h_prev_2).to(h_final_ptr.dtype.element_ty), mask=((o_p < N_p))[:, None] & (o_n < N_n))
 
@@ -2310,7 +1896,7 @@ def mamba2_adj_p_segment_states(
     h_segment_stride_seg = N_b * h_segment_stride_b
     h_decay_stride_b = N_h * h_decay_stride_h
     h_decay_stride_seg = N_b * h_decay_stride_b
-    # one program per (b, h, segment) x block of (p)
+    # one program per (b, h, segment)
     pid = tl.program_id(0)
     if I64:
         pid = pid.to(tl.int64)  # 64-bit offsets: an array holds 2^31 entries or more
@@ -2319,10 +1905,460 @@ def mamba2_adj_p_segment_states(
     i_h = pid_seg % N_h
     pid_seg_h = pid_seg // N_h
     i_b = pid_seg_h
-    bid = tl.program_id(1)
-    j_p = bid % ((N_p + BLOCK_p - 1) // BLOCK_p)
     i_g = i_h // (N_h // N_g)  # head h reads group g
-    o_p = j_p * BLOCK_p + tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
+    o_p = tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
+    o_n = tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
+    in_chunk = tl.arange(0, Q)  # positions within a chunk
+    # the state, held on chip for the whole segment (fp32)
+    state_h_prev_2 = tl.zeros((BLOCK_p, BLOCK_n,), tl.float32)  # from a zero state
+    h_L_total = 0.0  # summed over the segment's chunks
+    seg_end = tl.minimum(i_seg * seg_chunks + seg_chunks, (N_t + Q - 1) // Q)  # one past the segment's last chunk
+    for c in range(i_seg * seg_chunks, seg_end):
+        tt = c * Q + in_chunk
+        valid = tt < N_t
+        ttc = tl.minimum(tt, N_t - 1)
+        if I64:
+            ttc = ttc.to(tl.int64)
+        log_a_h = tl.load(log_a_h_ptr + i_b * log_a_h_stride_b + (N_t - 1 - ttc) * log_a_h_stride_t + i_h * log_a_h_stride_h)
+        dy = tl.load(dy_ptr + i_b * dy_stride_b + ((N_t - 1 - ttc))[:, None] * dy_stride_t + i_h * dy_stride_h + o_p * dy_stride_p, mask=(o_p < N_p), other=0.0)
+        C_2 = tl.load(C_2_ptr + i_b * C_stride_b + ((N_t - 1 - ttc))[:, None] * C_stride_t + i_g * C_stride_g + o_n * C_stride_n, mask=(o_n < N_n), other=0.0)
+        # stage prologue
+        h_ell = tl.maximum(log_a_h.to(tl.float32), (-69.07755278982137))
+        # stage cumsum
+        h_L_ell = tl.where(valid, h_ell, 0.0)  # log-decay per step (0 past the end)
+        h_L = tl.cumsum(h_L_ell, axis=0)  # summed within the chunk
+        h_L_last = tl.sum(tl.where(in_chunk == Q - 1, h_L, 0.0), axis=0)  # log-decay across the chunk: the cumsum's last row (exp(last - L) is exactly 1 at the last step)
+        # stage chunk_state
+        # stage chunk_state + state_passing (h)
+        h_upd_w = tl.where(valid, tl.exp(h_L_last - h_L), 0.0)  # decay from each step to the chunk's end
+        c1 = tl.dot(tl.trans(dy).to(MM), ((C_2.to(tl.float32)) * h_upd_w[:, None]).to(MM), input_precision=PREC)
+        state_h_prev_2 = tl.exp(h_L_last) * state_h_prev_2 + c1  # the state entering the next chunk
+        h_L_total = h_L_total + h_L_last  # the segment's total so far
+    # stage output: the segment's state and totals
+    tl.store(h_segment_ptr + (n_segments - 1 - i_seg) * h_segment_stride_seg + i_b * h_segment_stride_b + i_h * h_segment_stride_h + o_p[:, None] * h_segment_stride_p + o_n * h_segment_stride_n, (state_h_prev_2).to(h_segment_ptr.dtype.element_ty), mask=((o_p < N_p))[:, None] & (o_n < N_n))
+    tl.store(h_decay_ptr + (n_segments - 1 - i_seg) * h_decay_stride_seg + i_b * h_decay_stride_b + i_h * h_decay_stride_h, (h_L_total).to(h_decay_ptr.dtype.element_ty))
+
+
+@triton.jit(do_not_specialize=['N_b', 'N_h', 'n_segments', 'N_t', 'N_tc', 'seg_chunks'])
+def mamba2_adj_p_segment_outputs(
+    log_a_h_ptr,
+    dy_ptr,
+    C_2_ptr,
+    B_2_ptr,
+    x_2_ptr,
+    dt_2_ptr,
+    h_fwd_ptr,
+    h_in_ptr,
+    N_b,
+    N_h,
+    n_segments,
+    N_t,
+    N_tc,
+    seg_chunks,
+    d_x_ptr,
+    dl_upd_h_ptr,
+    dl_across_h_ptr,
+    d_dt_state_ptr,
+    N_p: tl.constexpr,
+    N_g: tl.constexpr,
+    N_n: tl.constexpr,
+    BLOCK_p: tl.constexpr,
+    BLOCK_n: tl.constexpr,
+    Q: tl.constexpr,
+    MM: tl.constexpr,
+    PREC: tl.constexpr,
+    log_a_h_stride_h: tl.constexpr,
+    dy_stride_h: tl.constexpr,
+    dy_stride_p: tl.constexpr,
+    C_stride_t: tl.constexpr,
+    C_stride_g: tl.constexpr,
+    C_stride_n: tl.constexpr,
+    B_stride_t: tl.constexpr,
+    B_stride_g: tl.constexpr,
+    B_stride_n: tl.constexpr,
+    x_stride_h: tl.constexpr,
+    x_stride_p: tl.constexpr,
+    dt_stride_h: tl.constexpr,
+    h_fwd_stride_h: tl.constexpr,
+    h_fwd_stride_p: tl.constexpr,
+    h_fwd_stride_n: tl.constexpr,
+    h_in_stride_h: tl.constexpr,
+    h_in_stride_p: tl.constexpr,
+    h_in_stride_n: tl.constexpr,
+    d_x_stride_h: tl.constexpr,
+    d_x_stride_p: tl.constexpr,
+    dl_upd_h_stride_h: tl.constexpr,
+    dl_across_h_stride_h: tl.constexpr,
+    d_dt_state_stride_h: tl.constexpr,
+    I64: tl.constexpr,
+    GIVEN_STATES: tl.constexpr,
+):
+    # schedule step (c): this segment's outputs, from the state entering it (S_in)
+    # strides spanning a runtime size (batch, heads, length): computed, not compiled in
+    log_a_h_stride_t = N_h * log_a_h_stride_h
+    log_a_h_stride_b = N_t * log_a_h_stride_t
+    dy_stride_t = N_h * dy_stride_h
+    dy_stride_b = N_t * dy_stride_t
+    C_stride_b = N_t * C_stride_t
+    B_stride_b = N_t * B_stride_t
+    x_stride_t = N_h * x_stride_h
+    x_stride_b = N_t * x_stride_t
+    dt_stride_t = N_h * dt_stride_h
+    dt_stride_b = N_t * dt_stride_t
+    h_fwd_stride_b = N_h * h_fwd_stride_h
+    h_fwd_stride_tc = N_b * h_fwd_stride_b
+    h_in_stride_b = N_h * h_in_stride_h
+    h_in_stride_seg = N_b * h_in_stride_b
+    d_x_stride_t = N_h * d_x_stride_h
+    d_x_stride_b = N_t * d_x_stride_t
+    dl_upd_h_stride_t = N_h * dl_upd_h_stride_h
+    dl_upd_h_stride_b = N_t * dl_upd_h_stride_t
+    dl_across_h_stride_t = N_h * dl_across_h_stride_h
+    dl_across_h_stride_b = N_t * dl_across_h_stride_t
+    d_dt_state_stride_t = N_h * d_dt_state_stride_h
+    d_dt_state_stride_b = N_t * d_dt_state_stride_t
+    # one program per (b, h, segment)
+    pid = tl.program_id(0)
+    if I64:
+        pid = pid.to(tl.int64)  # 64-bit offsets: an array holds 2^31 entries or more
+    i_seg = pid % n_segments
+    pid_seg = pid // n_segments
+    i_h = pid_seg % N_h
+    pid_seg_h = pid_seg // N_h
+    i_b = pid_seg_h
+    i_g = i_h // (N_h // N_g)  # head h reads group g
+    o_p = tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
+    o_n = tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
+    in_chunk = tl.arange(0, Q)  # positions within a chunk
+    # the state, held on chip for the whole segment (fp32)
+    if not GIVEN_STATES:  # (else: loaded at each chunk)
+        h_in = tl.load(h_in_ptr + (n_segments - 1 - i_seg) * h_in_stride_seg + i_b * h_in_stride_b + i_h * h_in_stride_h + o_p[:, None] * h_in_stride_p + o_n * h_in_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0)
+        state_h_in = h_in.to(tl.float32)
+    seg_end = tl.minimum(i_seg * seg_chunks + seg_chunks, (N_t + Q - 1) // Q)  # one past the segment's last chunk
+    for c in range(i_seg * seg_chunks, seg_end):
+        tt = c * Q + in_chunk
+        valid = tt < N_t
+        ttc = tl.minimum(tt, N_t - 1)
+        if I64:
+            ttc = ttc.to(tl.int64)
+        i_tc = N_tc - 1 - c  # the walk's chunk c covers the steps of chunk N_tc-1-c
+        if I64:
+            i_tc = tl.cast(i_tc, tl.int64)
+        if GIVEN_STATES:
+            i_enter = ((N_t + Q - 1) // Q) - 1 - c  # this chunk's entry (forward-time order)
+            if I64:
+                i_enter = tl.cast(i_enter, tl.int64)
+            h_in = tl.load(h_in_ptr + i_enter * h_in_stride_seg + i_b * h_in_stride_b + i_h * h_in_stride_h + o_p[:, None] * h_in_stride_p + o_n * h_in_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0)
+            state_h_in = h_in.to(tl.float32)
+        # inputs indexed by chunk: this chunk's tile
+        h_fwd = tl.load(h_fwd_ptr + i_tc * h_fwd_stride_tc + i_b * h_fwd_stride_b + i_h * h_fwd_stride_h + o_p[:, None] * h_fwd_stride_p + o_n * h_fwd_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0)
+        c1 = tl.sum(tl.sum((state_h_in) * h_fwd.to(tl.float32), axis=1), axis=0)
+        v27 = (tl.zeros((Q,), tl.float32) + c1)  # <input, state entering the chunk>
+        tl.store(dl_across_h_ptr + i_b * dl_across_h_stride_b + (N_t - 1 - ttc) * dl_across_h_stride_t + i_h * dl_across_h_stride_h, (v27).to(dl_across_h_ptr.dtype.element_ty), mask=valid)
+        log_a_h = tl.load(log_a_h_ptr + i_b * log_a_h_stride_b + (N_t - 1 - ttc) * log_a_h_stride_t + i_h * log_a_h_stride_h)
+        dy = tl.load(dy_ptr + i_b * dy_stride_b + ((N_t - 1 - ttc))[:, None] * dy_stride_t + i_h * dy_stride_h + o_p * dy_stride_p, mask=(o_p < N_p), other=0.0)
+        C_2 = tl.load(C_2_ptr + i_b * C_stride_b + ((N_t - 1 - ttc))[:, None] * C_stride_t + i_g * C_stride_g + o_n * C_stride_n, mask=(o_n < N_n), other=0.0)
+        B_2 = tl.load(B_2_ptr + i_b * B_stride_b + ((N_t - 1 - ttc))[:, None] * B_stride_t + i_g * B_stride_g + o_n * B_stride_n, mask=(o_n < N_n), other=0.0)
+        x_2 = tl.load(x_2_ptr + i_b * x_stride_b + ((N_t - 1 - ttc))[:, None] * x_stride_t + i_h * x_stride_h + o_p * x_stride_p, mask=(o_p < N_p), other=0.0)
+        dt_2 = tl.load(dt_2_ptr + i_b * dt_stride_b + (N_t - 1 - ttc) * dt_stride_t + i_h * dt_stride_h)
+        # stage prologue
+        h_ell = tl.maximum(log_a_h.to(tl.float32), (-69.07755278982137))
+        # stage cumsum
+        h_L_ell = tl.where(valid, h_ell, 0.0)  # log-decay per step (0 past the end)
+        h_L = tl.cumsum(h_L_ell, axis=0)  # summed within the chunk
+        h_L_last = tl.sum(tl.where(in_chunk == Q - 1, h_L, 0.0), axis=0)  # log-decay across the chunk: the cumsum's last row (exp(last - L) is exactly 1 at the last step)
+        # stage chunk_state
+        # stage state_passing
+        # stage chunk_output
+        v20_D = tl.exp(tl.where(((in_chunk[:, None] >= in_chunk[None, :]) & valid[None, :]), h_L[:, None] - h_L, -1e30))  # decay from source s to target t, masked s <= t before exp
+        c2 = v20_D * (dt_2.to(tl.float32))[:, None]
+        c3 = tl.dot((B_2).to(MM), tl.trans(C_2).to(MM), input_precision=PREC)
+        c4 = tl.where(((in_chunk[:, None] >= in_chunk[None, :]) & valid[None, :]), (c3) * c2, 0.0)
+        c5 = tl.dot((c4).to(MM), (dy).to(MM), input_precision=PREC)
+        v20_in = c5  # in-chunk part
+        v20_E = tl.exp(h_L)  # decay from the chunk's start
+        c6 = tl.dot((B_2).to(MM), tl.trans(state_h_in).to(MM), input_precision=PREC)
+        v20_st = (c6) * (dt_2.to(tl.float32))[:, None] * v20_E[:, None]  # state part
+        v20 = (v20_in + v20_st)
+        tl.store(d_x_ptr + i_b * d_x_stride_b + ((N_t - 1 - ttc))[:, None] * d_x_stride_t + i_h * d_x_stride_h + o_p * d_x_stride_p, (v20).to(d_x_ptr.dtype.element_ty), mask=valid[:, None] & (o_p < N_p))
+        v21_st = (tl.sum((c6) * x_2.to(tl.float32), axis=1)) * v20_E  # state part
+        v21 = v21_st
+        tl.store(d_dt_state_ptr + i_b * d_dt_state_stride_b + (N_t - 1 - ttc) * d_dt_state_stride_t + i_h * d_dt_state_stride_h, (v21).to(d_dt_state_ptr.dtype.element_ty), mask=valid)
+        # stage epilogue
+        v22 = dt_2.to(tl.float32) * v21
+        tl.store(dl_upd_h_ptr + i_b * dl_upd_h_stride_b + (N_t - 1 - ttc) * dl_upd_h_stride_t + i_h * dl_upd_h_stride_h, (v22).to(dl_upd_h_ptr.dtype.element_ty), mask=valid)
+        if not GIVEN_STATES:
+            if c + 1 < seg_end:  # the state entering the segment's next chunk
+                # stage chunk_state + state_passing (h)
+                h_upd_w = tl.where(valid, tl.exp(h_L_last - h_L), 0.0)  # decay from each step to the chunk's end
+                c7 = tl.dot(tl.trans(dy).to(MM), ((C_2.to(tl.float32)) * h_upd_w[:, None]).to(MM), input_precision=PREC)
+                state_h_in = tl.exp(h_L_last) * state_h_in + c7  # the state entering the next chunk
+    # stage output
+
+
+# mm: matmul operand dtype (fp32, or the inputs' bf16/fp16); out_dtype: dtype of the outs
+# segments: None (chosen per call from the sizes and the device), or a number of segments (1: one walk)
+# across: None, or the mesh axis this sequence is split over (inside a shard_map, see ssmc.shard):
+# the segments of every device's part of the sequence then enter one scan
+# entering: None, or {state: the states entering each chunk [t#, *the state's dims]} from an earlier
+# walk of the same recurrence: each chunk is then a segment of its own, all run in parallel (final
+# states: None)
+def mamba2_adj_p(log_a_h, dy, C_2, B_2, x_2, dt_2, h_fwd, h_prev_2, *, mm=jnp.float32, out_dtype=jnp.float32, interpret=False, segments=None, across=None, entering=None):
+    arrays = {'log_a_h': log_a_h, 'dy': dy, 'C': C_2, 'B': B_2, 'x': x_2, 'dt': dt_2, 'h_fwd': h_fwd, 'h': h_prev_2}
+    sizes = rt.dim_sizes(LAYOUT, arrays)
+    # the number of segments: from the length, the programs and the device's cores (rt.pick_segments),
+    # or `segments`; segment boundaries fall on chunk boundaries
+    nseg, seg_sizes = (rt.entering_segments(LAYOUT, sizes, interpret) if entering is not None else rt.segments(LAYOUT, sizes, segments, interpret))
+    if entering is not None:
+        # the states entering each chunk are given: (c) alone, every chunk from its own state, in parallel
+        h_in = rt.entering_states(entering, 'h', ['b', 'h', 'p', 'n'], ['~seg', 'b', 'h', 'p', 'n'], seg_sizes)
+        h_final = None  # not computed: no walk reaches the end
+        seg_arrays = {**arrays, 'h:in': h_in}
+        d_x, dl_upd_h, dl_across_h, d_dt_state, = rt.launch(mamba2_adj_p_segment_outputs, SEGMENT_OUTPUTS_LAYOUT, seg_arrays, seg_sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
+    elif nseg == 1 and across is None:
+        # one walk: every program walks the whole sequence
+        d_x, dl_upd_h, dl_across_h, d_dt_state, h_final, = rt.launch(mamba2_adj_p_chunked, LAYOUT, arrays, sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
+    else:
+        # (a) every program and segment: the segment's state from a zero state, and its total log-decay
+        h_segment, h_decay, = rt.launch(mamba2_adj_p_segment_states, SEGMENT_STATES_LAYOUT, arrays, seg_sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
+        # (b) the scan across segments: S_in(j) = D(j-1) * S_in(j-1) + S(j-1), from the initial state
+        # (and across the devices' parts of the sequence, when it is split over `across`)
+        h_in, h_final = rt.segment_scan(h_prev_2, ['b', 'h', 'p', 'n'], h_segment, h_decay, None, ['~seg', 'b', 'h', 'p', 'n'], ['~seg', 'b', 'h'], sizes, across=across, reverse=True, flipped=True)
+        # (c) every program and segment: its outputs, walking from the state entering the segment
+        seg_arrays = {**arrays, 'h:in': h_in}
+        d_x, dl_upd_h, dl_across_h, d_dt_state, = rt.launch(mamba2_adj_p_segment_outputs, SEGMENT_OUTPUTS_LAYOUT, seg_arrays, seg_sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
+    return d_x, dl_upd_h, dl_across_h, d_dt_state, h_final
+
+
+# ==== adjoint part 'adj:rest' ====
+# Generated by ssmc for `ssm mamba2_adj_rest`, target triton.
+# pass pipeline: expand-groups{mode=index},classify,chunk{size=0,elementwise=sequential,scalar=64,keywise=32},fuse,dce
+# adjoint{part=adj} of `ssm mamba2`: the adjoint state over reversed time (scan reverse); outs: the cotangents of the update factors; outs dl_straddle_h, d_dt_in (the in-chunk parts: no state read: one of its kernels run from the entering states)
+# expand-groups: group reads stay index maps (no repeat)
+# classify: state h is scalar (decay dims [b,t,h], contracted [p,n], kept [])
+# chunk: chunk-parallel form, chunk length 64 (h: scalar)
+# chunk: decay of h not provably |a| <= 1: exact in-chunk exponents, no clamp (a growing decay may overflow to inf, never clamped)
+# chunk: 1 repeated state-free value(s) computed once
+# fuse: 0 elementwise values fused into the stage that consumes them
+# schedule: one walk per program, or sequence-parallel segments - (a) segment states from zero + total decays, (b) a scan across segments, (c) segment outputs from the incoming states; the segment count is chosen at call time from the length, the programs and the device's cores (kernel_runtime.pick_segments; compile(..., segments=N) forces it, 1 = one walk)
+# kernel: chunked form; grid over (b, h), tile over (p, n)
+# schedule: one walk per program, or sequence-parallel segments - (a) segment states from zero + total decays, (b) a scan across segments, (c) segment outputs from the incoming states; the segment count is chosen at call time from the length, the programs and the device's cores (kernel_runtime.pick_segments; compile(..., segments=N) forces it, 1 = one walk)
+#   buffer h:segment[segment,b,h,p,n] (fp32): segment_states -> segment scan
+#   buffer h:decay[segment,b,h] (fp32): segment_states -> segment scan
+#   buffer h:in[segment,b,h,p,n] (fp32): segment scan -> segment_outputs
+import jax
+import jax.numpy as jnp
+from jax import lax
+import triton
+import triton.language as tl
+from ssmc.targets import triton_runtime as rt
+from ssmc.targets.base import ModuleInfo, Param, Result
+
+MODULE_INFO = ModuleInfo(
+    target='triton', entry='mamba2_adj_rest', options=('mm', 'out_dtype', 'interpret', 'segments', 'across', 'entering', 'cu_seqlens'),
+    params=(
+        Param('log_a_h', 'log_a_h', 'input', ('b', 't', 'h')),
+        Param('dy', 'dy', 'input', ('b', 't', 'h', 'p')),
+        Param('C_2', 'C', 'input', ('b', 't', 'g', 'n')),
+        Param('B_2', 'B', 'input', ('b', 't', 'g', 'n')),
+        Param('x_2', 'x', 'input', ('b', 't', 'h', 'p')),
+        Param('dt_2', 'dt', 'input', ('b', 't', 'h')),
+        Param('h_prev_2', 'h', 'state', ('b', 'h', 'p', 'n')),
+    ),
+    returns=(
+        Result('out', 'dl_straddle_h', ('b', 't', 'h')),
+        Result('out', 'd_dt_in', ('b', 't', 'h')),
+        Result('state', 'h', ('b', 'h', 'p', 'n')),
+    ),
+)
+LAYOUT = {'form': 'chunked', 'role': 'walk', 'scan': 't', 'Q': 64, 'grid': ['b', 'h'], 'tile': ['p', 'n'], 'split': [], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n'], 'inputs': ['log_a_h', 'dy', 'C', 'B', 'x', 'dt', 'h'], 'state_inputs': ['h'], 'carried': [['b', 'h', 'p', 'n']], 'arrays': {'log_a_h': ['b', 't', 'h'], 'dy': ['b', 't', 'h', 'p'], 'C': ['b', 't', 'g', 'n'], 'B': ['b', 't', 'g', 'n'], 'x': ['b', 't', 'h', 'p'], 'dt': ['b', 't', 'h'], 'h': ['b', 'h', 'p', 'n'], 'dl_straddle_h': ['b', 't', 'h'], 'd_dt_in': ['b', 't', 'h'], 'h:final': ['b', 'h', 'p', 'n']}, 'stores': [['dl_straddle_h', 'out', ['b', 't', 'h']], ['d_dt_in', 'out', ['b', 't', 'h']], ['h:final', 'state', ['b', 'h', 'p', 'n']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}, 'stride': {'log_a_h': {'b': 'log_a_h_stride_b', 't': 'log_a_h_stride_t', 'h': 'log_a_h_stride_h'}, 'dy': {'b': 'dy_stride_b', 't': 'dy_stride_t', 'h': 'dy_stride_h', 'p': 'dy_stride_p'}, 'C': {'b': 'C_stride_b', 't': 'C_stride_t', 'g': 'C_stride_g', 'n': 'C_stride_n'}, 'B': {'b': 'B_stride_b', 't': 'B_stride_t', 'g': 'B_stride_g', 'n': 'B_stride_n'}, 'x': {'b': 'x_stride_b', 't': 'x_stride_t', 'h': 'x_stride_h', 'p': 'x_stride_p'}, 'dt': {'b': 'dt_stride_b', 't': 'dt_stride_t', 'h': 'dt_stride_h'}, 'h': {'b': 'h_stride_b', 'h': 'h_stride_h', 'p': 'h_stride_p', 'n': 'h_stride_n'}, 'dl_straddle_h': {'b': 'dl_straddle_h_stride_b', 't': 'dl_straddle_h_stride_t', 'h': 'dl_straddle_h_stride_h'}, 'd_dt_in': {'b': 'd_dt_in_stride_b', 't': 'd_dt_in_stride_t', 'h': 'd_dt_in_stride_h'}, 'h:final': {'b': 'h_final_stride_b', 'h': 'h_final_stride_h', 'p': 'h_final_stride_p', 'n': 'h_final_stride_n'}}}, 'packed': 'b', 'fp32_outs': ['dl_straddle_h', 'd_dt_in']}
+SEGMENT_STATES_LAYOUT = {'form': 'chunked', 'role': 'segment_states', 'scan': 't', 'Q': 64, 'grid': ['b', 'h', '~seg'], 'tile': ['p', 'n'], 'split': [], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n', '~seg'], 'inputs': ['log_a_h', 'dy', 'C'], 'state_inputs': [], 'carried': [['b', 'h', 'p', 'n']], 'arrays': {'log_a_h': ['b', 't', 'h'], 'dy': ['b', 't', 'h', 'p'], 'C': ['b', 't', 'g', 'n'], 'h:segment': ['~seg', 'b', 'h', 'p', 'n'], 'h:decay': ['~seg', 'b', 'h']}, 'stores': [['h:segment', 'segment', ['~seg', 'b', 'h', 'p', 'n']], ['h:decay', 'decay', ['~seg', 'b', 'h']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n', '~seg': 'n_segments', '~seg_chunks': 'seg_chunks'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}, 'stride': {'log_a_h': {'b': 'log_a_h_stride_b', 't': 'log_a_h_stride_t', 'h': 'log_a_h_stride_h'}, 'dy': {'b': 'dy_stride_b', 't': 'dy_stride_t', 'h': 'dy_stride_h', 'p': 'dy_stride_p'}, 'C': {'b': 'C_stride_b', 't': 'C_stride_t', 'g': 'C_stride_g', 'n': 'C_stride_n'}, 'h:segment': {'~seg': 'h_segment_stride_seg', 'b': 'h_segment_stride_b', 'h': 'h_segment_stride_h', 'p': 'h_segment_stride_p', 'n': 'h_segment_stride_n'}, 'h:decay': {'~seg': 'h_decay_stride_seg', 'b': 'h_decay_stride_b', 'h': 'h_decay_stride_h'}}}, 'packed': None, 'fp32_outs': ['dl_straddle_h', 'd_dt_in']}
+SEGMENT_OUTPUTS_LAYOUT = {'form': 'chunked', 'role': 'segment_outputs', 'scan': 't', 'Q': 64, 'grid': ['b', 'h', '~seg'], 'tile': ['p', 'n'], 'split': [], 'groups': {'g': 'h'}, 'group_tile': {}, 'dims': ['b', 't', 'h', 'p', 'g', 'n', '~seg'], 'inputs': ['log_a_h', 'dy', 'C', 'B', 'x', 'dt', 'h:in'], 'state_inputs': ['h:in'], 'carried': [['b', 'h', 'p', 'n']], 'arrays': {'log_a_h': ['b', 't', 'h'], 'dy': ['b', 't', 'h', 'p'], 'C': ['b', 't', 'g', 'n'], 'B': ['b', 't', 'g', 'n'], 'x': ['b', 't', 'h', 'p'], 'dt': ['b', 't', 'h'], 'h:in': ['~seg', 'b', 'h', 'p', 'n'], 'dl_straddle_h': ['b', 't', 'h'], 'd_dt_in': ['b', 't', 'h']}, 'stores': [['dl_straddle_h', 'out', ['b', 't', 'h']], ['d_dt_in', 'out', ['b', 't', 'h']]], 'names': {'N': {'b': 'N_b', 't': 'N_t', 'h': 'N_h', 'p': 'N_p', 'g': 'N_g', 'n': 'N_n', '~seg': 'n_segments', '~seg_chunks': 'seg_chunks'}, 'BLOCK': {'p': 'BLOCK_p', 'n': 'BLOCK_n'}, 'stride': {'log_a_h': {'b': 'log_a_h_stride_b', 't': 'log_a_h_stride_t', 'h': 'log_a_h_stride_h'}, 'dy': {'b': 'dy_stride_b', 't': 'dy_stride_t', 'h': 'dy_stride_h', 'p': 'dy_stride_p'}, 'C': {'b': 'C_stride_b', 't': 'C_stride_t', 'g': 'C_stride_g', 'n': 'C_stride_n'}, 'B': {'b': 'B_stride_b', 't': 'B_stride_t', 'g': 'B_stride_g', 'n': 'B_stride_n'}, 'x': {'b': 'x_stride_b', 't': 'x_stride_t', 'h': 'x_stride_h', 'p': 'x_stride_p'}, 'dt': {'b': 'dt_stride_b', 't': 'dt_stride_t', 'h': 'dt_stride_h'}, 'h:in': {'~seg': 'h_in_stride_seg', 'b': 'h_in_stride_b', 'h': 'h_in_stride_h', 'p': 'h_in_stride_p', 'n': 'h_in_stride_n'}, 'dl_straddle_h': {'b': 'dl_straddle_h_stride_b', 't': 'dl_straddle_h_stride_t', 'h': 'dl_straddle_h_stride_h'}, 'd_dt_in': {'b': 'd_dt_in_stride_b', 't': 'd_dt_in_stride_t', 'h': 'd_dt_in_stride_h'}}}, 'packed': None, 'fp32_outs': ['dl_straddle_h', 'd_dt_in']}
+
+
+@triton.jit(do_not_specialize=['N_b', 'N_h', 'N_t'])
+def mamba2_adj_rest_chunked(
+    log_a_h_ptr,
+    dy_ptr,
+    C_2_ptr,
+    B_2_ptr,
+    x_2_ptr,
+    dt_2_ptr,
+    h_prev_2_ptr,
+    cu_seqlens_ptr,
+    N_b,
+    N_h,
+    N_t,
+    dl_straddle_h_ptr,
+    d_dt_in_ptr,
+    h_final_ptr,
+    N_p: tl.constexpr,
+    N_g: tl.constexpr,
+    N_n: tl.constexpr,
+    BLOCK_p: tl.constexpr,
+    BLOCK_n: tl.constexpr,
+    Q: tl.constexpr,
+    MM: tl.constexpr,
+    PREC: tl.constexpr,
+    log_a_h_stride_h: tl.constexpr,
+    dy_stride_h: tl.constexpr,
+    dy_stride_p: tl.constexpr,
+    C_stride_t: tl.constexpr,
+    C_stride_g: tl.constexpr,
+    C_stride_n: tl.constexpr,
+    B_stride_t: tl.constexpr,
+    B_stride_g: tl.constexpr,
+    B_stride_n: tl.constexpr,
+    x_stride_h: tl.constexpr,
+    x_stride_p: tl.constexpr,
+    dt_stride_h: tl.constexpr,
+    h_stride_h: tl.constexpr,
+    h_stride_p: tl.constexpr,
+    h_stride_n: tl.constexpr,
+    dl_straddle_h_stride_h: tl.constexpr,
+    d_dt_in_stride_h: tl.constexpr,
+    h_final_stride_h: tl.constexpr,
+    h_final_stride_p: tl.constexpr,
+    h_final_stride_n: tl.constexpr,
+    I64: tl.constexpr,
+    PACKED: tl.constexpr,
+):
+    # strides spanning a runtime size (batch, heads, length): computed, not compiled in
+    log_a_h_stride_t = N_h * log_a_h_stride_h
+    log_a_h_stride_b = N_t * log_a_h_stride_t
+    dy_stride_t = N_h * dy_stride_h
+    dy_stride_b = N_t * dy_stride_t
+    C_stride_b = N_t * C_stride_t
+    B_stride_b = N_t * B_stride_t
+    x_stride_t = N_h * x_stride_h
+    x_stride_b = N_t * x_stride_t
+    dt_stride_t = N_h * dt_stride_h
+    dt_stride_b = N_t * dt_stride_t
+    h_stride_b = N_h * h_stride_h
+    dl_straddle_h_stride_t = N_h * dl_straddle_h_stride_h
+    dl_straddle_h_stride_b = N_t * dl_straddle_h_stride_t
+    d_dt_in_stride_t = N_h * d_dt_in_stride_h
+    d_dt_in_stride_b = N_t * d_dt_in_stride_t
+    h_final_stride_b = N_h * h_final_stride_h
+    # one program per (b, h)
+    pid = tl.program_id(0)
+    if I64:
+        pid = pid.to(tl.int64)  # 64-bit offsets: an array holds 2^31 entries or more
+    i_h = pid % N_h
+    pid_h = pid // N_h
+    i_b = pid_h
+    i_g = i_h // (N_h // N_g)  # head h reads group g
+    if PACKED:
+        # packed sequences: this program walks sequence i_b, steps cu[i_b] .. cu[i_b+1]-1 of the batch of one
+        seq_start = tl.load(cu_seqlens_ptr + i_b) + pid * 0  # pid's width (I64)
+        seq_len = tl.load(cu_seqlens_ptr + i_b + 1) - seq_start
+        row = 0  # the batch entry of the arrays with the scan dim
+    else:
+        seq_start = pid * 0  # pid's width (I64)
+        seq_len = N_t
+        row = i_b
+    o_p = tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
+    o_n = tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
+    in_chunk = tl.arange(0, Q)  # positions within a chunk
+    # the state, held on chip for the whole sequence (fp32)
+    h_prev_2 = tl.load(h_prev_2_ptr + i_b * h_stride_b + i_h * h_stride_h + o_p[:, None] * h_stride_p + o_n * h_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0)
+    state_h_prev_2 = h_prev_2.to(tl.float32)
+    for c in range(0, (seq_len + Q - 1) // Q):
+        tt = c * Q + in_chunk
+        valid = tt < seq_len
+        ttc = tl.minimum(tt, seq_len - 1)
+        if I64:
+            ttc = ttc.to(tl.int64)
+        log_a_h = tl.load(log_a_h_ptr + row * log_a_h_stride_b + (seq_start + (seq_len - 1 - ttc)) * log_a_h_stride_t + i_h * log_a_h_stride_h)
+        dy = tl.load(dy_ptr + row * dy_stride_b + ((seq_start + (seq_len - 1 - ttc)))[:, None] * dy_stride_t + i_h * dy_stride_h + o_p * dy_stride_p, mask=(o_p < N_p), other=0.0)
+        C_2 = tl.load(C_2_ptr + row * C_stride_b + ((seq_start + (seq_len - 1 - ttc)))[:, None] * C_stride_t + i_g * C_stride_g + o_n * C_stride_n, mask=(o_n < N_n), other=0.0)
+        B_2 = tl.load(B_2_ptr + row * B_stride_b + ((seq_start + (seq_len - 1 - ttc)))[:, None] * B_stride_t + i_g * B_stride_g + o_n * B_stride_n, mask=(o_n < N_n), other=0.0)
+        x_2 = tl.load(x_2_ptr + row * x_stride_b + ((seq_start + (seq_len - 1 - ttc)))[:, None] * x_stride_t + i_h * x_stride_h + o_p * x_stride_p, mask=(o_p < N_p), other=0.0)
+        dt_2 = tl.load(dt_2_ptr + row * dt_stride_b + (seq_start + (seq_len - 1 - ttc)) * dt_stride_t + i_h * dt_stride_h)
+        # stage prologue
+        h_ell = tl.maximum(log_a_h.to(tl.float32), (-69.07755278982137))
+        # stage cumsum
+        h_L_ell = tl.where(valid, h_ell, 0.0)  # log-decay per step (0 past the end)
+        h_L = tl.cumsum(h_L_ell, axis=0)  # summed within the chunk
+        h_L_last = tl.sum(tl.where(in_chunk == Q - 1, h_L, 0.0), axis=0)  # log-decay across the chunk: the cumsum's last row (exp(last - L) is exactly 1 at the last step)
+        # stage chunk_state
+        # stage state_passing
+        # stage chunk_output
+        v26_D = tl.exp(tl.where(((in_chunk[:, None] >= in_chunk[None, :]) & valid[None, :]), h_L[:, None] - h_L, -1e30))  # decay from source s to target t, masked s <= t before exp
+        c1 = v26_D * (dt_2.to(tl.float32))[:, None]
+        c2 = tl.dot((B_2).to(MM), tl.trans(C_2).to(MM), input_precision=PREC)
+        c3 = tl.dot((x_2).to(MM), tl.trans(dy).to(MM), input_precision=PREC)
+        v26_M = tl.where(((in_chunk[:, None] >= in_chunk[None, :]) & valid[None, :]) & valid[:, None], (c3) * (c2) * c1, 0.0)  # in-chunk summands M[t, s], s <= t, both steps valid
+        v26_d = tl.sum(v26_M, axis=0) - tl.sum(v26_M, axis=1)  # per step j: pairs from j (column) minus pairs into j (row)
+        v26_straddle = tl.cumsum(v26_d, axis=0) - v26_d  # Σ_(j < i): the pairs s < i <= t
+        v26 = v26_straddle
+        tl.store(dl_straddle_h_ptr + row * dl_straddle_h_stride_b + (seq_start + (seq_len - 1 - ttc)) * dl_straddle_h_stride_t + i_h * dl_straddle_h_stride_h, (v26).to(dl_straddle_h_ptr.dtype.element_ty), mask=valid)
+        c4 = tl.where(((in_chunk[:, None] >= in_chunk[None, :]) & valid[None, :]), (c3) * (c2) * v26_D, 0.0)
+        v16_in_in = tl.sum(c4, axis=1)  # in-chunk part
+        v16_in = v16_in_in
+        tl.store(d_dt_in_ptr + row * d_dt_in_stride_b + (seq_start + (seq_len - 1 - ttc)) * d_dt_in_stride_t + i_h * d_dt_in_stride_h, (v16_in).to(d_dt_in_ptr.dtype.element_ty), mask=valid)
+        # stage chunk_state + state_passing (h)
+        h_upd_w = tl.where(valid, tl.exp(h_L_last - h_L), 0.0)  # decay from each step to the chunk's end
+        c5 = tl.dot(tl.trans(dy).to(MM), ((C_2.to(tl.float32)) * h_upd_w[:, None]).to(MM), input_precision=PREC)
+        state_h_prev_2 = tl.exp(h_L_last) * state_h_prev_2 + c5  # the state entering the next chunk
+    # stage output: final states
+    tl.store(h_final_ptr + i_b * h_final_stride_b + i_h * h_final_stride_h + o_p[:, None] * h_final_stride_p + o_n * h_final_stride_n, (state_h_prev_2).to(h_final_ptr.dtype.element_ty), mask=((o_p < N_p))[:, None] & (o_n < N_n))
+
+
+@triton.jit(do_not_specialize=['N_b', 'N_h', 'n_segments', 'N_t', 'seg_chunks'])
+def mamba2_adj_rest_segment_states(
+    log_a_h_ptr,
+    dy_ptr,
+    C_2_ptr,
+    N_b,
+    N_h,
+    n_segments,
+    N_t,
+    seg_chunks,
+    h_segment_ptr,
+    h_decay_ptr,
+    N_p: tl.constexpr,
+    N_g: tl.constexpr,
+    N_n: tl.constexpr,
+    BLOCK_p: tl.constexpr,
+    BLOCK_n: tl.constexpr,
+    Q: tl.constexpr,
+    MM: tl.constexpr,
+    PREC: tl.constexpr,
+    log_a_h_stride_h: tl.constexpr,
+    dy_stride_h: tl.constexpr,
+    dy_stride_p: tl.constexpr,
+    C_stride_t: tl.constexpr,
+    C_stride_g: tl.constexpr,
+    C_stride_n: tl.constexpr,
+    h_segment_stride_h: tl.constexpr,
+    h_segment_stride_p: tl.constexpr,
+    h_segment_stride_n: tl.constexpr,
+    h_decay_stride_h: tl.constexpr,
+    I64: tl.constexpr,
+):
+    # schedule step (a): this segment's state from a zero state, and its total log-decay; no outputs
+    # strides spanning a runtime size (batch, heads, length): computed, not compiled in
+    log_a_h_stride_t = N_h * log_a_h_stride_h
+    log_a_h_stride_b = N_t * log_a_h_stride_t
+    dy_stride_t = N_h * dy_stride_h
+    dy_stride_b = N_t * dy_stride_t
+    C_stride_b = N_t * C_stride_t
+    h_segment_stride_b = N_h * h_segment_stride_h
+    h_segment_stride_seg = N_b * h_segment_stride_b
+    h_decay_stride_b = N_h * h_decay_stride_h
+    h_decay_stride_seg = N_b * h_decay_stride_b
+    # one program per (b, h, segment)
+    pid = tl.program_id(0)
+    if I64:
+        pid = pid.to(tl.int64)  # 64-bit offsets: an array holds 2^31 entries or more
+    i_seg = pid % n_segments
+    pid_seg = pid // n_segments
+    i_h = pid_seg % N_h
+    pid_seg_h = pid_seg // N_h
+    i_b = pid_seg_h
+    i_g = i_h // (N_h // N_g)  # head h reads group g
+    o_p = tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
     o_n = tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
     in_chunk = tl.arange(0, Q)  # positions within a chunk
     # the state, held on chip for the whole segment (fp32)
@@ -2356,11 +2392,12 @@ def mamba2_adj_p_segment_states(
 
 
 @triton.jit(do_not_specialize=['N_b', 'N_h', 'n_segments', 'N_t', 'seg_chunks'])
-def mamba2_adj_p_segment_outputs(
+def mamba2_adj_rest_segment_outputs(
     log_a_h_ptr,
     dy_ptr,
     C_2_ptr,
     B_2_ptr,
+    x_2_ptr,
     dt_2_ptr,
     h_in_ptr,
     N_b,
@@ -2368,7 +2405,8 @@ def mamba2_adj_p_segment_outputs(
     n_segments,
     N_t,
     seg_chunks,
-    d_x_ptr,
+    dl_straddle_h_ptr,
+    d_dt_in_ptr,
     N_p: tl.constexpr,
     N_g: tl.constexpr,
     N_n: tl.constexpr,
@@ -2386,14 +2424,16 @@ def mamba2_adj_p_segment_outputs(
     B_stride_t: tl.constexpr,
     B_stride_g: tl.constexpr,
     B_stride_n: tl.constexpr,
+    x_stride_h: tl.constexpr,
+    x_stride_p: tl.constexpr,
     dt_stride_h: tl.constexpr,
     h_in_stride_h: tl.constexpr,
     h_in_stride_p: tl.constexpr,
     h_in_stride_n: tl.constexpr,
-    d_x_stride_h: tl.constexpr,
-    d_x_stride_p: tl.constexpr,
+    dl_straddle_h_stride_h: tl.constexpr,
+    d_dt_in_stride_h: tl.constexpr,
     I64: tl.constexpr,
-    ONE_CHUNK: tl.constexpr,
+    GIVEN_STATES: tl.constexpr,
 ):
     # schedule step (c): this segment's outputs, from the state entering it (S_in)
     # strides spanning a runtime size (batch, heads, length): computed, not compiled in
@@ -2403,13 +2443,17 @@ def mamba2_adj_p_segment_outputs(
     dy_stride_b = N_t * dy_stride_t
     C_stride_b = N_t * C_stride_t
     B_stride_b = N_t * B_stride_t
+    x_stride_t = N_h * x_stride_h
+    x_stride_b = N_t * x_stride_t
     dt_stride_t = N_h * dt_stride_h
     dt_stride_b = N_t * dt_stride_t
     h_in_stride_b = N_h * h_in_stride_h
     h_in_stride_seg = N_b * h_in_stride_b
-    d_x_stride_t = N_h * d_x_stride_h
-    d_x_stride_b = N_t * d_x_stride_t
-    # one program per (b, h, segment) x block of (p)
+    dl_straddle_h_stride_t = N_h * dl_straddle_h_stride_h
+    dl_straddle_h_stride_b = N_t * dl_straddle_h_stride_t
+    d_dt_in_stride_t = N_h * d_dt_in_stride_h
+    d_dt_in_stride_b = N_t * d_dt_in_stride_t
+    # one program per (b, h, segment)
     pid = tl.program_id(0)
     if I64:
         pid = pid.to(tl.int64)  # 64-bit offsets: an array holds 2^31 entries or more
@@ -2418,15 +2462,14 @@ def mamba2_adj_p_segment_outputs(
     i_h = pid_seg % N_h
     pid_seg_h = pid_seg // N_h
     i_b = pid_seg_h
-    bid = tl.program_id(1)
-    j_p = bid % ((N_p + BLOCK_p - 1) // BLOCK_p)
     i_g = i_h // (N_h // N_g)  # head h reads group g
-    o_p = j_p * BLOCK_p + tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
+    o_p = tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
     o_n = tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
     in_chunk = tl.arange(0, Q)  # positions within a chunk
     # the state, held on chip for the whole segment (fp32)
-    h_in = tl.load(h_in_ptr + (n_segments - 1 - i_seg) * h_in_stride_seg + i_b * h_in_stride_b + i_h * h_in_stride_h + o_p[:, None] * h_in_stride_p + o_n * h_in_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0)
-    state_h_in = h_in.to(tl.float32)
+    if not GIVEN_STATES:  # (else: loaded at each chunk)
+        h_in = tl.load(h_in_ptr + (n_segments - 1 - i_seg) * h_in_stride_seg + i_b * h_in_stride_b + i_h * h_in_stride_h + o_p[:, None] * h_in_stride_p + o_n * h_in_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0)
+        state_h_in = h_in.to(tl.float32)
     seg_end = tl.minimum(i_seg * seg_chunks + seg_chunks, (N_t + Q - 1) // Q)  # one past the segment's last chunk
     for c in range(i_seg * seg_chunks, seg_end):
         tt = c * Q + in_chunk
@@ -2434,10 +2477,17 @@ def mamba2_adj_p_segment_outputs(
         ttc = tl.minimum(tt, N_t - 1)
         if I64:
             ttc = ttc.to(tl.int64)
+        if GIVEN_STATES:
+            i_enter = ((N_t + Q - 1) // Q) - 1 - c  # this chunk's entry (forward-time order)
+            if I64:
+                i_enter = tl.cast(i_enter, tl.int64)
+            h_in = tl.load(h_in_ptr + i_enter * h_in_stride_seg + i_b * h_in_stride_b + i_h * h_in_stride_h + o_p[:, None] * h_in_stride_p + o_n * h_in_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0)
+            state_h_in = h_in.to(tl.float32)
         log_a_h = tl.load(log_a_h_ptr + i_b * log_a_h_stride_b + (N_t - 1 - ttc) * log_a_h_stride_t + i_h * log_a_h_stride_h)
         dy = tl.load(dy_ptr + i_b * dy_stride_b + ((N_t - 1 - ttc))[:, None] * dy_stride_t + i_h * dy_stride_h + o_p * dy_stride_p, mask=(o_p < N_p), other=0.0)
         C_2 = tl.load(C_2_ptr + i_b * C_stride_b + ((N_t - 1 - ttc))[:, None] * C_stride_t + i_g * C_stride_g + o_n * C_stride_n, mask=(o_n < N_n), other=0.0)
         B_2 = tl.load(B_2_ptr + i_b * B_stride_b + ((N_t - 1 - ttc))[:, None] * B_stride_t + i_g * B_stride_g + o_n * B_stride_n, mask=(o_n < N_n), other=0.0)
+        x_2 = tl.load(x_2_ptr + i_b * x_stride_b + ((N_t - 1 - ttc))[:, None] * x_stride_t + i_h * x_stride_h + o_p * x_stride_p, mask=(o_p < N_p), other=0.0)
         dt_2 = tl.load(dt_2_ptr + i_b * dt_stride_b + (N_t - 1 - ttc) * dt_stride_t + i_h * dt_stride_h)
         # stage prologue
         h_ell = tl.maximum(log_a_h.to(tl.float32), (-69.07755278982137))
@@ -2448,23 +2498,25 @@ def mamba2_adj_p_segment_outputs(
         # stage chunk_state
         # stage state_passing
         # stage chunk_output
-        v20_D = tl.exp(tl.where(((in_chunk[:, None] >= in_chunk[None, :]) & valid[None, :]), h_L[:, None] - h_L, -1e30))  # decay from source s to target t, masked s <= t before exp
-        c1 = v20_D * (dt_2.to(tl.float32))[:, None]
+        v26_D = tl.exp(tl.where(((in_chunk[:, None] >= in_chunk[None, :]) & valid[None, :]), h_L[:, None] - h_L, -1e30))  # decay from source s to target t, masked s <= t before exp
+        c1 = v26_D * (dt_2.to(tl.float32))[:, None]
         c2 = tl.dot((B_2).to(MM), tl.trans(C_2).to(MM), input_precision=PREC)
-        c3 = tl.where(((in_chunk[:, None] >= in_chunk[None, :]) & valid[None, :]), (c2) * c1, 0.0)
-        c4 = tl.dot((c3).to(MM), (dy).to(MM), input_precision=PREC)
-        v20_in = c4  # in-chunk part
-        v20_E = tl.exp(h_L)  # decay from the chunk's start
-        c5 = tl.dot((B_2).to(MM), tl.trans(state_h_in).to(MM), input_precision=PREC)
-        v20_st = (c5) * (dt_2.to(tl.float32))[:, None] * v20_E[:, None]  # state part
-        v20 = (v20_in + v20_st)
-        tl.store(d_x_ptr + i_b * d_x_stride_b + ((N_t - 1 - ttc))[:, None] * d_x_stride_t + i_h * d_x_stride_h + o_p * d_x_stride_p, (v20).to(d_x_ptr.dtype.element_ty), mask=valid[:, None] & (o_p < N_p))
-        if not ONE_CHUNK:
+        c3 = tl.dot((x_2).to(MM), tl.trans(dy).to(MM), input_precision=PREC)
+        v26_M = tl.where(((in_chunk[:, None] >= in_chunk[None, :]) & valid[None, :]) & valid[:, None], (c3) * (c2) * c1, 0.0)  # in-chunk summands M[t, s], s <= t, both steps valid
+        v26_d = tl.sum(v26_M, axis=0) - tl.sum(v26_M, axis=1)  # per step j: pairs from j (column) minus pairs into j (row)
+        v26_straddle = tl.cumsum(v26_d, axis=0) - v26_d  # Σ_(j < i): the pairs s < i <= t
+        v26 = v26_straddle
+        tl.store(dl_straddle_h_ptr + i_b * dl_straddle_h_stride_b + (N_t - 1 - ttc) * dl_straddle_h_stride_t + i_h * dl_straddle_h_stride_h, (v26).to(dl_straddle_h_ptr.dtype.element_ty), mask=valid)
+        c4 = tl.where(((in_chunk[:, None] >= in_chunk[None, :]) & valid[None, :]), (c3) * (c2) * v26_D, 0.0)
+        v16_in_in = tl.sum(c4, axis=1)  # in-chunk part
+        v16_in = v16_in_in
+        tl.store(d_dt_in_ptr + i_b * d_dt_in_stride_b + (N_t - 1 - ttc) * d_dt_in_stride_t + i_h * d_dt_in_stride_h, (v16_in).to(d_dt_in_ptr.dtype.element_ty), mask=valid)
+        if not GIVEN_STATES:
             if c + 1 < seg_end:  # the state entering the segment's next chunk
                 # stage chunk_state + state_passing (h)
                 h_upd_w = tl.where(valid, tl.exp(h_L_last - h_L), 0.0)  # decay from each step to the chunk's end
-                c6 = tl.dot(tl.trans(dy).to(MM), ((C_2.to(tl.float32)) * h_upd_w[:, None]).to(MM), input_precision=PREC)
-                state_h_in = tl.exp(h_L_last) * state_h_in + c6  # the state entering the next chunk
+                c5 = tl.dot(tl.trans(dy).to(MM), ((C_2.to(tl.float32)) * h_upd_w[:, None]).to(MM), input_precision=PREC)
+                state_h_in = tl.exp(h_L_last) * state_h_in + c5  # the state entering the next chunk
     # stage output
 
 
@@ -2477,32 +2529,32 @@ def mamba2_adj_p_segment_outputs(
 # states: None)
 # cu_seqlens: None, or int32 offsets of packed sequences along t (a batch of one along b): one program
 # per sequence walks it from its initial state to its final state (targets/packed.py)
-def mamba2_adj_p(log_a_h, dy, C_2, B_2, dt_2, h_prev_2, *, mm=jnp.float32, out_dtype=jnp.float32, interpret=False, segments=None, across=None, entering=None, cu_seqlens=None):
-    arrays = {'log_a_h': log_a_h, 'dy': dy, 'C': C_2, 'B': B_2, 'dt': dt_2, 'h': h_prev_2}
+def mamba2_adj_rest(log_a_h, dy, C_2, B_2, x_2, dt_2, h_prev_2, *, mm=jnp.float32, out_dtype=jnp.float32, interpret=False, segments=None, across=None, entering=None, cu_seqlens=None):
+    arrays = {'log_a_h': log_a_h, 'dy': dy, 'C': C_2, 'B': B_2, 'x': x_2, 'dt': dt_2, 'h': h_prev_2}
     sizes = rt.dim_sizes(LAYOUT, arrays)
     if cu_seqlens is not None:
         # packed sequences: one program per sequence and grid point, no segments
-        d_x, h_final, = rt.launch(mamba2_adj_p_chunked, LAYOUT, arrays, sizes, mm=mm, out_dtype=out_dtype, interpret=interpret, cu_seqlens=cu_seqlens)
+        dl_straddle_h, d_dt_in, h_final, = rt.launch(mamba2_adj_rest_chunked, LAYOUT, arrays, sizes, mm=mm, out_dtype=out_dtype, interpret=interpret, cu_seqlens=cu_seqlens)
     else:
         # the number of segments: from the length, the programs and the device's cores (rt.pick_segments),
         # or `segments`; segment boundaries fall on chunk boundaries
-        nseg, seg_sizes = rt.segments(LAYOUT, sizes, rt.chunk_count(LAYOUT, sizes) if entering is not None else segments, interpret)
+        nseg, seg_sizes = (rt.entering_segments(LAYOUT, sizes, interpret) if entering is not None else rt.segments(LAYOUT, sizes, segments, interpret))
         if entering is not None:
-            # the states entering each chunk are given: (c) alone, one segment per chunk, all in parallel
+            # the states entering each chunk are given: (c) alone, every chunk from its own state, in parallel
             h_in = rt.entering_states(entering, 'h', ['b', 'h', 'p', 'n'], ['~seg', 'b', 'h', 'p', 'n'], seg_sizes)
             h_final = None  # not computed: no walk reaches the end
             seg_arrays = {**arrays, 'h:in': h_in}
-            d_x, = rt.launch(mamba2_adj_p_segment_outputs, SEGMENT_OUTPUTS_LAYOUT, seg_arrays, seg_sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
+            dl_straddle_h, d_dt_in, = rt.launch(mamba2_adj_rest_segment_outputs, SEGMENT_OUTPUTS_LAYOUT, seg_arrays, seg_sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
         elif nseg == 1 and across is None:
             # one walk: every program walks the whole sequence
-            d_x, h_final, = rt.launch(mamba2_adj_p_chunked, LAYOUT, arrays, sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
+            dl_straddle_h, d_dt_in, h_final, = rt.launch(mamba2_adj_rest_chunked, LAYOUT, arrays, sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
         else:
             # (a) every program and segment: the segment's state from a zero state, and its total log-decay
-            h_segment, h_decay, = rt.launch(mamba2_adj_p_segment_states, SEGMENT_STATES_LAYOUT, arrays, seg_sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
+            h_segment, h_decay, = rt.launch(mamba2_adj_rest_segment_states, SEGMENT_STATES_LAYOUT, arrays, seg_sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
             # (b) the scan across segments: S_in(j) = D(j-1) * S_in(j-1) + S(j-1), from the initial state
             # (and across the devices' parts of the sequence, when it is split over `across`)
             h_in, h_final = rt.segment_scan(h_prev_2, ['b', 'h', 'p', 'n'], h_segment, h_decay, None, ['~seg', 'b', 'h', 'p', 'n'], ['~seg', 'b', 'h'], sizes, across=across, reverse=True, flipped=True)
             # (c) every program and segment: its outputs, walking from the state entering the segment
             seg_arrays = {**arrays, 'h:in': h_in}
-            d_x, = rt.launch(mamba2_adj_p_segment_outputs, SEGMENT_OUTPUTS_LAYOUT, seg_arrays, seg_sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
-    return d_x, h_final
+            dl_straddle_h, d_dt_in, = rt.launch(mamba2_adj_rest_segment_outputs, SEGMENT_OUTPUTS_LAYOUT, seg_arrays, seg_sizes, mm=mm, out_dtype=out_dtype, interpret=interpret)
+    return dl_straddle_h, d_dt_in, h_final

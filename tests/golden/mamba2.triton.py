@@ -299,7 +299,7 @@ def mamba2_segment_outputs(
     y_stride_h: tl.constexpr,
     y_stride_p: tl.constexpr,
     I64: tl.constexpr,
-    ONE_CHUNK: tl.constexpr,
+    GIVEN_STATES: tl.constexpr,
 ):
     # schedule step (c): this segment's outputs, from the state entering it (S_in)
     # strides spanning a runtime size (batch, heads, length): computed, not compiled in
@@ -332,8 +332,9 @@ def mamba2_segment_outputs(
     A = tl.load(A_ptr + i_h * A_stride_h)
     D = tl.load(D_ptr + i_h * D_stride_h)
     # the state, held on chip for the whole segment (fp32)
-    h_in = tl.load(h_in_ptr + i_seg * h_in_stride_seg + i_b * h_in_stride_b + i_h * h_in_stride_h + o_p[:, None] * h_in_stride_p + o_n * h_in_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0)
-    state_h_in = h_in.to(tl.float32)
+    if not GIVEN_STATES:  # (else: loaded at each chunk)
+        h_in = tl.load(h_in_ptr + i_seg * h_in_stride_seg + i_b * h_in_stride_b + i_h * h_in_stride_h + o_p[:, None] * h_in_stride_p + o_n * h_in_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0)
+        state_h_in = h_in.to(tl.float32)
     seg_end = tl.minimum(i_seg * seg_chunks + seg_chunks, (N_t + Q - 1) // Q)  # one past the segment's last chunk
     for c in range(i_seg * seg_chunks, seg_end):
         tt = c * Q + in_chunk
@@ -341,6 +342,12 @@ def mamba2_segment_outputs(
         ttc = tl.minimum(tt, N_t - 1)
         if I64:
             ttc = ttc.to(tl.int64)
+        if GIVEN_STATES:
+            i_enter = c  # this chunk's entry (forward-time order)
+            if I64:
+                i_enter = tl.cast(i_enter, tl.int64)
+            h_in = tl.load(h_in_ptr + i_enter * h_in_stride_seg + i_b * h_in_stride_b + i_h * h_in_stride_h + o_p[:, None] * h_in_stride_p + o_n * h_in_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0)
+            state_h_in = h_in.to(tl.float32)
         x = tl.load(x_ptr + i_b * x_stride_b + ttc[:, None] * x_stride_t + i_h * x_stride_h + o_p * x_stride_p, mask=(o_p < N_p), other=0.0)
         dt = tl.load(dt_ptr + i_b * dt_stride_b + ttc * dt_stride_t + i_h * dt_stride_h)
         B = tl.load(B_ptr + i_b * B_stride_b + ttc[:, None] * B_stride_t + i_g * B_stride_g + o_n * B_stride_n, mask=(o_n < N_n), other=0.0)
@@ -369,7 +376,7 @@ def mamba2_segment_outputs(
         # stage epilogue
         y = y_h_new + v12
         tl.store(y_ptr + i_b * y_stride_b + ttc[:, None] * y_stride_t + i_h * y_stride_h + o_p * y_stride_p, (y).to(y_ptr.dtype.element_ty), mask=valid[:, None] & (o_p < N_p))
-        if not ONE_CHUNK:
+        if not GIVEN_STATES:
             if c + 1 < seg_end:  # the state entering the segment's next chunk
                 # stage chunk_state + state_passing (h)
                 h_upd_w = tl.where(valid, tl.exp(h_L_last - h_L), 0.0)  # decay from each step to the chunk's end
@@ -396,9 +403,9 @@ def mamba2(x, dt, A, B, C, D, h_prev, *, mm=jnp.float32, out_dtype=jnp.float32, 
     else:
         # the number of segments: from the length, the programs and the device's cores (rt.pick_segments),
         # or `segments`; segment boundaries fall on chunk boundaries
-        nseg, seg_sizes = rt.segments(LAYOUT, sizes, rt.chunk_count(LAYOUT, sizes) if entering is not None else segments, interpret)
+        nseg, seg_sizes = (rt.entering_segments(LAYOUT, sizes, interpret) if entering is not None else rt.segments(LAYOUT, sizes, segments, interpret))
         if entering is not None:
-            # the states entering each chunk are given: (c) alone, one segment per chunk, all in parallel
+            # the states entering each chunk are given: (c) alone, every chunk from its own state, in parallel
             h_in = rt.entering_states(entering, 'h', ['b', 'h', 'p', 'n'], ['~seg', 'b', 'h', 'p', 'n'], seg_sizes)
             h_final = None  # not computed: no walk reaches the end
             seg_arrays = {**arrays, 'h:in': h_in}

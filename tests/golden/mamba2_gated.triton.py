@@ -332,7 +332,7 @@ def mamba2_gated_segment_outputs(
     v17_stride_h: tl.constexpr,
     v17_stride_p: tl.constexpr,
     I64: tl.constexpr,
-    ONE_CHUNK: tl.constexpr,
+    GIVEN_STATES: tl.constexpr,
 ):
     # schedule step (c): this segment's outputs, from the state entering it (S_in)
     # strides spanning a runtime size (batch, heads, length): computed, not compiled in
@@ -370,8 +370,9 @@ def mamba2_gated_segment_outputs(
     v3 = tl.exp(A_log.to(tl.float32))
     A = -(v3)
     # the state, held on chip for the whole segment (fp32)
-    s_in = tl.load(s_in_ptr + i_seg * s_in_stride_seg + i_b * s_in_stride_b + i_h * s_in_stride_h + o_p[:, None] * s_in_stride_p + o_n * s_in_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0)
-    state_s_in = s_in.to(tl.float32)
+    if not GIVEN_STATES:  # (else: loaded at each chunk)
+        s_in = tl.load(s_in_ptr + i_seg * s_in_stride_seg + i_b * s_in_stride_b + i_h * s_in_stride_h + o_p[:, None] * s_in_stride_p + o_n * s_in_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0)
+        state_s_in = s_in.to(tl.float32)
     seg_end = tl.minimum(i_seg * seg_chunks + seg_chunks, (N_t + Q - 1) // Q)  # one past the segment's last chunk
     for c in range(i_seg * seg_chunks, seg_end):
         tt = c * Q + in_chunk
@@ -379,6 +380,12 @@ def mamba2_gated_segment_outputs(
         ttc = tl.minimum(tt, N_t - 1)
         if I64:
             ttc = ttc.to(tl.int64)
+        if GIVEN_STATES:
+            i_enter = c  # this chunk's entry (forward-time order)
+            if I64:
+                i_enter = tl.cast(i_enter, tl.int64)
+            s_in = tl.load(s_in_ptr + i_enter * s_in_stride_seg + i_b * s_in_stride_b + i_h * s_in_stride_h + o_p[:, None] * s_in_stride_p + o_n * s_in_stride_n, mask=((o_p < N_p))[:, None] & (o_n < N_n), other=0.0)
+            state_s_in = s_in.to(tl.float32)
         x = tl.load(x_ptr + i_b * x_stride_b + ttc[:, None] * x_stride_t + i_h * x_stride_h + o_p * x_stride_p, mask=(o_p < N_p), other=0.0)
         dt_raw = tl.load(dt_raw_ptr + i_b * dt_raw_stride_b + ttc * dt_raw_stride_t + i_h * dt_raw_stride_h)
         B = tl.load(B_ptr + i_b * B_stride_b + ttc[:, None] * B_stride_t + i_g * B_stride_g + o_n * B_stride_n, mask=(o_n < N_n), other=0.0)
@@ -412,7 +419,7 @@ def mamba2_gated_segment_outputs(
         # stage epilogue
         v17 = v17_s_new + v15
         tl.store(v17_ptr + i_b * v17_stride_b + ttc[:, None] * v17_stride_t + i_h * v17_stride_h + o_p * v17_stride_p, (v17).to(v17_ptr.dtype.element_ty), mask=valid[:, None] & (o_p < N_p))
-        if not ONE_CHUNK:
+        if not GIVEN_STATES:
             if c + 1 < seg_end:  # the state entering the segment's next chunk
                 # stage chunk_state + state_passing (s)
                 s_upd_w = tl.where(valid, tl.exp(tl.minimum(s_L_last - s_L, 0.0)), 0.0)  # decay from each step to the chunk's end
@@ -487,9 +494,9 @@ def mamba2_gated(x, dt_raw, dt_bias, A_log, B, C, D, z, norm_w, s_prev, *, mm=jn
     else:
         # the number of segments: from the length, the programs and the device's cores (rt.pick_segments),
         # or `segments`; segment boundaries fall on chunk boundaries
-        nseg, seg_sizes = rt.segments(LAYOUT, sizes, rt.chunk_count(LAYOUT, sizes) if entering is not None else segments, interpret)
+        nseg, seg_sizes = (rt.entering_segments(LAYOUT, sizes, interpret) if entering is not None else rt.segments(LAYOUT, sizes, segments, interpret))
         if entering is not None:
-            # the states entering each chunk are given: (c) alone, one segment per chunk, all in parallel
+            # the states entering each chunk are given: (c) alone, every chunk from its own state, in parallel
             s_in = rt.entering_states(entering, 's', ['b', 'h', 'p', 'n'], ['~seg', 'b', 'h', 'p', 'n'], seg_sizes)
             s_final = None  # not computed: no walk reaches the end
             seg_arrays = {**arrays, 's:in': s_in}
