@@ -1,7 +1,8 @@
 """Diagnosis: ssmc-triton's gradients of the Mamba2 layer against ssmc-xla's float32 jax.grad and mamba_ssm's at
 one shape, with checksums of the inputs before and after each call (an out-of-bounds store shows as a change).
 
-    python3 bench/diag_grads.py SHAPE [chunk ...]      (DIAG_MM=auto,float32: the backward_matmul values to try)
+    python3 bench/diag_grads.py SHAPE [chunk ...]      (DIAG_MM=auto,float32: the backward_matmul values
+                                                       to try; DIAG_QUICK=1: no segments=1 run, no mamba_ssm)
 """
 import os
 import pathlib
@@ -44,8 +45,9 @@ def main():
     yref = jax.jit(lambda *a: kx(*a)[0])(*f32)
     print("xla ref done; inputs unchanged:", sums() == s0, flush=True)
     mms = os.environ.get("DIAG_MM", "auto").split(",")
+    quick = os.environ.get("DIAG_QUICK") == "1"
     for q in qs:
-        for opts in [{"backward_matmul": mm} for mm in mms] + [{"backward_matmul": mms[0], "segments": 1}]:
+        for opts in [{"backward_matmul": mm} for mm in mms] + ([] if quick else [{"backward_matmul": mms[0], "segments": 1}]):
             k = ssmc.compile(SPEC, target="triton", chunk_size=q, **opts)
 
             def loss(x, dt, A, B, C, D, w, k=k):
@@ -56,6 +58,8 @@ def main():
             ye = rel(an.to_torch(y).float(), an.to_torch(yref).float())
             print(f"Q={q} {opts}: y {ye:.2e} grads vs fp32 " + " ".join(f"{n} {e:.2e}" for n, e in errs.items()),
                   "inputs unchanged:", sums() == s0, flush=True)
+    if quick:
+        return
     f = an.mamba_chunk_scan_combined_fn()
     leaves = [st[n].detach().clone().requires_grad_(True) for n in ORDER]
     yt = f(*leaves[:5], chunk_size=256, D=leaves[5])
