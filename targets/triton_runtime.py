@@ -12,6 +12,7 @@ bucket is the constant sizes with the length and batch x heads rounded up to pow
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import threading
@@ -182,8 +183,10 @@ def _config(kernel, layout, sizes, ins, specs, mm) -> dict:
     gpu = jax.devices()[0].device_kind
     dtypes = ",".join(str(jnp.dtype(x.dtype)) for x in ins)
     src = hashlib.sha256(getattr(kernel, "src", kernel.__name__).encode()).hexdigest()
-    key = cache_key(kind="autotune", kernel=src, gpu=gpu, bucket=_bucket(layout, sizes), dtypes=dtypes,
-                    mm=str(jnp.dtype(mm)))
+    # the layout too: the kernel's source is the same at every chunk length (Q is a constexpr), and a config tuned
+    # at one carries its Q, which a kernel whose chunk length is fixed (segments, outs indexed by chunk) must not take
+    key = cache_key(kind="autotune", kernel=src, layout=json.dumps(layout, sort_keys=True, default=str), gpu=gpu,
+                    bucket=_bucket(layout, sizes), dtypes=dtypes, mm=str(jnp.dtype(mm)))
     if key in _TUNED:
         return _TUNED[key]
     disk = DiskCache()

@@ -147,9 +147,16 @@ def test_autotune_choice_is_persisted(monkeypatch, tmp_path):
     assert calls == [1000]
     tr._config(kern, layout, dict(sizes, t=4000), ins, None, jnp.bfloat16)  # another bucket tunes
     assert calls == [1000, 4000]
+    # the same kernel source compiled at another chunk length (Q is a constexpr) does not take that config: a
+    # fixed-length kernel run at the tuned Q would read chunk-indexed arrays at the wrong chunks
+    other = kernel("mamba2", chunk_size=32)._module
+    src = lambda f: getattr(f, "src", f.__name__)  # what _config hashes (the interpreter's kernels: the name)
+    assert src(other.mamba2_chunked) == src(kern) and other.LAYOUT["Q"] != layout["Q"]
+    tr._config(other.mamba2_chunked, other.LAYOUT, sizes, ins, None, jnp.bfloat16)
+    assert calls == [1000, 4000, 1000]
     monkeypatch.setenv("SSMC_AUTOTUNE", "0")
     assert tr._config(kern, layout, dict(sizes, t=9000), ins, None, jnp.bfloat16) == tr.heuristic(layout, sizes)
-    assert calls == [1000, 4000]
+    assert calls == [1000, 4000, 1000]
     cands = tr.candidates(layout, sizes, jnp.bfloat16)
     assert {c["Q"] for c in cands} == {64, 128} and {c["num_warps"] for c in cands} == {4, 8}
     assert {c["Q"] for c in tr.candidates(layout, sizes, jnp.float32)} == {64}
