@@ -127,10 +127,11 @@ def constexprs(layout: dict, sizes: dict, blocks: dict, Q: int | None) -> dict:
     return meta
 
 
-def grid(layout: dict, sizes: dict, blocks: dict) -> tuple[int]:
-    """One axis of programs: every grid index times every block of the split dims (triton_gpu.program_ids)."""
+def grid(layout: dict, sizes: dict, blocks: dict) -> tuple[int, ...]:
     g = math.prod(grid_sizes(layout, sizes)[d] for d in layout["grid"])
-    return (g * math.prod(-(-sizes[d] // blocks[d]) for d in layout["split"]),)
+    if layout["split"]:
+        return (g, math.prod(-(-sizes[d] // blocks[d]) for d in layout["split"]))
+    return (g,)
 
 
 def out_specs(layout: dict, sizes: dict, out_dtype) -> list[tuple[tuple[int, ...], object]]:

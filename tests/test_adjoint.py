@@ -88,9 +88,9 @@ def test_derived_gradients_match_float64_differences(sx, rng, target, name):
 
 
 def test_split_blocks_and_segments_on_triton(sx, rng, monkeypatch):
-    """Triton's programs on one axis (blocks of the split dims fastest, segments slowest): with the tile blocks
-    capped at 8 (the forward's p in 4 blocks, adj's state walk blocked along p and n, adj:n along n) and forced
-    segments, the derived gradients still match the float64 reference."""
+    """Triton's program numbering with several blocks per split dim and forced segments: with the tile blocks
+    capped at 8 (the forward's p in 4 blocks, adj's state walk blocked along p and n, adj:n along n) and 3
+    segments, the derived gradients match the float64 reference."""
     from ssmc.targets import triton_runtime
     orig = triton_runtime.heuristic
 
