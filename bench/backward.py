@@ -11,8 +11,9 @@ Timing: a host loop of 10 back-to-back calls per sample ended by a sync, median 
 time_torch_loop); ssmc's is jax.jit(jax.grad(loss)). Peak memory: torch's max_memory_allocated over one
 forward+backward minus the inputs' bytes; ssmc's from XLA's accounting of the compiled forward+backward (temp +
 output bytes: everything besides the inputs, the Triton kernels' buffers included). Gradients: each of ssmc's
-against mamba_ssm's (rel. L2), and both against ssmc-xla's jax.grad in float32 on the same rounded values at the
-smaller shapes. The table is printed and written to $OUT/backward.json when $OUT is set.
+against mamba_ssm's (rel. L2), and both against ssmc-xla's jax.grad in float32 on the same rounded values at every
+shape (--no-ref: S1 and S3 only), so a disagreement says which side is off. The table is printed and written to
+$OUT/backward.json when $OUT is set.
 """
 from __future__ import annotations
 
@@ -131,6 +132,15 @@ def run_shape(name, s, repeats, check_ref, profile=False, matmuls=tuple(BACKWARD
     del all_grads, tg, leaves
     torch.cuda.empty_cache()
     return rec
+
+
+def _worst(rec, tag) -> str:
+    """The largest of a side's gradient errors against the float32 reference, with its input ("-" if not run)."""
+    errs = {n: rec[f"err_{n}_{tag}_vs_fp32"] for n in ORDER if f"err_{n}_{tag}_vs_fp32" in rec}
+    if not errs:
+        return "-"
+    n = max(errs, key=errs.get)
+    return f"d{n} {errs[n]:.1e}"
 
 
 def kernel_times(f, calls=5, top=30, sync=None) -> list:
@@ -271,6 +281,7 @@ def main():
     ap.add_argument("--profile", action="store_true", help="per-kernel times of ssmc's forward+backward")
     ap.add_argument("--chunk-sizes", nargs="+", type=int, default=[None], help="ssmc's chunk lengths to time side "
                     "by side (default: the compiler's)")
+    ap.add_argument("--no-ref", action="store_true", help="the float32 reference gradients at S1 and S3 only")
     ap.add_argument("--backward-matmul", nargs="+", default=list(BACKWARD_MATMUL), choices=list(BACKWARD_MATMUL),
                     help="the backward settings to time (compile's backward_matmul)")
     args = ap.parse_args()
@@ -284,7 +295,7 @@ def main():
     recs = []
     for name in args.shapes:
         try:
-            rec = run_shape(name, SHAPES[name], args.repeats, check_ref=name in ("S1", "S3"), profile=args.profile,
+            rec = run_shape(name, SHAPES[name], args.repeats, check_ref=not args.no_ref or name in ("S1", "S3"), profile=args.profile,
                            matmuls=args.backward_matmul, chunks=args.chunk_sizes)
         except Exception as e:  # noqa: BLE001
             rec = dict(shape=name, error=f"{type(e).__name__}: {str(e)[:400]}")
@@ -298,7 +309,7 @@ def main():
             pathlib.Path(os.environ["OUT"], "backward.json").write_text(
                 json.dumps(dict(records=recs, checks=checks), indent=1))
     print("\nshape | backward dots | ssmc fwd+bwd ms | mamba_ssm fwd+bwd ms | ratio | ssmc peak MB | mamba_ssm peak MB "
-          "| dA err vs mamba_ssm")
+          "| dA err vs mamba_ssm | worst grad err vs fp32: ssmc, mamba_ssm")
     for r in recs:
         if "error" in r:
             print(f"{r['shape']} | error: {r['error']}")
@@ -308,7 +319,8 @@ def main():
             if f"{tag}_ms" in r:
                 print(f"{r['shape']} | {dots} | {r[f'{tag}_ms']:.2f} | {r['mamba_ssm_ms']:.2f} | "
                       f"{r[f'{tag}_ratio']:.2f} | {r[f'{tag}_peak_MB'] or float('nan'):.0f} | "
-                      f"{r['mamba_ssm_peak_MB']:.0f} | {r[f'err_A_{tag}_vs_mamba_ssm']:.1e}")
+                      f"{r['mamba_ssm_peak_MB']:.0f} | {r[f'err_A_{tag}_vs_mamba_ssm']:.1e} | "
+                      f"{_worst(r, tag)}, {_worst(r, 'mamba_ssm')}")
     import torch
     env = dict(an.versions(), device=torch.cuda.get_device_name(0), jax_backend=jax.default_backend())
     print(json.dumps(env))
