@@ -179,7 +179,7 @@ def _bucket(layout, sizes) -> str:
 
 def _config(kernel, layout, sizes, ins, specs, mm) -> dict:
     if os.environ.get("SSMC_AUTOTUNE", "1") == "0":
-        return heuristic(layout, sizes)
+        return fitting(kernel, layout, sizes, heuristic(layout, sizes), ins, specs, mm)
     gpu = jax.devices()[0].device_kind
     dtypes = ",".join(str(jnp.dtype(x.dtype)) for x in ins)
     src = hashlib.sha256(getattr(kernel, "src", kernel.__name__).encode()).hexdigest()
@@ -224,7 +224,86 @@ def _tune(kernel, layout, sizes, ins, specs, mm) -> dict:
         t = float(np.median(ts))
         if t < best_t:
             best, best_t = cfg, t
-    return best or heuristic(layout, sizes)
+    return best or fitting(kernel, layout, sizes, heuristic(layout, sizes), ins, specs, mm)
+
+
+# ---- shared memory ------------------------------------------------------------------------------------------------
+# The tuner skips a config that does not launch; an untuned config (SSMC_AUTOTUNE=0, or no candidate launched) is
+# checked instead: Mamba2's adj:rest at chunk 128 with fp32 dots asks for 245760 bytes at 2 stages, above an H200's
+# 232448, and would fail at launch. Triton's compiler gives the bytes without running anything.
+_FITTED: dict[tuple, dict] = {}
+_TRITON_PTR = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32", "float64": "*fp64", "int32": "*i32",
+               "int64": "*i64"}
+
+
+def device_limits():
+    """(compute capability as an int, e.g. 90; shared memory a block may use, bytes) of the GPU, or None."""
+    try:
+        import triton
+        target = triton.runtime.driver.active.get_current_target()
+        props = triton.runtime.driver.active.utils.get_device_properties(
+            triton.runtime.driver.active.get_current_device())
+        return int(target.arch), int(props["max_shared_mem"])
+    except Exception:  # no CUDA driver (CPU), or an API this triton lacks: no check
+        return None
+
+
+def shared_bytes(kernel, layout, sizes, cfg, ins, specs, mm, arch: int) -> int:
+    """Shared memory of `kernel` compiled for sm_<arch> with `cfg`, as jax-triton would launch it (inputs, runtime
+    sizes (a size of 1 a constant), outputs; pointers 16-byte aligned; the constexprs of _meta)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    fn = getattr(kernel, "fn", kernel)
+    jit = kernel if isinstance(kernel, triton.JITFunction) else triton.JITFunction(fn)
+    runtime = kr.runtime_args(layout, sizes)
+    kinds = ([_TRITON_PTR[str(jnp.dtype(x.dtype))] for x in ins] + ["i32"] * len(runtime) +
+             [_TRITON_PTR[str(jnp.dtype(d))] for _, d in specs])
+    names = jit.arg_names
+    sig = dict(zip(names, kinds))
+    const = dict(_meta(layout, sizes, cfg, mm))
+    for i, v in enumerate(runtime):
+        if v == 1:  # jax-triton compiles a runtime size of 1 in
+            const[names[len(ins) + i]] = 1
+    const = {n: v for n, v in const.items() if n in names}
+    sig.update({n: "constexpr" for n in const})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(kinds) if k.startswith("*")}
+    compiled = triton.compile(ASTSource(fn=jit, signature=sig, constexprs=const, attrs=attrs),
+                              target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+    return int(compiled.metadata.shared)
+
+
+def fitting(kernel, layout, sizes, cfg, ins, specs, mm, limits=None) -> dict:
+    """cfg, or the nearest config whose shared memory fits the GPU: one pipeline stage first, then the blocks of the
+    split dims halved (down to 16). Unchecked where the GPU's limits are unknown."""
+    limits = limits or device_limits()
+    if not limits:
+        return cfg
+    arch, most = limits
+    key = (getattr(kernel, "src", getattr(kernel, "__name__", "")), repr(layout), _bucket(layout, sizes),
+           tuple(str(jnp.dtype(x.dtype)) for x in ins), str(jnp.dtype(mm)), repr(cfg), limits)
+    if key in _FITTED:
+        return _FITTED[key]
+    tries = [cfg, dict(cfg, num_stages=1)]
+    blocks = dict(cfg["blocks"])
+    while any(blocks[d] > 16 for d in layout["split"]):
+        blocks = {d: max(16, b // 2) if d in layout["split"] else b for d, b in blocks.items()}
+        tries.append(dict(cfg, blocks=blocks, num_stages=1))
+    out, measured = None, False
+    for t in tries:
+        try:
+            used = shared_bytes(kernel, layout, sizes, t, ins, specs, mm, arch)
+        except Exception:  # the compiler refused this config: try the next
+            continue
+        measured = True
+        if used <= most:
+            out = t
+            break
+    # none fits: the smallest; none compiled here: cfg as it was (the launch reports what is wrong)
+    out = out or (tries[-1] if measured else cfg)
+    _FITTED[key] = out
+    return out
 
 
 # ---- the interpreter on CPU ---------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pathlib
+
 import pytest
 
 import ssmc
@@ -168,3 +170,27 @@ def test_without_gpu_says_how_to_interpret(rng):
     k = ssmc.compile(str(v.path), target="triton")
     with pytest.raises(ssmc.TargetError, match="need a GPU; compile with interpret=True"):
         k(**v.make_inputs(rng, {"t": 8}))
+
+
+
+@pytest.mark.slow
+def test_untuned_configs_fit_shared_memory(tmp_path):
+    """Untuned (SSMC_AUTOTUNE=0), every kernel of a Mamba2 forward+backward at chunk 128 with fp32 backward dots
+    gets a config whose shared memory, from Triton's compiler for sm_90 (no GPU needed), fits an H200's 232448
+    bytes; the heuristic's own config does not for every kernel (adj:rest asked for 245760 and failed at launch).
+    In a process of its own: Triton compiles for a GPU only where its interpreter is off."""
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(SSMC_CACHE_DIR=str(tmp_path), SSMC_AUTOTUNE="0", JAX_PLATFORMS="cpu")
+    script = pathlib.Path(__file__).with_name("fit_shared_memory.py")
+    run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [json.loads(x) for x in run.stdout.splitlines() if x.startswith("{")]
+    names = {r["kernel"] for r in rows}
+    assert {"mamba2_fwd_chunked", "mamba2_dq_segment_outputs", "mamba2_adj_rest_segment_outputs"} <= names, names
+    for r in rows:
+        assert r["shared"] <= r["limit"], r
+    assert any(not r["heuristic"] for r in rows), "no kernel needed a smaller config: the check is not exercised"
