@@ -87,6 +87,7 @@ def test_derived_gradients_match_float64_differences(sx, rng, target, name):
     assert not bad, f"{name} on {target}: derived gradients differ from the float64 reference:\n  " + "\n  ".join(bad)
 
 
+@pytest.mark.slow
 def test_split_blocks_and_segments_on_triton(sx, rng, monkeypatch):
     """Triton's program numbering with several blocks per split dim and forced segments: with the tile blocks
     capped at 8 (the forward's p in 4 blocks, adj's state walk blocked along p and n, adj:n along n) and 3
