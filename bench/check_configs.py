@@ -45,29 +45,24 @@ def main():
     from ssmc.targets import triton_runtime as tr
 
     s = SHAPES[args.shape]
-    launched, real_call = [], tr._gpu_call
-
-    def record(kernel, layout, sizes, cfg, ins, specs, mm):  # traced only: nothing runs
-        launched.append((kernel, layout, dict(sizes), ins, specs, mm))
-        return [jax.ShapeDtypeStruct(sh, d) for sh, d in specs]
-    tr._gpu_call = record
     os.environ["SSMC_AUTOTUNE"] = "0"  # the trace must not tune (it records)
     k = ssmc.compile(str(ROOT / "examples" / "mamba2.ssm"), target="triton", chunk_size=args.chunk,
                      backward_matmul=args.backward_matmul)
     b, t, h, p, n, g = (s[x] for x in ("b", "l", "h", "p", "n", "g"))
     bf, f32 = jnp.bfloat16, jnp.float32
     shapes = (((b, t, h, p), bf), ((b, t, h), bf), ((h,), f32), ((b, t, g, n), bf), ((b, t, g, n), bf), ((h,), f32))
-    jax.eval_shape(jax.grad(lambda *a: jnp.sum(k(*a)[0].astype(f32)), argnums=tuple(range(6))),
-                   *[jax.ShapeDtypeStruct(sh, d) for sh, d in shapes])
+    with tr.recorded_launches() as launched:  # traced only: nothing runs
+        jax.eval_shape(jax.grad(lambda *a: jnp.sum(k(*a)[0].astype(f32)), argnums=tuple(range(6))),
+                       *[jax.ShapeDtypeStruct(sh, d) for sh, d in shapes])
 
     def run(kernel, layout, sizes, cfg, ins, specs, mm):
         if args.interpret:
             return tr._interpret(kernel, layout, sizes, cfg, ins, specs, mm)
-        return jax.jit(lambda *a: real_call(kernel, layout, sizes, cfg, a, specs, mm))(*ins)
+        return jax.jit(lambda *a: tr._gpu_call(kernel, layout, sizes, cfg, a, specs, mm))(*ins)
 
     rng = np.random.default_rng(0)
     worst = 0.0
-    for kernel, layout, sizes, ins, specs, mm in launched:
+    for kernel, layout, sizes, _, ins, specs, mm in launched:
         name = getattr(kernel, "__name__", str(kernel))
         if args.kernels and not any(x in name for x in args.kernels):
             continue

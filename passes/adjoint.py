@@ -464,9 +464,10 @@ class _Builders:
                     # (the decay gradient's upd already takes the state part of d dt: the same value)
                     val = next((i for i in prog.instrs if i.op == "pairs" and i.args == (v,)
                                 and i.attr("part") == part), None)
-                    new = [] if val is not None else [make(f"{v}.{part}", "pairs", (v,), by[v].dims, by[v].span,
-                                                           part=part)]
-                    val = val or new[0]
+                    new = []
+                    if val is None:
+                        val = make(f"{v}.{part}", "pairs", (v,), by[v].dims, by[v].span, part=part)
+                        new = [val]
                     extra[where].append((Array(out_name, o.dims, o.span), new + [
                         make(f"out.{out_name}", "out", (val.name,), o.dims, o.span, out=out_name, fp32=True)]))
                     pair.append(out_name)

@@ -284,11 +284,16 @@ class TritonEmitter(KernelWalk, LauncherWriter):
 
     per_chunk = False  # while loading the state entering this chunk (GIVEN_STATES), not the segment's
 
+    def takes_given_states(self) -> bool:
+        """Segment outputs (c) from incoming states: with GIVEN_STATES each chunk loads the state entering it."""
+        k = self.plan
+        return bool(k.states) and k.state_from != "zeros" and k.role == "segment_outputs"
+
     def start_states(self):
         k, w = self.plan, self.w
         if k.states:
             w("# the state, held on chip for the whole " + ("segment" if k.segmented else "sequence") + " (fp32)")
-        given = k.states and k.state_from != "zeros" and k.role == "segment_outputs"
+        given = self.takes_given_states()
         with w.block("if not GIVEN_STATES:  # (else: loaded at each chunk)") if given else nullcontext():
             self.load_states()
         for var, _, axes in self.total_vars():
@@ -334,7 +339,7 @@ class TritonEmitter(KernelWalk, LauncherWriter):
                                                                        if k.segmented else ""))
                 with w.block("if I64:"):
                     w(f"{i_c} = tl.cast({i_c}, tl.int64)")
-            if k.role == "segment_outputs" and k.states and k.state_from != "zeros":
+            if self.takes_given_states():
                 # the states entering every chunk are given (from `entering`, or segments of one chunk): each
                 # chunk loads its own, which the loop can fetch ahead (no walk from one chunk to the next)
                 with w.block("if GIVEN_STATES:"):

@@ -17,6 +17,7 @@ import math
 import os
 import threading
 import time
+from contextlib import contextmanager
 
 import jax
 import jax.numpy as jnp
@@ -177,16 +178,20 @@ def _bucket(layout, sizes) -> str:
     return ",".join(f"{d}={s[d]}" for d in sorted(s))
 
 
+def _kernel_key(kind, kernel, layout, sizes, ins, mm, **more) -> str:
+    """The key of what is decided per kernel and shape bucket (a tuned config, a config fitted to shared memory).
+    The layout too: the kernel's source is the same at every chunk length (Q is a constexpr), and a config tuned at
+    one carries its Q, which a kernel whose chunk length is fixed (segments, outs indexed by chunk) must not take."""
+    src = hashlib.sha256(getattr(kernel, "src", getattr(kernel, "__name__", "")).encode()).hexdigest()
+    return cache_key(kind=kind, kernel=src, layout=json.dumps(layout, sort_keys=True, default=str),
+                     bucket=_bucket(layout, sizes), dtypes=",".join(str(jnp.dtype(x.dtype)) for x in ins),
+                     mm=str(jnp.dtype(mm)), **more)
+
+
 def _config(kernel, layout, sizes, ins, specs, mm) -> dict:
     if os.environ.get("SSMC_AUTOTUNE", "1") == "0":
         return fitting(kernel, layout, sizes, heuristic(layout, sizes), ins, specs, mm)
-    gpu = jax.devices()[0].device_kind
-    dtypes = ",".join(str(jnp.dtype(x.dtype)) for x in ins)
-    src = hashlib.sha256(getattr(kernel, "src", kernel.__name__).encode()).hexdigest()
-    # the layout too: the kernel's source is the same at every chunk length (Q is a constexpr), and a config tuned
-    # at one carries its Q, which a kernel whose chunk length is fixed (segments, outs indexed by chunk) must not take
-    key = cache_key(kind="autotune", kernel=src, layout=json.dumps(layout, sort_keys=True, default=str), gpu=gpu,
-                    bucket=_bucket(layout, sizes), dtypes=dtypes, mm=str(jnp.dtype(mm)))
+    key = _kernel_key("autotune", kernel, layout, sizes, ins, mm, gpu=jax.devices()[0].device_kind)
     if key in _TUNED:
         return _TUNED[key]
     disk = DiskCache()
@@ -231,9 +236,27 @@ def _tune(kernel, layout, sizes, ins, specs, mm) -> dict:
 # The tuner skips a config that does not launch; an untuned config (SSMC_AUTOTUNE=0, or no candidate launched) is
 # checked instead: Mamba2's adj:rest at chunk 128 with fp32 dots asks for 245760 bytes at 2 stages, above an H200's
 # 232448, and would fail at launch. Triton's compiler gives the bytes without running anything.
-_FITTED: dict[tuple, dict] = {}
+_FITTED: dict[str, dict] = {}
 _TRITON_PTR = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32", "float64": "*fp64", "int32": "*i32",
                "int64": "*i64"}
+
+
+@contextmanager
+def recorded_launches():
+    """Within it, a GPU launch is recorded - (kernel, layout, sizes, config, inputs, out specs, matmul dtype) - and
+    returns abstract outputs instead of running: trace a call with jax.eval_shape to see every kernel it would
+    launch and with which config, on any machine (bench/check_configs.py, tests/fit_shared_memory.py)."""
+    global _gpu_call
+    calls, real = [], _gpu_call
+
+    def record(kernel, layout, sizes, cfg, ins, specs, mm):
+        calls.append((kernel, layout, dict(sizes), cfg, ins, specs, mm))
+        return [jax.ShapeDtypeStruct(s, d) for s, d in specs]
+    _gpu_call = record
+    try:
+        yield calls
+    finally:
+        _gpu_call = real
 
 
 def device_limits():
@@ -281,8 +304,8 @@ def fitting(kernel, layout, sizes, cfg, ins, specs, mm, limits=None) -> dict:
     if not limits:
         return cfg
     arch, most = limits
-    key = (getattr(kernel, "src", getattr(kernel, "__name__", "")), repr(layout), _bucket(layout, sizes),
-           tuple(str(jnp.dtype(x.dtype)) for x in ins), str(jnp.dtype(mm)), repr(cfg), limits)
+    key = _kernel_key("fit", kernel, layout, sizes, ins, mm, config=json.dumps(cfg, sort_keys=True),
+                      limits=repr(limits))
     if key in _FITTED:
         return _FITTED[key]
     tries = [cfg, dict(cfg, num_stages=1)]

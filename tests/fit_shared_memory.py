@@ -19,18 +19,13 @@ H200 = (90, 232448)
 
 def main():
     tr.device_limits = lambda: H200
-    launched = []
-
-    def record(kernel, layout, sizes, cfg, ins, specs, mm):  # traced only (jax.eval_shape): nothing runs
-        launched.append((kernel, layout, dict(sizes), cfg, ins, specs, mm))
-        return [jax.ShapeDtypeStruct(s, d) for s, d in specs]
-    tr._gpu_call = record
     k = ssmc.compile(str(VARIANTS["mamba2"].path), target="triton", chunk_size=128, backward_matmul="float32")
     b, t, h, p, n = 1, 256, 2, 64, 128
     bf, f32 = jnp.bfloat16, jnp.float32
     args = [jax.ShapeDtypeStruct(s, d) for s, d in (((b, t, h, p), bf), ((b, t, h), bf), ((h,), f32),
                                                      ((b, t, 1, n), bf), ((b, t, 1, n), bf), ((h,), f32))]
-    jax.eval_shape(jax.grad(lambda *a: jnp.sum(k(*a)[0].astype(f32)), argnums=tuple(range(6))), *args)
+    with tr.recorded_launches() as launched:  # traced only (jax.eval_shape): nothing runs
+        jax.eval_shape(jax.grad(lambda *a: jnp.sum(k(*a)[0].astype(f32)), argnums=tuple(range(6))), *args)
     for kern, layout, sizes, cfg, ins, specs, mm in launched:
         used = tr.shared_bytes(kern, layout, sizes, cfg, ins, specs, mm, H200[0])
         print(json.dumps({"kernel": kern.__name__, "config": cfg, "heuristic": cfg == tr.heuristic(layout, sizes),
