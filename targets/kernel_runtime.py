@@ -127,11 +127,10 @@ def constexprs(layout: dict, sizes: dict, blocks: dict, Q: int | None) -> dict:
     return meta
 
 
-def grid(layout: dict, sizes: dict, blocks: dict) -> tuple[int, ...]:
+def grid(layout: dict, sizes: dict, blocks: dict) -> tuple[int]:
+    """One axis of programs: every grid index times every block of the split dims (triton_gpu.program_ids)."""
     g = math.prod(grid_sizes(layout, sizes)[d] for d in layout["grid"])
-    if layout["split"]:
-        return (g, math.prod(-(-sizes[d] // blocks[d]) for d in layout["split"]))
-    return (g,)
+    return (g * math.prod(-(-sizes[d] // blocks[d]) for d in layout["split"]),)
 
 
 def out_specs(layout: dict, sizes: dict, out_dtype) -> list[tuple[tuple[int, ...], object]]:

@@ -97,7 +97,7 @@ class TritonEmitter(KernelWalk, LauncherWriter):
     target = "triton"
     runtime = "triton_runtime"
     imports = ("import triton", "import triton.language as tl")
-    FIXED = ("triton", "tl", "Q", "MM", "PREC", "pid", "bid", "c", "tt", "ttc", "valid", "t_i", "in_chunk",
+    FIXED = ("triton", "tl", "Q", "MM", "PREC", "pid", "c", "tt", "ttc", "valid", "t_i", "in_chunk",
              "cu_seqlens_ptr", "PACKED", "seq_start", "seq_len", "row", "I64", "seg_end", "GIVEN_STATES", "i_enter")
     strides = True
     row_kernels = True
@@ -156,29 +156,26 @@ class TritonEmitter(KernelWalk, LauncherWriter):
         w(f"# one program per ({', '.join(self.grid_names()) or 'whole problem'})"
           + (f" x block of ({', '.join(k.split)})" if k.split else ""))
         pn, N = self.pn, self.size_name
-        if k.grid:
+        # one axis of programs, decomposed fastest first: the blocks of the split dims, the grid dims from the last
+        # (heads) to the first, the segment (or chunk) slowest. Programs running at once then read the same
+        # chunk's rows: B and C once for every head from L2, each time row's heads side by side.
+        order = [("j", d) for d in reversed(k.split)] + [("i", d) for d in reversed(k.grid) if d != SEG]
+        order += [("i", SEG)] if SEG in k.grid else []
+        if order:
             w("pid = tl.program_id(0)")
             with w.block("if I64:"):
                 w("pid = pid.to(tl.int64)  # 64-bit offsets: an array holds 2^31 entries or more")
             rest = "pid"
-            for d in reversed(k.grid):
-                if d == k.grid[0]:
-                    w(f"{pn.dim('i', d)} = {rest}")
-                else:
-                    w(f"{pn.dim('i', d)} = {rest} % {N(d)}")
-                    nxt = pn.temp(f"{rest}_{'seg' if d == SEG else py_name(d)}")
-                    w(f"{nxt} = {rest} // {N(d)}")
-                    rest = nxt
-        if k.split:
-            w("bid = tl.program_id(1)")
-            rest = "bid"
-            for d in reversed(k.split):
-                nb = f"(({N(d)} + {self.block_name(d)} - 1) // {self.block_name(d)})"
-                w(f"{pn.dim('j', d)} = {rest} % {nb}")
-                if d != k.split[0]:
-                    nxt = pn.temp(f"{rest}_{d}")
-                    w(f"{nxt} = {rest} // {nb}")
-                    rest = nxt
+            for n, (kind, d) in enumerate(order):
+                name = pn.dim(kind, d)
+                if n == len(order) - 1:
+                    w(f"{name} = {rest}")
+                    continue
+                size = f"(({N(d)} + {self.block_name(d)} - 1) // {self.block_name(d)})" if kind == "j" else N(d)
+                w(f"{name} = {rest} % {size}")
+                nxt = pn.temp(f"{rest}_{'seg' if d == SEG else py_name(d)}")
+                w(f"{nxt} = {rest} // {size}")
+                rest = nxt
         for g, h in k.group_of.items():
             if any(g in ds for ds in self.arrays().values()) and h in k.grid:
                 w(f"{pn.dim('i', g)} = {pn.dim('i', h)} // ({N(h)} // {N(g)})  # head {h} reads group {g}")

@@ -86,11 +86,11 @@ def deltanet_sequential(
     pid = tl.program_id(0)
     if I64:
         pid = pid.to(tl.int64)  # 64-bit offsets: an array holds 2^31 entries or more
-    i_h = pid % N_h
-    pid_h = pid // N_h
-    i_b = pid_h
-    bid = tl.program_id(1)
-    j_dv = bid % ((N_dv + BLOCK_dv - 1) // BLOCK_dv)
+    j_dv = pid % ((N_dv + BLOCK_dv - 1) // BLOCK_dv)
+    pid_dv = pid // ((N_dv + BLOCK_dv - 1) // BLOCK_dv)
+    i_h = pid_dv % N_h
+    pid_dv_h = pid_dv // N_h
+    i_b = pid_dv_h
     if PACKED:
         # packed sequences: this program walks sequence i_b, steps cu[i_b] .. cu[i_b+1]-1 of the batch of one
         seq_start = tl.load(cu_seqlens_ptr + i_b) + pid * 0  # pid's width (I64)

@@ -109,11 +109,11 @@ def mamba2_fwd_chunked(
     pid = tl.program_id(0)
     if I64:
         pid = pid.to(tl.int64)  # 64-bit offsets: an array holds 2^31 entries or more
-    i_h = pid % N_h
-    pid_h = pid // N_h
-    i_b = pid_h
-    bid = tl.program_id(1)
-    j_p = bid % ((N_p + BLOCK_p - 1) // BLOCK_p)
+    j_p = pid % ((N_p + BLOCK_p - 1) // BLOCK_p)
+    pid_p = pid // ((N_p + BLOCK_p - 1) // BLOCK_p)
+    i_h = pid_p % N_h
+    pid_p_h = pid_p // N_h
+    i_b = pid_p_h
     i_g = i_h // (N_h // N_g)  # head h reads group g
     o_p = j_p * BLOCK_p + tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
     o_n = tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
@@ -220,13 +220,13 @@ def mamba2_fwd_segment_states(
     pid = tl.program_id(0)
     if I64:
         pid = pid.to(tl.int64)  # 64-bit offsets: an array holds 2^31 entries or more
-    i_seg = pid % n_segments
-    pid_seg = pid // n_segments
-    i_h = pid_seg % N_h
-    pid_seg_h = pid_seg // N_h
-    i_b = pid_seg_h
-    bid = tl.program_id(1)
-    j_p = bid % ((N_p + BLOCK_p - 1) // BLOCK_p)
+    j_p = pid % ((N_p + BLOCK_p - 1) // BLOCK_p)
+    pid_p = pid // ((N_p + BLOCK_p - 1) // BLOCK_p)
+    i_h = pid_p % N_h
+    pid_p_h = pid_p // N_h
+    i_b = pid_p_h % N_b
+    pid_p_h_b = pid_p_h // N_b
+    i_seg = pid_p_h_b
     i_g = i_h // (N_h // N_g)  # head h reads group g
     o_p = j_p * BLOCK_p + tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
     o_n = tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
@@ -329,13 +329,13 @@ def mamba2_fwd_segment_outputs(
     pid = tl.program_id(0)
     if I64:
         pid = pid.to(tl.int64)  # 64-bit offsets: an array holds 2^31 entries or more
-    i_seg = pid % n_segments
-    pid_seg = pid // n_segments
-    i_h = pid_seg % N_h
-    pid_seg_h = pid_seg // N_h
-    i_b = pid_seg_h
-    bid = tl.program_id(1)
-    j_p = bid % ((N_p + BLOCK_p - 1) // BLOCK_p)
+    j_p = pid % ((N_p + BLOCK_p - 1) // BLOCK_p)
+    pid_p = pid // ((N_p + BLOCK_p - 1) // BLOCK_p)
+    i_h = pid_p % N_h
+    pid_p_h = pid_p // N_h
+    i_b = pid_p_h % N_b
+    pid_p_h_b = pid_p_h // N_b
+    i_seg = pid_p_h_b
     i_g = i_h // (N_h // N_g)  # head h reads group g
     o_p = j_p * BLOCK_p + tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
     o_n = tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
@@ -666,11 +666,11 @@ def mamba2_dq_segment_states(
     pid = tl.program_id(0)
     if I64:
         pid = pid.to(tl.int64)  # 64-bit offsets: an array holds 2^31 entries or more
-    i_seg = pid % n_segments
-    pid_seg = pid // n_segments
-    i_h = pid_seg % N_h
-    pid_seg_h = pid_seg // N_h
-    i_b = pid_seg_h
+    i_h = pid % N_h
+    pid_h = pid // N_h
+    i_b = pid_h % N_b
+    pid_h_b = pid_h // N_b
+    i_seg = pid_h_b
     i_g = i_h // (N_h // N_g)  # head h reads group g
     o_p = tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
     o_n = tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
@@ -773,11 +773,11 @@ def mamba2_dq_segment_outputs(
     pid = tl.program_id(0)
     if I64:
         pid = pid.to(tl.int64)  # 64-bit offsets: an array holds 2^31 entries or more
-    i_seg = pid % n_segments
-    pid_seg = pid // n_segments
-    i_h = pid_seg % N_h
-    pid_seg_h = pid_seg // N_h
-    i_b = pid_seg_h
+    i_h = pid % N_h
+    pid_h = pid // N_h
+    i_b = pid_h % N_b
+    pid_h_b = pid_h // N_b
+    i_seg = pid_h_b
     i_g = i_h // (N_h // N_g)  # head h reads group g
     o_p = tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
     o_n = tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
@@ -973,13 +973,13 @@ def mamba2_adj_entering_chunked(
     pid = tl.program_id(0)
     if I64:
         pid = pid.to(tl.int64)  # 64-bit offsets: an array holds 2^31 entries or more
-    i_h = pid % N_h
-    pid_h = pid // N_h
-    i_b = pid_h
-    bid = tl.program_id(1)
-    j_n = bid % ((N_n + BLOCK_n - 1) // BLOCK_n)
-    bid_n = bid // ((N_n + BLOCK_n - 1) // BLOCK_n)
-    j_p = bid_n % ((N_p + BLOCK_p - 1) // BLOCK_p)
+    j_n = pid % ((N_n + BLOCK_n - 1) // BLOCK_n)
+    pid_n = pid // ((N_n + BLOCK_n - 1) // BLOCK_n)
+    j_p = pid_n % ((N_p + BLOCK_p - 1) // BLOCK_p)
+    pid_n_p = pid_n // ((N_p + BLOCK_p - 1) // BLOCK_p)
+    i_h = pid_n_p % N_h
+    pid_n_p_h = pid_n_p // N_h
+    i_b = pid_n_p_h
     i_g = i_h // (N_h // N_g)  # head h reads group g
     o_p = j_p * BLOCK_p + tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
     o_n = j_n * BLOCK_n + tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
@@ -1064,15 +1064,15 @@ def mamba2_adj_entering_segment_states(
     pid = tl.program_id(0)
     if I64:
         pid = pid.to(tl.int64)  # 64-bit offsets: an array holds 2^31 entries or more
-    i_seg = pid % n_segments
-    pid_seg = pid // n_segments
-    i_h = pid_seg % N_h
-    pid_seg_h = pid_seg // N_h
-    i_b = pid_seg_h
-    bid = tl.program_id(1)
-    j_n = bid % ((N_n + BLOCK_n - 1) // BLOCK_n)
-    bid_n = bid // ((N_n + BLOCK_n - 1) // BLOCK_n)
-    j_p = bid_n % ((N_p + BLOCK_p - 1) // BLOCK_p)
+    j_n = pid % ((N_n + BLOCK_n - 1) // BLOCK_n)
+    pid_n = pid // ((N_n + BLOCK_n - 1) // BLOCK_n)
+    j_p = pid_n % ((N_p + BLOCK_p - 1) // BLOCK_p)
+    pid_n_p = pid_n // ((N_p + BLOCK_p - 1) // BLOCK_p)
+    i_h = pid_n_p % N_h
+    pid_n_p_h = pid_n_p // N_h
+    i_b = pid_n_p_h % N_b
+    pid_n_p_h_b = pid_n_p_h // N_b
+    i_seg = pid_n_p_h_b
     i_g = i_h // (N_h // N_g)  # head h reads group g
     o_p = j_p * BLOCK_p + tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
     o_n = j_n * BLOCK_n + tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
@@ -1158,15 +1158,15 @@ def mamba2_adj_entering_segment_outputs(
     pid = tl.program_id(0)
     if I64:
         pid = pid.to(tl.int64)  # 64-bit offsets: an array holds 2^31 entries or more
-    i_seg = pid % n_segments
-    pid_seg = pid // n_segments
-    i_h = pid_seg % N_h
-    pid_seg_h = pid_seg // N_h
-    i_b = pid_seg_h
-    bid = tl.program_id(1)
-    j_n = bid % ((N_n + BLOCK_n - 1) // BLOCK_n)
-    bid_n = bid // ((N_n + BLOCK_n - 1) // BLOCK_n)
-    j_p = bid_n % ((N_p + BLOCK_p - 1) // BLOCK_p)
+    j_n = pid % ((N_n + BLOCK_n - 1) // BLOCK_n)
+    pid_n = pid // ((N_n + BLOCK_n - 1) // BLOCK_n)
+    j_p = pid_n % ((N_p + BLOCK_p - 1) // BLOCK_p)
+    pid_n_p = pid_n // ((N_p + BLOCK_p - 1) // BLOCK_p)
+    i_h = pid_n_p % N_h
+    pid_n_p_h = pid_n_p // N_h
+    i_b = pid_n_p_h % N_b
+    pid_n_p_h_b = pid_n_p_h // N_b
+    i_seg = pid_n_p_h_b
     i_g = i_h // (N_h // N_g)  # head h reads group g
     o_p = j_p * BLOCK_p + tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
     o_n = j_n * BLOCK_n + tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
@@ -1350,11 +1350,11 @@ def mamba2_adj_n_chunked(
     pid = tl.program_id(0)
     if I64:
         pid = pid.to(tl.int64)  # 64-bit offsets: an array holds 2^31 entries or more
-    i_h = pid % N_h
-    pid_h = pid // N_h
-    i_b = pid_h
-    bid = tl.program_id(1)
-    j_n = bid % ((N_n + BLOCK_n - 1) // BLOCK_n)
+    j_n = pid % ((N_n + BLOCK_n - 1) // BLOCK_n)
+    pid_n = pid // ((N_n + BLOCK_n - 1) // BLOCK_n)
+    i_h = pid_n % N_h
+    pid_n_h = pid_n // N_h
+    i_b = pid_n_h
     i_g = i_h // (N_h // N_g)  # head h reads group g
     if PACKED:
         # packed sequences: this program walks sequence i_b, steps cu[i_b] .. cu[i_b+1]-1 of the batch of one
@@ -1457,13 +1457,13 @@ def mamba2_adj_n_segment_states(
     pid = tl.program_id(0)
     if I64:
         pid = pid.to(tl.int64)  # 64-bit offsets: an array holds 2^31 entries or more
-    i_seg = pid % n_segments
-    pid_seg = pid // n_segments
-    i_h = pid_seg % N_h
-    pid_seg_h = pid_seg // N_h
-    i_b = pid_seg_h
-    bid = tl.program_id(1)
-    j_n = bid % ((N_n + BLOCK_n - 1) // BLOCK_n)
+    j_n = pid % ((N_n + BLOCK_n - 1) // BLOCK_n)
+    pid_n = pid // ((N_n + BLOCK_n - 1) // BLOCK_n)
+    i_h = pid_n % N_h
+    pid_n_h = pid_n // N_h
+    i_b = pid_n_h % N_b
+    pid_n_h_b = pid_n_h // N_b
+    i_seg = pid_n_h_b
     i_g = i_h // (N_h // N_g)  # head h reads group g
     o_p = tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
     o_n = j_n * BLOCK_n + tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
@@ -1556,13 +1556,13 @@ def mamba2_adj_n_segment_outputs(
     pid = tl.program_id(0)
     if I64:
         pid = pid.to(tl.int64)  # 64-bit offsets: an array holds 2^31 entries or more
-    i_seg = pid % n_segments
-    pid_seg = pid // n_segments
-    i_h = pid_seg % N_h
-    pid_seg_h = pid_seg // N_h
-    i_b = pid_seg_h
-    bid = tl.program_id(1)
-    j_n = bid % ((N_n + BLOCK_n - 1) // BLOCK_n)
+    j_n = pid % ((N_n + BLOCK_n - 1) // BLOCK_n)
+    pid_n = pid // ((N_n + BLOCK_n - 1) // BLOCK_n)
+    i_h = pid_n % N_h
+    pid_n_h = pid_n // N_h
+    i_b = pid_n_h % N_b
+    pid_n_h_b = pid_n_h // N_b
+    i_seg = pid_n_h_b
     i_g = i_h // (N_h // N_g)  # head h reads group g
     o_p = tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
     o_n = j_n * BLOCK_n + tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
@@ -1900,11 +1900,11 @@ def mamba2_adj_p_segment_states(
     pid = tl.program_id(0)
     if I64:
         pid = pid.to(tl.int64)  # 64-bit offsets: an array holds 2^31 entries or more
-    i_seg = pid % n_segments
-    pid_seg = pid // n_segments
-    i_h = pid_seg % N_h
-    pid_seg_h = pid_seg // N_h
-    i_b = pid_seg_h
+    i_h = pid % N_h
+    pid_h = pid // N_h
+    i_b = pid_h % N_b
+    pid_h_b = pid_h // N_b
+    i_seg = pid_h_b
     i_g = i_h // (N_h // N_g)  # head h reads group g
     o_p = tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
     o_n = tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
@@ -2021,11 +2021,11 @@ def mamba2_adj_p_segment_outputs(
     pid = tl.program_id(0)
     if I64:
         pid = pid.to(tl.int64)  # 64-bit offsets: an array holds 2^31 entries or more
-    i_seg = pid % n_segments
-    pid_seg = pid // n_segments
-    i_h = pid_seg % N_h
-    pid_seg_h = pid_seg // N_h
-    i_b = pid_seg_h
+    i_h = pid % N_h
+    pid_h = pid // N_h
+    i_b = pid_h % N_b
+    pid_h_b = pid_h // N_b
+    i_seg = pid_h_b
     i_g = i_h // (N_h // N_g)  # head h reads group g
     o_p = tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
     o_n = tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
@@ -2352,11 +2352,11 @@ def mamba2_adj_rest_segment_states(
     pid = tl.program_id(0)
     if I64:
         pid = pid.to(tl.int64)  # 64-bit offsets: an array holds 2^31 entries or more
-    i_seg = pid % n_segments
-    pid_seg = pid // n_segments
-    i_h = pid_seg % N_h
-    pid_seg_h = pid_seg // N_h
-    i_b = pid_seg_h
+    i_h = pid % N_h
+    pid_h = pid // N_h
+    i_b = pid_h % N_b
+    pid_h_b = pid_h // N_b
+    i_seg = pid_h_b
     i_g = i_h // (N_h // N_g)  # head h reads group g
     o_p = tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
     o_n = tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
@@ -2457,11 +2457,11 @@ def mamba2_adj_rest_segment_outputs(
     pid = tl.program_id(0)
     if I64:
         pid = pid.to(tl.int64)  # 64-bit offsets: an array holds 2^31 entries or more
-    i_seg = pid % n_segments
-    pid_seg = pid // n_segments
-    i_h = pid_seg % N_h
-    pid_seg_h = pid_seg // N_h
-    i_b = pid_seg_h
+    i_h = pid % N_h
+    pid_h = pid // N_h
+    i_b = pid_h % N_b
+    pid_h_b = pid_h // N_b
+    i_seg = pid_h_b
     i_g = i_h // (N_h // N_g)  # head h reads group g
     o_p = tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
     o_n = tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored

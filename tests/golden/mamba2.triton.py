@@ -100,11 +100,11 @@ def mamba2_chunked(
     pid = tl.program_id(0)
     if I64:
         pid = pid.to(tl.int64)  # 64-bit offsets: an array holds 2^31 entries or more
-    i_h = pid % N_h
-    pid_h = pid // N_h
-    i_b = pid_h
-    bid = tl.program_id(1)
-    j_p = bid % ((N_p + BLOCK_p - 1) // BLOCK_p)
+    j_p = pid % ((N_p + BLOCK_p - 1) // BLOCK_p)
+    pid_p = pid // ((N_p + BLOCK_p - 1) // BLOCK_p)
+    i_h = pid_p % N_h
+    pid_p_h = pid_p // N_h
+    i_b = pid_p_h
     i_g = i_h // (N_h // N_g)  # head h reads group g
     if PACKED:
         # packed sequences: this program walks sequence i_b, steps cu[i_b] .. cu[i_b+1]-1 of the batch of one
@@ -215,13 +215,13 @@ def mamba2_segment_states(
     pid = tl.program_id(0)
     if I64:
         pid = pid.to(tl.int64)  # 64-bit offsets: an array holds 2^31 entries or more
-    i_seg = pid % n_segments
-    pid_seg = pid // n_segments
-    i_h = pid_seg % N_h
-    pid_seg_h = pid_seg // N_h
-    i_b = pid_seg_h
-    bid = tl.program_id(1)
-    j_p = bid % ((N_p + BLOCK_p - 1) // BLOCK_p)
+    j_p = pid % ((N_p + BLOCK_p - 1) // BLOCK_p)
+    pid_p = pid // ((N_p + BLOCK_p - 1) // BLOCK_p)
+    i_h = pid_p % N_h
+    pid_p_h = pid_p // N_h
+    i_b = pid_p_h % N_b
+    pid_p_h_b = pid_p_h // N_b
+    i_seg = pid_p_h_b
     i_g = i_h // (N_h // N_g)  # head h reads group g
     o_p = j_p * BLOCK_p + tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
     o_n = tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
@@ -317,13 +317,13 @@ def mamba2_segment_outputs(
     pid = tl.program_id(0)
     if I64:
         pid = pid.to(tl.int64)  # 64-bit offsets: an array holds 2^31 entries or more
-    i_seg = pid % n_segments
-    pid_seg = pid // n_segments
-    i_h = pid_seg % N_h
-    pid_seg_h = pid_seg // N_h
-    i_b = pid_seg_h
-    bid = tl.program_id(1)
-    j_p = bid % ((N_p + BLOCK_p - 1) // BLOCK_p)
+    j_p = pid % ((N_p + BLOCK_p - 1) // BLOCK_p)
+    pid_p = pid // ((N_p + BLOCK_p - 1) // BLOCK_p)
+    i_h = pid_p % N_h
+    pid_p_h = pid_p // N_h
+    i_b = pid_p_h % N_b
+    pid_p_h_b = pid_p_h // N_b
+    i_seg = pid_p_h_b
     i_g = i_h // (N_h // N_g)  # head h reads group g
     o_p = j_p * BLOCK_p + tl.arange(0, BLOCK_p)  # entries past N_p are padding: loaded as 0, never stored
     o_n = tl.arange(0, BLOCK_n)  # entries past N_n are padding: loaded as 0, never stored
