@@ -6,6 +6,11 @@ a right one differs by the reassociation of fp32 sums only.
 
     python3 bench/check_configs.py L64K [--chunk 64] [--backward-matmul auto] [--kernels dq fwd]
     python3 bench/check_configs.py tiny --interpret        # the same on the CPU (Triton's interpreter), small sizes
+    python3 bench/check_configs.py L64K --kernels adj_entering --extra-splits 16   # configs the tuner does not offer
+
+Every run also checks that a kernel left its inputs as they were (an out-of-bounds store into a neighbouring
+buffer shows as a changed input): stop 28 saw the L65536 gradients of dt, A and C wrong whenever the tuner was
+offered split blocks of 16 (docs/benchmarks.md).
 
 Inputs: uniform in [1e-3, 1e-2] (as the tuner times them: every decay stays finite), offsets of packed sequences
 as the launch had them.
@@ -34,6 +39,8 @@ def main():
     ap.add_argument("--backward-matmul", default="auto")
     ap.add_argument("--kernels", nargs="*", default=[], help="only kernels whose name contains one of these")
     ap.add_argument("--interpret", action="store_true", help="Triton's CPU interpreter (small shapes only)")
+    ap.add_argument("--extra-splits", nargs="*", type=int, default=[], help="also configs with the split dims' "
+                    "blocks capped at these sizes (4 and 8 warps, 1 and 2 stages)")
     args = ap.parse_args()
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -71,12 +78,20 @@ def main():
         base = tr.heuristic(layout, sizes)
         ref = [np.asarray(o, np.float64) for o in run(kernel, layout, sizes, base, real, specs, mm)]
         cands = [base] if args.interpret else tr.candidates(layout, sizes, mm)
+        for sb in args.extra_splits if layout["split"] else []:
+            blocks = {d: min(bl, sb) if d in layout["split"] else bl for d, bl in base["blocks"].items()}
+            cands += [dict(base, blocks=blocks, num_warps=nw, num_stages=ns) for nw in (4, 8) for ns in (1, 2)]
+        kept = [np.asarray(x) for x in real]
         for cfg in cands:
             try:
                 outs = run(kernel, layout, sizes, cfg, real, specs, mm)
             except Exception as e:  # noqa: BLE001  (the tuner skips a config that does not launch)
                 print(json.dumps({"kernel": name, "config": cfg, "skipped": f"{type(e).__name__}"[:80]}), flush=True)
                 continue
+            changed = [i for i, (x, y) in enumerate(zip(real, kept)) if not np.array_equal(np.asarray(x), y)]
+            if changed:
+                worst = float("inf")
+                print(json.dumps({"kernel": name, "config": cfg, "inputs_changed": changed}), flush=True)
             errs = []
             for o, r in zip(outs, ref):
                 o = np.asarray(o, np.float64)

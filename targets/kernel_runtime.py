@@ -181,13 +181,18 @@ def chunk_count(layout: dict, sizes: dict) -> int:
     return max(1, -(-sizes[layout["scan"]] // layout["Q"]))
 
 
+def programs(layout: dict, sizes: dict, block: int = 64) -> int:
+    """Programs of a call with the split dims in blocks of `block` (the heuristic's at most 64): one per grid index
+    (the segment dim counted where `sizes` has it) and block."""
+    return math.prod(sizes.get(d, 1) for d in layout["grid"]) * math.prod(-(-sizes[d] // block) for d in layout["split"])
+
+
 def segments(layout: dict, sizes: dict, forced: int | None, cores: int) -> tuple[int, dict]:
     """(number of segments, sizes with the segment count and chunks per segment) of a call: `forced` (the
     compile option) or pick_segments. Segments cover whole chunks; the last may be shorter. 1: the one walk."""
     n_chunks = chunk_count(layout, sizes) if layout["Q"] else 1
     if forced is None:
-        blocks = math.prod(-(-sizes[d] // 64) for d in layout["split"])  # the heuristic's blocks of at most 64
-        n = pick_segments(n_chunks, math.prod(sizes[d] for d in layout["grid"]) * blocks, cores,
+        n = pick_segments(n_chunks, programs(layout, sizes), cores,
                           SEG_BELOW if layout["split"] else SEG_BELOW_WHOLE)
     else:
         n = forced

@@ -95,7 +95,7 @@ GIVEN_WAVES = 16
 
 def entering_segments(layout, sizes, interpret):
     """(segments, sizes) of a call from given states entering each chunk (kernel_runtime.entering_segments)."""
-    progs = math.prod(sizes[d] for d in layout["grid"]) * math.prod(-(-sizes[d] // 64) for d in layout["split"])
+    progs = kr.programs(layout, sizes)
     want = -(-GIVEN_WAVES * device_cores(interpret) // max(1, progs))  # segments that fill the cores
     per = max(1, min(GIVEN_CHUNKS_MAX, kr.chunk_count(layout, sizes) // max(1, want)))
     return kr.entering_segments(layout, sizes, per)
