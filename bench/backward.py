@@ -45,6 +45,11 @@ def rel(a, b) -> float:
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
 
 
+def _tag(base: str, q) -> str:
+    """The record key prefix of one ssmc setting: the backward dots' tag, and the chunk length when one is forced."""
+    return base if q is None else f"{base}_q{q}"
+
+
 def run_shape(name, s, repeats, check_ref, profile=False, matmuls=tuple(BACKWARD_MATMUL), chunks=(None,)):
     import jax
     import jax.numpy as jnp
@@ -68,7 +73,7 @@ def run_shape(name, s, repeats, check_ref, profile=False, matmuls=tuple(BACKWARD
     for bm, (tag0, _), q in [(bm, t, q) for bm, t in BACKWARD_MATMUL.items() for q in chunks]:
         if bm not in matmuls:
             continue
-        tag = tag0 if q is None else f"{tag0}_q{q}"  # each chunk length timed side by side
+        tag = _tag(tag0, q)  # each chunk length timed side by side
         k = ssmc.compile(SPEC, target="triton", backward_matmul=bm, chunk_size=q)
 
         def loss(x, dt, A, B, C, D, w, k=k):
@@ -295,8 +300,8 @@ def main():
     recs = []
     for name in args.shapes:
         try:
-            rec = run_shape(name, SHAPES[name], args.repeats, check_ref=not args.no_ref or name in ("S1", "S3"), profile=args.profile,
-                           matmuls=args.backward_matmul, chunks=args.chunk_sizes)
+            rec = run_shape(name, SHAPES[name], args.repeats, check_ref=not args.no_ref or name in ("S1", "S3"),
+                            profile=args.profile, matmuls=args.backward_matmul, chunks=args.chunk_sizes)
         except Exception as e:  # noqa: BLE001
             rec = dict(shape=name, error=f"{type(e).__name__}: {str(e)[:400]}")
         recs.append(rec)
@@ -314,7 +319,7 @@ def main():
         if "error" in r:
             print(f"{r['shape']} | error: {r['error']}")
             continue
-        for tag, dots in [(t + ("" if q is None else f"_q{q}"), d + ("" if q is None else f" Q={q}"))
+        for tag, dots in [(_tag(t, q), d + ("" if q is None else f" Q={q}"))
                           for t, d in BACKWARD_MATMUL.values() for q in args.chunk_sizes]:
             if f"{tag}_ms" in r:
                 print(f"{r['shape']} | {dots} | {r[f'{tag}_ms']:.2f} | {r['mamba_ssm_ms']:.2f} | "

@@ -4,12 +4,11 @@ inputs, inside jax.jit, and the readability of the generated source."""
 from __future__ import annotations
 
 import functools
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pathlib
-
 import pytest
 
 import ssmc
@@ -170,7 +169,6 @@ def test_without_gpu_says_how_to_interpret(rng):
     k = ssmc.compile(str(v.path), target="triton")
     with pytest.raises(ssmc.TargetError, match="need a GPU; compile with interpret=True"):
         k(**v.make_inputs(rng, {"t": 8}))
-
 
 
 @pytest.mark.slow
